@@ -1,0 +1,46 @@
+"""Builds the hypervisor backend extension for this platform, ships the guest SDK inside the
+package (whpfast/sdk) and builds the testkit guest with it (whpfast/guests/testkit.elf)."""
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _guestbuild():
+    # Loaded from its file: the package itself cannot be imported before its extension is built.
+    spec = importlib.util.spec_from_file_location("_whpfast_guestbuild", ROOT / "whpfast" / "guestbuild.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class build_py_with_guests(build_py):
+    def run(self):
+        super().run()
+        package = Path(self.build_lib) / "whpfast"
+        sdk = package / "sdk"
+        shutil.rmtree(sdk, ignore_errors=True)
+        shutil.copytree(ROOT / "include", sdk)
+        guests = package / "guests"
+        guests.mkdir(parents=True, exist_ok=True)
+        _guestbuild().build_guest([ROOT / "whpfast" / "guests" / "testkit.c"], guests / "testkit.elf",
+                                  sdk_dir=sdk)
+
+
+if sys.platform == "win32":
+    extensions = [Extension("whpfast._whp", ["whpfast/_whp.pyx"], libraries=["WinHvPlatform"])]
+else:
+    extensions = [Extension("whpfast._kvm", ["whpfast/_kvm.pyx"], extra_compile_args=["-O2"])]
+
+setup(
+    ext_modules=cythonize(extensions, language_level=3,
+                          compiler_directives={"embedsignature": True}),
+    cmdclass={"build_py": build_py_with_guests},
+)

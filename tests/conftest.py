@@ -1,0 +1,68 @@
+"""Shared fixtures. Hypervisor tests need a usable hypervisor; they skip only when there truly is
+none, and the session then says so loudly. When /dev/kvm *is* usable, any skipped test fails the
+run: on the development and CI machines nothing hypervisor-related may skip."""
+
+import os
+
+import pytest
+
+import whpfast
+
+
+def _hypervisor_problem():
+    try:
+        whpfast.hypervisor()
+        return None
+    except whpfast.HypervisorUnavailable as e:
+        return str(e)
+
+
+HYPERVISOR_PROBLEM = _hypervisor_problem()
+
+
+def pytest_report_header(config):
+    if HYPERVISOR_PROBLEM:
+        return f"!!! NO HYPERVISOR: {HYPERVISOR_PROBLEM} -- hypervisor tests will be SKIPPED !!!"
+    return f"hypervisor: {whpfast.hypervisor()}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HYPERVISOR_PROBLEM:
+        skip = pytest.mark.skip(reason=f"no hypervisor: {HYPERVISOR_PROBLEM}")
+        for item in items:
+            if "hypervisor" in item.keywords:
+                item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "hypervisor: needs a usable hypervisor (KVM or WHP)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if HYPERVISOR_PROBLEM:
+        if reporter:
+            reporter.write_sep("!", f"HYPERVISOR TESTS SKIPPED: {HYPERVISOR_PROBLEM}", red=True)
+    elif skipped and exitstatus == 0 and os.path.exists("/dev/kvm"):
+        if reporter:
+            reporter.write_sep("!", f"{skipped} test(s) skipped although the hypervisor is usable", red=True)
+        session.exitstatus = 1
+
+
+@pytest.fixture
+def testkit():
+    return whpfast.guests.testkit
+
+
+@pytest.fixture
+def sandbox(testkit):
+    with whpfast.Sandbox(testkit, memory_size=16 << 20) as sb:
+        yield sb
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "data.img"
+    path.write_bytes(bytes((i * 7 + 3) & 0xFF for i in range(10000)))
+    return path

@@ -1,0 +1,508 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The KVM backend: one cdef class per kernel object (the /dev/kvm system fd, a VM fd, a vCPU fd
+with its mmap'd kvm_run page) and per host mapping (guest memory, a read-only file). Each owns its
+object, frees it exactly once in close(), and close() is idempotent; __dealloc__ is the last
+resort. Every failed system call goes through _raise_errno(), the one conversion point into the
+package's exceptions."""
+
+from libc.errno cimport errno, EINTR, EAGAIN, E2BIG
+from libc.string cimport memset, memcpy
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, free
+from posix.types cimport pid_t
+from posix.unistd cimport close as c_close
+from posix.fcntl cimport open as c_open, O_RDWR, O_RDONLY, O_CLOEXEC
+from posix.mman cimport (mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_PRIVATE,
+                         MAP_ANONYMOUS, MAP_NORESERVE, MAP_FAILED)
+from posix.stat cimport struct_stat, fstat
+from cpython.buffer cimport PyBuffer_FillInfo
+from cpython.exc cimport PyErr_CheckSignals
+
+from .includes.kvm cimport *
+
+from . import errors
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+cdef extern from "<time.h>" nogil:
+    ctypedef struct timer_t:
+        pass
+    int timer_delete(timer_t timer)
+
+cdef extern from "includes/compat.h" nogil:
+    int whpfast_install_kick_handler()
+    void whpfast_set_current_run(kvm_run *run)
+    pid_t whpfast_gettid()
+    int whpfast_kick_thread(pid_t tid)
+    int whpfast_timer_create(timer_t *timer)
+    int whpfast_timer_arm(timer_t timer, long long ns)
+    long long whpfast_monotonic_ns()
+    void __sync_synchronize()
+
+
+# Exit kinds returned by Vcpu.run(). The WHP backend returns the same numbers.
+EXIT_IO = 1
+EXIT_MMIO = 2
+EXIT_SHUTDOWN = 3
+EXIT_INTERNAL_ERROR = 4
+EXIT_FAIL_ENTRY = 5
+EXIT_TIMEOUT = 6
+EXIT_CANCELLED = 7
+EXIT_HLT = 8
+EXIT_UNKNOWN = 9
+
+DEF PAGE_SIZE = 4096
+
+
+cdef int _raise_errno(int err, str what, path=None, bint device=False) except -1:
+    raise errors.from_errno(err, what, path, device)
+
+
+cdef inline int _check(int rc, str what) except -1:
+    if rc < 0:
+        _raise_errno(errno, what)
+    return rc
+
+
+if whpfast_install_kick_handler() != 0:
+    _raise_errno(errno, "installing the vCPU kick signal handler")
+
+
+cdef class KvmSystem:
+    """/dev/kvm: checks the API version and the capabilities the backend relies on."""
+    cdef int fd
+    cdef readonly int vcpu_mmap_size
+    cdef readonly bint manual_dirty_log
+    cdef bytes _cpuid   # struct kvm_cpuid2 as returned by KVM_GET_SUPPORTED_CPUID
+
+    def __cinit__(self):
+        self.fd = -1
+
+    def __init__(self, path="/dev/kvm"):
+        cdef bytes p = str(path).encode()
+        self.fd = c_open(p, O_RDWR | O_CLOEXEC)
+        if self.fd < 0:
+            _raise_errno(errno, "open", path, True)
+        version = ioctl(self.fd, KVM_GET_API_VERSION, 0)
+        if version != 12:
+            self.close()
+            raise errors.HypervisorUnavailable(
+                f"{path} speaks KVM API version {version}, whpfast needs 12")
+        # Without these the backend cannot work as designed; say which one is missing.
+        for cap, name in ((KVM_CAP_SYNC_REGS, "SYNC_REGS"), (KVM_CAP_READONLY_MEM, "READONLY_MEM"),
+                          (KVM_CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT")):
+            if ioctl(self.fd, KVM_CHECK_EXTENSION, <unsigned long>cap) <= 0:
+                self.close()
+                raise errors.HypervisorUnavailable(f"{path} lacks KVM_CAP_{name}")
+        self.manual_dirty_log = ioctl(self.fd, KVM_CHECK_EXTENSION,
+                                      <unsigned long>KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) > 0
+        self.vcpu_mmap_size = _check(ioctl(self.fd, KVM_GET_VCPU_MMAP_SIZE, 0), "KVM_GET_VCPU_MMAP_SIZE")
+        self._cpuid = self._supported_cpuid()
+
+    cdef bytes _supported_cpuid(self):
+        cdef int nent = 64
+        cdef size_t size
+        cdef kvm_cpuid2 *buf
+        while True:
+            size = 8 + nent * 40     # header + entries of struct kvm_cpuid_entry2
+            buf = <kvm_cpuid2 *>malloc(size)
+            if buf == NULL:
+                raise MemoryError()
+            memset(buf, 0, size)
+            buf.nent = nent
+            try:
+                if ioctl(self.fd, KVM_GET_SUPPORTED_CPUID, buf) == 0:
+                    return (<char *>buf)[:8 + buf.nent * 40]
+                if errno != E2BIG or nent > 4096:
+                    _raise_errno(errno, "KVM_GET_SUPPORTED_CPUID")
+            finally:
+                free(buf)
+            nent *= 2
+
+    def check_extension(self, int cap):
+        return ioctl(self.fd, KVM_CHECK_EXTENSION, <unsigned long>cap)
+
+    def create_vm(self):
+        return Vm(self)
+
+    def close(self):
+        if self.fd >= 0:
+            c_close(self.fd)
+            self.fd = -1
+
+    def __dealloc__(self):
+        self.close()
+
+
+cdef class Vm:
+    """A VM fd: memslots, dirty logs, and the vCPU factory."""
+    cdef int fd
+    cdef readonly KvmSystem system
+
+    def __cinit__(self):
+        self.fd = -1
+
+    def __init__(self, KvmSystem system not None):
+        self.system = system
+        self.fd = _check(ioctl(system.fd, KVM_CREATE_VM, 0), "KVM_CREATE_VM")
+
+    cdef int _fd(self) except -1:
+        if self.fd < 0:
+            raise errors.SandboxClosed("the VM is closed")
+        return self.fd
+
+    def set_memory(self, uint32_t slot, uint64_t gpa, uint64_t size, uint64_t host_address,
+                   bint readonly=False, bint log_dirty=False):
+        """Maps host memory at gpa (size 0 removes the slot)."""
+        cdef kvm_userspace_memory_region region
+        memset(&region, 0, sizeof(region))
+        region.slot = slot
+        region.flags = (KVM_MEM_READONLY if readonly else 0) | (KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+        region.guest_phys_addr = gpa
+        region.memory_size = size
+        region.userspace_addr = host_address
+        _check(ioctl(self._fd(), KVM_SET_USER_MEMORY_REGION, &region),
+               f"KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}+{size:#x}")
+
+    def create_vcpu(self, int index=0):
+        return Vcpu(self, index)
+
+    def close(self):
+        if self.fd >= 0:
+            c_close(self.fd)
+            self.fd = -1
+
+    def __dealloc__(self):
+        self.close()
+
+
+cdef class Vcpu:
+    """A vCPU fd and its kvm_run page. Registers reach the guest through the sync-regs area of
+    kvm_run, folded into the next KVM_RUN instead of separate ioctls (each ioctl costs as much as
+    an exit on the PVM hosts)."""
+    cdef int fd
+    cdef kvm_run *run_page
+    cdef size_t run_size
+    cdef readonly Vm vm
+    # cancellation and timeouts (see run())
+    cdef volatile int cancel_requested
+    cdef volatile pid_t running_tid
+    cdef timer_t timer
+    cdef pid_t timer_tid
+    # decoded details of the last exit
+    cdef readonly uint32_t exit_reason
+    cdef readonly uint16_t io_port
+    cdef readonly uint8_t io_direction
+    cdef readonly uint8_t io_size
+    cdef readonly uint32_t io_value
+    cdef readonly uint64_t mmio_address
+    cdef readonly bint mmio_is_write
+    cdef readonly uint32_t internal_suberror
+    cdef readonly tuple internal_data
+    cdef readonly uint64_t fail_entry_reason
+
+    def __cinit__(self):
+        self.fd = -1
+        self.run_page = NULL
+        self.timer_tid = 0
+
+    def __init__(self, Vm vm not None, int index=0):
+        self.vm = vm
+        self.fd = _check(ioctl(vm._fd(), KVM_CREATE_VCPU, <unsigned long>index), "KVM_CREATE_VCPU")
+        cdef void *p
+        cdef bytes cpuid = vm.system._cpuid
+        self.run_size = vm.system.vcpu_mmap_size
+        p = mmap(NULL, self.run_size, PROT_READ | PROT_WRITE, MAP_SHARED, self.fd, 0)
+        if p == MAP_FAILED:
+            err = errno
+            self.close()
+            _raise_errno(err, "mmap of kvm_run")
+        self.run_page = <kvm_run *>p
+        # KVM checks EFER.LME/NXE against the guest CPUID, so it must be set before the sregs.
+        _check(ioctl(self.fd, KVM_SET_CPUID2, <char *>cpuid), "KVM_SET_CPUID2")
+
+    cdef int _fd(self) except -1:
+        if self.fd < 0:
+            raise errors.SandboxClosed("the vCPU is closed")
+        return self.fd
+
+    def init_long_mode(self, *, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t efer,
+                       uint64_t gdt_base, uint16_t gdt_limit, uint64_t idt_base, uint16_t idt_limit,
+                       uint64_t tss_base, uint32_t tss_limit, uint16_t tss_selector,
+                       uint16_t code_selector, uint16_t data_selector, int cpl):
+        """Puts the vCPU straight into 64-bit mode at the given privilege level with flat segments
+        that match the GDT the host wrote (one KVM_SET_SREGS, once per vCPU)."""
+        cdef kvm_sregs s
+        _check(ioctl(self._fd(), KVM_GET_SREGS, &s), "KVM_GET_SREGS")
+        _flat_segment(&s.cs, code_selector, 0xB, cpl, 1)
+        _flat_segment(&s.ds, data_selector, 0x3, cpl, 0)
+        _flat_segment(&s.es, data_selector, 0x3, cpl, 0)
+        _flat_segment(&s.fs, data_selector, 0x3, cpl, 0)
+        _flat_segment(&s.gs, data_selector, 0x3, cpl, 0)
+        _flat_segment(&s.ss, data_selector, 0x3, cpl, 0)
+        memset(&s.tr, 0, sizeof(s.tr))
+        s.tr.base = tss_base
+        s.tr.limit = tss_limit
+        s.tr.selector = tss_selector
+        s.tr.type = 0xB          # busy 64-bit TSS
+        s.tr.present = 1
+        memset(&s.ldt, 0, sizeof(s.ldt))
+        s.ldt.type = 2
+        s.ldt.unusable = 1
+        s.gdt.base = gdt_base
+        s.gdt.limit = gdt_limit
+        s.idt.base = idt_base
+        s.idt.limit = idt_limit
+        s.cr0 = cr0
+        s.cr3 = cr3
+        s.cr4 = cr4
+        s.efer = efer
+        _check(ioctl(self.fd, KVM_SET_SREGS, &s), "KVM_SET_SREGS")
+
+    def enter(self, uint64_t rip, uint64_t rsp, uint64_t rflags=0x2, uint64_t rdi=0):
+        """Queues a fresh register file for the next run(): every GPR zero (nothing of an earlier
+        call survives in registers) except the entry point, stack and first argument."""
+        cdef kvm_run *r = self._run()
+        memset(&r.s.regs.regs, 0, sizeof(kvm_regs))
+        r.s.regs.regs.rip = rip
+        r.s.regs.regs.rsp = rsp
+        r.s.regs.regs.rflags = rflags
+        r.s.regs.regs.rdi = rdi
+        r.kvm_dirty_regs |= KVM_SYNC_X86_REGS
+        self.cancel_requested = 0
+
+    cdef kvm_run *_run(self) except NULL:
+        if self.run_page == NULL:
+            raise errors.SandboxClosed("the vCPU is closed")
+        return self.run_page
+
+    def run(self, long long timeout_ns=-1):
+        """Runs the guest until it exits; returns one of the EXIT_* kinds and leaves the details in
+        the exit attributes. timeout_ns > 0 arms a one-shot timer that kicks this thread.
+
+        Cancellation protocol: cancel() sets cancel_requested, then immediate_exit, then signals
+        the running thread. Here immediate_exit is cleared *before* cancel_requested is checked, so
+        a cancel can never be lost between the check and KVM_RUN."""
+        cdef kvm_run *r = self._run()
+        cdef int fd = self._fd()
+        cdef int rc = 0, err = 0
+        cdef pid_t tid = whpfast_gettid()
+        cdef long long deadline = 0
+        if timeout_ns > 0:
+            deadline = whpfast_monotonic_ns() + timeout_ns
+            self._arm_timer(tid, timeout_ns)
+        self.running_tid = tid
+        whpfast_set_current_run(r)
+        try:
+            while True:
+                r.immediate_exit = 0
+                __sync_synchronize()
+                if self.cancel_requested:
+                    return EXIT_CANCELLED
+                with nogil:
+                    rc = ioctl(fd, KVM_RUN, 0)
+                    err = errno
+                if rc == 0:
+                    return self._decode(r)
+                if err != EINTR and err != EAGAIN:
+                    _raise_errno(err, "KVM_RUN")
+                if self.cancel_requested:
+                    return EXIT_CANCELLED
+                if deadline and whpfast_monotonic_ns() >= deadline:
+                    return EXIT_TIMEOUT
+                # Some other signal (Ctrl-C): let Python handlers run; if they raise, the call
+                # ends with their exception, otherwise the guest simply continues.
+                PyErr_CheckSignals()
+        finally:
+            whpfast_set_current_run(NULL)
+            self.running_tid = 0
+            r.immediate_exit = 0
+            if deadline:
+                whpfast_timer_arm(self.timer, 0)
+
+    cdef int _arm_timer(self, pid_t tid, long long ns) except -1:
+        # POSIX timers deliver to one thread; keep one per vCPU and remake it when another thread
+        # runs this vCPU.
+        if self.timer_tid != tid:
+            if self.timer_tid:
+                timer_delete(self.timer)
+                self.timer_tid = 0
+            _check(whpfast_timer_create(&self.timer), "timer_create")
+            self.timer_tid = tid
+        _check(whpfast_timer_arm(self.timer, ns), "timer_settime")
+        return 0
+
+    cdef int _decode(self, kvm_run *r) except -1:
+        cdef uint32_t reason = r.exit_reason
+        cdef uint8_t *data
+        cdef int i
+        self.exit_reason = reason
+        if reason == KVM_EXIT_IO:
+            self.io_port = r.io.port
+            self.io_direction = r.io.direction
+            self.io_size = r.io.size
+            self.io_value = 0
+            if r.io.data_offset + 4 <= self.run_size and r.io.size <= 4:
+                data = <uint8_t *>r + r.io.data_offset
+                for i in range(r.io.size):
+                    self.io_value |= (<uint32_t>data[i]) << (8 * i)
+            return EXIT_IO
+        if reason == KVM_EXIT_MMIO:
+            self.mmio_address = r.mmio.phys_addr
+            self.mmio_is_write = r.mmio.is_write
+            return EXIT_MMIO
+        if reason == KVM_EXIT_SHUTDOWN:
+            return EXIT_SHUTDOWN
+        if reason == KVM_EXIT_HLT:
+            return EXIT_HLT
+        if reason == KVM_EXIT_INTERNAL_ERROR:
+            self.internal_suberror = r.internal.suberror
+            self.internal_data = tuple(r.internal.data[i] for i in range(min(r.internal.ndata, 16)))
+            return EXIT_INTERNAL_ERROR
+        if reason == KVM_EXIT_FAIL_ENTRY:
+            self.fail_entry_reason = r.fail_entry.hardware_entry_failure_reason
+            return EXIT_FAIL_ENTRY
+        if reason == KVM_EXIT_INTR:
+            return EXIT_CANCELLED if self.cancel_requested else EXIT_TIMEOUT
+        return EXIT_UNKNOWN
+
+    def cancel(self):
+        """Stops the guest this vCPU is running (from any thread). Safe when it is idle."""
+        cdef kvm_run *r = self.run_page
+        cdef pid_t tid
+        if r == NULL:
+            return
+        self.cancel_requested = 1
+        __sync_synchronize()
+        r.immediate_exit = 1
+        tid = self.running_tid
+        if tid:
+            whpfast_kick_thread(tid)
+
+    def get_regs(self):
+        """The general registers as a dict (one KVM_GET_REGS; for diagnostics and snapshots)."""
+        cdef kvm_regs regs
+        _check(ioctl(self._fd(), KVM_GET_REGS, &regs), "KVM_GET_REGS")
+        return regs
+
+    def get_sregs(self):
+        cdef kvm_sregs s
+        _check(ioctl(self._fd(), KVM_GET_SREGS, &s), "KVM_GET_SREGS")
+        return s
+
+    def close(self):
+        if self.timer_tid:
+            timer_delete(self.timer)
+            self.timer_tid = 0
+        if self.run_page != NULL:
+            munmap(self.run_page, self.run_size)
+            self.run_page = NULL
+        if self.fd >= 0:
+            c_close(self.fd)
+            self.fd = -1
+
+    def __dealloc__(self):
+        self.close()
+
+
+cdef void _flat_segment(kvm_segment *seg, uint16_t selector, uint8_t type, int dpl, bint code):
+    memset(seg, 0, sizeof(kvm_segment))
+    seg.base = 0
+    seg.limit = 0xFFFFFFFF
+    seg.selector = selector
+    seg.type = type
+    seg.present = 1
+    seg.dpl = dpl
+    seg.s = 1
+    seg.g = 1
+    seg.l = 1 if code else 0
+    seg.db = 0 if code else 1
+
+
+cdef class Mapping:
+    """One host mapping (anonymous guest memory or a read-only file), unmapped exactly once.
+    Exposes the buffer protocol; close() refuses while Python views of it are alive, so a view
+    can never outlive the memory it shows."""
+    cdef uint8_t *ptr
+    cdef readonly size_t size
+    cdef readonly bint readonly
+    cdef int exports
+
+    def __cinit__(self):
+        self.ptr = NULL
+        self.exports = 0
+
+    @property
+    def address(self):
+        if self.ptr == NULL:
+            raise errors.SandboxClosed("the mapping is closed")
+        return <uint64_t>self.ptr
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        if self.ptr == NULL:
+            raise errors.SandboxClosed("the mapping is closed")
+        PyBuffer_FillInfo(buffer, self, self.ptr, self.size, self.readonly, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        self.exports -= 1
+
+    def close(self):
+        if self.ptr != NULL:
+            if self.exports:
+                raise BufferError(f"{self.exports} memoryview(s) of this mapping are still alive")
+            munmap(self.ptr, self.size)
+            self.ptr = NULL
+
+    def __dealloc__(self):
+        # Views hold a reference to us, so by now none is alive.
+        if self.ptr != NULL:
+            munmap(self.ptr, self.size)
+            self.ptr = NULL
+
+
+cdef class GuestMemory(Mapping):
+    """Anonymous private memory for a guest's RAM. MAP_NORESERVE: a large sandbox costs only the
+    pages it touches."""
+
+    def __init__(self, size_t size):
+        cdef void *p
+        if size == 0 or size % PAGE_SIZE:
+            raise ValueError(f"guest memory size must be a positive multiple of {PAGE_SIZE}, got {size}")
+        p = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if p == MAP_FAILED:
+            _raise_errno(errno, f"mmap of {size} bytes of guest memory")
+        self.ptr = <uint8_t *>p
+        self.size = size
+        self.readonly = False
+
+
+cdef class FileMapping(Mapping):
+    """A host file mapped read-only and private, rounded up to whole pages (the tail reads as
+    zeros). The file descriptor is closed right after mapping; the mapping keeps the file."""
+    cdef readonly uint64_t file_size
+
+    def __init__(self, path):
+        cdef bytes p = str(path).encode()
+        cdef struct_stat st
+        cdef void *p_map
+        cdef int fd = c_open(p, O_RDONLY | O_CLOEXEC)
+        if fd < 0:
+            _raise_errno(errno, "cannot open a file to map into the guest", path)
+        try:
+            if fstat(fd, &st) != 0:
+                _raise_errno(errno, "cannot stat a file to map into the guest", path)
+            if st.st_size <= 0:
+                raise ValueError(f"{path} is empty: a read-only file mapping needs at least one byte")
+            self.file_size = st.st_size
+            self.size = (st.st_size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+            p_map = mmap(NULL, self.size, PROT_READ, MAP_PRIVATE, fd, 0)
+            if p_map == MAP_FAILED:
+                _raise_errno(errno, "cannot map a file into the guest", path)
+            self.ptr = <uint8_t *>p_map
+            self.readonly = True
+        finally:
+            c_close(fd)

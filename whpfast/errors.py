@@ -1,0 +1,107 @@
+"""The exceptions of whpfast, all rooted in WhpfastError. Messages say what happened and what to do.
+
+`from_errno` is the one place where a failed system call becomes one of these."""
+
+import errno as _errno
+import os as _os
+
+
+class WhpfastError(Exception):
+    """Root of every whpfast exception."""
+
+
+class HypervisorUnavailable(WhpfastError):
+    """No usable hypervisor: no device, no permission, missing capability."""
+
+
+class HypervisorError(WhpfastError):
+    """The hypervisor refused an operation that should have worked."""
+
+    def __init__(self, message, errno=None):
+        super().__init__(message)
+        self.errno = errno
+
+
+class SandboxError(WhpfastError):
+    """The sandbox cannot take this request in its current state."""
+
+
+class SandboxClosed(SandboxError):
+    """The sandbox (or the object behind it) is closed."""
+
+
+class SandboxPoisoned(SandboxError):
+    """An earlier call faulted, timed out or was interrupted; restore a snapshot or close it."""
+
+
+class GuestLoadError(WhpfastError, ValueError):
+    """The guest ELF cannot be loaded (malformed, or does not fit the sandbox)."""
+
+
+class GuestBuildError(WhpfastError):
+    """The C compiler failed to build a guest."""
+
+
+class GuestError(WhpfastError):
+    """Something the guest did ended the call."""
+
+
+class GuestFault(GuestError):
+    """The guest took a CPU exception (or triple-faulted, or touched memory it may not)."""
+
+    def __init__(self, message, *, kind, vector=None, error_code=None, rip=None, address=None):
+        super().__init__(message)
+        self.kind = kind
+        self.vector = vector
+        self.error_code = error_code
+        self.rip = rip
+        self.address = address
+
+
+class GuestTimeout(GuestError):
+    """The call ran past its timeout and was stopped."""
+
+
+class GuestCancelled(GuestError):
+    """The call was stopped by Sandbox.cancel()."""
+
+
+class GuestAbort(GuestError):
+    """The guest aborted the call with a message."""
+
+    def __init__(self, message):
+        super().__init__(f"guest aborted: {message}")
+        self.guest_message = message
+
+
+class GuestCallError(GuestError):
+    """The call could not be made or its result is unusable: unknown function, a result of the
+    wrong type or malformed, or an error the guest function returned."""
+
+
+class HostFunctionError(GuestCallError):
+    """A host function that the guest called raised; the original exception is __cause__."""
+
+
+class SnapshotError(WhpfastError):
+    """A snapshot cannot be taken, saved, loaded or restored."""
+
+
+def from_errno(err, what, path=None, device=False):
+    """Turns a failed system call into the matching exception: HypervisorUnavailable when the
+    hypervisor device itself cannot be opened, the standard OSError subclass (FileNotFoundError,
+    PermissionError, ...) for a user's file, HypervisorError for everything else."""
+    reason = _os.strerror(err)
+    if device:
+        hint = {
+            _errno.ENOENT: "this machine has no KVM device: enable virtualization and load the kvm module",
+            _errno.ENODEV: "the KVM module is loaded but has no hardware support behind it",
+            _errno.EACCES: "add this user to the 'kvm' group (or fix the device's permissions)",
+            _errno.EPERM: "add this user to the 'kvm' group (or fix the device's permissions)",
+        }.get(err, "check that KVM works on this machine")
+        return HypervisorUnavailable(f"cannot open {path}: {reason}; {hint}")
+    if path is not None:
+        return OSError(err, f"{what}: {reason}", str(path))
+    if err == _errno.ENOMEM:
+        return HypervisorError(f"{what} failed: the host is out of memory (ENOMEM)", err)
+    return HypervisorError(f"{what} failed: {reason} (errno {err})", err)

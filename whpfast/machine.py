@@ -1,0 +1,304 @@
+"""The guest's long-mode environment, built by the host in plain Python: the physical memory layout,
+identity-mapped 4 KiB page tables, GDT, TSS (with the I/O permission bitmap that lets CPL3 reach
+the whpfast ports), IDT and the tiny CPL0 exception stubs that report a fault to the host.
+
+Guest code runs at CPL3 because on the PVM hosts CPL0 code is emulated (about 1000x slower and
+SSE fails there). Pages that hold page tables, descriptor tables, the stubs and their stacks are
+supervisor pages: CPL3 can neither read nor write them.
+
+Physical layout (GVA == GPA):
+
+    0x0000            null page, not present (catches null pointers)
+    0x1000            info page (struct wf_info), user read-only
+    0x2000            GDT, TSS and I/O bitmap                 supervisor
+    0x3000            IDT                                     supervisor
+    0x4000            exception stubs                         supervisor, executable
+    0x5000            fault record written by the stubs       supervisor
+    0x6000-0x8000     exception stack (TSS.RSP0)              supervisor
+    0x9000-0xA000     double-fault stack (TSS.IST1)           supervisor
+    0x100000          guest ELF image (WF_IMAGE_BASE)         user, per segment flags
+    ...               guard, input/output/exchange buffers, guard, stack, guard
+    ...               heap (the rest)                         user
+    top of RAM        page tables                             supervisor
+    above RAM         read-only file mappings, page aligned   user read-only, never executable
+"""
+
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import abi
+from .errors import GuestLoadError
+
+PAGE = 4096
+
+INFO_ADDR = abi.INFO_ADDR
+GDT_ADDR = 0x2000
+TSS_ADDR = 0x2080
+IDT_ADDR = 0x3000
+STUBS_ADDR = 0x4000
+FAULT_RECORD_ADDR = 0x5000
+EXCEPTION_STACK = (0x6000, 0x8000)
+DOUBLE_FAULT_STACK = (0x9000, 0xA000)
+
+# GDT selectors
+KERNEL_CS = 0x08
+KERNEL_DS = 0x10
+USER_DS = 0x18 | 3
+USER_CS = 0x20 | 3
+TSS_SEL = 0x28
+
+TSS_SIZE = 104
+IO_BITMAP_BYTES = 32          # covers ports 0x00-0xFF; ports beyond the TSS limit are denied
+TSS_LIMIT = TSS_SIZE + IO_BITMAP_BYTES + 1 - 1   # + the mandatory 0xFF terminator byte
+
+# Control registers of the state every call runs in (Intel SDM vol. 3, 2.5).
+CR0 = 0x80050033      # PG | AM | WP | NE | ET | MP | PE
+CR4 = 0x620           # OSXMMEXCPT | OSFXSR | PAE: SSE usable at CPL3, no XSAVE-managed state
+EFER = 0xD01          # NXE | LMA | LME | SCE
+RFLAGS = 0x2
+
+# Page-table entry bits. Accessed and dirty are preset so the CPU never writes the tables, which
+# keeps them out of the dirty log of every call.
+PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D = 0x1, 0x2, 0x4, 0x20, 0x40
+PTE_NX = 1 << 63
+
+VECTORS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+STUB_SIZE = 16
+
+DEFAULT_MEMORY_SIZE = 16 << 20
+DEFAULT_IO_BUFFER_SIZE = 64 << 10
+DEFAULT_STACK_SIZE = 256 << 10
+
+
+def _align_up(value, align=PAGE):
+    return (value + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    gpa: int
+    size: int
+    user: bool
+    writable: bool
+    executable: bool
+
+    @property
+    def end(self):
+        return self.gpa + self.size
+
+
+@dataclass(frozen=True)
+class FileRegion:
+    name: str
+    gpa: int
+    size: int           # mapped bytes (whole pages)
+    file_size: int      # bytes of the file
+
+
+@dataclass
+class Layout:
+    """Where everything lives in guest memory, computed from the image and the sandbox's sizes."""
+    memory_size: int
+    regions: list
+    files: list = field(default_factory=list)
+    page_tables: tuple = (0, 0)     # (gpa, size)
+    cr3: int = 0
+    top: int = 0                    # end of the address space the page tables cover
+
+    def region(self, name):
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+def make_layout(image, memory_size, *, io_buffer_size=DEFAULT_IO_BUFFER_SIZE,
+                stack_size=DEFAULT_STACK_SIZE, files=()):
+    """files: (name, file_size) pairs. Raises ValueError when the sizes cannot work."""
+    for what, value in (("memory_size", memory_size), ("io_buffer_size", io_buffer_size),
+                        ("stack_size", stack_size)):
+        if not isinstance(value, int) or value <= 0 or value % PAGE:
+            raise ValueError(f"{what} must be a positive multiple of {PAGE} bytes, got {value!r}")
+    if len(files) > abi.MAX_FILES:
+        raise ValueError(f"at most {abi.MAX_FILES} read-only files can be mapped, got {len(files)}")
+
+    regions = [
+        Region("info", INFO_ADDR, PAGE, user=True, writable=False, executable=False),
+        Region("gdt", GDT_ADDR, PAGE, user=False, writable=True, executable=False),
+        Region("idt", IDT_ADDR, PAGE, user=False, writable=True, executable=False),
+        Region("stubs", STUBS_ADDR, PAGE, user=False, writable=False, executable=True),
+        Region("fault_record", FAULT_RECORD_ADDR, PAGE, user=False, writable=True, executable=False),
+        Region("exception_stack", EXCEPTION_STACK[0], EXCEPTION_STACK[1] - EXCEPTION_STACK[0],
+               user=False, writable=True, executable=False),
+        Region("double_fault_stack", DOUBLE_FAULT_STACK[0], DOUBLE_FAULT_STACK[1] - DOUBLE_FAULT_STACK[0],
+               user=False, writable=True, executable=False),
+    ]
+    for i, seg in enumerate(image.segments):
+        regions.append(Region(f"image{i}", seg.page_start, seg.page_end - seg.page_start, user=True,
+                              writable=seg.writable, executable=seg.executable))
+    cursor = _align_up(image.end) + PAGE                       # guard page after the image
+    for name in ("input", "output", "exchange"):
+        regions.append(Region(name, cursor, io_buffer_size, user=True, writable=True, executable=False))
+        cursor += io_buffer_size
+    cursor += PAGE                                              # guard below the stack
+    regions.append(Region("stack", cursor, stack_size, user=True, writable=True, executable=False))
+    cursor += stack_size + PAGE                                 # guard above the stack
+    heap_start = cursor
+
+    # Files go above RAM, each followed by an unmapped guard page.
+    file_regions = []
+    file_cursor = _align_up(memory_size, 2 << 20)
+    for name, file_size in files:
+        size = _align_up(file_size)
+        file_regions.append(FileRegion(name, file_cursor, size, file_size))
+        file_cursor += size + PAGE
+
+    # Page tables cover [0, mapped top) and sit at the top of RAM.
+    top = max(memory_size, file_cursor)
+    n_pt = -(-(top // PAGE) // 512)
+    n_pd = -(-n_pt // 512)
+    n_pdpt = -(-n_pd // 512)
+    if n_pdpt > 512:
+        raise ValueError("the sandbox's address space is larger than 512 GiB")
+    pt_size = (n_pt + n_pd + n_pdpt + 1) * PAGE
+    pt_base = memory_size - pt_size
+    if pt_base - heap_start < PAGE:
+        raise ValueError(
+            f"memory_size {memory_size:#x} is too small: the image, buffers and stack end at "
+            f"{heap_start:#x} and the page tables need {pt_size:#x} bytes; give the sandbox more memory")
+    regions.append(Region("heap", heap_start, pt_base - heap_start, user=True, writable=True, executable=False))
+    regions.append(Region("page_tables", pt_base, pt_size, user=False, writable=True, executable=False))
+    return Layout(memory_size=memory_size, regions=regions, files=file_regions,
+                  page_tables=(pt_base, pt_size), cr3=pt_base + pt_size - PAGE, top=top)
+
+
+def _page_tables(layout):
+    """Returns the page-table pages as one uint64 array, laid out PT, PD, PDPT, PML4 from
+    layout.page_tables[0] upward."""
+    n_pages = layout.top // PAGE
+    pte = np.zeros(-(-n_pages // 512) * 512, dtype=np.uint64)
+    leaf = [(r.gpa, r.size, r.user, r.writable, r.executable) for r in layout.regions]
+    leaf += [(f.gpa, f.size, True, False, False) for f in layout.files]
+    for gpa, size, user, writable, executable in leaf:
+        first, count = gpa // PAGE, size // PAGE
+        flags = PTE_P | PTE_A | PTE_D | (PTE_US if user else 0) | (PTE_RW if writable else 0) \
+            | (0 if executable else PTE_NX)
+        pte[first:first + count] = (np.arange(first, first + count, dtype=np.uint64) << np.uint64(12)) \
+            | np.uint64(flags)
+    tables = [pte]
+    base = layout.page_tables[0]
+    next_gpa = base + pte.size * 8
+    lower_gpa = base
+    lower_count = pte.size // 512
+    # Upper levels: every entry points to the next lower table page, fully permissive (the leaf
+    # entries decide); only entries for existing lower pages are present.
+    for _ in range(3):
+        n = -(-lower_count // 512) * 512
+        level = np.zeros(n, dtype=np.uint64)
+        level[:lower_count] = (np.uint64(lower_gpa) + np.arange(lower_count, dtype=np.uint64) * np.uint64(PAGE)) \
+            | np.uint64(PTE_P | PTE_RW | PTE_US | PTE_A)
+        tables.append(level)
+        lower_gpa = next_gpa
+        lower_count = n // 512
+        next_gpa += n * 8
+    out = np.concatenate(tables)
+    assert out.size * 8 == layout.page_tables[1], (out.size * 8, layout.page_tables[1])
+    return out
+
+
+def _segment_descriptor(access, flags):
+    """A flat (base 0, limit 0xFFFFF pages) code or data descriptor."""
+    return struct.pack("<HHBBBB", 0xFFFF, 0, 0, access, (flags << 4) | 0xF, 0)
+
+
+def _gdt_and_tss():
+    gdt = b"".join([
+        bytes(8),
+        _segment_descriptor(0x9B, 0xA),   # 0x08 kernel code: P, DPL0, code, accessed; G, L
+        _segment_descriptor(0x93, 0xC),   # 0x10 kernel data: P, DPL0, data rw, accessed; G, D/B
+        _segment_descriptor(0xF3, 0xC),   # 0x18 user data:   P, DPL3, data rw, accessed; G, D/B
+        _segment_descriptor(0xFB, 0xA),   # 0x20 user code:   P, DPL3, code, accessed; G, L
+        struct.pack("<HHBBBBIxxxx", TSS_LIMIT & 0xFFFF, TSS_ADDR & 0xFFFF, (TSS_ADDR >> 16) & 0xFF,
+                    0x8B, (TSS_LIMIT >> 16) & 0xF, (TSS_ADDR >> 24) & 0xFF, TSS_ADDR >> 32),  # 0x28 busy TSS
+    ])
+    tss = bytearray(TSS_SIZE)
+    struct.pack_into("<Q", tss, 4, EXCEPTION_STACK[1])       # RSP0: the stack for CPL3 -> CPL0
+    struct.pack_into("<Q", tss, 36, DOUBLE_FAULT_STACK[1])   # IST1: a known-good stack for #DF
+    struct.pack_into("<H", tss, 102, TSS_SIZE)              # I/O map base: right after the TSS
+    bitmap = bytearray(b"\xff" * IO_BITMAP_BYTES)
+    for port in abi.GUEST_PORTS:
+        for p in range(port, port + 4):                      # a 32-bit `out` checks 4 port bits
+            bitmap[p // 8] &= ~(1 << (p % 8)) & 0xFF
+    return gdt, bytes(tss) + bytes(bitmap) + b"\xff"
+
+
+def _idt():
+    entries = []
+    for vector in range(32):
+        handler = STUBS_ADDR + vector * STUB_SIZE
+        ist = 1 if vector == 8 else 0
+        entries.append(struct.pack("<HHBBHII", handler & 0xFFFF, KERNEL_CS, ist, 0x8E,
+                                   (handler >> 16) & 0xFFFF, handler >> 32, 0))
+    return b"".join(entries)
+
+
+def _stubs():
+    """Machine code for the CPL0 exception entry points. Each vector's stub pushes a zero error
+    code if the CPU pushed none, pushes its vector and jumps to the common code, which copies the
+    frame and CR2 into the fault record and reports it on WF_PORT_FAULT (the host never resumes)."""
+    code = bytearray(b"\xcc" * PAGE)
+    common = 32 * STUB_SIZE
+    for vector in range(32):
+        at = vector * STUB_SIZE
+        stub = b"" if vector in VECTORS_WITH_ERROR_CODE else b"\x6a\x00"   # push 0
+        stub += bytes([0x6A, vector])                                       # push vector
+        rel = common - (at + len(stub) + 5)
+        stub += b"\xe9" + struct.pack("<i", rel)                            # jmp common
+        code[at:at + len(stub)] = stub
+    body = bytearray()
+    record = FAULT_RECORD_ADDR
+    # frame: vector, error code, rip, cs, rflags, rsp, ss
+    for slot in range(7):
+        body += b"\x58"                                                     # pop rax
+        body += b"\x48\xa3" + struct.pack("<Q", record + 8 * slot)         # mov [record+8*slot], rax
+    body += b"\x0f\x20\xd0"                                                 # mov rax, cr2
+    body += b"\x48\xa3" + struct.pack("<Q", record + 8 * 7)                # mov [record+56], rax
+    body += bytes([0xE6, abi.PORT_FAULT])                                   # out PORT_FAULT, al
+    body += b"\xeb\xfe"                                                     # jmp $
+    code[common:common + len(body)] = body
+    return bytes(code)
+
+
+FAULT_RECORD = struct.Struct("<8Q")   # vector, error code, rip, cs, rflags, rsp, ss, cr2
+
+
+def write_environment(mem, layout, image):
+    """Writes everything the guest needs into fresh (all-zero) guest memory `mem` (a writable
+    buffer of layout.memory_size bytes): the image, the info page, descriptor tables, stubs and
+    page tables."""
+    view = memoryview(mem)
+    for seg in image.segments:
+        view[seg.vaddr:seg.vaddr + len(seg.data)] = seg.data
+    gdt, tss = _gdt_and_tss()
+    view[GDT_ADDR:GDT_ADDR + len(gdt)] = gdt
+    view[TSS_ADDR:TSS_ADDR + len(tss)] = tss
+    idt = _idt()
+    view[IDT_ADDR:IDT_ADDR + len(idt)] = idt
+    view[STUBS_ADDR:STUBS_ADDR + PAGE] = _stubs()
+    info = abi.pack_info(layout)
+    view[INFO_ADDR:INFO_ADDR + len(info)] = info
+    tables = _page_tables(layout)
+    base, size = layout.page_tables
+    np.frombuffer(view[base:base + size], dtype=np.uint64)[:] = tables
+    view.release()
+
+
+def sregs_arguments(layout):
+    """Keyword arguments for Vcpu.init_long_mode()."""
+    return dict(cr0=CR0, cr3=layout.cr3, cr4=CR4, efer=EFER,
+                gdt_base=GDT_ADDR, gdt_limit=6 * 8 + 8 - 1, idt_base=IDT_ADDR, idt_limit=32 * 16 - 1,
+                tss_base=TSS_ADDR, tss_limit=TSS_LIMIT, tss_selector=TSS_SEL,
+                code_selector=USER_CS, data_selector=USER_DS, cpl=3)

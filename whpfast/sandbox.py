@@ -1,0 +1,350 @@
+"""The public Sandbox: a micro-VM running one guest ELF, with calls into the guest and host
+functions the guest can call back. Backend-neutral: it talks to whatever backend.impl is."""
+
+import sys
+import threading
+import time
+import warnings
+from contextlib import ExitStack
+
+from . import abi, backend, elf, machine
+from .errors import (GuestAbort, GuestCallError, GuestCancelled, GuestFault, GuestTimeout,
+                     HostFunctionError, HypervisorError, SandboxClosed, SandboxPoisoned, WhpfastError)
+
+impl = backend.impl
+
+_VECTOR_NAMES = {
+    0: "#DE divide error", 1: "#DB debug", 3: "#BP breakpoint", 4: "#OF overflow", 5: "#BR bound range",
+    6: "#UD invalid opcode", 7: "#NM device not available", 8: "#DF double fault",
+    10: "#TS invalid TSS", 11: "#NP segment not present", 12: "#SS stack fault",
+    13: "#GP general protection", 14: "#PF page fault", 16: "#MF x87 error", 17: "#AC alignment check",
+    18: "#MC machine check", 19: "#XM SIMD floating point", 20: "#VE virtualization", 21: "#CP control protection",
+}
+_FAULT_KINDS = {0: "divide", 6: "invalid_opcode", 13: "general_protection", 14: "pagefault"}
+
+
+class Sandbox:
+    """A hardware-isolated micro-VM running `guest` (a path to a guest ELF built with the SDK).
+
+    files maps a name to a host file the guest sees as a read-only memory mapping. on_print
+    receives what the guest prints (default: written to sys.stdout). Use as a context manager or
+    call close(); an unclosed sandbox warns (ResourceWarning) when collected and is still freed."""
+
+    def __init__(self, guest, *, memory_size=machine.DEFAULT_MEMORY_SIZE, files=None,
+                 io_buffer_size=machine.DEFAULT_IO_BUFFER_SIZE, stack_size=machine.DEFAULT_STACK_SIZE,
+                 on_print=None):
+        self._closed = True          # until fully built, so __del__ and close() are safe
+        if on_print is not None and not callable(on_print):
+            raise TypeError("on_print must be callable or None")
+        files = dict(files or {})
+        for name in files:
+            abi.check_file_name(name)
+        image = elf.load(guest)
+        system = backend.system()
+        with ExitStack() as undo:
+            mappings = []
+            for path in files.values():
+                m = impl.FileMapping(path)
+                undo.callback(m.close)
+                mappings.append(m)
+            layout = machine.make_layout(image, memory_size, io_buffer_size=io_buffer_size,
+                                         stack_size=stack_size,
+                                         files=[(n, m.file_size) for n, m in zip(files, mappings)])
+            memory = impl.GuestMemory(memory_size)
+            undo.callback(memory.close)
+            machine.write_environment(memory, layout, image)
+            vm = system.create_vm()
+            undo.callback(vm.close)
+            vm.set_memory(0, 0, memory_size, memory.address)
+            for slot, (region, m) in enumerate(zip(layout.files, mappings), start=1):
+                # Read-only at the hypervisor too: a write that slipped past the page tables would
+                # exit as MMIO instead of changing the file's pages.
+                vm.set_memory(slot, region.gpa, region.size, m.address, readonly=True)
+            vcpu = vm.create_vcpu(0)
+            undo.callback(vcpu.close)
+            vcpu.init_long_mode(**machine.sregs_arguments(layout))
+            undo.pop_all()
+        self._image = image
+        self._layout = layout
+        self._memory = memory
+        self._mem = memoryview(memory)
+        self._file_mappings = mappings
+        self._vm = vm
+        self._vcpu = vcpu
+        self._on_print = on_print
+        self._host_functions = {}
+        self._lock = threading.Lock()
+        self._poisoned = None
+        self._host_error = None
+        r = layout.region
+        self._input = (r("input").gpa, r("input").size)
+        self._output = (r("output").gpa, r("output").size)
+        self._exchange = (r("exchange").gpa, r("exchange").size)
+        self._stack_top = r("stack").end - 8      # as if `call` had pushed a return address
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self):
+        """Frees the VM and its memory. Idempotent. A call running in another thread is
+        cancelled first."""
+        if self._closed:
+            return
+        if not self._lock.acquire(blocking=False):
+            self._vcpu.cancel()
+            self._lock.acquire()
+        try:
+            if self._closed:
+                return
+            self._closed = True
+            self._mem.release()
+            self._vcpu.close()
+            self._vm.close()
+            self._memory.close()
+            for m in self._file_mappings:
+                m.close()
+        finally:
+            self._lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self.close()
+
+    def __repr__(self):
+        state = "closed" if self._closed else ("poisoned" if self._poisoned else "ready")
+        return f"<whpfast.Sandbox {getattr(self, '_image', None) and self._image.path!r} {state}>"
+
+    @property
+    def closed(self):
+        return self._closed
+
+    @property
+    def poisoned(self):
+        """Why the sandbox is poisoned (a str), or None when it is usable."""
+        return self._poisoned
+
+    @property
+    def exports(self):
+        """The guest's functions: name -> signature such as "ii->i"."""
+        return {e.name: f"{e.params}->{e.result}" for e in self._image.exports.values()}
+
+    @property
+    def memory_size(self):
+        return self._layout.memory_size
+
+    # -- host functions ----------------------------------------------------------------------
+
+    def register(self, name, fn=None):
+        """Makes fn callable from the guest as `name`. Also a decorator: @sb.register("name") or
+        @sb.register (the function's own name)."""
+        if fn is None:
+            if callable(name):
+                return self.register(name.__name__, name)
+            return lambda f: self.register(name, f)
+        if not isinstance(name, str) or not name or len(name.encode()) > 255:
+            raise TypeError(f"host function names must be non-empty str of at most 255 bytes, got {name!r}")
+        if not callable(fn):
+            raise TypeError(f"host function {name!r} must be callable, got {type(fn).__name__}")
+        self._host_functions[name] = fn
+        return fn
+
+    def unregister(self, name):
+        self._host_functions.pop(name, None)
+
+    # -- calls -------------------------------------------------------------------------------
+
+    def call(self, name, *args, timeout=None):
+        """Calls guest function `name`. Arguments and results are int (64-bit), float, bytes, str,
+        bool or None; wrong types or counts raise TypeError before the guest runs. timeout is in
+        seconds; a call past it raises GuestTimeout and poisons the sandbox."""
+        export = self._image.exports.get(name) if isinstance(name, str) else None
+        if export is None:
+            raise GuestCallError(f"the guest has no function {name!r}; it exports "
+                                 f"{', '.join(sorted(self._image.exports))}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        with self._lock:
+            self._check_ready()
+            base, size = self._input
+            abi.encode_call(self._mem, base, size, export.index, name, export.params, args)
+            return self._run_call(export, timeout)
+
+    def cancel(self):
+        """Stops the call running in another thread; it raises GuestCancelled and the sandbox is
+        poisoned. Does nothing when no call runs."""
+        if not self._closed:
+            self._vcpu.cancel()
+
+    def _check_ready(self):
+        if self._closed:
+            raise SandboxClosed("the sandbox is closed")
+        if self._poisoned:
+            raise SandboxPoisoned(f"the sandbox is poisoned by an earlier call ({self._poisoned}); "
+                                  f"restore a snapshot or close it")
+
+    def _run_call(self, export, timeout):
+        vcpu = self._vcpu
+        vcpu.enter(self._image.entry, self._stack_top)
+        deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
+        self._host_error = None
+        try:
+            while True:
+                if deadline is None:
+                    kind = vcpu.run()
+                else:
+                    remaining = deadline - time.monotonic_ns()
+                    kind = vcpu.run(remaining) if remaining > 0 else impl.EXIT_TIMEOUT
+                if kind != impl.EXIT_IO:
+                    raise self._poison(self._exit_error(kind, export, timeout))
+                port, length = vcpu.io_port, vcpu.io_value
+                if port == abi.PORT_RETURN:
+                    return self._result(export, length)
+                if port == abi.PORT_HOSTCALL:
+                    self._host_call(length)
+                elif port == abi.PORT_PRINT:
+                    self._print(self._guest_text(length, "printed text"))
+                elif port == abi.PORT_ABORT:
+                    raise GuestAbort(self._guest_text(length, "abort message")) from self._host_error
+                elif port == abi.PORT_FAULT:
+                    raise self._poison(self._fault())
+                else:
+                    raise self._poison(GuestFault(f"the guest wrote to unexpected I/O port {port:#x}",
+                                                  kind="io"))
+        except WhpfastError:
+            raise
+        except BaseException as e:
+            # Ctrl-C or an error escaping a host function's BaseException: the guest stopped
+            # somewhere in the middle of the call, so its state is not trustworthy.
+            self._poisoned = f"the call was interrupted by {type(e).__name__}"
+            raise
+
+    def _poison(self, exc):
+        self._poisoned = str(exc)
+        return exc
+
+    def _result(self, export, length):
+        base, size = self._output
+        try:
+            status, _, end = abi.read_header(self._mem, base, size, length, abi.MAGIC_RESULT, "result")
+            letter, value, _ = abi.decode_value(self._mem, base + abi.HEADER.size, end, "result")
+        except abi.MessageError as e:
+            raise GuestCallError(f"{export.name}() returned a malformed result: {e}") from self._host_error
+        if status != abi.STATUS_OK:
+            message = f"{export.name}() failed in the guest: {value}"
+            if self._host_error is not None:
+                raise HostFunctionError(message) from self._host_error
+            raise GuestCallError(message)
+        if self._host_error is not None:
+            raise HostFunctionError(f"{export.name}() called a host function that raised "
+                                    f"{type(self._host_error).__name__}: {self._host_error}") from self._host_error
+        if letter != export.result:
+            raise GuestCallError(f"{export.name}() is declared to return "
+                                 f"{abi.SIGNATURE[export.result][1]} but returned {abi.SIGNATURE[letter][1]}")
+        return value
+
+    def _guest_text(self, length, what):
+        base, size = self._exchange
+        if length > size:
+            raise GuestCallError(f"the guest's {what} claims {length} bytes; the exchange buffer holds {size}")
+        return bytes(self._mem[base:base + length]).decode("utf-8", "replace")
+
+    def _print(self, text):
+        if self._on_print is not None:
+            self._on_print(text)
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def _host_call(self, length):
+        mem = self._mem
+        base, size = self._exchange
+        try:
+            argc, name_len, end = abi.read_header(mem, base, size, length, abi.MAGIC_HOSTCALL, "host call")
+            off = base + abi.HEADER.size
+            if argc > abi.MAX_ARGS or name_len == 0 or name_len > 255 or off + name_len > end:
+                raise abi.MessageError(f"host call header is inconsistent (argc {argc}, name {name_len} bytes)")
+            name = bytes(mem[off:off + name_len]).decode("utf-8", "replace")
+            off += (name_len + 7) & ~7
+            args = []
+            for i in range(argc):
+                _, value, off = abi.decode_value(mem, off, end, f"host call argument {i + 1}")
+                args.append(value)
+        except abi.MessageError as e:
+            return self._reply_error(f"malformed host call request: {e}")
+        fn = self._host_functions.get(name)
+        if fn is None:
+            return self._reply_error(f"no host function named {name!r} is registered")
+        try:
+            result = fn(*args)
+            letter = abi.letter_of(result)
+        except Exception as e:
+            if self._host_error is None:
+                self._host_error = e
+            return self._reply_error(f"host function {name!r} raised {type(e).__name__}: {e}")
+        try:
+            abi.encode_reply(mem, base, size, abi.STATUS_OK, letter, result)
+        except ValueError as e:
+            self._reply_error(str(e))
+
+    def _reply_error(self, message):
+        base, size = self._exchange
+        data = message.encode()[:max(0, size - 64)]
+        abi.encode_reply(self._mem, base, size, abi.STATUS_ERROR, "s", data.decode("utf-8", "ignore"))
+
+    def _fault(self):
+        vector, error_code, rip, _cs, _rflags, _rsp, _ss, cr2 = machine.FAULT_RECORD.unpack_from(
+            self._mem, machine.FAULT_RECORD_ADDR)
+        name = _VECTOR_NAMES.get(vector, f"vector {vector}")
+        where = f"at rip={rip:#x}"
+        address = None
+        if vector == 14:
+            address = cr2
+            access = "write" if error_code & 2 else ("instruction fetch" if error_code & 16 else "read")
+            problem = "protection violation" if error_code & 1 else "page not mapped"
+            detail = f"{access} of {cr2:#x} ({problem}{self._describe_address(cr2)})"
+        else:
+            detail = f"error code {error_code:#x}" if vector in machine.VECTORS_WITH_ERROR_CODE else ""
+        return GuestFault(f"guest fault {name} {where}{': ' + detail if detail else ''}",
+                          kind=_FAULT_KINDS.get(vector, "exception"), vector=vector,
+                          error_code=error_code, rip=rip, address=address)
+
+    def _describe_address(self, address):
+        for f in self._layout.files:
+            if f.gpa <= address < f.gpa + f.size:
+                return f", inside read-only file mapping {f.name!r}"
+        for r in self._layout.regions:
+            if r.gpa <= address < r.end:
+                return f", inside {'guest' if r.user else 'supervisor-only'} region {r.name!r}"
+        return ""
+
+    def _exit_error(self, kind, export, timeout):
+        vcpu = self._vcpu
+        if kind == impl.EXIT_TIMEOUT:
+            return GuestTimeout(f"{export.name}() ran past its timeout of {timeout} s and was stopped")
+        if kind == impl.EXIT_CANCELLED:
+            return GuestCancelled(f"{export.name}() was cancelled")
+        if kind == impl.EXIT_MMIO:
+            return GuestFault(f"the guest {'wrote' if vcpu.mmio_is_write else 'read'} guest-physical "
+                              f"{vcpu.mmio_address:#x}, which is not writable memory"
+                              f"{self._describe_address(vcpu.mmio_address)}",
+                              kind="mmio", address=vcpu.mmio_address)
+        if kind == impl.EXIT_SHUTDOWN:
+            return GuestFault("the guest triple-faulted (a fault while delivering a fault)", kind="triple_fault")
+        if kind == impl.EXIT_HLT:
+            return GuestFault("the guest halted", kind="halt")
+        if kind == impl.EXIT_INTERNAL_ERROR:
+            hint = (": the hypervisor could not emulate an instruction (on PVM hosts SSE at CPL0 "
+                    "fails this way)") if vcpu.internal_suberror == 1 else ""
+            return GuestFault(f"hypervisor internal error, suberror {vcpu.internal_suberror}{hint}; "
+                              f"data {[hex(d) for d in vcpu.internal_data]}", kind="internal_error")
+        if kind == impl.EXIT_FAIL_ENTRY:
+            return HypervisorError(f"the hypervisor failed to enter the guest "
+                                   f"(hardware reason {vcpu.fail_entry_reason:#x})")
+        return HypervisorError(f"unexpected exit reason {vcpu.exit_reason}")
