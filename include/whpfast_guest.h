@@ -100,7 +100,8 @@ static inline struct wf_value wf_str(const char *s)
                               struct wf_value *ret __attribute__((unused)));                      \
     static const struct wf_export wf_export_##name                                                \
         __attribute__((used, section("wf_exports"), aligned(8))) = {                              \
-            #name, "" params "", (uint64_t)(result), (void *)wf_impl_##name };                    \
+            #name, "" params "", (uint64_t)(result),                                              \
+            __extension__ (void *)wf_impl_##name };   /* the ABI stores fn as void * */           \
     static int wf_impl_##name(const struct wf_value *args __attribute__((unused)),                \
                               struct wf_value *ret __attribute__((unused)))
 

@@ -253,7 +253,7 @@ static int run_call(struct wf_value *ret)
     }
 
     *ret = wf_none();   /* so a function returning none can just `return 0` */
-    int status = ((wf_fn)e->fn)(args, ret);
+    int status = (__extension__ (wf_fn)e->fn)(args, ret);   /* fn is void * in the ABI */
 
     t.len = 0;
     put(&t, "export '");
