@@ -77,6 +77,8 @@ def test_command_line(tmp_path):
     src = tmp_path / "cli.c"
     src.write_text(GUEST)
     out = tmp_path / "cli.elf"
-    subprocess.run([sys.executable, "-m", "whpfast", "build-guest", str(src), "-o", str(out)], check=True)
+    # cwd: outside the source checkout, so `-m whpfast` finds the installed package
+    subprocess.run([sys.executable, "-m", "whpfast", "build-guest", str(src), "-o", str(out)],
+                   check=True, cwd=tmp_path)
     with whpfast.Sandbox(out) as sb:
         assert sb.call("bump", 3) == 3
