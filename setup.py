@@ -34,10 +34,11 @@ class build_py_with_guests(build_py):
                                   sdk_dir=sdk)
 
 
+extensions = [Extension("whpfast._pages", ["whpfast/_pages.pyx"])]
 if sys.platform == "win32":
-    extensions = [Extension("whpfast._whp", ["whpfast/_whp.pyx"], libraries=["WinHvPlatform"])]
+    extensions.append(Extension("whpfast._whp", ["whpfast/_whp.pyx"], libraries=["WinHvPlatform"]))
 else:
-    extensions = [Extension("whpfast._kvm", ["whpfast/_kvm.pyx"], extra_compile_args=["-O2"])]
+    extensions.append(Extension("whpfast._kvm", ["whpfast/_kvm.pyx"]))
 
 setup(
     ext_modules=cythonize(extensions, language_level=3,

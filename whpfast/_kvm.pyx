@@ -13,7 +13,7 @@ from posix.types cimport pid_t
 from posix.unistd cimport close as c_close
 from posix.fcntl cimport open as c_open, O_RDWR, O_RDONLY, O_CLOEXEC
 from posix.mman cimport (mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_PRIVATE,
-                         MAP_ANONYMOUS, MAP_NORESERVE, MAP_FAILED)
+                         MAP_ANONYMOUS, MAP_NORESERVE, MAP_FAILED, MAP_FIXED)
 from posix.stat cimport struct_stat, fstat
 from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.exc cimport PyErr_CheckSignals
@@ -165,6 +165,16 @@ cdef class Vm:
         region.userspace_addr = host_address
         _check(ioctl(self._fd(), KVM_SET_USER_MEMORY_REGION, &region),
                f"KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}+{size:#x}")
+
+    def get_dirty_log(self, uint32_t slot, unsigned char[::1] bitmap not None):
+        """Fills bitmap (one bit per page of the slot) with the pages the guest wrote since the
+        last call, and write-protects them again: one ioctl that both reads and clears (the slot
+        was made without manual protect, which would need a second, KVM_CLEAR_DIRTY_LOG)."""
+        cdef kvm_dirty_log log
+        memset(&log, 0, sizeof(log))
+        log.slot = slot
+        log.dirty_bitmap = &bitmap[0]
+        _check(ioctl(self._fd(), KVM_GET_DIRTY_LOG, &log), f"KVM_GET_DIRTY_LOG slot {slot}")
 
     def create_vcpu(self, int index=0):
         return Vcpu(self, index)
@@ -381,6 +391,124 @@ cdef class Vcpu:
         if tid:
             whpfast_kick_thread(tid)
 
+    def save_state(self):
+        """The complete vCPU state as raw KVM structs: {part: bytes}. Several ioctls; snapshots
+        are rare, restores are not (see load_state)."""
+        cdef int fd = self._fd()
+        cdef kvm_run *r = self._run()
+        cdef kvm_regs regs
+        cdef kvm_sregs sregs
+        cdef kvm_fpu fpu
+        cdef kvm_debugregs dregs
+        cdef kvm_vcpu_events events
+        cdef kvm_xcrs xcrs
+        cdef size_t msrs_size = 8 + len(SAVED_MSRS) * sizeof(kvm_msr_entry)
+        cdef kvm_msrs *msrs = <kvm_msrs *>malloc(msrs_size)
+        cdef kvm_msr_entry *entries = <kvm_msr_entry *>(<char *>msrs + 8)
+        cdef int i, n
+        if msrs == NULL:
+            raise MemoryError()
+        try:
+            # State queued in the sync-regs area has not reached the vCPU yet (that happens at
+            # the next KVM_RUN): it, not what the ioctls would report, is the current state.
+            if r.kvm_dirty_regs & KVM_SYNC_X86_REGS:
+                memcpy(&regs, &r.s.regs.regs, sizeof(regs))
+            else:
+                _check(ioctl(fd, KVM_GET_REGS, &regs), "KVM_GET_REGS")
+            if r.kvm_dirty_regs & KVM_SYNC_X86_SREGS:
+                memcpy(&sregs, &r.s.regs.sregs, sizeof(sregs))
+            else:
+                _check(ioctl(fd, KVM_GET_SREGS, &sregs), "KVM_GET_SREGS")
+            if r.kvm_dirty_regs & KVM_SYNC_X86_EVENTS:
+                memcpy(&events, &r.s.regs.events, sizeof(events))
+            else:
+                _check(ioctl(fd, KVM_GET_VCPU_EVENTS, &events), "KVM_GET_VCPU_EVENTS")
+            _check(ioctl(fd, KVM_GET_FPU, &fpu), "KVM_GET_FPU")
+            _check(ioctl(fd, KVM_GET_DEBUGREGS, &dregs), "KVM_GET_DEBUGREGS")
+            _check(ioctl(fd, KVM_GET_XCRS, &xcrs), "KVM_GET_XCRS")
+            memset(msrs, 0, msrs_size)
+            msrs.nmsrs = len(SAVED_MSRS)
+            for i in range(msrs.nmsrs):
+                entries[i].index = SAVED_MSRS[i]
+            # KVM_GET_MSRS stops at the first MSR it does not know and returns how many it read.
+            n = _check(ioctl(fd, KVM_GET_MSRS, msrs), "KVM_GET_MSRS")
+            return {
+                "regs": (<char *>&regs)[:sizeof(regs)],
+                "sregs": (<char *>&sregs)[:sizeof(sregs)],
+                "fpu": (<char *>&fpu)[:sizeof(fpu)],
+                "debugregs": (<char *>&dregs)[:sizeof(dregs)],
+                "events": (<char *>&events)[:sizeof(events)],
+                "xcrs": (<char *>&xcrs)[:sizeof(xcrs)],
+                "msrs": (<char *>entries)[:n * sizeof(kvm_msr_entry)],
+            }
+        finally:
+            free(msrs)
+
+    def load_state(self, dict state not None, bint fpu=True, bint full=True):
+        """Puts a save_state() result back. General and special registers and pending events go
+        through the sync-regs area and take effect with the next KVM_RUN (no ioctl). The FPU/SSE
+        state costs one ioctl and is only written when fpu is true (the guest ran since it was
+        last set); debug registers, XCRs and MSRs, which CPL3 code cannot change, only when full
+        is true (first load, or after a fault/timeout/cancel). Returns the ioctls made."""
+        cdef int fd = self._fd()
+        cdef kvm_run *r = self._run()
+        cdef int ioctls = 0
+        cdef bytes b
+        cdef size_t msrs_size
+        cdef kvm_msrs *msrs
+        _check_size(state, "regs", sizeof(kvm_regs))
+        _check_size(state, "sregs", sizeof(kvm_sregs))
+        _check_size(state, "events", sizeof(kvm_vcpu_events))
+        _check_size(state, "fpu", sizeof(kvm_fpu))
+        _check_size(state, "debugregs", sizeof(kvm_debugregs))
+        _check_size(state, "xcrs", sizeof(kvm_xcrs))
+        b = state["msrs"]
+        if len(b) % sizeof(kvm_msr_entry) or len(b) > len(SAVED_MSRS) * sizeof(kvm_msr_entry):
+            raise ValueError(f"vCPU state part 'msrs' has {len(b)} bytes")
+        if full:
+            # Ordering: KVM applies the sync-regs area at the next KVM_RUN, after these.
+            b = state["debugregs"]
+            _check(ioctl(fd, KVM_SET_DEBUGREGS, <char *>b), "KVM_SET_DEBUGREGS")
+            b = state["xcrs"]
+            _check(ioctl(fd, KVM_SET_XCRS, <char *>b), "KVM_SET_XCRS")
+            b = state["msrs"]
+            msrs_size = 8 + len(b)
+            msrs = <kvm_msrs *>malloc(msrs_size)
+            if msrs == NULL:
+                raise MemoryError()
+            msrs.nmsrs = len(b) // sizeof(kvm_msr_entry)
+            msrs.pad = 0
+            memcpy(<char *>msrs + 8, <char *>b, len(b))
+            try:
+                _check(ioctl(fd, KVM_SET_MSRS, msrs), "KVM_SET_MSRS")
+            finally:
+                free(msrs)
+            ioctls += 3
+        if fpu or full:
+            b = state["fpu"]
+            _check(ioctl(fd, KVM_SET_FPU, <char *>b), "KVM_SET_FPU")
+            ioctls += 1
+        b = state["regs"]
+        memcpy(&r.s.regs.regs, <char *>b, sizeof(kvm_regs))
+        b = state["sregs"]
+        memcpy(&r.s.regs.sregs, <char *>b, sizeof(kvm_sregs))
+        b = state["events"]
+        memcpy(&r.s.regs.events, <char *>b, sizeof(kvm_vcpu_events))
+        r.kvm_dirty_regs |= KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
+        return ioctls
+
+    def load_state_separately(self, dict state not None):
+        """The same state through one KVM_SET_* ioctl per part, as other VMMs do (Hyperlight:
+        SET_REGS, SET_SREGS, SET_FPU/XSAVE, SET_DEBUGREGS, ...). Only for the benchmark that
+        compares it with load_state(). Returns the ioctls made."""
+        cdef int fd = self._fd()
+        cdef bytes b
+        for part, request in (("regs", KVM_SET_REGS), ("sregs", KVM_SET_SREGS), ("fpu", KVM_SET_FPU),
+                              ("debugregs", KVM_SET_DEBUGREGS), ("events", KVM_SET_VCPU_EVENTS)):
+            b = state[part]
+            _check(ioctl(fd, <unsigned long>request, <char *>b), f"KVM_SET_{part.upper()}")
+        return 5
+
     def get_regs(self):
         """The general registers as a dict (one KVM_GET_REGS; for diagnostics and snapshots)."""
         cdef kvm_regs regs
@@ -405,6 +533,20 @@ cdef class Vcpu:
 
     def __dealloc__(self):
         self.close()
+
+
+# MSRs kept in snapshots: the syscall/sysenter entry points, the segment bases, TSC_AUX and PAT.
+# CPL3 code can write none of them, so restores after a clean call skip them.
+SAVED_MSRS = (0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102,
+              0xC0000103, 0x174, 0x175, 0x176, 0x277)
+
+
+cdef int _check_size(dict state, str part, size_t size) except -1:
+    value = state.get(part)
+    if not isinstance(value, bytes) or len(value) != size:
+        raise ValueError(f"vCPU state part {part!r} must be {size} bytes, "
+                         f"got {len(value) if isinstance(value, bytes) else type(value).__name__}")
+    return 0
 
 
 cdef void _flat_segment(kvm_segment *seg, uint16_t selector, uint8_t type, int dpl, bint code):
@@ -479,30 +621,60 @@ cdef class GuestMemory(Mapping):
         self.size = size
         self.readonly = False
 
+    def overlay_file(self, int fd, uint64_t file_offset, size_t offset, size_t length):
+        """Replaces [offset, offset+length) of this memory with a copy-on-write private mapping
+        of the file at file_offset, before any hypervisor maps it: reads share the file's page
+        cache, writes go to private copies and never reach the file."""
+        cdef void *p
+        if self.ptr == NULL:
+            raise errors.SandboxClosed("the mapping is closed")
+        if offset % PAGE_SIZE or length % PAGE_SIZE or file_offset % PAGE_SIZE or offset + length > self.size:
+            raise ValueError(f"overlay {offset:#x}+{length:#x} is unaligned or outside the memory")
+        p = mmap(self.ptr + offset, length, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, file_offset)
+        if p == MAP_FAILED:
+            _raise_errno(errno, f"mmap of a snapshot file at offset {file_offset:#x}")
+
 
 cdef class FileMapping(Mapping):
-    """A host file mapped read-only and private, rounded up to whole pages (the tail reads as
-    zeros). The file descriptor is closed right after mapping; the mapping keeps the file."""
+    """A host file (or a page-aligned part of it) mapped private, rounded up to whole pages (the
+    tail reads as zeros). Read-only by default; copy_on_write=True makes it writable with every
+    write going to a private copy of the page, never to the file (guest memory cold-started from
+    a snapshot file: sandboxes share the file's page cache and pay only for pages they write).
+    The file descriptor is closed right after mapping; the mapping keeps the file alive."""
     cdef readonly uint64_t file_size
 
-    def __init__(self, path):
+    def __init__(self, path, uint64_t offset=0, length=None, bint copy_on_write=False):
+        """path: a file name, or an open file descriptor (int) that stays open."""
         cdef bytes p = str(path).encode()
         cdef struct_stat st
         cdef void *p_map
-        cdef int fd = c_open(p, O_RDONLY | O_CLOEXEC)
+        cdef uint64_t n
+        cdef bint own_fd = not isinstance(path, int)
+        cdef int fd = c_open(p, O_RDONLY | O_CLOEXEC) if own_fd else path
         if fd < 0:
             _raise_errno(errno, "cannot open a file to map into the guest", path)
         try:
             if fstat(fd, &st) != 0:
                 _raise_errno(errno, "cannot stat a file to map into the guest", path)
-            if st.st_size <= 0:
-                raise ValueError(f"{path} is empty: a read-only file mapping needs at least one byte")
-            self.file_size = st.st_size
-            self.size = (st.st_size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
-            p_map = mmap(NULL, self.size, PROT_READ, MAP_PRIVATE, fd, 0)
+            if offset % PAGE_SIZE:
+                raise ValueError(f"mapping offset {offset} is not page aligned")
+            if length is None:
+                if st.st_size <= <int64_t>offset:
+                    raise ValueError(f"{path} is empty: a read-only file mapping needs at least one byte")
+                n = st.st_size - offset
+            else:
+                n = length
+                if n == 0 or offset + n > <uint64_t>st.st_size:
+                    raise ValueError(f"{path} has {st.st_size} bytes; cannot map {n} bytes at offset {offset}")
+            self.file_size = n
+            self.size = (n + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+            p_map = mmap(NULL, self.size, PROT_READ | (PROT_WRITE if copy_on_write else 0),
+                         MAP_PRIVATE | (MAP_NORESERVE if copy_on_write else 0), fd, offset)
             if p_map == MAP_FAILED:
                 _raise_errno(errno, "cannot map a file into the guest", path)
             self.ptr = <uint8_t *>p_map
-            self.readonly = True
+            self.readonly = not copy_on_write
         finally:
-            c_close(fd)
+            if own_fd:
+                c_close(fd)

@@ -114,6 +114,44 @@ class Layout:
                 return r
         raise KeyError(name)
 
+    def to_dict(self):
+        return {"memory_size": self.memory_size, "cr3": self.cr3, "top": self.top,
+                "page_tables": list(self.page_tables),
+                "regions": [[r.name, r.gpa, r.size, r.user, r.writable, r.executable] for r in self.regions],
+                "files": [[f.name, f.gpa, f.size, f.file_size] for f in self.files]}
+
+    @classmethod
+    def from_dict(cls, d):
+        """Rebuilds a layout stored in a snapshot, checking that it is one make_layout() could
+        have made: every region page aligned, inside RAM and disjoint, the ones the ABI needs
+        present. Raises ValueError saying what is wrong."""
+        memory_size = d["memory_size"]
+        regions = [Region(str(n), int(g), int(sz), bool(u), bool(w), bool(x)) for n, g, sz, u, w, x in d["regions"]]
+        files = [FileRegion(str(n), int(g), int(sz), int(fs)) for n, g, sz, fs in d["files"]]
+        spans = sorted([(r.gpa, r.end, r.name) for r in regions])
+        for gpa, end, name in spans:
+            if gpa % PAGE or end % PAGE or not 0 < gpa < end <= memory_size:
+                raise ValueError(f"region {name!r} {gpa:#x}..{end:#x} is unaligned or outside RAM")
+        for (_, end, a), (gpa, _, b) in zip(spans, spans[1:]):
+            if gpa < end:
+                raise ValueError(f"regions {a!r} and {b!r} overlap")
+        names = {r.name for r in regions}
+        missing = {"info", "gdt", "idt", "stubs", "fault_record", "input", "output", "exchange",
+                   "stack", "heap", "page_tables"} - names
+        if missing:
+            raise ValueError(f"regions missing: {sorted(missing)}")
+        top = int(d["top"])
+        for f in files:
+            if f.gpa % PAGE or f.size % PAGE or f.gpa < memory_size or f.gpa + f.size > top \
+                    or not 0 < f.file_size <= f.size:
+                raise ValueError(f"file region {f.name!r} is inconsistent")
+        layout = cls(memory_size=memory_size, regions=regions, files=files,
+                     page_tables=tuple(int(v) for v in d["page_tables"]), cr3=int(d["cr3"]), top=top)
+        pt = layout.region("page_tables")
+        if layout.page_tables != (pt.gpa, pt.size) or not pt.gpa <= layout.cr3 < pt.end:
+            raise ValueError("page table location is inconsistent")
+        return layout
+
 
 def make_layout(image, memory_size, *, io_buffer_size=DEFAULT_IO_BUFFER_SIZE,
                 stack_size=DEFAULT_STACK_SIZE, files=()):

@@ -1,17 +1,38 @@
 """The public Sandbox: a micro-VM running one guest ELF, with calls into the guest and host
 functions the guest can call back. Backend-neutral: it talks to whatever backend.impl is."""
 
+import os
 import sys
 import threading
 import time
 import warnings
 from contextlib import ExitStack
+from dataclasses import dataclass
 
-from . import abi, backend, elf, machine
+import numpy as np
+
+from . import _pages, abi, backend, elf, machine
 from .errors import (GuestAbort, GuestCallError, GuestCancelled, GuestFault, GuestTimeout,
-                     HostFunctionError, HypervisorError, SandboxClosed, SandboxPoisoned, WhpfastError)
+                     HostFunctionError, HypervisorError, SandboxClosed, SandboxPoisoned,
+                     SnapshotError, WhpfastError)
+from .snapshot import STATE_PARTS, Snapshot
+from .snapshot import words_for as snapshot_words
 
 impl = backend.impl
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class RestoreStats:
+    """What one restore did, so embedders can see its cost."""
+    pages_copied: int        # copied back from the snapshot image
+    pages_zeroed: int        # zeroed in place (zero in the snapshot)
+    dirty_pages: int         # pages the guest wrote since the baseline (hypervisor's dirty log)
+    host_pages: int          # pages the host wrote since the baseline (call buffers)
+    hypervisor_calls: int    # ioctls (KVM) / API calls (WHP) the restore made
+    full: bool               # every page and register group was reset (another snapshot, or
+                             # after a fault, timeout or cancel)
+    ns: int                  # wall time
 
 _VECTOR_NAMES = {
     0: "#DE divide error", 1: "#DB debug", 3: "#BP breakpoint", 4: "#OF overflow", 5: "#BR bound range",
@@ -34,41 +55,92 @@ class Sandbox:
                  io_buffer_size=machine.DEFAULT_IO_BUFFER_SIZE, stack_size=machine.DEFAULT_STACK_SIZE,
                  on_print=None):
         self._closed = True          # until fully built, so __del__ and close() are safe
-        if on_print is not None and not callable(on_print):
-            raise TypeError("on_print must be callable or None")
-        files = dict(files or {})
-        for name in files:
-            abi.check_file_name(name)
+        files = self._check_files(files)
         image = elf.load(guest)
-        system = backend.system()
         with ExitStack() as undo:
-            mappings = []
-            for path in files.values():
-                m = impl.FileMapping(path)
-                undo.callback(m.close)
-                mappings.append(m)
+            mappings = self._map_files(files, undo)
             layout = machine.make_layout(image, memory_size, io_buffer_size=io_buffer_size,
                                          stack_size=stack_size,
                                          files=[(n, m.file_size) for n, m in zip(files, mappings)])
             memory = impl.GuestMemory(memory_size)
             undo.callback(memory.close)
             machine.write_environment(memory, layout, image)
-            vm = system.create_vm()
-            undo.callback(vm.close)
-            vm.set_memory(0, 0, memory_size, memory.address)
-            for slot, (region, m) in enumerate(zip(layout.files, mappings), start=1):
-                # Read-only at the hypervisor too: a write that slipped past the page tables would
-                # exit as MMIO instead of changing the file's pages.
-                vm.set_memory(slot, region.gpa, region.size, m.address, readonly=True)
-            vcpu = vm.create_vcpu(0)
-            undo.callback(vcpu.close)
+            self._start(image, layout, memory, mappings, files, on_print, None, undo)
+
+    @classmethod
+    def from_snapshot(cls, snapshot, *, files=None, on_print=None):
+        """A new sandbox whose memory and vCPU state are the snapshot's (a Snapshot, or the path
+        of a saved one). From a file, its memory maps the file copy-on-write: sandboxes made from
+        one file share its pages and each pays only for the pages it writes. files overrides
+        where the read-only file mappings come from (default: the paths recorded at snapshot)."""
+        if not isinstance(snapshot, Snapshot):
+            snapshot = Snapshot.load(snapshot)
+        meta = snapshot.meta
+        layout = machine.Layout.from_dict(meta["layout"])
+        recorded = {f["name"]: f["path"] for f in meta["files"]}
+        paths = cls._check_files(dict(recorded, **(files or {})))
+        if set(paths) != set(recorded):
+            raise SnapshotError(f"the snapshot maps files {sorted(recorded)}, got {sorted(paths)}")
+        guest = meta["guest"]
+        image = elf.GuestImage(path=guest["path"], entry=guest["entry"], segments=(), end=0,
+                               digest=guest["digest"],
+                               exports={n: elf.Export(i, n, p, r) for n, i, p, r in guest["exports"]})
+        self = cls.__new__(cls)
+        self._closed = True
+        with ExitStack() as undo:
+            mappings = self._map_files(paths, undo)
+            for region, m in zip(layout.files, mappings):
+                if m.file_size != region.file_size:
+                    raise SnapshotError(f"file {region.name!r} has {m.file_size} bytes now, "
+                                        f"{region.file_size} when the snapshot was taken")
+            memory = impl.GuestMemory(layout.memory_size)
+            undo.callback(memory.close)
+            snapshot.map_into(memory)
+            self._start(image, layout, memory, mappings, paths, on_print, snapshot, undo)
+        return self
+
+    @staticmethod
+    def _check_files(files):
+        files = {name: os.fspath(path) for name, path in (files or {}).items()}
+        for name in files:
+            abi.check_file_name(name)
+        return files
+
+    @staticmethod
+    def _map_files(files, undo):
+        mappings = []
+        for path in files.values():
+            m = impl.FileMapping(path)
+            undo.callback(m.close)
+            mappings.append(m)
+        return mappings
+
+    def _start(self, image, layout, memory, mappings, files, on_print, snapshot, undo):
+        """Creates the VM around prepared memory; from a snapshot, loads its vCPU state too."""
+        if on_print is not None and not callable(on_print):
+            raise TypeError("on_print must be callable or None")
+        vm = backend.system().create_vm()
+        undo.callback(vm.close)
+        # Dirty logging on RAM: restores copy back only the pages the guest wrote.
+        vm.set_memory(0, 0, layout.memory_size, memory.address, log_dirty=True)
+        for slot, (region, m) in enumerate(zip(layout.files, mappings), start=1):
+            # Read-only at the hypervisor too: a write that slipped past the page tables would
+            # exit as MMIO instead of changing the file's pages.
+            vm.set_memory(slot, region.gpa, region.size, m.address, readonly=True)
+        vcpu = vm.create_vcpu(0)
+        undo.callback(vcpu.close)
+        if snapshot is None:
             vcpu.init_long_mode(**machine.sregs_arguments(layout))
-            undo.pop_all()
+        else:
+            vcpu.load_state(snapshot._state, fpu=True, full=True)
+        undo.pop_all()
         self._image = image
         self._layout = layout
+        self._layout_dict = layout.to_dict()
         self._memory = memory
         self._mem = memoryview(memory)
         self._file_mappings = mappings
+        self._file_paths = files
         self._vm = vm
         self._vcpu = vcpu
         self._on_print = on_print
@@ -81,6 +153,15 @@ class Sandbox:
         self._output = (r("output").gpa, r("output").size)
         self._exchange = (r("exchange").gpa, r("exchange").size)
         self._stack_top = r("stack").end - 8      # as if `call` had pushed a return address
+        # What restore needs to know (see restore()):
+        self._pages = layout.memory_size // PAGE
+        self._dirty = np.zeros(snapshot_words(self._pages), dtype=np.uint64)
+        self._baseline = snapshot         # memory == baseline's image except dirty pages
+        self._input_used = 0              # bytes of the input / exchange buffers the host wrote
+        self._exchange_used = 0           #   since the baseline (the guest's own writes are logged)
+        self._ran = False                 # the guest ran since the baseline (FPU may differ)
+        self._needs_full_reset = False    # a fault/timeout/cancel: reset every register group
+        self.last_restore = None
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -173,7 +254,13 @@ class Sandbox:
         with self._lock:
             self._check_ready()
             base, size = self._input
-            abi.encode_call(self._mem, base, size, export.index, name, export.params, args)
+            try:
+                length = abi.encode_call(self._mem, base, size, export.index, name, export.params, args)
+            except BaseException:
+                self._input_used = size          # it may have written part of the buffer
+                raise
+            if length > self._input_used:
+                self._input_used = length
             return self._run_call(export, timeout)
 
     def cancel(self):
@@ -181,6 +268,91 @@ class Sandbox:
         poisoned. Does nothing when no call runs."""
         if not self._closed:
             self._vcpu.cancel()
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def snapshot(self):
+        """Captures memory and the complete vCPU state. Its cost follows the memory size (every
+        page is scanned, non-zero ones copied); take snapshots once, restore them often."""
+        with self._lock:
+            self._check_ready()
+            image = impl.GuestMemory(self._layout.memory_size)
+            nonzero = np.zeros_like(self._dirty)
+            _pages.capture(self._mem, memoryview(image), nonzero)
+            state = self._vcpu.save_state()
+            self._vm.get_dirty_log(0, self._dirty.view(np.uint8))   # start a new dirty epoch
+            meta = {
+                "backend": backend.NAME, "abi": abi.ABI_VERSION,
+                "guest": {"path": self._image.path, "digest": self._image.digest, "entry": self._image.entry,
+                          "exports": [[e.name, e.index, e.params, e.result] for e in self._image.exports.values()]},
+                "layout": self._layout_dict,
+                "files": [{"name": n, "path": os.path.abspath(p)} for n, p in self._file_paths.items()],
+                "state_sizes": [len(state[part]) for part in STATE_PARTS],
+            }
+            snap = Snapshot(image, nonzero, state, meta)
+            self._set_baseline(snap)
+            return snap
+
+    def restore(self, snapshot):
+        """Puts memory and vCPU state back to the snapshot's, exactly, and clears a poisoned
+        state. Restoring the baseline (the snapshot this sandbox was made from or last took or
+        restored) copies back only the pages written since; another snapshot costs a full pass
+        over memory once. sb.last_restore tells what it did."""
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"restore() takes a Snapshot, not {type(snapshot).__name__}")
+        with self._lock:
+            if self._closed:
+                raise SandboxClosed("the sandbox is closed")
+            why = snapshot.compatible_with(self._layout_dict, self._image.digest)
+            if why:
+                raise SnapshotError(f"cannot restore this snapshot into this sandbox: {why}")
+            t0 = time.perf_counter_ns()
+            try:
+                dirty = self._dirty
+                self._vm.get_dirty_log(0, dirty.view(np.uint8))       # 1 ioctl: read and re-arm
+                calls = 1
+                guest_pages = _pages.count_bits(dirty)
+                host_pages = self._mark_host_writes(dirty)
+                full = snapshot is not self._baseline
+                if full:
+                    # Memory may differ from this snapshot anywhere it or the old baseline is
+                    # non-zero, or the guest wrote; unknown baseline: anywhere non-zero now.
+                    dirty |= snapshot._nonzero
+                    if self._baseline is not None and self._baseline.meta["layout"] == snapshot.meta["layout"]:
+                        dirty |= self._baseline._nonzero
+                    else:
+                        _pages.capture(self._mem, None, dirty)
+                copied, zeroed = _pages.restore(self._mem, snapshot._image_view, dirty, snapshot._nonzero)
+                calls += self._vcpu.load_state(snapshot._state, fpu=self._ran or full,
+                                               full=self._needs_full_reset or full)
+            except BaseException as e:
+                self._poisoned = f"a restore failed half-way ({type(e).__name__}: {e})"
+                self._needs_full_reset = True
+                self._baseline = None
+                if isinstance(e, Exception) and not isinstance(e, WhpfastError):
+                    raise SnapshotError(f"restore failed; the sandbox is poisoned: {e}") from e
+                raise
+            self._set_baseline(snapshot)
+            self._poisoned = None
+            self.last_restore = RestoreStats(copied, zeroed, guest_pages, host_pages, calls, full,
+                                             time.perf_counter_ns() - t0)
+
+    def _set_baseline(self, snapshot):
+        self._baseline = snapshot
+        self._input_used = self._exchange_used = 0
+        self._ran = False
+        self._needs_full_reset = False
+
+    def _mark_host_writes(self, bitmap):
+        """Sets the bits of the buffer pages the host wrote since the baseline; returns how many
+        of them the dirty log did not already have."""
+        before = _pages.count_bits(bitmap)
+        for (base, _), used in ((self._input, self._input_used), (self._exchange, self._exchange_used)):
+            if used:
+                first, last = base // PAGE, (base + used - 1) // PAGE
+                for page in range(first, last + 1):
+                    bitmap[page >> 6] |= np.uint64(1 << (page & 63))
+        return _pages.count_bits(bitmap) - before
 
     def _check_ready(self):
         if self._closed:
@@ -192,6 +364,7 @@ class Sandbox:
     def _run_call(self, export, timeout):
         vcpu = self._vcpu
         vcpu.enter(self._image.entry, self._stack_top)
+        self._ran = True
         deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
         self._host_error = None
         try:
@@ -223,10 +396,12 @@ class Sandbox:
             # Ctrl-C or an error escaping a host function's BaseException: the guest stopped
             # somewhere in the middle of the call, so its state is not trustworthy.
             self._poisoned = f"the call was interrupted by {type(e).__name__}"
+            self._needs_full_reset = True
             raise
 
     def _poison(self, exc):
         self._poisoned = str(exc)
+        self._needs_full_reset = True
         return exc
 
     def _result(self, export, length):
@@ -289,14 +464,23 @@ class Sandbox:
                 self._host_error = e
             return self._reply_error(f"host function {name!r} raised {type(e).__name__}: {e}")
         try:
-            abi.encode_reply(mem, base, size, abi.STATUS_OK, letter, result)
+            self._reply(abi.STATUS_OK, letter, result)
         except ValueError as e:
             self._reply_error(str(e))
 
     def _reply_error(self, message):
+        data = message.encode()[:max(0, self._exchange[1] - 64)]
+        self._reply(abi.STATUS_ERROR, "s", data.decode("utf-8", "ignore"))
+
+    def _reply(self, status, letter, value):
         base, size = self._exchange
-        data = message.encode()[:max(0, size - 64)]
-        abi.encode_reply(self._mem, base, size, abi.STATUS_ERROR, "s", data.decode("utf-8", "ignore"))
+        try:
+            length = abi.encode_reply(self._mem, base, size, status, letter, value)
+        except BaseException:
+            self._exchange_used = size           # it may have written part of the buffer
+            raise
+        if length > self._exchange_used:
+            self._exchange_used = length
 
     def _fault(self):
         vector, error_code, rip, _cs, _rflags, _rsp, _ss, cr2 = machine.FAULT_RECORD.unpack_from(

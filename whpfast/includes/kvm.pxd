@@ -89,6 +89,23 @@ cdef extern from "<linux/kvm.h>" nogil:
     struct kvm_vcpu_events:
         pass
 
+    # Opaque here: whpfast stores and restores them whole (snapshots), never field by field.
+    struct kvm_fpu:
+        pass
+    struct kvm_debugregs:
+        pass
+    struct kvm_xcrs:
+        pass
+
+    struct kvm_msr_entry:
+        uint32_t index
+        uint32_t reserved
+        uint64_t data
+
+    struct kvm_msrs:
+        uint32_t nmsrs
+        uint32_t pad
+
     struct kvm_sync_regs:
         kvm_regs regs
         kvm_sregs sregs
