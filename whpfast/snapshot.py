@@ -22,6 +22,7 @@ import json
 import os
 import struct
 import threading
+import weakref
 import zlib
 
 import numpy as np
@@ -127,14 +128,24 @@ class Snapshot:
 
     @classmethod
     def load(cls, path):
-        """Reads and validates a snapshot file; raises SnapshotError on any problem."""
+        """Reads and validates a snapshot file; raises SnapshotError on any problem. Loading the
+        same unchanged file again returns the same Snapshot (validated once, mapped once)."""
         path = os.fspath(path)
         try:
             f = open(path, "rb")
         except OSError as e:
             raise SnapshotError(f"cannot open snapshot {path!r}: {e.strerror}") from e
         try:
-            return cls._load(f, path)
+            st = os.fstat(f.fileno())
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            with _loaded_lock:
+                snap = _loaded.get(key)
+                if snap is None:
+                    snap = cls._load(f, path)
+                    _loaded[key] = snap
+                    return snap
+            f.close()
+            return snap
         except BaseException:
             f.close()
             raise
@@ -161,8 +172,8 @@ class Snapshot:
             raise bad("header checksum mismatch (the header is corrupt)")
         if arch != ARCH_X86_64:
             raise bad(f"architecture {arch}, this machine is x86-64 ({ARCH_X86_64})")
-        if header_size != HEADER.size or flags != 0:
-            raise bad(f"header size {header_size} / flags {flags:#x} unsupported")
+        if header_size != HEADER.size or flags != 0 or _reserved != 0:
+            raise bad(f"header size {header_size} / flags {flags:#x} / reserved {_reserved:#x} unsupported")
         if not (1 << 20) <= memory_size <= MAX_MEMORY or memory_size % PAGE:
             raise bad(f"memory size {memory_size} is absurd (must be a multiple of {PAGE} in 1 MiB..64 GiB)")
         if pages != memory_size // PAGE or image_len != memory_size:
@@ -249,6 +260,8 @@ class Snapshot:
 
 
 _HEADER_CRC_OFFSET = HEADER.size - 8
+_loaded = weakref.WeakValueDictionary()    # (dev, inode, size, mtime) -> Snapshot
+_loaded_lock = threading.Lock()
 
 
 def _split_state(data, sizes):
