@@ -140,13 +140,24 @@ cdef class Vm:
     """A VM fd: memslots, dirty logs, and the vCPU factory."""
     cdef int fd
     cdef readonly KvmSystem system
+    cdef readonly bint manual_protect
 
     def __cinit__(self):
         self.fd = -1
 
     def __init__(self, KvmSystem system not None):
+        cdef kvm_enable_cap cap
         self.system = system
         self.fd = _check(ioctl(system.fd, KVM_CREATE_VM, 0), "KVM_CREATE_VM")
+        if system.manual_dirty_log:
+            # Manual protect: reading the dirty log no longer write-protects the pages; the
+            # restore path re-protects (KVM_CLEAR_DIRTY_LOG) only the pages it chooses, so pages
+            # every call writes stay writable and cost no write fault per call.
+            memset(&cap, 0, sizeof(cap))
+            cap.cap = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
+            cap.args[0] = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+            _check(ioctl(self.fd, KVM_ENABLE_CAP, &cap), "KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)")
+            self.manual_protect = True
 
     cdef int _fd(self) except -1:
         if self.fd < 0:
@@ -167,14 +178,30 @@ cdef class Vm:
                f"KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x}+{size:#x}")
 
     def get_dirty_log(self, uint32_t slot, unsigned char[::1] bitmap not None):
-        """Fills bitmap (one bit per page of the slot) with the pages the guest wrote since the
-        last call, and write-protects them again: one ioctl that both reads and clears (the slot
-        was made without manual protect, which would need a second, KVM_CLEAR_DIRTY_LOG)."""
+        """Fills bitmap (one bit per page of the slot) with the pages the guest wrote. With
+        manual protect (see __init__) the bits stay set until clear_dirty_log(); without it this
+        one ioctl also clears them and write-protects the pages again."""
         cdef kvm_dirty_log log
         memset(&log, 0, sizeof(log))
         log.slot = slot
         log.dirty_bitmap = &bitmap[0]
         _check(ioctl(self._fd(), KVM_GET_DIRTY_LOG, &log), f"KVM_GET_DIRTY_LOG slot {slot}")
+
+    def clear_dirty_log(self, uint32_t slot, uint64_t first_page, uint32_t num_pages,
+                        unsigned char[::1] bitmap not None):
+        """Clears the bits set in bitmap (bit 0 = first_page, a multiple of 64) and write-protects
+        those pages again, so the guest's next write to them is logged (manual protect only)."""
+        cdef kvm_clear_dirty_log log
+        if not self.manual_protect:
+            return
+        if first_page % 64 or <size_t>bitmap.shape[0] * 8 < num_pages:
+            raise ValueError("clear_dirty_log: misaligned first page or short bitmap")
+        memset(&log, 0, sizeof(log))
+        log.slot = slot
+        log.first_page = first_page
+        log.num_pages = num_pages
+        log.dirty_bitmap = &bitmap[0]
+        _check(ioctl(self._fd(), KVM_CLEAR_DIRTY_LOG, &log), f"KVM_CLEAR_DIRTY_LOG slot {slot}")
 
     def create_vcpu(self, int index=0):
         return Vcpu(self, index)

@@ -3099,6 +3099,9 @@ static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_nn_
 /* ObjectToMemviewSlice.proto */
 static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t__const__(PyObject *, int writable_flag);
 
+/* ObjectToMemviewSlice.proto */
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_int(PyObject *, int writable_flag);
+
 /* MemviewDtypeToObject.proto */
 static CYTHON_INLINE PyObject *__pyx_memview_get_nn_uint64_t(const char *itemp);
 static CYTHON_INLINE int __pyx_memview_set_nn_uint64_t(char *itemp, PyObject *obj);
@@ -3326,6 +3329,7 @@ static const __Pyx_TypeInfo __Pyx_TypeInfo_unsigned_char__const__ = { "const uns
 static const __Pyx_TypeInfo __Pyx_TypeInfo_unsigned_char = { "unsigned char", NULL, sizeof(unsigned char), { 0 }, 0, __PYX_IS_UNSIGNED(unsigned char) ? 'U' : 'I', __PYX_IS_UNSIGNED(unsigned char), 0 };
 static const __Pyx_TypeInfo __Pyx_TypeInfo_nn_uint64_t = { "uint64_t", NULL, sizeof(uint64_t), { 0 }, 0, __PYX_IS_UNSIGNED(uint64_t) ? 'U' : 'I', __PYX_IS_UNSIGNED(uint64_t), 0 };
 static const __Pyx_TypeInfo __Pyx_TypeInfo_nn_uint64_t__const__ = { "const uint64_t", NULL, sizeof(uint64_t const ), { 0 }, 0, __PYX_IS_UNSIGNED(uint64_t const ) ? 'U' : 'I', __PYX_IS_UNSIGNED(uint64_t const ), 0 };
+static const __Pyx_TypeInfo __Pyx_TypeInfo_unsigned_int = { "unsigned int", NULL, sizeof(unsigned int), { 0 }, 0, __PYX_IS_UNSIGNED(unsigned int) ? 'U' : 'I', __PYX_IS_UNSIGNED(unsigned int), 0 };
 /* #### Code section: before_global_var ### */
 #define __Pyx_MODULE_NAME "whpfast._pages"
 extern int __pyx_module_is_main_whpfast___pages;
@@ -3399,7 +3403,8 @@ static PyObject *__pyx_pf_15View_dot_MemoryView___pyx_unpickle_Enum(CYTHON_UNUSE
 static PyObject *__pyx_pf_7whpfast_6_pages__check(CYTHON_UNUSED PyObject *__pyx_self, size_t __pyx_v_n_pages, size_t __pyx_v_size, PyObject *__pyx_v_bitmap, PyObject *__pyx_v_what); /* proto */
 static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_src, __Pyx_memviewslice __pyx_v_dst, __Pyx_memviewslice __pyx_v_nonzero); /* proto */
 static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dst, __Pyx_memviewslice __pyx_v_image, __Pyx_memviewslice __pyx_v_dirty, __Pyx_memviewslice __pyx_v_nonzero); /* proto */
-static PyObject *__pyx_pf_7whpfast_6_pages_6count_bits(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_bitmap); /* proto */
+static PyObject *__pyx_pf_7whpfast_6_pages_6plan_reprotect(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dirty, __Pyx_memviewslice __pyx_v_hot, __Pyx_memviewslice __pyx_v_previous, __Pyx_memviewslice __pyx_v_reprotect, __Pyx_memviewslice __pyx_v_touched, size_t __pyx_v_n_touched, size_t __pyx_v_hot_limit, size_t __pyx_v_n_hot); /* proto */
+static PyObject *__pyx_pf_7whpfast_6_pages_8count_bits(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_bitmap); /* proto */
 static PyObject *__pyx_tp_new__initialisation_array(PyObject *o, 
 #if CYTHON_VECTORCALL_TPNEW
     PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
@@ -3534,8 +3539,8 @@ namespace {
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_values;
     PyObject *__pyx_slice[1];
     PyObject *__pyx_tuple[2];
-    PyObject *__pyx_codeobj_tab[4];
-    PyObject *__pyx_string_tab[131];
+    PyObject *__pyx_codeobj_tab[5];
+    PyObject *__pyx_string_tab[147];
     PyObject *__pyx_number_tab[4];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -3609,113 +3614,129 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_kp_u_add_note __pyx_string_tab[21]
 #define __pyx_kp_u_bitmap_of __pyx_string_tab[22]
 #define __pyx_kp_u_bitmap_too_small __pyx_string_tab[23]
-#define __pyx_kp_u_collections_abc __pyx_string_tab[24]
-#define __pyx_kp_u_disable __pyx_string_tab[25]
-#define __pyx_kp_u_enable __pyx_string_tab[26]
-#define __pyx_kp_u_gc __pyx_string_tab[27]
-#define __pyx_kp_u_isenabled __pyx_string_tab[28]
-#define __pyx_kp_u_no_default___reduce___due_to_non __pyx_string_tab[29]
-#define __pyx_kp_u_snapshot_image __pyx_string_tab[30]
-#define __pyx_kp_u_unable_to_allocate_array_data __pyx_string_tab[31]
-#define __pyx_kp_u_unable_to_allocate_shape_and_str __pyx_string_tab[32]
-#define __pyx_kp_u_whpfast__pages_pyx __pyx_string_tab[33]
-#define __pyx_n_u_ASCII __pyx_string_tab[34]
-#define __pyx_n_u_Ellipsis __pyx_string_tab[35]
-#define __pyx_n_u_Sequence __pyx_string_tab[36]
-#define __pyx_n_u_View_MemoryView __pyx_string_tab[37]
-#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[38]
-#define __pyx_n_u_annotate __pyx_string_tab[39]
-#define __pyx_n_u_class __pyx_string_tab[40]
-#define __pyx_n_u_class_getitem __pyx_string_tab[41]
-#define __pyx_n_u_dict __pyx_string_tab[42]
-#define __pyx_n_u_func __pyx_string_tab[43]
-#define __pyx_n_u_getstate __pyx_string_tab[44]
-#define __pyx_n_u_import __pyx_string_tab[45]
-#define __pyx_n_u_main __pyx_string_tab[46]
-#define __pyx_n_u_module __pyx_string_tab[47]
-#define __pyx_n_u_name_2 __pyx_string_tab[48]
-#define __pyx_n_u_new __pyx_string_tab[49]
-#define __pyx_n_u_pyx_checksum __pyx_string_tab[50]
-#define __pyx_n_u_pyx_state __pyx_string_tab[51]
-#define __pyx_n_u_pyx_type __pyx_string_tab[52]
-#define __pyx_n_u_pyx_unpickle_Enum __pyx_string_tab[53]
-#define __pyx_n_u_pyx_vtable __pyx_string_tab[54]
-#define __pyx_n_u_qualname __pyx_string_tab[55]
-#define __pyx_n_u_reduce __pyx_string_tab[56]
-#define __pyx_n_u_reduce_cython __pyx_string_tab[57]
-#define __pyx_n_u_reduce_ex __pyx_string_tab[58]
-#define __pyx_n_u_set_name __pyx_string_tab[59]
-#define __pyx_n_u_setstate __pyx_string_tab[60]
-#define __pyx_n_u_setstate_cython __pyx_string_tab[61]
-#define __pyx_n_u_test __pyx_string_tab[62]
-#define __pyx_n_u_check __pyx_string_tab[63]
-#define __pyx_n_u_is_coroutine __pyx_string_tab[64]
-#define __pyx_n_u_abc __pyx_string_tab[65]
-#define __pyx_n_u_allocate_buffer __pyx_string_tab[66]
-#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[67]
-#define __pyx_n_u_base __pyx_string_tab[68]
-#define __pyx_n_u_bit __pyx_string_tab[69]
-#define __pyx_n_u_bitmap __pyx_string_tab[70]
-#define __pyx_n_u_bits __pyx_string_tab[71]
-#define __pyx_n_u_c __pyx_string_tab[72]
-#define __pyx_n_u_capture __pyx_string_tab[73]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[74]
-#define __pyx_n_u_copied __pyx_string_tab[75]
-#define __pyx_n_u_copy __pyx_string_tab[76]
-#define __pyx_n_u_count __pyx_string_tab[77]
-#define __pyx_n_u_count_bits __pyx_string_tab[78]
-#define __pyx_n_u_destination __pyx_string_tab[79]
-#define __pyx_n_u_dirty __pyx_string_tab[80]
-#define __pyx_n_u_dst __pyx_string_tab[81]
-#define __pyx_n_u_dtype_is_object __pyx_string_tab[82]
-#define __pyx_n_u_encode __pyx_string_tab[83]
-#define __pyx_n_u_enumerate __pyx_string_tab[84]
-#define __pyx_n_u_error __pyx_string_tab[85]
-#define __pyx_n_u_flags __pyx_string_tab[86]
-#define __pyx_n_u_format __pyx_string_tab[87]
-#define __pyx_n_u_fortran __pyx_string_tab[88]
-#define __pyx_n_u_i __pyx_string_tab[89]
-#define __pyx_n_u_id __pyx_string_tab[90]
-#define __pyx_n_u_image __pyx_string_tab[91]
-#define __pyx_n_u_index __pyx_string_tab[92]
-#define __pyx_n_u_items __pyx_string_tab[93]
-#define __pyx_n_u_itemsize __pyx_string_tab[94]
-#define __pyx_n_u_memview __pyx_string_tab[95]
-#define __pyx_n_u_mode __pyx_string_tab[96]
-#define __pyx_n_u_n __pyx_string_tab[97]
-#define __pyx_n_u_n_pages __pyx_string_tab[98]
-#define __pyx_n_u_name __pyx_string_tab[99]
-#define __pyx_n_u_ndim __pyx_string_tab[100]
-#define __pyx_n_u_nonzero __pyx_string_tab[101]
-#define __pyx_n_u_obj __pyx_string_tab[102]
-#define __pyx_n_u_out __pyx_string_tab[103]
-#define __pyx_n_u_pack __pyx_string_tab[104]
-#define __pyx_n_u_page __pyx_string_tab[105]
-#define __pyx_n_u_pop __pyx_string_tab[106]
-#define __pyx_n_u_register __pyx_string_tab[107]
-#define __pyx_n_u_restore __pyx_string_tab[108]
-#define __pyx_n_u_setdefault __pyx_string_tab[109]
-#define __pyx_n_u_shape __pyx_string_tab[110]
-#define __pyx_n_u_size __pyx_string_tab[111]
-#define __pyx_n_u_src __pyx_string_tab[112]
-#define __pyx_n_u_start __pyx_string_tab[113]
-#define __pyx_n_u_step __pyx_string_tab[114]
-#define __pyx_n_u_stop __pyx_string_tab[115]
-#define __pyx_n_u_struct __pyx_string_tab[116]
-#define __pyx_n_u_unpack __pyx_string_tab[117]
-#define __pyx_n_u_update __pyx_string_tab[118]
-#define __pyx_n_u_values __pyx_string_tab[119]
-#define __pyx_n_u_w __pyx_string_tab[120]
-#define __pyx_n_u_what __pyx_string_tab[121]
-#define __pyx_n_u_whpfast__pages __pyx_string_tab[122]
-#define __pyx_n_u_words __pyx_string_tab[123]
-#define __pyx_n_u_x __pyx_string_tab[124]
-#define __pyx_n_u_zeroed __pyx_string_tab[125]
-#define __pyx_n_b_O __pyx_string_tab[126]
-#define __pyx_kp_b_iso88591_uBhb_j_1L_A_vV1Cr_Ba_j_QfF_3Naq __pyx_string_tab[127]
-#define __pyx_kp_b_iso88591_q_E_avV1A_QfAQ_1 __pyx_string_tab[128]
-#define __pyx_kp_b_iso88591_V1Cs_a_T_a_q_ay_6_iq_as_1_as_Cr __pyx_string_tab[129]
-#define __pyx_kp_b_iso88591_V1Cs_Q_9E_q_G1_9E_q_IQ_XRt3a_E __pyx_string_tab[130]
+#define __pyx_kp_u_bitmaps_of_different_sizes __pyx_string_tab[24]
+#define __pyx_kp_u_collections_abc __pyx_string_tab[25]
+#define __pyx_kp_u_disable __pyx_string_tab[26]
+#define __pyx_kp_u_enable __pyx_string_tab[27]
+#define __pyx_kp_u_gc __pyx_string_tab[28]
+#define __pyx_kp_u_isenabled __pyx_string_tab[29]
+#define __pyx_kp_u_no_default___reduce___due_to_non __pyx_string_tab[30]
+#define __pyx_kp_u_snapshot_image __pyx_string_tab[31]
+#define __pyx_kp_u_unable_to_allocate_array_data __pyx_string_tab[32]
+#define __pyx_kp_u_unable_to_allocate_shape_and_str __pyx_string_tab[33]
+#define __pyx_kp_u_whpfast__pages_pyx __pyx_string_tab[34]
+#define __pyx_n_u_ASCII __pyx_string_tab[35]
+#define __pyx_n_u_Ellipsis __pyx_string_tab[36]
+#define __pyx_n_u_Sequence __pyx_string_tab[37]
+#define __pyx_n_u_View_MemoryView __pyx_string_tab[38]
+#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[39]
+#define __pyx_n_u_annotate __pyx_string_tab[40]
+#define __pyx_n_u_class __pyx_string_tab[41]
+#define __pyx_n_u_class_getitem __pyx_string_tab[42]
+#define __pyx_n_u_dict __pyx_string_tab[43]
+#define __pyx_n_u_func __pyx_string_tab[44]
+#define __pyx_n_u_getstate __pyx_string_tab[45]
+#define __pyx_n_u_import __pyx_string_tab[46]
+#define __pyx_n_u_main __pyx_string_tab[47]
+#define __pyx_n_u_module __pyx_string_tab[48]
+#define __pyx_n_u_name_2 __pyx_string_tab[49]
+#define __pyx_n_u_new __pyx_string_tab[50]
+#define __pyx_n_u_pyx_checksum __pyx_string_tab[51]
+#define __pyx_n_u_pyx_state __pyx_string_tab[52]
+#define __pyx_n_u_pyx_type __pyx_string_tab[53]
+#define __pyx_n_u_pyx_unpickle_Enum __pyx_string_tab[54]
+#define __pyx_n_u_pyx_vtable __pyx_string_tab[55]
+#define __pyx_n_u_qualname __pyx_string_tab[56]
+#define __pyx_n_u_reduce __pyx_string_tab[57]
+#define __pyx_n_u_reduce_cython __pyx_string_tab[58]
+#define __pyx_n_u_reduce_ex __pyx_string_tab[59]
+#define __pyx_n_u_set_name __pyx_string_tab[60]
+#define __pyx_n_u_setstate __pyx_string_tab[61]
+#define __pyx_n_u_setstate_cython __pyx_string_tab[62]
+#define __pyx_n_u_test __pyx_string_tab[63]
+#define __pyx_n_u_check __pyx_string_tab[64]
+#define __pyx_n_u_is_coroutine __pyx_string_tab[65]
+#define __pyx_n_u_abc __pyx_string_tab[66]
+#define __pyx_n_u_allocate_buffer __pyx_string_tab[67]
+#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[68]
+#define __pyx_n_u_base __pyx_string_tab[69]
+#define __pyx_n_u_bit __pyx_string_tab[70]
+#define __pyx_n_u_bitmap __pyx_string_tab[71]
+#define __pyx_n_u_bits __pyx_string_tab[72]
+#define __pyx_n_u_c __pyx_string_tab[73]
+#define __pyx_n_u_capture __pyx_string_tab[74]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[75]
+#define __pyx_n_u_copied __pyx_string_tab[76]
+#define __pyx_n_u_copy __pyx_string_tab[77]
+#define __pyx_n_u_count __pyx_string_tab[78]
+#define __pyx_n_u_count_bits __pyx_string_tab[79]
+#define __pyx_n_u_d __pyx_string_tab[80]
+#define __pyx_n_u_destination __pyx_string_tab[81]
+#define __pyx_n_u_dirty __pyx_string_tab[82]
+#define __pyx_n_u_dst __pyx_string_tab[83]
+#define __pyx_n_u_dtype_is_object __pyx_string_tab[84]
+#define __pyx_n_u_encode __pyx_string_tab[85]
+#define __pyx_n_u_enumerate __pyx_string_tab[86]
+#define __pyx_n_u_error __pyx_string_tab[87]
+#define __pyx_n_u_flags __pyx_string_tab[88]
+#define __pyx_n_u_format __pyx_string_tab[89]
+#define __pyx_n_u_fortran __pyx_string_tab[90]
+#define __pyx_n_u_hot __pyx_string_tab[91]
+#define __pyx_n_u_hot_limit __pyx_string_tab[92]
+#define __pyx_n_u_i __pyx_string_tab[93]
+#define __pyx_n_u_id __pyx_string_tab[94]
+#define __pyx_n_u_image __pyx_string_tab[95]
+#define __pyx_n_u_index __pyx_string_tab[96]
+#define __pyx_n_u_items __pyx_string_tab[97]
+#define __pyx_n_u_itemsize __pyx_string_tab[98]
+#define __pyx_n_u_memview __pyx_string_tab[99]
+#define __pyx_n_u_mode __pyx_string_tab[100]
+#define __pyx_n_u_n __pyx_string_tab[101]
+#define __pyx_n_u_n_dirty __pyx_string_tab[102]
+#define __pyx_n_u_n_hot __pyx_string_tab[103]
+#define __pyx_n_u_n_new __pyx_string_tab[104]
+#define __pyx_n_u_n_pages __pyx_string_tab[105]
+#define __pyx_n_u_n_reprotect __pyx_string_tab[106]
+#define __pyx_n_u_n_touched __pyx_string_tab[107]
+#define __pyx_n_u_n_words __pyx_string_tab[108]
+#define __pyx_n_u_name __pyx_string_tab[109]
+#define __pyx_n_u_ndim __pyx_string_tab[110]
+#define __pyx_n_u_nonzero __pyx_string_tab[111]
+#define __pyx_n_u_obj __pyx_string_tab[112]
+#define __pyx_n_u_out __pyx_string_tab[113]
+#define __pyx_n_u_pack __pyx_string_tab[114]
+#define __pyx_n_u_page __pyx_string_tab[115]
+#define __pyx_n_u_plan_reprotect __pyx_string_tab[116]
+#define __pyx_n_u_pop __pyx_string_tab[117]
+#define __pyx_n_u_previous __pyx_string_tab[118]
+#define __pyx_n_u_promote __pyx_string_tab[119]
+#define __pyx_n_u_register __pyx_string_tab[120]
+#define __pyx_n_u_reprotect __pyx_string_tab[121]
+#define __pyx_n_u_restore __pyx_string_tab[122]
+#define __pyx_n_u_setdefault __pyx_string_tab[123]
+#define __pyx_n_u_shape __pyx_string_tab[124]
+#define __pyx_n_u_size __pyx_string_tab[125]
+#define __pyx_n_u_src __pyx_string_tab[126]
+#define __pyx_n_u_start __pyx_string_tab[127]
+#define __pyx_n_u_step __pyx_string_tab[128]
+#define __pyx_n_u_stop __pyx_string_tab[129]
+#define __pyx_n_u_struct __pyx_string_tab[130]
+#define __pyx_n_u_touched __pyx_string_tab[131]
+#define __pyx_n_u_unpack __pyx_string_tab[132]
+#define __pyx_n_u_update __pyx_string_tab[133]
+#define __pyx_n_u_values __pyx_string_tab[134]
+#define __pyx_n_u_w __pyx_string_tab[135]
+#define __pyx_n_u_what __pyx_string_tab[136]
+#define __pyx_n_u_whpfast__pages __pyx_string_tab[137]
+#define __pyx_n_u_words __pyx_string_tab[138]
+#define __pyx_n_u_x __pyx_string_tab[139]
+#define __pyx_n_u_zeroed __pyx_string_tab[140]
+#define __pyx_n_b_O __pyx_string_tab[141]
+#define __pyx_kp_b_iso88591_uBhb_j_1L_A_vV1Cr_Ba_j_QfF_3Naq __pyx_string_tab[142]
+#define __pyx_kp_b_iso88591_q_E_avV1A_QfAQ_1 __pyx_string_tab[143]
+#define __pyx_kp_b_iso88591_V1Cs_a_T_a_q_ay_6_iq_as_1_as_Cr __pyx_string_tab[144]
+#define __pyx_kp_b_iso88591_V1Cs_Q_9E_q_G1_9E_q_IQ_XRt3a_A __pyx_string_tab[145]
+#define __pyx_kp_b_iso88591_V1N_K_VW_wfAS_XV1Cr_IVSTTWWYYZ __pyx_string_tab[146]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_neg_1 __pyx_number_tab[1]
 #define __pyx_int_64 __pyx_number_tab[2]
@@ -3747,8 +3768,8 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
   for (int i=0; i<2; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
-  for (int i=0; i<4; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<131; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<5; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
+  for (int i=0; i<147; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<4; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -3785,8 +3806,8 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
   for (int i=0; i<2; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
-  for (int i=0; i<4; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<131; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<5; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
+  for (int i=0; i<147; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<4; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -19021,10 +19042,10 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
   PyObject *__pyx_t_5 = NULL;
   PyObject *__pyx_t_6 = NULL;
   size_t __pyx_t_7;
-  size_t __pyx_t_8;
-  size_t __pyx_t_9;
+  int __pyx_t_8;
+  int __pyx_t_9;
   size_t __pyx_t_10;
-  int __pyx_t_11;
+  size_t __pyx_t_11;
   size_t __pyx_t_12;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
@@ -19137,7 +19158,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
  *     _check(n_pages, image.shape[0], nonzero, "snapshot image")
  *     words = (n_pages + 63) // 64             # <<<<<<<<<<<<<<
  *     with nogil:
- *         for w in range(words):
+ *         w = 0
 */
   __pyx_v_words = ((__pyx_v_n_pages + 63) / 64);
 
@@ -19145,8 +19166,8 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
  *     _check(n_pages, image.shape[0], nonzero, "snapshot image")
  *     words = (n_pages + 63) // 64
  *     with nogil:             # <<<<<<<<<<<<<<
- *         for w in range(words):
- *             bits = dirty[w]
+ *         w = 0
+ *         while w < words:
 */
   {
       PyThreadState * _save;
@@ -19157,123 +19178,197 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
         /* "whpfast/_pages.pyx":69
  *     words = (n_pages + 63) // 64
  *     with nogil:
- *         for w in range(words):             # <<<<<<<<<<<<<<
+ *         w = 0             # <<<<<<<<<<<<<<
+ *         while w < words:
+ *             if w + 4 <= words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+*/
+        __pyx_v_w = 0;
+
+        /* "whpfast/_pages.pyx":70
+ *     with nogil:
+ *         w = 0
+ *         while w < words:             # <<<<<<<<<<<<<<
+ *             if w + 4 <= words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+ *                 w += 4
+*/
+        while (1) {
+          __pyx_t_8 = (__pyx_v_w < __pyx_v_words);
+
+
+          if (!__pyx_t_8) break;
+
+          /* "whpfast/_pages.pyx":71
+ *         w = 0
+ *         while w < words:
+ *             if w + 4 <= words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):             # <<<<<<<<<<<<<<
+ *                 w += 4
+ *                 continue
+*/
+          __pyx_t_9 = ((__pyx_v_w + 4) <= __pyx_v_words);
+
+          if (__pyx_t_9) {
+
+          } else {
+
+            __pyx_t_8 = __pyx_t_9;
+
+            goto __pyx_L9_bool_binop_done;
+          }
+          __pyx_t_7 = __pyx_v_w;
+          __pyx_t_10 = (__pyx_v_w + 1);
+          __pyx_t_11 = (__pyx_v_w + 2);
+          __pyx_t_12 = (__pyx_v_w + 3);
+          __pyx_t_9 = (!(((((*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_7)) ))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_10)) )))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_11)) )))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_12)) )))) != 0));
+
+
+          __pyx_t_8 = __pyx_t_9;
+
+          __pyx_L9_bool_binop_done:;
+          if (__pyx_t_8) {
+
+
+            /* "whpfast/_pages.pyx":72
+ *         while w < words:
+ *             if w + 4 <= words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+ *                 w += 4             # <<<<<<<<<<<<<<
+ *                 continue
  *             bits = dirty[w]
+*/
+            __pyx_v_w = (__pyx_v_w + 4);
+
+            /* "whpfast/_pages.pyx":73
+ *             if w + 4 <= words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+ *                 w += 4
+ *                 continue             # <<<<<<<<<<<<<<
+ *             bits = dirty[w]
+ *             w += 1
+*/
+            goto __pyx_L6_continue;
+
+            /* "whpfast/_pages.pyx":71
+ *         w = 0
+ *         while w < words:
+ *             if w + 4 <= words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):             # <<<<<<<<<<<<<<
+ *                 w += 4
+ *                 continue
+*/
+          }
+
+          /* "whpfast/_pages.pyx":74
+ *                 w += 4
+ *                 continue
+ *             bits = dirty[w]             # <<<<<<<<<<<<<<
+ *             w += 1
  *             while bits:
 */
+          __pyx_t_12 = __pyx_v_w;
+          __pyx_v_bits = (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_12)) )));
 
-        __pyx_t_7 = __pyx_v_words;
-        __pyx_t_8 = __pyx_t_7;
-
-        for (__pyx_t_9 = 0; __pyx_t_9 < __pyx_t_8; __pyx_t_9+=1) {
-          __pyx_v_w = __pyx_t_9;
-
-          /* "whpfast/_pages.pyx":70
- *     with nogil:
- *         for w in range(words):
- *             bits = dirty[w]             # <<<<<<<<<<<<<<
+          /* "whpfast/_pages.pyx":75
+ *                 continue
+ *             bits = dirty[w]
+ *             w += 1             # <<<<<<<<<<<<<<
  *             while bits:
  *                 bit = __builtin_ctzll(bits)
 */
-          __pyx_t_10 = __pyx_v_w;
-          __pyx_v_bits = (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_10)) )));
+          __pyx_v_w = (__pyx_v_w + 1);
 
-          /* "whpfast/_pages.pyx":71
- *         for w in range(words):
+          /* "whpfast/_pages.pyx":76
  *             bits = dirty[w]
+ *             w += 1
  *             while bits:             # <<<<<<<<<<<<<<
  *                 bit = __builtin_ctzll(bits)
  *                 bits &= bits - 1
 */
           while (1) {
-            __pyx_t_11 = (__pyx_v_bits != 0);
+            __pyx_t_8 = (__pyx_v_bits != 0);
 
 
-            if (!__pyx_t_11) break;
+            if (!__pyx_t_8) break;
 
-            /* "whpfast/_pages.pyx":72
- *             bits = dirty[w]
+            /* "whpfast/_pages.pyx":77
+ *             w += 1
  *             while bits:
  *                 bit = __builtin_ctzll(bits)             # <<<<<<<<<<<<<<
  *                 bits &= bits - 1
- *                 page = w * 64 + bit
+ *                 page = (w - 1) * 64 + bit
 */
             __pyx_v_bit = __builtin_ctzll(__pyx_v_bits);
 
-            /* "whpfast/_pages.pyx":73
+            /* "whpfast/_pages.pyx":78
  *             while bits:
  *                 bit = __builtin_ctzll(bits)
  *                 bits &= bits - 1             # <<<<<<<<<<<<<<
- *                 page = w * 64 + bit
+ *                 page = (w - 1) * 64 + bit
  *                 if page >= n_pages:
 */
             __pyx_v_bits = (__pyx_v_bits & (__pyx_v_bits - 1));
 
-            /* "whpfast/_pages.pyx":74
+            /* "whpfast/_pages.pyx":79
  *                 bit = __builtin_ctzll(bits)
  *                 bits &= bits - 1
- *                 page = w * 64 + bit             # <<<<<<<<<<<<<<
+ *                 page = (w - 1) * 64 + bit             # <<<<<<<<<<<<<<
  *                 if page >= n_pages:
  *                     break
 */
-            __pyx_v_page = ((__pyx_v_w * 64) + __pyx_v_bit);
+            __pyx_v_page = (((__pyx_v_w - 1) * 64) + __pyx_v_bit);
 
-            /* "whpfast/_pages.pyx":75
+            /* "whpfast/_pages.pyx":80
  *                 bits &= bits - 1
- *                 page = w * 64 + bit
+ *                 page = (w - 1) * 64 + bit
  *                 if page >= n_pages:             # <<<<<<<<<<<<<<
  *                     break
- *                 if (nonzero[w] >> bit) & 1:
+ *                 if (nonzero[w - 1] >> bit) & 1:
 */
-            __pyx_t_11 = (__pyx_v_page >= __pyx_v_n_pages);
+            __pyx_t_8 = (__pyx_v_page >= __pyx_v_n_pages);
 
-            if (__pyx_t_11) {
+            if (__pyx_t_8) {
 
 
-              /* "whpfast/_pages.pyx":76
- *                 page = w * 64 + bit
+              /* "whpfast/_pages.pyx":81
+ *                 page = (w - 1) * 64 + bit
  *                 if page >= n_pages:
  *                     break             # <<<<<<<<<<<<<<
- *                 if (nonzero[w] >> bit) & 1:
+ *                 if (nonzero[w - 1] >> bit) & 1:
  *                     memcpy(&dst[page * PAGE], &image[page * PAGE], PAGE)
 */
-              goto __pyx_L9_break;
+              goto __pyx_L12_break;
 
-              /* "whpfast/_pages.pyx":75
+              /* "whpfast/_pages.pyx":80
  *                 bits &= bits - 1
- *                 page = w * 64 + bit
+ *                 page = (w - 1) * 64 + bit
  *                 if page >= n_pages:             # <<<<<<<<<<<<<<
  *                     break
- *                 if (nonzero[w] >> bit) & 1:
+ *                 if (nonzero[w - 1] >> bit) & 1:
 */
             }
 
-            /* "whpfast/_pages.pyx":77
+            /* "whpfast/_pages.pyx":82
  *                 if page >= n_pages:
  *                     break
- *                 if (nonzero[w] >> bit) & 1:             # <<<<<<<<<<<<<<
+ *                 if (nonzero[w - 1] >> bit) & 1:             # <<<<<<<<<<<<<<
  *                     memcpy(&dst[page * PAGE], &image[page * PAGE], PAGE)
  *                     copied += 1
 */
-            __pyx_t_10 = __pyx_v_w;
-            __pyx_t_11 = ((((*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_nonzero.data) + __pyx_t_10)) ))) >> __pyx_v_bit) & 1) != 0);
+            __pyx_t_12 = (__pyx_v_w - 1);
+            __pyx_t_8 = ((((*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_nonzero.data) + __pyx_t_12)) ))) >> __pyx_v_bit) & 1) != 0);
 
-            if (__pyx_t_11) {
+            if (__pyx_t_8) {
 
 
-              /* "whpfast/_pages.pyx":78
+              /* "whpfast/_pages.pyx":83
  *                     break
- *                 if (nonzero[w] >> bit) & 1:
+ *                 if (nonzero[w - 1] >> bit) & 1:
  *                     memcpy(&dst[page * PAGE], &image[page * PAGE], PAGE)             # <<<<<<<<<<<<<<
  *                     copied += 1
  *                 else:
 */
-              __pyx_t_10 = (__pyx_v_page * 0x1000);
               __pyx_t_12 = (__pyx_v_page * 0x1000);
-              (void)(memcpy((&(*((unsigned char *) ( /* dim=0 */ ((char *) (((unsigned char *) __pyx_v_dst.data) + __pyx_t_10)) )))), (&(*((unsigned char const  *) ( /* dim=0 */ ((char *) (((unsigned char const  *) __pyx_v_image.data) + __pyx_t_12)) )))), 0x1000));
+              __pyx_t_11 = (__pyx_v_page * 0x1000);
+              (void)(memcpy((&(*((unsigned char *) ( /* dim=0 */ ((char *) (((unsigned char *) __pyx_v_dst.data) + __pyx_t_12)) )))), (&(*((unsigned char const  *) ( /* dim=0 */ ((char *) (((unsigned char const  *) __pyx_v_image.data) + __pyx_t_11)) )))), 0x1000));
 
-              /* "whpfast/_pages.pyx":79
- *                 if (nonzero[w] >> bit) & 1:
+              /* "whpfast/_pages.pyx":84
+ *                 if (nonzero[w - 1] >> bit) & 1:
  *                     memcpy(&dst[page * PAGE], &image[page * PAGE], PAGE)
  *                     copied += 1             # <<<<<<<<<<<<<<
  *                 else:
@@ -19281,17 +19376,17 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
 */
               __pyx_v_copied = (__pyx_v_copied + 1);
 
-              /* "whpfast/_pages.pyx":77
+              /* "whpfast/_pages.pyx":82
  *                 if page >= n_pages:
  *                     break
- *                 if (nonzero[w] >> bit) & 1:             # <<<<<<<<<<<<<<
+ *                 if (nonzero[w - 1] >> bit) & 1:             # <<<<<<<<<<<<<<
  *                     memcpy(&dst[page * PAGE], &image[page * PAGE], PAGE)
  *                     copied += 1
 */
-              goto __pyx_L11;
+              goto __pyx_L14;
             }
 
-            /* "whpfast/_pages.pyx":81
+            /* "whpfast/_pages.pyx":86
  *                     copied += 1
  *                 else:
  *                     memset(&dst[page * PAGE], 0, PAGE)             # <<<<<<<<<<<<<<
@@ -19299,10 +19394,10 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
  *     return copied, zeroed
 */
             /*else*/ {
-              __pyx_t_12 = (__pyx_v_page * 0x1000);
-              (void)(memset((&(*((unsigned char *) ( /* dim=0 */ ((char *) (((unsigned char *) __pyx_v_dst.data) + __pyx_t_12)) )))), 0, 0x1000));
+              __pyx_t_11 = (__pyx_v_page * 0x1000);
+              (void)(memset((&(*((unsigned char *) ( /* dim=0 */ ((char *) (((unsigned char *) __pyx_v_dst.data) + __pyx_t_11)) )))), 0, 0x1000));
 
-              /* "whpfast/_pages.pyx":82
+              /* "whpfast/_pages.pyx":87
  *                 else:
  *                     memset(&dst[page * PAGE], 0, PAGE)
  *                     zeroed += 1             # <<<<<<<<<<<<<<
@@ -19311,19 +19406,19 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
 */
               __pyx_v_zeroed = (__pyx_v_zeroed + 1);
             }
-            __pyx_L11:;
+            __pyx_L14:;
           }
-          __pyx_L9_break:;
+          __pyx_L12_break:;
+          __pyx_L6_continue:;
         }
-
       }
 
       /* "whpfast/_pages.pyx":68
  *     _check(n_pages, image.shape[0], nonzero, "snapshot image")
  *     words = (n_pages + 63) // 64
  *     with nogil:             # <<<<<<<<<<<<<<
- *         for w in range(words):
- *             bits = dirty[w]
+ *         w = 0
+ *         while w < words:
 */
       /*finally:*/ {
         /*normal exit:*/{
@@ -19335,23 +19430,23 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
       }
   }
 
-  /* "whpfast/_pages.pyx":83
+  /* "whpfast/_pages.pyx":88
  *                     memset(&dst[page * PAGE], 0, PAGE)
  *                     zeroed += 1
  *     return copied, zeroed             # <<<<<<<<<<<<<<
  * 
  * 
 */
-  __pyx_t_1 = __Pyx_PyLong_FromSize_t(__pyx_v_copied); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_FromSize_t(__pyx_v_copied); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 88, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_6 = __Pyx_PyLong_FromSize_t(__pyx_v_zeroed); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyLong_FromSize_t(__pyx_v_zeroed); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 88, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 88, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 83, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 88, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_6);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, __pyx_t_6) != (0)) __PYX_ERR(0, 83, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, __pyx_t_6) != (0)) __PYX_ERR(0, 88, __pyx_L1_error);
   __pyx_t_1 = 0;
   __pyx_t_6 = 0;
   {
@@ -19397,7 +19492,833 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
   return __pyx_r;
 }
 
-/* "whpfast/_pages.pyx":86
+/* "whpfast/_pages.pyx":91
+ * 
+ * 
+ * def plan_reprotect(const uint64_t[::1] dirty not None, uint64_t[::1] hot not None,             # <<<<<<<<<<<<<<
+ *                    uint64_t[::1] previous not None, uint64_t[::1] reprotect not None,
+ *                    unsigned int[::1] touched not None, size_t n_touched,
+*/
+
+/* Python wrapper */
+static PyObject *__pyx_pw_7whpfast_6_pages_7plan_reprotect(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+); /*proto*/
+PyDoc_STRVAR(__pyx_doc_7whpfast_6_pages_6plan_reprotect, "plan_reprotect(const uint64_t[::1] dirty, uint64_t[::1] hot, uint64_t[::1] previous, uint64_t[::1] reprotect, unsigned int[::1] touched, size_t n_touched, size_t hot_limit, size_t n_hot)\n\nDecides which dirty pages to write-protect again after a restore. A page the guest wrote\nin two restore cycles running joins the hot set (up to hot_limit pages): it stays writable,\nso the next call writes it without a write fault, and every restore copies it back. The\nrest go into reprotect.\n\nprevious and reprotect are non-zero only at the words listed in touched[:n_touched] (the\nlast cycle\047s dirty words), so a cycle costs a scan of dirty plus work for its dirty words,\nnot three full passes: that keeps a 1 GiB sandbox\047s restore near a 16 MiB one\047s.\nReturns (dirty pages, pages to re-protect, hot pages, new n_touched).");
+static PyMethodDef __pyx_mdef_7whpfast_6_pages_7plan_reprotect = {"plan_reprotect", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_7whpfast_6_pages_7plan_reprotect, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_7whpfast_6_pages_6plan_reprotect};
+static PyObject *__pyx_pw_7whpfast_6_pages_7plan_reprotect(PyObject *__pyx_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+) {
+  __Pyx_memviewslice __pyx_v_dirty = { 0, 0, { 0 }, { 0 }, { 0 } };
+  __Pyx_memviewslice __pyx_v_hot = { 0, 0, { 0 }, { 0 }, { 0 } };
+  __Pyx_memviewslice __pyx_v_previous = { 0, 0, { 0 }, { 0 }, { 0 } };
+  __Pyx_memviewslice __pyx_v_reprotect = { 0, 0, { 0 }, { 0 }, { 0 } };
+  __Pyx_memviewslice __pyx_v_touched = { 0, 0, { 0 }, { 0 }, { 0 } };
+  size_t __pyx_v_n_touched;
+  size_t __pyx_v_hot_limit;
+  size_t __pyx_v_n_hot;
+  #if !CYTHON_VECTORCALL
+  CYTHON_UNUSED Py_ssize_t __pyx_nargs;
+  #endif
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  PyObject* values[8] = {0,0,0,0,0,0,0,0};
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  PyObject *__pyx_r = 0;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("plan_reprotect (wrapper)", 0);
+  #if !CYTHON_VECTORCALL
+  #if CYTHON_ASSUME_SAFE_SIZE
+  __pyx_nargs = PyTuple_GET_SIZE(__pyx_args);
+  #else
+  __pyx_nargs = PyTuple_Size(__pyx_args); if (unlikely(__pyx_nargs < 0)) return NULL;
+  #endif
+  #endif
+  __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
+  {
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_dirty,&__pyx_mstate_global->__pyx_n_u_hot,&__pyx_mstate_global->__pyx_n_u_previous,&__pyx_mstate_global->__pyx_n_u_reprotect,&__pyx_mstate_global->__pyx_n_u_touched,&__pyx_mstate_global->__pyx_n_u_n_touched,&__pyx_mstate_global->__pyx_n_u_hot_limit,&__pyx_mstate_global->__pyx_n_u_n_hot,0};
+    const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 91, __pyx_L3_error)
+    if (__pyx_kwds_len > 0) {
+      switch (__pyx_nargs) {
+        case  8:
+        values[7] = __Pyx_ArgRef_FASTCALL(__pyx_args, 7);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 91, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  7:
+        values[6] = __Pyx_ArgRef_FASTCALL(__pyx_args, 6);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 91, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  6:
+        values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 91, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  5:
+        values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 91, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  4:
+        values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 91, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  3:
+        values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 91, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  2:
+        values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 91, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  1:
+        values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 91, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  0: break;
+        default: goto __pyx_L5_argtuple_error;
+      }
+      const Py_ssize_t kwd_pos_args = __pyx_nargs;
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "plan_reprotect", 0) < (0)) __PYX_ERR(0, 91, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 8; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("plan_reprotect", 1, 8, 8, i); __PYX_ERR(0, 91, __pyx_L3_error) }
+      }
+    } else if (unlikely(__pyx_nargs != 8)) {
+      goto __pyx_L5_argtuple_error;
+    } else {
+      values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 91, __pyx_L3_error)
+      values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 91, __pyx_L3_error)
+      values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 91, __pyx_L3_error)
+      values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 91, __pyx_L3_error)
+      values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 91, __pyx_L3_error)
+      values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 91, __pyx_L3_error)
+      values[6] = __Pyx_ArgRef_FASTCALL(__pyx_args, 6);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 91, __pyx_L3_error)
+      values[7] = __Pyx_ArgRef_FASTCALL(__pyx_args, 7);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 91, __pyx_L3_error)
+    }
+    __pyx_v_dirty = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t__const__(values[0], 0); if (unlikely(!__pyx_v_dirty.memview)) __PYX_ERR(0, 91, __pyx_L3_error)
+    __pyx_v_hot = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t(values[1], PyBUF_WRITABLE); if (unlikely(!__pyx_v_hot.memview)) __PYX_ERR(0, 91, __pyx_L3_error)
+    __pyx_v_previous = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_previous.memview)) __PYX_ERR(0, 92, __pyx_L3_error)
+    __pyx_v_reprotect = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_reprotect.memview)) __PYX_ERR(0, 92, __pyx_L3_error)
+    __pyx_v_touched = __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_int(values[4], PyBUF_WRITABLE); if (unlikely(!__pyx_v_touched.memview)) __PYX_ERR(0, 93, __pyx_L3_error)
+    __pyx_v_n_touched = __Pyx_PyLong_As_size_t(values[5]); if (unlikely((__pyx_v_n_touched == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 93, __pyx_L3_error)
+    __pyx_v_hot_limit = __Pyx_PyLong_As_size_t(values[6]); if (unlikely((__pyx_v_hot_limit == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 94, __pyx_L3_error)
+    __pyx_v_n_hot = __Pyx_PyLong_As_size_t(values[7]); if (unlikely((__pyx_v_n_hot == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 94, __pyx_L3_error)
+  }
+  goto __pyx_L6_skip;
+  __pyx_L5_argtuple_error:;
+  __Pyx_RaiseArgtupleInvalid("plan_reprotect", 1, 8, 8, __pyx_nargs); __PYX_ERR(0, 91, __pyx_L3_error)
+  __pyx_L6_skip:;
+  goto __pyx_L4_argument_unpacking_done;
+  __pyx_L3_error:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_dirty, 1);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_hot, 1);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_previous, 1);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_reprotect, 1);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_touched, 1);
+  __Pyx_AddTraceback("whpfast._pages.plan_reprotect", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __Pyx_RefNannyFinishContext();
+  return NULL;
+  __pyx_L4_argument_unpacking_done:;
+  if (unlikely(((PyObject *)__pyx_v_dirty.memview) == Py_None)) {
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "dirty"); __PYX_ERR(0, 91, __pyx_L1_error)
+  }
+  if (unlikely(((PyObject *)__pyx_v_hot.memview) == Py_None)) {
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "hot"); __PYX_ERR(0, 91, __pyx_L1_error)
+  }
+  if (unlikely(((PyObject *)__pyx_v_previous.memview) == Py_None)) {
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "previous"); __PYX_ERR(0, 92, __pyx_L1_error)
+  }
+  if (unlikely(((PyObject *)__pyx_v_reprotect.memview) == Py_None)) {
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "reprotect"); __PYX_ERR(0, 92, __pyx_L1_error)
+  }
+  if (unlikely(((PyObject *)__pyx_v_touched.memview) == Py_None)) {
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "touched"); __PYX_ERR(0, 93, __pyx_L1_error)
+  }
+  __pyx_r = __pyx_pf_7whpfast_6_pages_6plan_reprotect(__pyx_self, __pyx_v_dirty, __pyx_v_hot, __pyx_v_previous, __pyx_v_reprotect, __pyx_v_touched, __pyx_v_n_touched, __pyx_v_hot_limit, __pyx_v_n_hot);
+
+  /* function exit code */
+  goto __pyx_L0;
+  __pyx_L1_error:;
+  __pyx_r = NULL;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  goto __pyx_L7_cleaned_up;
+  __pyx_L0:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __pyx_L7_cleaned_up:;
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_dirty, 1);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_hot, 1);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_previous, 1);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_reprotect, 1);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_touched, 1);
+
+
+
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static PyObject *__pyx_pf_7whpfast_6_pages_6plan_reprotect(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dirty, __Pyx_memviewslice __pyx_v_hot, __Pyx_memviewslice __pyx_v_previous, __Pyx_memviewslice __pyx_v_reprotect, __Pyx_memviewslice __pyx_v_touched, size_t __pyx_v_n_touched, size_t __pyx_v_hot_limit, size_t __pyx_v_n_hot) {
+  size_t __pyx_v_w;
+  size_t __pyx_v_i;
+  size_t __pyx_v_n_words;
+  size_t __pyx_v_n_dirty;
+  size_t __pyx_v_n_reprotect;
+  size_t __pyx_v_n_new;
+  uint64_t __pyx_v_d;
+  uint64_t __pyx_v_promote;
+  PyObject *__pyx_r = NULL;
+  __Pyx_RefNannyDeclarations
+  int __pyx_t_1;
+  int __pyx_t_2;
+  PyObject *__pyx_t_3 = NULL;
+  PyObject *__pyx_t_4 = NULL;
+  size_t __pyx_t_5;
+  size_t __pyx_t_6;
+  size_t __pyx_t_7;
+  size_t __pyx_t_8;
+  size_t __pyx_t_9;
+  PyObject *__pyx_t_10 = NULL;
+  PyObject *__pyx_t_11 = NULL;
+  PyObject *__pyx_t_12 = NULL;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  __Pyx_RefNannySetupContext("plan_reprotect", 0);
+
+
+  /* "whpfast/_pages.pyx":104
+ *     not three full passes: that keeps a 1 GiB sandbox's restore near a 16 MiB one's.
+ *     Returns (dirty pages, pages to re-protect, hot pages, new n_touched)."""
+ *     cdef size_t w, i, n_words = dirty.shape[0], n_dirty = 0, n_reprotect = 0, n_new = 0             # <<<<<<<<<<<<<<
+ *     cdef uint64_t d, promote
+ *     if touched.shape[0] < n_words or previous.shape[0] < n_words or reprotect.shape[0] < n_words \
+*/
+  __pyx_v_n_words = (__pyx_v_dirty.shape[0]);
+  __pyx_v_n_dirty = 0;
+  __pyx_v_n_reprotect = 0;
+  __pyx_v_n_new = 0;
+
+  /* "whpfast/_pages.pyx":106
+ *     cdef size_t w, i, n_words = dirty.shape[0], n_dirty = 0, n_reprotect = 0, n_new = 0
+ *     cdef uint64_t d, promote
+ *     if touched.shape[0] < n_words or previous.shape[0] < n_words or reprotect.shape[0] < n_words \             # <<<<<<<<<<<<<<
+ *             or hot.shape[0] < n_words:
+ *         raise ValueError("bitmaps of different sizes")
+*/
+  __pyx_t_2 = ((__pyx_v_touched.shape[0]) < __pyx_v_n_words);
+
+  if (!__pyx_t_2) {
+
+  } else {
+
+    __pyx_t_1 = __pyx_t_2;
+
+    goto __pyx_L4_bool_binop_done;
+  }
+  __pyx_t_2 = ((__pyx_v_previous.shape[0]) < __pyx_v_n_words);
+
+  if (!__pyx_t_2) {
+
+  } else {
+
+    __pyx_t_1 = __pyx_t_2;
+
+    goto __pyx_L4_bool_binop_done;
+  }
+
+  /* "whpfast/_pages.pyx":107
+ *     cdef uint64_t d, promote
+ *     if touched.shape[0] < n_words or previous.shape[0] < n_words or reprotect.shape[0] < n_words \
+ *             or hot.shape[0] < n_words:             # <<<<<<<<<<<<<<
+ *         raise ValueError("bitmaps of different sizes")
+ *     with nogil:
+*/
+  __pyx_t_2 = ((__pyx_v_reprotect.shape[0]) < __pyx_v_n_words);
+
+  if (!__pyx_t_2) {
+
+  } else {
+
+    __pyx_t_1 = __pyx_t_2;
+
+    goto __pyx_L4_bool_binop_done;
+  }
+  __pyx_t_2 = ((__pyx_v_hot.shape[0]) < __pyx_v_n_words);
+
+
+  __pyx_t_1 = __pyx_t_2;
+
+  __pyx_L4_bool_binop_done:;
+
+  /* "whpfast/_pages.pyx":106
+ *     cdef size_t w, i, n_words = dirty.shape[0], n_dirty = 0, n_reprotect = 0, n_new = 0
+ *     cdef uint64_t d, promote
+ *     if touched.shape[0] < n_words or previous.shape[0] < n_words or reprotect.shape[0] < n_words \             # <<<<<<<<<<<<<<
+ *             or hot.shape[0] < n_words:
+ *         raise ValueError("bitmaps of different sizes")
+*/
+  if (unlikely(__pyx_t_1)) {
+
+
+    /* "whpfast/_pages.pyx":108
+ *     if touched.shape[0] < n_words or previous.shape[0] < n_words or reprotect.shape[0] < n_words \
+ *             or hot.shape[0] < n_words:
+ *         raise ValueError("bitmaps of different sizes")             # <<<<<<<<<<<<<<
+ *     with nogil:
+ *         # Pass 1 (sparse): promote pages dirty now and last cycle, using previous.
+*/
+    __pyx_t_4 = NULL;
+    __pyx_t_5 = 1;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_bitmaps_of_different_sizes};
+      __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 108, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_3);
+    }
+    __Pyx_Raise(__pyx_t_3, 0, 0, 0);
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __PYX_ERR(0, 108, __pyx_L1_error)
+
+    /* "whpfast/_pages.pyx":106
+ *     cdef size_t w, i, n_words = dirty.shape[0], n_dirty = 0, n_reprotect = 0, n_new = 0
+ *     cdef uint64_t d, promote
+ *     if touched.shape[0] < n_words or previous.shape[0] < n_words or reprotect.shape[0] < n_words \             # <<<<<<<<<<<<<<
+ *             or hot.shape[0] < n_words:
+ *         raise ValueError("bitmaps of different sizes")
+*/
+  }
+
+  /* "whpfast/_pages.pyx":109
+ *             or hot.shape[0] < n_words:
+ *         raise ValueError("bitmaps of different sizes")
+ *     with nogil:             # <<<<<<<<<<<<<<
+ *         # Pass 1 (sparse): promote pages dirty now and last cycle, using previous.
+ *         w = 0
+*/
+  {
+      PyThreadState * _save;
+      _save = PyEval_SaveThread();
+      __Pyx_FastGIL_Remember();
+      /*try:*/ {
+
+        /* "whpfast/_pages.pyx":111
+ *     with nogil:
+ *         # Pass 1 (sparse): promote pages dirty now and last cycle, using previous.
+ *         w = 0             # <<<<<<<<<<<<<<
+ *         while w < n_words:
+ *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+*/
+        __pyx_v_w = 0;
+
+        /* "whpfast/_pages.pyx":112
+ *         # Pass 1 (sparse): promote pages dirty now and last cycle, using previous.
+ *         w = 0
+ *         while w < n_words:             # <<<<<<<<<<<<<<
+ *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+ *                 w += 4
+*/
+        while (1) {
+          __pyx_t_1 = (__pyx_v_w < __pyx_v_n_words);
+
+
+          if (!__pyx_t_1) break;
+
+          /* "whpfast/_pages.pyx":113
+ *         w = 0
+ *         while w < n_words:
+ *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):             # <<<<<<<<<<<<<<
+ *                 w += 4
+ *                 continue
+*/
+          __pyx_t_2 = ((__pyx_v_w + 4) <= __pyx_v_n_words);
+
+          if (__pyx_t_2) {
+
+          } else {
+
+            __pyx_t_1 = __pyx_t_2;
+
+            goto __pyx_L14_bool_binop_done;
+          }
+          __pyx_t_5 = __pyx_v_w;
+          __pyx_t_6 = (__pyx_v_w + 1);
+          __pyx_t_7 = (__pyx_v_w + 2);
+          __pyx_t_8 = (__pyx_v_w + 3);
+          __pyx_t_2 = (!(((((*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_5)) ))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_6)) )))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_7)) )))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_8)) )))) != 0));
+
+
+          __pyx_t_1 = __pyx_t_2;
+
+          __pyx_L14_bool_binop_done:;
+          if (__pyx_t_1) {
+
+
+            /* "whpfast/_pages.pyx":114
+ *         while w < n_words:
+ *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+ *                 w += 4             # <<<<<<<<<<<<<<
+ *                 continue
+ *             d = dirty[w]
+*/
+            __pyx_v_w = (__pyx_v_w + 4);
+
+            /* "whpfast/_pages.pyx":115
+ *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+ *                 w += 4
+ *                 continue             # <<<<<<<<<<<<<<
+ *             d = dirty[w]
+ *             if d:
+*/
+            goto __pyx_L11_continue;
+
+            /* "whpfast/_pages.pyx":113
+ *         w = 0
+ *         while w < n_words:
+ *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):             # <<<<<<<<<<<<<<
+ *                 w += 4
+ *                 continue
+*/
+          }
+
+          /* "whpfast/_pages.pyx":116
+ *                 w += 4
+ *                 continue
+ *             d = dirty[w]             # <<<<<<<<<<<<<<
+ *             if d:
+ *                 n_dirty += __builtin_popcountll(d)
+*/
+          __pyx_t_8 = __pyx_v_w;
+          __pyx_v_d = (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_8)) )));
+
+          /* "whpfast/_pages.pyx":117
+ *                 continue
+ *             d = dirty[w]
+ *             if d:             # <<<<<<<<<<<<<<
+ *                 n_dirty += __builtin_popcountll(d)
+ *                 promote = d & previous[w] & ~hot[w]
+*/
+          __pyx_t_1 = (__pyx_v_d != 0);
+
+          if (__pyx_t_1) {
+
+
+            /* "whpfast/_pages.pyx":118
+ *             d = dirty[w]
+ *             if d:
+ *                 n_dirty += __builtin_popcountll(d)             # <<<<<<<<<<<<<<
+ *                 promote = d & previous[w] & ~hot[w]
+ *                 if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:
+*/
+            __pyx_v_n_dirty = (__pyx_v_n_dirty + __builtin_popcountll(__pyx_v_d));
+
+            /* "whpfast/_pages.pyx":119
+ *             if d:
+ *                 n_dirty += __builtin_popcountll(d)
+ *                 promote = d & previous[w] & ~hot[w]             # <<<<<<<<<<<<<<
+ *                 if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:
+ *                     hot[w] |= promote
+*/
+            __pyx_t_8 = __pyx_v_w;
+            __pyx_t_7 = __pyx_v_w;
+            __pyx_v_promote = ((__pyx_v_d & (*((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_previous.data) + __pyx_t_8)) )))) & (~(*((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_hot.data) + __pyx_t_7)) )))));
+
+            /* "whpfast/_pages.pyx":120
+ *                 n_dirty += __builtin_popcountll(d)
+ *                 promote = d & previous[w] & ~hot[w]
+ *                 if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:             # <<<<<<<<<<<<<<
+ *                     hot[w] |= promote
+ *                     n_hot += __builtin_popcountll(promote)
+*/
+            __pyx_t_2 = (__pyx_v_promote != 0);
+
+            if (__pyx_t_2) {
+
+            } else {
+
+              __pyx_t_1 = __pyx_t_2;
+
+              goto __pyx_L18_bool_binop_done;
+            }
+            __pyx_t_2 = ((__pyx_v_n_hot + ((size_t)__builtin_popcountll(__pyx_v_promote))) <= __pyx_v_hot_limit);
+
+
+            __pyx_t_1 = __pyx_t_2;
+
+            __pyx_L18_bool_binop_done:;
+            if (__pyx_t_1) {
+
+
+              /* "whpfast/_pages.pyx":121
+ *                 promote = d & previous[w] & ~hot[w]
+ *                 if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:
+ *                     hot[w] |= promote             # <<<<<<<<<<<<<<
+ *                     n_hot += __builtin_popcountll(promote)
+ *             w += 1
+*/
+              __pyx_t_7 = __pyx_v_w;
+              *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_hot.data) + __pyx_t_7)) )) |= __pyx_v_promote;
+
+              /* "whpfast/_pages.pyx":122
+ *                 if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:
+ *                     hot[w] |= promote
+ *                     n_hot += __builtin_popcountll(promote)             # <<<<<<<<<<<<<<
+ *             w += 1
+ *         # Forget the last cycle, then record this one, only at the words involved.
+*/
+              __pyx_v_n_hot = (__pyx_v_n_hot + __builtin_popcountll(__pyx_v_promote));
+
+              /* "whpfast/_pages.pyx":120
+ *                 n_dirty += __builtin_popcountll(d)
+ *                 promote = d & previous[w] & ~hot[w]
+ *                 if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:             # <<<<<<<<<<<<<<
+ *                     hot[w] |= promote
+ *                     n_hot += __builtin_popcountll(promote)
+*/
+            }
+
+            /* "whpfast/_pages.pyx":117
+ *                 continue
+ *             d = dirty[w]
+ *             if d:             # <<<<<<<<<<<<<<
+ *                 n_dirty += __builtin_popcountll(d)
+ *                 promote = d & previous[w] & ~hot[w]
+*/
+          }
+
+          /* "whpfast/_pages.pyx":123
+ *                     hot[w] |= promote
+ *                     n_hot += __builtin_popcountll(promote)
+ *             w += 1             # <<<<<<<<<<<<<<
+ *         # Forget the last cycle, then record this one, only at the words involved.
+ *         for i in range(n_touched):
+*/
+          __pyx_v_w = (__pyx_v_w + 1);
+          __pyx_L11_continue:;
+        }
+
+        /* "whpfast/_pages.pyx":125
+ *             w += 1
+ *         # Forget the last cycle, then record this one, only at the words involved.
+ *         for i in range(n_touched):             # <<<<<<<<<<<<<<
+ *             previous[touched[i]] = 0
+ *             reprotect[touched[i]] = 0
+*/
+
+        __pyx_t_7 = __pyx_v_n_touched;
+        __pyx_t_8 = __pyx_t_7;
+
+        for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_8; __pyx_t_6+=1) {
+          __pyx_v_i = __pyx_t_6;
+
+          /* "whpfast/_pages.pyx":126
+ *         # Forget the last cycle, then record this one, only at the words involved.
+ *         for i in range(n_touched):
+ *             previous[touched[i]] = 0             # <<<<<<<<<<<<<<
+ *             reprotect[touched[i]] = 0
+ *         w = 0
+*/
+          __pyx_t_5 = __pyx_v_i;
+          __pyx_t_9 = (*((unsigned int *) ( /* dim=0 */ ((char *) (((unsigned int *) __pyx_v_touched.data) + __pyx_t_5)) )));
+          *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_previous.data) + __pyx_t_9)) )) = 0;
+
+          /* "whpfast/_pages.pyx":127
+ *         for i in range(n_touched):
+ *             previous[touched[i]] = 0
+ *             reprotect[touched[i]] = 0             # <<<<<<<<<<<<<<
+ *         w = 0
+ *         while w < n_words:
+*/
+          __pyx_t_5 = __pyx_v_i;
+          __pyx_t_9 = (*((unsigned int *) ( /* dim=0 */ ((char *) (((unsigned int *) __pyx_v_touched.data) + __pyx_t_5)) )));
+          *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_reprotect.data) + __pyx_t_9)) )) = 0;
+        }
+
+
+        /* "whpfast/_pages.pyx":128
+ *             previous[touched[i]] = 0
+ *             reprotect[touched[i]] = 0
+ *         w = 0             # <<<<<<<<<<<<<<
+ *         while w < n_words:
+ *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+*/
+        __pyx_v_w = 0;
+
+        /* "whpfast/_pages.pyx":129
+ *             reprotect[touched[i]] = 0
+ *         w = 0
+ *         while w < n_words:             # <<<<<<<<<<<<<<
+ *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+ *                 w += 4
+*/
+        while (1) {
+          __pyx_t_1 = (__pyx_v_w < __pyx_v_n_words);
+
+
+          if (!__pyx_t_1) break;
+
+          /* "whpfast/_pages.pyx":130
+ *         w = 0
+ *         while w < n_words:
+ *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):             # <<<<<<<<<<<<<<
+ *                 w += 4
+ *                 continue
+*/
+          __pyx_t_2 = ((__pyx_v_w + 4) <= __pyx_v_n_words);
+
+          if (__pyx_t_2) {
+
+          } else {
+
+            __pyx_t_1 = __pyx_t_2;
+
+            goto __pyx_L25_bool_binop_done;
+          }
+          __pyx_t_7 = __pyx_v_w;
+          __pyx_t_8 = (__pyx_v_w + 1);
+          __pyx_t_6 = (__pyx_v_w + 2);
+          __pyx_t_5 = (__pyx_v_w + 3);
+          __pyx_t_2 = (!(((((*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_7)) ))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_8)) )))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_6)) )))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_5)) )))) != 0));
+
+
+          __pyx_t_1 = __pyx_t_2;
+
+          __pyx_L25_bool_binop_done:;
+          if (__pyx_t_1) {
+
+
+            /* "whpfast/_pages.pyx":131
+ *         while w < n_words:
+ *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+ *                 w += 4             # <<<<<<<<<<<<<<
+ *                 continue
+ *             d = dirty[w]
+*/
+            __pyx_v_w = (__pyx_v_w + 4);
+
+            /* "whpfast/_pages.pyx":132
+ *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+ *                 w += 4
+ *                 continue             # <<<<<<<<<<<<<<
+ *             d = dirty[w]
+ *             if d:
+*/
+            goto __pyx_L22_continue;
+
+            /* "whpfast/_pages.pyx":130
+ *         w = 0
+ *         while w < n_words:
+ *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):             # <<<<<<<<<<<<<<
+ *                 w += 4
+ *                 continue
+*/
+          }
+
+          /* "whpfast/_pages.pyx":133
+ *                 w += 4
+ *                 continue
+ *             d = dirty[w]             # <<<<<<<<<<<<<<
+ *             if d:
+ *                 previous[w] = d
+*/
+          __pyx_t_5 = __pyx_v_w;
+          __pyx_v_d = (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_5)) )));
+
+          /* "whpfast/_pages.pyx":134
+ *                 continue
+ *             d = dirty[w]
+ *             if d:             # <<<<<<<<<<<<<<
+ *                 previous[w] = d
+ *                 reprotect[w] = d & ~hot[w]
+*/
+          __pyx_t_1 = (__pyx_v_d != 0);
+
+          if (__pyx_t_1) {
+
+
+            /* "whpfast/_pages.pyx":135
+ *             d = dirty[w]
+ *             if d:
+ *                 previous[w] = d             # <<<<<<<<<<<<<<
+ *                 reprotect[w] = d & ~hot[w]
+ *                 n_reprotect += __builtin_popcountll(reprotect[w])
+*/
+            __pyx_t_5 = __pyx_v_w;
+            *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_previous.data) + __pyx_t_5)) )) = __pyx_v_d;
+
+            /* "whpfast/_pages.pyx":136
+ *             if d:
+ *                 previous[w] = d
+ *                 reprotect[w] = d & ~hot[w]             # <<<<<<<<<<<<<<
+ *                 n_reprotect += __builtin_popcountll(reprotect[w])
+ *                 touched[n_new] = <unsigned int>w
+*/
+            __pyx_t_5 = __pyx_v_w;
+            __pyx_t_6 = __pyx_v_w;
+            *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_reprotect.data) + __pyx_t_6)) )) = (__pyx_v_d & (~(*((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_hot.data) + __pyx_t_5)) )))));
+
+            /* "whpfast/_pages.pyx":137
+ *                 previous[w] = d
+ *                 reprotect[w] = d & ~hot[w]
+ *                 n_reprotect += __builtin_popcountll(reprotect[w])             # <<<<<<<<<<<<<<
+ *                 touched[n_new] = <unsigned int>w
+ *                 n_new += 1
+*/
+            __pyx_t_5 = __pyx_v_w;
+            __pyx_v_n_reprotect = (__pyx_v_n_reprotect + __builtin_popcountll((*((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_reprotect.data) + __pyx_t_5)) )))));
+
+            /* "whpfast/_pages.pyx":138
+ *                 reprotect[w] = d & ~hot[w]
+ *                 n_reprotect += __builtin_popcountll(reprotect[w])
+ *                 touched[n_new] = <unsigned int>w             # <<<<<<<<<<<<<<
+ *                 n_new += 1
+ *             w += 1
+*/
+            __pyx_t_5 = __pyx_v_n_new;
+            *((unsigned int *) ( /* dim=0 */ ((char *) (((unsigned int *) __pyx_v_touched.data) + __pyx_t_5)) )) = ((unsigned int)__pyx_v_w);
+
+            /* "whpfast/_pages.pyx":139
+ *                 n_reprotect += __builtin_popcountll(reprotect[w])
+ *                 touched[n_new] = <unsigned int>w
+ *                 n_new += 1             # <<<<<<<<<<<<<<
+ *             w += 1
+ *     return n_dirty, n_reprotect, n_hot, n_new
+*/
+            __pyx_v_n_new = (__pyx_v_n_new + 1);
+
+            /* "whpfast/_pages.pyx":134
+ *                 continue
+ *             d = dirty[w]
+ *             if d:             # <<<<<<<<<<<<<<
+ *                 previous[w] = d
+ *                 reprotect[w] = d & ~hot[w]
+*/
+          }
+
+          /* "whpfast/_pages.pyx":140
+ *                 touched[n_new] = <unsigned int>w
+ *                 n_new += 1
+ *             w += 1             # <<<<<<<<<<<<<<
+ *     return n_dirty, n_reprotect, n_hot, n_new
+ * 
+*/
+          __pyx_v_w = (__pyx_v_w + 1);
+          __pyx_L22_continue:;
+        }
+      }
+
+      /* "whpfast/_pages.pyx":109
+ *             or hot.shape[0] < n_words:
+ *         raise ValueError("bitmaps of different sizes")
+ *     with nogil:             # <<<<<<<<<<<<<<
+ *         # Pass 1 (sparse): promote pages dirty now and last cycle, using previous.
+ *         w = 0
+*/
+      /*finally:*/ {
+        /*normal exit:*/{
+          __Pyx_FastGIL_Forget();
+          PyEval_RestoreThread(_save);
+          goto __pyx_L10;
+        }
+        __pyx_L10:;
+      }
+  }
+
+  /* "whpfast/_pages.pyx":141
+ *                 n_new += 1
+ *             w += 1
+ *     return n_dirty, n_reprotect, n_hot, n_new             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  __pyx_t_3 = __Pyx_PyLong_FromSize_t(__pyx_v_n_dirty); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_4 = __Pyx_PyLong_FromSize_t(__pyx_v_n_reprotect); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  __pyx_t_10 = __Pyx_PyLong_FromSize_t(__pyx_v_n_hot); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_10);
+  __pyx_t_11 = __Pyx_PyLong_FromSize_t(__pyx_v_n_new); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_11);
+  __pyx_t_12 = PyTuple_New(4); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_12);
+  __Pyx_GIVEREF(__pyx_t_3);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_12, 0, __pyx_t_3) != (0)) __PYX_ERR(0, 141, __pyx_L1_error);
+  __Pyx_GIVEREF(__pyx_t_4);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_12, 1, __pyx_t_4) != (0)) __PYX_ERR(0, 141, __pyx_L1_error);
+  __Pyx_GIVEREF(__pyx_t_10);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_12, 2, __pyx_t_10) != (0)) __PYX_ERR(0, 141, __pyx_L1_error);
+  __Pyx_GIVEREF(__pyx_t_11);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_12, 3, __pyx_t_11) != (0)) __PYX_ERR(0, 141, __pyx_L1_error);
+  __pyx_t_3 = 0;
+  __pyx_t_4 = 0;
+  __pyx_t_10 = 0;
+  __pyx_t_11 = 0;
+  {
+    PyObject *__pyx_temp;
+    {
+      __pyx_temp = __pyx_r;
+      __pyx_r = __pyx_t_12;
+    }
+    __Pyx_XDECREF(__pyx_temp);
+  }
+  __pyx_t_12 = 0;
+  goto __pyx_L0;
+
+  /* "whpfast/_pages.pyx":91
+ * 
+ * 
+ * def plan_reprotect(const uint64_t[::1] dirty not None, uint64_t[::1] hot not None,             # <<<<<<<<<<<<<<
+ *                    uint64_t[::1] previous not None, uint64_t[::1] reprotect not None,
+ *                    unsigned int[::1] touched not None, size_t n_touched,
+*/
+
+  /* function exit code */
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_3);
+  __Pyx_XDECREF(__pyx_t_4);
+  __Pyx_XDECREF(__pyx_t_10);
+  __Pyx_XDECREF(__pyx_t_11);
+  __Pyx_XDECREF(__pyx_t_12);
+  __Pyx_AddTraceback("whpfast._pages.plan_reprotect", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = NULL;
+  __pyx_L0:;
+
+
+
+
+
+
+
+
+
+  __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* "whpfast/_pages.pyx":144
  * 
  * 
  * def count_bits(const uint64_t[::1] bitmap not None):             # <<<<<<<<<<<<<<
@@ -19406,16 +20327,16 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
 */
 
 /* Python wrapper */
-static PyObject *__pyx_pw_7whpfast_6_pages_7count_bits(PyObject *__pyx_self, 
+static PyObject *__pyx_pw_7whpfast_6_pages_9count_bits(PyObject *__pyx_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
-PyDoc_STRVAR(__pyx_doc_7whpfast_6_pages_6count_bits, "count_bits(const uint64_t[::1] bitmap)");
-static PyMethodDef __pyx_mdef_7whpfast_6_pages_7count_bits = {"count_bits", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_7whpfast_6_pages_7count_bits, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_7whpfast_6_pages_6count_bits};
-static PyObject *__pyx_pw_7whpfast_6_pages_7count_bits(PyObject *__pyx_self, 
+PyDoc_STRVAR(__pyx_doc_7whpfast_6_pages_8count_bits, "count_bits(const uint64_t[::1] bitmap)");
+static PyMethodDef __pyx_mdef_7whpfast_6_pages_9count_bits = {"count_bits", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_7whpfast_6_pages_9count_bits, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_7whpfast_6_pages_8count_bits};
+static PyObject *__pyx_pw_7whpfast_6_pages_9count_bits(PyObject *__pyx_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
@@ -19445,32 +20366,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_bitmap,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 86, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 144, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 86, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 144, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "count_bits", 0) < (0)) __PYX_ERR(0, 86, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "count_bits", 0) < (0)) __PYX_ERR(0, 144, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("count_bits", 1, 1, 1, i); __PYX_ERR(0, 86, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("count_bits", 1, 1, 1, i); __PYX_ERR(0, 144, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 86, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 144, __pyx_L3_error)
     }
-    __pyx_v_bitmap = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t__const__(values[0], 0); if (unlikely(!__pyx_v_bitmap.memview)) __PYX_ERR(0, 86, __pyx_L3_error)
+    __pyx_v_bitmap = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t__const__(values[0], 0); if (unlikely(!__pyx_v_bitmap.memview)) __PYX_ERR(0, 144, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("count_bits", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 86, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("count_bits", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 144, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -19483,9 +20404,9 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return NULL;
   __pyx_L4_argument_unpacking_done:;
   if (unlikely(((PyObject *)__pyx_v_bitmap.memview) == Py_None)) {
-    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "bitmap"); __PYX_ERR(0, 86, __pyx_L1_error)
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "bitmap"); __PYX_ERR(0, 144, __pyx_L1_error)
   }
-  __pyx_r = __pyx_pf_7whpfast_6_pages_6count_bits(__pyx_self, __pyx_v_bitmap);
+  __pyx_r = __pyx_pf_7whpfast_6_pages_8count_bits(__pyx_self, __pyx_v_bitmap);
 
   /* function exit code */
   goto __pyx_L0;
@@ -19505,7 +20426,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_7whpfast_6_pages_6count_bits(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_bitmap) {
+static PyObject *__pyx_pf_7whpfast_6_pages_8count_bits(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_bitmap) {
   size_t __pyx_v_i;
   size_t __pyx_v_n;
   PyObject *__pyx_r = NULL;
@@ -19520,7 +20441,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6count_bits(CYTHON_UNUSED PyObject *_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("count_bits", 0);
 
-  /* "whpfast/_pages.pyx":87
+  /* "whpfast/_pages.pyx":145
  * 
  * def count_bits(const uint64_t[::1] bitmap not None):
  *     cdef size_t i, n = 0             # <<<<<<<<<<<<<<
@@ -19529,7 +20450,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6count_bits(CYTHON_UNUSED PyObject *_
 */
   __pyx_v_n = 0;
 
-  /* "whpfast/_pages.pyx":88
+  /* "whpfast/_pages.pyx":146
  * def count_bits(const uint64_t[::1] bitmap not None):
  *     cdef size_t i, n = 0
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -19542,7 +20463,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6count_bits(CYTHON_UNUSED PyObject *_
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "whpfast/_pages.pyx":89
+        /* "whpfast/_pages.pyx":147
  *     cdef size_t i, n = 0
  *     with nogil:
  *         for i in range(bitmap.shape[0]):             # <<<<<<<<<<<<<<
@@ -19556,7 +20477,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6count_bits(CYTHON_UNUSED PyObject *_
         for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
           __pyx_v_i = __pyx_t_3;
 
-          /* "whpfast/_pages.pyx":90
+          /* "whpfast/_pages.pyx":148
  *     with nogil:
  *         for i in range(bitmap.shape[0]):
  *             n += __builtin_popcountll(bitmap[i])             # <<<<<<<<<<<<<<
@@ -19569,7 +20490,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6count_bits(CYTHON_UNUSED PyObject *_
 
       }
 
-      /* "whpfast/_pages.pyx":88
+      /* "whpfast/_pages.pyx":146
  * def count_bits(const uint64_t[::1] bitmap not None):
  *     cdef size_t i, n = 0
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -19586,13 +20507,13 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6count_bits(CYTHON_UNUSED PyObject *_
       }
   }
 
-  /* "whpfast/_pages.pyx":91
+  /* "whpfast/_pages.pyx":149
  *         for i in range(bitmap.shape[0]):
  *             n += __builtin_popcountll(bitmap[i])
  *     return n             # <<<<<<<<<<<<<<
  * 
 */
-  __pyx_t_5 = __Pyx_PyLong_FromSize_t(__pyx_v_n); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 91, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_FromSize_t(__pyx_v_n); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 149, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -19605,7 +20526,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6count_bits(CYTHON_UNUSED PyObject *_
   __pyx_t_5 = 0;
   goto __pyx_L0;
 
-  /* "whpfast/_pages.pyx":86
+  /* "whpfast/_pages.pyx":144
  * 
  * 
  * def count_bits(const uint64_t[::1] bitmap not None):             # <<<<<<<<<<<<<<
@@ -21818,19 +22739,34 @@ __Pyx_RefNannySetupContext("PyInit__pages", 0);
   if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_restore, __pyx_t_4) < (0)) __PYX_ERR(0, 56, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "whpfast/_pages.pyx":86
+  /* "whpfast/_pages.pyx":91
+ * 
+ * 
+ * def plan_reprotect(const uint64_t[::1] dirty not None, uint64_t[::1] hot not None,             # <<<<<<<<<<<<<<
+ *                    uint64_t[::1] previous not None, uint64_t[::1] reprotect not None,
+ *                    unsigned int[::1] touched not None, size_t n_touched,
+*/
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_7whpfast_6_pages_7plan_reprotect, 0, __pyx_mstate_global->__pyx_n_u_plan_reprotect, NULL, __pyx_mstate_global->__pyx_n_u_whpfast__pages, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 91, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  #endif
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_plan_reprotect, __pyx_t_4) < (0)) __PYX_ERR(0, 91, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+
+  /* "whpfast/_pages.pyx":144
  * 
  * 
  * def count_bits(const uint64_t[::1] bitmap not None):             # <<<<<<<<<<<<<<
  *     cdef size_t i, n = 0
  *     with nogil:
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_7whpfast_6_pages_7count_bits, 0, __pyx_mstate_global->__pyx_n_u_count_bits, NULL, __pyx_mstate_global->__pyx_n_u_whpfast__pages, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 86, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_7whpfast_6_pages_9count_bits, 0, __pyx_mstate_global->__pyx_n_u_count_bits, NULL, __pyx_mstate_global->__pyx_n_u_whpfast__pages, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 144, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_count_bits, __pyx_t_4) < (0)) __PYX_ERR(0, 86, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_count_bits, __pyx_t_4) < (0)) __PYX_ERR(0, 144, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   /* "whpfast/_pages.pyx":1
@@ -22007,41 +22943,41 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{19},{7},{8},{6},{24},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{4},{179},{8},{10},{16},{15},{7},{6},{2},{9},{50},{14},{30},{37},{18},{5},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{6},{13},{3},{15},{18},{4},{3},{6},{4},{1},{7},{18},{6},{4},{5},{10},{11},{5},{3},{15},{6},{9},{5},{5},{6},{7},{1},{2},{5},{5},{5},{8},{7},{4},{1},{7},{4},{4},{7},{3},{3},{4},{4},{3},{8},{7},{10},{5},{4},{3},{5},{4},{4},{6},{6},{6},{6},{1},{4},{14},{5},{1},{6}};
-    const struct { const unsigned int length: 8; } bytes_length_index[] = {{1},{80},{46},{199},{236}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{19},{7},{8},{6},{24},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{4},{179},{8},{10},{16},{26},{15},{7},{6},{2},{9},{50},{14},{30},{37},{18},{5},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{6},{13},{3},{15},{18},{4},{3},{6},{4},{1},{7},{18},{6},{4},{5},{10},{1},{11},{5},{3},{15},{6},{9},{5},{5},{6},{7},{3},{9},{1},{2},{5},{5},{5},{8},{7},{4},{1},{7},{5},{5},{7},{11},{9},{7},{4},{4},{7},{3},{3},{4},{4},{14},{3},{8},{7},{8},{9},{7},{10},{5},{4},{3},{5},{4},{4},{6},{7},{6},{6},{6},{1},{4},{14},{5},{1},{6}};
+    const struct { const unsigned int length: 9; } bytes_length_index[] = {{1},{80},{46},{199},{324},{492}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1222 bytes) */
-static const char cstring[] = "x\332}T\317s\0237\024&%\341g\332\332\204@i;\035\031\312x\332\001\267.\320\241\035J\047\230\220f\246M!\264Lo;Z\355\263-\330\225\326\222\326\366r\342\350\343\036u\334\243\217>\372\230#\307\034\367\330?\201?\241O\273v\010\264S\317X\226\365~}\357{\237D\250!\337\216\211\237\032\3207H\027F\240\210\351SAH_\206\201&D\372\317\201\231\373$\246=\320d$\025\036rM\214\224DG4\014IW*\322\372\221\334\373\r\"\251\322g\034FDv\311=&\205\341\275D&\232P\021\220\200+\227\346\375c.\226\006m\024\017 8\346L0\361\377\331\337=;\362\274\377s\207\n!\r\241Z\363\236@\244D\001\rnJ\021\246$*A\016\021\344\256\030\322\220\007$\222\001\334 0\2161\026S5Y\323\325mbWFQ\321\274Az\230j\351\254\3734\006,E\350\0309\330\223\002\366\244\001G\230!\235\324\364\245p\334\004\020r\037\0245\200\025\035F\314\274`\365\361\366\343\233\267\357\336.\021+p\314j\242\023\237\205\010\026\351E\342\374\204\207\006+\2304\006\335\"\273]\222\312\204\010@l\330I\214~\307\003L\037\004\321`\334\2064\313\276\251\341Rx\030\316E\257\271\240\212\017\301E?\242\241\206\026\r\002\017\375\300\347&\242qY\263\332\035\315\224\3110tQR\350\026\365Y\3005\365C\000\341\326\036\343\272\332\005Bb\253]\232\204\206x\236\202 a\340y$H\312ZB\212\233\330\372\220\323\020\255\214\013n<O\013\032\353>\022\312#\224SR\246q\316XS2\344\213P\245hJ\002jh\353?\254\025\375\216\273j\362\2725\352\307]\252\3157^)\317V\234\216\267\236vvw\267\303\220\307\232\353\2470H@0p\252l\275\025\250\347=N\307\370}\210\223\361\366`l\366\241\353y\013\366\260\007\304\353\370}\273\351\201\341\006\"w\020\270\030\374t\023\301\334/\232\3642\212G1\312\306\355\"\312E\371+\203$,m\202F\325\257+\357y\210\324c}`/t\022U\377\026Y\334\326\315\276\332%\"\346\354\005f\330\026K\277\241q\274\270\034\203\204\206\313\264K\372\217v\254\224\343\261\003\030\273?\250\225#(\372\030\364\243\375\3338|\021\\/%J\217k\217I%\023\224&\240$\226#\361\374\244\333E\251\353T0.[G.\332\247\332\t\254R\026\256\2321\032\233\004\305\030\242\331Cv\360z1\360){\301d\314!\3005e2\021\246\\<\027\202\003\306\\\245\236Q\306&\r\264\tJj""\020L\365,\341l\361\372\002rS^7PJ\252nH{\032\257oD\315\342\022s\036\224z\303\047\002\306n\216\272Z^\002>\007\356-po\200\020\225\206\0349X.B\375\276\004%\261\016v\024#Lg\215e\254\240\3075\336g\205\340$.`\026w\240\024\247K\252\025C*\025\362\t1\372\340W%\314\340$1I\022\243\266\001\037\223\004\364h\204\317\306B\300\255\252x\371\274\216]]\010~\177\265R\254\236~\225L\036L\372\231oW\2123\037M\236\333\025{\301\266\355\257\323\225\303\257\266\016\352\007\r\3472\234<\313\332Y\047Sv\303>\260t\351\370y\376$\357N\037\315\032\207\267\366^\323\327\003\227\357r6(\316\236+\316\254O\266\263\315\214fC\373,o\347[\305z\375\260~\275\364\337\232>)V\317O\332\257V\336\2349\261\366\231\275Vztr}\370\365\3759-V7\263?\354\345\034S}\201\225\260\370\300\225\243\223\324\236\264\337\347\365\374\313\234O\027G:kd\355\342l-;\205\205\264\275j;V\345\365%\272\372\002\307/\331\266\255\333F\261\376\361\304d?\345+\230\343\032\002\201\351w\010\244\266\201\031.~j\033\3666\306n\346\376\364\324\224N\365\2541\2733\377`\336<\250\0275\354\310\256\331\247\371\351\374\345lc\366p\2766\337\237\017\212\332\025,\260h\343\334;mL\221\262+\216\2337\247N\254\235\2374&? \200Kv\220\257\346;\323v\261z\356\235\243]\307\306\207\223\277\262\375\314\330[\330\361q\362\006\305\372Fv\247\354e\375B\326(j\2272\211\320iQ\373\004!\355\333\201C\247p`\267\254\217\214\325\234\363I\213\rm\026\265\213\331\016\316\261cu~=W\323z\325\244;\030\344k\371~>\3026\223\331\326\354\317\371\325\371\316\001\206 \333\177\377\313\207\315\352\245\305uz7k\377\003\202B\n\237";
-    PyObject *data = __Pyx_DecompressString(cstring, 1222, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1626 bytes) */
+static const char cstring[] = "x\332\275TMw\333\306\0255eI\261\035\265%%+v\354&\031:u\325\366\330ti\331=N\232\272Gb\024W\247\215\252\017\233v\334\364\340\014\201!918\0001\003\212\364\312K.\261\234%\226\\b\311%\227\\b\211\245\177B~B\356\200\244,\367kY\035\021\030\314\274\217\373\356\273o\010U\344\367}\322\030(&\357\220&;e\001Qm*\010i{\256#\t\361\032?0[=&>m1IN\275\000\233\\\022\345yDv\250\353\222\246\027\220\312\227\344\253oY\307\013\006u\316N\211\327$_\331\236P\274\025z\241$T8\304\341\201\t\363\257\333\\,\016\244\n\270\303\234s\306\004\201\377\327\371\373{g\226\217\377\\\243Bx\212P)yK\000)\t\030u\356z\302\035\220N\016\262\007\220\373\242G]\356\220\216\347\260;\204\365}\370\"\324\226\275e\362n\241*\025P\261u\207\264\020ja,\333\324gHEh\037\034\034x\202\035x\212\031\302\024\251\rT\333\023\206\033\207\271\274\301\002\252\0302\032\214\210<g\365p\357\360\356\203G\017r\304\0013\314J\"\303\206\355\002,\350\005q\215\220\273\n\031\324\300g\262B\366\233d\340\205D0`C%>\354\316;\2506\023D2e\026d+\257\233*\356\t\013\356\\\264\266\346T\361\0363\336\337PW\262\nu\034\013v\254\301U\207\372y\316\331\352\254\247\263\357\034\216\303\233M\0260\241\210\344\257\231\264=\3275\361<!+\264a;\\\322\206\313\2300\317\226\315\345l\345\010\017$4i\350*bY\001sB\233Y\026q\302\034\205\360\304]\220\322\343\324\305\251\315\005W\226%\005\022\266A5\357@ha\036\306\030\003\215g\203IB\203\200\016\210C\025\255\374\207\323Yc\014\2533M\310\312i\333oR\251\356Y\271p+\376\240\277sR\333\337\337s]\356K.OX7d\302fF\257\225w\322\265\254\303A\037\277\257\3213\353\200\365\3251kZ\326\234W\324\000\274\206\371w\213\026S\\\261\216\331p\214\017\376\232\241\260\315\033Gr\341\305;>\004eV\035\312E\376\366\234\320\315\317\004\355\314\336&\275e\001\251e\267\231\375J\206\235\331\327<\212Y\032U\314V\241\360\271\375\n\021\366\304\302\256\247\014/&F7\244\356\"\354\202\376\263\225\235\013\365\334\006\353\233\017\250\350\014\212<\007\375l\375\316\017w\205\251%Giqi\331^\340\205\020-\203$\026-\261\032\241Q\016\225\003as\257rf\"\033T\032\351\3154\206\247\264m\352\253\0202""uql\201\035\014\236\315\032\324~e{>g\016\236\003\333\013\205\312\037\226qq\320a\004\313\245\016\205\253\201#\225\223s\0034\263\033\013\315\305d3\220\223O\"\013\002/h\272\264%1\331\035\252\346\363\r\305\341\337ry\207+\316\235\\|\270IX\3374U\316\036\257\031n\rse\230\253B\010+O(,\370\t\32331S\230\000\233~\200\261\262\261\255\274\020\3448\302\312\357K\303*`v \374\327,\360\200\017T\370\250\3178\372.=\347\352{\276\037\260\036\307\375\210\235\016\366\002\326\342\022\2573\223\000\245{x05\037\261\\\373\371t\0066:\025\240]\314\207\r~Ah\2539\026\350\005\031C\037\023\304p\231\205L\236\236\342\332\232\217IeVD\016\267o@2\347\357o\n\331\362\007o\302\341\356\260\0355t!\273\364\363\341\017\272\240\327uU\377mTH\177\2733)M\312\306\2447\254G\325\250\026\005zC\357j\2720\374e|\0247G\337$\345t\373`J\247]\023\357Z\324\315._\311.\255\r\367\242\315\210F=]\217\253\361N\266VJK\267s\373\235\321Q\266\374\341\260\372\246\360\343\245\013+7\365\347\271E-\226\351\357\036\217i\266\274\031=\325\327b\204\372\024\231\220\274k\322\321\341@_\324\177\210K\361\257b>\232o\311\250\034U\263\313\305h\025\211\244\276\245k:\210K\013t\2459\216\277D{\272\244\313\331\332/\206*\372S\\@\214\317\001\204\215\356\003Hq\003\021\256\336\320e\375\000\276\233qc\264:\242#\231\224\223\207\343\245\361\326\244\224\025Q\221^\321\047\361\007\361\353d#\371z\2742>\036w\263\342\307H0/\343\312{e\214@\331\307\206\233\037W/\254|8,\017\277\000\200\217t7^\216\237\214\252\331\362\225\367\266\366\r\033?\033\276\210\216#\245\267Q\361\014\364\216\251\242\021-E9\356 Z\217\356G\047zU;\361\3558\004\205\047\311Rr;\351\002\343\255qm\034L6\047t\022L\327\247\333\323Fz\370,}VO\353/\322\027/\323\227\377\310\212\233\021\352,ek\033\321\303\234\226\265R\204\307:B\027?\212<PA\263\342u\224x\254\273f\2614\047r#\3365\047\306\353\242\006I\233Y\361j\364\004\332\330\325\215\370b\274=g0\047\257\n\217n\274\022\037\307\247\240/Lv\222g\000\366d\0027t\361\355\277\331\330I)?1\014>\212\014\2077.\254\224qX\037UG\007\351\227\177\235\3761\255?\177\213\356\237\016\233""\321\016J_\322\277A\333^\214\352I5\251%\301\370\372dc\262?\255\247\047O\323\247\317\323\347\337\245\337\2754L\311\350\327\250\361=\225\032\035\274\375\257\224^B\017\366F\233y\323o%{\343\022p\357\216\355\311\372\344\341\264\000B\357OO\322\303\343\364\0309f\204~\237~\377\317w\234\026\243\225\350(\242&\"\310\273\231\336\2747\352&\205\254x\003$\356\352vL\241\207[y\277\n(\031d>\202\320z\340\240\237\336\253M\252(\001\341A\242\021\331*0_\375$\375\244\232\224\222r\336\245\267gc\324\315\326\256\202\207\347z\307\310,[C\376\250\245\217t\023\243\365\377\251\355:\250\334\004B#|}\033\372X\317\345\336\035\241\332\317\322\317\266\321\227\375\361\021\0068\037\230\313\361\247\243\371\220\344rC\237\277\210\276\215\257\215\n?\001\272\025/\346";
+    PyObject *data = __Pyx_DecompressString(cstring, 1626, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (1589 bytes) */
-static const char cstring[] = "\377 at 0x b\377ytes, fe\377wer than\377  holds \377 object>\377 pages w\373or\022\000is to\377o small \377for .: <\377MemoryVi\377ew of <c\377ontiguou\377s and di\331rC\001\007\rin\021\005st_rided\"\010 V\000\346\004\031><(\tA\006>?C\377annot as\357sign\247\000 re\377ad-only \365m\240\002v\242\000Inva\377lid mode\237, exp\343\000|\000\047\353c\047t\001\047\323\000tra\237n\047, gH\000%\005s\377hape in \373ax\201 NoneN\367ote\255!t Cy\337thon \231 de\377liberate\354o\000\324\001ct\316%PEPo-484\216\"re\326!\177s subcl\252\000|\334 \266 built_\000\377types. I\377f you ne\326\230 to\203@s$\nth\277en set\261@e\373 \047\363\002ation\275_<\000ing\047\361$i\375v\242\000o Fals\277e.add_\235 e?bitmap\251A\003\004\236\313Fcoll\362@E\000s\377.abcdisa\337bleen\002\001gc\373is\004\003dno d\377efault _\377_reduce_\357_ dug\002non\275-\320@vial\033\000c\377init__snoapsh\231@im\314`\261uL\002\235A\305`oc\255  \377array da\207ta.\013\020\371#\313a\250cs\377.whpfast\373/_\232\204\002.pyxA\377SCIIElli\377psisSequ\257ence\222\204\001.\227\204\007_\357_Pyx\001\000Dic\377t_NextRegf__\267$\301\000__\214B\373__\001\005getit\313em\r\001d0\001\027\000fu3nc\035\001\030\000st\350@)\001\337impor\344\000__\317main;\001\333`ulnM\002nam\002\003ewT\001\376\247\000_checks\301uT\000\n\001?\004\025\001\370A__~\037\001unpick?\000\233En \005vt\211A\230\001qGualO\005\367%\200Fc\212\204\002L\277\001\223Dex\314\001\251`_\203\005p\265`\262\006\003\006.\007tes\310\001\376\241\002_is_cor?outine\220`\251E\377_buffera\177syncio.\032\006\217sbas\335a\336c\347`s\377ccapture\353cl?\000_\233 tra\377cebackco\357pied\003\000ycoWunt\000\002_/\001d~\000\373in\313\204\002dirty\017dstd\226\"\212\000\221\210\003\331@\317odee\231 \352\205\002er\377rorflags\277format\276\206\004i\373id\353bindex\372\304As\000\002izeme\231m\210\207\001\200\207\001nn\276c\244An\376-\000nonzero\227obj\362\000p\244\000\375\210\001p\377opregist\374g\000\233 oresett\375\204\004\227\207\002sR\000src\217`{rt#\000psto\001\000\317ruct\307@\351\000up""\377datevalu\177eswwhat\272\204\004\351.\273\204\003\332\211\002xt\001edO\377\200\001\330\004\007\200u\210\377B\210h\220b\230\001\330\377\010\016\210j\230\001\230\022\377\2301\230L\250\001\320)\337A\300\021\300!\037\001v\210\377V\2201\220C\220r\230\337\023\230B\230a!\005\034\240\377Q\240f\250F\260!\320\2773N\310a\310qL\001\027\377\220q\330\t\n\330\010\014\377\210E\220\025\220a\220v\377\230V\2401\240A\330\014\357\021\320\021%+\002A\250Q\377\330\004\013\2101\200\001\360\277\010\000\005\033\230#\035\002C\377\240s\320*>\270a\330\177\004\025\220T\230\027\240\230\000\351\036g\000\235\000q\224\001a\210y\377\230\003\2306\240\021\240$\367\240i\250\014\004s\220!\220\2771\330\t\020\220\006f\000s\377\230\"\230C\230r\240\021\372\277\005\021\201\004H\220E\230\021\377\230!\330\014\017\210t\220\327=\240\001A\000#\266\000e\250\3552\206\000\020\023?\000\024\032\230\367!\23049\000\025\240b\250\377\006\250a\250s\260!\260\3775\270\002\270\047\300\021\330\375\020\317\000\230\005\230S\240\007\377\240z\260\023\260D\270\005\377\270R\270q\330\020\031\230\325\021\277\005\n\272\n\250\260 \031\230\376\231 \360\006\000\005\013\210!\373\2109~\000\026\230q\240\004\177\240G\2501\330\004\n\006\n\375I\212!\r\210X\220R\220\347t\2303\331 \261)q\330\014\367\023\2205\220@\021\330\014\022\177\220!\330\020\026\220o\361 oa\330\020\030\220\000R\230\204\000\225\027\222@\0226\000b\257 \312\0005\376\243 1\330\024\025\330\020\024\373\220G\305@C\230s\240%_\240r\250\021\330\340\0021\240 \177q\240\005\240R\240w\344\000\377u\260A\260U\270\"\270\323G\3000\000\353 \340\023\016c\260|6\000\203B\013\2108\2201";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 1589, 1996);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2103 bytes) */
+static const char cstring[] = "\377 at 0x b\377ytes, fe\377wer than\377  holds \377 object>\377 pages w\373or\022\000is to\377o small \377for .: <\377MemoryVi\377ew of <c\377ontiguou\377s and di\331rC\001\007\rin\021\005st_rided\"\010 V\000\346\004\031><(\tA\006>?C\377annot as\357sign\247\000 re\377ad-only \365m\240\002v\242\000Inva\377lid mode\237, exp\343\000|\000\047\353c\047t\001\047\323\000tra\237n\047, gH\000%\005s\377hape in \373ax\201 NoneN\367ote\255!t Cy\337thon \231 de\377liberate\354o\000\324\001ct\316%PEPo-484\216\"re\326!\177s subcl\252\000|\334 \266 built_\000\377types. I\377f you ne\326\230 to\203@s$\nth\277en set\261@e\373 \047\363\002ation\275_<\000ing\047\361$i\375v\242\000o Fals\277e.add_\235 e?bitmap\251A\003\004\364\313F\024\003s\304Adiff\377erent si\177zescoll\214`\376_\000s.abcdi\177sableen\002\001\357gcis\004\003dno\377 default\377 __reduc\277e__ du\201\002n\367on-\352@vial\376\033\000cinit__\277snapsh\263@i\305m\346`uL\002\267A\337`oc\376\307  array \037data.\013\020\223C\345a\376\302cs.whpfa\357st/_\264\204\002.py\377xASCIIEl\377lipsisSe\277quence\254\204\001.\276\261\204\007__Pyx\001\000D\377ict_Next\237Ref__\321$\301\000_\355_\246B__\001\005get/item\r\001d0\001\027\000\317func\035\001\030\000st|\202`)\001impor\344\000?__main;\001\365`\273ulM\002nam\002\003e\371wT\001\247\000_chec\007ksuT\000\n\001?\004\025\001\222a\373__\037\001unpicmk?\000En \005vt\211A\036\230\001qualO\005\367%\200F1c\244\204\002\277\001\223Dex\314\001\303`\301_\203\005\317`\262\006\003\006.\007te\371s\310\001\241\002_is_c\377oroutine\334\220`\251E_bu\266aas\277yncio.\032\006s\347bas\367a\370cbit\377sccaptur\327ecl?\000_\233 tr\377acebackc\337opied\003\000yc\257ount\000\002_/\001d\355d\177\000in\346\204\002dir?tydstd\227\"\213\000<\254\210\003\332@odee\232 \205\206\002\377errorfla\377gsformat\370\331\206\004\357`\362`_limi\357tiid\370bind\353ex\321As\000\002ize\347mem\257\207\001\247\207\001nn_\376l\002n_hotn_\357newn\334cn_r\177eprotec\024\000wtou\300@dn_\253\211\002\372\335AnY\000nonze_roobj\253 p""\335\000\356\320\211\001pla0\010pop\377previous\376J\000motereg\247ist\274\000V\005r\372 o\306\002\000et\334\205\004\220\210\002\231\206\002rc\366\356`rt,\000psto\036\001\000ruct\205\004\255`\317 \377updateva\377lueswwha\245t\240\205\004.\241\205\003\332\212\002x\241\001e\377dO\200\001\330\004\007\200\377u\210B\210h\220b\230\377\001\330\010\016\210j\230\001\377\230\022\2301\230L\250\001\177\320)A\300\021\300!\037\001\377v\210V\2201\220C\220\177r\230\023\230B\230a!\005\377\034\240Q\240f\250F\260\377!\3203N\310a\310q\376L\001\027\220q\330\t\n\330\377\010\014\210E\220\025\220a\377\220v\230V\2401\240A\277\330\014\021\320\021%+\002A\377\250Q\330\004\013\2101\200\377\001\360\010\000\005\033\230#\376\035\002C\240s\320*>\270\377a\330\004\025\220T\230\027\245\240\230\000\036g\000\235\000q\224\001a\377\210y\230\003\2306\240\021\337\240$\240i\250\014\004s\220\377!\2201\330\t\020\220\006\376f\000s\230\"\230C\230r\353\240\021\277\005\021\201\004H\220E\377\230\021\230!\330\014\017\210_t\220=\240\001A\000#\266\000\267e\2502\206\000\020\023?\000\024\337\032\230!\23049\000\025\240\377b\250\006\250a\250s\260\377!\2605\270\002\270\047\300\367\021\330\020\317\000\230\005\230S\377\240\007\240z\260\023\260D\377\270\005\270R\270q\330\020W\031\230\021\277\005\n\272\n\250\260 \373\031\230\231 \360\006\000\005\013\357\210!\2109~\000\026\230q\377\240\004\240G\2501\330\004\365\n\006\nI\212!\r\210X\220\237R\220t\2303\331 \267#A\336\211Ab\220\002\220\263\002r\220\377\022\2202\220S\230\006\230\377d\240%\240u\250A\250\177S\260\002\260%\260q\241\000\377\"\270C\270r\300\025\300\377a\300r\310\022\3103\310\377b\320PU\320UV\320\377VX\320XZ\320Z[\377\330\020\025\220Q\330\020\021\237\330\014\023\2205\333@\006\000\021\365\220\013\000\022X\000\020\026\220o\336\301@a\330\020\030\340\000R\230\356\324\000\030\230\002\302$\023\240B\371\240\027\0002\001\003\2301\330\024\277\025\330\020\024\220G\231`B\177\230b\240\003\2403\240\274#\372\270\"1\370 q\240\005\240R\373\240w\274 u\260A\260U\237\270\"\270G\3004\000""\303@\340\276\023\016c\260\021\330\024\333B\013\367\2108\220\207a\032\000\005!\376>\000V\2501\250N\320:\377K\310;\320VW\340\004\177\007\200w\210f\220A\370\000\377\002\230(\240#\240X\250\377V\2601\260C\260r\270\377\030\300\023\300I\310V\320\377ST\320TW\320WY\367\320YZ\336As\220&\230y\001\230\204\013\204a\340\010\014\210\2753\335\010\224@E\250\025\360B\"\260\367E\270\021\265\000B\270c\300\337\022\3005\310\001\316 2\310?S\320PR\320Ra\000\313#\357\\\320\\]\312\047\020\220\005\317\220Q\220a\331a\221`\033\320\377\033/\250q\260\001\330\020\377\032\230\"\230B\230h\240_a\240s\250\"\253B\001\360\000\352\353`8\346`v\245 x\320/\347C\3001\300\000\\\000Q\330\024\376\341a\006\230a\330\024\035\320\377\0351\260\021\260!\330\014z\243@\340\276\205\006q\330\014\024\205 \267W\230A\314\205\001\330\014\321@\220?g\230Q\230f\240\247`wb\177\030\230\001\230\025\230a\364\204\002\377\230%\230r\240\022\2401\337\240C\240q\250\353\000\037\320\373\0373\225@I\270Q\270a\036\253\205\003\t\240\036\250\236\205\004\305\001\355\206\001\1779\220M\240\027\250\001";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2103, 2704);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (1996 bytes) */
-static const char bytes[] = " at 0x bytes, fewer than  holds  object> pages words is too small for .: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis NoneNote that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notebitmap of bitmap too smallcollections.abcdisableenablegcisenabledno default __reduce__ due to non-trivial __cinit__snapshot imageunable to allocate array data.unable to allocate shape and strides.whpfast/_pages.pyxASCIIEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___check_is_coroutineabcallocate_bufferasyncio.coroutinesbasebitbitmapbitsccapturecline_in_tracebackcopiedcopycountcount_bitsdestinationdirtydstdtype_is_objectencodeenumerateerrorflagsformatfortraniidimageindexitemsitemsizememviewmodenn_pagesnamendimnonzeroobjoutpackpagepopregisterrestoresetdefaultshapesizesrcstartstepstopstructunpackupdatevalueswwhatwhpfast._pageswordsxzeroedO\200\001\330\004\007\200u\210B\210h\220b\230\001\330\010\016\210j\230\001\230\022\2301\230L\250\001\320)A\300\021\300!\330\004\007\200v\210V\2201\220C\220r\230\023\230B\230a\330\010\016\210j\230\001\230\034\240Q\240f\250F\260!\3203N\310a\310q\200\001\330\004\027\220q\330\t\n\330\010\014\210E\220\025\220a\220v\230V\2401\240A\330\014\021\320\021%\240Q\240f\250A\250Q\330\004\013\2101\200\001\360\010\000\005\033\230#\230V\2401\240C\240s\320*>\270a\330\004\025\220T\230\027\240\001\330\004\036\230a\330\004\007\200q\330\010\016\210a\210y\230\003""\2306\240\021\240$\240i\250q\330\010\016\210a\210s\220!\2201\330\t\020\220\006\220a\220s\230\"\230C\230r\240\021\330\010\016\210j\230\001\230\021\330\t\n\330\010\014\210H\220E\230\021\230!\330\014\017\210t\220=\240\001\240\021\240#\240Q\240e\2502\250Q\330\020\023\2201\330\024\032\230!\2304\230r\240\025\240b\250\006\250a\250s\260!\2605\270\002\270\047\300\021\330\020\027\220q\230\005\230S\240\007\240z\260\023\260D\270\005\270R\270q\330\020\031\230\021\330\004\013\2101\200\001\360\n\000\005\033\230#\230V\2401\240C\240s\250!\330\004\031\230\034\240Q\360\006\000\005\013\210!\2109\220E\230\026\230q\240\004\240G\2501\330\004\n\210!\2109\220E\230\026\230q\240\004\240I\250Q\330\004\r\210X\220R\220t\2303\230a\330\t\n\330\010\014\210E\220\025\220a\220q\330\014\023\2205\230\001\230\021\330\014\022\220!\330\020\026\220o\240Q\240a\330\020\030\230\005\230R\230q\330\020\027\220r\230\022\2303\230b\240\001\330\020\023\2205\230\003\2301\330\024\025\330\020\024\220G\2301\230C\230s\240%\240r\250\021\330\024\032\230!\2301\230C\230q\240\005\240R\240w\250a\250u\260A\260U\270\"\270G\3001\330\024\036\230a\340\024\032\230!\2301\230C\230q\240\005\240R\240w\250c\260\021\330\024\036\230a\330\004\013\2108\2201";
+    #else /* compression: none (2704 bytes) */
+static const char bytes[] = " at 0x bytes, fewer than  holds  object> pages words is too small for .: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis NoneNote that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notebitmap of bitmap too smallbitmaps of different sizescollections.abcdisableenablegcisenabledno default __reduce__ due to non-trivial __cinit__snapshot imageunable to allocate array data.unable to allocate shape and strides.whpfast/_pages.pyxASCIIEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___check_is_coroutineabcallocate_bufferasyncio.coroutinesbasebitbitmapbitsccapturecline_in_tracebackcopiedcopycountcount_bitsddestinationdirtydstdtype_is_objectencodeenumerateerrorflagsformatfortranhothot_limitiidimageindexitemsitemsizememviewmodenn_dirtyn_hotn_newn_pagesn_reprotectn_touchedn_wordsnamendimnonzeroobjoutpackpageplan_reprotectpoppreviouspromoteregisterreprotectrestoresetdefaultshapesizesrcstartstepstopstructtouchedunpackupdatevalueswwhatwhpfast._pageswordsxzeroedO\200\001\330\004\007\200u\210B\210h\220b\230\001\330\010\016\210j\230\001\230\022\2301\230L\250\001\320)A\300\021\300!\330\004\007\200v\210V\2201\220C\220r\230\023\230B\230a\330\010\016\210j\230\001\230\034\240Q\240f\250F\260!\3203N\310a\310q\200\001\330\004\027\220q\330\t\n\330\010\014\210E\220\025\220a\220v\230V\2401\240A\330\014\021\320\021%\240Q\240f\250A\250Q\330\004\013\2101\200\001\360\010\000\005\033\230#""\230V\2401\240C\240s\320*>\270a\330\004\025\220T\230\027\240\001\330\004\036\230a\330\004\007\200q\330\010\016\210a\210y\230\003\2306\240\021\240$\240i\250q\330\010\016\210a\210s\220!\2201\330\t\020\220\006\220a\220s\230\"\230C\230r\240\021\330\010\016\210j\230\001\230\021\330\t\n\330\010\014\210H\220E\230\021\230!\330\014\017\210t\220=\240\001\240\021\240#\240Q\240e\2502\250Q\330\020\023\2201\330\024\032\230!\2304\230r\240\025\240b\250\006\250a\250s\260!\2605\270\002\270\047\300\021\330\020\027\220q\230\005\230S\240\007\240z\260\023\260D\270\005\270R\270q\330\020\031\230\021\330\004\013\2101\200\001\360\n\000\005\033\230#\230V\2401\240C\240s\250!\330\004\031\230\034\240Q\360\006\000\005\013\210!\2109\220E\230\026\230q\240\004\240G\2501\330\004\n\210!\2109\220E\230\026\230q\240\004\240I\250Q\330\004\r\210X\220R\220t\2303\230a\330\t\n\330\010\014\210A\330\010\016\210b\220\002\220!\330\014\017\210r\220\022\2202\220S\230\006\230d\240%\240u\250A\250S\260\002\260%\260q\270\002\270\"\270C\270r\300\025\300a\300r\310\022\3103\310b\320PU\320UV\320VX\320XZ\320Z[\330\020\025\220Q\330\020\021\330\014\023\2205\230\001\230\021\330\014\021\220\021\330\014\022\220!\330\020\026\220o\240Q\240a\330\020\030\230\005\230R\230q\330\020\030\230\002\230\"\230C\230r\240\023\240B\240a\330\020\023\2205\230\003\2301\330\024\025\330\020\024\220G\2301\230B\230b\240\003\2403\240e\2502\250Q\330\024\032\230!\2301\230C\230q\240\005\240R\240w\250a\250u\260A\260U\270\"\270G\3001\330\024\036\230a\340\024\032\230!\2301\230C\230q\240\005\240R\240w\250c\260\021\330\024\036\230a\330\004\013\2108\2201\200\001\360\032\000\005!\240\005\240V\2501\250N\320:K\310;\320VW\340\004\007\200w\210f\220A\220S\230\002\230(\240#\240X\250V\2601\260C\260r\270\030\300\023\300I\310V\320ST\320TW\320WY\320YZ\330\014\017\210s\220&\230\001\230\023\230B\230a\330\010\016\210j\230\001\230\021\330\t\n\340\010\014\210A\330\010\016\210b\220\002\220!\330\014\017\210r\220\022\2202\220S\230\010\240\004\240E\250\025\250a\250s\260\"\260E""\270\021\270\"\270B\270c\300\022\3005\310\001\310\022\3102\310S\320PR\320RW\320WX\320XZ\320Z\\\320\\]\330\020\025\220Q\330\020\021\330\014\020\220\005\220Q\220a\330\014\017\210q\330\020\033\320\033/\250q\260\001\330\020\032\230\"\230B\230h\240a\240s\250\"\250A\250S\260\001\260\021\330\020\023\2208\2304\230v\240R\240x\320/C\3001\300I\310S\320PQ\330\024\027\220q\230\006\230a\330\024\035\320\0351\260\021\260!\330\014\021\220\021\340\010\014\210E\220\025\220a\220q\330\014\024\220A\220W\230A\230V\2401\330\014\025\220Q\220g\230Q\230f\240A\330\010\014\210A\330\010\016\210b\220\002\220!\330\014\017\210r\220\022\2202\220S\230\010\240\004\240E\250\025\250a\250s\260\"\260E\270\021\270\"\270B\270c\300\022\3005\310\001\310\022\3102\310S\320PR\320RW\320WX\320XZ\320Z\\\320\\]\330\020\025\220Q\330\020\021\330\014\020\220\005\220Q\220a\330\014\017\210q\330\020\030\230\001\230\025\230a\330\020\031\230\021\230%\230r\240\022\2401\240C\240q\250\001\330\020\037\320\0373\2601\260I\270Q\270a\330\020\027\220q\230\t\240\036\250q\330\020\031\230\021\330\014\021\220\021\330\004\013\2109\220M\240\027\250\001";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 126; i++) {
+    for (int i = 0; i < 141; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
-      if (likely(string) && i >= 34) PyUnicode_InternInPlace(&string);
+      if (likely(string) && i >= 35) PyUnicode_InternInPlace(&string);
       if (unlikely(!string)) {
         Py_XDECREF(data);
         __PYX_ERR(0, 1, __pyx_L1_error)
@@ -22049,8 +22985,8 @@ static const char bytes[] = " at 0x bytes, fewer than  holds  object> pages word
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 126; i < 131; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-126].length;
+    for (int i = 141; i < 147; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-141].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -22060,15 +22996,15 @@ static const char bytes[] = " at 0x bytes, fewer than  holds  object> pages word
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 131; i++) {
+    for (Py_ssize_t i = 0; i < 147; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 126;
-      for (Py_ssize_t i=0; i<5; ++i) {
+      PyObject **table = stringtab + 141;
+      for (Py_ssize_t i=0; i<6; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
         #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -22130,12 +23066,12 @@ static const char bytes[] = " at 0x bytes, fewer than  holds  object> pages word
 namespace {
 #endif
 typedef struct {
-    unsigned int argcount : 3;
+    unsigned int argcount : 4;
     unsigned int num_posonly_args : 1;
     unsigned int num_kwonly_args : 1;
-    unsigned int nlocals : 4;
+    unsigned int nlocals : 5;
     unsigned int flags : 10;
-    unsigned int first_line : 7;
+    unsigned int first_line : 8;
 } __Pyx_PyCode_New_function_description;
 #ifdef __cplusplus
 } /* anonymous namespace */
@@ -22167,12 +23103,17 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   {
     const __Pyx_PyCode_New_function_description descr = {4, 0, 0, 12, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 56};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dst, __pyx_mstate->__pyx_n_u_image, __pyx_mstate->__pyx_n_u_dirty, __pyx_mstate->__pyx_n_u_nonzero, __pyx_mstate->__pyx_n_u_n_pages, __pyx_mstate->__pyx_n_u_words, __pyx_mstate->__pyx_n_u_w, __pyx_mstate->__pyx_n_u_page, __pyx_mstate->__pyx_n_u_copied, __pyx_mstate->__pyx_n_u_zeroed, __pyx_mstate->__pyx_n_u_bits, __pyx_mstate->__pyx_n_u_bit};
-    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_whpfast__pages_pyx, __pyx_mstate->__pyx_n_u_restore, __pyx_mstate->__pyx_kp_b_iso88591_V1Cs_Q_9E_q_G1_9E_q_IQ_XRt3a_E, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_whpfast__pages_pyx, __pyx_mstate->__pyx_n_u_restore, __pyx_mstate->__pyx_kp_b_iso88591_V1Cs_Q_9E_q_G1_9E_q_IQ_XRt3a_A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 86};
+    const __Pyx_PyCode_New_function_description descr = {8, 0, 0, 16, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 91};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dirty, __pyx_mstate->__pyx_n_u_hot, __pyx_mstate->__pyx_n_u_previous, __pyx_mstate->__pyx_n_u_reprotect, __pyx_mstate->__pyx_n_u_touched, __pyx_mstate->__pyx_n_u_n_touched, __pyx_mstate->__pyx_n_u_hot_limit, __pyx_mstate->__pyx_n_u_n_hot, __pyx_mstate->__pyx_n_u_w, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_n_words, __pyx_mstate->__pyx_n_u_n_dirty, __pyx_mstate->__pyx_n_u_n_reprotect, __pyx_mstate->__pyx_n_u_n_new, __pyx_mstate->__pyx_n_u_d, __pyx_mstate->__pyx_n_u_promote};
+    __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_whpfast__pages_pyx, __pyx_mstate->__pyx_n_u_plan_reprotect, __pyx_mstate->__pyx_kp_b_iso88591_V1N_K_VW_wfAS_XV1Cr_IVSTTWWYYZ, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
+  }
+  {
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 144};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_bitmap, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_n};
-    __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_whpfast__pages_pyx, __pyx_mstate->__pyx_n_u_count_bits, __pyx_mstate->__pyx_kp_b_iso88591_q_E_avV1A_QfAQ_1, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_whpfast__pages_pyx, __pyx_mstate->__pyx_n_u_count_bits, __pyx_mstate->__pyx_kp_b_iso88591_q_E_avV1A_QfAQ_1, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
   }
   Py_DECREF(tuple_dedup_map);
   return 0;
@@ -29514,6 +30455,29 @@ static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_nn_
     retcode = __Pyx_ValidateAndInit_memviewslice(axes_specs, __Pyx_IS_C_CONTIG,
                                                  (PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) | writable_flag, 1,
                                                  &__Pyx_TypeInfo_nn_uint64_t__const__, stack,
+                                                 &result, obj);
+    if (unlikely(retcode == -1))
+        goto __pyx_fail;
+    return result;
+__pyx_fail:
+    result.memview = NULL;
+    result.data = NULL;
+    return result;
+}
+
+/* ObjectToMemviewSlice */
+static CYTHON_INLINE __Pyx_memviewslice __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_int(PyObject *obj, int writable_flag) {
+    __Pyx_memviewslice result = __Pyx_MEMSLICE_INIT;
+    __Pyx_BufFmt_StackElem stack[1];
+    int axes_specs[] = { (__Pyx_MEMVIEW_DIRECT | __Pyx_MEMVIEW_CONTIG) };
+    int retcode;
+    if (obj == Py_None) {
+        result.memview = (struct __pyx_memoryview_obj *) Py_None;
+        return result;
+    }
+    retcode = __Pyx_ValidateAndInit_memviewslice(axes_specs, __Pyx_IS_C_CONTIG,
+                                                 (PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) | writable_flag, 1,
+                                                 &__Pyx_TypeInfo_unsigned_int, stack,
                                                  &result, obj);
     if (unlikely(retcode == -1))
         goto __pyx_fail;
