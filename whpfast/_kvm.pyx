@@ -562,6 +562,9 @@ cdef class Vcpu:
         self.close()
 
 
+# The parts of save_state(), in the order snapshots store them.
+STATE_PARTS = ("regs", "sregs", "fpu", "debugregs", "events", "xcrs", "msrs")
+
 # MSRs kept in snapshots: the syscall/sysenter entry points, the segment bases, TSC_AUX and PAT.
 # CPL3 code can write none of them, so restores after a clean call skip them.
 SAVED_MSRS = (0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102,
@@ -590,46 +593,11 @@ cdef void _flat_segment(kvm_segment *seg, uint16_t selector, uint8_t type, int d
     seg.db = 0 if code else 1
 
 
-cdef class Mapping:
-    """One host mapping (anonymous guest memory or a read-only file), unmapped exactly once.
-    Exposes the buffer protocol; close() refuses while Python views of it are alive, so a view
-    can never outlive the memory it shows."""
-    cdef uint8_t *ptr
-    cdef readonly size_t size
-    cdef readonly bint readonly
-    cdef int exports
+cdef void _release(uint8_t *ptr, size_t size, bint is_file) noexcept:
+    munmap(ptr, size)
 
-    def __cinit__(self):
-        self.ptr = NULL
-        self.exports = 0
 
-    @property
-    def address(self):
-        if self.ptr == NULL:
-            raise errors.SandboxClosed("the mapping is closed")
-        return <uint64_t>self.ptr
-
-    def __getbuffer__(self, Py_buffer *buffer, int flags):
-        if self.ptr == NULL:
-            raise errors.SandboxClosed("the mapping is closed")
-        PyBuffer_FillInfo(buffer, self, self.ptr, self.size, self.readonly, flags)
-        self.exports += 1
-
-    def __releasebuffer__(self, Py_buffer *buffer):
-        self.exports -= 1
-
-    def close(self):
-        if self.ptr != NULL:
-            if self.exports:
-                raise BufferError(f"{self.exports} memoryview(s) of this mapping are still alive")
-            munmap(self.ptr, self.size)
-            self.ptr = NULL
-
-    def __dealloc__(self):
-        # Views hold a reference to us, so by now none is alive.
-        if self.ptr != NULL:
-            munmap(self.ptr, self.size)
-            self.ptr = NULL
+include "_mapping.pxi"
 
 
 cdef class GuestMemory(Mapping):
@@ -701,6 +669,7 @@ cdef class FileMapping(Mapping):
             if p_map == MAP_FAILED:
                 _raise_errno(errno, "cannot map a file into the guest", path)
             self.ptr = <uint8_t *>p_map
+            self.is_file = True
             self.readonly = not copy_on_write
         finally:
             if own_fd:

@@ -105,3 +105,46 @@ def from_errno(err, what, path=None, device=False):
     if err == _errno.ENOMEM:
         return HypervisorError(f"{what} failed: the host is out of memory (ENOMEM)", err)
     return HypervisorError(f"{what} failed: {reason} (errno {err})", err)
+
+
+# The Windows Hypervisor Platform's HRESULTs (winhvplatformdefs.h does not define them; values
+# from Microsoft's WHP documentation), and the generic ones its calls return.
+WHP_HRESULTS = {
+    0x80370300: "WHV_E_UNKNOWN_CAPABILITY",
+    0x80370301: "WHV_E_INSUFFICIENT_BUFFER",
+    0x80370302: "WHV_E_UNKNOWN_PROPERTY",
+    0x80370303: "WHV_E_UNSUPPORTED_HYPERVISOR_CONFIG",
+    0x80370304: "WHV_E_INVALID_PARTITION_CONFIG",
+    0x80370305: "WHV_E_GPA_RANGE_NOT_FOUND",
+    0x80370306: "WHV_E_VP_ALREADY_EXISTS",
+    0x80370307: "WHV_E_VP_DOES_NOT_EXIST",
+    0x80370308: "WHV_E_INVALID_VP_STATE",
+    0x80370309: "WHV_E_INVALID_VP_REGISTER_NAME",
+    0xC0370008: "ERROR_HV_INSUFFICIENT_MEMORY (hypervisor)",
+    0x80070005: "E_ACCESSDENIED",
+    0x80070057: "E_INVALIDARG",
+    0x8007000E: "E_OUTOFMEMORY",
+    0x80004001: "E_NOTIMPL",
+    0x80004005: "E_FAIL",
+}
+
+# Win32 error codes (GetLastError) -> errno, for the files and memory the WHP backend maps.
+_WIN32_ERRNO = {2: _errno.ENOENT, 3: _errno.ENOENT, 5: _errno.EACCES, 8: _errno.ENOMEM,
+                14: _errno.ENOMEM, 32: _errno.EBUSY, 87: _errno.EINVAL, 1455: _errno.ENOMEM}
+
+
+def from_hresult(hr, what):
+    """Turns a failed WHv* call's HRESULT into HypervisorError naming the code."""
+    hr &= 0xFFFFFFFF
+    name = WHP_HRESULTS.get(hr, "unknown HRESULT")
+    if hr in (0x8007000E, 0xC0370008):
+        return HypervisorError(f"{what} failed: {name} ({hr:#010x}): the host is out of memory", hr)
+    return HypervisorError(f"{what} failed: {name} ({hr:#010x})", hr)
+
+
+def from_winerror(code, what, path=None):
+    """A failed kernel32 call (GetLastError code) as from_errno would report it."""
+    err = _WIN32_ERRNO.get(code)
+    if err is None:
+        return HypervisorError(f"{what} failed: Windows error {code}", code)
+    return from_errno(err, what, path)

@@ -6,7 +6,7 @@ Disk format (all integers little-endian):
     144          metadata: JSON (guest identity and exports, memory layout, files, extents)
     ...          vCPU state: the backend's raw register structs, concatenated
     ...          non-zero page bitmap: one bit per page, uint64 words
-    image_offset (page aligned) the memory image, memory_size bytes. Only the extents (runs of
+    image_offset (64 KiB aligned) the memory image, memory_size bytes. Only the extents (runs of
                  non-zero pages) are written; everything else is a hole, so the file is sparse.
 
 Every section has a CRC-32, and the image's CRC covers the bytes of all extents. Loading checks
@@ -40,9 +40,10 @@ MAX_MEMORY = 64 << 30
 MAX_META = 1 << 20
 MAX_STATE = 1 << 16
 MAX_EXTENTS = 4096
-STATE_PARTS = ("regs", "sregs", "fpu", "debugregs", "events", "xcrs", "msrs")
+IMAGE_ALIGN = 65536     # Windows maps file views only at multiples of its allocation granularity
 
 impl = backend.impl
+STATE_PARTS = impl.STATE_PARTS
 
 
 def words_for(pages):
@@ -95,7 +96,7 @@ class Snapshot:
         meta_off = HEADER.size
         state_off = meta_off + len(meta_bytes)
         bitmap_off = state_off + len(state_bytes)
-        image_off = -(-(bitmap_off + len(bitmap_bytes)) // PAGE) * PAGE
+        image_off = -(-(bitmap_off + len(bitmap_bytes)) // IMAGE_ALIGN) * IMAGE_ALIGN
         view = self._image_view
         image_crc = 0
         for first, count in extents:
@@ -189,8 +190,8 @@ class Snapshot:
             end = off + length
         if bitmap_len != words_for(pages) * 8:
             raise bad(f"page bitmap has {bitmap_len} bytes, expected {words_for(pages) * 8}")
-        if image_off % PAGE or image_off < end or image_off > end + PAGE:
-            raise bad(f"image offset {image_off} is not the first page boundary after the sections")
+        if image_off % IMAGE_ALIGN or image_off < end or image_off >= end + IMAGE_ALIGN:
+            raise bad(f"image offset {image_off} is not the first 64 KiB boundary after the sections")
         if file_size != image_off + memory_size:
             raise bad(f"truncated or padded: {file_size} bytes, expected {image_off + memory_size}")
 
@@ -250,8 +251,9 @@ class Snapshot:
 
     def map_into(self, memory):
         """Fills fresh guest memory with this snapshot's image: copy-on-write mappings of the
-        file's extents when it came from a file, else copies of the non-zero pages."""
-        if self._file is not None:
+        file's extents when it came from a file (and the backend can: KVM), else copies of the
+        non-zero pages."""
+        if self._file is not None and hasattr(memory, "overlay_file"):
             for first, count in self._extents:
                 memory.overlay_file(self._file.fileno(), self._image_offset + first * PAGE,
                                     first * PAGE, count * PAGE)

@@ -1,0 +1,552 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The Windows Hypervisor Platform backend: the same classes and exit kinds as _kvm.pyx, on
+WinHvPlatform.dll. One cdef class per object (partition, virtual processor, VirtualAlloc'd memory,
+a mapped file view), each released exactly once. Every failed WHv* call goes through _check_hr()
+and every failed kernel32 call through _raise_win32(): the conversion points into the package's
+exceptions.
+
+What differs from KVM, and how it is handled:
+- Registers: all writes (a call's entry registers, a restore's complete register file, RIP
+  stepped past an `out`) are queued and reach the processor in ONE WHvSetVirtualProcessorRegisters
+  call made right before the next WHvRunVirtualProcessor.
+- I/O exits stop AT the `out` instruction: the backend steps RIP by VpContext.InstructionLength.
+- Dirty pages: WHvQueryGpaRangeDirtyBitmap reads and clears in one call (like KVM without manual
+  protect), so there is no hot set of pages left writable.
+- Memory from VirtualAlloc is pinned by WHvMapGpaRange: resets are memset/memcpy in place, never
+  decommit/recommit (the stale-input bug of prior art).
+- Timeouts and cancel(): WHvCancelRunVirtualProcessor, from a timer-queue timer or another thread.
+  A Python signal (Ctrl-C) cannot interrupt WHvRunVirtualProcessor; use a timeout.
+"""
+
+from libc.string cimport memset, memcpy
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, intptr_t, uintptr_t
+from cpython.buffer cimport PyBuffer_FillInfo
+from cpython.mem cimport PyMem_Free
+from cpython.unicode cimport PyUnicode_AsWideCharString
+from libc.stddef cimport wchar_t
+
+from .includes.whp cimport *
+
+from . import errors
+
+# Exit kinds returned by Vcpu.run(): the same numbers as the KVM backend.
+EXIT_IO = 1
+EXIT_MMIO = 2
+EXIT_SHUTDOWN = 3
+EXIT_INTERNAL_ERROR = 4
+EXIT_FAIL_ENTRY = 5
+EXIT_TIMEOUT = 6
+EXIT_CANCELLED = 7
+EXIT_HLT = 8
+EXIT_UNKNOWN = 9
+
+DEF PAGE_SIZE = 4096
+DEF ALLOCATION_GRANULARITY = 65536   # MapViewOfFile offsets must be multiples of this
+DEF MAX_PENDING = 64
+DEF N_GPRS = 18
+DEF N_STATE = 52
+
+# The vCPU state a snapshot keeps: general (18), segment and table (10), control (5), debug (6)
+# registers, XCR0, EFER, APIC base and the MSRs, set back in one WHvSetVirtualProcessorRegisters.
+cdef WHV_REGISTER_NAME STATE_NAMES[N_STATE]
+_names = [
+    WHvX64RegisterRax, WHvX64RegisterRcx, WHvX64RegisterRdx, WHvX64RegisterRbx, WHvX64RegisterRsp,
+    WHvX64RegisterRbp, WHvX64RegisterRsi, WHvX64RegisterRdi, WHvX64RegisterR8, WHvX64RegisterR9,
+    WHvX64RegisterR10, WHvX64RegisterR11, WHvX64RegisterR12, WHvX64RegisterR13, WHvX64RegisterR14,
+    WHvX64RegisterR15, WHvX64RegisterRip, WHvX64RegisterRflags,
+    WHvX64RegisterEs, WHvX64RegisterCs, WHvX64RegisterSs, WHvX64RegisterDs, WHvX64RegisterFs,
+    WHvX64RegisterGs, WHvX64RegisterLdtr, WHvX64RegisterTr, WHvX64RegisterIdtr, WHvX64RegisterGdtr,
+    WHvX64RegisterCr0, WHvX64RegisterCr2, WHvX64RegisterCr3, WHvX64RegisterCr4, WHvX64RegisterCr8,
+    WHvX64RegisterDr0, WHvX64RegisterDr1, WHvX64RegisterDr2, WHvX64RegisterDr3, WHvX64RegisterDr6,
+    WHvX64RegisterDr7, WHvX64RegisterXCr0, WHvX64RegisterEfer, WHvX64RegisterApicBase,
+    WHvX64RegisterPat, WHvX64RegisterKernelGsBase, WHvX64RegisterStar, WHvX64RegisterLstar,
+    WHvX64RegisterCstar, WHvX64RegisterSfmask, WHvX64RegisterSysenterCs, WHvX64RegisterSysenterEip,
+    WHvX64RegisterSysenterEsp, WHvX64RegisterTscAux,
+]
+assert len(_names) == N_STATE
+for _i, _n in enumerate(_names):
+    STATE_NAMES[_i] = _n
+# Groups for the benchmark that sets them with separate calls, as other VMMs do.
+GROUPS = ((0, 18), (18, 33), (33, 39), (39, N_STATE))   # general, special, debug, XCR0/MSRs
+
+STATE_PARTS = ("registers", "xsave")
+REGISTERS_SIZE = N_STATE * sizeof(WHV_REGISTER_VALUE)
+XSAVE_MAX = 16384
+
+
+cdef int _check_hr(HRESULT hr, str what) except -1:
+    if hr < 0:
+        raise errors.from_hresult(<uint32_t>hr, what)
+    return 0
+
+
+cdef int _raise_win32(str what, path=None) except -1:
+    raise errors.from_winerror(GetLastError(), what, path)
+
+
+cdef class WhpSystem:
+    """The Windows Hypervisor Platform: checks that the hypervisor is present."""
+    cdef readonly bint manual_dirty_log
+
+    def __init__(self):
+        cdef WHV_CAPABILITY cap
+        cdef uint32_t written = 0
+        memset(&cap, 0, sizeof(cap))
+        hr = WHvGetCapability(WHvCapabilityCodeHypervisorPresent, &cap, sizeof(cap), &written)
+        if hr < 0 or not cap.HypervisorPresent:
+            raise errors.HypervisorUnavailable(
+                "the Windows Hypervisor Platform is not available: enable the optional feature "
+                "'Windows Hypervisor Platform' (and virtualization in the firmware), then reboot"
+                + (f" (WHvGetCapability: {<uint32_t>hr:#010x})" if hr < 0 else ""))
+        self.manual_dirty_log = False
+
+    def create_vm(self):
+        return Vm(self)
+
+    def close(self):
+        pass
+
+
+cdef class Vm:
+    """A partition: one virtual processor, guest memory mapped with WHvMapGpaRange."""
+    cdef WHV_PARTITION_HANDLE partition
+    cdef bint alive
+    cdef readonly WhpSystem system
+    cdef readonly bint manual_protect
+    cdef dict slots            # slot -> (gpa, size)
+
+    def __cinit__(self):
+        self.alive = False
+
+    def __init__(self, WhpSystem system not None):
+        cdef WHV_PARTITION_PROPERTY prop
+        self.system = system
+        self.slots = {}
+        _check_hr(WHvCreatePartition(&self.partition), "WHvCreatePartition")
+        self.alive = True
+        memset(&prop, 0, sizeof(prop))
+        prop.ProcessorCount = 1
+        _check_hr(WHvSetPartitionProperty(self.partition, WHvPartitionPropertyCodeProcessorCount,
+                                          &prop, sizeof(prop)), "WHvSetPartitionProperty(ProcessorCount)")
+        _check_hr(WHvSetupPartition(self.partition), "WHvSetupPartition")
+        self.manual_protect = False
+
+    cdef WHV_PARTITION_HANDLE _handle(self) except? NULL:
+        if not self.alive:
+            raise errors.SandboxClosed("the partition is closed")
+        return self.partition
+
+    def set_memory(self, uint32_t slot, uint64_t gpa, uint64_t size, uint64_t host_address,
+                   bint readonly=False, bint log_dirty=False):
+        """Maps host memory at gpa, read+execute and, unless readonly, write; size 0 unmaps."""
+        cdef WHV_PARTITION_HANDLE p = self._handle()
+        cdef uint32_t flags = WHvMapGpaRangeFlagRead | WHvMapGpaRangeFlagExecute
+        if size == 0:
+            old = self.slots.pop(slot, None)
+            if old is not None:
+                _check_hr(WHvUnmapGpaRange(p, old[0], old[1]), f"WHvUnmapGpaRange slot {slot}")
+            return
+        if not readonly:
+            flags |= WHvMapGpaRangeFlagWrite
+        if log_dirty:
+            flags |= WHvMapGpaRangeFlagTrackDirtyPages
+        _check_hr(WHvMapGpaRange(p, <void *><uintptr_t>host_address, gpa, size,
+                                 <WHV_MAP_GPA_RANGE_FLAGS>flags),
+                  f"WHvMapGpaRange slot {slot} at {gpa:#x}+{size:#x}")
+        self.slots[slot] = (gpa, size)
+
+    def get_dirty_log(self, uint32_t slot, unsigned char[::1] bitmap not None):
+        """Fills bitmap with the pages the guest wrote, and clears and re-arms them (one call)."""
+        gpa, size = self.slots[slot]
+        _check_hr(WHvQueryGpaRangeDirtyBitmap(self._handle(), gpa, size, <uint64_t *>&bitmap[0],
+                                              <uint32_t>bitmap.shape[0]),
+                  f"WHvQueryGpaRangeDirtyBitmap slot {slot}")
+
+    def clear_dirty_log(self, uint32_t slot, uint64_t first_page, uint32_t num_pages, bitmap):
+        """Nothing to do: reading the dirty bitmap already cleared it."""
+
+    def create_vcpu(self, int index=0):
+        return Vcpu(self, index)
+
+    def close(self):
+        if self.alive:
+            WHvDeletePartition(self.partition)
+            self.alive = False
+
+    def __dealloc__(self):
+        self.close()
+
+
+cdef struct TimerContext:
+    WHV_PARTITION_HANDLE partition
+    uint32_t index
+    volatile int fired
+
+
+cdef void _on_timer(void *parameter, BOOLEAN timer_fired) noexcept nogil:
+    # Runs on a timer-queue thread: mark the timeout, then stop the processor.
+    cdef TimerContext *ctx = <TimerContext *>parameter
+    ctx.fired = 1
+    WHvCancelRunVirtualProcessor(ctx.partition, ctx.index, 0)
+
+
+cdef inline uint16_t _attributes(uint8_t type, bint s, int dpl, bint present, bint l, bint db, bint g):
+    # WHV_X64_SEGMENT_REGISTER.Attributes: type 0-3, S 4, DPL 5-6, P 7, L 13, D/B 14, G 15
+    return type | (s << 4) | (dpl << 5) | (present << 7) | (l << 13) | (db << 14) | (g << 15)
+
+
+cdef class Vcpu:
+    """A virtual processor. Register writes are queued and applied in one call before each run."""
+    cdef readonly Vm vm
+    cdef WHV_PARTITION_HANDLE partition
+    cdef uint32_t index
+    cdef bint alive
+    cdef WHV_REGISTER_NAME pending_names[MAX_PENDING]
+    cdef WHV_REGISTER_VALUE pending_values[MAX_PENDING]
+    cdef uint32_t n_pending
+    cdef WHV_RUN_VP_EXIT_CONTEXT exit
+    cdef TimerContext timer
+    cdef volatile int cancel_requested
+    # Tests turn this off to show that a backend which does not step RIP past `out` fails.
+    cdef public bint step_rip
+    cdef readonly uint64_t api_calls       # WHv* calls made, for measurements
+    # decoded details of the last exit
+    cdef readonly uint32_t exit_reason
+    cdef readonly uint16_t io_port
+    cdef readonly uint8_t io_direction
+    cdef readonly uint8_t io_size
+    cdef readonly uint32_t io_value
+    cdef readonly uint64_t mmio_address
+    cdef readonly bint mmio_is_write
+    cdef readonly uint32_t internal_suberror
+    cdef readonly tuple internal_data
+    cdef readonly uint64_t fail_entry_reason
+
+    def __cinit__(self):
+        self.alive = False
+        self.n_pending = 0
+        self.step_rip = True
+        self.internal_data = ()
+
+    def __init__(self, Vm vm not None, int index=0):
+        self.vm = vm
+        self.partition = vm._handle()
+        self.index = index
+        _check_hr(WHvCreateVirtualProcessor(self.partition, index, 0), "WHvCreateVirtualProcessor")
+        self.alive = True
+        self.timer.partition = self.partition
+        self.timer.index = index
+
+    cdef int _check_alive(self) except -1:
+        if not self.alive or not self.vm.alive:
+            raise errors.SandboxClosed("the virtual processor is closed")
+        return 0
+
+    cdef void _queue(self, WHV_REGISTER_NAME name, WHV_REGISTER_VALUE *value) noexcept:
+        """Adds a register write to the batch; a later write of the same register replaces it."""
+        cdef uint32_t i
+        for i in range(self.n_pending):
+            if self.pending_names[i] == name:
+                self.pending_values[i] = value[0]
+                return
+        self.pending_names[self.n_pending] = name
+        self.pending_values[self.n_pending] = value[0]
+        self.n_pending += 1
+
+    cdef void _queue64(self, WHV_REGISTER_NAME name, uint64_t value) noexcept:
+        cdef WHV_REGISTER_VALUE v
+        memset(&v, 0, sizeof(v))
+        v.Reg64 = value
+        self._queue(name, &v)
+
+    cdef void _queue_segment(self, WHV_REGISTER_NAME name, uint16_t selector, uint64_t base,
+                             uint32_t limit, uint16_t attributes) noexcept:
+        cdef WHV_REGISTER_VALUE v
+        memset(&v, 0, sizeof(v))
+        v.Segment.Base = base
+        v.Segment.Limit = limit
+        v.Segment.Selector = selector
+        v.Segment.Attributes = attributes
+        self._queue(name, &v)
+
+    cdef void _queue_table(self, WHV_REGISTER_NAME name, uint64_t base, uint16_t limit) noexcept:
+        cdef WHV_REGISTER_VALUE v
+        memset(&v, 0, sizeof(v))
+        v.Table.Base = base
+        v.Table.Limit = limit
+        self._queue(name, &v)
+
+    cdef int _flush(self) except -1:
+        if self.n_pending:
+            _check_hr(WHvSetVirtualProcessorRegisters(self.partition, self.index, self.pending_names,
+                                                      self.n_pending, self.pending_values),
+                      "WHvSetVirtualProcessorRegisters")
+            self.api_calls += 1
+            self.n_pending = 0
+        return 0
+
+    def init_long_mode(self, *, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t efer,
+                       uint64_t gdt_base, uint16_t gdt_limit, uint64_t idt_base, uint16_t idt_limit,
+                       uint64_t tss_base, uint32_t tss_limit, uint16_t tss_selector,
+                       uint16_t code_selector, uint16_t data_selector, int cpl):
+        """64-bit mode at the given privilege level with flat segments matching the host's GDT
+        (queued: applied with the first run)."""
+        cdef uint16_t data = _attributes(0x3, 1, cpl, 1, 0, 1, 1)
+        self._check_alive()
+        self._queue_segment(WHvX64RegisterCs, code_selector, 0, 0xFFFFFFFF, _attributes(0xB, 1, cpl, 1, 1, 0, 1))
+        self._queue_segment(WHvX64RegisterDs, data_selector, 0, 0xFFFFFFFF, data)
+        self._queue_segment(WHvX64RegisterEs, data_selector, 0, 0xFFFFFFFF, data)
+        self._queue_segment(WHvX64RegisterFs, data_selector, 0, 0xFFFFFFFF, data)
+        self._queue_segment(WHvX64RegisterGs, data_selector, 0, 0xFFFFFFFF, data)
+        self._queue_segment(WHvX64RegisterSs, data_selector, 0, 0xFFFFFFFF, data)
+        self._queue_segment(WHvX64RegisterTr, tss_selector, tss_base, tss_limit, _attributes(0xB, 0, 0, 1, 0, 0, 0))
+        self._queue_segment(WHvX64RegisterLdtr, 0, 0, 0, _attributes(0x2, 0, 0, 0, 0, 0, 0))
+        self._queue_table(WHvX64RegisterGdtr, gdt_base, gdt_limit)
+        self._queue_table(WHvX64RegisterIdtr, idt_base, idt_limit)
+        self._queue64(WHvX64RegisterCr0, cr0)
+        self._queue64(WHvX64RegisterCr3, cr3)
+        self._queue64(WHvX64RegisterCr4, cr4)
+        self._queue64(WHvX64RegisterEfer, efer)
+
+    def enter(self, uint64_t rip, uint64_t rsp, uint64_t rflags=0x2, uint64_t rdi=0):
+        """Queues a fresh register file for the next run: every GPR zero except the entry point,
+        stack and first argument."""
+        cdef int i
+        for i in range(16):
+            self._queue64(STATE_NAMES[i], 0)
+        self._queue64(WHvX64RegisterRip, rip)
+        self._queue64(WHvX64RegisterRsp, rsp)
+        self._queue64(WHvX64RegisterRflags, rflags)
+        self._queue64(WHvX64RegisterRdi, rdi)
+        self.cancel_requested = 0
+
+    def run(self, long long timeout_ns=-1):
+        """Runs until an exit; returns an EXIT_* kind, details in the exit attributes."""
+        cdef HRESULT hr
+        cdef HANDLE timer = NULL
+        cdef DWORD ms
+        cdef uint32_t reason
+        self._check_alive()
+        self.timer.fired = 0
+        if timeout_ns > 0:
+            ms = <DWORD>((timeout_ns + 999999) // 1000000)
+            if not CreateTimerQueueTimer(&timer, NULL, _on_timer, &self.timer, ms, 0, WT_EXECUTEONLYONCE):
+                _raise_win32("CreateTimerQueueTimer")
+        try:
+            while True:
+                self._flush()
+                if self.cancel_requested:
+                    return EXIT_CANCELLED
+                with nogil:
+                    hr = WHvRunVirtualProcessor(self.partition, self.index, &self.exit, sizeof(self.exit))
+                self.api_calls += 1
+                _check_hr(hr, "WHvRunVirtualProcessor")
+                reason = self.exit.ExitReason
+                if reason == WHvRunVpExitReasonCanceled:
+                    if self.cancel_requested:
+                        return EXIT_CANCELLED
+                    if self.timer.fired:
+                        return EXIT_TIMEOUT
+                    continue     # a cancel left over from a timer that fired as a run ended
+                return self._decode(reason)
+        finally:
+            if timer != NULL:
+                with nogil:
+                    # waits for a callback in progress, so the timer context outlives it
+                    DeleteTimerQueueTimer(NULL, timer, INVALID_HANDLE_VALUE)
+
+    cdef int _decode(self, uint32_t reason) except -1:
+        cdef uint32_t info
+        self.exit_reason = reason
+        if reason == WHvRunVpExitReasonX64IoPortAccess:
+            info = self.exit.IoPortAccess.AccessInfo.AsUINT32
+            self.io_port = self.exit.IoPortAccess.PortNumber
+            self.io_direction = info & 1
+            self.io_size = (info >> 1) & 7
+            # AccessSize is 1, 2 or 4 bytes: the value is that many low bytes of RAX
+            self.io_value = <uint32_t>(self.exit.IoPortAccess.Rax
+                                       & (((<uint64_t>1) << (8 * (self.io_size & 4 or self.io_size))) - 1))
+            if self.step_rip:
+                # WHP stops AT the instruction: step past it, in the next run's register batch.
+                self._queue64(WHvX64RegisterRip,
+                              self.exit.VpContext.Rip + self.exit.VpContext.InstructionLength)
+            return EXIT_IO
+        if reason == WHvRunVpExitReasonMemoryAccess:
+            info = self.exit.MemoryAccess.AccessInfo.AsUINT32
+            self.mmio_address = self.exit.MemoryAccess.Gpa
+            self.mmio_is_write = (info & 3) == 1
+            return EXIT_MMIO
+        if reason == WHvRunVpExitReasonUnrecoverableException:
+            return EXIT_SHUTDOWN
+        if reason == WHvRunVpExitReasonX64Halt:
+            return EXIT_HLT
+        if reason == WHvRunVpExitReasonUnsupportedFeature:
+            self.internal_suberror = reason
+            self.internal_data = (self.exit.VpContext.Rip,)
+            return EXIT_INTERNAL_ERROR
+        if reason == WHvRunVpExitReasonInvalidVpRegisterValue:
+            self.fail_entry_reason = reason
+            return EXIT_FAIL_ENTRY
+        return EXIT_UNKNOWN
+
+    def cancel(self):
+        """Stops the guest this processor runs (from any thread). Safe when it is idle."""
+        if not self.alive:
+            return
+        self.cancel_requested = 1
+        WHvCancelRunVirtualProcessor(self.partition, self.index, 0)
+
+    def save_state(self):
+        """The complete vCPU state: {"registers": N_STATE WHV_REGISTER_VALUEs, "xsave": the
+        compacted XSAVE area}. Queued writes not yet applied count as current."""
+        cdef WHV_REGISTER_VALUE values[N_STATE]
+        cdef uint32_t i, j, written = 0
+        cdef bytes xsave = bytes(XSAVE_MAX)
+        self._check_alive()
+        _check_hr(WHvGetVirtualProcessorRegisters(self.partition, self.index, STATE_NAMES, N_STATE,
+                                                  values), "WHvGetVirtualProcessorRegisters")
+        for i in range(self.n_pending):
+            for j in range(N_STATE):
+                if STATE_NAMES[j] == self.pending_names[i]:
+                    values[j] = self.pending_values[i]
+        _check_hr(WHvGetVirtualProcessorXsaveState(self.partition, self.index, <char *>xsave,
+                                                   XSAVE_MAX, &written), "WHvGetVirtualProcessorXsaveState")
+        return {"registers": (<char *>values)[:REGISTERS_SIZE], "xsave": xsave[:written]}
+
+    def load_state(self, dict state not None, bint fpu=True, bint full=True):
+        """Puts a save_state() result back: every register (general, special, debug, XCR0, MSRs)
+        joins the register batch of the next run (one WHvSetVirtualProcessorRegisters, shared
+        with the call's own entry registers); the XSAVE area costs one more call, made only when
+        fpu or full. Returns the WHv* calls this costs."""
+        cdef bytes regs = state.get("registers")
+        cdef bytes xsave = state.get("xsave")
+        cdef const WHV_REGISTER_VALUE *values
+        cdef uint32_t i
+        if not isinstance(regs, bytes) or len(regs) != REGISTERS_SIZE:
+            raise ValueError(f"vCPU state part 'registers' must be {REGISTERS_SIZE} bytes")
+        if not isinstance(xsave, bytes) or not 576 <= len(xsave) <= XSAVE_MAX:
+            raise ValueError("vCPU state part 'xsave' has an impossible size")
+        self._check_alive()
+        values = <const WHV_REGISTER_VALUE *><char *>regs
+        for i in range(N_STATE):
+            self._queue(STATE_NAMES[i], <WHV_REGISTER_VALUE *>&values[i])
+        if fpu or full:
+            _check_hr(WHvSetVirtualProcessorXsaveState(self.partition, self.index, <char *>xsave,
+                                                       len(xsave)), "WHvSetVirtualProcessorXsaveState")
+            self.api_calls += 1
+            return 2
+        return 1
+
+    def load_state_separately(self, dict state not None):
+        """The same state with one WHvSetVirtualProcessorRegisters per register group plus the
+        XSAVE call, as VMMs without batching do. Only for the benchmark. Returns the calls."""
+        cdef bytes regs = state["registers"]
+        cdef bytes xsave = state["xsave"]
+        cdef const WHV_REGISTER_VALUE *values = <const WHV_REGISTER_VALUE *><char *>regs
+        self._check_alive()
+        for first, end in GROUPS:
+            _check_hr(WHvSetVirtualProcessorRegisters(self.partition, self.index, &STATE_NAMES[first],
+                                                      end - first, &values[first]),
+                      "WHvSetVirtualProcessorRegisters")
+        _check_hr(WHvSetVirtualProcessorXsaveState(self.partition, self.index, <char *>xsave, len(xsave)),
+                  "WHvSetVirtualProcessorXsaveState")
+        self.api_calls += len(GROUPS) + 1
+        return len(GROUPS) + 1
+
+    def close(self):
+        if self.alive:
+            if self.vm.alive:
+                WHvDeleteVirtualProcessor(self.partition, self.index)
+            self.alive = False
+
+    def __dealloc__(self):
+        if self.alive and self.vm is not None and self.vm.alive:
+            WHvDeleteVirtualProcessor(self.partition, self.index)
+        self.alive = False
+
+
+cdef void _release(uint8_t *ptr, size_t size, bint is_file) noexcept:
+    if is_file:
+        UnmapViewOfFile(ptr)
+    else:
+        VirtualFree(ptr, 0, MEM_RELEASE)
+
+
+include "_mapping.pxi"
+
+
+cdef class GuestMemory(Mapping):
+    """Guest RAM from VirtualAlloc, mapped straight into the partition (no surrogate process).
+    Windows commits it all up front (there is no MAP_NORESERVE)."""
+
+    def __init__(self, size_t size):
+        cdef void *p
+        if size == 0 or size % PAGE_SIZE:
+            raise ValueError(f"guest memory size must be a positive multiple of {PAGE_SIZE}, got {size}")
+        p = VirtualAlloc(NULL, size, MEM_RESERVE | MEM_COMMIT, PAGE_READWRITE)
+        if p == NULL:
+            _raise_win32(f"VirtualAlloc of {size} bytes of guest memory")
+        self.ptr = <uint8_t *>p
+        self.size = size
+        self.readonly = False
+
+
+cdef class FileMapping(Mapping):
+    """A host file (or a part of it at an offset that is a multiple of 64 KiB) mapped read-only:
+    CreateFileMapping(PAGE_READONLY) + MapViewOfFile(FILE_MAP_READ). path may be an open file
+    descriptor, which stays open."""
+    cdef readonly uint64_t file_size
+
+    def __init__(self, path, uint64_t offset=0, length=None, bint copy_on_write=False):
+        cdef HANDLE file
+        cdef HANDLE mapping
+        cdef LARGE_INTEGER st
+        cdef wchar_t *wide
+        cdef void *view
+        cdef uint64_t n
+        cdef bint own = not isinstance(path, int)
+        if copy_on_write:
+            raise NotImplementedError(
+                "copy-on-write file mappings are not used on WHP (PAGE_WRITECOPY charges the whole "
+                "view to the commit limit); guest memory is VirtualAlloc'd and filled by copying")
+        if offset % ALLOCATION_GRANULARITY:
+            raise ValueError(f"mapping offset {offset} is not a multiple of {ALLOCATION_GRANULARITY}")
+        if own:
+            wide = PyUnicode_AsWideCharString(str(path), NULL)
+            with nogil:
+                file = CreateFileW(wide, GENERIC_READ, FILE_SHARE_READ, NULL, OPEN_EXISTING,
+                                   FILE_ATTRIBUTE_NORMAL, NULL)
+            PyMem_Free(wide)
+            if file == INVALID_HANDLE_VALUE:
+                _raise_win32("cannot open a file to map into the guest", path)
+        else:
+            file = <HANDLE>_get_osfhandle(path)
+            if file == INVALID_HANDLE_VALUE:
+                raise ValueError(f"file descriptor {path} is not open")
+        try:
+            if not GetFileSizeEx(file, &st):
+                _raise_win32("cannot get the size of a file to map into the guest", path)
+            if length is None:
+                if st.QuadPart <= <long long>offset:
+                    raise ValueError(f"{path} is empty: a read-only file mapping needs at least one byte")
+                n = st.QuadPart - offset
+            else:
+                n = length
+                if n == 0 or offset + n > <uint64_t>st.QuadPart:
+                    raise ValueError(f"{path} has {st.QuadPart} bytes; cannot map {n} bytes at offset {offset}")
+            mapping = CreateFileMappingW(file, NULL, PAGE_READONLY, 0, 0, NULL)
+            if mapping == NULL:
+                _raise_win32("CreateFileMapping of a file to map into the guest", path)
+            # The view keeps the mapping object alive; its handle is not needed after this.
+            view = MapViewOfFile(mapping, FILE_MAP_READ, <DWORD>(offset >> 32), <DWORD>(offset & 0xFFFFFFFF), n)
+            CloseHandle(mapping)
+            if view == NULL:
+                _raise_win32("MapViewOfFile of a file to map into the guest", path)
+            self.ptr = <uint8_t *>view
+            self.is_file = True
+            self.file_size = n
+            self.size = (n + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+            self.readonly = True
+        finally:
+            if own:
+                CloseHandle(file)
