@@ -114,6 +114,7 @@ pat = re.compile(r"PyAPI_(FUNC|DATA)\s*\(([^()]|\([^()]*\))*\)[\s*()]*([A-Za-z_]
 names = {}
 for f in sorted(inc.rglob("*.h")):
     text = re.sub(r"/\*.*?\*/", " ", f.read_text(errors="replace"), flags=re.S)
+    text = re.sub(r"\b_Py_NO_RETURN\b", " ", text)     # an attribute between type and name
     for m in pat.finditer(text):
         if re.match(r"_?Py", m.group(3)):        # drops macro parameters and WASI pthread stubs
             names.setdefault(m.group(3), m.group(1))
@@ -124,7 +125,7 @@ for n in sorted(names):
 '
 
 ensure_pyheaders() {
-    PYDIR=$CACHE/cpython-$PYVER-win_amd64
+    PYDIR=$CACHE/cpython-$PYVER-win_amd64-v2
     if [ -f "$PYDIR/.complete" ]; then
         say "CPython headers: cached in $PYDIR ($(cat "$PYDIR/.complete"))"
         return 0
