@@ -46,7 +46,8 @@ LDFLAGS = (
     "-Wl,--gc-sections", "-Wl,-z,max-page-size=4096", "-Wl,-z,noexecstack",
     "-Wl,--build-id=none",
 )
-LIBS = ("-lgcc",)
+# WHPFAST_GUEST_LIBS replaces them, e.g. "" for clang targeting ELF on Windows (no libgcc there).
+LIBS = tuple(shlex.split(os.environ.get("WHPFAST_GUEST_LIBS", "-lgcc")))
 
 
 def sdk_dir():
