@@ -2,9 +2,7 @@
 exception, faults, timeouts, cancellation, threads, and resource hygiene."""
 
 import gc
-import io
 import os
-import resource
 import sys
 import threading
 import time
@@ -369,6 +367,7 @@ def test_threads_run_in_parallel(testkit):
 
 @linux_only
 def test_1000_sandboxes_no_leak(testkit):
+    import resource
     def usage():
         gc.collect()
         return len(os.listdir("/proc/self/fd")), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
