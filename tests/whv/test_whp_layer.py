@@ -1,0 +1,73 @@
+"""WHP-specific behaviour of the WHP backend, on the KVM-backed WHv* layer (collected only when
+the suite runs with WHPFAST_BACKEND=whp; tests/conftest.py). The layer models WHP where it differs
+from KVM, so these show that a backend getting those differences wrong would fail."""
+
+import ctypes
+import os
+
+import pytest
+
+import whpfast
+from whpfast import backend
+
+pytestmark = pytest.mark.hypervisor
+PAGE = 4096
+
+
+def shim():
+    path = os.path.join(os.path.dirname(os.environ["WHPFAST_WHP_MODULE"]), "libwhv_kvm.so")
+    lib = ctypes.CDLL(path)
+    lib.VirtualAlloc.restype = ctypes.c_void_p
+    lib.VirtualAlloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_uint32]
+    lib.VirtualFree.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32]
+    return lib
+
+
+def test_backend_is_whp():
+    assert backend.NAME == "whp" and whpfast.hypervisor() == "whp"
+
+
+def test_not_stepping_rip_fails(testkit):
+    """WHP stops AT an `out`: a backend that does not step RIP past it re-runs the `out`."""
+    printed = []
+    with whpfast.Sandbox(testkit, on_print=printed.append) as sb:
+        assert sb.call("hello") == "hello world"
+        sb._vcpu.step_rip = False
+        with pytest.raises(whpfast.GuestTimeout):
+            sb.call("hello", timeout=0.5)
+    assert printed[0] == "hello world\n"
+    assert len(printed) > 3 and set(printed) == {"hello world\n"}
+
+
+def test_swapping_pages_behind_a_mapping_is_seen_stale(testkit):
+    """WHvMapGpaRange pins pages: decommit + recommit gives the host new pages that the guest
+    never sees (the stale-input bug). Resets must be memset/memcpy in place, as restore does."""
+    lib = shim()
+    with whpfast.Sandbox(testkit) as sb:
+        snap = sb.snapshot()
+        sb.call("touch", 0, 1, 7)
+        address = sb._memory.address + sb._layout.region("heap").gpa
+        assert lib.VirtualFree(address, PAGE, 0x4000)                    # MEM_DECOMMIT
+        assert lib.VirtualAlloc(address, PAGE, 0x1000, 0x04) == address   # MEM_COMMIT, RW
+        sb._mem[address - sb._memory.address] = 0x42
+        assert sb.call("read_byte", 0) == 7          # the guest still reads the old page
+        sb.restore(snap)                             # restore writes the host's (new) page...
+        assert sb._mem[address - sb._memory.address] == 0
+        assert sb.call("read_byte", 0) == 7          # ...which the guest never sees
+
+
+def test_one_register_call_per_run(testkit):
+    """A restore's whole register file and the call's entry registers go out in one
+    WHvSetVirtualProcessorRegisters, with the XSAVE call the only other one."""
+    with whpfast.Sandbox(testkit) as sb:
+        snap = sb.snapshot()
+        sb.call("none")
+        before = sb._vcpu.api_calls
+        sb.restore(snap)
+        sb.call("none")
+        # XSAVE (restore) + one register batch + one run
+        assert sb._vcpu.api_calls - before == 3
+        before = sb._vcpu.api_calls
+        sb.call("hello")
+        # batch + run, then (RIP stepped past the print's `out`) batch + run
+        assert sb._vcpu.api_calls - before == 4
