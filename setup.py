@@ -27,7 +27,8 @@ class build_py_with_guests(build_py):
         package = Path(self.build_lib) / "whpfast"
         sdk = package / "sdk"
         shutil.rmtree(sdk, ignore_errors=True)
-        shutil.copytree(ROOT / "include", sdk)
+        # compat/ is for building the WHP backend off Windows, not for guests
+        shutil.copytree(ROOT / "include", sdk, ignore=shutil.ignore_patterns("compat"))
         guests = package / "guests"
         guests.mkdir(parents=True, exist_ok=True)
         _guestbuild().build_guest([ROOT / "whpfast" / "guests" / "testkit.c"], guests / "testkit.elf",
