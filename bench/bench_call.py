@@ -77,6 +77,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     print(f"hypervisor: {whpfast.hypervisor()} (on the development machines: PVM software virtualization)")
+    if whpfast.backend.NAME == "whp" and sys.platform != "win32":
+        print("NOTE: the WHP backend over the KVM-backed WHv* layer of tests/whv: these figures "
+              "measure that layer, not Windows.")
 
     vcpu, entry, stack, close_raw = raw_vm()
     vcpu.enter(entry, stack)

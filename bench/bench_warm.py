@@ -84,7 +84,11 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=1000)
     args = parser.parse_args(argv)
     n = args.count
-    print(f"hypervisor: {whpfast.hypervisor()} (development machines: PVM software virtualization)\n")
+    print(f"hypervisor: {whpfast.hypervisor()} (development machines: PVM software virtualization)")
+    if whpfast.backend.NAME == "whp" and sys.platform != "win32":
+        print("NOTE: the WHP backend over the KVM-backed WHv* layer of tests/whv: these figures "
+              "measure that layer, not Windows.")
+    print()
     testkit = whpfast.guests.testkit
     quiet = dict(on_print=lambda text: None)
 
