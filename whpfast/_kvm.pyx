@@ -42,16 +42,7 @@ cdef extern from "includes/compat.h" nogil:
     void __sync_synchronize()
 
 
-# Exit kinds returned by Vcpu.run(). The WHP backend returns the same numbers.
-EXIT_IO = 1
-EXIT_MMIO = 2
-EXIT_SHUTDOWN = 3
-EXIT_INTERNAL_ERROR = 4
-EXIT_FAIL_ENTRY = 5
-EXIT_TIMEOUT = 6
-EXIT_CANCELLED = 7
-EXIT_HLT = 8
-EXIT_UNKNOWN = 9
+include "_exits.pxi"
 
 DEF PAGE_SIZE = 4096
 
@@ -215,7 +206,7 @@ cdef class Vm:
         self.close()
 
 
-cdef class Vcpu:
+cdef class Vcpu(ExitDetails):
     """A vCPU fd and its kvm_run page. Registers reach the guest through the sync-regs area of
     kvm_run, folded into the next KVM_RUN instead of separate ioctls (each ioctl costs as much as
     an exit on the PVM hosts)."""
@@ -228,17 +219,6 @@ cdef class Vcpu:
     cdef volatile pid_t running_tid
     cdef timer_t timer
     cdef pid_t timer_tid
-    # decoded details of the last exit
-    cdef readonly uint32_t exit_reason
-    cdef readonly uint16_t io_port
-    cdef readonly uint8_t io_direction
-    cdef readonly uint8_t io_size
-    cdef readonly uint32_t io_value
-    cdef readonly uint64_t mmio_address
-    cdef readonly bint mmio_is_write
-    cdef readonly uint32_t internal_suberror
-    cdef readonly tuple internal_data
-    cdef readonly uint64_t fail_entry_reason
 
     def __cinit__(self):
         self.fd = -1

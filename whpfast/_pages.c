@@ -1267,11 +1267,11 @@ static int __Pyx_init_tpflags_variables(void) {
 /* Early includes */
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
 #include "pythread.h"
 
     typedef int (*__pyx_memoryview_to_dtype_func_type)(char*, PyObject*);
     
-#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif /* _OPENMP */
@@ -3277,6 +3277,8 @@ static PyObject *__pyx_memoryviewslice__get_base(struct __pyx_memoryviewslice_ob
 
 /* Module declarations from "libc.string" */
 
+/* Module declarations from "libc.stdlib" */
+
 /* Module declarations from "whpfast._pages" */
 static PyObject *__pyx_collections_abc_Sequence = 0;
 static PyObject *generic = 0;
@@ -3286,6 +3288,7 @@ static PyObject *contiguous = 0;
 static PyObject *indirect_contiguous = 0;
 static int __pyx_memoryview_thread_locks_used;
 static PyThread_type_lock __pyx_memoryview_thread_locks[8];
+static CYTHON_INLINE size_t __pyx_f_7whpfast_6_pages__next_word(uint64_t const *, size_t, size_t); /*proto*/
 static CYTHON_INLINE int __pyx_f_7whpfast_6_pages__page_is_zero(unsigned char const *); /*proto*/
 static int __pyx_array_allocate_buffer(struct __pyx_array_obj *); /*proto*/
 static struct __pyx_array_obj *__pyx_array_new(PyObject *, Py_ssize_t, char *, char const *, char *); /*proto*/
@@ -3540,7 +3543,7 @@ namespace {
     PyObject *__pyx_slice[1];
     PyObject *__pyx_tuple[2];
     PyObject *__pyx_codeobj_tab[5];
-    PyObject *__pyx_string_tab[147];
+    PyObject *__pyx_string_tab[148];
     PyObject *__pyx_number_tab[4];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -3701,42 +3704,43 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_n_words __pyx_string_tab[108]
 #define __pyx_n_u_name __pyx_string_tab[109]
 #define __pyx_n_u_ndim __pyx_string_tab[110]
-#define __pyx_n_u_nonzero __pyx_string_tab[111]
-#define __pyx_n_u_obj __pyx_string_tab[112]
-#define __pyx_n_u_out __pyx_string_tab[113]
-#define __pyx_n_u_pack __pyx_string_tab[114]
-#define __pyx_n_u_page __pyx_string_tab[115]
-#define __pyx_n_u_plan_reprotect __pyx_string_tab[116]
-#define __pyx_n_u_pop __pyx_string_tab[117]
-#define __pyx_n_u_previous __pyx_string_tab[118]
-#define __pyx_n_u_promote __pyx_string_tab[119]
-#define __pyx_n_u_register __pyx_string_tab[120]
-#define __pyx_n_u_reprotect __pyx_string_tab[121]
-#define __pyx_n_u_restore __pyx_string_tab[122]
-#define __pyx_n_u_setdefault __pyx_string_tab[123]
-#define __pyx_n_u_shape __pyx_string_tab[124]
-#define __pyx_n_u_size __pyx_string_tab[125]
-#define __pyx_n_u_src __pyx_string_tab[126]
-#define __pyx_n_u_start __pyx_string_tab[127]
-#define __pyx_n_u_step __pyx_string_tab[128]
-#define __pyx_n_u_stop __pyx_string_tab[129]
-#define __pyx_n_u_struct __pyx_string_tab[130]
-#define __pyx_n_u_touched __pyx_string_tab[131]
-#define __pyx_n_u_unpack __pyx_string_tab[132]
-#define __pyx_n_u_update __pyx_string_tab[133]
-#define __pyx_n_u_values __pyx_string_tab[134]
-#define __pyx_n_u_w __pyx_string_tab[135]
-#define __pyx_n_u_what __pyx_string_tab[136]
-#define __pyx_n_u_whpfast__pages __pyx_string_tab[137]
-#define __pyx_n_u_words __pyx_string_tab[138]
-#define __pyx_n_u_x __pyx_string_tab[139]
-#define __pyx_n_u_zeroed __pyx_string_tab[140]
-#define __pyx_n_b_O __pyx_string_tab[141]
-#define __pyx_kp_b_iso88591_uBhb_j_1L_A_vV1Cr_Ba_j_QfF_3Naq __pyx_string_tab[142]
-#define __pyx_kp_b_iso88591_q_E_avV1A_QfAQ_1 __pyx_string_tab[143]
-#define __pyx_kp_b_iso88591_V1Cs_a_T_a_q_ay_6_iq_as_1_as_Cr __pyx_string_tab[144]
-#define __pyx_kp_b_iso88591_V1Cs_Q_9E_q_G1_9E_q_IQ_XRt3a_A __pyx_string_tab[145]
-#define __pyx_kp_b_iso88591_V1N_K_VW_wfAS_XV1Cr_IVSTTWWYYZ __pyx_string_tab[146]
+#define __pyx_n_u_new_words __pyx_string_tab[111]
+#define __pyx_n_u_nonzero __pyx_string_tab[112]
+#define __pyx_n_u_obj __pyx_string_tab[113]
+#define __pyx_n_u_out __pyx_string_tab[114]
+#define __pyx_n_u_pack __pyx_string_tab[115]
+#define __pyx_n_u_page __pyx_string_tab[116]
+#define __pyx_n_u_plan_reprotect __pyx_string_tab[117]
+#define __pyx_n_u_pop __pyx_string_tab[118]
+#define __pyx_n_u_previous __pyx_string_tab[119]
+#define __pyx_n_u_promote __pyx_string_tab[120]
+#define __pyx_n_u_register __pyx_string_tab[121]
+#define __pyx_n_u_reprotect __pyx_string_tab[122]
+#define __pyx_n_u_restore __pyx_string_tab[123]
+#define __pyx_n_u_setdefault __pyx_string_tab[124]
+#define __pyx_n_u_shape __pyx_string_tab[125]
+#define __pyx_n_u_size __pyx_string_tab[126]
+#define __pyx_n_u_src __pyx_string_tab[127]
+#define __pyx_n_u_start __pyx_string_tab[128]
+#define __pyx_n_u_step __pyx_string_tab[129]
+#define __pyx_n_u_stop __pyx_string_tab[130]
+#define __pyx_n_u_struct __pyx_string_tab[131]
+#define __pyx_n_u_touched __pyx_string_tab[132]
+#define __pyx_n_u_unpack __pyx_string_tab[133]
+#define __pyx_n_u_update __pyx_string_tab[134]
+#define __pyx_n_u_values __pyx_string_tab[135]
+#define __pyx_n_u_w __pyx_string_tab[136]
+#define __pyx_n_u_what __pyx_string_tab[137]
+#define __pyx_n_u_whpfast__pages __pyx_string_tab[138]
+#define __pyx_n_u_words __pyx_string_tab[139]
+#define __pyx_n_u_x __pyx_string_tab[140]
+#define __pyx_n_u_zeroed __pyx_string_tab[141]
+#define __pyx_n_b_O __pyx_string_tab[142]
+#define __pyx_kp_b_iso88591_uBhb_j_1L_A_vV1Cr_Ba_j_QfF_3Naq __pyx_string_tab[143]
+#define __pyx_kp_b_iso88591_q_E_avV1A_QfAQ_1 __pyx_string_tab[144]
+#define __pyx_kp_b_iso88591_V1Cs_a_T_a_q_ay_6_iq_as_1_as_Cr __pyx_string_tab[145]
+#define __pyx_kp_b_iso88591_V1Cs_Q_9E_q_G1_9E_q_IQ_XRt3a_Ja __pyx_string_tab[146]
+#define __pyx_kp_b_iso88591_V1N_K_VW_wfAS_XV1Cr_IVSTTWWYYZ __pyx_string_tab[147]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_neg_1 __pyx_number_tab[1]
 #define __pyx_int_64 __pyx_number_tab[2]
@@ -3769,7 +3773,7 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
   for (int i=0; i<2; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
   for (int i=0; i<5; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<147; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<148; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<4; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -3807,7 +3811,7 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
   for (int i=0; i<2; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
   for (int i=0; i<5; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<147; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<148; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<4; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -17994,7 +17998,122 @@ static PyObject *__pyx_unpickle_Enum__set_state(struct __pyx_MemviewEnum_obj *__
   return __pyx_r;
 }
 
-/* "whpfast/_pages.pyx":18
+/* "whpfast/_pages.pyx":19
+ * 
+ * 
+ * cdef inline size_t _next_word(const uint64_t *bitmap, size_t w, size_t n) noexcept nogil:             # <<<<<<<<<<<<<<
+ *     """The first index >= w whose word is non-zero, or n. Skips four clean words at a time:
+ *     bitmaps are mostly zero, and a 1 GiB sandbox's has 4096 words."""
+*/
+
+static CYTHON_INLINE size_t __pyx_f_7whpfast_6_pages__next_word(uint64_t const *__pyx_v_bitmap, size_t __pyx_v_w, size_t __pyx_v_n) {
+  size_t __pyx_r;
+  int __pyx_t_1;
+  int __pyx_t_2;
+
+
+  /* "whpfast/_pages.pyx":22
+ *     """The first index >= w whose word is non-zero, or n. Skips four clean words at a time:
+ *     bitmaps are mostly zero, and a 1 GiB sandbox's has 4096 words."""
+ *     while w + 4 <= n and not (bitmap[w] | bitmap[w + 1] | bitmap[w + 2] | bitmap[w + 3]):             # <<<<<<<<<<<<<<
+ *         w += 4
+ *     while w < n and not bitmap[w]:
+*/
+  while (1) {
+    __pyx_t_2 = ((__pyx_v_w + 4) <= __pyx_v_n);
+
+    if (__pyx_t_2) {
+
+    } else {
+
+      __pyx_t_1 = __pyx_t_2;
+
+      goto __pyx_L5_bool_binop_done;
+    }
+    __pyx_t_2 = (!(((((__pyx_v_bitmap[__pyx_v_w]) | (__pyx_v_bitmap[(__pyx_v_w + 1)])) | (__pyx_v_bitmap[(__pyx_v_w + 2)])) | (__pyx_v_bitmap[(__pyx_v_w + 3)])) != 0));
+
+
+    __pyx_t_1 = __pyx_t_2;
+
+    __pyx_L5_bool_binop_done:;
+
+    if (!__pyx_t_1) break;
+
+    /* "whpfast/_pages.pyx":23
+ *     bitmaps are mostly zero, and a 1 GiB sandbox's has 4096 words."""
+ *     while w + 4 <= n and not (bitmap[w] | bitmap[w + 1] | bitmap[w + 2] | bitmap[w + 3]):
+ *         w += 4             # <<<<<<<<<<<<<<
+ *     while w < n and not bitmap[w]:
+ *         w += 1
+*/
+    __pyx_v_w = (__pyx_v_w + 4);
+  }
+
+  /* "whpfast/_pages.pyx":24
+ *     while w + 4 <= n and not (bitmap[w] | bitmap[w + 1] | bitmap[w + 2] | bitmap[w + 3]):
+ *         w += 4
+ *     while w < n and not bitmap[w]:             # <<<<<<<<<<<<<<
+ *         w += 1
+ *     return w
+*/
+  while (1) {
+    __pyx_t_2 = (__pyx_v_w < __pyx_v_n);
+
+    if (__pyx_t_2) {
+
+    } else {
+
+      __pyx_t_1 = __pyx_t_2;
+
+      goto __pyx_L9_bool_binop_done;
+    }
+    __pyx_t_2 = (!((__pyx_v_bitmap[__pyx_v_w]) != 0));
+
+
+    __pyx_t_1 = __pyx_t_2;
+
+    __pyx_L9_bool_binop_done:;
+
+    if (!__pyx_t_1) break;
+
+    /* "whpfast/_pages.pyx":25
+ *         w += 4
+ *     while w < n and not bitmap[w]:
+ *         w += 1             # <<<<<<<<<<<<<<
+ *     return w
+ * 
+*/
+    __pyx_v_w = (__pyx_v_w + 1);
+  }
+
+  /* "whpfast/_pages.pyx":26
+ *     while w < n and not bitmap[w]:
+ *         w += 1
+ *     return w             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  {
+
+    __pyx_r = __pyx_v_w;
+  }
+  goto __pyx_L0;
+
+  /* "whpfast/_pages.pyx":19
+ * 
+ * 
+ * cdef inline size_t _next_word(const uint64_t *bitmap, size_t w, size_t n) noexcept nogil:             # <<<<<<<<<<<<<<
+ *     """The first index >= w whose word is non-zero, or n. Skips four clean words at a time:
+ *     bitmaps are mostly zero, and a 1 GiB sandbox's has 4096 words."""
+*/
+
+  /* function exit code */
+  __pyx_L0:;
+
+  return __pyx_r;
+}
+
+/* "whpfast/_pages.pyx":29
  * 
  * 
  * cdef inline bint _page_is_zero(const unsigned char *p) noexcept nogil:             # <<<<<<<<<<<<<<
@@ -18009,7 +18128,7 @@ static CYTHON_INLINE int __pyx_f_7whpfast_6_pages__page_is_zero(unsigned char co
   int __pyx_t_1;
   int __pyx_t_2;
 
-  /* "whpfast/_pages.pyx":19
+  /* "whpfast/_pages.pyx":30
  * 
  * cdef inline bint _page_is_zero(const unsigned char *p) noexcept nogil:
  *     cdef const uint64_t *w = <const uint64_t *>p             # <<<<<<<<<<<<<<
@@ -18018,7 +18137,7 @@ static CYTHON_INLINE int __pyx_f_7whpfast_6_pages__page_is_zero(unsigned char co
 */
   __pyx_v_w = ((uint64_t const *)__pyx_v_p);
 
-  /* "whpfast/_pages.pyx":21
+  /* "whpfast/_pages.pyx":32
  *     cdef const uint64_t *w = <const uint64_t *>p
  *     cdef int i
  *     for i in range(PAGE // 8):             # <<<<<<<<<<<<<<
@@ -18028,7 +18147,7 @@ static CYTHON_INLINE int __pyx_f_7whpfast_6_pages__page_is_zero(unsigned char co
   for (__pyx_t_1 = 0; __pyx_t_1 < 0x200; __pyx_t_1+=1) {
     __pyx_v_i = __pyx_t_1;
 
-    /* "whpfast/_pages.pyx":22
+    /* "whpfast/_pages.pyx":33
  *     cdef int i
  *     for i in range(PAGE // 8):
  *         if w[i]:             # <<<<<<<<<<<<<<
@@ -18040,7 +18159,7 @@ static CYTHON_INLINE int __pyx_f_7whpfast_6_pages__page_is_zero(unsigned char co
     if (__pyx_t_2) {
 
 
-      /* "whpfast/_pages.pyx":23
+      /* "whpfast/_pages.pyx":34
  *     for i in range(PAGE // 8):
  *         if w[i]:
  *             return False             # <<<<<<<<<<<<<<
@@ -18053,7 +18172,7 @@ static CYTHON_INLINE int __pyx_f_7whpfast_6_pages__page_is_zero(unsigned char co
       }
       goto __pyx_L0;
 
-      /* "whpfast/_pages.pyx":22
+      /* "whpfast/_pages.pyx":33
  *     cdef int i
  *     for i in range(PAGE // 8):
  *         if w[i]:             # <<<<<<<<<<<<<<
@@ -18063,7 +18182,7 @@ static CYTHON_INLINE int __pyx_f_7whpfast_6_pages__page_is_zero(unsigned char co
     }
   }
 
-  /* "whpfast/_pages.pyx":24
+  /* "whpfast/_pages.pyx":35
  *         if w[i]:
  *             return False
  *     return True             # <<<<<<<<<<<<<<
@@ -18076,7 +18195,7 @@ static CYTHON_INLINE int __pyx_f_7whpfast_6_pages__page_is_zero(unsigned char co
   }
   goto __pyx_L0;
 
-  /* "whpfast/_pages.pyx":18
+  /* "whpfast/_pages.pyx":29
  * 
  * 
  * cdef inline bint _page_is_zero(const unsigned char *p) noexcept nogil:             # <<<<<<<<<<<<<<
@@ -18091,7 +18210,7 @@ static CYTHON_INLINE int __pyx_f_7whpfast_6_pages__page_is_zero(unsigned char co
   return __pyx_r;
 }
 
-/* "whpfast/_pages.pyx":27
+/* "whpfast/_pages.pyx":38
  * 
  * 
  * def _check(size_t n_pages, size_t size, bitmap, str what):             # <<<<<<<<<<<<<<
@@ -18142,53 +18261,53 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_n_pages,&__pyx_mstate_global->__pyx_n_u_size,&__pyx_mstate_global->__pyx_n_u_bitmap,&__pyx_mstate_global->__pyx_n_u_what,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 27, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 38, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 27, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 38, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 27, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 38, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 27, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 38, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 27, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 38, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_check", 0) < (0)) __PYX_ERR(0, 27, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_check", 0) < (0)) __PYX_ERR(0, 38, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_check", 1, 4, 4, i); __PYX_ERR(0, 27, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_check", 1, 4, 4, i); __PYX_ERR(0, 38, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 4)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 27, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 38, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 27, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 38, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 27, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 38, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 27, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 38, __pyx_L3_error)
     }
-    __pyx_v_n_pages = __Pyx_PyLong_As_size_t(values[0]); if (unlikely((__pyx_v_n_pages == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 27, __pyx_L3_error)
-    __pyx_v_size = __Pyx_PyLong_As_size_t(values[1]); if (unlikely((__pyx_v_size == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 27, __pyx_L3_error)
+    __pyx_v_n_pages = __Pyx_PyLong_As_size_t(values[0]); if (unlikely((__pyx_v_n_pages == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 38, __pyx_L3_error)
+    __pyx_v_size = __Pyx_PyLong_As_size_t(values[1]); if (unlikely((__pyx_v_size == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 38, __pyx_L3_error)
     __pyx_v_bitmap = values[2];
     __pyx_v_what = ((PyObject*)values[3]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("_check", 1, 4, 4, __pyx_nargs); __PYX_ERR(0, 27, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("_check", 1, 4, 4, __pyx_nargs); __PYX_ERR(0, 38, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -18199,7 +18318,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_what), (&PyUnicode_Type), 1, "what", 1))) __PYX_ERR(0, 27, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_what), (&PyUnicode_Type), 1, "what", 1))) __PYX_ERR(0, 38, __pyx_L1_error)
   __pyx_r = __pyx_pf_7whpfast_6_pages__check(__pyx_self, __pyx_v_n_pages, __pyx_v_size, __pyx_v_bitmap, __pyx_v_what);
 
   /* function exit code */
@@ -18241,7 +18360,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages__check(CYTHON_UNUSED PyObject *__pyx_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("_check", 0);
 
-  /* "whpfast/_pages.pyx":28
+  /* "whpfast/_pages.pyx":39
  * 
  * def _check(size_t n_pages, size_t size, bitmap, str what):
  *     if size < n_pages * PAGE:             # <<<<<<<<<<<<<<
@@ -18253,7 +18372,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages__check(CYTHON_UNUSED PyObject *__pyx_
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "whpfast/_pages.pyx":29
+    /* "whpfast/_pages.pyx":40
  * def _check(size_t n_pages, size_t size, bitmap, str what):
  *     if size < n_pages * PAGE:
  *         raise ValueError(f"{what} holds {size} bytes, fewer than {n_pages} pages")             # <<<<<<<<<<<<<<
@@ -18261,11 +18380,11 @@ static PyObject *__pyx_pf_7whpfast_6_pages__check(CYTHON_UNUSED PyObject *__pyx_
  *         raise ValueError(f"bitmap of {bitmap.shape[0]} words is too small for {n_pages} pages")
 */
     __pyx_t_3 = NULL;
-    __pyx_t_4 = __Pyx_PyUnicode_Unicode(__pyx_v_what); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 29, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyUnicode_Unicode(__pyx_v_what); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 40, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_5 = __Pyx_PyUnicode_From_size_t(__pyx_v_size, 0, ' ', 'd'); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 29, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyUnicode_From_size_t(__pyx_v_size, 0, ' ', 'd'); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 40, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
-    __pyx_t_6 = __Pyx_PyUnicode_From_size_t(__pyx_v_n_pages, 0, ' ', 'd'); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 29, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyUnicode_From_size_t(__pyx_v_n_pages, 0, ' ', 'd'); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 40, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __pyx_t_7[0] = __pyx_t_4;
     __pyx_t_7[1] = __pyx_mstate_global->__pyx_kp_u_holds;
@@ -18282,7 +18401,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages__check(CYTHON_UNUSED PyObject *__pyx_
     __pyx_t_9 |= __Pyx_PyUnicode_KIND_04(__pyx_t_7[0]);
     #endif
     __pyx_t_10 = __Pyx_PyUnicode_Join(__pyx_t_7, 6, __pyx_t_8, __pyx_t_9);
-    if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 29, __pyx_L1_error)
+    if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 40, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_10);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
@@ -18293,14 +18412,14 @@ static PyObject *__pyx_pf_7whpfast_6_pages__check(CYTHON_UNUSED PyObject *__pyx_
       __pyx_t_2 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_11, (2-__pyx_t_11) | (__pyx_t_11*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 29, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 40, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
     __Pyx_Raise(__pyx_t_2, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-    __PYX_ERR(0, 29, __pyx_L1_error)
+    __PYX_ERR(0, 40, __pyx_L1_error)
 
-    /* "whpfast/_pages.pyx":28
+    /* "whpfast/_pages.pyx":39
  * 
  * def _check(size_t n_pages, size_t size, bitmap, str what):
  *     if size < n_pages * PAGE:             # <<<<<<<<<<<<<<
@@ -18309,30 +18428,30 @@ static PyObject *__pyx_pf_7whpfast_6_pages__check(CYTHON_UNUSED PyObject *__pyx_
 */
   }
 
-  /* "whpfast/_pages.pyx":30
+  /* "whpfast/_pages.pyx":41
  *     if size < n_pages * PAGE:
  *         raise ValueError(f"{what} holds {size} bytes, fewer than {n_pages} pages")
  *     if bitmap.shape[0] * 64 < n_pages:             # <<<<<<<<<<<<<<
  *         raise ValueError(f"bitmap of {bitmap.shape[0]} words is too small for {n_pages} pages")
  * 
 */
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_bitmap, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 30, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_bitmap, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 41, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_10 = __Pyx_GetItemInt(__pyx_t_2, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 30, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_GetItemInt(__pyx_t_2, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 41, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
-  __pyx_t_2 = __Pyx_PyLong_MultiplyObjC(__pyx_t_10, __pyx_mstate_global->__pyx_int_64, 64, 0, 0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 30, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_MultiplyObjC(__pyx_t_10, __pyx_mstate_global->__pyx_int_64, 64, 0, 0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 41, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-  __pyx_t_10 = __Pyx_PyLong_FromSize_t(__pyx_v_n_pages); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 30, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyLong_FromSize_t(__pyx_v_n_pages); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 41, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
-  __pyx_t_1 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_t_2, __pyx_t_10, Py_LT); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 30, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_CompareBoolLt_object_int(__pyx_t_2, __pyx_t_10, Py_LT); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 41, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
   __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "whpfast/_pages.pyx":31
+    /* "whpfast/_pages.pyx":42
  *         raise ValueError(f"{what} holds {size} bytes, fewer than {n_pages} pages")
  *     if bitmap.shape[0] * 64 < n_pages:
  *         raise ValueError(f"bitmap of {bitmap.shape[0]} words is too small for {n_pages} pages")             # <<<<<<<<<<<<<<
@@ -18340,15 +18459,15 @@ static PyObject *__pyx_pf_7whpfast_6_pages__check(CYTHON_UNUSED PyObject *__pyx_
  * 
 */
     __pyx_t_2 = NULL;
-    __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_bitmap, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 31, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_bitmap, __pyx_mstate_global->__pyx_n_u_shape); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 42, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __pyx_t_6 = __Pyx_GetItemInt(__pyx_t_3, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 31, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_GetItemInt(__pyx_t_3, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 42, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __pyx_t_3 = __Pyx_PyObject_FormatSimple(__pyx_t_6, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 31, __pyx_L1_error)
+    __pyx_t_3 = __Pyx_PyObject_FormatSimple(__pyx_t_6, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 42, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    __pyx_t_6 = __Pyx_PyUnicode_From_size_t(__pyx_v_n_pages, 0, ' ', 'd'); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 31, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyUnicode_From_size_t(__pyx_v_n_pages, 0, ' ', 'd'); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 42, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __pyx_t_12[0] = __pyx_mstate_global->__pyx_kp_u_bitmap_of;
     __pyx_t_12[1] = __pyx_t_3;
@@ -18364,7 +18483,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages__check(CYTHON_UNUSED PyObject *__pyx_
     __pyx_t_9 |= __Pyx_PyUnicode_KIND_04(__pyx_t_12[1]);
     #endif
     __pyx_t_5 = __Pyx_PyUnicode_Join(__pyx_t_12, 5, __pyx_t_8, __pyx_t_9);
-    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 31, __pyx_L1_error)
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 42, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
@@ -18374,14 +18493,14 @@ static PyObject *__pyx_pf_7whpfast_6_pages__check(CYTHON_UNUSED PyObject *__pyx_
       __pyx_t_10 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_11, (2-__pyx_t_11) | (__pyx_t_11*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-      if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 31, __pyx_L1_error)
+      if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 42, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_10);
     }
     __Pyx_Raise(__pyx_t_10, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-    __PYX_ERR(0, 31, __pyx_L1_error)
+    __PYX_ERR(0, 42, __pyx_L1_error)
 
-    /* "whpfast/_pages.pyx":30
+    /* "whpfast/_pages.pyx":41
  *     if size < n_pages * PAGE:
  *         raise ValueError(f"{what} holds {size} bytes, fewer than {n_pages} pages")
  *     if bitmap.shape[0] * 64 < n_pages:             # <<<<<<<<<<<<<<
@@ -18390,7 +18509,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages__check(CYTHON_UNUSED PyObject *__pyx_
 */
   }
 
-  /* "whpfast/_pages.pyx":27
+  /* "whpfast/_pages.pyx":38
  * 
  * 
  * def _check(size_t n_pages, size_t size, bitmap, str what):             # <<<<<<<<<<<<<<
@@ -18416,7 +18535,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages__check(CYTHON_UNUSED PyObject *__pyx_
   return __pyx_r;
 }
 
-/* "whpfast/_pages.pyx":34
+/* "whpfast/_pages.pyx":45
  * 
  * 
  * def capture(const unsigned char[::1] src not None, unsigned char[::1] dst, uint64_t[::1] nonzero not None):             # <<<<<<<<<<<<<<
@@ -18466,46 +18585,46 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_src,&__pyx_mstate_global->__pyx_n_u_dst,&__pyx_mstate_global->__pyx_n_u_nonzero,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 34, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 45, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 34, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 45, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 34, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 45, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 34, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 45, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "capture", 0) < (0)) __PYX_ERR(0, 34, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "capture", 0) < (0)) __PYX_ERR(0, 45, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 3; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("capture", 1, 3, 3, i); __PYX_ERR(0, 34, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("capture", 1, 3, 3, i); __PYX_ERR(0, 45, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 3)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 34, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 45, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 34, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 45, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 34, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 45, __pyx_L3_error)
     }
-    __pyx_v_src = __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_char__const__(values[0], 0); if (unlikely(!__pyx_v_src.memview)) __PYX_ERR(0, 34, __pyx_L3_error)
-    __pyx_v_dst = __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_char(values[1], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dst.memview)) __PYX_ERR(0, 34, __pyx_L3_error)
-    __pyx_v_nonzero = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_nonzero.memview)) __PYX_ERR(0, 34, __pyx_L3_error)
+    __pyx_v_src = __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_char__const__(values[0], 0); if (unlikely(!__pyx_v_src.memview)) __PYX_ERR(0, 45, __pyx_L3_error)
+    __pyx_v_dst = __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_char(values[1], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dst.memview)) __PYX_ERR(0, 45, __pyx_L3_error)
+    __pyx_v_nonzero = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_nonzero.memview)) __PYX_ERR(0, 45, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("capture", 1, 3, 3, __pyx_nargs); __PYX_ERR(0, 34, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("capture", 1, 3, 3, __pyx_nargs); __PYX_ERR(0, 45, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -18520,10 +18639,10 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return NULL;
   __pyx_L4_argument_unpacking_done:;
   if (unlikely(((PyObject *)__pyx_v_src.memview) == Py_None)) {
-    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "src"); __PYX_ERR(0, 34, __pyx_L1_error)
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "src"); __PYX_ERR(0, 45, __pyx_L1_error)
   }
   if (unlikely(((PyObject *)__pyx_v_nonzero.memview) == Py_None)) {
-    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "nonzero"); __PYX_ERR(0, 34, __pyx_L1_error)
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "nonzero"); __PYX_ERR(0, 45, __pyx_L1_error)
   }
   __pyx_r = __pyx_pf_7whpfast_6_pages_2capture(__pyx_self, __pyx_v_src, __pyx_v_dst, __pyx_v_nonzero);
 
@@ -18572,7 +18691,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("capture", 0);
 
-  /* "whpfast/_pages.pyx":38
+  /* "whpfast/_pages.pyx":49
  *     page to the same offset in dst (whose pages must be zero). Returns the number of non-zero
  *     pages."""
  *     cdef size_t n_pages = src.shape[0] // PAGE, page, count = 0             # <<<<<<<<<<<<<<
@@ -18582,7 +18701,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
   __pyx_v_n_pages = ((__pyx_v_src.shape[0]) / 0x1000);
   __pyx_v_count = 0;
 
-  /* "whpfast/_pages.pyx":39
+  /* "whpfast/_pages.pyx":50
  *     pages."""
  *     cdef size_t n_pages = src.shape[0] // PAGE, page, count = 0
  *     cdef bint copy = dst is not None             # <<<<<<<<<<<<<<
@@ -18591,7 +18710,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
 */
   __pyx_v_copy = (((PyObject *) __pyx_v_dst.memview) != Py_None);
 
-  /* "whpfast/_pages.pyx":40
+  /* "whpfast/_pages.pyx":51
  *     cdef size_t n_pages = src.shape[0] // PAGE, page, count = 0
  *     cdef bint copy = dst is not None
  *     cdef unsigned char *out = NULL             # <<<<<<<<<<<<<<
@@ -18600,7 +18719,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
 */
   __pyx_v_out = NULL;
 
-  /* "whpfast/_pages.pyx":41
+  /* "whpfast/_pages.pyx":52
  *     cdef bint copy = dst is not None
  *     cdef unsigned char *out = NULL
  *     if copy:             # <<<<<<<<<<<<<<
@@ -18609,7 +18728,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
 */
   if (__pyx_v_copy) {
 
-    /* "whpfast/_pages.pyx":42
+    /* "whpfast/_pages.pyx":53
  *     cdef unsigned char *out = NULL
  *     if copy:
  *         _check(n_pages, dst.shape[0], nonzero, "destination")             # <<<<<<<<<<<<<<
@@ -18617,13 +18736,13 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
  *     elif nonzero.shape[0] * 64 < n_pages:
 */
     __pyx_t_2 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_check); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 42, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_check); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 53, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __pyx_t_4 = __Pyx_PyLong_FromSize_t(__pyx_v_n_pages); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 42, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyLong_FromSize_t(__pyx_v_n_pages); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 53, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    __pyx_t_5 = PyLong_FromSsize_t((__pyx_v_dst.shape[0])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 42, __pyx_L1_error)
+    __pyx_t_5 = PyLong_FromSsize_t((__pyx_v_dst.shape[0])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 53, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
-    __pyx_t_6 = __pyx_memoryview_fromslice(__pyx_v_nonzero, 1, (PyObject *(*)(char *)) __pyx_memview_get_nn_uint64_t, (int (*)(char *, PyObject *)) __pyx_memview_set_nn_uint64_t, 0);; if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 42, __pyx_L1_error)
+    __pyx_t_6 = __pyx_memoryview_fromslice(__pyx_v_nonzero, 1, (PyObject *(*)(char *)) __pyx_memview_get_nn_uint64_t, (int (*)(char *, PyObject *)) __pyx_memview_set_nn_uint64_t, 0);; if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 53, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __pyx_t_7 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -18645,12 +18764,12 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 42, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 53, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-    /* "whpfast/_pages.pyx":43
+    /* "whpfast/_pages.pyx":54
  *     if copy:
  *         _check(n_pages, dst.shape[0], nonzero, "destination")
  *         out = &dst[0]             # <<<<<<<<<<<<<<
@@ -18660,7 +18779,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
     __pyx_t_8 = 0;
     __pyx_v_out = (&(*((unsigned char *) ( /* dim=0 */ ((char *) (((unsigned char *) __pyx_v_dst.data) + __pyx_t_8)) ))));
 
-    /* "whpfast/_pages.pyx":41
+    /* "whpfast/_pages.pyx":52
  *     cdef bint copy = dst is not None
  *     cdef unsigned char *out = NULL
  *     if copy:             # <<<<<<<<<<<<<<
@@ -18670,7 +18789,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
     goto __pyx_L3;
   }
 
-  /* "whpfast/_pages.pyx":44
+  /* "whpfast/_pages.pyx":55
  *         _check(n_pages, dst.shape[0], nonzero, "destination")
  *         out = &dst[0]
  *     elif nonzero.shape[0] * 64 < n_pages:             # <<<<<<<<<<<<<<
@@ -18682,7 +18801,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
   if (unlikely(__pyx_t_9)) {
 
 
-    /* "whpfast/_pages.pyx":45
+    /* "whpfast/_pages.pyx":56
  *         out = &dst[0]
  *     elif nonzero.shape[0] * 64 < n_pages:
  *         raise ValueError("bitmap too small")             # <<<<<<<<<<<<<<
@@ -18695,14 +18814,14 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
       PyObject *__pyx_callargs[2] = {__pyx_t_3, __pyx_mstate_global->__pyx_kp_u_bitmap_too_small};
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_7, (2-__pyx_t_7) | (__pyx_t_7*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 45, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 56, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 45, __pyx_L1_error)
+    __PYX_ERR(0, 56, __pyx_L1_error)
 
-    /* "whpfast/_pages.pyx":44
+    /* "whpfast/_pages.pyx":55
  *         _check(n_pages, dst.shape[0], nonzero, "destination")
  *         out = &dst[0]
  *     elif nonzero.shape[0] * 64 < n_pages:             # <<<<<<<<<<<<<<
@@ -18712,7 +18831,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
   }
   __pyx_L3:;
 
-  /* "whpfast/_pages.pyx":46
+  /* "whpfast/_pages.pyx":57
  *     elif nonzero.shape[0] * 64 < n_pages:
  *         raise ValueError("bitmap too small")
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -18725,7 +18844,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "whpfast/_pages.pyx":47
+        /* "whpfast/_pages.pyx":58
  *         raise ValueError("bitmap too small")
  *     with nogil:
  *         for page in range(n_pages):             # <<<<<<<<<<<<<<
@@ -18739,7 +18858,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
         for (__pyx_t_11 = 0; __pyx_t_11 < __pyx_t_10; __pyx_t_11+=1) {
           __pyx_v_page = __pyx_t_11;
 
-          /* "whpfast/_pages.pyx":48
+          /* "whpfast/_pages.pyx":59
  *     with nogil:
  *         for page in range(n_pages):
  *             if not _page_is_zero(&src[page * PAGE]):             # <<<<<<<<<<<<<<
@@ -18752,7 +18871,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
           if (__pyx_t_9) {
 
 
-            /* "whpfast/_pages.pyx":49
+            /* "whpfast/_pages.pyx":60
  *         for page in range(n_pages):
  *             if not _page_is_zero(&src[page * PAGE]):
  *                 if copy:             # <<<<<<<<<<<<<<
@@ -18761,7 +18880,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
 */
             if (__pyx_v_copy) {
 
-              /* "whpfast/_pages.pyx":50
+              /* "whpfast/_pages.pyx":61
  *             if not _page_is_zero(&src[page * PAGE]):
  *                 if copy:
  *                     memcpy(out + page * PAGE, &src[page * PAGE], PAGE)             # <<<<<<<<<<<<<<
@@ -18771,7 +18890,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
               __pyx_t_12 = (__pyx_v_page * 0x1000);
               (void)(memcpy((__pyx_v_out + (__pyx_v_page * 0x1000)), (&(*((unsigned char const  *) ( /* dim=0 */ ((char *) (((unsigned char const  *) __pyx_v_src.data) + __pyx_t_12)) )))), 0x1000));
 
-              /* "whpfast/_pages.pyx":49
+              /* "whpfast/_pages.pyx":60
  *         for page in range(n_pages):
  *             if not _page_is_zero(&src[page * PAGE]):
  *                 if copy:             # <<<<<<<<<<<<<<
@@ -18780,7 +18899,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
 */
             }
 
-            /* "whpfast/_pages.pyx":51
+            /* "whpfast/_pages.pyx":62
  *                 if copy:
  *                     memcpy(out + page * PAGE, &src[page * PAGE], PAGE)
  *                 nonzero[page >> 6] |= (<uint64_t>1) << (page & 63)             # <<<<<<<<<<<<<<
@@ -18790,7 +18909,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
             __pyx_t_12 = (__pyx_v_page >> 6);
             *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_nonzero.data) + __pyx_t_12)) )) |= (((uint64_t)1) << (__pyx_v_page & 63));
 
-            /* "whpfast/_pages.pyx":52
+            /* "whpfast/_pages.pyx":63
  *                     memcpy(out + page * PAGE, &src[page * PAGE], PAGE)
  *                 nonzero[page >> 6] |= (<uint64_t>1) << (page & 63)
  *                 count += 1             # <<<<<<<<<<<<<<
@@ -18799,7 +18918,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
 */
             __pyx_v_count = (__pyx_v_count + 1);
 
-            /* "whpfast/_pages.pyx":48
+            /* "whpfast/_pages.pyx":59
  *     with nogil:
  *         for page in range(n_pages):
  *             if not _page_is_zero(&src[page * PAGE]):             # <<<<<<<<<<<<<<
@@ -18811,7 +18930,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
 
       }
 
-      /* "whpfast/_pages.pyx":46
+      /* "whpfast/_pages.pyx":57
  *     elif nonzero.shape[0] * 64 < n_pages:
  *         raise ValueError("bitmap too small")
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -18828,14 +18947,14 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
       }
   }
 
-  /* "whpfast/_pages.pyx":53
+  /* "whpfast/_pages.pyx":64
  *                 nonzero[page >> 6] |= (<uint64_t>1) << (page & 63)
  *                 count += 1
  *     return count             # <<<<<<<<<<<<<<
  * 
  * 
 */
-  __pyx_t_1 = __Pyx_PyLong_FromSize_t(__pyx_v_count); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 53, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_FromSize_t(__pyx_v_count); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 64, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -18848,7 +18967,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "whpfast/_pages.pyx":34
+  /* "whpfast/_pages.pyx":45
  * 
  * 
  * def capture(const unsigned char[::1] src not None, unsigned char[::1] dst, uint64_t[::1] nonzero not None):             # <<<<<<<<<<<<<<
@@ -18877,7 +18996,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_2capture(CYTHON_UNUSED PyObject *__py
   return __pyx_r;
 }
 
-/* "whpfast/_pages.pyx":56
+/* "whpfast/_pages.pyx":67
  * 
  * 
  * def restore(unsigned char[::1] dst not None, const unsigned char[::1] image not None,             # <<<<<<<<<<<<<<
@@ -18928,53 +19047,53 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_dst,&__pyx_mstate_global->__pyx_n_u_image,&__pyx_mstate_global->__pyx_n_u_dirty,&__pyx_mstate_global->__pyx_n_u_nonzero,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 56, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 67, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 56, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 67, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 56, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 67, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 56, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 67, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 56, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 67, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "restore", 0) < (0)) __PYX_ERR(0, 56, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "restore", 0) < (0)) __PYX_ERR(0, 67, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("restore", 1, 4, 4, i); __PYX_ERR(0, 56, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("restore", 1, 4, 4, i); __PYX_ERR(0, 67, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 4)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 56, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 67, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 56, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 67, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 56, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 67, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 56, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 67, __pyx_L3_error)
     }
-    __pyx_v_dst = __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_char(values[0], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dst.memview)) __PYX_ERR(0, 56, __pyx_L3_error)
-    __pyx_v_image = __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_char__const__(values[1], 0); if (unlikely(!__pyx_v_image.memview)) __PYX_ERR(0, 56, __pyx_L3_error)
-    __pyx_v_dirty = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t__const__(values[2], 0); if (unlikely(!__pyx_v_dirty.memview)) __PYX_ERR(0, 57, __pyx_L3_error)
-    __pyx_v_nonzero = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t__const__(values[3], 0); if (unlikely(!__pyx_v_nonzero.memview)) __PYX_ERR(0, 57, __pyx_L3_error)
+    __pyx_v_dst = __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_char(values[0], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dst.memview)) __PYX_ERR(0, 67, __pyx_L3_error)
+    __pyx_v_image = __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_char__const__(values[1], 0); if (unlikely(!__pyx_v_image.memview)) __PYX_ERR(0, 67, __pyx_L3_error)
+    __pyx_v_dirty = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t__const__(values[2], 0); if (unlikely(!__pyx_v_dirty.memview)) __PYX_ERR(0, 68, __pyx_L3_error)
+    __pyx_v_nonzero = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t__const__(values[3], 0); if (unlikely(!__pyx_v_nonzero.memview)) __PYX_ERR(0, 68, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("restore", 1, 4, 4, __pyx_nargs); __PYX_ERR(0, 56, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("restore", 1, 4, 4, __pyx_nargs); __PYX_ERR(0, 67, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -18990,16 +19109,16 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return NULL;
   __pyx_L4_argument_unpacking_done:;
   if (unlikely(((PyObject *)__pyx_v_dst.memview) == Py_None)) {
-    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "dst"); __PYX_ERR(0, 56, __pyx_L1_error)
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "dst"); __PYX_ERR(0, 67, __pyx_L1_error)
   }
   if (unlikely(((PyObject *)__pyx_v_image.memview) == Py_None)) {
-    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "image"); __PYX_ERR(0, 56, __pyx_L1_error)
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "image"); __PYX_ERR(0, 67, __pyx_L1_error)
   }
   if (unlikely(((PyObject *)__pyx_v_dirty.memview) == Py_None)) {
-    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "dirty"); __PYX_ERR(0, 57, __pyx_L1_error)
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "dirty"); __PYX_ERR(0, 68, __pyx_L1_error)
   }
   if (unlikely(((PyObject *)__pyx_v_nonzero.memview) == Py_None)) {
-    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "nonzero"); __PYX_ERR(0, 57, __pyx_L1_error)
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "nonzero"); __PYX_ERR(0, 68, __pyx_L1_error)
   }
   __pyx_r = __pyx_pf_7whpfast_6_pages_4restore(__pyx_self, __pyx_v_dst, __pyx_v_image, __pyx_v_dirty, __pyx_v_nonzero);
 
@@ -19042,17 +19161,15 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
   PyObject *__pyx_t_5 = NULL;
   PyObject *__pyx_t_6 = NULL;
   size_t __pyx_t_7;
-  int __pyx_t_8;
+  Py_ssize_t __pyx_t_8;
   int __pyx_t_9;
   size_t __pyx_t_10;
-  size_t __pyx_t_11;
-  size_t __pyx_t_12;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("restore", 0);
 
-  /* "whpfast/_pages.pyx":61
+  /* "whpfast/_pages.pyx":72
  *     else zero it. In place, with memcpy/memset on dst's own pages: the physical pages the
  *     hypervisor maps stay the same. Returns (pages copied, pages zeroed)."""
  *     cdef size_t n_pages = dst.shape[0] // PAGE, words, w, page             # <<<<<<<<<<<<<<
@@ -19061,7 +19178,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
 */
   __pyx_v_n_pages = ((__pyx_v_dst.shape[0]) / 0x1000);
 
-  /* "whpfast/_pages.pyx":62
+  /* "whpfast/_pages.pyx":73
  *     hypervisor maps stay the same. Returns (pages copied, pages zeroed)."""
  *     cdef size_t n_pages = dst.shape[0] // PAGE, words, w, page
  *     cdef size_t copied = 0, zeroed = 0             # <<<<<<<<<<<<<<
@@ -19071,7 +19188,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
   __pyx_v_copied = 0;
   __pyx_v_zeroed = 0;
 
-  /* "whpfast/_pages.pyx":65
+  /* "whpfast/_pages.pyx":76
  *     cdef uint64_t bits
  *     cdef int bit
  *     _check(n_pages, image.shape[0], dirty, "snapshot image")             # <<<<<<<<<<<<<<
@@ -19079,13 +19196,13 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
  *     words = (n_pages + 63) // 64
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_check); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 65, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_check); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 76, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_4 = __Pyx_PyLong_FromSize_t(__pyx_v_n_pages); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 65, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyLong_FromSize_t(__pyx_v_n_pages); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 76, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = PyLong_FromSsize_t((__pyx_v_image.shape[0])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 65, __pyx_L1_error)
+  __pyx_t_5 = PyLong_FromSsize_t((__pyx_v_image.shape[0])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 76, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_6 = __pyx_memoryview_fromslice(__pyx_v_dirty, 1, (PyObject *(*)(char *)) __pyx_memview_get_nn_uint64_t__const__, (int (*)(char *, PyObject *)) NULL, 0);; if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 65, __pyx_L1_error)
+  __pyx_t_6 = __pyx_memoryview_fromslice(__pyx_v_dirty, 1, (PyObject *(*)(char *)) __pyx_memview_get_nn_uint64_t__const__, (int (*)(char *, PyObject *)) NULL, 0);; if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 76, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __pyx_t_7 = 1;
   #if CYTHON_UNPACK_METHODS
@@ -19107,12 +19224,12 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 65, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 76, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "whpfast/_pages.pyx":66
+  /* "whpfast/_pages.pyx":77
  *     cdef int bit
  *     _check(n_pages, image.shape[0], dirty, "snapshot image")
  *     _check(n_pages, image.shape[0], nonzero, "snapshot image")             # <<<<<<<<<<<<<<
@@ -19120,13 +19237,13 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
  *     with nogil:
 */
   __pyx_t_3 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_check); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 66, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_check); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 77, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_5 = __Pyx_PyLong_FromSize_t(__pyx_v_n_pages); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 66, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_FromSize_t(__pyx_v_n_pages); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 77, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = PyLong_FromSsize_t((__pyx_v_image.shape[0])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 66, __pyx_L1_error)
+  __pyx_t_4 = PyLong_FromSsize_t((__pyx_v_image.shape[0])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 77, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_2 = __pyx_memoryview_fromslice(__pyx_v_nonzero, 1, (PyObject *(*)(char *)) __pyx_memview_get_nn_uint64_t__const__, (int (*)(char *, PyObject *)) NULL, 0);; if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 66, __pyx_L1_error)
+  __pyx_t_2 = __pyx_memoryview_fromslice(__pyx_v_nonzero, 1, (PyObject *(*)(char *)) __pyx_memview_get_nn_uint64_t__const__, (int (*)(char *, PyObject *)) NULL, 0);; if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 77, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __pyx_t_7 = 1;
   #if CYTHON_UNPACK_METHODS
@@ -19148,25 +19265,25 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 66, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 77, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "whpfast/_pages.pyx":67
+  /* "whpfast/_pages.pyx":78
  *     _check(n_pages, image.shape[0], dirty, "snapshot image")
  *     _check(n_pages, image.shape[0], nonzero, "snapshot image")
  *     words = (n_pages + 63) // 64             # <<<<<<<<<<<<<<
  *     with nogil:
- *         w = 0
+ *         w = _next_word(&dirty[0], 0, words)
 */
   __pyx_v_words = ((__pyx_v_n_pages + 63) / 64);
 
-  /* "whpfast/_pages.pyx":68
+  /* "whpfast/_pages.pyx":79
  *     _check(n_pages, image.shape[0], nonzero, "snapshot image")
  *     words = (n_pages + 63) // 64
  *     with nogil:             # <<<<<<<<<<<<<<
- *         w = 0
+ *         w = _next_word(&dirty[0], 0, words)
  *         while w < words:
 */
   {
@@ -19175,200 +19292,135 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "whpfast/_pages.pyx":69
+        /* "whpfast/_pages.pyx":80
  *     words = (n_pages + 63) // 64
  *     with nogil:
- *         w = 0             # <<<<<<<<<<<<<<
+ *         w = _next_word(&dirty[0], 0, words)             # <<<<<<<<<<<<<<
  *         while w < words:
- *             if w + 4 <= words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+ *             bits = dirty[w]
 */
-        __pyx_v_w = 0;
+        __pyx_t_8 = 0;
+        __pyx_v_w = __pyx_f_7whpfast_6_pages__next_word((&(*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_8)) )))), 0, __pyx_v_words);
 
-        /* "whpfast/_pages.pyx":70
+        /* "whpfast/_pages.pyx":81
  *     with nogil:
- *         w = 0
+ *         w = _next_word(&dirty[0], 0, words)
  *         while w < words:             # <<<<<<<<<<<<<<
- *             if w + 4 <= words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
- *                 w += 4
-*/
-        while (1) {
-          __pyx_t_8 = (__pyx_v_w < __pyx_v_words);
-
-
-          if (!__pyx_t_8) break;
-
-          /* "whpfast/_pages.pyx":71
- *         w = 0
- *         while w < words:
- *             if w + 4 <= words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):             # <<<<<<<<<<<<<<
- *                 w += 4
- *                 continue
-*/
-          __pyx_t_9 = ((__pyx_v_w + 4) <= __pyx_v_words);
-
-          if (__pyx_t_9) {
-
-          } else {
-
-            __pyx_t_8 = __pyx_t_9;
-
-            goto __pyx_L9_bool_binop_done;
-          }
-          __pyx_t_7 = __pyx_v_w;
-          __pyx_t_10 = (__pyx_v_w + 1);
-          __pyx_t_11 = (__pyx_v_w + 2);
-          __pyx_t_12 = (__pyx_v_w + 3);
-          __pyx_t_9 = (!(((((*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_7)) ))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_10)) )))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_11)) )))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_12)) )))) != 0));
-
-
-          __pyx_t_8 = __pyx_t_9;
-
-          __pyx_L9_bool_binop_done:;
-          if (__pyx_t_8) {
-
-
-            /* "whpfast/_pages.pyx":72
- *         while w < words:
- *             if w + 4 <= words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
- *                 w += 4             # <<<<<<<<<<<<<<
- *                 continue
  *             bits = dirty[w]
-*/
-            __pyx_v_w = (__pyx_v_w + 4);
-
-            /* "whpfast/_pages.pyx":73
- *             if w + 4 <= words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
- *                 w += 4
- *                 continue             # <<<<<<<<<<<<<<
- *             bits = dirty[w]
- *             w += 1
-*/
-            goto __pyx_L6_continue;
-
-            /* "whpfast/_pages.pyx":71
- *         w = 0
- *         while w < words:
- *             if w + 4 <= words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):             # <<<<<<<<<<<<<<
- *                 w += 4
- *                 continue
-*/
-          }
-
-          /* "whpfast/_pages.pyx":74
- *                 w += 4
- *                 continue
- *             bits = dirty[w]             # <<<<<<<<<<<<<<
- *             w += 1
  *             while bits:
 */
-          __pyx_t_12 = __pyx_v_w;
-          __pyx_v_bits = (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_12)) )));
+        while (1) {
+          __pyx_t_9 = (__pyx_v_w < __pyx_v_words);
 
-          /* "whpfast/_pages.pyx":75
- *                 continue
- *             bits = dirty[w]
- *             w += 1             # <<<<<<<<<<<<<<
+
+          if (!__pyx_t_9) break;
+
+          /* "whpfast/_pages.pyx":82
+ *         w = _next_word(&dirty[0], 0, words)
+ *         while w < words:
+ *             bits = dirty[w]             # <<<<<<<<<<<<<<
  *             while bits:
  *                 bit = __builtin_ctzll(bits)
 */
-          __pyx_v_w = (__pyx_v_w + 1);
+          __pyx_t_7 = __pyx_v_w;
+          __pyx_v_bits = (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_7)) )));
 
-          /* "whpfast/_pages.pyx":76
+          /* "whpfast/_pages.pyx":83
+ *         while w < words:
  *             bits = dirty[w]
- *             w += 1
  *             while bits:             # <<<<<<<<<<<<<<
  *                 bit = __builtin_ctzll(bits)
  *                 bits &= bits - 1
 */
           while (1) {
-            __pyx_t_8 = (__pyx_v_bits != 0);
+            __pyx_t_9 = (__pyx_v_bits != 0);
 
 
-            if (!__pyx_t_8) break;
+            if (!__pyx_t_9) break;
 
-            /* "whpfast/_pages.pyx":77
- *             w += 1
+            /* "whpfast/_pages.pyx":84
+ *             bits = dirty[w]
  *             while bits:
  *                 bit = __builtin_ctzll(bits)             # <<<<<<<<<<<<<<
  *                 bits &= bits - 1
- *                 page = (w - 1) * 64 + bit
+ *                 page = w * 64 + bit
 */
             __pyx_v_bit = __builtin_ctzll(__pyx_v_bits);
 
-            /* "whpfast/_pages.pyx":78
+            /* "whpfast/_pages.pyx":85
  *             while bits:
  *                 bit = __builtin_ctzll(bits)
  *                 bits &= bits - 1             # <<<<<<<<<<<<<<
- *                 page = (w - 1) * 64 + bit
+ *                 page = w * 64 + bit
  *                 if page >= n_pages:
 */
             __pyx_v_bits = (__pyx_v_bits & (__pyx_v_bits - 1));
 
-            /* "whpfast/_pages.pyx":79
+            /* "whpfast/_pages.pyx":86
  *                 bit = __builtin_ctzll(bits)
  *                 bits &= bits - 1
- *                 page = (w - 1) * 64 + bit             # <<<<<<<<<<<<<<
+ *                 page = w * 64 + bit             # <<<<<<<<<<<<<<
  *                 if page >= n_pages:
  *                     break
 */
-            __pyx_v_page = (((__pyx_v_w - 1) * 64) + __pyx_v_bit);
+            __pyx_v_page = ((__pyx_v_w * 64) + __pyx_v_bit);
 
-            /* "whpfast/_pages.pyx":80
+            /* "whpfast/_pages.pyx":87
  *                 bits &= bits - 1
- *                 page = (w - 1) * 64 + bit
+ *                 page = w * 64 + bit
  *                 if page >= n_pages:             # <<<<<<<<<<<<<<
  *                     break
- *                 if (nonzero[w - 1] >> bit) & 1:
+ *                 if (nonzero[w] >> bit) & 1:
 */
-            __pyx_t_8 = (__pyx_v_page >= __pyx_v_n_pages);
+            __pyx_t_9 = (__pyx_v_page >= __pyx_v_n_pages);
 
-            if (__pyx_t_8) {
+            if (__pyx_t_9) {
 
 
-              /* "whpfast/_pages.pyx":81
- *                 page = (w - 1) * 64 + bit
+              /* "whpfast/_pages.pyx":88
+ *                 page = w * 64 + bit
  *                 if page >= n_pages:
  *                     break             # <<<<<<<<<<<<<<
- *                 if (nonzero[w - 1] >> bit) & 1:
+ *                 if (nonzero[w] >> bit) & 1:
  *                     memcpy(&dst[page * PAGE], &image[page * PAGE], PAGE)
 */
-              goto __pyx_L12_break;
+              goto __pyx_L9_break;
 
-              /* "whpfast/_pages.pyx":80
+              /* "whpfast/_pages.pyx":87
  *                 bits &= bits - 1
- *                 page = (w - 1) * 64 + bit
+ *                 page = w * 64 + bit
  *                 if page >= n_pages:             # <<<<<<<<<<<<<<
  *                     break
- *                 if (nonzero[w - 1] >> bit) & 1:
+ *                 if (nonzero[w] >> bit) & 1:
 */
             }
 
-            /* "whpfast/_pages.pyx":82
+            /* "whpfast/_pages.pyx":89
  *                 if page >= n_pages:
  *                     break
- *                 if (nonzero[w - 1] >> bit) & 1:             # <<<<<<<<<<<<<<
+ *                 if (nonzero[w] >> bit) & 1:             # <<<<<<<<<<<<<<
  *                     memcpy(&dst[page * PAGE], &image[page * PAGE], PAGE)
  *                     copied += 1
 */
-            __pyx_t_12 = (__pyx_v_w - 1);
-            __pyx_t_8 = ((((*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_nonzero.data) + __pyx_t_12)) ))) >> __pyx_v_bit) & 1) != 0);
+            __pyx_t_7 = __pyx_v_w;
+            __pyx_t_9 = ((((*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_nonzero.data) + __pyx_t_7)) ))) >> __pyx_v_bit) & 1) != 0);
 
-            if (__pyx_t_8) {
+            if (__pyx_t_9) {
 
 
-              /* "whpfast/_pages.pyx":83
+              /* "whpfast/_pages.pyx":90
  *                     break
- *                 if (nonzero[w - 1] >> bit) & 1:
+ *                 if (nonzero[w] >> bit) & 1:
  *                     memcpy(&dst[page * PAGE], &image[page * PAGE], PAGE)             # <<<<<<<<<<<<<<
  *                     copied += 1
  *                 else:
 */
-              __pyx_t_12 = (__pyx_v_page * 0x1000);
-              __pyx_t_11 = (__pyx_v_page * 0x1000);
-              (void)(memcpy((&(*((unsigned char *) ( /* dim=0 */ ((char *) (((unsigned char *) __pyx_v_dst.data) + __pyx_t_12)) )))), (&(*((unsigned char const  *) ( /* dim=0 */ ((char *) (((unsigned char const  *) __pyx_v_image.data) + __pyx_t_11)) )))), 0x1000));
+              __pyx_t_7 = (__pyx_v_page * 0x1000);
+              __pyx_t_10 = (__pyx_v_page * 0x1000);
+              (void)(memcpy((&(*((unsigned char *) ( /* dim=0 */ ((char *) (((unsigned char *) __pyx_v_dst.data) + __pyx_t_7)) )))), (&(*((unsigned char const  *) ( /* dim=0 */ ((char *) (((unsigned char const  *) __pyx_v_image.data) + __pyx_t_10)) )))), 0x1000));
 
-              /* "whpfast/_pages.pyx":84
- *                 if (nonzero[w - 1] >> bit) & 1:
+              /* "whpfast/_pages.pyx":91
+ *                 if (nonzero[w] >> bit) & 1:
  *                     memcpy(&dst[page * PAGE], &image[page * PAGE], PAGE)
  *                     copied += 1             # <<<<<<<<<<<<<<
  *                 else:
@@ -19376,48 +19428,57 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
 */
               __pyx_v_copied = (__pyx_v_copied + 1);
 
-              /* "whpfast/_pages.pyx":82
+              /* "whpfast/_pages.pyx":89
  *                 if page >= n_pages:
  *                     break
- *                 if (nonzero[w - 1] >> bit) & 1:             # <<<<<<<<<<<<<<
+ *                 if (nonzero[w] >> bit) & 1:             # <<<<<<<<<<<<<<
  *                     memcpy(&dst[page * PAGE], &image[page * PAGE], PAGE)
  *                     copied += 1
 */
-              goto __pyx_L14;
+              goto __pyx_L11;
             }
 
-            /* "whpfast/_pages.pyx":86
+            /* "whpfast/_pages.pyx":93
  *                     copied += 1
  *                 else:
  *                     memset(&dst[page * PAGE], 0, PAGE)             # <<<<<<<<<<<<<<
  *                     zeroed += 1
- *     return copied, zeroed
+ *             w = _next_word(&dirty[0], w + 1, words)
 */
             /*else*/ {
-              __pyx_t_11 = (__pyx_v_page * 0x1000);
-              (void)(memset((&(*((unsigned char *) ( /* dim=0 */ ((char *) (((unsigned char *) __pyx_v_dst.data) + __pyx_t_11)) )))), 0, 0x1000));
+              __pyx_t_10 = (__pyx_v_page * 0x1000);
+              (void)(memset((&(*((unsigned char *) ( /* dim=0 */ ((char *) (((unsigned char *) __pyx_v_dst.data) + __pyx_t_10)) )))), 0, 0x1000));
 
-              /* "whpfast/_pages.pyx":87
+              /* "whpfast/_pages.pyx":94
  *                 else:
  *                     memset(&dst[page * PAGE], 0, PAGE)
  *                     zeroed += 1             # <<<<<<<<<<<<<<
+ *             w = _next_word(&dirty[0], w + 1, words)
  *     return copied, zeroed
- * 
 */
               __pyx_v_zeroed = (__pyx_v_zeroed + 1);
             }
-            __pyx_L14:;
+            __pyx_L11:;
           }
-          __pyx_L12_break:;
-          __pyx_L6_continue:;
+          __pyx_L9_break:;
+
+          /* "whpfast/_pages.pyx":95
+ *                     memset(&dst[page * PAGE], 0, PAGE)
+ *                     zeroed += 1
+ *             w = _next_word(&dirty[0], w + 1, words)             # <<<<<<<<<<<<<<
+ *     return copied, zeroed
+ * 
+*/
+          __pyx_t_8 = 0;
+          __pyx_v_w = __pyx_f_7whpfast_6_pages__next_word((&(*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_8)) )))), (__pyx_v_w + 1), __pyx_v_words);
         }
       }
 
-      /* "whpfast/_pages.pyx":68
+      /* "whpfast/_pages.pyx":79
  *     _check(n_pages, image.shape[0], nonzero, "snapshot image")
  *     words = (n_pages + 63) // 64
  *     with nogil:             # <<<<<<<<<<<<<<
- *         w = 0
+ *         w = _next_word(&dirty[0], 0, words)
  *         while w < words:
 */
       /*finally:*/ {
@@ -19430,23 +19491,23 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
       }
   }
 
-  /* "whpfast/_pages.pyx":88
- *                     memset(&dst[page * PAGE], 0, PAGE)
+  /* "whpfast/_pages.pyx":96
  *                     zeroed += 1
+ *             w = _next_word(&dirty[0], w + 1, words)
  *     return copied, zeroed             # <<<<<<<<<<<<<<
  * 
  * 
 */
-  __pyx_t_1 = __Pyx_PyLong_FromSize_t(__pyx_v_copied); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 88, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_FromSize_t(__pyx_v_copied); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 96, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_6 = __Pyx_PyLong_FromSize_t(__pyx_v_zeroed); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 88, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyLong_FromSize_t(__pyx_v_zeroed); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 96, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 88, __pyx_L1_error)
+  __pyx_t_2 = PyTuple_New(2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 96, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 88, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 96, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_6);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, __pyx_t_6) != (0)) __PYX_ERR(0, 88, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_2, 1, __pyx_t_6) != (0)) __PYX_ERR(0, 96, __pyx_L1_error);
   __pyx_t_1 = 0;
   __pyx_t_6 = 0;
   {
@@ -19460,7 +19521,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
   __pyx_t_2 = 0;
   goto __pyx_L0;
 
-  /* "whpfast/_pages.pyx":56
+  /* "whpfast/_pages.pyx":67
  * 
  * 
  * def restore(unsigned char[::1] dst not None, const unsigned char[::1] image not None,             # <<<<<<<<<<<<<<
@@ -19492,7 +19553,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_4restore(CYTHON_UNUSED PyObject *__py
   return __pyx_r;
 }
 
-/* "whpfast/_pages.pyx":91
+/* "whpfast/_pages.pyx":99
  * 
  * 
  * def plan_reprotect(const uint64_t[::1] dirty not None, uint64_t[::1] hot not None,             # <<<<<<<<<<<<<<
@@ -19547,81 +19608,81 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_dirty,&__pyx_mstate_global->__pyx_n_u_hot,&__pyx_mstate_global->__pyx_n_u_previous,&__pyx_mstate_global->__pyx_n_u_reprotect,&__pyx_mstate_global->__pyx_n_u_touched,&__pyx_mstate_global->__pyx_n_u_n_touched,&__pyx_mstate_global->__pyx_n_u_hot_limit,&__pyx_mstate_global->__pyx_n_u_n_hot,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 91, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 99, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  8:
         values[7] = __Pyx_ArgRef_FASTCALL(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 91, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 99, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_FASTCALL(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 91, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 99, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 91, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 99, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 91, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 99, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 91, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 99, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 91, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 99, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 91, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 99, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 91, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 99, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "plan_reprotect", 0) < (0)) __PYX_ERR(0, 91, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "plan_reprotect", 0) < (0)) __PYX_ERR(0, 99, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 8; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("plan_reprotect", 1, 8, 8, i); __PYX_ERR(0, 91, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("plan_reprotect", 1, 8, 8, i); __PYX_ERR(0, 99, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 8)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 91, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 99, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 91, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 99, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 91, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 99, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 91, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 99, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 91, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 99, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 91, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 99, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_FASTCALL(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 91, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 99, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_FASTCALL(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 91, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 99, __pyx_L3_error)
     }
-    __pyx_v_dirty = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t__const__(values[0], 0); if (unlikely(!__pyx_v_dirty.memview)) __PYX_ERR(0, 91, __pyx_L3_error)
-    __pyx_v_hot = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t(values[1], PyBUF_WRITABLE); if (unlikely(!__pyx_v_hot.memview)) __PYX_ERR(0, 91, __pyx_L3_error)
-    __pyx_v_previous = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_previous.memview)) __PYX_ERR(0, 92, __pyx_L3_error)
-    __pyx_v_reprotect = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_reprotect.memview)) __PYX_ERR(0, 92, __pyx_L3_error)
-    __pyx_v_touched = __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_int(values[4], PyBUF_WRITABLE); if (unlikely(!__pyx_v_touched.memview)) __PYX_ERR(0, 93, __pyx_L3_error)
-    __pyx_v_n_touched = __Pyx_PyLong_As_size_t(values[5]); if (unlikely((__pyx_v_n_touched == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 93, __pyx_L3_error)
-    __pyx_v_hot_limit = __Pyx_PyLong_As_size_t(values[6]); if (unlikely((__pyx_v_hot_limit == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 94, __pyx_L3_error)
-    __pyx_v_n_hot = __Pyx_PyLong_As_size_t(values[7]); if (unlikely((__pyx_v_n_hot == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 94, __pyx_L3_error)
+    __pyx_v_dirty = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t__const__(values[0], 0); if (unlikely(!__pyx_v_dirty.memview)) __PYX_ERR(0, 99, __pyx_L3_error)
+    __pyx_v_hot = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t(values[1], PyBUF_WRITABLE); if (unlikely(!__pyx_v_hot.memview)) __PYX_ERR(0, 99, __pyx_L3_error)
+    __pyx_v_previous = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_previous.memview)) __PYX_ERR(0, 100, __pyx_L3_error)
+    __pyx_v_reprotect = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_reprotect.memview)) __PYX_ERR(0, 100, __pyx_L3_error)
+    __pyx_v_touched = __Pyx_PyObject_to_MemoryviewSlice_dc_unsigned_int(values[4], PyBUF_WRITABLE); if (unlikely(!__pyx_v_touched.memview)) __PYX_ERR(0, 101, __pyx_L3_error)
+    __pyx_v_n_touched = __Pyx_PyLong_As_size_t(values[5]); if (unlikely((__pyx_v_n_touched == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 101, __pyx_L3_error)
+    __pyx_v_hot_limit = __Pyx_PyLong_As_size_t(values[6]); if (unlikely((__pyx_v_hot_limit == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 102, __pyx_L3_error)
+    __pyx_v_n_hot = __Pyx_PyLong_As_size_t(values[7]); if (unlikely((__pyx_v_n_hot == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 102, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("plan_reprotect", 1, 8, 8, __pyx_nargs); __PYX_ERR(0, 91, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("plan_reprotect", 1, 8, 8, __pyx_nargs); __PYX_ERR(0, 99, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -19638,19 +19699,19 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return NULL;
   __pyx_L4_argument_unpacking_done:;
   if (unlikely(((PyObject *)__pyx_v_dirty.memview) == Py_None)) {
-    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "dirty"); __PYX_ERR(0, 91, __pyx_L1_error)
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "dirty"); __PYX_ERR(0, 99, __pyx_L1_error)
   }
   if (unlikely(((PyObject *)__pyx_v_hot.memview) == Py_None)) {
-    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "hot"); __PYX_ERR(0, 91, __pyx_L1_error)
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "hot"); __PYX_ERR(0, 99, __pyx_L1_error)
   }
   if (unlikely(((PyObject *)__pyx_v_previous.memview) == Py_None)) {
-    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "previous"); __PYX_ERR(0, 92, __pyx_L1_error)
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "previous"); __PYX_ERR(0, 100, __pyx_L1_error)
   }
   if (unlikely(((PyObject *)__pyx_v_reprotect.memview) == Py_None)) {
-    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "reprotect"); __PYX_ERR(0, 92, __pyx_L1_error)
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "reprotect"); __PYX_ERR(0, 100, __pyx_L1_error)
   }
   if (unlikely(((PyObject *)__pyx_v_touched.memview) == Py_None)) {
-    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "touched"); __PYX_ERR(0, 93, __pyx_L1_error)
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "touched"); __PYX_ERR(0, 101, __pyx_L1_error)
   }
   __pyx_r = __pyx_pf_7whpfast_6_pages_6plan_reprotect(__pyx_self, __pyx_v_dirty, __pyx_v_hot, __pyx_v_previous, __pyx_v_reprotect, __pyx_v_touched, __pyx_v_n_touched, __pyx_v_hot_limit, __pyx_v_n_hot);
 
@@ -19688,6 +19749,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6plan_reprotect(CYTHON_UNUSED PyObjec
   size_t __pyx_v_n_new;
   uint64_t __pyx_v_d;
   uint64_t __pyx_v_promote;
+  unsigned int *__pyx_v_new_words;
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
   int __pyx_t_1;
@@ -19695,34 +19757,36 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6plan_reprotect(CYTHON_UNUSED PyObjec
   PyObject *__pyx_t_3 = NULL;
   PyObject *__pyx_t_4 = NULL;
   size_t __pyx_t_5;
-  size_t __pyx_t_6;
+  Py_ssize_t __pyx_t_6;
   size_t __pyx_t_7;
   size_t __pyx_t_8;
   size_t __pyx_t_9;
-  PyObject *__pyx_t_10 = NULL;
-  PyObject *__pyx_t_11 = NULL;
+  size_t __pyx_t_10;
+  size_t __pyx_t_11;
   PyObject *__pyx_t_12 = NULL;
+  PyObject *__pyx_t_13 = NULL;
+  PyObject *__pyx_t_14 = NULL;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("plan_reprotect", 0);
 
 
-  /* "whpfast/_pages.pyx":104
+  /* "whpfast/_pages.pyx":112
  *     not three full passes: that keeps a 1 GiB sandbox's restore near a 16 MiB one's.
  *     Returns (dirty pages, pages to re-protect, hot pages, new n_touched)."""
  *     cdef size_t w, i, n_words = dirty.shape[0], n_dirty = 0, n_reprotect = 0, n_new = 0             # <<<<<<<<<<<<<<
  *     cdef uint64_t d, promote
- *     if touched.shape[0] < n_words or previous.shape[0] < n_words or reprotect.shape[0] < n_words \
+ *     cdef unsigned int *new_words
 */
   __pyx_v_n_words = (__pyx_v_dirty.shape[0]);
   __pyx_v_n_dirty = 0;
   __pyx_v_n_reprotect = 0;
   __pyx_v_n_new = 0;
 
-  /* "whpfast/_pages.pyx":106
- *     cdef size_t w, i, n_words = dirty.shape[0], n_dirty = 0, n_reprotect = 0, n_new = 0
+  /* "whpfast/_pages.pyx":115
  *     cdef uint64_t d, promote
+ *     cdef unsigned int *new_words
  *     if touched.shape[0] < n_words or previous.shape[0] < n_words or reprotect.shape[0] < n_words \             # <<<<<<<<<<<<<<
  *             or hot.shape[0] < n_words:
  *         raise ValueError("bitmaps of different sizes")
@@ -19748,12 +19812,12 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6plan_reprotect(CYTHON_UNUSED PyObjec
     goto __pyx_L4_bool_binop_done;
   }
 
-  /* "whpfast/_pages.pyx":107
- *     cdef uint64_t d, promote
+  /* "whpfast/_pages.pyx":116
+ *     cdef unsigned int *new_words
  *     if touched.shape[0] < n_words or previous.shape[0] < n_words or reprotect.shape[0] < n_words \
  *             or hot.shape[0] < n_words:             # <<<<<<<<<<<<<<
  *         raise ValueError("bitmaps of different sizes")
- *     with nogil:
+ *     new_words = <unsigned int *>malloc(n_words * sizeof(unsigned int))
 */
   __pyx_t_2 = ((__pyx_v_reprotect.shape[0]) < __pyx_v_n_words);
 
@@ -19772,9 +19836,9 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6plan_reprotect(CYTHON_UNUSED PyObjec
 
   __pyx_L4_bool_binop_done:;
 
-  /* "whpfast/_pages.pyx":106
- *     cdef size_t w, i, n_words = dirty.shape[0], n_dirty = 0, n_reprotect = 0, n_new = 0
+  /* "whpfast/_pages.pyx":115
  *     cdef uint64_t d, promote
+ *     cdef unsigned int *new_words
  *     if touched.shape[0] < n_words or previous.shape[0] < n_words or reprotect.shape[0] < n_words \             # <<<<<<<<<<<<<<
  *             or hot.shape[0] < n_words:
  *         raise ValueError("bitmaps of different sizes")
@@ -19782,12 +19846,12 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6plan_reprotect(CYTHON_UNUSED PyObjec
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "whpfast/_pages.pyx":108
+    /* "whpfast/_pages.pyx":117
  *     if touched.shape[0] < n_words or previous.shape[0] < n_words or reprotect.shape[0] < n_words \
  *             or hot.shape[0] < n_words:
  *         raise ValueError("bitmaps of different sizes")             # <<<<<<<<<<<<<<
- *     with nogil:
- *         # Pass 1 (sparse): promote pages dirty now and last cycle, using previous.
+ *     new_words = <unsigned int *>malloc(n_words * sizeof(unsigned int))
+ *     if new_words == NULL:
 */
     __pyx_t_4 = NULL;
     __pyx_t_5 = 1;
@@ -19795,28 +19859,67 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6plan_reprotect(CYTHON_UNUSED PyObjec
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_bitmaps_of_different_sizes};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 108, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 117, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 108, __pyx_L1_error)
+    __PYX_ERR(0, 117, __pyx_L1_error)
 
-    /* "whpfast/_pages.pyx":106
- *     cdef size_t w, i, n_words = dirty.shape[0], n_dirty = 0, n_reprotect = 0, n_new = 0
+    /* "whpfast/_pages.pyx":115
  *     cdef uint64_t d, promote
+ *     cdef unsigned int *new_words
  *     if touched.shape[0] < n_words or previous.shape[0] < n_words or reprotect.shape[0] < n_words \             # <<<<<<<<<<<<<<
  *             or hot.shape[0] < n_words:
  *         raise ValueError("bitmaps of different sizes")
 */
   }
 
-  /* "whpfast/_pages.pyx":109
+  /* "whpfast/_pages.pyx":118
  *             or hot.shape[0] < n_words:
  *         raise ValueError("bitmaps of different sizes")
+ *     new_words = <unsigned int *>malloc(n_words * sizeof(unsigned int))             # <<<<<<<<<<<<<<
+ *     if new_words == NULL:
+ *         raise MemoryError()
+*/
+  __pyx_v_new_words = ((unsigned int *)malloc((__pyx_v_n_words * (sizeof(unsigned int)))));
+
+  /* "whpfast/_pages.pyx":119
+ *         raise ValueError("bitmaps of different sizes")
+ *     new_words = <unsigned int *>malloc(n_words * sizeof(unsigned int))
+ *     if new_words == NULL:             # <<<<<<<<<<<<<<
+ *         raise MemoryError()
+ *     with nogil:
+*/
+  __pyx_t_1 = (__pyx_v_new_words == NULL);
+
+  if (unlikely(__pyx_t_1)) {
+
+
+    /* "whpfast/_pages.pyx":120
+ *     new_words = <unsigned int *>malloc(n_words * sizeof(unsigned int))
+ *     if new_words == NULL:
+ *         raise MemoryError()             # <<<<<<<<<<<<<<
+ *     with nogil:
+ *         # Promote the pages dirty now and last cycle (previous still holds the last cycle), and
+*/
+    PyErr_NoMemory(); __PYX_ERR(0, 120, __pyx_L1_error)
+
+    /* "whpfast/_pages.pyx":119
+ *         raise ValueError("bitmaps of different sizes")
+ *     new_words = <unsigned int *>malloc(n_words * sizeof(unsigned int))
+ *     if new_words == NULL:             # <<<<<<<<<<<<<<
+ *         raise MemoryError()
+ *     with nogil:
+*/
+  }
+
+  /* "whpfast/_pages.pyx":121
+ *     if new_words == NULL:
+ *         raise MemoryError()
  *     with nogil:             # <<<<<<<<<<<<<<
- *         # Pass 1 (sparse): promote pages dirty now and last cycle, using previous.
- *         w = 0
+ *         # Promote the pages dirty now and last cycle (previous still holds the last cycle), and
+ *         # list this cycle's dirty words.
 */
   {
       PyThreadState * _save;
@@ -19824,21 +19927,22 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6plan_reprotect(CYTHON_UNUSED PyObjec
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "whpfast/_pages.pyx":111
- *     with nogil:
- *         # Pass 1 (sparse): promote pages dirty now and last cycle, using previous.
- *         w = 0             # <<<<<<<<<<<<<<
+        /* "whpfast/_pages.pyx":124
+ *         # Promote the pages dirty now and last cycle (previous still holds the last cycle), and
+ *         # list this cycle's dirty words.
+ *         w = _next_word(&dirty[0], 0, n_words)             # <<<<<<<<<<<<<<
  *         while w < n_words:
- *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+ *             d = dirty[w]
 */
-        __pyx_v_w = 0;
+        __pyx_t_6 = 0;
+        __pyx_v_w = __pyx_f_7whpfast_6_pages__next_word((&(*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_6)) )))), 0, __pyx_v_n_words);
 
-        /* "whpfast/_pages.pyx":112
- *         # Pass 1 (sparse): promote pages dirty now and last cycle, using previous.
- *         w = 0
+        /* "whpfast/_pages.pyx":125
+ *         # list this cycle's dirty words.
+ *         w = _next_word(&dirty[0], 0, n_words)
  *         while w < n_words:             # <<<<<<<<<<<<<<
- *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
- *                 w += 4
+ *             d = dirty[w]
+ *             n_dirty += __builtin_popcountll(d)
 */
         while (1) {
           __pyx_t_1 = (__pyx_v_w < __pyx_v_n_words);
@@ -19846,14 +19950,44 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6plan_reprotect(CYTHON_UNUSED PyObjec
 
           if (!__pyx_t_1) break;
 
-          /* "whpfast/_pages.pyx":113
- *         w = 0
+          /* "whpfast/_pages.pyx":126
+ *         w = _next_word(&dirty[0], 0, n_words)
  *         while w < n_words:
- *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):             # <<<<<<<<<<<<<<
- *                 w += 4
- *                 continue
+ *             d = dirty[w]             # <<<<<<<<<<<<<<
+ *             n_dirty += __builtin_popcountll(d)
+ *             promote = d & previous[w] & ~hot[w]
 */
-          __pyx_t_2 = ((__pyx_v_w + 4) <= __pyx_v_n_words);
+          __pyx_t_5 = __pyx_v_w;
+          __pyx_v_d = (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_5)) )));
+
+          /* "whpfast/_pages.pyx":127
+ *         while w < n_words:
+ *             d = dirty[w]
+ *             n_dirty += __builtin_popcountll(d)             # <<<<<<<<<<<<<<
+ *             promote = d & previous[w] & ~hot[w]
+ *             if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:
+*/
+          __pyx_v_n_dirty = (__pyx_v_n_dirty + __builtin_popcountll(__pyx_v_d));
+
+          /* "whpfast/_pages.pyx":128
+ *             d = dirty[w]
+ *             n_dirty += __builtin_popcountll(d)
+ *             promote = d & previous[w] & ~hot[w]             # <<<<<<<<<<<<<<
+ *             if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:
+ *                 hot[w] |= promote
+*/
+          __pyx_t_5 = __pyx_v_w;
+          __pyx_t_7 = __pyx_v_w;
+          __pyx_v_promote = ((__pyx_v_d & (*((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_previous.data) + __pyx_t_5)) )))) & (~(*((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_hot.data) + __pyx_t_7)) )))));
+
+          /* "whpfast/_pages.pyx":129
+ *             n_dirty += __builtin_popcountll(d)
+ *             promote = d & previous[w] & ~hot[w]
+ *             if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:             # <<<<<<<<<<<<<<
+ *                 hot[w] |= promote
+ *                 n_hot += __builtin_popcountll(promote)
+*/
+          __pyx_t_2 = (__pyx_v_promote != 0);
 
           if (__pyx_t_2) {
 
@@ -19861,166 +19995,76 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6plan_reprotect(CYTHON_UNUSED PyObjec
 
             __pyx_t_1 = __pyx_t_2;
 
-            goto __pyx_L14_bool_binop_done;
+            goto __pyx_L15_bool_binop_done;
           }
-          __pyx_t_5 = __pyx_v_w;
-          __pyx_t_6 = (__pyx_v_w + 1);
-          __pyx_t_7 = (__pyx_v_w + 2);
-          __pyx_t_8 = (__pyx_v_w + 3);
-          __pyx_t_2 = (!(((((*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_5)) ))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_6)) )))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_7)) )))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_8)) )))) != 0));
+          __pyx_t_2 = ((__pyx_v_n_hot + ((size_t)__builtin_popcountll(__pyx_v_promote))) <= __pyx_v_hot_limit);
 
 
           __pyx_t_1 = __pyx_t_2;
 
-          __pyx_L14_bool_binop_done:;
+          __pyx_L15_bool_binop_done:;
           if (__pyx_t_1) {
 
 
-            /* "whpfast/_pages.pyx":114
- *         while w < n_words:
- *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
- *                 w += 4             # <<<<<<<<<<<<<<
- *                 continue
- *             d = dirty[w]
+            /* "whpfast/_pages.pyx":130
+ *             promote = d & previous[w] & ~hot[w]
+ *             if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:
+ *                 hot[w] |= promote             # <<<<<<<<<<<<<<
+ *                 n_hot += __builtin_popcountll(promote)
+ *             new_words[n_new] = <unsigned int>w
 */
-            __pyx_v_w = (__pyx_v_w + 4);
+            __pyx_t_7 = __pyx_v_w;
+            *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_hot.data) + __pyx_t_7)) )) |= __pyx_v_promote;
 
-            /* "whpfast/_pages.pyx":115
- *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
- *                 w += 4
- *                 continue             # <<<<<<<<<<<<<<
- *             d = dirty[w]
- *             if d:
+            /* "whpfast/_pages.pyx":131
+ *             if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:
+ *                 hot[w] |= promote
+ *                 n_hot += __builtin_popcountll(promote)             # <<<<<<<<<<<<<<
+ *             new_words[n_new] = <unsigned int>w
+ *             n_new += 1
 */
-            goto __pyx_L11_continue;
+            __pyx_v_n_hot = (__pyx_v_n_hot + __builtin_popcountll(__pyx_v_promote));
 
-            /* "whpfast/_pages.pyx":113
- *         w = 0
- *         while w < n_words:
- *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):             # <<<<<<<<<<<<<<
- *                 w += 4
- *                 continue
+            /* "whpfast/_pages.pyx":129
+ *             n_dirty += __builtin_popcountll(d)
+ *             promote = d & previous[w] & ~hot[w]
+ *             if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:             # <<<<<<<<<<<<<<
+ *                 hot[w] |= promote
+ *                 n_hot += __builtin_popcountll(promote)
 */
           }
 
-          /* "whpfast/_pages.pyx":116
- *                 w += 4
- *                 continue
- *             d = dirty[w]             # <<<<<<<<<<<<<<
- *             if d:
- *                 n_dirty += __builtin_popcountll(d)
+          /* "whpfast/_pages.pyx":132
+ *                 hot[w] |= promote
+ *                 n_hot += __builtin_popcountll(promote)
+ *             new_words[n_new] = <unsigned int>w             # <<<<<<<<<<<<<<
+ *             n_new += 1
+ *             w = _next_word(&dirty[0], w + 1, n_words)
 */
-          __pyx_t_8 = __pyx_v_w;
-          __pyx_v_d = (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_8)) )));
+          (__pyx_v_new_words[__pyx_v_n_new]) = ((unsigned int)__pyx_v_w);
 
-          /* "whpfast/_pages.pyx":117
- *                 continue
- *             d = dirty[w]
- *             if d:             # <<<<<<<<<<<<<<
- *                 n_dirty += __builtin_popcountll(d)
- *                 promote = d & previous[w] & ~hot[w]
-*/
-          __pyx_t_1 = (__pyx_v_d != 0);
-
-          if (__pyx_t_1) {
-
-
-            /* "whpfast/_pages.pyx":118
- *             d = dirty[w]
- *             if d:
- *                 n_dirty += __builtin_popcountll(d)             # <<<<<<<<<<<<<<
- *                 promote = d & previous[w] & ~hot[w]
- *                 if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:
-*/
-            __pyx_v_n_dirty = (__pyx_v_n_dirty + __builtin_popcountll(__pyx_v_d));
-
-            /* "whpfast/_pages.pyx":119
- *             if d:
- *                 n_dirty += __builtin_popcountll(d)
- *                 promote = d & previous[w] & ~hot[w]             # <<<<<<<<<<<<<<
- *                 if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:
- *                     hot[w] |= promote
-*/
-            __pyx_t_8 = __pyx_v_w;
-            __pyx_t_7 = __pyx_v_w;
-            __pyx_v_promote = ((__pyx_v_d & (*((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_previous.data) + __pyx_t_8)) )))) & (~(*((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_hot.data) + __pyx_t_7)) )))));
-
-            /* "whpfast/_pages.pyx":120
- *                 n_dirty += __builtin_popcountll(d)
- *                 promote = d & previous[w] & ~hot[w]
- *                 if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:             # <<<<<<<<<<<<<<
- *                     hot[w] |= promote
- *                     n_hot += __builtin_popcountll(promote)
-*/
-            __pyx_t_2 = (__pyx_v_promote != 0);
-
-            if (__pyx_t_2) {
-
-            } else {
-
-              __pyx_t_1 = __pyx_t_2;
-
-              goto __pyx_L18_bool_binop_done;
-            }
-            __pyx_t_2 = ((__pyx_v_n_hot + ((size_t)__builtin_popcountll(__pyx_v_promote))) <= __pyx_v_hot_limit);
-
-
-            __pyx_t_1 = __pyx_t_2;
-
-            __pyx_L18_bool_binop_done:;
-            if (__pyx_t_1) {
-
-
-              /* "whpfast/_pages.pyx":121
- *                 promote = d & previous[w] & ~hot[w]
- *                 if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:
- *                     hot[w] |= promote             # <<<<<<<<<<<<<<
- *                     n_hot += __builtin_popcountll(promote)
- *             w += 1
-*/
-              __pyx_t_7 = __pyx_v_w;
-              *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_hot.data) + __pyx_t_7)) )) |= __pyx_v_promote;
-
-              /* "whpfast/_pages.pyx":122
- *                 if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:
- *                     hot[w] |= promote
- *                     n_hot += __builtin_popcountll(promote)             # <<<<<<<<<<<<<<
- *             w += 1
+          /* "whpfast/_pages.pyx":133
+ *                 n_hot += __builtin_popcountll(promote)
+ *             new_words[n_new] = <unsigned int>w
+ *             n_new += 1             # <<<<<<<<<<<<<<
+ *             w = _next_word(&dirty[0], w + 1, n_words)
  *         # Forget the last cycle, then record this one, only at the words involved.
 */
-              __pyx_v_n_hot = (__pyx_v_n_hot + __builtin_popcountll(__pyx_v_promote));
+          __pyx_v_n_new = (__pyx_v_n_new + 1);
 
-              /* "whpfast/_pages.pyx":120
- *                 n_dirty += __builtin_popcountll(d)
- *                 promote = d & previous[w] & ~hot[w]
- *                 if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:             # <<<<<<<<<<<<<<
- *                     hot[w] |= promote
- *                     n_hot += __builtin_popcountll(promote)
-*/
-            }
-
-            /* "whpfast/_pages.pyx":117
- *                 continue
- *             d = dirty[w]
- *             if d:             # <<<<<<<<<<<<<<
- *                 n_dirty += __builtin_popcountll(d)
- *                 promote = d & previous[w] & ~hot[w]
-*/
-          }
-
-          /* "whpfast/_pages.pyx":123
- *                     hot[w] |= promote
- *                     n_hot += __builtin_popcountll(promote)
- *             w += 1             # <<<<<<<<<<<<<<
+          /* "whpfast/_pages.pyx":134
+ *             new_words[n_new] = <unsigned int>w
+ *             n_new += 1
+ *             w = _next_word(&dirty[0], w + 1, n_words)             # <<<<<<<<<<<<<<
  *         # Forget the last cycle, then record this one, only at the words involved.
  *         for i in range(n_touched):
 */
-          __pyx_v_w = (__pyx_v_w + 1);
-          __pyx_L11_continue:;
+          __pyx_t_6 = 0;
+          __pyx_v_w = __pyx_f_7whpfast_6_pages__next_word((&(*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_6)) )))), (__pyx_v_w + 1), __pyx_v_n_words);
         }
 
-        /* "whpfast/_pages.pyx":125
- *             w += 1
+        /* "whpfast/_pages.pyx":136
+ *             w = _next_word(&dirty[0], w + 1, n_words)
  *         # Forget the last cycle, then record this one, only at the words involved.
  *         for i in range(n_touched):             # <<<<<<<<<<<<<<
  *             previous[touched[i]] = 0
@@ -20028,265 +20072,171 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6plan_reprotect(CYTHON_UNUSED PyObjec
 */
 
         __pyx_t_7 = __pyx_v_n_touched;
-        __pyx_t_8 = __pyx_t_7;
+        __pyx_t_5 = __pyx_t_7;
 
-        for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_8; __pyx_t_6+=1) {
-          __pyx_v_i = __pyx_t_6;
+        for (__pyx_t_8 = 0; __pyx_t_8 < __pyx_t_5; __pyx_t_8+=1) {
+          __pyx_v_i = __pyx_t_8;
 
-          /* "whpfast/_pages.pyx":126
+          /* "whpfast/_pages.pyx":137
  *         # Forget the last cycle, then record this one, only at the words involved.
  *         for i in range(n_touched):
  *             previous[touched[i]] = 0             # <<<<<<<<<<<<<<
  *             reprotect[touched[i]] = 0
- *         w = 0
+ *         for i in range(n_new):
 */
-          __pyx_t_5 = __pyx_v_i;
-          __pyx_t_9 = (*((unsigned int *) ( /* dim=0 */ ((char *) (((unsigned int *) __pyx_v_touched.data) + __pyx_t_5)) )));
-          *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_previous.data) + __pyx_t_9)) )) = 0;
+          __pyx_t_9 = __pyx_v_i;
+          __pyx_t_10 = (*((unsigned int *) ( /* dim=0 */ ((char *) (((unsigned int *) __pyx_v_touched.data) + __pyx_t_9)) )));
+          *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_previous.data) + __pyx_t_10)) )) = 0;
 
-          /* "whpfast/_pages.pyx":127
+          /* "whpfast/_pages.pyx":138
  *         for i in range(n_touched):
  *             previous[touched[i]] = 0
  *             reprotect[touched[i]] = 0             # <<<<<<<<<<<<<<
- *         w = 0
- *         while w < n_words:
+ *         for i in range(n_new):
+ *             w = new_words[i]
 */
-          __pyx_t_5 = __pyx_v_i;
-          __pyx_t_9 = (*((unsigned int *) ( /* dim=0 */ ((char *) (((unsigned int *) __pyx_v_touched.data) + __pyx_t_5)) )));
-          *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_reprotect.data) + __pyx_t_9)) )) = 0;
+          __pyx_t_9 = __pyx_v_i;
+          __pyx_t_10 = (*((unsigned int *) ( /* dim=0 */ ((char *) (((unsigned int *) __pyx_v_touched.data) + __pyx_t_9)) )));
+          *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_reprotect.data) + __pyx_t_10)) )) = 0;
         }
 
 
-        /* "whpfast/_pages.pyx":128
+        /* "whpfast/_pages.pyx":139
  *             previous[touched[i]] = 0
  *             reprotect[touched[i]] = 0
- *         w = 0             # <<<<<<<<<<<<<<
- *         while w < n_words:
- *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
+ *         for i in range(n_new):             # <<<<<<<<<<<<<<
+ *             w = new_words[i]
+ *             touched[i] = <unsigned int>w
 */
-        __pyx_v_w = 0;
 
-        /* "whpfast/_pages.pyx":129
- *             reprotect[touched[i]] = 0
- *         w = 0
- *         while w < n_words:             # <<<<<<<<<<<<<<
- *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
- *                 w += 4
-*/
-        while (1) {
-          __pyx_t_1 = (__pyx_v_w < __pyx_v_n_words);
+        __pyx_t_7 = __pyx_v_n_new;
+        __pyx_t_5 = __pyx_t_7;
 
-
-          if (!__pyx_t_1) break;
-
-          /* "whpfast/_pages.pyx":130
- *         w = 0
- *         while w < n_words:
- *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):             # <<<<<<<<<<<<<<
- *                 w += 4
- *                 continue
-*/
-          __pyx_t_2 = ((__pyx_v_w + 4) <= __pyx_v_n_words);
-
-          if (__pyx_t_2) {
-
-          } else {
-
-            __pyx_t_1 = __pyx_t_2;
-
-            goto __pyx_L25_bool_binop_done;
-          }
-          __pyx_t_7 = __pyx_v_w;
-          __pyx_t_8 = (__pyx_v_w + 1);
-          __pyx_t_6 = (__pyx_v_w + 2);
-          __pyx_t_5 = (__pyx_v_w + 3);
-          __pyx_t_2 = (!(((((*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_7)) ))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_8)) )))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_6)) )))) | (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_5)) )))) != 0));
-
-
-          __pyx_t_1 = __pyx_t_2;
-
-          __pyx_L25_bool_binop_done:;
-          if (__pyx_t_1) {
-
-
-            /* "whpfast/_pages.pyx":131
- *         while w < n_words:
- *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
- *                 w += 4             # <<<<<<<<<<<<<<
- *                 continue
- *             d = dirty[w]
-*/
-            __pyx_v_w = (__pyx_v_w + 4);
-
-            /* "whpfast/_pages.pyx":132
- *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
- *                 w += 4
- *                 continue             # <<<<<<<<<<<<<<
- *             d = dirty[w]
- *             if d:
-*/
-            goto __pyx_L22_continue;
-
-            /* "whpfast/_pages.pyx":130
- *         w = 0
- *         while w < n_words:
- *             if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):             # <<<<<<<<<<<<<<
- *                 w += 4
- *                 continue
-*/
-          }
-
-          /* "whpfast/_pages.pyx":133
- *                 w += 4
- *                 continue
- *             d = dirty[w]             # <<<<<<<<<<<<<<
- *             if d:
- *                 previous[w] = d
-*/
-          __pyx_t_5 = __pyx_v_w;
-          __pyx_v_d = (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_5)) )));
-
-          /* "whpfast/_pages.pyx":134
- *                 continue
- *             d = dirty[w]
- *             if d:             # <<<<<<<<<<<<<<
- *                 previous[w] = d
- *                 reprotect[w] = d & ~hot[w]
-*/
-          __pyx_t_1 = (__pyx_v_d != 0);
-
-          if (__pyx_t_1) {
-
-
-            /* "whpfast/_pages.pyx":135
- *             d = dirty[w]
- *             if d:
- *                 previous[w] = d             # <<<<<<<<<<<<<<
- *                 reprotect[w] = d & ~hot[w]
- *                 n_reprotect += __builtin_popcountll(reprotect[w])
-*/
-            __pyx_t_5 = __pyx_v_w;
-            *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_previous.data) + __pyx_t_5)) )) = __pyx_v_d;
-
-            /* "whpfast/_pages.pyx":136
- *             if d:
- *                 previous[w] = d
- *                 reprotect[w] = d & ~hot[w]             # <<<<<<<<<<<<<<
- *                 n_reprotect += __builtin_popcountll(reprotect[w])
- *                 touched[n_new] = <unsigned int>w
-*/
-            __pyx_t_5 = __pyx_v_w;
-            __pyx_t_6 = __pyx_v_w;
-            *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_reprotect.data) + __pyx_t_6)) )) = (__pyx_v_d & (~(*((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_hot.data) + __pyx_t_5)) )))));
-
-            /* "whpfast/_pages.pyx":137
- *                 previous[w] = d
- *                 reprotect[w] = d & ~hot[w]
- *                 n_reprotect += __builtin_popcountll(reprotect[w])             # <<<<<<<<<<<<<<
- *                 touched[n_new] = <unsigned int>w
- *                 n_new += 1
-*/
-            __pyx_t_5 = __pyx_v_w;
-            __pyx_v_n_reprotect = (__pyx_v_n_reprotect + __builtin_popcountll((*((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_reprotect.data) + __pyx_t_5)) )))));
-
-            /* "whpfast/_pages.pyx":138
- *                 reprotect[w] = d & ~hot[w]
- *                 n_reprotect += __builtin_popcountll(reprotect[w])
- *                 touched[n_new] = <unsigned int>w             # <<<<<<<<<<<<<<
- *                 n_new += 1
- *             w += 1
-*/
-            __pyx_t_5 = __pyx_v_n_new;
-            *((unsigned int *) ( /* dim=0 */ ((char *) (((unsigned int *) __pyx_v_touched.data) + __pyx_t_5)) )) = ((unsigned int)__pyx_v_w);
-
-            /* "whpfast/_pages.pyx":139
- *                 n_reprotect += __builtin_popcountll(reprotect[w])
- *                 touched[n_new] = <unsigned int>w
- *                 n_new += 1             # <<<<<<<<<<<<<<
- *             w += 1
- *     return n_dirty, n_reprotect, n_hot, n_new
-*/
-            __pyx_v_n_new = (__pyx_v_n_new + 1);
-
-            /* "whpfast/_pages.pyx":134
- *                 continue
- *             d = dirty[w]
- *             if d:             # <<<<<<<<<<<<<<
- *                 previous[w] = d
- *                 reprotect[w] = d & ~hot[w]
-*/
-          }
+        for (__pyx_t_8 = 0; __pyx_t_8 < __pyx_t_5; __pyx_t_8+=1) {
+          __pyx_v_i = __pyx_t_8;
 
           /* "whpfast/_pages.pyx":140
- *                 touched[n_new] = <unsigned int>w
- *                 n_new += 1
- *             w += 1             # <<<<<<<<<<<<<<
- *     return n_dirty, n_reprotect, n_hot, n_new
- * 
+ *             reprotect[touched[i]] = 0
+ *         for i in range(n_new):
+ *             w = new_words[i]             # <<<<<<<<<<<<<<
+ *             touched[i] = <unsigned int>w
+ *             previous[w] = dirty[w]
 */
-          __pyx_v_w = (__pyx_v_w + 1);
-          __pyx_L22_continue:;
+          __pyx_v_w = (__pyx_v_new_words[__pyx_v_i]);
+
+          /* "whpfast/_pages.pyx":141
+ *         for i in range(n_new):
+ *             w = new_words[i]
+ *             touched[i] = <unsigned int>w             # <<<<<<<<<<<<<<
+ *             previous[w] = dirty[w]
+ *             reprotect[w] = dirty[w] & ~hot[w]
+*/
+          __pyx_t_9 = __pyx_v_i;
+          *((unsigned int *) ( /* dim=0 */ ((char *) (((unsigned int *) __pyx_v_touched.data) + __pyx_t_9)) )) = ((unsigned int)__pyx_v_w);
+
+          /* "whpfast/_pages.pyx":142
+ *             w = new_words[i]
+ *             touched[i] = <unsigned int>w
+ *             previous[w] = dirty[w]             # <<<<<<<<<<<<<<
+ *             reprotect[w] = dirty[w] & ~hot[w]
+ *             n_reprotect += __builtin_popcountll(reprotect[w])
+*/
+          __pyx_t_9 = __pyx_v_w;
+          __pyx_t_10 = __pyx_v_w;
+          *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_previous.data) + __pyx_t_10)) )) = (*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_9)) )));
+
+          /* "whpfast/_pages.pyx":143
+ *             touched[i] = <unsigned int>w
+ *             previous[w] = dirty[w]
+ *             reprotect[w] = dirty[w] & ~hot[w]             # <<<<<<<<<<<<<<
+ *             n_reprotect += __builtin_popcountll(reprotect[w])
+ *     free(new_words)
+*/
+          __pyx_t_9 = __pyx_v_w;
+          __pyx_t_10 = __pyx_v_w;
+          __pyx_t_11 = __pyx_v_w;
+          *((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_reprotect.data) + __pyx_t_11)) )) = ((*((uint64_t const  *) ( /* dim=0 */ ((char *) (((uint64_t const  *) __pyx_v_dirty.data) + __pyx_t_9)) ))) & (~(*((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_hot.data) + __pyx_t_10)) )))));
+
+          /* "whpfast/_pages.pyx":144
+ *             previous[w] = dirty[w]
+ *             reprotect[w] = dirty[w] & ~hot[w]
+ *             n_reprotect += __builtin_popcountll(reprotect[w])             # <<<<<<<<<<<<<<
+ *     free(new_words)
+ *     return n_dirty, n_reprotect, n_hot, n_new
+*/
+          __pyx_t_10 = __pyx_v_w;
+          __pyx_v_n_reprotect = (__pyx_v_n_reprotect + __builtin_popcountll((*((uint64_t *) ( /* dim=0 */ ((char *) (((uint64_t *) __pyx_v_reprotect.data) + __pyx_t_10)) )))));
         }
+
       }
 
-      /* "whpfast/_pages.pyx":109
- *             or hot.shape[0] < n_words:
- *         raise ValueError("bitmaps of different sizes")
+      /* "whpfast/_pages.pyx":121
+ *     if new_words == NULL:
+ *         raise MemoryError()
  *     with nogil:             # <<<<<<<<<<<<<<
- *         # Pass 1 (sparse): promote pages dirty now and last cycle, using previous.
- *         w = 0
+ *         # Promote the pages dirty now and last cycle (previous still holds the last cycle), and
+ *         # list this cycle's dirty words.
 */
       /*finally:*/ {
         /*normal exit:*/{
           __Pyx_FastGIL_Forget();
           PyEval_RestoreThread(_save);
-          goto __pyx_L10;
+          goto __pyx_L11;
         }
-        __pyx_L10:;
+        __pyx_L11:;
       }
   }
 
-  /* "whpfast/_pages.pyx":141
- *                 n_new += 1
- *             w += 1
+  /* "whpfast/_pages.pyx":145
+ *             reprotect[w] = dirty[w] & ~hot[w]
+ *             n_reprotect += __builtin_popcountll(reprotect[w])
+ *     free(new_words)             # <<<<<<<<<<<<<<
+ *     return n_dirty, n_reprotect, n_hot, n_new
+ * 
+*/
+  free(__pyx_v_new_words);
+
+  /* "whpfast/_pages.pyx":146
+ *             n_reprotect += __builtin_popcountll(reprotect[w])
+ *     free(new_words)
  *     return n_dirty, n_reprotect, n_hot, n_new             # <<<<<<<<<<<<<<
  * 
  * 
 */
-  __pyx_t_3 = __Pyx_PyLong_FromSize_t(__pyx_v_n_dirty); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyLong_FromSize_t(__pyx_v_n_dirty); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 146, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_4 = __Pyx_PyLong_FromSize_t(__pyx_v_n_reprotect); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyLong_FromSize_t(__pyx_v_n_reprotect); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 146, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_10 = __Pyx_PyLong_FromSize_t(__pyx_v_n_hot); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 141, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_10);
-  __pyx_t_11 = __Pyx_PyLong_FromSize_t(__pyx_v_n_new); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 141, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_11);
-  __pyx_t_12 = PyTuple_New(4); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyLong_FromSize_t(__pyx_v_n_hot); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 146, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
+  __pyx_t_13 = __Pyx_PyLong_FromSize_t(__pyx_v_n_new); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 146, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_13);
+  __pyx_t_14 = PyTuple_New(4); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 146, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_14);
   __Pyx_GIVEREF(__pyx_t_3);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_12, 0, __pyx_t_3) != (0)) __PYX_ERR(0, 141, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 0, __pyx_t_3) != (0)) __PYX_ERR(0, 146, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_4);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_12, 1, __pyx_t_4) != (0)) __PYX_ERR(0, 141, __pyx_L1_error);
-  __Pyx_GIVEREF(__pyx_t_10);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_12, 2, __pyx_t_10) != (0)) __PYX_ERR(0, 141, __pyx_L1_error);
-  __Pyx_GIVEREF(__pyx_t_11);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_12, 3, __pyx_t_11) != (0)) __PYX_ERR(0, 141, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 1, __pyx_t_4) != (0)) __PYX_ERR(0, 146, __pyx_L1_error);
+  __Pyx_GIVEREF(__pyx_t_12);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 2, __pyx_t_12) != (0)) __PYX_ERR(0, 146, __pyx_L1_error);
+  __Pyx_GIVEREF(__pyx_t_13);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 3, __pyx_t_13) != (0)) __PYX_ERR(0, 146, __pyx_L1_error);
   __pyx_t_3 = 0;
   __pyx_t_4 = 0;
-  __pyx_t_10 = 0;
-  __pyx_t_11 = 0;
+  __pyx_t_12 = 0;
+  __pyx_t_13 = 0;
   {
     PyObject *__pyx_temp;
     {
       __pyx_temp = __pyx_r;
-      __pyx_r = __pyx_t_12;
+      __pyx_r = __pyx_t_14;
     }
     __Pyx_XDECREF(__pyx_temp);
   }
-  __pyx_t_12 = 0;
+  __pyx_t_14 = 0;
   goto __pyx_L0;
 
-  /* "whpfast/_pages.pyx":91
+  /* "whpfast/_pages.pyx":99
  * 
  * 
  * def plan_reprotect(const uint64_t[::1] dirty not None, uint64_t[::1] hot not None,             # <<<<<<<<<<<<<<
@@ -20298,12 +20248,13 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6plan_reprotect(CYTHON_UNUSED PyObjec
   __pyx_L1_error:;
   __Pyx_XDECREF(__pyx_t_3);
   __Pyx_XDECREF(__pyx_t_4);
-  __Pyx_XDECREF(__pyx_t_10);
-  __Pyx_XDECREF(__pyx_t_11);
   __Pyx_XDECREF(__pyx_t_12);
+  __Pyx_XDECREF(__pyx_t_13);
+  __Pyx_XDECREF(__pyx_t_14);
   __Pyx_AddTraceback("whpfast._pages.plan_reprotect", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = NULL;
   __pyx_L0:;
+
 
 
 
@@ -20318,7 +20269,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_6plan_reprotect(CYTHON_UNUSED PyObjec
   return __pyx_r;
 }
 
-/* "whpfast/_pages.pyx":144
+/* "whpfast/_pages.pyx":149
  * 
  * 
  * def count_bits(const uint64_t[::1] bitmap not None):             # <<<<<<<<<<<<<<
@@ -20366,32 +20317,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_bitmap,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 144, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 149, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 144, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 149, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "count_bits", 0) < (0)) __PYX_ERR(0, 144, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "count_bits", 0) < (0)) __PYX_ERR(0, 149, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("count_bits", 1, 1, 1, i); __PYX_ERR(0, 144, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("count_bits", 1, 1, 1, i); __PYX_ERR(0, 149, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 144, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 149, __pyx_L3_error)
     }
-    __pyx_v_bitmap = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t__const__(values[0], 0); if (unlikely(!__pyx_v_bitmap.memview)) __PYX_ERR(0, 144, __pyx_L3_error)
+    __pyx_v_bitmap = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_uint64_t__const__(values[0], 0); if (unlikely(!__pyx_v_bitmap.memview)) __PYX_ERR(0, 149, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("count_bits", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 144, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("count_bits", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 149, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -20404,7 +20355,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return NULL;
   __pyx_L4_argument_unpacking_done:;
   if (unlikely(((PyObject *)__pyx_v_bitmap.memview) == Py_None)) {
-    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "bitmap"); __PYX_ERR(0, 144, __pyx_L1_error)
+    PyErr_Format(PyExc_TypeError, "Argument '%.200s' must not be None", "bitmap"); __PYX_ERR(0, 149, __pyx_L1_error)
   }
   __pyx_r = __pyx_pf_7whpfast_6_pages_8count_bits(__pyx_self, __pyx_v_bitmap);
 
@@ -20441,7 +20392,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_8count_bits(CYTHON_UNUSED PyObject *_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("count_bits", 0);
 
-  /* "whpfast/_pages.pyx":145
+  /* "whpfast/_pages.pyx":150
  * 
  * def count_bits(const uint64_t[::1] bitmap not None):
  *     cdef size_t i, n = 0             # <<<<<<<<<<<<<<
@@ -20450,7 +20401,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_8count_bits(CYTHON_UNUSED PyObject *_
 */
   __pyx_v_n = 0;
 
-  /* "whpfast/_pages.pyx":146
+  /* "whpfast/_pages.pyx":151
  * def count_bits(const uint64_t[::1] bitmap not None):
  *     cdef size_t i, n = 0
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -20463,7 +20414,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_8count_bits(CYTHON_UNUSED PyObject *_
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "whpfast/_pages.pyx":147
+        /* "whpfast/_pages.pyx":152
  *     cdef size_t i, n = 0
  *     with nogil:
  *         for i in range(bitmap.shape[0]):             # <<<<<<<<<<<<<<
@@ -20477,7 +20428,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_8count_bits(CYTHON_UNUSED PyObject *_
         for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
           __pyx_v_i = __pyx_t_3;
 
-          /* "whpfast/_pages.pyx":148
+          /* "whpfast/_pages.pyx":153
  *     with nogil:
  *         for i in range(bitmap.shape[0]):
  *             n += __builtin_popcountll(bitmap[i])             # <<<<<<<<<<<<<<
@@ -20490,7 +20441,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_8count_bits(CYTHON_UNUSED PyObject *_
 
       }
 
-      /* "whpfast/_pages.pyx":146
+      /* "whpfast/_pages.pyx":151
  * def count_bits(const uint64_t[::1] bitmap not None):
  *     cdef size_t i, n = 0
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -20507,13 +20458,13 @@ static PyObject *__pyx_pf_7whpfast_6_pages_8count_bits(CYTHON_UNUSED PyObject *_
       }
   }
 
-  /* "whpfast/_pages.pyx":149
+  /* "whpfast/_pages.pyx":154
  *         for i in range(bitmap.shape[0]):
  *             n += __builtin_popcountll(bitmap[i])
  *     return n             # <<<<<<<<<<<<<<
  * 
 */
-  __pyx_t_5 = __Pyx_PyLong_FromSize_t(__pyx_v_n); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 149, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_FromSize_t(__pyx_v_n); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 154, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -20526,7 +20477,7 @@ static PyObject *__pyx_pf_7whpfast_6_pages_8count_bits(CYTHON_UNUSED PyObject *_
   __pyx_t_5 = 0;
   goto __pyx_L0;
 
-  /* "whpfast/_pages.pyx":144
+  /* "whpfast/_pages.pyx":149
  * 
  * 
  * def count_bits(const uint64_t[::1] bitmap not None):             # <<<<<<<<<<<<<<
@@ -22694,79 +22645,79 @@ __Pyx_RefNannySetupContext("PyInit__pages", 0);
   if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_pyx_unpickle_Enum, __pyx_t_4) < (0)) __PYX_ERR(1, 4, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "whpfast/_pages.pyx":27
+  /* "whpfast/_pages.pyx":38
  * 
  * 
  * def _check(size_t n_pages, size_t size, bitmap, str what):             # <<<<<<<<<<<<<<
  *     if size < n_pages * PAGE:
  *         raise ValueError(f"{what} holds {size} bytes, fewer than {n_pages} pages")
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_7whpfast_6_pages_1_check, 0, __pyx_mstate_global->__pyx_n_u_check, NULL, __pyx_mstate_global->__pyx_n_u_whpfast__pages, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 27, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_7whpfast_6_pages_1_check, 0, __pyx_mstate_global->__pyx_n_u_check, NULL, __pyx_mstate_global->__pyx_n_u_whpfast__pages, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 38, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_check, __pyx_t_4) < (0)) __PYX_ERR(0, 27, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_check, __pyx_t_4) < (0)) __PYX_ERR(0, 38, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "whpfast/_pages.pyx":34
+  /* "whpfast/_pages.pyx":45
  * 
  * 
  * def capture(const unsigned char[::1] src not None, unsigned char[::1] dst, uint64_t[::1] nonzero not None):             # <<<<<<<<<<<<<<
  *     """Sets the bit in nonzero of every non-zero page of src and, unless dst is None, copies the
  *     page to the same offset in dst (whose pages must be zero). Returns the number of non-zero
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_7whpfast_6_pages_3capture, 0, __pyx_mstate_global->__pyx_n_u_capture, NULL, __pyx_mstate_global->__pyx_n_u_whpfast__pages, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 34, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_7whpfast_6_pages_3capture, 0, __pyx_mstate_global->__pyx_n_u_capture, NULL, __pyx_mstate_global->__pyx_n_u_whpfast__pages, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 45, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_capture, __pyx_t_4) < (0)) __PYX_ERR(0, 34, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_capture, __pyx_t_4) < (0)) __PYX_ERR(0, 45, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "whpfast/_pages.pyx":56
+  /* "whpfast/_pages.pyx":67
  * 
  * 
  * def restore(unsigned char[::1] dst not None, const unsigned char[::1] image not None,             # <<<<<<<<<<<<<<
  *             const uint64_t[::1] dirty not None, const uint64_t[::1] nonzero not None):
  *     """For every page set in dirty: copy it back from image if the image's page is non-zero,
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_7whpfast_6_pages_5restore, 0, __pyx_mstate_global->__pyx_n_u_restore, NULL, __pyx_mstate_global->__pyx_n_u_whpfast__pages, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 56, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_7whpfast_6_pages_5restore, 0, __pyx_mstate_global->__pyx_n_u_restore, NULL, __pyx_mstate_global->__pyx_n_u_whpfast__pages, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 67, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_restore, __pyx_t_4) < (0)) __PYX_ERR(0, 56, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_restore, __pyx_t_4) < (0)) __PYX_ERR(0, 67, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "whpfast/_pages.pyx":91
+  /* "whpfast/_pages.pyx":99
  * 
  * 
  * def plan_reprotect(const uint64_t[::1] dirty not None, uint64_t[::1] hot not None,             # <<<<<<<<<<<<<<
  *                    uint64_t[::1] previous not None, uint64_t[::1] reprotect not None,
  *                    unsigned int[::1] touched not None, size_t n_touched,
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_7whpfast_6_pages_7plan_reprotect, 0, __pyx_mstate_global->__pyx_n_u_plan_reprotect, NULL, __pyx_mstate_global->__pyx_n_u_whpfast__pages, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 91, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_7whpfast_6_pages_7plan_reprotect, 0, __pyx_mstate_global->__pyx_n_u_plan_reprotect, NULL, __pyx_mstate_global->__pyx_n_u_whpfast__pages, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 99, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_plan_reprotect, __pyx_t_4) < (0)) __PYX_ERR(0, 91, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_plan_reprotect, __pyx_t_4) < (0)) __PYX_ERR(0, 99, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "whpfast/_pages.pyx":144
+  /* "whpfast/_pages.pyx":149
  * 
  * 
  * def count_bits(const uint64_t[::1] bitmap not None):             # <<<<<<<<<<<<<<
  *     cdef size_t i, n = 0
  *     with nogil:
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_7whpfast_6_pages_9count_bits, 0, __pyx_mstate_global->__pyx_n_u_count_bits, NULL, __pyx_mstate_global->__pyx_n_u_whpfast__pages, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 144, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_7whpfast_6_pages_9count_bits, 0, __pyx_mstate_global->__pyx_n_u_count_bits, NULL, __pyx_mstate_global->__pyx_n_u_whpfast__pages, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 149, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_count_bits, __pyx_t_4) < (0)) __PYX_ERR(0, 144, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_count_bits, __pyx_t_4) < (0)) __PYX_ERR(0, 149, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   /* "whpfast/_pages.pyx":1
@@ -22943,38 +22894,38 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{19},{7},{8},{6},{24},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{4},{179},{8},{10},{16},{26},{15},{7},{6},{2},{9},{50},{14},{30},{37},{18},{5},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{6},{13},{3},{15},{18},{4},{3},{6},{4},{1},{7},{18},{6},{4},{5},{10},{1},{11},{5},{3},{15},{6},{9},{5},{5},{6},{7},{3},{9},{1},{2},{5},{5},{5},{8},{7},{4},{1},{7},{5},{5},{7},{11},{9},{7},{4},{4},{7},{3},{3},{4},{4},{14},{3},{8},{7},{8},{9},{7},{10},{5},{4},{3},{5},{4},{4},{6},{7},{6},{6},{6},{1},{4},{14},{5},{1},{6}};
-    const struct { const unsigned int length: 9; } bytes_length_index[] = {{1},{80},{46},{199},{324},{492}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{19},{7},{8},{6},{24},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{4},{179},{8},{10},{16},{26},{15},{7},{6},{2},{9},{50},{14},{30},{37},{18},{5},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{6},{13},{3},{15},{18},{4},{3},{6},{4},{1},{7},{18},{6},{4},{5},{10},{1},{11},{5},{3},{15},{6},{9},{5},{5},{6},{7},{3},{9},{1},{2},{5},{5},{5},{8},{7},{4},{1},{7},{5},{5},{7},{11},{9},{7},{4},{4},{9},{7},{3},{3},{4},{4},{14},{3},{8},{7},{8},{9},{7},{10},{5},{4},{3},{5},{4},{4},{6},{7},{6},{6},{6},{1},{4},{14},{5},{1},{6}};
+    const struct { const unsigned int length: 9; } bytes_length_index[] = {{1},{80},{46},{199},{276},{417}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1626 bytes) */
-static const char cstring[] = "x\332\275TMw\333\306\0255eI\261\035\265%%+v\354&\031:u\325\366\330ti\331=N\232\272Gb\024W\247\215\252\017\233v\334\364\340\014\201!918\0001\003\212\364\312K.\261\234%\226\\b\311%\227\\b\211\245\177B~B\356\200\244,\367kY\035\021\030\314\274\217\373\356\273o\010U\344\367}\322\030(&\357\220&;e\001Qm*\010i{\256#\t\361\032?0[=&>m1IN\275\000\233\\\022\345yDv\250\353\222\246\027\220\312\227\344\253oY\307\013\006u\316N\211\327$_\331\236P\274\025z\241$T8\304\341\201\t\363\257\333\\,\016\244\n\270\303\234s\306\004\201\377\327\371\373{g\226\217\377\\\243Bx\212P)yK\000)\t\030u\356z\302\035\220N\016\262\007\220\373\242G]\356\220\216\347\260;\204\365}\370\"\324\226\275e\362n\241*\025P\261u\207\264\020ja,\333\324gHEh\037\034\034x\202\035x\212\031\302\024\251\rT\333\023\206\033\207\271\274\301\002\252\0302\032\214\210<g\365p\357\360\356\203G\017r\304\0013\314J\"\303\206\355\002,\350\005q\215\220\273\n\031\324\300g\262B\366\233d\340\205D0`C%>\354\316;\2506\023D2e\026d+\257\233*\356\t\013\356\\\264\266\346T\361\0363\336\337PW\262\nu\034\013v\254\301U\207\372y\316\331\352\254\247\263\357\034\216\303\233M\0260\241\210\344\257\231\264=\3275\361<!+\264a;\\\322\206\313\2300\317\226\315\345l\345\010\017$4i\350*bY\001sB\233Y\026q\302\034\205\360\304]\220\322\343\324\305\251\315\005W\226%\005\022\266A5\357@ha\036\306\030\003\215g\203IB\203\200\016\210C\025\255\374\207\323Yc\014\2533M\310\312i\333oR\251\356Y\271p+\376\240\277sR\333\337\337s]\356K.OX7d\302fF\257\225w\322\265\254\303A\037\277\257\3213\353\200\365\3251kZ\326\234W\324\000\274\206\371w\213\026S\\\261\216\331p\214\017\376\232\241\260\315\033Gr\341\305;>\004eV\035\312E\376\366\234\320\315\317\004\355\314\336&\275e\001\251e\267\231\375J\206\235\331\327<\212Y\032U\314V\241\360\271\375\n\021\366\304\302\256\247\014/&F7\244\356\"\354\202\376\263\225\235\013\365\334\006\353\233\017\250\350\014\212<\007\375l\375\316\017w\205\251%Giqi\331^\340\205\020-\203$\026-\261\032\241Q\016\225\003as\257rf\"\033T\032\351\3154\206\247\264m\352\253\0202""uql\201\035\014\236\315\032\324~e{>g\016\236\003\333\013\205\312\037\226qq\320a\004\313\245\016\205\253\201#\225\223s\0034\263\033\013\315\305d3\220\223O\"\013\002/h\272\264%1\331\035\252\346\363\r\305\341\337ry\207+\316\235\\|\270IX\3374U\316\036\257\031n\rse\230\253B\010+O(,\370\t\32331S\230\000\233~\200\261\262\261\255\274\020\3448\302\312\357K\303*`v \374\327,\360\200\017T\370\250\3178\372.=\347\352{\276\037\260\036\307\375\210\235\016\366\002\326\342\022\2573\223\000\245{x05\037\261\\\373\371t\0066:\025\240]\314\207\r~Ah\2539\026\350\005\031C\037\023\304p\231\205L\236\236\342\332\232\217IeVD\016\267o@2\347\357o\n\331\362\007o\302\341\356\260\0355t!\273\364\363\341\017\272\240\327uU\377mTH\177\2733)M\312\306\2447\254G\325\250\026\005zC\357j\2720\374e|\0247G\337$\345t\373`J\247]\023\357Z\324\315._\311.\255\r\367\242\315\210F=]\217\253\361N\266VJK\267s\373\235\321Q\266\374\341\260\372\246\360\343\245\013+7\365\347\271E-\226\351\357\036\217i\266\274\031=\325\327b\204\372\024\231\220\274k\322\321\341@_\324\177\210K\361\257b>\232o\311\250\034U\263\313\305h\025\211\244\276\245k:\210K\013t\2459\216\277D{\272\244\313\331\332/\206*\372S\\@\214\317\001\204\215\356\003Hq\003\021\256\336\320e\375\000\276\233qc\264:\242#\231\224\223\207\343\245\361\326\244\224\025Q\221^\321\047\361\007\361\353d#\371z\2742>\036w\263\342\307H0/\343\312{e\214@\331\307\206\233\037W/\254|8,\017\277\000\200\217t7^\216\237\214\252\331\362\225\367\266\366\r\033?\033\276\210\216#\245\267Q\361\014\364\216\251\242\021-E9\356 Z\217\356G\047zU;\361\3558\004\205\047\311Rr;\351\002\343\255qm\034L6\047t\022L\327\247\333\323Fz\370,}VO\353/\322\027/\323\227\377\310\212\233\021\352,ek\033\321\303\234\226\265R\204\307:B\027?\212<PA\263\342u\224x\254\273f\2614\047r#\3365\047\306\353\242\006I\233Y\361j\364\004\332\330\325\215\370b\274=g0\047\257\n\217n\274\022\037\307\247\240/Lv\222g\000\366d\0027t\361\355\277\331\330I)?1\014>\212\014\2077.\254\224qX\037UG\007\351\227\177\235\3761\255?\177\213\356\237\016\233""\321\016J_\322\277A\333^\214\352I5\251%\301\370\372dc\262?\255\247\047O\323\247\317\323\347\337\245\337\2754L\311\350\327\250\361=\225\032\035\274\375\257\224^B\017\366F\233y\323o%{\343\022p\357\216\355\311\372\344\341\264\000B\357OO\322\303\343\364\0309f\204~\237~\377\317w\234\026\243\225\350(\242&\"\310\273\231\336\2747\352&\205\254x\003$\356\352vL\241\207[y\277\n(\031d>\202\320z\340\240\237\336\253M\252(\001\341A\242\021\331*0_\375$\375\244\232\224\222r\336\245\267gc\324\315\326\256\202\207\347z\307\310,[C\376\250\245\217t\023\243\365\377\251\355:\250\334\004B#|}\033\372X\317\345\336\035\241\332\317\322\317\266\321\227\375\361\021\0068\037\230\313\361\247\243\371\220\344rC\237\277\210\276\215\257\215\n?\001\272\025/\346";
-    PyObject *data = __Pyx_DecompressString(cstring, 1626, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1583 bytes) */
+static const char cstring[] = "x\332}TMw\033\267\0255\035\311\221\034\245%M\313\212\343\236\0340\256\243\266\261\231\252\266s\234/\347\320\212\354\252m\024Kr\344\244\2339\340\014H\"\036\002\303\001F\"\265\310\361\222K,\261\234\345,\271\344RK-\271\3442?!?\241\0273\244,7\037:\342\014\006x\037\367\335w\037\010\325\344\357}\322\034h\246n\223\026;b1\321\035*\010\351\3100P\204\310\346\017\314\327\017ID\333L\221#\031c\223+\242\245$\252K\303\220\264dL\352\237\222\317\277f]\031\017\0168;\"\262E>\367\245\320\274\235\310D\021*\002\022\360\330\205\371\377m.\346\007J\307<`\3019c\202\300\277w\376\372\336\231\345\303/7\251\020R\023\252\024o\013 %1\243\301\035)\302\001\351\346 \017\001r[\034\322\220\007\244+\003v\233\260~\004_\204Z\367\327]\336uT\245c*\326o\2236B\315\215U\207F\014\251\010\355\203\203\035)\330\216\324\314\021\246\311\346@w\244p\334\004,\344M\026S\315\220\321aD\344\031\253O\267\236\336\271\367\340^\2168f\216YET\322\364C\200\005\275 \256\231\360P#\203\036DL\325\311v\213\014dB\004\0036T\022\301\356\274\203\3560A\024\323nA\326\363\272\251\346Rxp\347\242\275>\243\212\0372\347\375\230\206\212\325i\020x\260cM\256\2734\312s\026\253\263\236\026\3379\234\200\267Z,fB\023\305\217\231\362e\030\272xR\250:m\372\001W\264\0312&\334\263\355sU\254\002!AB\213&\241&\236\027\263 \361\231\347\221 \311Q\010)\356\200\224CNC\234\372\\p\355yJ a\007T\363.\204\226\344a\2341\320H\037L\022\032\307t@\002\252i\375WN\213\3068V\013M\250\372Q\047jQ\245?\362r\341\326\243A\277\261\277\271\275\275\025\206<R\\\355\263^\302\204\317\234^\353\257\244\353yO\007}\374\276B\317\274\035\326\327{\254\345y3^Q\003\360:\346_-\332Ls\315\272n#p>\370k%\302wo\034\251\271\027\357F\020\224[u)\027\371[\006I\230\237\t\332-\336.\275\347\001\251\347w\230\377B%\335\342k\026\305-\235*\212U\"\"\356\277@\204-1\267;\324\216\027\027\243\227\320p\036vN\377\331\312\317\205zn\203\365\335\007Tt\006E\235\203~\266~\345\207\273\302\325\222\243\364\270\362|\031\313\004\242e\220\304\274%^3q\312\241j |.\353g&\252I\225\223^\2411<\225\357\323H\047\220i\210c\017\354`\360|""\326\244\376\013_F\234\005x\016|\231\010\235?<\347\022\240\303\010\226K\035\n\327\203@\351 \347\006h\212\033\013\315\305d3\220\223O\"\213c\031\267B\332V\230\354.\325\263\371\206\342\360\357\205\274\3135\347A.>\334$\254\357\232\252\212\3071\303\255\341\256\014wU\010\341\345\t\205\007?\341z&\n\205\t\260\031\305\030+\037\333Z& \047\020^~_:V\001\263\353\032\\lHq\314b\t\240\340$B\241.B\024\322s1\"\031E1;\344\270(\261\323\305^\314\332\\\341uf\022\203\003\211\007\323\263Y\313\207 \037\323\330G\313b\364\215E\260\301/N|=\003\005\341 c\022a\224\030n\265\204\251\243#\334_\263y\251\027\325\3440\373\016$\013\276yY\232.\274\3712\031>\032vL\323\226\246K\177\030\376`K\366\212\335\260\377\311J\223\2776N*\0475gr8<0\033f\323\304\266j\037Y:7\374S\272\233\266\262\307\243\332\344\356\316)=\355\271xk\2467]\276<]Z\031n\231UC\315\241=H7\322\306t\2452\251\334\312\355\033\331\356t\341\255\341\306\313\322\317K\027\026o\330\233\271\305f\252&\177{8\246\323\205U\363\314\256\245\010\365\0362!y\317\245\243\303\201}\303~\234V\322?\247<\233m)S3\033\323\345\262\271\204D\312\276o7m\234V\346\350*3\034\3774[\266bk\323\225?\016\265\371\"-!\306M\000a\331?\000\244\\E\204\253\357\332\232\275\007\337\325\264\231]\312h\246F\265\321\375\361\305\361\372IeZFEv\321\356\247o\246\307\243\352\350\253\361\342xo\334\233\226\257#\301\254\214\313\257\225\221\201\262\353\216\233\237/]X|kX\033~\002\000\327l/]H\237d\033\323\205\313\257mm;6\336\036~g\366\214\266wQq\001\372_\250\310\245\335\265\201C\353jj\232\213\006UT\315\375\274\270\225+\370*_3\022\265\320i\371\035\030\357\331\236\203\033\243\203wm\023\024\226\235\361\033\026\025\256N\313W\315\0234v\323\252\364V\032g\225\242j\267\321K\027\323\275\364\010u\047\243\306\350\333\361\373\343\047\047p\001\375?\375\302\306\037U\362\223\351J\331\\\316\317\266\362\2364\263\213\331\315\242\261\017\214\343\344\335\013\2135\370\034d\033\331\316\344\323\177\237~69x\356\010Yzy4l\231\206\331\267\027\355_P\332w\331\301hc\2649\212\307\357\234TO\266O\017&\373\317&\317\236O\236\177?\371\376""\277\256g\312|\200z_\323\035\210/O\312$\275\224\322\264\237\305\200\004\231\034\233\252iL\227\226A \362,\277\375;\024\226\315\242\3315\250am\262\366!\000B\235\3270\000\016P-\275\213ZJY5\227)\322\367\321\226\217\323+\351\203\311\207_\216{\047\313\247\325\323F\256\032\363\030\232*_\237\\\277\223\355f\210\265\212\220\334\376\350\274\260\374\r~~:\233\213\336t\345*hxn\033N7\205{\033X[\230\225\363Fe\263\\\250\327\245\334\262\357\2453\307o\355-4\245T82{\037\272\256\246\217@\010\364\007\225\255\334\230\334\370(\353\215\226\307\2251\364\2704,\rs\271~b\276N\327\262\322\377\000\377\261\367\242";
+    PyObject *data = __Pyx_DecompressString(cstring, 1583, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2103 bytes) */
-static const char cstring[] = "\377 at 0x b\377ytes, fe\377wer than\377  holds \377 object>\377 pages w\373or\022\000is to\377o small \377for .: <\377MemoryVi\377ew of <c\377ontiguou\377s and di\331rC\001\007\rin\021\005st_rided\"\010 V\000\346\004\031><(\tA\006>?C\377annot as\357sign\247\000 re\377ad-only \365m\240\002v\242\000Inva\377lid mode\237, exp\343\000|\000\047\353c\047t\001\047\323\000tra\237n\047, gH\000%\005s\377hape in \373ax\201 NoneN\367ote\255!t Cy\337thon \231 de\377liberate\354o\000\324\001ct\316%PEPo-484\216\"re\326!\177s subcl\252\000|\334 \266 built_\000\377types. I\377f you ne\326\230 to\203@s$\nth\277en set\261@e\373 \047\363\002ation\275_<\000ing\047\361$i\375v\242\000o Fals\277e.add_\235 e?bitmap\251A\003\004\364\313F\024\003s\304Adiff\377erent si\177zescoll\214`\376_\000s.abcdi\177sableen\002\001\357gcis\004\003dno\377 default\377 __reduc\277e__ du\201\002n\367on-\352@vial\376\033\000cinit__\277snapsh\263@i\305m\346`uL\002\267A\337`oc\376\307  array \037data.\013\020\223C\345a\376\302cs.whpfa\357st/_\264\204\002.py\377xASCIIEl\377lipsisSe\277quence\254\204\001.\276\261\204\007__Pyx\001\000D\377ict_Next\237Ref__\321$\301\000_\355_\246B__\001\005get/item\r\001d0\001\027\000\317func\035\001\030\000st|\202`)\001impor\344\000?__main;\001\365`\273ulM\002nam\002\003e\371wT\001\247\000_chec\007ksuT\000\n\001?\004\025\001\222a\373__\037\001unpicmk?\000En \005vt\211A\036\230\001qualO\005\367%\200F1c\244\204\002\277\001\223Dex\314\001\303`\301_\203\005\317`\262\006\003\006.\007te\371s\310\001\241\002_is_c\377oroutine\334\220`\251E_bu\266aas\277yncio.\032\006s\347bas\367a\370cbit\377sccaptur\327ecl?\000_\233 tr\377acebackc\337opied\003\000yc\257ount\000\002_/\001d\355d\177\000in\346\204\002dir?tydstd\227\"\213\000<\254\210\003\332@odee\232 \205\206\002\377errorfla\377gsformat\370\331\206\004\357`\362`_limi\357tiid\370bind\353ex\321As\000\002ize\347mem\257\207\001\247\207\001nn_\376l\002n_hotn_\357newn\334cn_r\177eprotec\024\000wtou\300@dn_\253\211\002\372\335AnY\000nonze_roobj\253 p""\335\000\356\320\211\001pla0\010pop\377previous\376J\000motereg\247ist\274\000V\005r\372 o\306\002\000et\334\205\004\220\210\002\231\206\002rc\366\356`rt,\000psto\036\001\000ruct\205\004\255`\317 \377updateva\377lueswwha\245t\240\205\004.\241\205\003\332\212\002x\241\001e\377dO\200\001\330\004\007\200\377u\210B\210h\220b\230\377\001\330\010\016\210j\230\001\377\230\022\2301\230L\250\001\177\320)A\300\021\300!\037\001\377v\210V\2201\220C\220\177r\230\023\230B\230a!\005\377\034\240Q\240f\250F\260\377!\3203N\310a\310q\376L\001\027\220q\330\t\n\330\377\010\014\210E\220\025\220a\377\220v\230V\2401\240A\277\330\014\021\320\021%+\002A\377\250Q\330\004\013\2101\200\377\001\360\010\000\005\033\230#\376\035\002C\240s\320*>\270\377a\330\004\025\220T\230\027\245\240\230\000\036g\000\235\000q\224\001a\377\210y\230\003\2306\240\021\337\240$\240i\250\014\004s\220\377!\2201\330\t\020\220\006\376f\000s\230\"\230C\230r\353\240\021\277\005\021\201\004H\220E\377\230\021\230!\330\014\017\210_t\220=\240\001A\000#\266\000\267e\2502\206\000\020\023?\000\024\337\032\230!\23049\000\025\240\377b\250\006\250a\250s\260\377!\2605\270\002\270\047\300\367\021\330\020\317\000\230\005\230S\377\240\007\240z\260\023\260D\377\270\005\270R\270q\330\020W\031\230\021\277\005\n\272\n\250\260 \373\031\230\231 \360\006\000\005\013\357\210!\2109~\000\026\230q\377\240\004\240G\2501\330\004\365\n\006\nI\212!\r\210X\220\237R\220t\2303\331 \267#A\336\211Ab\220\002\220\263\002r\220\377\022\2202\220S\230\006\230\377d\240%\240u\250A\250\177S\260\002\260%\260q\241\000\377\"\270C\270r\300\025\300\377a\300r\310\022\3103\310\377b\320PU\320UV\320\377VX\320XZ\320Z[\377\330\020\025\220Q\330\020\021\237\330\014\023\2205\333@\006\000\021\365\220\013\000\022X\000\020\026\220o\336\301@a\330\020\030\340\000R\230\356\324\000\030\230\002\302$\023\240B\371\240\027\0002\001\003\2301\330\024\277\025\330\020\024\220G\231`B\177\230b\240\003\2403\240\274#\372\270\"1\370 q\240\005\240R\373\240w\274 u\260A\260U\237\270\"\270G\3004\000""\303@\340\276\023\016c\260\021\330\024\333B\013\367\2108\220\207a\032\000\005!\376>\000V\2501\250N\320:\377K\310;\320VW\340\004\177\007\200w\210f\220A\370\000\377\002\230(\240#\240X\250\377V\2601\260C\260r\270\377\030\300\023\300I\310V\320\377ST\320TW\320WY\367\320YZ\336As\220&\230y\001\230\204\013\204a\340\010\014\210\2753\335\010\224@E\250\025\360B\"\260\367E\270\021\265\000B\270c\300\337\022\3005\310\001\316 2\310?S\320PR\320Ra\000\313#\357\\\320\\]\312\047\020\220\005\317\220Q\220a\331a\221`\033\320\377\033/\250q\260\001\330\020\377\032\230\"\230B\230h\240_a\240s\250\"\253B\001\360\000\352\353`8\346`v\245 x\320/\347C\3001\300\000\\\000Q\330\024\376\341a\006\230a\330\024\035\320\377\0351\260\021\260!\330\014z\243@\340\276\205\006q\330\014\024\205 \267W\230A\314\205\001\330\014\321@\220?g\230Q\230f\240\247`wb\177\030\230\001\230\025\230a\364\204\002\377\230%\230r\240\022\2401\337\240C\240q\250\353\000\037\320\373\0373\225@I\270Q\270a\036\253\205\003\t\240\036\250\236\205\004\305\001\355\206\001\1779\220M\240\027\250\001";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2103, 2704);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2055 bytes) */
+static const char cstring[] = "\377 at 0x b\377ytes, fe\377wer than\377  holds \377 object>\377 pages w\373or\022\000is to\377o small \377for .: <\377MemoryVi\377ew of <c\377ontiguou\377s and di\331rC\001\007\rin\021\005st_rided\"\010 V\000\346\004\031><(\tA\006>?C\377annot as\357sign\247\000 re\377ad-only \365m\240\002v\242\000Inva\377lid mode\237, exp\343\000|\000\047\353c\047t\001\047\323\000tra\237n\047, gH\000%\005s\377hape in \373ax\201 NoneN\367ote\255!t Cy\337thon \231 de\377liberate\354o\000\324\001ct\316%PEPo-484\216\"re\326!\177s subcl\252\000|\334 \266 built_\000\377types. I\377f you ne\326\230 to\203@s$\nth\277en set\261@e\373 \047\363\002ation\275_<\000ing\047\361$i\375v\242\000o Fals\277e.add_\235 e?bitmap\251A\003\004\364\313F\024\003s\304Adiff\377erent si\177zescoll\214`\376_\000s.abcdi\177sableen\002\001\357gcis\004\003dno\377 default\377 __reduc\277e__ du\201\002n\367on-\352@vial\376\033\000cinit__\277snapsh\263@i\305m\346`uL\002\267A\337`oc\376\307  array \037data.\013\020\223C\345a\376\302cs.whpfa\357st/_\264\204\002.py\377xASCIIEl\377lipsisSe\277quence\254\204\001.\276\261\204\007__Pyx\001\000D\377ict_Next\237Ref__\321$\301\000_\355_\246B__\001\005get/item\r\001d0\001\027\000\317func\035\001\030\000st|\202`)\001impor\344\000?__main;\001\365`\273ulM\002nam\002\003e\371wT\001\247\000_chec\007ksuT\000\n\001?\004\025\001\222a\373__\037\001unpicmk?\000En \005vt\211A\036\230\001qualO\005\367%\200F1c\244\204\002\277\001\223Dex\314\001\303`\301_\203\005\317`\262\006\003\006.\007te\371s\310\001\241\002_is_c\377oroutine\334\220`\251E_bu\266aas\277yncio.\032\006s\347bas\367a\370cbit\377sccaptur\327ecl?\000_\233 tr\377acebackc\337opied\003\000yc\257ount\000\002_/\001d\355d\177\000in\346\204\002dir?tydstd\227\"\213\000<\254\210\003\332@odee\232 \205\206\002\377errorfla\377gsformat\370\331\206\004\357`\362`_limi\357tiid\370bind\353ex\321As\000\002ize\347mem\257\207\001\247\207\001nn_\376l\002n_hotn_\357newn\334cn_r\177eprotec\024\000wtou\300@dn_\253\211\002\342\335AnY\000*\000\n\004onz""\277eroobj\264 p\334\346\000\331\211\001pla9\010po\377ppreviou\375sS\000motereOgist\305\000_\005r\203@\215o\002\000et\345\205\004\231\210\002\242\206\002r\355c\367`rt,\000pst=o\001\000ruct\216\004\266`\376\330 updatev\377alueswwhKat\251\205\004.\252\205\003\343\212\002x\241\001\377edO\200\001\330\004\007\377\200u\210B\210h\220b\377\230\001\330\010\016\210j\230\377\001\230\022\2301\230L\250\377\001\320)A\300\021\300!\376\037\001v\210V\2201\220C\377\220r\230\023\230B\230a\376!\005\034\240Q\240f\250F\377\260!\3203N\310a\310\375qL\001\027\220q\330\t\n\377\330\010\014\210E\220\025\220\377a\220v\230V\2401\240\177A\330\014\021\320\021%+\002\377A\250Q\330\004\013\2101\377\200\001\360\010\000\005\033\230\375#\035\002C\240s\320*>\377\270a\330\004\025\220T\230K\027\240\230\000\036g\000\235\000q\224\001\377a\210y\230\003\2306\240\277\021\240$\240i\250\014\004s\377\220!\2201\330\t\020\220\375\006f\000s\230\"\230C\230\327r\240\021\277\005\021\201\004H\220\377E\230\021\230!\330\014\017\277\210t\220=\240\001A\000#n\266\000e\2502\206\000\020\023?\000\277\024\032\230!\23049\000\025\377\240b\250\006\250a\250s\377\260!\2605\270\002\270\047\357\300\021\330\020\317\000\230\005\230\377S\240\007\240z\260\023\260\377D\270\005\270R\270q\330\257\020\031\230\021\277\005\n\272\n\250\366\260 \031\230\231 \360\006\000\005\337\013\210!\2109~\000\026\230\377q\240\004\240G\2501\330\353\004\n\006\nI\212!\r\210X?\220R\220t\2303\331 \267#\365J\270 qt\000Q\230d\240\274\253\000\227Ab\220\002\220\303\000\023{\2205\241@\021\330\014\022\013\000\357\020\026\220o\202@a\330\020\255\030\241\000R\230\225\000\027\243@\022\322G\000b\300 \333\0005\264 1\330\177\024\025\330\020\024\220G\326@\377C\230s\240%\240r\250\353\021\330\361\0021\261 q\240\005\357\240R\240w\365\000u\260A\177\260U\270\"\270G\3000\000\232\374 \340\023\016c\2606\000\225A\014w\020\220\n\263 1\230E\217B\337b\250\002\250#\323C8\220\336\327A\032\000\005!U\000V\250\3771\250N\320:K\310;\367\320VW\215!\010\200w\210\377f\220A\220S\230\002\230\375(\330""\000X\250V\2601\260\377C\260r\270\030\300\023\300\377I\310V\320ST\320T\177W\320WY\320YZ\260A\237s\220&\230\001\352k\366 \020\377\320\020 \240\006\240a\240\367x\250r\220\000\004\007\200z\177\220\023\220A\330\010\t\373`\356\366 \t\r\210\2517\020\220\005\377\220Q\220a\330\014\027\320\373\027+\236\000A\330\014\026\220\335b\214\002!\2403\201`\001\250\323\023\250\243\204\001\260`x\224@6\240\377\022\2408\320+?\270q\177\300\t\310\023\310A\330\262a\373\220F\321`\020\031\320\031-\327\250Q\250I\000\025P\000i\230_~\250Q\330\014\010\000\330\2123\275\340\217\205\006q\330\014\024\204 W\363\230A\235\205\001/\002\220g\230Q\337\230f\240A\330\031\t\020\220\375\t\270\204\003\023\2201\220E\230\273\036\2402\004U\230%\320`\001\3763\003e\2305\240\001\240\023\273\240B\216 s\250!\343`\014\377\033\320\033/\250q\260\t\377\270\021\270!\330\004\010\210\373\001\210\252\204\0029\220M\240\027\003\250\001";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2055, 2590);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (2704 bytes) */
-static const char bytes[] = " at 0x bytes, fewer than  holds  object> pages words is too small for .: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis NoneNote that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notebitmap of bitmap too smallbitmaps of different sizescollections.abcdisableenablegcisenabledno default __reduce__ due to non-trivial __cinit__snapshot imageunable to allocate array data.unable to allocate shape and strides.whpfast/_pages.pyxASCIIEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___check_is_coroutineabcallocate_bufferasyncio.coroutinesbasebitbitmapbitsccapturecline_in_tracebackcopiedcopycountcount_bitsddestinationdirtydstdtype_is_objectencodeenumerateerrorflagsformatfortranhothot_limitiidimageindexitemsitemsizememviewmodenn_dirtyn_hotn_newn_pagesn_reprotectn_touchedn_wordsnamendimnonzeroobjoutpackpageplan_reprotectpoppreviouspromoteregisterreprotectrestoresetdefaultshapesizesrcstartstepstopstructtouchedunpackupdatevalueswwhatwhpfast._pageswordsxzeroedO\200\001\330\004\007\200u\210B\210h\220b\230\001\330\010\016\210j\230\001\230\022\2301\230L\250\001\320)A\300\021\300!\330\004\007\200v\210V\2201\220C\220r\230\023\230B\230a\330\010\016\210j\230\001\230\034\240Q\240f\250F\260!\3203N\310a\310q\200\001\330\004\027\220q\330\t\n\330\010\014\210E\220\025\220a\220v\230V\2401\240A\330\014\021\320\021%\240Q\240f\250A\250Q\330\004\013\2101\200\001\360\010\000\005\033\230#""\230V\2401\240C\240s\320*>\270a\330\004\025\220T\230\027\240\001\330\004\036\230a\330\004\007\200q\330\010\016\210a\210y\230\003\2306\240\021\240$\240i\250q\330\010\016\210a\210s\220!\2201\330\t\020\220\006\220a\220s\230\"\230C\230r\240\021\330\010\016\210j\230\001\230\021\330\t\n\330\010\014\210H\220E\230\021\230!\330\014\017\210t\220=\240\001\240\021\240#\240Q\240e\2502\250Q\330\020\023\2201\330\024\032\230!\2304\230r\240\025\240b\250\006\250a\250s\260!\2605\270\002\270\047\300\021\330\020\027\220q\230\005\230S\240\007\240z\260\023\260D\270\005\270R\270q\330\020\031\230\021\330\004\013\2101\200\001\360\n\000\005\033\230#\230V\2401\240C\240s\250!\330\004\031\230\034\240Q\360\006\000\005\013\210!\2109\220E\230\026\230q\240\004\240G\2501\330\004\n\210!\2109\220E\230\026\230q\240\004\240I\250Q\330\004\r\210X\220R\220t\2303\230a\330\t\n\330\010\014\210A\330\010\016\210b\220\002\220!\330\014\017\210r\220\022\2202\220S\230\006\230d\240%\240u\250A\250S\260\002\260%\260q\270\002\270\"\270C\270r\300\025\300a\300r\310\022\3103\310b\320PU\320UV\320VX\320XZ\320Z[\330\020\025\220Q\330\020\021\330\014\023\2205\230\001\230\021\330\014\021\220\021\330\014\022\220!\330\020\026\220o\240Q\240a\330\020\030\230\005\230R\230q\330\020\030\230\002\230\"\230C\230r\240\023\240B\240a\330\020\023\2205\230\003\2301\330\024\025\330\020\024\220G\2301\230B\230b\240\003\2403\240e\2502\250Q\330\024\032\230!\2301\230C\230q\240\005\240R\240w\250a\250u\260A\260U\270\"\270G\3001\330\024\036\230a\340\024\032\230!\2301\230C\230q\240\005\240R\240w\250c\260\021\330\024\036\230a\330\004\013\2108\2201\200\001\360\032\000\005!\240\005\240V\2501\250N\320:K\310;\320VW\340\004\007\200w\210f\220A\220S\230\002\230(\240#\240X\250V\2601\260C\260r\270\030\300\023\300I\310V\320ST\320TW\320WY\320YZ\330\014\017\210s\220&\230\001\230\023\230B\230a\330\010\016\210j\230\001\230\021\330\t\n\340\010\014\210A\330\010\016\210b\220\002\220!\330\014\017\210r\220\022\2202\220S\230\010\240\004\240E\250\025\250a\250s\260\"\260E""\270\021\270\"\270B\270c\300\022\3005\310\001\310\022\3102\310S\320PR\320RW\320WX\320XZ\320Z\\\320\\]\330\020\025\220Q\330\020\021\330\014\020\220\005\220Q\220a\330\014\017\210q\330\020\033\320\033/\250q\260\001\330\020\032\230\"\230B\230h\240a\240s\250\"\250A\250S\260\001\260\021\330\020\023\2208\2304\230v\240R\240x\320/C\3001\300I\310S\320PQ\330\024\027\220q\230\006\230a\330\024\035\320\0351\260\021\260!\330\014\021\220\021\340\010\014\210E\220\025\220a\220q\330\014\024\220A\220W\230A\230V\2401\330\014\025\220Q\220g\230Q\230f\240A\330\010\014\210A\330\010\016\210b\220\002\220!\330\014\017\210r\220\022\2202\220S\230\010\240\004\240E\250\025\250a\250s\260\"\260E\270\021\270\"\270B\270c\300\022\3005\310\001\310\022\3102\310S\320PR\320RW\320WX\320XZ\320Z\\\320\\]\330\020\025\220Q\330\020\021\330\014\020\220\005\220Q\220a\330\014\017\210q\330\020\030\230\001\230\025\230a\330\020\031\230\021\230%\230r\240\022\2401\240C\240q\250\001\330\020\037\320\0373\2601\260I\270Q\270a\330\020\027\220q\230\t\240\036\250q\330\020\031\230\021\330\014\021\220\021\330\004\013\2109\220M\240\027\250\001";
+    #else /* compression: none (2590 bytes) */
+static const char bytes[] = " at 0x bytes, fewer than  holds  object> pages words is too small for .: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis NoneNote that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notebitmap of bitmap too smallbitmaps of different sizescollections.abcdisableenablegcisenabledno default __reduce__ due to non-trivial __cinit__snapshot imageunable to allocate array data.unable to allocate shape and strides.whpfast/_pages.pyxASCIIEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___check_is_coroutineabcallocate_bufferasyncio.coroutinesbasebitbitmapbitsccapturecline_in_tracebackcopiedcopycountcount_bitsddestinationdirtydstdtype_is_objectencodeenumerateerrorflagsformatfortranhothot_limitiidimageindexitemsitemsizememviewmodenn_dirtyn_hotn_newn_pagesn_reprotectn_touchedn_wordsnamendimnew_wordsnonzeroobjoutpackpageplan_reprotectpoppreviouspromoteregisterreprotectrestoresetdefaultshapesizesrcstartstepstopstructtouchedunpackupdatevalueswwhatwhpfast._pageswordsxzeroedO\200\001\330\004\007\200u\210B\210h\220b\230\001\330\010\016\210j\230\001\230\022\2301\230L\250\001\320)A\300\021\300!\330\004\007\200v\210V\2201\220C\220r\230\023\230B\230a\330\010\016\210j\230\001\230\034\240Q\240f\250F\260!\3203N\310a\310q\200\001\330\004\027\220q\330\t\n\330\010\014\210E\220\025\220a\220v\230V\2401\240A\330\014\021\320\021%\240Q\240f\250A\250Q\330\004\013\2101\200\001\360\010\000\005""\033\230#\230V\2401\240C\240s\320*>\270a\330\004\025\220T\230\027\240\001\330\004\036\230a\330\004\007\200q\330\010\016\210a\210y\230\003\2306\240\021\240$\240i\250q\330\010\016\210a\210s\220!\2201\330\t\020\220\006\220a\220s\230\"\230C\230r\240\021\330\010\016\210j\230\001\230\021\330\t\n\330\010\014\210H\220E\230\021\230!\330\014\017\210t\220=\240\001\240\021\240#\240Q\240e\2502\250Q\330\020\023\2201\330\024\032\230!\2304\230r\240\025\240b\250\006\250a\250s\260!\2605\270\002\270\047\300\021\330\020\027\220q\230\005\230S\240\007\240z\260\023\260D\270\005\270R\270q\330\020\031\230\021\330\004\013\2101\200\001\360\n\000\005\033\230#\230V\2401\240C\240s\250!\330\004\031\230\034\240Q\360\006\000\005\013\210!\2109\220E\230\026\230q\240\004\240G\2501\330\004\n\210!\2109\220E\230\026\230q\240\004\240I\250Q\330\004\r\210X\220R\220t\2303\230a\330\t\n\330\010\014\210J\220a\220q\230\005\230Q\230d\240#\240Q\330\010\016\210b\220\002\220!\330\014\023\2205\230\001\230\021\330\014\022\220!\330\020\026\220o\240Q\240a\330\020\030\230\005\230R\230q\330\020\027\220r\230\022\2303\230b\240\001\330\020\023\2205\230\003\2301\330\024\025\330\020\024\220G\2301\230C\230s\240%\240r\250\021\330\024\032\230!\2301\230C\230q\240\005\240R\240w\250a\250u\260A\260U\270\"\270G\3001\330\024\036\230a\340\024\032\230!\2301\230C\230q\240\005\240R\240w\250c\260\021\330\024\036\230a\330\014\020\220\n\230!\2301\230E\240\021\240$\240b\250\002\250#\250Q\330\004\013\2108\2201\200\001\360\032\000\005!\240\005\240V\2501\250N\320:K\310;\320VW\360\006\000\005\010\200w\210f\220A\220S\230\002\230(\240#\240X\250V\2601\260C\260r\270\030\300\023\300I\310V\320ST\320TW\320WY\320YZ\330\014\017\210s\220&\230\001\230\023\230B\230a\330\010\016\210j\230\001\230\021\330\004\020\320\020 \240\006\240a\240x\250r\260\021\330\004\007\200z\220\023\220A\330\010\t\330\t\n\360\006\000\t\r\210J\220a\220q\230\005\230Q\230d\240#\240Q\330\010\016\210b\220\002\220!\330\014\020\220\005\220Q\220a\330\014\027\320\027+\2501\250A\330\014\026""\220b\230\002\230(\240!\2403\240b\250\001\250\023\250A\250Q\330\014\017\210x\220t\2306\240\022\2408\320+?\270q\300\t\310\023\310A\330\020\023\2201\220F\230!\330\020\031\320\031-\250Q\250a\330\014\025\220Q\220i\230~\250Q\330\014\025\220Q\330\014\020\220\n\230!\2301\230E\240\021\240$\240b\250\002\250#\250Q\340\010\014\210E\220\025\220a\220q\330\014\024\220A\220W\230A\230V\2401\330\014\025\220Q\220g\230Q\230f\240A\330\010\014\210E\220\025\220a\220q\330\014\020\220\t\230\021\230!\330\014\023\2201\220E\230\036\240q\330\014\024\220A\220U\230%\230q\240\001\330\014\025\220Q\220e\2305\240\001\240\023\240B\240a\240s\250!\2501\330\014\033\320\033/\250q\260\t\270\021\270!\330\004\010\210\001\210\021\330\004\013\2109\220M\240\027\250\001";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 141; i++) {
+    for (int i = 0; i < 142; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
       if (likely(string) && i >= 35) PyUnicode_InternInPlace(&string);
@@ -22985,8 +22936,8 @@ static const char bytes[] = " at 0x bytes, fewer than  holds  object> pages word
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 141; i < 147; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-141].length;
+    for (int i = 142; i < 148; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-142].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -22996,14 +22947,14 @@ static const char bytes[] = " at 0x bytes, fewer than  holds  object> pages word
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 147; i++) {
+    for (Py_ssize_t i = 0; i < 148; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 141;
+      PyObject **table = stringtab + 142;
       for (Py_ssize_t i=0; i<6; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
@@ -23091,27 +23042,27 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {4, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 27};
+    const __Pyx_PyCode_New_function_description descr = {4, 0, 0, 4, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 38};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_n_pages, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_bitmap, __pyx_mstate->__pyx_n_u_what};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_whpfast__pages_pyx, __pyx_mstate->__pyx_n_u_check, __pyx_mstate->__pyx_kp_b_iso88591_uBhb_j_1L_A_vV1Cr_Ba_j_QfF_3Naq, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 34};
+    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 45};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_src, __pyx_mstate->__pyx_n_u_dst, __pyx_mstate->__pyx_n_u_nonzero, __pyx_mstate->__pyx_n_u_n_pages, __pyx_mstate->__pyx_n_u_page, __pyx_mstate->__pyx_n_u_count, __pyx_mstate->__pyx_n_u_copy, __pyx_mstate->__pyx_n_u_out};
     __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_whpfast__pages_pyx, __pyx_mstate->__pyx_n_u_capture, __pyx_mstate->__pyx_kp_b_iso88591_V1Cs_a_T_a_q_ay_6_iq_as_1_as_Cr, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {4, 0, 0, 12, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 56};
+    const __Pyx_PyCode_New_function_description descr = {4, 0, 0, 12, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 67};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dst, __pyx_mstate->__pyx_n_u_image, __pyx_mstate->__pyx_n_u_dirty, __pyx_mstate->__pyx_n_u_nonzero, __pyx_mstate->__pyx_n_u_n_pages, __pyx_mstate->__pyx_n_u_words, __pyx_mstate->__pyx_n_u_w, __pyx_mstate->__pyx_n_u_page, __pyx_mstate->__pyx_n_u_copied, __pyx_mstate->__pyx_n_u_zeroed, __pyx_mstate->__pyx_n_u_bits, __pyx_mstate->__pyx_n_u_bit};
-    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_whpfast__pages_pyx, __pyx_mstate->__pyx_n_u_restore, __pyx_mstate->__pyx_kp_b_iso88591_V1Cs_Q_9E_q_G1_9E_q_IQ_XRt3a_A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_whpfast__pages_pyx, __pyx_mstate->__pyx_n_u_restore, __pyx_mstate->__pyx_kp_b_iso88591_V1Cs_Q_9E_q_G1_9E_q_IQ_XRt3a_Ja, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {8, 0, 0, 16, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 91};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dirty, __pyx_mstate->__pyx_n_u_hot, __pyx_mstate->__pyx_n_u_previous, __pyx_mstate->__pyx_n_u_reprotect, __pyx_mstate->__pyx_n_u_touched, __pyx_mstate->__pyx_n_u_n_touched, __pyx_mstate->__pyx_n_u_hot_limit, __pyx_mstate->__pyx_n_u_n_hot, __pyx_mstate->__pyx_n_u_w, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_n_words, __pyx_mstate->__pyx_n_u_n_dirty, __pyx_mstate->__pyx_n_u_n_reprotect, __pyx_mstate->__pyx_n_u_n_new, __pyx_mstate->__pyx_n_u_d, __pyx_mstate->__pyx_n_u_promote};
+    const __Pyx_PyCode_New_function_description descr = {8, 0, 0, 17, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 99};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dirty, __pyx_mstate->__pyx_n_u_hot, __pyx_mstate->__pyx_n_u_previous, __pyx_mstate->__pyx_n_u_reprotect, __pyx_mstate->__pyx_n_u_touched, __pyx_mstate->__pyx_n_u_n_touched, __pyx_mstate->__pyx_n_u_hot_limit, __pyx_mstate->__pyx_n_u_n_hot, __pyx_mstate->__pyx_n_u_w, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_n_words, __pyx_mstate->__pyx_n_u_n_dirty, __pyx_mstate->__pyx_n_u_n_reprotect, __pyx_mstate->__pyx_n_u_n_new, __pyx_mstate->__pyx_n_u_d, __pyx_mstate->__pyx_n_u_promote, __pyx_mstate->__pyx_n_u_new_words};
     __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_whpfast__pages_pyx, __pyx_mstate->__pyx_n_u_plan_reprotect, __pyx_mstate->__pyx_kp_b_iso88591_V1N_K_VW_wfAS_XV1Cr_IVSTTWWYYZ, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 144};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 149};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_bitmap, __pyx_mstate->__pyx_n_u_i, __pyx_mstate->__pyx_n_u_n};
     __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_whpfast__pages_pyx, __pyx_mstate->__pyx_n_u_count_bits, __pyx_mstate->__pyx_kp_b_iso88591_q_E_avV1A_QfAQ_1, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
   }

@@ -6,6 +6,7 @@ Bitmaps are arrays of uint64 words, bit i of word w standing for page 64*w + i: 
 dirty log (and of WHP's dirty bitmap), so the hypervisor's bitmap is used as it comes."""
 
 from libc.stdint cimport uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 DEF PAGE = 4096
@@ -13,6 +14,16 @@ DEF PAGE = 4096
 cdef extern from *:
     int __builtin_ctzll(unsigned long long) nogil
     int __builtin_popcountll(unsigned long long) nogil
+
+
+cdef inline size_t _next_word(const uint64_t *bitmap, size_t w, size_t n) noexcept nogil:
+    """The first index >= w whose word is non-zero, or n. Skips four clean words at a time:
+    bitmaps are mostly zero, and a 1 GiB sandbox's has 4096 words."""
+    while w + 4 <= n and not (bitmap[w] | bitmap[w + 1] | bitmap[w + 2] | bitmap[w + 3]):
+        w += 4
+    while w < n and not bitmap[w]:
+        w += 1
+    return w
 
 
 cdef inline bint _page_is_zero(const unsigned char *p) noexcept nogil:
@@ -66,25 +77,22 @@ def restore(unsigned char[::1] dst not None, const unsigned char[::1] image not 
     _check(n_pages, image.shape[0], nonzero, "snapshot image")
     words = (n_pages + 63) // 64
     with nogil:
-        w = 0
+        w = _next_word(&dirty[0], 0, words)
         while w < words:
-            if w + 4 <= words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
-                w += 4
-                continue
             bits = dirty[w]
-            w += 1
             while bits:
                 bit = __builtin_ctzll(bits)
                 bits &= bits - 1
-                page = (w - 1) * 64 + bit
+                page = w * 64 + bit
                 if page >= n_pages:
                     break
-                if (nonzero[w - 1] >> bit) & 1:
+                if (nonzero[w] >> bit) & 1:
                     memcpy(&dst[page * PAGE], &image[page * PAGE], PAGE)
                     copied += 1
                 else:
                     memset(&dst[page * PAGE], 0, PAGE)
                     zeroed += 1
+            w = _next_word(&dirty[0], w + 1, words)
     return copied, zeroed
 
 
@@ -103,41 +111,38 @@ def plan_reprotect(const uint64_t[::1] dirty not None, uint64_t[::1] hot not Non
     Returns (dirty pages, pages to re-protect, hot pages, new n_touched)."""
     cdef size_t w, i, n_words = dirty.shape[0], n_dirty = 0, n_reprotect = 0, n_new = 0
     cdef uint64_t d, promote
+    cdef unsigned int *new_words
     if touched.shape[0] < n_words or previous.shape[0] < n_words or reprotect.shape[0] < n_words \
             or hot.shape[0] < n_words:
         raise ValueError("bitmaps of different sizes")
+    new_words = <unsigned int *>malloc(n_words * sizeof(unsigned int))
+    if new_words == NULL:
+        raise MemoryError()
     with nogil:
-        # Pass 1 (sparse): promote pages dirty now and last cycle, using previous.
-        w = 0
+        # Promote the pages dirty now and last cycle (previous still holds the last cycle), and
+        # list this cycle's dirty words.
+        w = _next_word(&dirty[0], 0, n_words)
         while w < n_words:
-            if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
-                w += 4
-                continue
             d = dirty[w]
-            if d:
-                n_dirty += __builtin_popcountll(d)
-                promote = d & previous[w] & ~hot[w]
-                if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:
-                    hot[w] |= promote
-                    n_hot += __builtin_popcountll(promote)
-            w += 1
+            n_dirty += __builtin_popcountll(d)
+            promote = d & previous[w] & ~hot[w]
+            if promote and n_hot + <size_t>__builtin_popcountll(promote) <= hot_limit:
+                hot[w] |= promote
+                n_hot += __builtin_popcountll(promote)
+            new_words[n_new] = <unsigned int>w
+            n_new += 1
+            w = _next_word(&dirty[0], w + 1, n_words)
         # Forget the last cycle, then record this one, only at the words involved.
         for i in range(n_touched):
             previous[touched[i]] = 0
             reprotect[touched[i]] = 0
-        w = 0
-        while w < n_words:
-            if w + 4 <= n_words and not (dirty[w] | dirty[w + 1] | dirty[w + 2] | dirty[w + 3]):
-                w += 4
-                continue
-            d = dirty[w]
-            if d:
-                previous[w] = d
-                reprotect[w] = d & ~hot[w]
-                n_reprotect += __builtin_popcountll(reprotect[w])
-                touched[n_new] = <unsigned int>w
-                n_new += 1
-            w += 1
+        for i in range(n_new):
+            w = new_words[i]
+            touched[i] = <unsigned int>w
+            previous[w] = dirty[w]
+            reprotect[w] = dirty[w] & ~hot[w]
+            n_reprotect += __builtin_popcountll(reprotect[w])
+    free(new_words)
     return n_dirty, n_reprotect, n_hot, n_new
 
 

@@ -29,16 +29,7 @@ from .includes.whp cimport *
 
 from . import errors
 
-# Exit kinds returned by Vcpu.run(): the same numbers as the KVM backend.
-EXIT_IO = 1
-EXIT_MMIO = 2
-EXIT_SHUTDOWN = 3
-EXIT_INTERNAL_ERROR = 4
-EXIT_FAIL_ENTRY = 5
-EXIT_TIMEOUT = 6
-EXIT_CANCELLED = 7
-EXIT_HLT = 8
-EXIT_UNKNOWN = 9
+include "_exits.pxi"
 
 DEF PAGE_SIZE = 4096
 DEF ALLOCATION_GRANULARITY = 65536   # MapViewOfFile offsets must be multiples of this
@@ -195,7 +186,7 @@ cdef inline uint16_t _attributes(uint8_t type, bint s, int dpl, bint present, bi
     return type | (s << 4) | (dpl << 5) | (present << 7) | (l << 13) | (db << 14) | (g << 15)
 
 
-cdef class Vcpu:
+cdef class Vcpu(ExitDetails):
     """A virtual processor. Register writes are queued and applied in one call before each run."""
     cdef readonly Vm vm
     cdef WHV_PARTITION_HANDLE partition
@@ -210,23 +201,11 @@ cdef class Vcpu:
     # Tests turn this off to show that a backend which does not step RIP past `out` fails.
     cdef public bint step_rip
     cdef readonly uint64_t api_calls       # WHv* calls made, for measurements
-    # decoded details of the last exit
-    cdef readonly uint32_t exit_reason
-    cdef readonly uint16_t io_port
-    cdef readonly uint8_t io_direction
-    cdef readonly uint8_t io_size
-    cdef readonly uint32_t io_value
-    cdef readonly uint64_t mmio_address
-    cdef readonly bint mmio_is_write
-    cdef readonly uint32_t internal_suberror
-    cdef readonly tuple internal_data
-    cdef readonly uint64_t fail_entry_reason
 
     def __cinit__(self):
         self.alive = False
         self.n_pending = 0
         self.step_rip = True
-        self.internal_data = ()
 
     def __init__(self, Vm vm not None, int index=0):
         self.vm = vm
