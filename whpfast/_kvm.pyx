@@ -634,14 +634,7 @@ cdef class FileMapping(Mapping):
                 _raise_errno(errno, "cannot stat a file to map into the guest", path)
             if offset % PAGE_SIZE:
                 raise ValueError(f"mapping offset {offset} is not page aligned")
-            if length is None:
-                if st.st_size <= <int64_t>offset:
-                    raise ValueError(f"{path} is empty: a read-only file mapping needs at least one byte")
-                n = st.st_size - offset
-            else:
-                n = length
-                if n == 0 or offset + n > <uint64_t>st.st_size:
-                    raise ValueError(f"{path} has {st.st_size} bytes; cannot map {n} bytes at offset {offset}")
+            n = _mapped_length(path, st.st_size, offset, length)
             self.file_size = n
             self.size = (n + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
             p_map = mmap(NULL, self.size, PROT_READ | (PROT_WRITE if copy_on_write else 0),

@@ -44,3 +44,16 @@ cdef class Mapping:
             self.ptr = NULL
 
 
+
+
+cdef uint64_t _mapped_length(path, uint64_t file_size, uint64_t offset, length) except 0:
+    """How many bytes of a file of file_size bytes to map from offset (length None: the rest)."""
+    cdef uint64_t n
+    if length is None:
+        if file_size <= offset:
+            raise ValueError(f"{path} is empty: a read-only file mapping needs at least one byte")
+        return file_size - offset
+    n = length
+    if n == 0 or offset + n > file_size:
+        raise ValueError(f"{path} has {file_size} bytes; cannot map {n} bytes at offset {offset}")
+    return n

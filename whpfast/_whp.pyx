@@ -505,14 +505,7 @@ cdef class FileMapping(Mapping):
         try:
             if not GetFileSizeEx(file, &st):
                 _raise_win32("cannot get the size of a file to map into the guest", path)
-            if length is None:
-                if st.QuadPart <= <long long>offset:
-                    raise ValueError(f"{path} is empty: a read-only file mapping needs at least one byte")
-                n = st.QuadPart - offset
-            else:
-                n = length
-                if n == 0 or offset + n > <uint64_t>st.QuadPart:
-                    raise ValueError(f"{path} has {st.QuadPart} bytes; cannot map {n} bytes at offset {offset}")
+            n = _mapped_length(path, st.QuadPart, offset, length)
             mapping = CreateFileMappingW(file, NULL, PAGE_READONLY, 0, 0, NULL)
             if mapping == NULL:
                 _raise_win32("CreateFileMapping of a file to map into the guest", path)
