@@ -516,17 +516,6 @@ cdef class Vcpu(ExitDetails):
             _check(ioctl(fd, <unsigned long>request, <char *>b), f"KVM_SET_{part.upper()}")
         return 5
 
-    def get_regs(self):
-        """The general registers as a dict (one KVM_GET_REGS; for diagnostics and snapshots)."""
-        cdef kvm_regs regs
-        _check(ioctl(self._fd(), KVM_GET_REGS, &regs), "KVM_GET_REGS")
-        return regs
-
-    def get_sregs(self):
-        cdef kvm_sregs s
-        _check(ioctl(self._fd(), KVM_GET_SREGS, &s), "KVM_GET_SREGS")
-        return s
-
     def close(self):
         if self.timer_tid:
             timer_delete(self.timer)

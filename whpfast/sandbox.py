@@ -420,7 +420,10 @@ class Sandbox:
                 elif port == abi.PORT_PRINT:
                     self._print(self._guest_text(length, "printed text"))
                 elif port == abi.PORT_ABORT:
-                    raise GuestAbort(self._guest_text(length, "abort message")) from self._host_error
+                    # An empty message: the runtime rejected the info page (another ABI version).
+                    message = self._guest_text(length, "abort message") or \
+                        "no message (a guest built for another whpfast ABI aborts this way)"
+                    raise GuestAbort(message) from self._host_error
                 elif port == abi.PORT_FAULT:
                     raise self._poison(self._fault())
                 else:
