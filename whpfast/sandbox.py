@@ -168,8 +168,8 @@ class Sandbox:
         self._n_touched = 0
         self._hot_count = 0
         self._baseline = snapshot         # memory == baseline's image except dirty pages
-        self._input_used = 0              # bytes of the input / exchange buffers the host wrote
-        self._exchange_used = 0           #   since the baseline (the guest's own writes are logged)
+        self._host_written = {}           # buffer gpa -> bytes of it the host wrote since the
+                                          #   baseline (the hypervisor logs only the guest's writes)
         self._ran = False                 # the guest ran since the baseline (FPU may differ)
         self._needs_full_reset = False    # a fault/timeout/cancel: reset every register group
         self.last_restore = None
@@ -264,14 +264,8 @@ class Sandbox:
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         with self._lock:
             self._check_ready()
-            base, size = self._input
-            try:
-                length = abi.encode_call(self._mem, base, size, export.index, name, export.params, args)
-            except BaseException:
-                self._input_used = size          # it may have written part of the buffer
-                raise
-            if length > self._input_used:
-                self._input_used = length
+            self._host_write(self._input, lambda base, size: abi.encode_call(
+                self._mem, base, size, export.index, name, export.params, args))
             return self._run_call(export, timeout)
 
     def cancel(self):
@@ -362,7 +356,7 @@ class Sandbox:
 
     def _set_baseline(self, snapshot):
         self._baseline = snapshot
-        self._input_used = self._exchange_used = 0
+        self._host_written.clear()
         self._ran = False
         self._needs_full_reset = False
 
@@ -370,7 +364,7 @@ class Sandbox:
         """Sets the bits of the buffer pages the host wrote since the baseline (the hypervisor
         logs only the guest's writes); returns how many were not set already."""
         added = 0
-        for (base, _), used in ((self._input, self._input_used), (self._exchange, self._exchange_used)):
+        for base, used in self._host_written.items():
             for page in range(base // PAGE, (base + used + PAGE - 1) // PAGE):
                 bit = np.uint64(1 << (page & 63))
                 if not bitmap[page >> 6] & bit:
@@ -512,14 +506,21 @@ class Sandbox:
         self._reply(abi.STATUS_ERROR, "s", data.decode("utf-8", "ignore"))
 
     def _reply(self, status, letter, value):
-        base, size = self._exchange
+        self._host_write(self._exchange, lambda base, size: abi.encode_reply(
+            self._mem, base, size, status, letter, value))
+
+    def _host_write(self, buffer, encode):
+        """Runs encode(base, size), which writes a message into a guest buffer and returns its
+        length, and remembers how much of the buffer the host has written since the baseline,
+        so that restore copies those pages back too."""
+        base, size = buffer
+        written = size                   # if encode fails, it may have written any part of it
         try:
-            length = abi.encode_reply(self._mem, base, size, status, letter, value)
-        except BaseException:
-            self._exchange_used = size           # it may have written part of the buffer
-            raise
-        if length > self._exchange_used:
-            self._exchange_used = length
+            written = encode(base, size)
+            return written
+        finally:
+            if written > self._host_written.get(base, 0):
+                self._host_written[base] = written
 
     def _fault(self):
         vector, error_code, rip, _cs, _rflags, _rsp, _ss, cr2 = machine.FAULT_RECORD.unpack_from(
