@@ -54,7 +54,8 @@ class Snapshot:
     """A sandbox's memory and complete vCPU state. Restore it any number of times, into the
     sandbox that took it or into sandboxes made from it (Sandbox.from_snapshot)."""
 
-    def __init__(self, image, nonzero, state, meta, *, path=None, file=None, extents=None):
+    def __init__(self, image, nonzero, state, meta, *, path=None, file=None, extents=None,
+                 image_offset=None):
         self._image = image                    # a mapping of memory_size bytes: the memory image
         self._image_view = memoryview(image)
         self._nonzero = nonzero                # uint64 bitmap of the image's non-zero pages
@@ -63,6 +64,7 @@ class Snapshot:
         self.path = path
         self._file = file                      # open file the extents are mapped from
         self._extents = extents
+        self._image_offset = image_offset      # where the image starts in that file
         self.nonzero_pages = _pages.count_bits(nonzero)
 
     @property
@@ -98,9 +100,7 @@ class Snapshot:
         bitmap_off = state_off + len(state_bytes)
         image_off = -(-(bitmap_off + len(bitmap_bytes)) // IMAGE_ALIGN) * IMAGE_ALIGN
         view = self._image_view
-        image_crc = 0
-        for first, count in extents:
-            image_crc = zlib.crc32(view[first * PAGE:(first + count) * PAGE], image_crc)
+        image_crc = _extents_crc(view, extents)
         fields = [MAGIC, FORMAT_VERSION, ARCH_X86_64, HEADER.size, 0,
                   self.memory_size, self.memory_size // PAGE,
                   meta_off, len(meta_bytes), state_off, len(state_bytes), bitmap_off, len(bitmap_bytes),
@@ -237,17 +237,12 @@ class Snapshot:
         if np.any(nonzero & ~covered):
             raise bad("the page bitmap marks non-zero pages that no extent stores")
         image = impl.FileMapping(f.fileno(), image_off, memory_size)
-        view = memoryview(image)
-        crc = 0
-        for first, count in extents:
-            crc = zlib.crc32(view[first * PAGE:(first + count) * PAGE], crc)
-        view.release()
+        with memoryview(image) as view:
+            crc = _extents_crc(view, extents)
         if crc != image_crc:
             image.close()
             raise bad("memory image checksum mismatch (the image is corrupt)")
-        snap = cls(image, nonzero, state, meta, path=path, file=f, extents=extents)
-        snap._image_offset = image_off
-        return snap
+        return cls(image, nonzero, state, meta, path=path, file=f, extents=extents, image_offset=image_off)
 
     def map_into(self, memory):
         """Fills fresh guest memory with this snapshot's image: copy-on-write mappings of the
@@ -264,6 +259,14 @@ class Snapshot:
 _HEADER_CRC_OFFSET = HEADER.size - 8
 _loaded = weakref.WeakValueDictionary()    # (dev, inode, size, mtime) -> Snapshot
 _loaded_lock = threading.Lock()
+
+
+def _extents_crc(view, extents):
+    """CRC-32 of the image bytes the extents cover, in order: what the file stores."""
+    crc = 0
+    for first, count in extents:
+        crc = zlib.crc32(view[first * PAGE:(first + count) * PAGE], crc)
+    return crc
 
 
 def _split_state(data, sizes):
