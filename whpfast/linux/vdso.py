@@ -9,22 +9,26 @@ and a data area the host writes, so `clock_gettime` costs tens of nanoseconds in
 
 What the host does (linux-core):
   1. Map `DATA_PAGES` pages of data area, read-only, immediately followed by `IMAGE`, read +
-     execute, in the guest; announce the image's address with `AT_SYSINFO_EHDR` in the auxv.
-  2. Whenever a vCPU is about to run on a TSC the data area does not describe -- after creating
-     the VM, after every restore (the restored data area is the snapshot's, and a VM made from a
-     snapshot file has another TSC than the one that took it) -- call
-     `refresh(memory, data_offset, tsc_offset=guest_tsc - host_tsc)`. It pairs the host's TSC
-     with its clocks (`host_clocks`) and writes the data area (`write_data`). Nothing else keeps
-     it valid: between refreshes the guest's clocks run at the calibrated rate on their own.
-  `tsc_offset` is 0 on the PVM /dev/kvm of the development machines (the guest's rdtsc at CPL3 is
-  the host's, no offsetting hardware; the VM test checks this). On hardware KVM a vCPU's TSC starts
-  near 0: read it once per vCPU (KVM_GET_MSRS of IA32_TSC, or the KVM_VCPU_TSC_OFFSET attribute)
-  against the host's rdtsc.
+     execute, in the guest (the image reaches its data PC-relative at -DATA_PAGES pages); announce
+     the image's address with `AT_SYSINFO_EHDR` in the auxv.
+  2. Call `refresh(memory, data_offset, tsc_offset=guest_tsc - host_tsc)` before the first run of
+     every vCPU (a new VM, `from_snapshot`) and after every `restore` (the restored data area is
+     the snapshot's, which may describe another VM's TSC, and its base grows stale). It pairs the
+     host's TSC with its clocks (`host_clocks`) and writes the data area (`write_data`): ~5 us on
+     the development machines. It is a host write into guest memory: route it through the writer
+     that records host-dirty pages, so the next restore puts the page back. Between refreshes
+     the guest's clocks run on their own at the calibrated rate.
+  `tsc_offset` is 0 on the PVM /dev/kvm of the development machines: the guest's rdtsc at CPL3 is
+  the host's, with no offsetting hardware (tests/test_linux_vdso.py checks it in a VM). On
+  hardware KVM a vCPU's TSC starts near 0: learn the offset once per vCPU (the
+  KVM_VCPU_TSC_OFFSET vCPU attribute, or KVM_GET_MSRS of IA32_TSC against the host's rdtsc); not
+  tried here, where PVM is all there is.
 
-The host never reads the data area back, so a guest that scribbles on it (it cannot: it is mapped
-read-only) would only spoil its own clocks. Clocks the vDSO cannot serve from the TSC
-(PROCESS/THREAD_CPUTIME, unknown ids) and every clock while the data area is in syscall mode go
-to the real `syscall` instruction, which the host serves.
+The host reads back nothing but the seqlock counter (any value of which is fine), so a guest
+that scribbled on the data area (it cannot: it is mapped read-only) would only spoil its own
+clocks. Clocks the vDSO does not serve from the TSC (PROCESS/THREAD_CPUTIME, CLOCK_TAI, unknown
+ids) and every clock while the data area is in syscall mode go to the real `syscall`
+instruction, which the host serves; so does clock_getres for them.
 
 Invariant TSC (/proc/cpuinfo `constant_tsc` and `nonstop_tsc`) is required for TSC time: a TSC
 that changes rate with the CPU frequency or stops in idle states does not measure time. Without
@@ -41,6 +45,15 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    from ..errors import GuestBuildError, WhpfastError
+except ImportError:  # loaded on its own by setup.py, before the package exists
+    class WhpfastError(Exception):
+        pass
+
+    class GuestBuildError(WhpfastError):
+        """The C compiler failed to build the vDSO."""
 
 PAGE = 4096
 DATA_PAGES = 1                # WHPFAST_VDSO_DATA_PAGES in vdso/vdso_data.h, vdso.lds
@@ -70,7 +83,7 @@ LDFLAGS = ("-Wl,--hash-style=both", "-Wl,-soname=linux-vdso.so.1", "-Wl,--no-und
 def build(out_dir, *, cc=None):
     """Compiles the vDSO image (`IMAGE_NAME`) and, on Linux, the host helper (`HOST_HELPER_NAME`)
     into `out_dir` with the system C compiler ($CC, else cc). Called by setup.py; raises
-    RuntimeError with the command and the compiler's output when it fails."""
+    GuestBuildError with the command and the compiler's output when it fails."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cc = shlex.split(cc or os.environ.get("CC") or "cc")
@@ -82,7 +95,7 @@ def build(out_dir, *, cc=None):
     for cmd in commands:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"vDSO build failed (exit status {proc.returncode})\n"
+            raise GuestBuildError(f"vDSO build failed (exit status {proc.returncode})\n"
                                f"command: {shlex.join(cmd)}\n{proc.stdout.rstrip()}")
     return out_dir / IMAGE_NAME
 
@@ -183,7 +196,7 @@ def _helper():
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
-        raise RuntimeError(f"cannot load the vDSO host helper {path} ({e}): reinstall whpfast "
+        raise WhpfastError(f"cannot load the vDSO host helper {path} ({e}): reinstall whpfast "
                            "(pip install . builds it)") from e
     fn = lib.whpfast_clock_sample
     fn.argtypes = (ctypes.POINTER(_CSample), ctypes.c_int)
@@ -191,9 +204,9 @@ def _helper():
     return fn
 
 
-def host_clocks(tries=16):
+def host_clocks(tries=4):
     """The host's TSC and its REALTIME, MONOTONIC, MONOTONIC_RAW and BOOTTIME clocks, read within
-    tens of ns of each other (the tightest of `tries` pairings)."""
+    ~100 ns of each other (the tightest of `tries` pairings)."""
     s = _CSample()
     _helper()(ctypes.byref(s), tries)
     return ClockSample(s.tsc, s.gap, s.realtime_ns, s.monotonic_ns, s.raw_ns, s.boottime_ns)
@@ -222,22 +235,27 @@ def _cpu_flags(path="/proc/cpuinfo"):
 @functools.lru_cache(maxsize=None)
 def calibrate(window_ns=20_000_000):
     """Measures the host's TSC rate against CLOCK_MONOTONIC over `window_ns` (sleeping, not
-    spinning), once per process. Why measure rather than ask KVM: KVM_GET_TSC_KHZ needs a vCPU
-    (or the VM-level ioctl of newer kernels) and has kHz resolution; a measurement against the
-    very clock the guest's MONOTONIC must track gives its effective rate, NTP slew included,
-    needs nothing but rdtsc, and two pairings ~100 ns wide over 20 ms bound the error to a few ppm
-    (`uncertainty`; measured here: within 0.5 ppm of a 200 ms measurement), i.e. at worst a few
-    us of drift per second between refreshes. The guest's TSC runs at
-    the host's rate: PVM does not scale it, and KVM gives a vCPU the host's tsc_khz unless told
-    otherwise (KVM_SET_TSC_KHZ, which whpfast never calls)."""
+    spinning), once per process.
+
+    Why measure rather than ask KVM: KVM_GET_TSC_KHZ needs a vCPU (or the VM-level ioctl of newer
+    kernels) and has kHz resolution; a measurement against the very clock the guest's MONOTONIC
+    must track gives its effective rate, NTP slew included, and needs nothing but rdtsc. Two
+    pairings ~100 ns wide over 20 ms bound the error to a few ppm (`uncertainty`; measured on the
+    development machines: within 0.5 ppm of a 200 ms measurement and of the kernel's own
+    "2596.144 MHz"), i.e. at worst a few us of drift per second between refreshes. The guest's
+    TSC runs at the host's rate: PVM does not scale it, and KVM gives a vCPU the host's tsc_khz
+    unless told otherwise (KVM_SET_TSC_KHZ, which whpfast never calls).
+
+    Raises WhpfastError when the host helper is missing (not built: it is built on Linux only)
+    or the TSC does not advance."""
     flags = _cpu_flags()
-    first = host_clocks()
+    first = host_clocks(tries=16)
     time.sleep(window_ns / 1e9)
-    last = host_clocks()
+    last = host_clocks(tries=16)
     ticks = last.tsc - first.tsc
     ns = last.monotonic_ns - first.monotonic_ns
     if ticks <= 0 or ns <= 0:
-        raise RuntimeError(f"the TSC did not advance with CLOCK_MONOTONIC ({ticks} ticks in {ns} ns)")
+        raise WhpfastError(f"the TSC did not advance with CLOCK_MONOTONIC ({ticks} ticks in {ns} ns)")
     return Calibration(tsc_hz=ticks * 1e9 / ns,
                        invariant={"constant_tsc", "nonstop_tsc"} <= flags,
                        window_ns=ns, uncertainty=(first.gap + last.gap) / 2 / ticks)
