@@ -12,12 +12,13 @@ from .errors import (GuestAbort, GuestBuildError, GuestCallError, GuestCancelled
                      HypervisorUnavailable, SandboxClosed, SandboxError, SandboxPoisoned,
                      SnapshotError, WhpfastError)
 from .guestbuild import build_guest
+from .linux.process import LinuxSandbox, LinuxSnapshot, RunResult
 from .sandbox import Sandbox
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Sandbox", "build_guest", "guests", "hypervisor",
+    "Sandbox", "LinuxSandbox", "LinuxSnapshot", "RunResult", "build_guest", "guests", "hypervisor",
     "WhpfastError", "HypervisorUnavailable", "HypervisorError", "SandboxError", "SandboxClosed",
     "SandboxPoisoned", "GuestError", "GuestFault", "GuestTimeout", "GuestCancelled", "GuestAbort",
     "GuestCallError", "HostFunctionError", "GuestLoadError", "GuestBuildError", "SnapshotError",

@@ -1,0 +1,51 @@
+/* Issues seeded random system calls with hostile arguments: bad and kernel-area pointers, huge
+ * lengths, negative fds. The host must answer every one with a result or -errno and never crash;
+ * the program prints how many calls it made. Calls that end or re-shape the process (exit, kill,
+ * the memory-map calls, arch_prctl) are left out so the run lasts. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+
+static uint64_t state;
+static uint64_t next(void) { state ^= state << 13; state ^= state >> 7; state ^= state << 17; return state; }
+
+static char buffer[65536];
+
+static uint64_t arg(void) {
+    switch (next() % 12) {
+    case 0: return 0;
+    case 1: return next() % 64;
+    case 2: return (uint64_t)-1;
+    case 3: return next();
+    case 4: return (uint64_t)(buffer + next() % sizeof buffer);       /* valid, maybe too short */
+    case 5: return 0x1000 + next() % 0xF000;                          /* the kernel area */
+    case 6: return (uint64_t)1 << (next() % 64);
+    case 7: return (uint64_t)buffer;
+    case 8: return next() % 0x100000000ULL;
+    case 9: return (uint64_t)-100;                                    /* AT_FDCWD */
+    case 10: return (uint64_t)"/proc/self/maps";
+    default: return (uint64_t)"/tmp/x";
+    }
+}
+
+int main(int argc, char **argv) {
+    state = argc > 1 ? strtoull(argv[1], 0, 0) : 1;
+    long count = argc > 2 ? atol(argv[2]) : 2000;
+    for (long i = 0; i < count; i++) {
+        long nr = next() % 460;
+        switch (nr) {
+        case SYS_exit: case SYS_exit_group: case SYS_kill: case SYS_tkill: case SYS_tgkill:
+        case SYS_mmap: case SYS_munmap: case SYS_mprotect: case SYS_mremap: case SYS_brk:
+        case SYS_arch_prctl: case SYS_rt_sigreturn: case SYS_madvise: case SYS_shmat:
+        case SYS_execve: case SYS_execveat: case SYS_rt_tgsigqueueinfo: case SYS_rt_sigqueueinfo:
+        case SYS_seccomp: case SYS_vfork: case SYS_fork: case SYS_clone: case SYS_clone3:
+        case SYS_nanosleep: case SYS_clock_nanosleep: case SYS_pause:
+            continue;
+        }
+        syscall(nr, arg(), arg(), arg(), arg(), arg(), arg());
+    }
+    printf("made %ld calls\n", count);
+    return 0;
+}

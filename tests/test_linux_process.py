@@ -1,0 +1,191 @@
+"""The Linux personality's runtime with static C programs (compiled here with gcc once per module):
+loading (static and static-pie), the system call path, memory management against the real MMU,
+stdin parking, warm restores, and hostile programs."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import whpfast
+from whpfast import backend
+
+HERE = Path(__file__).parent / "linux"
+
+pytestmark = [pytest.mark.hypervisor,
+              pytest.mark.skipif(backend.NAME != "kvm", reason="KVM only: LinuxSandbox has no WHP backend yet")]
+
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("linux-programs")
+    built = {}
+    for name, source, flags in (("hello", "hello.c", ["-static"]), ("hello_pie", "hello.c", ["-static-pie"]),
+                                ("sum", "sum.c", ["-static"]), ("memory", "memory.c", ["-static"]),
+                                ("probe", "probe.c", ["-static"]), ("hostile", "hostile.c", ["-static"])):
+        path = out / name
+        subprocess.run(["gcc", "-O1", *flags, "-o", str(path), str(HERE / source)], check=True,
+                       capture_output=True)
+        built[name] = str(path)
+    return built
+
+
+def run(argv, **kw):
+    with whpfast.LinuxSandbox(argv, memory_size=kw.pop("memory_size", 64 * MB), **kw) as lx:
+        return lx.run(timeout=10)
+
+
+@pytest.mark.parametrize("name", ["hello", "hello_pie"])
+def test_static_programs_run_to_exit(programs, name):
+    r = run([programs[name], "one", "two words"])
+    assert r == whpfast.RunResult(
+        stdout=f"hello from 3 args: [{programs[name]}] [one] [two words]\n".encode(),
+        stderr=b"to stderr\n", exit_code=3, waiting=False)
+
+
+def test_output_callback_sees_the_streams(programs):
+    seen = []
+    with whpfast.LinuxSandbox([programs["hello"]], memory_size=64 * MB,
+                              on_output=lambda stream, data: seen.append((stream, data))) as lx:
+        lx.run()
+    # stdout is a pipe to the program (fully buffered: flushed at exit, after stderr)
+    assert seen == [("stderr", b"to stderr\n"),
+                    ("stdout", f"hello from 1 args: [{programs['hello']}]\n".encode())]
+
+
+def test_one_process_no_network_and_unsupported_calls_counted(programs):
+    with whpfast.LinuxSandbox([programs["probe"]], memory_size=64 * MB) as lx:
+        r = lx.run(timeout=10)
+        unsupported = dict(lx.unsupported_syscalls)
+    lines = r.stdout.decode().splitlines()
+    assert "fork=-1 EAGAIN" in lines
+    assert "socket=-1 EACCES" in lines
+    assert "execve=-1 EACCES" in lines
+    assert "affinity=0 " in lines and "cpus=1" in lines
+    assert lines.count("unknown=-1 ENOSYS") == 2
+    assert unsupported["syscall_500"] == 2
+    assert "ignored=1" in lines                        # rt_sigaction records what it is given
+    assert "year>=2024 1" in lines
+    assert "uname=Linux x86_64" in lines
+    assert f"pagesz=4096 random=1 execfn={programs['probe']}" in lines
+    assert "badptr=-1 EFAULT" in lines                  # a kernel-area pointer: EFAULT
+    assert "badfd=-1 EBADF" in lines
+    assert r.exit_code == 0
+
+
+def test_stdin_parks_resumes_and_ends_at_eof(programs):
+    with whpfast.LinuxSandbox([programs["sum"]], memory_size=64 * MB) as lx:
+        first = lx.run()
+        assert first == whpfast.RunResult(b"", b"", None, True) and lx.waiting
+        assert lx.run(b"5\n").stdout == b"sum 5\n"
+        assert lx.run(b"1").stdout == b""                       # half a line: still reading
+        assert lx.run(b"0\n2\n").stdout == b"sum 15\nsum 17\n"
+        last = lx.run(eof=True)
+        assert last == whpfast.RunResult(b"bye 17\n", b"", 0, False)
+        with pytest.raises(whpfast.SandboxError, match="exited with status 0"):
+            lx.run()
+
+
+def test_warm_start_1000_times_gives_identical_answers(programs):
+    with whpfast.LinuxSandbox([programs["sum"]], memory_size=64 * MB) as lx:
+        lx.run(b"100\n")
+        snap = lx.snapshot()                                      # parked in read(0)
+        for i in range(1000):
+            lx.restore(snap)
+            assert lx.run(b"%d\n" % i).stdout == b"sum %d\n" % (100 + i)
+        assert not lx.last_restore["full"]
+        lx.restore(snap)
+        assert lx.run(b"1\n", eof=True) == whpfast.RunResult(b"sum 101\nbye 101\n", b"", 0, False)
+        lx.restore(snap)                                           # an exited program comes back
+        assert lx.run(b"2\n").stdout == b"sum 102\n"
+
+
+@pytest.mark.parametrize("mode, access, problem", [
+    ("1", "read", "not mapped"),            # mprotect(PROT_NONE) after the pages were used
+    ("2", "read", "not mapped"),            # munmap after use
+    ("3", "write", "protection violation"),  # mprotect(PROT_READ) after use
+    ("4", "instruction fetch", "protection violation"),   # code in a non-exec mapping
+])
+def test_page_protections_hold_after_the_pages_were_used(programs, mode, access, problem):
+    # The hypervisor cached translations while the pages were read-write; the host must make it
+    # forget them when it rewrites the page tables (PVM would otherwise keep the old rights).
+    with pytest.raises(whpfast.GuestFault, match=f"SIGSEGV: {access} of address 0x[0-9a-f]+ \\({problem}\\)") as e:
+        run([programs["memory"], mode])
+    assert e.value.signal == "SIGSEGV" and e.value.vector == 14 and e.value.address and e.value.rip
+
+
+def test_munmap_then_mmap_gives_fresh_zero_pages(programs):
+    assert run([programs["memory"], "5"]) == whpfast.RunResult(b"ok\n", b"", 0, False)
+
+
+def test_mremap_moves_contents(programs):
+    assert run([programs["memory"], "10"]).stdout == b"7 0\n"
+
+
+def test_exhausting_memory_size_is_enomem(programs):
+    r = run([programs["memory"], "6"], memory_size=64 * MB)
+    got = int(r.stdout.split()[1])
+    assert r.exit_code == 0 and 30 < got < 64                 # malloc saw ENOMEM, no crash
+
+
+def test_segfault_and_abort_are_guest_faults(programs):
+    with pytest.raises(whpfast.GuestFault, match=r"SIGSEGV: write of address 0x0 \(not mapped\)") as e:
+        run([programs["memory"], "7"])
+    assert e.value.address == 0
+    with pytest.raises(whpfast.GuestFault, match="SIGABRT"):
+        run([programs["memory"], "9"])
+
+
+def test_endless_loop_times_out_and_a_restore_brings_it_back(programs):
+    with whpfast.LinuxSandbox([programs["memory"], "8"], memory_size=64 * MB) as lx:
+        snap = lx.snapshot()                                       # before the first instruction
+        with pytest.raises(whpfast.GuestTimeout):
+            lx.run(timeout=0.3)
+        with pytest.raises(whpfast.SandboxPoisoned):
+            lx.run()
+        lx.restore(snap)
+        with pytest.raises(whpfast.GuestTimeout):
+            lx.run(timeout=0.2)
+        with pytest.raises(TypeError):
+            lx.restore(object())
+
+
+def test_fault_then_restore_runs_again(programs):
+    with whpfast.LinuxSandbox([programs["memory"], "7"], memory_size=64 * MB) as lx:
+        snap = lx.snapshot()
+        for _ in range(3):
+            with pytest.raises(whpfast.GuestFault):
+                lx.run()
+            lx.restore(snap)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+def test_hostile_random_system_calls_never_escape(programs, seed):
+    """Random call numbers with bad pointers, kernel-area addresses, huge lengths and odd fds:
+    every call gets a result or an errno; the run ends normally or as a typed guest error, the
+    sandbox restores, and the process and other sandboxes carry on."""
+    with whpfast.LinuxSandbox([programs["hostile"], str(seed), "3000"], memory_size=64 * MB) as lx:
+        snap = lx.snapshot()
+        try:
+            r = lx.run(eof=True, timeout=20)
+            assert r.exit_code is not None
+        except (whpfast.GuestFault, whpfast.GuestTimeout) as e:
+            assert lx.poisoned and str(e)
+        lx.restore(snap)
+        assert not lx.poisoned
+    assert run([programs["hello"]]).exit_code == 3
+
+
+def test_bad_programs_are_load_errors(programs, tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x7fELF" + bytes(100))
+    with pytest.raises(whpfast.GuestLoadError, match="cannot be run"):
+        whpfast.LinuxSandbox([str(bad)])
+    with pytest.raises(whpfast.GuestLoadError, match="cannot read the program"):
+        whpfast.LinuxSandbox([str(tmp_path / "missing")])
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(Path(programs["hello"]).read_bytes()[:3000])
+    with pytest.raises(whpfast.GuestLoadError):
+        whpfast.LinuxSandbox([str(truncated)])
