@@ -32,7 +32,9 @@ PTE_NX = 1 << 63
 USER_MIN = 0x10000          # Linux's default vm.mmap_min_addr: the kernel area lies below
 MASK64 = (1 << 64) - 1
 
-Vma = namedtuple("Vma", "start end prot name offset")
+# pristine: the pages hold the named file's bytes from offset, untouched (mapped from the file and
+# never writable since), so mapping the same file range again over them needs no copy.
+Vma = namedtuple("Vma", "start end prot name offset pristine", defaults=(False,))
 # One captured state: immutable, so capture is a reference and reset a reassignment.
 MmState = namedtuple("MmState", "vmas starts brk_start brk")
 
@@ -57,14 +59,17 @@ class AddressSpace:
     """mem: a writable memoryview of the whole guest memory; pte: a uint64 numpy view of the leaf
     page-table entries (entry i maps virtual page i); top: the first address user mappings may not
     reach (the page tables live there); invalidate(offset, length, discard): the hypervisor hook
-    (see the module docstring)."""
+    (see the module docstring); populate(offset, length): faults host pages in ahead of use."""
 
-    def __init__(self, mem, pte, pt_base, top, invalidate):
+    POPULATE_MAX = 4 << 20      # mappings up to this size are faulted in on the host at once
+
+    def __init__(self, mem, pte, pt_base, top, invalidate, populate=lambda offset, length: None):
         self.mem = mem
         self.pte = pte
         self.pt_base = pt_base
         self.top = top
         self.invalidate = invalidate
+        self.populate = populate
         pages = len(mem) // PAGE
         self.host_dirty = np.zeros((pages + 63) // 64, dtype=np.uint64)
         self.baseline_nonzero = None      # the baseline snapshot's non-zero pages, if any
@@ -204,7 +209,7 @@ class AddressSpace:
         merged = []
         for v in kept:
             p = merged[-1] if merged else None
-            if p and p.end == v.start and p.prot == v.prot and p.name == v.name \
+            if p and p.end == v.start and p.prot == v.prot and p.name == v.name and p.pristine == v.pristine \
                     and (not v.name.startswith(b"/") or p.offset + (p.end - p.start) == v.offset):
                 merged[-1] = p._replace(end=v.end)
             else:
@@ -271,6 +276,15 @@ class AddressSpace:
 
     def map(self, addr, length, prot, *, fixed=False, noreplace=False, name=b"", offset=0):
         """Maps fresh (zero) pages; returns the address. Contents come later through store()."""
+        return self.map_file(addr, length, prot, fixed=fixed, noreplace=noreplace, name=name,
+                             offset=offset, pristine=False)[0]
+
+    def map_file(self, addr, length, prot, *, fixed=False, noreplace=False, name=b"", offset=0,
+                 pristine=True):
+        """map() for a file's bytes: returns (address, ranges that already hold exactly those
+        bytes). Those are the pages of a pristine mapping of the same file range that this one
+        replaces (ld.so maps a library whole, then each segment over it): they are kept instead
+        of being dropped and copied again."""
         if length <= 0:
             raise LinuxError(E.EINVAL, "zero-length mapping")
         length = page_up(length)
@@ -285,11 +299,19 @@ class AddressSpace:
         else:
             addr = self.find_free(length, addr & ~(PAGE - 1))
         end = addr + length
-        vmas, removed = self._replace(addr, end, [Vma(addr, end, prot, name, offset)])
-        self._discard(removed)
+        pristine = pristine and not prot & PROT_WRITE
+        vmas, removed = self._replace(addr, end, [Vma(addr, end, prot, name, offset, pristine)])
+        reuse = [v for v in removed if pristine and v.pristine and v.name == name
+                 and v.offset - v.start == offset - addr]
+        self._discard([v for v in removed if v not in reuse])
         self._commit(vmas)
         self._set_ptes(addr, end, prot)
-        return addr
+        if prot and length <= self.POPULATE_MAX:
+            self.populate(addr, length)
+        for v in reuse:
+            if v.prot & ~prot:          # a right taken away: see protect()
+                self.invalidate(v.start, v.end - v.start, False)
+        return addr, [(v.start, v.end) for v in reuse]
 
     def unmap(self, addr, length):
         if addr % PAGE or length <= 0:
@@ -316,7 +338,8 @@ class AddressSpace:
         covered = sum(v.end - v.start for v in pieces)
         if covered != end - addr:
             raise LinuxError(E.ENOMEM, "mprotect over unmapped pages")
-        vmas, _ = self._replace(addr, end, [v._replace(prot=prot) for v in pieces])
+        vmas, _ = self._replace(addr, end, [v._replace(prot=prot, pristine=v.pristine and not prot & PROT_WRITE)
+                                             for v in pieces])
         self._commit(vmas)
         for v in pieces:
             self._set_ptes(v.start, v.end, prot)

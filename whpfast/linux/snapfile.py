@@ -46,7 +46,7 @@ def save(snapshot, path):
     meta = dict(snapshot.meta)
     mm_state, fs_state, proc, io = snapshot._components
     fs_bytes = snapshot._fs_codec.encode(fs_state)
-    meta["mm"] = {"vmas": [[v.start, v.end, v.prot, v.name.hex(), v.offset] for v in mm_state.vmas],
+    meta["mm"] = {"vmas": [[v.start, v.end, v.prot, v.name.hex(), v.offset, v.pristine] for v in mm_state.vmas],
                   "brk_start": mm_state.brk_start, "brk": mm_state.brk}
     meta["proc"] = {"actions": [a.hex() for a in proc.actions], "sigmask": proc.sigmask,
                     "altstack": proc.altstack.hex()}
@@ -204,13 +204,13 @@ def _decode_meta(meta, state_bytes, memory_size, fs_bytes, fs_decode):
         raise ValueError("vCPU state length mismatch")
     top = memory_size - page_table_bytes(memory_size) - PAGE
     vmas, previous_end = [], USER_MIN
-    for start, end, prot, name, offset in meta["mm"]["vmas"]:
+    for start, end, prot, name, offset, pristine in meta["mm"]["vmas"]:
         for value in (start, end, prot, offset):
             if not isinstance(value, int) or value < 0:
                 raise ValueError("bad mapping field")
         if start % PAGE or end % PAGE or not previous_end <= start < end <= top or prot > 7:
             raise ValueError(f"mapping {start:#x}-{end:#x} is invalid")
-        vmas.append(Vma(start, end, prot, bytes.fromhex(name), offset))
+        vmas.append(Vma(start, end, prot, bytes.fromhex(name), offset, bool(pristine)))
         previous_end = end
     brk_start, brk = meta["mm"]["brk_start"], meta["mm"]["brk"]
     if not (isinstance(brk_start, int) and isinstance(brk, int) and USER_MIN <= brk_start <= brk <= top):

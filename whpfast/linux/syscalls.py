@@ -437,22 +437,38 @@ def sys_mmap(p, addr, length, prot, flags, fd, offset, *_):
             name = p.fs.readlinkat(AT_FDCWD, b"/proc/self/fd/%d" % fd)
         except LinuxError:
             name = b""
-    start = p.mm.map(addr, length, prot, fixed=fixed, noreplace=bool(flags & MAP_FIXED_NOREPLACE),
-                     name=name or b"", offset=offset if not anonymous else 0)
-    if not anonymous:
-        n = (length + PAGE - 1) & ~(PAGE - 1)
+    noreplace = bool(flags & MAP_FIXED_NOREPLACE)
+    if anonymous:
+        return p.mm.map(addr, length, prot, fixed=fixed, noreplace=noreplace)
+    start, kept = p.mm.map_file(addr, length, prot, fixed=fixed, noreplace=noreplace,
+                                name=name or b"", offset=offset, pristine=host is not None and bool(name))
+    length = (length + PAGE - 1) & ~(PAGE - 1)
+    data = None if host is not None else p.fs.contents(fd)
+    for lo, hi in _gaps(start, start + length, kept):
+        at = offset + (lo - start)
         if host is not None:
             host_fd, size = host
-            n = max(0, min(n, size - offset))
+            n = max(0, min(hi - lo, size - at))
             if n:
-                view = p.mm.mem[start:start + n]
-                done = os.preadv(host_fd, [view], offset)
-                view.release()
-                p.mm.mark(start, start + done)
+                view = p.mm.mem[lo:lo + n]
+                try:
+                    done = os.preadv(host_fd, [view], at)
+                finally:
+                    view.release()
+                p.mm.mark(lo, lo + done)
         else:
-            data = p.fs.contents(fd)[offset:offset + n]
-            p.mm.store(start, data)
+            p.mm.store(lo, data[at:at + (hi - lo)])
     return start
+
+
+def _gaps(start, end, ranges):
+    """The parts of [start, end) outside ranges."""
+    for lo, hi in sorted(ranges):
+        if lo > start:
+            yield start, lo
+        start = max(start, hi)
+    if start < end:
+        yield start, end
 
 
 @syscall("munmap")
