@@ -189,3 +189,82 @@ def test_bad_programs_are_load_errors(programs, tmp_path):
     truncated.write_bytes(Path(programs["hello"]).read_bytes()[:3000])
     with pytest.raises(whpfast.GuestLoadError):
         whpfast.LinuxSandbox([str(truncated)])
+
+
+def test_snapshot_file_round_trip_and_cold_start(programs, tmp_path):
+    path = tmp_path / "sum.snap"
+    with whpfast.LinuxSandbox([programs["sum"]], memory_size=64 * MB) as lx:
+        lx.run(b"40\n")
+        snap = lx.snapshot()
+        snap.save(path)
+        with whpfast.LinuxSandbox.from_snapshot(snap) as twin:           # in memory
+            assert twin.run(b"2\n").stdout == b"sum 42\n"
+    for _ in range(2):
+        with whpfast.LinuxSandbox.from_snapshot(path) as cold:          # from the file
+            assert cold.waiting
+            assert cold.run(b"1\n").stdout == b"sum 41\n"
+            cold.run(b"5\n")
+            cold.restore(cold_snap := whpfast.LinuxSnapshot.load(path))
+            assert cold.run(b"3\n", eof=True) == whpfast.RunResult(b"sum 43\nbye 43\n", b"", 0, False)
+            assert cold_snap.meta["config"]["exe"] == programs["sum"]
+
+
+def _rewrite_meta(path, edit):
+    """Rewrites a saved snapshot's metadata through `edit` with valid checksums: what a crafted
+    (not merely corrupted) file looks like."""
+    import json
+    import struct
+    import zlib
+    from whpfast.linux import snapfile
+    data = bytearray(path.read_bytes())
+    header_size = snapfile.HEADER.unpack_from(data)[2]
+    table = [list(snapfile.SECTION.unpack_from(data, snapfile.HEADER.size + i * snapfile.SECTION.size))
+             for i in range(len(snapfile.SECTIONS))]
+    offset, length = table[0][1], table[0][2]
+    meta = json.loads(data[offset:offset + length])
+    edit(meta)
+    new = json.dumps(meta).encode()
+    body = bytes(data[header_size:offset]) + new + bytes(data[offset + length:])
+    delta = len(new) - length
+    table[0][2], table[0][3] = len(new), zlib.crc32(new)
+    for entry in table[1:]:
+        entry[1] += delta
+    header = bytes(data[:snapfile.HEADER.size]) + b"".join(snapfile.SECTION.pack(*e) for e in table)
+    header += struct.pack("<I", zlib.crc32(header))
+    path.write_bytes(header + body)
+
+
+def test_damaged_or_crafted_snapshot_files_are_snapshot_errors(programs, tmp_path):
+    path = tmp_path / "good.snap"
+    with whpfast.LinuxSandbox([programs["sum"]], memory_size=64 * MB) as lx:
+        lx.run()
+        lx.snapshot().save(path)
+    good = path.read_bytes()
+    cases = {
+        "garbage": b"not a snapshot at all" * 10,
+        "truncated": good[:len(good) // 2],
+        "flipped header": bytes([good[0] ^ 1]) + good[1:],
+        "flipped page": good[:-100] + bytes([good[-100] ^ 0xFF]) + good[-99:],
+        "empty": b"",
+    }
+    for name, data in cases.items():
+        bad = tmp_path / f"{name}.snap"
+        bad.write_bytes(data)
+        with pytest.raises(whpfast.SnapshotError):
+            whpfast.LinuxSandbox.from_snapshot(bad)
+    crafted = {
+        "mapping past the address space": lambda m: m["mm"]["vmas"].append([1 << 40, (1 << 40) + 4096, 3, "", 0, False]),
+        "overlapping mappings": lambda m: m["mm"]["vmas"].append(list(m["mm"]["vmas"][0])),
+        "bad brk": lambda m: m["mm"].update(brk=-5),
+        "short signal table": lambda m: m["proc"].update(actions=[]),
+        "bad exit code": lambda m: m["io"].update(exit_code=1000),
+        "bad read policy": lambda m: m["config"].update(read=7),
+        "missing field": lambda m: m.pop("io"),
+        "vcpu parts": lambda m: m.update(vcpu_parts=[["regs", 10]]),
+    }
+    for name, edit in crafted.items():
+        bad = tmp_path / "crafted.snap"
+        bad.write_bytes(good)
+        _rewrite_meta(bad, edit)
+        with pytest.raises(whpfast.SnapshotError):
+            whpfast.LinuxSandbox.from_snapshot(bad)
