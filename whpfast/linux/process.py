@@ -187,7 +187,11 @@ class LinuxSandbox:
         self._setup(memory_size, on_output)
         with ExitStack() as undo:
             undo.callback(self._close_parts)
-            self._exec(elf, data, exe, argv, envp)
+            try:
+                self._exec(elf, data, exe, argv, envp)
+            except LinuxError as e:
+                raise GuestLoadError(f"{exe} does not fit the sandbox ({e}); give it a larger "
+                                     f"memory_size") from None
             undo.pop_all()
         self._closed = False
 
@@ -652,6 +656,9 @@ class LinuxSandbox:
                 raise SandboxClosed("the sandbox is closed")
             if snapshot.meta["memory_size"] != self.memory_size:
                 raise SnapshotError("the snapshot is of a sandbox with another memory_size")
+            if snapshot.meta["config"] != self._config:
+                raise SnapshotError("the snapshot is of another program or read policy "
+                                    "(use LinuxSandbox.from_snapshot to start it)")
             t0 = time.perf_counter_ns()
             try:
                 stats = self._restore(snapshot)
