@@ -141,6 +141,35 @@ def test_symlinks_resolve_inside_the_namespace(fs, tree):
     assert err(fs.openat, AT_FDCWD, b"a.txt/x", 0, 0) == E.ENOTDIR
 
 
+def test_cached_walks_follow_tmp_and_fd_changes(fs, tree):
+    os.symlink("/tmp/f", tree / "data" / "totmp")
+    os.symlink("/proc/self/fd/5", tree / "data" / "tofd")
+    for _ in range(2):                              # the second round runs on cached look-ups
+        assert err(fs.fstatat, AT_FDCWD, b"/data/totmp", 0) == E.ENOENT
+        fd = fs.openat(AT_FDCWD, b"/tmp/f", O_CREAT | O_WRONLY, 0o600)
+        assert fs.fstatat(AT_FDCWD, b"/data/totmp", 0) == fs.fstat(fd)
+        fs.unlinkat(AT_FDCWD, b"/tmp/f", 0)
+        fs.close(fd)
+        assert err(fs.fstatat, AT_FDCWD, b"tofd", 0) == E.ENOENT
+        five = fs.openat(AT_FDCWD, b"sub/b.bin", 0, 0)
+        fs.dup2(five, 5)
+        assert fs.fstatat(AT_FDCWD, b"tofd", 0) == fs.fstat(five)
+        fs.dup2(fs.openat(AT_FDCWD, b"a.txt", 0, 0), 5)
+        assert fs.fstatat(AT_FDCWD, b"tofd", 0) == fs.fstatat(AT_FDCWD, b"a.txt", 0)
+        for n in range(3, 8):
+            try:
+                fs.close(n)
+            except LinuxError:
+                pass
+        state = fs.capture()
+        fs.mkdirat(AT_FDCWD, b"/tmp/d", 0o700)
+        fs.chdir(b"/tmp/d")
+        assert fs.fstatat(AT_FDCWD, b".", 0) == fs.fstatat(AT_FDCWD, b"/proc/self/cwd", 0)
+        fs.reset(state)
+        assert err(fs.fstatat, AT_FDCWD, b"/tmp/d", 0) == E.ENOENT
+        assert fs.getcwd() == b"/data"
+
+
 def test_escapes_are_enoent(fs, tree):
     secret = str(tree / "outside" / "secret").encode()
     dirfd = fs.openat(AT_FDCWD, b"/data/sub", O_DIRECTORY, 0)
@@ -529,6 +558,38 @@ def test_reset_offsets_exact(fs, tree):
     fs.close(fd)
     fs.reset(state)
     assert fs.read(fd, 10) == host[123:133]
+
+
+def test_reset_rounds_and_older_states(fs, tree):
+    """Many warm rounds (only what moved is put back), then states older than the last one."""
+    host = (tree / "data" / "a.txt").read_bytes()
+    a = fs.openat(AT_FDCWD, b"a.txt", 0, 0)
+    b = fs.dup(a)
+    d = fs.openat(AT_FDCWD, b"sub", O_DIRECTORY, 0)
+    fs.read(a, 10)
+    first = fs.capture()
+    before = observe(fs)
+    for i in range(5):
+        assert fs.read(b, 7) == host[10:17]         # the shared offset came back
+        fs.lseek(a, 3 * i, 1)
+        fs.fcntl(b, F_SETFL, O_APPEND | O_NONBLOCK)
+        fs.getdents64(d, 64)
+        if i % 2:
+            fs.close(a)
+            fs.dup2(d, 12)
+            fs.openat(AT_FDCWD, b"/other/c.txt", 0, 0)
+        fs.reset(first)
+        assert observe(fs) == before
+    fs.read(a, 90)
+    second = fs.capture()
+    assert second != first and fs.lseek(a, 0, 1) == 100
+    fs.close(b)
+    fs.reset(first)                                 # older than the last capture
+    assert observe(fs) == before
+    fs.reset(second)
+    assert fs.lseek(b, 0, 1) == 100
+    fs.reset(first)
+    assert fs.read(a, 7) == host[10:17]
 
 
 def test_reset_makes_no_host_calls(fs, monkeypatch):

@@ -60,6 +60,7 @@ MAX_FILE = (1 << 63) - 1
 STATX_BASIC_STATS = 0x7FF
 _INODE_COST = 256           # /tmp bytes charged per inode and per name, so metadata is capped too
 _HOSTFD_CACHE = 64          # host fds kept for files no guest fd holds open
+_CACHE_MAX = 1 << 18        # host look-ups remembered (found or not) per FileSystem
 _SYN_DEV, _TMP_DEV, _PIPE_DEV = 0x13, 0x14, 0x0C     # st_dev of synthesized, /tmp, console nodes
 _SYN_TIME = 0               # their times: fixed, so a state decoded elsewhere looks the same
 
@@ -83,12 +84,13 @@ def _fail(err, msg=None):
 
 class _HostNode:
     """A file, directory or symlink under a read root, with its (cached) lstat."""
-    __slots__ = ("path", "parent", "host", "st", "fmt", "ino")
+    __slots__ = ("path", "parent", "host", "st", "fmt", "ino", "packed")
 
     def __init__(self, path, parent, host, st):
         self.path, self.parent, self.host, self.st = path, parent, host, st
         self.fmt = st.st_mode & S_IFMT
         self.ino = st.st_ino
+        self.packed = None                  # its struct stat, made once
 
 
 class _Syn:
@@ -141,11 +143,13 @@ class _Tmp:
 
 class _Open:
     """An open file description (shared by dup'ed fds). `data` holds a synthesized file's
-    contents as of the open; `listing` caches a directory's entries for getdents64."""
-    __slots__ = ("node", "flags", "offset", "data", "listing")
+    contents as of the open; `listing` caches a directory's entries for getdents64; `idx` is its
+    index in the state last captured or reset to (-1: opened since)."""
+    __slots__ = ("node", "flags", "offset", "data", "listing", "idx")
 
-    def __init__(self, node, flags, offset=0, data=None):
+    def __init__(self, node, flags, offset=0, data=None, idx=-1):
         self.node, self.flags, self.offset, self.data, self.listing = node, flags, offset, data, None
+        self.idx = idx
 
 
 class FsState:
@@ -210,6 +214,7 @@ class FileSystem:
         self._overlay = {}          # directory path -> {name: node} placed there (mounts, synth)
         self._listings = {}         # directory path -> getdents entries (non-/tmp directories)
         self._links = {}            # host path -> symlink target
+        self._walks = {}            # (start path, path, follow) -> node, for walks off /tmp
         self._hostfds = {}          # host path -> host fd (read-only)
         mounts = self._parse_read(read)
         root = mounts.pop(b"", None)
@@ -229,7 +234,10 @@ class FileSystem:
         self._tmp_frozen = None     # (FsState.tmp, {id(node): index}) of the current /tmp tree
         self._tmp_nodes = None      # the nodes behind _tmp_frozen, kept alive for their ids
         self._tmp_dirty = True
-        self._dirty = True
+        self._dirty = True          # anything changed since _last (fds, offsets, cwd, umask)
+        self._table_changed = True  # the fd -> description table changed since _last
+        self._touched = []          # descriptions whose offset or flags changed since _last
+        self._live = None           # the descriptions of _last, by index
         self._last = None           # the state last captured or reset to
         self._fds = {}
         self._consoles = {}
@@ -372,6 +380,12 @@ class FileSystem:
             cur = self._start(_s32(dirfd)) if start is None else start
         if path[-1] == 0x2F:
             follow = True                       # "name/" must be a directory: follow it
+        key = None
+        if type(cur) is _HostNode or type(cur) is _SynDir:     # a start with a canonical path
+            key = (cur.path, path, follow)
+            hit = self._walks.get(key)
+            if hit is not None:
+                return hit
         comps = _split(path)
         comps.reverse()
         links = 0
@@ -392,7 +406,7 @@ class FileSystem:
                     _fail(ELOOP)
                 target = self._link_target(child)
                 if not isinstance(target, bytes):   # a magic link: the node itself
-                    cur = target
+                    cur, key = target, None
                     continue
                 if not target:
                     _fail(ENOENT)
@@ -402,9 +416,13 @@ class FileSystem:
                 more.reverse()
                 comps.extend(more)
                 continue
+            if type(child) is _Tmp or type(cur) is _FdDir:
+                key = None                      # changes while the guest runs: not cached
             cur = child
         if path[-1] == 0x2F and cur.fmt != S_IFDIR:
             _fail(ENOTDIR)
+        if key is not None and len(self._walks) < _CACHE_MAX:
+            self._walks[key] = cur
         return cur
 
     def _walk_parent(self, dirfd, path):
@@ -445,7 +463,6 @@ class FileSystem:
         if b"\0" in name or (_WINDOWS and (b"\\" in name or b":" in name)):
             _fail(ENOENT)                       # would be a separator or stream on the host
         if type(d) is not _HostNode:
-            self._canon[path] = None
             _fail(ENOENT)
         host = d.host + b"/" + name
         try:
@@ -454,13 +471,15 @@ class FileSystem:
             node = None
         except OSError as e:
             raise from_oserror(e) from None
-        self._canon[path] = node
+        if len(self._canon) < _CACHE_MAX:     # bounded: a guest may probe endless names
+            self._canon[path] = node
         if node is None:
             _fail(ENOENT)
         return node
 
     def _fd_link(self, name):
-        if not name.isdigit() or len(name) > 10 or int(name) not in self._fds:
+        if (not name.isdigit() or len(name) > 10 or (name[0] == 0x30 and len(name) > 1)
+                or int(name) not in self._fds):
             _fail(ENOENT)
         return self._fd_link_node(int(name))
 
@@ -518,7 +537,7 @@ class FileSystem:
     def _install(self, fd, node, flags, data=None):
         self._fds[fd] = (_Open(node, (flags & _STATUS_FLAGS) | O_LARGEFILE, 0, data),
                          bool(flags & O_CLOEXEC))
-        self._dirty = True
+        self._table_changed = self._dirty = True
         return fd
 
     def console(self, fd):
@@ -598,13 +617,13 @@ class FileSystem:
     def close(self, fd):
         if self._fds.pop(fd & 0xFFFFFFFF, None) is None:
             _fail(EBADF)
-        self._dirty = True
+        self._table_changed = self._dirty = True
 
     def dup(self, fd):
         desc = self._desc(fd)
         new = self._free_fd()
         self._fds[new] = (desc, False)
-        self._dirty = True
+        self._table_changed = self._dirty = True
         return new
 
     def dup2(self, old, new):
@@ -624,7 +643,7 @@ class FileSystem:
         if not 0 <= new < self.max_fds:
             _fail(EBADF)
         self._fds[new] = (desc, cloexec)
-        self._dirty = True
+        self._table_changed = self._dirty = True
         return new
 
     def fcntl(self, fd, cmd, arg=0):
@@ -647,10 +666,11 @@ class FileSystem:
             if desc.flags & O_PATH:
                 _fail(EBADF)
             desc.flags = (desc.flags & ~_SETFL_FLAGS) | (arg & _SETFL_FLAGS)
-            new = 0
+            self._moved(desc)
+            return 0
         else:
             _fail(EINVAL, f"fcntl command {cmd} is not supported")
-        self._dirty = True
+        self._table_changed = self._dirty = True
         return new
 
     def ioctl(self, fd, request, arg=0):
@@ -660,18 +680,20 @@ class FileSystem:
             _fail(EBADF)
         if request in (FIOCLEX, FIONCLEX):
             self._fds[fd] = (desc, request == FIOCLEX)
-            self._dirty = True
+            self._table_changed = self._dirty = True
             return 0
         _fail(ENOTTY)                           # no terminals here (TCGETS, TIOCGWINSZ, ...)
 
     # -- reading and writing
 
-    def _io_desc(self, fd, write):
+    def _io_desc(self, fd, write, positional=False):
         desc = self._desc(fd)
         acc = desc.flags & (O_ACCMODE | O_PATH)
         if acc == O_PATH or acc == (O_RDONLY if write else O_WRONLY):
             _fail(EBADF)
         if type(desc.node) is _Console:
+            if positional:
+                _fail(ESPIPE)                   # a pipe has no offsets
             _fail(EIO, "console fds are served by the caller (see FileSystem.console)")
         return desc
 
@@ -703,14 +725,12 @@ class FileSystem:
         data = self._read_at(desc, n, desc.offset)
         if data and desc.node.fmt == S_IFREG:
             desc.offset += len(data)
-            self._dirty = True
+            self._moved(desc)
         return data
 
     def pread(self, fd, n, offset):
-        desc = self._io_desc(fd, False)
+        desc = self._io_desc(fd, False, positional=True)
         offset = _s64(offset)
-        if desc.node.fmt != S_IFREG and desc.node.fmt != S_IFDIR:
-            _fail(ESPIPE)
         if offset < 0:
             _fail(EINVAL)
         return self._read_at(desc, n, offset)
@@ -723,17 +743,15 @@ class FileSystem:
         offset = len(node.data) if desc.flags & O_APPEND else desc.offset
         n = self._tmp_write(node, offset, data)
         desc.offset = offset + n
-        self._dirty = True
+        self._moved(desc)
         return n
 
     def pwrite(self, fd, data, offset):
-        desc = self._io_desc(fd, True)
+        desc = self._io_desc(fd, True, positional=True)
         offset = _s64(offset)
         node = desc.node
         if type(node) is not _Tmp:
-            if node.fmt != S_IFREG:
-                _fail(ESPIPE)
-            return len(data)
+            return len(data)                    # a device
         if offset < 0:
             _fail(EINVAL)
         if desc.flags & O_APPEND:
@@ -777,7 +795,7 @@ class FileSystem:
             _fail(EOVERFLOW)
         if new != desc.offset:
             desc.offset = new
-            self._dirty = True
+            self._moved(desc)
         return new
 
     def _size(self, desc):
@@ -816,7 +834,7 @@ class FileSystem:
             _fail(EINVAL, "buffer too small for the next entry")
         if pos != desc.offset:
             desc.offset = pos
-            self._dirty = True
+            self._moved(desc)
         return b"".join(out)
 
     def _listing(self, d):
@@ -943,14 +961,22 @@ class FileSystem:
         size = 0
         if t is _SynFile:
             size = len(node.value())
-        elif t is _SynLink and node.path != b"/proc/self/cwd" and not node.path.startswith(b"/proc/self/fd/"):
-            size = len(node.value())
+        elif t is _SynLink:
+            target = node.value()
+            size = len(target if isinstance(target, bytes) else self._display(target))
         nlink = 2 if node.fmt == S_IFDIR else 1
         dev = _PIPE_DEV if t is _Console else _SYN_DEV
         return (dev, node.ino, node.mode, nlink, self._uid, self._gid, node.rdev, size,
                 _SYN_TIME, _SYN_TIME, _SYN_TIME)
 
     def _stat_bytes(self, node):
+        if type(node) is _HostNode:
+            if node.packed is None:
+                node.packed = self._pack_stat(node)
+            return node.packed
+        return self._pack_stat(node)
+
+    def _pack_stat(self, node):
         dev, ino, mode, nlink, uid, gid, rdev, size, at, mt, ct = self._attrs(node)
         return struct.pack("<QQQIIIiQqqqqqqqqq24x", dev & 0xFFFFFFFFFFFFFFFF, ino, nlink, mode,
                            uid, gid, 0, rdev, size, 4096, (size + 511) // 512,
@@ -1228,18 +1254,28 @@ class FileSystem:
         if self._last is not None and not self._dirty and not self._tmp_dirty:
             return self._last
         tmp, index = self._freeze_tmp()
-        descs, where, fds = [], {}, []
+        descs, live, fds = [], [], []
         for fd in sorted(self._fds):
             desc, cloexec = self._fds[fd]
-            i = where.get(id(desc))
-            if i is None:
-                i = where[id(desc)] = len(descs)
+            if desc.idx < 0 or desc.idx >= len(live) or live[desc.idx] is not desc:
+                desc.idx = len(descs)
+                live.append(desc)
                 descs.append((self._ref(desc.node, index), desc.flags, desc.offset, desc.data))
-            fds.append((fd, i, cloexec))
+            fds.append((fd, desc.idx, cloexec))
         state = FsState(tuple(fds), tuple(descs), self._ref(self._cwd, index), self._umask, tmp,
                         self._ino)
-        self._last, self._dirty = state, False
+        self._settled(state, live)
         return state
+
+    def _moved(self, desc):
+        """desc's offset or flags changed: reset puts back only such descriptions."""
+        self._touched.append(desc)
+        self._dirty = True
+
+    def _settled(self, state, live):
+        self._last, self._live = state, live
+        self._dirty = self._table_changed = False
+        self._touched = []
 
     def _ref(self, node, index):
         t = type(node)
@@ -1289,18 +1325,27 @@ class FileSystem:
             return
         if not isinstance(state, FsState):
             raise TypeError(f"reset needs an FsState, not {type(state).__name__}")
-        if self._tmp_dirty or self._tmp_frozen is None or self._tmp_frozen[0] is not state.tmp:
-            self._thaw_tmp(state.tmp)
-        nodes = self._tmp_nodes
-        descs = [_Open(self._deref(ref, nodes), flags, offset, data)
-                 for ref, flags, offset, data in state.descs]
-        self._fds = {fd: (descs[i], cloexec) for fd, i, cloexec in state.fds}
-        cwd = self._deref(state.cwd, nodes)
+        if state is self._last and not self._tmp_dirty:
+            # back to the state we left: only what moved since (usual warm restore)
+            descs = self._live
+            for desc in self._touched:
+                if 0 <= desc.idx < len(descs) and descs[desc.idx] is desc:
+                    _, desc.flags, desc.offset, _ = state.descs[desc.idx]
+        else:
+            if self._tmp_dirty or self._tmp_frozen is None or self._tmp_frozen[0] is not state.tmp:
+                self._thaw_tmp(state.tmp)
+            nodes = self._tmp_nodes
+            descs = [_Open(self._deref(ref, nodes), flags, offset, data, i)
+                     for i, (ref, flags, offset, data) in enumerate(state.descs)]
+            self._table_changed = True
+        if self._table_changed:
+            self._fds = {fd: (descs[i], cloexec) for fd, i, cloexec in state.fds}
+        cwd = self._deref(state.cwd, self._tmp_nodes)
         if cwd.fmt != S_IFDIR:
             raise SnapshotError(f"the snapshot's cwd {os.fsdecode(self._display(cwd))} is not a directory")
         self._cwd, self._umask = cwd, state.umask
         self._ino = max(self._base_ino, state.next_ino)
-        self._last, self._dirty = state, False
+        self._settled(state, descs)
 
     def _thaw_tmp(self, tmp):
         used = sum(_INODE_COST * (2 if parent >= 0 else 1) + (len(payload) if payload else 0)
