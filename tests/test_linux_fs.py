@@ -385,6 +385,10 @@ def test_cwd(fs):
     fs.unlinkat(AT_FDCWD, b"/tmp/gone", AT_REMOVEDIR)
     assert err(fs.getcwd) == E.ENOENT
     assert err(fs.openat, AT_FDCWD, b"x", O_CREAT | O_WRONLY, 0o600) == E.ENOENT
+    assert err(fs.mkdirat, AT_FDCWD, b"x", 0o700) == E.ENOENT
+    fs.close(fs.openat(AT_FDCWD, b"/tmp/f", O_CREAT | O_WRONLY, 0o600))
+    assert err(fs.renameat, AT_FDCWD, b"/tmp/f", AT_FDCWD, b"x") == E.ENOENT
+    assert fs.fstatat(AT_FDCWD, b"..", 0) == fs.fstatat(AT_FDCWD, b"/tmp", 0)
 
 
 # ----------------------------------------------------------------------------------------- /tmp
@@ -771,3 +775,110 @@ def test_cpython_stdlib_tree(tmp_path):
         with open(os.path.join(pkg, n.decode()), "rb") as f:
             assert read_all(fs, fd) == f.read()
         fs.close(fd)
+
+
+# ------------------------------------------------------------------------------------ hostility
+
+def test_hostile_paths_and_numbers(fs):
+    long_name = b"n" * 256
+    assert err(fs.fstatat, AT_FDCWD, b"/" + b"a/" * 2048, 0) == E.ENAMETOOLONG
+    assert err(fs.fstatat, AT_FDCWD, long_name, 0) == E.ENAMETOOLONG
+    assert err(fs.openat, AT_FDCWD, b"/tmp/" + long_name, O_CREAT | O_WRONLY, 0o600) == E.ENAMETOOLONG
+    assert err(fs.mkdirat, AT_FDCWD, b"/tmp/" + long_name, 0o700) == E.ENAMETOOLONG
+    assert err(fs.openat, AT_FDCWD, b"a.txt\0/../../x", 0, 0) == E.EINVAL
+    assert err(fs.openat, AT_FDCWD, b"/tmp/a\0b", O_CREAT | O_WRONLY, 0o600) == E.EINVAL
+    assert err(fs.fstatat, AT_FDCWD, b"/proc/self/fd/0/x", 0) == E.ENOTDIR
+    assert err(fs.fstatat, AT_FDCWD, b"/proc/self/fd/01", 0) == E.ENOENT
+    # symlinks in /tmp: 40 in a chain resolve, 41 are ELOOP; a self loop is ELOOP
+    fs.write(fs.openat(AT_FDCWD, b"/tmp/l0", O_CREAT | O_WRONLY, 0o600), b"end")
+    for i in range(1, 42):
+        fs.symlinkat(b"l%d" % (i - 1), AT_FDCWD, b"/tmp/l%d" % i)
+    assert read_all(fs, fs.openat(AT_FDCWD, b"/tmp/l40", 0, 0)) == b"end"
+    assert err(fs.openat, AT_FDCWD, b"/tmp/l41", 0, 0) == E.ELOOP
+    fs.symlinkat(b"self", AT_FDCWD, b"/tmp/self")
+    assert err(fs.fstatat, AT_FDCWD, b"/tmp/self/x", 0) == E.ELOOP
+    assert fs.readlinkat(AT_FDCWD, b"/tmp/l1") == b"l0"
+    # a /tmp symlink cannot leave the namespace either
+    fs.symlinkat(b"../../../../../../etc/passwd", AT_FDCWD, b"/tmp/esc")
+    assert err(fs.openat, AT_FDCWD, b"/tmp/esc", 0, 0) == E.ENOENT
+    fs.symlinkat(b"/data/sub", AT_FDCWD, b"/tmp/in")
+    assert fs.fstatat(AT_FDCWD, b"/tmp/in/b.bin", 0) == fs.fstatat(AT_FDCWD, b"/data/sub/b.bin", 0)
+    assert err(fs.symlinkat, b"x", AT_FDCWD, b"/data/new") == E.EROFS
+    # numbers from registers: huge, negative, unsigned forms
+    fd = fs.openat(AT_FDCWD, b"/tmp/n", O_CREAT | O_RDWR, 0o600)
+    assert err(fs.read, fd, -1) == E.EINVAL
+    assert fs.read(fd, 1 << 62) == b""
+    assert err(fs.lseek, fd, (1 << 64) - 1, 0) == E.EINVAL          # -1 as unsigned
+    fs.lseek(fd, (1 << 63) - 1, 0)
+    assert err(fs.lseek, fd, 1, 1) == E.EOVERFLOW
+    assert err(fs.pwrite, fd, b"x", (1 << 63) - 1) == E.EFBIG
+    assert err(fs.pread, fd, 1, -5) == E.EINVAL
+    assert err(fs.getdents64, fs.openat(AT_FDCWD, b"/tmp", O_DIRECTORY, 0), 0) == E.EINVAL
+    assert err(fs.fcntl, fd, 0, 1 << 31) == E.EINVAL
+    assert err(fs.fcntl, fd, 0, -1) == E.EINVAL
+    assert err(fs.renameat, AT_FDCWD, b"/tmp/n", AT_FDCWD, b"/tmp/m", 4) == E.EINVAL
+    assert err(fs.unlinkat, AT_FDCWD, b"/tmp/n", 0x4) == E.EINVAL
+    assert err(fs.openat, AT_FDCWD, b"a.txt", O_ACCMODE_ALL, 0) == E.EINVAL
+    every = fs.openat(AT_FDCWD, b"sub", 0xFFFFFFFF & ~O_ACCMODE_ALL, 0)    # O_PATH wins
+    assert fs.fcntl(every, F_GETFL) & O_PATH and err(fs.getdents64, every, 4096) == E.EBADF
+    assert err(fs.openat, AT_FDCWD, b"a.txt", 0xFFFFFFFF & ~O_ACCMODE_ALL, 0) == E.ENOTDIR
+
+
+O_ACCMODE_ALL = 3
+
+
+def test_random_calls_only_raise_linux_errors(tree):
+    """A guest calling anything with anything: only LinuxError comes out, and the state it
+    leaves always captures, encodes, decodes and resets to itself."""
+    import random
+    rng = random.Random(8)
+    fs = FileSystem({"/data": tree / "data", "/other": tree / "other"}, tmp_size=256 << 10,
+                    max_fds=40)
+    paths = [b"", b"/", b".", b"..", b"/tmp", b"/tmp/a", b"/tmp/a/b", b"/tmp/c", b"a.txt",
+             b"/data/sub/rel", b"/data/loop1", b"/proc/self/fd/3", b"/proc/self/fd/4/..",
+             b"/proc/self/cwd", b"/proc/self/exe", b"/dev/null", b"/dev/stdin", b"/data/fifo",
+             b"/tmp/a/", b"sub/up/sub", b"/tmp/l", b"/tmp/l/x", b"/other/to_data"]
+    ints = [0, 1, 2, 3, 4, 5, 7, 39, 40, -1, -100, 0xFFFFFF9C, 1 << 31, 1 << 32, 1 << 63, (1 << 64) - 1]
+
+    def n():
+        return rng.choice(ints) if rng.random() < 0.7 else rng.getrandbits(rng.choice((8, 32, 64)))
+
+    def p():
+        return rng.choice(paths)
+
+    calls = [
+        lambda: fs.openat(n(), p(), rng.choice([0, 1, 2, 0o100 | 2, 0o300 | 1, 0o1000 | 2, O_TMPFILE | 2,
+                                                O_PATH, O_DIRECTORY, n()]), 0o644),
+        lambda: fs.close(n()), lambda: fs.dup(n()), lambda: fs.dup3(n(), n(), n() & 0o2000000),
+        lambda: fs.read(n(), rng.choice([0, 1, 100, 5000, n()])),
+        lambda: fs.write(n(), os.urandom(rng.choice([0, 1, 100, 70000]))),
+        lambda: fs.pread(n(), 100, n()), lambda: fs.pwrite(n(), b"xyz", n()),
+        lambda: fs.lseek(n(), n(), rng.choice([0, 1, 2, 3, 4, 5, n()])),
+        lambda: fs.fstat(n()), lambda: fs.fstatat(n(), p(), rng.choice([0, 0x100, 0x1000, n()])),
+        lambda: fs.statx(n(), p(), rng.choice([0, 0x100, n()]), n()),
+        lambda: fs.faccessat(n(), p(), rng.choice([0, 1, 2, 4, 7, n()]), rng.choice([0, 0x200, n()])),
+        lambda: fs.readlinkat(n(), p()), lambda: fs.getdents64(n(), rng.choice([0, 24, 64, 4096, n()])),
+        lambda: fs.chdir(p()), lambda: fs.fchdir(n()), lambda: fs.mkdirat(n(), p(), 0o755),
+        lambda: fs.unlinkat(n(), p(), rng.choice([0, 0x200, n()])),
+        lambda: fs.renameat(n(), p(), n(), p(), rng.choice([0, 1, 2, 3, n()])),
+        lambda: fs.ftruncate(n(), rng.choice([0, 10, 1 << 20, n()])),
+        lambda: fs.fcntl(n(), rng.choice([0, 1, 2, 3, 4, 1030, n()]), n()),
+        lambda: fs.ioctl(n(), rng.choice([0x5401, 0x5451, 0x5450, n()]), n()),
+        lambda: fs.symlinkat(p(), n(), p()), lambda: fs.host_file(n()), lambda: fs.contents(n()),
+        lambda: fs.umask(n()), lambda: fs.getcwd(), lambda: fs.console(n()),
+    ]
+    states = []
+    for i in range(4000):
+        try:
+            rng.choice(calls)()
+        except LinuxError:
+            pass
+        if i % 200 == 0:
+            state = fs.capture()
+            assert FileSystem.decode(fs.encode(state)) == state
+            states.append(state)
+        if i % 450 == 0 and states:
+            back = FileSystem.decode(fs.encode(rng.choice(states)))
+            fs.reset(back)
+            assert fs.capture() == back
+    fs.close_all()

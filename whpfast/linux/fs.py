@@ -28,7 +28,7 @@ import sys
 import time
 
 from ..errors import SnapshotError, WhpfastError
-from .errno import (EACCES, EBADF, EBUSY, EEXIST, EINVAL, EIO, EISDIR, ELOOP, EMFILE, ENAMETOOLONG,
+from .errno import (EACCES, EBADF, EBUSY, EEXIST, EFBIG, EINVAL, EIO, EISDIR, ELOOP, EMFILE, ENAMETOOLONG,
                     ENODEV, ENOENT, ENOSPC, ENOTDIR, ENOTEMPTY, ENOTTY, ENXIO, EOPNOTSUPP,
                     EOVERFLOW, EROFS, ESPIPE, ESTALE, EXDEV, LinuxError, from_oserror)
 
@@ -366,10 +366,13 @@ class FileSystem:
         return self._desc(dirfd).node
 
     def _walk(self, dirfd, path, *, follow=True, empty=False, start=None):
-        """The node `path` names, relative to `dirfd` (or `start`). `follow`: follow a symlink in
-        the last component; `empty`: an empty path names dirfd's own node (AT_EMPTY_PATH)."""
+        """The node `path` (bytes, without the guest's NUL) names, relative to `dirfd` (or
+        `start`). `follow`: follow a symlink in the last component; `empty`: an empty path names
+        dirfd's own node (AT_EMPTY_PATH)."""
         if len(path) >= PATH_MAX:
             _fail(ENAMETOOLONG)
+        if b"\0" in path:
+            _fail(EINVAL, "a path with a NUL byte")
         if not path:
             if empty:
                 return self._start(_s32(dirfd)) if start is None else start
@@ -430,6 +433,8 @@ class FileSystem:
         "." or ".." or is "/" (it then names an existing directory, returned as the first)."""
         if len(path) >= PATH_MAX:
             _fail(ENAMETOOLONG)
+        if b"\0" in path:
+            _fail(EINVAL, "a path with a NUL byte")
         stripped = path.rstrip(b"/")
         if not stripped:
             if not path:
@@ -501,6 +506,8 @@ class FileSystem:
                 except OSError as e:
                     raise from_oserror(e) from None
             return target
+        if type(node) is _Tmp:
+            return node.data
         return node.value()
 
     def _display(self, node):
@@ -1065,6 +1072,21 @@ class FileSystem:
             _fail(EROFS, "only /tmp is writable")
         self._tmp_new(d, name, S_IFDIR, mode, {})
 
+    def symlinkat(self, target, dirfd, path):
+        if not target:
+            _fail(ENOENT)
+        if len(target) >= PATH_MAX:
+            _fail(ENAMETOOLONG)
+        if b"\0" in target:
+            _fail(EINVAL, "a target with a NUL byte")
+        d, name = self._walk_parent(dirfd, path)
+        if name is None or self._exists(d, name):
+            _fail(EEXIST)
+        if type(d) is not _Tmp:
+            _fail(EROFS, "only /tmp is writable")
+        self._charge(len(target))
+        self._tmp_new(d, name, S_IFLNK, 0, bytes(target)).mode = 0o777    # links ignore umask
+
     def _exists(self, d, name):
         try:
             self._lookup(d, name)
@@ -1106,6 +1128,8 @@ class FileSystem:
         src = self._lookup(od, on)
         if type(od) is not _Tmp or type(nd) is not _Tmp:
             _fail(EXDEV if (type(od) is _Tmp) != (type(nd) is _Tmp) else EROFS, "only /tmp is writable")
+        if nd.name is None and nd is not self._tmp_root:
+            _fail(ENOENT, "the directory was removed")
         dst = nd.data.get(nn)
         if flags & RENAME_EXCHANGE:
             if dst is None:
@@ -1177,7 +1201,7 @@ class FileSystem:
     def _tmp_write(self, node, offset, data):
         end = offset + len(data)
         if end > MAX_FILE:
-            _fail(EINVAL)
+            _fail(EFBIG)
         grow = end - len(node.data)
         if grow > 0:
             room = self._room(grow)
