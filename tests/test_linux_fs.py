@@ -280,8 +280,12 @@ def test_getdents_lists_the_host_directory(fs, tree):
     assert err(fs.openat, AT_FDCWD, b"a.txt", O_DIRECTORY, 0) == E.ENOTDIR
     assert err(fs.openat, AT_FDCWD, b"sub", O_WRONLY, 0) == E.EISDIR
     # the synthesized directories list their contents
-    names = {n for n, _, _ in dents(fs, fs.openat(AT_FDCWD, b"/proc/self/fd", O_DIRECTORY, 0))}
-    assert {b"0", b"1", b"2", str(fd).encode()} <= names
+    fdd = fs.openat(AT_FDCWD, b"/proc/self/fd", O_DIRECTORY, 0)
+    first = {n for n, _, _ in dents(fs, fdd)}
+    assert {b".", b"..", b"0", b"1", b"2", b"%d" % fd, b"%d" % fdd} <= first
+    fs.close(fd)
+    fs.lseek(fdd, 0, 0)                             # rewinddir sees the fd table of now
+    assert {n for n, _, _ in dents(fs, fdd)} == first - {b"%d" % fd}
 
 
 def test_fd_table_limits_and_bad_fds(tree):
@@ -440,6 +444,13 @@ def test_tmp_files(fs):
     assert read_all(fs, fs.openat(AT_FDCWD, b"/tmp/q", 0, 0)) == b"/tmp/p"
     fs.renameat(AT_FDCWD, b"/tmp/p", AT_FDCWD, b"/tmp/q")
     assert read_all(fs, fs.openat(AT_FDCWD, b"/tmp/q", 0, 0)) == b"/tmp/q"
+    # chmod in /tmp only
+    fs.fchmodat(AT_FDCWD, b"/tmp/q", 0o4755)
+    assert st(fs.fstatat(AT_FDCWD, b"/tmp/q", 0))["mode"] == stat.S_IFREG | 0o4755
+    fs.fchmod(fs.openat(AT_FDCWD, b"/tmp", O_DIRECTORY, 0), 0o700)
+    assert st(fs.fstatat(AT_FDCWD, b"/tmp", 0))["mode"] == stat.S_IFDIR | 0o700
+    assert err(fs.fchmodat, AT_FDCWD, b"/data/a.txt", 0o777) == E.EROFS
+    assert err(fs.fchmod, 0, 0o777) == E.EROFS
     # O_TMPFILE: an unnamed file
     t = fs.openat(AT_FDCWD, b"/tmp", O_TMPFILE | O_RDWR, 0o600)
     assert fs.write(t, b"anon") == 4 and fs.pread(t, 9, 0) == b"anon"
@@ -866,6 +877,7 @@ def test_random_calls_only_raise_linux_errors(tree):
         lambda: fs.ioctl(n(), rng.choice([0x5401, 0x5451, 0x5450, n()]), n()),
         lambda: fs.symlinkat(p(), n(), p()), lambda: fs.host_file(n()), lambda: fs.contents(n()),
         lambda: fs.umask(n()), lambda: fs.getcwd(), lambda: fs.console(n()),
+        lambda: fs.fchmodat(n(), p(), n(), rng.choice([0, 0x100, n()])), lambda: fs.fchmod(n(), n()),
     ]
     states = []
     for i in range(4000):

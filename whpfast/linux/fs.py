@@ -208,7 +208,6 @@ class FileSystem:
         self._tmp_size, self._proc_maps, self._entropy = tmp_size, proc_maps, entropy
         self._uid, self._gid = uid, gid
         self._exe = os.fsencode(exe) if exe is not None else None
-        self._born = time.time_ns()
         self._ino = 1
         self._canon = {}            # canonical inside path -> node, or None (does not exist)
         self._overlay = {}          # directory path -> {name: node} placed there (mounts, synth)
@@ -349,7 +348,7 @@ class FileSystem:
         link(b"/dev/fd", lambda: b"/proc/self/fd")
         for fd, name in enumerate((b"stdin", b"stdout", b"stderr")):
             link(b"/dev/" + name, lambda fd=fd: b"/proc/self/fd/%d" % fd)
-        self._tmp_root = _Tmp(self._new_ino(), S_IFDIR, 0o1777, {}, None, b"tmp", self._born)
+        self._tmp_root = _Tmp(self._new_ino(), S_IFDIR, 0o1777, {}, None, b"tmp", time.time_ns())
         self._place(b"/tmp", self._tmp_root)    # the one /tmp node a reset keeps (and refills)
 
     def _status(self):
@@ -823,7 +822,7 @@ class FileSystem:
         if desc.node.fmt != S_IFDIR:
             _fail(ENOTDIR)
         listing = desc.listing
-        if listing is None or (desc.offset == 0 and type(desc.node) is _Tmp):
+        if listing is None or (desc.offset == 0 and type(desc.node) in (_Tmp, _FdDir)):
             listing = desc.listing = self._listing(desc.node)
         out = []
         size = 0
@@ -1086,6 +1085,26 @@ class FileSystem:
             _fail(EROFS, "only /tmp is writable")
         self._charge(len(target))
         self._tmp_new(d, name, S_IFLNK, 0, bytes(target)).mode = 0o777    # links ignore umask
+
+    def fchmodat(self, dirfd, path, mode, flags=0):
+        if flags & ~AT_SYMLINK_NOFOLLOW:
+            _fail(EINVAL)
+        self._chmod(self._walk(dirfd, path, follow=not flags & AT_SYMLINK_NOFOLLOW), mode)
+
+    def fchmod(self, fd, mode):
+        desc = self._desc(fd)
+        if desc.flags & O_PATH:
+            _fail(EBADF)
+        self._chmod(desc.node, mode)
+
+    def _chmod(self, node, mode):
+        if type(node) is not _Tmp:
+            _fail(EROFS, "only /tmp is writable")
+        if node.fmt == S_IFLNK:
+            _fail(EOPNOTSUPP)
+        node.mode = mode & 0o7777
+        node.ctime = time.time_ns()
+        self._tmp_dirty = True
 
     def _exists(self, d, name):
         try:
