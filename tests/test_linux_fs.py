@@ -894,3 +894,127 @@ def test_random_calls_only_raise_linux_errors(tree):
             fs.reset(back)
             assert fs.capture() == back
     fs.close_all()
+
+
+def test_tmp_matches_the_host_kernel(tmp_path):
+    """The same random calls on our /tmp and, through os.*, on a real host directory give the
+    same results and errnos (differential test against the kernel's own semantics)."""
+    import random
+    rng = random.Random(5)
+    host_root = tmp_path / "ref"
+    host_root.mkdir()
+    host_root.chmod(0o1777)                     # as /tmp
+    hroot = os.open(host_root, os.O_RDONLY | os.O_DIRECTORY)
+    fs = FileSystem([], tmp_size=64 << 20)
+    groot = fs.openat(AT_FDCWD, b"/tmp", O_DIRECTORY, 0)
+    old_umask = os.umask(0o022)
+    names = ["a", "b", "d", "d/a", "d/e", "d/e/f", "l", "d/l", "a/x", ".", "d/..", "d/e/..",
+             "l/a", "d/", "a/", "d/e/f/g", "m", "d/m"]
+    targets = ["a", "d", "d/e", "l", "nonexistent", "e", "e/f", "d/e/.."]   # none leaves
+    fds = []                                    # (host fd, guest fd)
+
+    def host(fn):
+        try:
+            return fn(), None
+        except OSError as e:
+            return None, e.errno
+
+    def guest(fn):
+        try:
+            return fn(), None
+        except LinuxError as e:
+            return None, e.errno
+
+    def same(h, g, what):
+        assert h[1] == g[1], f"{what}: host errno {h[1]}, ours {g[1]} (call {i})"
+
+    def meta_h(s):
+        return (s.st_mode, s.st_size if stat.S_ISREG(s.st_mode) else 0, s.st_nlink)
+
+    def meta_g(raw):
+        s = st(raw)
+        return (s["mode"], s["size"] if stat.S_ISREG(s["mode"]) else 0, s["nlink"])
+
+    try:
+        for i in range(2500):
+            op = rng.randrange(12)
+            name = rng.choice(names)
+            if op == 0:
+                flags = rng.choice([0, 1, 2]) | rng.choice([0, 0o100, 0o300, 0o1000, 0o2000, 0o200000, 0o400000])
+                h = host(lambda: os.open(name, flags, 0o666, dir_fd=hroot))
+                g = guest(lambda: fs.openat(groot, name.encode(), flags, 0o666))
+                same(h, g, f"open {name} {flags:o}")
+                if h[0] is not None and stat.S_ISREG(os.fstat(h[0]).st_mode):
+                    fds.append((h[0], g[0]))
+                elif h[0] is not None:              # directory offsets are ext4 hashes there
+                    os.close(h[0])
+                    fs.close(g[0])
+            elif op == 1 and fds:
+                hf, gf = rng.choice(fds)
+                data = os.urandom(rng.choice([0, 1, 100, 5000]))
+                h, g = host(lambda: os.write(hf, data)), guest(lambda: fs.write(gf, data))
+                same(h, g, "write")
+                assert h[0] == g[0], (i, op, name)
+            elif op == 2 and fds:
+                hf, gf = rng.choice(fds)
+                n = rng.choice([0, 1, 50, 10000])
+                h, g = host(lambda: os.read(hf, n)), guest(lambda: fs.read(gf, n))
+                same(h, g, "read")
+                assert h[0] == g[0], (i, op, name)
+            elif op == 3 and fds:
+                hf, gf = rng.choice(fds)
+                off, whence = rng.choice([0, 3, -2, 100, 7000]), rng.choice([0, 1, 2])
+                h, g = host(lambda: os.lseek(hf, off, whence)), guest(lambda: fs.lseek(gf, off, whence))
+                same(h, g, "lseek")
+                assert h[0] == g[0], (i, op, name)
+            elif op == 4 and fds:
+                hf, gf = rng.choice(fds)
+                n = rng.choice([0, 10, 3000])
+                h, g = host(lambda: os.ftruncate(hf, n)), guest(lambda: fs.ftruncate(gf, n))
+                same(h, g, "ftruncate")
+            elif op == 5:
+                h = host(lambda: os.mkdir(name, 0o755, dir_fd=hroot))
+                g = guest(lambda: fs.mkdirat(groot, name.encode(), 0o755))
+                same(h, g, f"mkdir {name}")
+            elif op == 6:
+                rmdir = rng.random() < 0.5
+                h = host(lambda: (os.rmdir if rmdir else os.unlink)(name, dir_fd=hroot))
+                g = guest(lambda: fs.unlinkat(groot, name.encode(), AT_REMOVEDIR if rmdir else 0))
+                same(h, g, f"{'rmdir' if rmdir else 'unlink'} {name}")
+            elif op == 7:
+                other = rng.choice(names)
+                h = host(lambda: os.rename(name, other, src_dir_fd=hroot, dst_dir_fd=hroot))
+                g = guest(lambda: fs.renameat(groot, name.encode(), groot, other.encode()))
+                same(h, g, f"rename {name} {other}")
+            elif op == 8:
+                target = rng.choice(targets)
+                h = host(lambda: os.symlink(target, name, dir_fd=hroot))
+                g = guest(lambda: fs.symlinkat(target.encode(), groot, name.encode()))
+                same(h, g, f"symlink {target} {name}")
+            elif op == 9:
+                follow = rng.random() < 0.5
+                h = host(lambda: meta_h(os.stat(name, dir_fd=hroot, follow_symlinks=follow)))
+                g = guest(lambda: meta_g(fs.fstatat(groot, name.encode(), 0 if follow else AT_SYMLINK_NOFOLLOW)))
+                same(h, g, f"stat {name}")
+                assert h[0] == g[0], f"stat {name}"
+            elif op == 10:
+                h = host(lambda: os.readlink(name, dir_fd=hroot).encode())
+                g = guest(lambda: fs.readlinkat(groot, name.encode()))
+                same(h, g, f"readlink {name}")
+                assert h[0] == g[0], (i, op, name)
+            elif op == 11:
+                h = host(lambda: sorted(os.fsencode(n) for n in os.listdir(os.path.join(host_root, name))))
+                g = guest(lambda: sorted(n for n, _, _ in dents(fs, fs.openat(groot, name.encode(),
+                                                                              O_DIRECTORY, 0))
+                                         if n not in (b".", b"..")))
+                same(h, g, f"listdir {name}")
+                assert h[0] == g[0], (i, op, name)
+            if rng.random() < 0.05 and fds:
+                hf, gf = fds.pop(rng.randrange(len(fds)))
+                os.close(hf)
+                fs.close(gf)
+    finally:
+        os.umask(old_umask)
+        for hf, _ in fds:
+            os.close(hf)
+        os.close(hroot)

@@ -427,7 +427,7 @@ class FileSystem:
             self._walks[key] = cur
         return cur
 
-    def _walk_parent(self, dirfd, path):
+    def _walk_parent(self, dirfd, path, start=None):
         """(directory, last name) for creating or removing; name None when the path ends in
         "." or ".." or is "/" (it then names an existing directory, returned as the first)."""
         if len(path) >= PATH_MAX:
@@ -441,8 +441,8 @@ class FileSystem:
             return self._root, None
         head, _, name = stripped.rpartition(b"/")
         if name in (b".", b".."):
-            return self._walk(dirfd, path), None
-        parent = self._walk(dirfd, head + b"/" if head or stripped[0] == 0x2F else b".")
+            return self._walk(dirfd, path, start=start), None
+        parent = self._walk(dirfd, head + b"/" if head or stripped[0] == 0x2F else b".", start=start)
         if len(name) > NAME_MAX:
             _fail(ENAMETOOLONG)
         return parent, name
@@ -577,18 +577,34 @@ class FileSystem:
         node = None
         if flags & O_CREAT:
             d, name = self._walk_parent(dirfd, path)
-            if name is None or path.endswith(b"/"):
-                _fail(EISDIR)
-            try:
-                node = self._lookup(d, name)
-            except LinuxError as e:
-                if e.errno != ENOENT:
-                    raise
-                if type(d) is not _Tmp:
-                    _fail(EROFS, f"{os.fsdecode(path)}: only /tmp is writable")
-                return self._install(fd, self._tmp_new(d, name, S_IFREG, mode, bytearray()), flags)
-            if flags & O_EXCL:
-                _fail(EEXIST)
+            links = 0
+            while True:
+                if name is None:                # ".", ".." or "/"
+                    _fail(EEXIST if flags & O_EXCL else EISDIR)
+                if path.endswith(b"/"):
+                    _fail(EISDIR)
+                try:
+                    node = self._lookup(d, name)
+                except LinuxError as e:
+                    if e.errno != ENOENT:
+                        raise
+                    if type(d) is not _Tmp:
+                        _fail(EROFS, f"{os.fsdecode(path)}: only /tmp is writable")
+                    return self._install(fd, self._tmp_new(d, name, S_IFREG, mode, bytearray()), flags)
+                if flags & O_EXCL:
+                    _fail(EEXIST)
+                if node.fmt != S_IFLNK or flags & O_NOFOLLOW:
+                    break
+                links += 1                      # O_CREAT through a symlink creates its target
+                if links > MAXSYMLINKS:
+                    _fail(ELOOP)
+                path = self._link_target(node)
+                if not isinstance(path, bytes):
+                    node = path
+                    break
+                if not path:
+                    _fail(ENOENT)
+                d, name = self._walk_parent(AT_FDCWD, path, start=d)
         if node is None or node.fmt == S_IFLNK:
             node = self._walk(dirfd, path, follow=not flags & O_NOFOLLOW)
         if node.fmt == S_IFLNK:
@@ -598,7 +614,7 @@ class FileSystem:
             _fail(ENOTDIR)
         writes = acc != O_RDONLY or (flags & O_TRUNC and fmt == S_IFREG)
         if fmt == S_IFDIR:
-            if acc != O_RDONLY or flags & O_CREAT:
+            if acc != O_RDONLY or flags & (O_CREAT | O_TRUNC):
                 _fail(EISDIR)
         elif writes:
             self._check_write(node)
@@ -746,6 +762,8 @@ class FileSystem:
         node = desc.node
         if type(node) is not _Tmp:
             return len(data)                    # a device: /dev/null and friends take anything
+        if not data:
+            return 0                            # not even O_APPEND moves the offset then
         offset = len(node.data) if desc.flags & O_APPEND else desc.offset
         n = self._tmp_write(node, offset, data)
         desc.offset = offset + n
@@ -1081,6 +1099,8 @@ class FileSystem:
         d, name = self._walk_parent(dirfd, path)
         if name is None or self._exists(d, name):
             _fail(EEXIST)
+        if path.endswith(b"/"):
+            _fail(ENOENT)                       # "name/" can only be a directory
         if type(d) is not _Tmp:
             _fail(EROFS, "only /tmp is writable")
         self._charge(len(target))
@@ -1145,6 +1165,8 @@ class FileSystem:
         if on is None or nn is None:
             _fail(EBUSY)
         src = self._lookup(od, on)
+        if src.fmt != S_IFDIR and (oldpath.endswith(b"/") or newpath.endswith(b"/")):
+            _fail(ENOTDIR)
         if type(od) is not _Tmp or type(nd) is not _Tmp:
             _fail(EXDEV if (type(od) is _Tmp) != (type(nd) is _Tmp) else EROFS, "only /tmp is writable")
         if nd.name is None and nd is not self._tmp_root:
@@ -1157,12 +1179,14 @@ class FileSystem:
             _fail(EEXIST)
         if src is dst:
             return
-        for node, into in ((src, nd), (dst, od)):
+        # one inside the other: src above the new place is EINVAL, dst above src ENOTEMPTY
+        for node, into, err in ((src, nd, EINVAL),
+                                (dst, od, EINVAL if flags & RENAME_EXCHANGE else ENOTEMPTY)):
             if node is not None and node.fmt == S_IFDIR:
                 n = into
                 while n is not self._tmp_root:
                     if n is node:
-                        _fail(EINVAL, "cannot move a directory into itself")
+                        _fail(err, "a directory cannot move below itself")
                     n = n.parent
         if flags & RENAME_EXCHANGE:
             od.data[on], nd.data[nn] = dst, src
@@ -1218,6 +1242,8 @@ class FileSystem:
         self._tmp_dirty = True
 
     def _tmp_write(self, node, offset, data):
+        if not data:
+            return 0                            # not even a hole: the size stays
         end = offset + len(data)
         if end > MAX_FILE:
             _fail(EFBIG)
