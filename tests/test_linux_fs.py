@@ -1018,3 +1018,69 @@ def test_tmp_matches_the_host_kernel(tmp_path):
         for hf, _ in fds:
             os.close(hf)
         os.close(hroot)
+
+
+def test_host_walks_match_the_kernel(tmp_path):
+    """Random paths (with ".", "..", trailing slashes, symlink chains and loops) through a real
+    host tree: our walker and the kernel's agree on what they name, or on the errno."""
+    import random
+    rng = random.Random(3)
+    root = tmp_path / "root"
+    for d in ("a/b/c", "e"):
+        (root / d).mkdir(parents=True)
+    for f, size in (("f", 3), ("a/g", 10), ("a/b/h", 100), ("e/i", 0)):
+        (root / f).write_bytes(b"x" * size)
+    links = {"l1": "a", "l2": "a/b/h", "a/l3": "../f", "a/b/l4": "../../e", "a/b/c/l5": "../../..",
+             "l6": "l7", "l7": "l6", "l8": "missing", "a/l9": "b/c/l5", "l10": "l1/b/",
+             "e/l11": "../l2/", "l12": "a/b/c/l5/l1/l3", "e/l13": "."}
+    for name, target in links.items():
+        os.symlink(target, root / name)
+    fs = FileSystem({"/root": root})
+    groot = fs.openat(AT_FDCWD, b"/root", O_DIRECTORY, 0)
+    hroot = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    comps = ["a", "b", "c", "e", "f", "g", "h", "i", ".", "..", "missing"] + [n.split("/")[-1] for n in links]
+    checked = 0
+    try:
+        for _ in range(3000):
+            parts = [rng.choice(comps) for _ in range(rng.randint(1, 5))]
+            path = "/".join(parts) + rng.choice(["", "", "/"])
+            prefixes = [os.path.join(root, *parts[:k]) for k in range(1, len(parts) + 1)]
+            if any(not os.path.realpath(p).startswith(str(root)) for p in prefixes):
+                continue                        # leaves the tree on the host: the kernel's "/" differs
+            follow = rng.random() < 0.7
+            try:
+                s = os.stat(path, dir_fd=hroot, follow_symlinks=follow)
+                h = (s.st_mode, s.st_size, s.st_ino)
+            except OSError as e:
+                h = e.errno
+            try:
+                g = st(fs.fstatat(groot, path.encode(), 0 if follow else AT_SYMLINK_NOFOLLOW))
+                g = (g["mode"], g["size"], g["ino"])
+            except LinuxError as e:
+                g = e.errno
+            assert h == g, (path, follow)
+            try:
+                h = os.readlink(path, dir_fd=hroot).encode()
+            except OSError as e:
+                h = e.errno
+            try:
+                g = fs.readlinkat(groot, path.encode())
+            except LinuxError as e:
+                g = e.errno
+            assert h == g, ("readlink", path)
+            flags = rng.choice([0, O_DIRECTORY, O_NOFOLLOW, O_PATH | O_NOFOLLOW])
+            try:
+                os.close(os.open(path, flags, dir_fd=hroot))
+                h = 0
+            except OSError as e:
+                h = e.errno
+            try:
+                fs.close(fs.openat(groot, path.encode(), flags, 0))
+                g = 0
+            except LinuxError as e:
+                g = e.errno
+            assert h == g, ("open", path, oct(flags))
+            checked += 1
+    finally:
+        os.close(hroot)
+    assert checked > 1000

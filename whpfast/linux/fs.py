@@ -380,8 +380,6 @@ class FileSystem:
             cur = self._root
         else:
             cur = self._start(_s32(dirfd)) if start is None else start
-        if path[-1] == 0x2F:
-            follow = True                       # "name/" must be a directory: follow it
         key = None
         if type(cur) is _HostNode or type(cur) is _SynDir:     # a start with a canonical path
             key = (cur.path, path, follow)
@@ -389,6 +387,8 @@ class FileSystem:
             if hit is not None:
                 return hit
         comps = _split(path)
+        if path[-1] == 0x2F:
+            comps.append(b".")                  # "name/" must be a directory: follow it, check it
         comps.reverse()
         links = 0
         lookup = self._lookup
@@ -415,14 +415,14 @@ class FileSystem:
                 if target[0] == 0x2F:
                     cur = self._root
                 more = _split(target)
+                if target[-1] == 0x2F:
+                    more.append(b".")
                 more.reverse()
                 comps.extend(more)
                 continue
             if type(child) is _Tmp or type(cur) is _FdDir:
                 key = None                      # changes while the guest runs: not cached
             cur = child
-        if path[-1] == 0x2F and cur.fmt != S_IFDIR:
-            _fail(ENOTDIR)
         if key is not None and len(self._walks) < _CACHE_MAX:
             self._walks[key] = cur
         return cur
