@@ -535,6 +535,8 @@ def test_capture_reset_restores_exactly(fs):
     before = observe(fs)
     state = fs.capture()
     assert fs.capture() is state                     # nothing changed: the same state
+    with pytest.raises(AttributeError):
+        state.umask = 0                              # immutable
     # change everything
     fs.read(a, 7)
     fs.close(7)
@@ -678,14 +680,14 @@ def test_decode_rejects_garbage(fs):
 
 
 def _craft(fields):
-    from whpfast.linux.fs import _MAGIC, _dump
+    from whpfast.linux._fsstate import _MAGIC, _dump
     out = [_MAGIC]
     _dump(fields, out)
     return b"".join(out)
 
 
 def test_decode_rejects_hostile_states(fs):
-    good = fs.capture()._fields()
+    good = tuple(fs.capture())
     fds, descs, cwd, umask, tmp, ino = good
     root = tmp[0]
     child = (99, stat.S_IFREG, 0o644, 0, 0, 0, b"f", b"x")
