@@ -2,6 +2,7 @@
 relative, absolute, pointing outside, looping; a FIFO), no VM needed."""
 
 import errno as host_errno
+import gc
 import os
 import stat
 import struct
@@ -49,6 +50,14 @@ def dents(fs, fd, count=4096):
             name = buf[pos + 19:pos + reclen].split(b"\0")[0]
             out.append((name, dtype, off))
             pos += reclen
+
+
+@pytest.fixture(autouse=True)
+def _release_host_fds():
+    """A FileSystem holds host fds until close_all() or its collection (it has reference
+    cycles): collect here, so none outlives its test (test_sandbox counts the process's fds)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture
