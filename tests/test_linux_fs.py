@@ -849,6 +849,20 @@ def test_hostile_paths_and_numbers(fs):
 O_ACCMODE_ALL = 3
 
 
+def test_lookup_caches_are_bounded(fs, tree, monkeypatch):
+    """A guest probing endless names (or long paths) cannot grow the host's caches without
+    bound, and look-ups past the bound still answer right."""
+    import whpfast.linux.fs as fsmod
+    monkeypatch.setattr(fsmod, "_CACHE_MAX", 64)
+    for i in range(500):
+        assert err(fs.fstatat, AT_FDCWD, b"/data/missing%d" % i, 0) == E.ENOENT
+        assert stat.S_ISREG(st(fs.fstatat(AT_FDCWD, b"sub/" + b"./" * i + b"b.bin", 0))["mode"])
+        fs.close(fs.openat(AT_FDCWD, b"sub/deep/" + b"../deep/" * (i % 50), O_DIRECTORY, 0))
+    assert len(fs._canon) <= 64 and len(fs._walks) <= 64
+    (tree / "data" / "missing499").write_bytes(b"late")   # not remembered: seen at once
+    assert st(fs.fstatat(AT_FDCWD, b"/data/missing499", 0))["size"] == 4
+
+
 def test_random_calls_only_raise_linux_errors(tree):
     """A guest calling anything with anything: only LinuxError comes out, and the state it
     leaves always captures, encodes, decodes and resets to itself."""

@@ -61,7 +61,9 @@ MAX_IO = 1 << 24            # largest read served at once: a short read, as Linu
 STATX_BASIC_STATS = 0x7FF
 _INODE_COST = 256           # /tmp bytes charged per inode and per name, so metadata is capped too
 _HOSTFD_CACHE = 64          # host fds kept for files no guest fd holds open
-_CACHE_MAX = 1 << 18        # host look-ups remembered (found or not) per FileSystem
+_CACHE_MAX = 1 << 16        # look-ups remembered per FileSystem, per kind (paths, walks, listings):
+_CACHE_PATH = 512           # bounded, and walks of longer paths are not remembered, so that a
+                            # guest probing endless names costs the host tens of MiB at most
 _SYN_DEV, _TMP_DEV, _PIPE_DEV = 0x13, 0x14, 0x0C     # st_dev of synthesized, /tmp, console nodes
 _SYN_TIME = 0               # their times: fixed, so a state decoded elsewhere looks the same
 
@@ -402,7 +404,7 @@ class FileSystem:
             if type(child) is _Tmp or type(cur) is _FdDir:
                 key = None                      # changes while the guest runs: not cached
             cur = child
-        if key is not None and len(self._walks) < _CACHE_MAX:
+        if key is not None and len(path) <= _CACHE_PATH and len(self._walks) < _CACHE_MAX:
             self._walks[key] = cur
         return cur
 
@@ -869,7 +871,8 @@ class FileSystem:
         for name, node in self._overlay.get(d.path, {}).items():
             entries[name] = (node.ino, _DT.get(node.fmt, 0))
         listing = dots + [(n, ino, dt) for n, (ino, dt) in sorted(entries.items())]
-        self._listings[d.path] = listing
+        if len(self._listings) < _CACHE_MAX >> 4:
+            self._listings[d.path] = listing
         return listing
 
     # -- host files
