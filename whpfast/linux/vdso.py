@@ -97,6 +97,12 @@ def build(out_dir, *, cc=None):
         if proc.returncode != 0:
             raise GuestBuildError(f"vDSO build failed (exit status {proc.returncode})\n"
                                f"command: {shlex.join(cmd)}\n{proc.stdout.rstrip()}")
+    head = (out_dir / IMAGE_NAME).read_bytes()[:20]
+    # e_ident: 64-bit little-endian ELF; e_type 3 (ET_DYN), e_machine 62 (x86-64). A compiler
+    # for another target (e.g. mingw, producing a PE DLL) links without complaint.
+    if head[:6] != b"\x7fELF\x02\x01" or head[16:20] != b"\x03\x00\x3e\x00":
+        raise GuestBuildError(f"the C compiler did not produce an x86-64 ELF shared object: "
+                              f"{out_dir / IMAGE_NAME}\ncommand: {shlex.join(commands[0])}")
     return out_dir / IMAGE_NAME
 
 
