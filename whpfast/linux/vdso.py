@@ -34,6 +34,14 @@ Invariant TSC (/proc/cpuinfo `constant_tsc` and `nonstop_tsc`) is required for T
 that changes rate with the CPU frequency or stops in idle states does not measure time. Without
 it `calibrate()` says so (`Calibration.invariant` is False) and `refresh` writes the data area in
 syscall mode: every clock call is then a correct, slow exit.
+
+Known limits: the guest's clocks are the host's, so a snapshot file started after a host reboot
+(or on another host) sees CLOCK_MONOTONIC/BOOTTIME/MONOTONIC_RAW smaller than before the
+snapshot; keeping them monotonic across that would take an offset recorded with the snapshot and
+applied both here (to the bases) and by the syscall path. The host helper (`host_clock.c`) is
+built on Linux only: the personality on the Windows backend would need a QueryPerformanceCounter
+pairing instead. There is no `getrandom` in the vDSO (newer glibc looks it up; it falls back to
+the system call).
 """
 
 import ctypes
