@@ -383,6 +383,36 @@ def sys_renameat2(p, olddir, old, newdir, new, flags, *_):
     return 0
 
 
+@syscall("symlink")
+def sys_symlink(p, target, path, *_):
+    p.fs.symlinkat(_path(p, target), AT_FDCWD, _path(p, path))
+    return 0
+
+
+@syscall("symlinkat")
+def sys_symlinkat(p, target, dirfd, path, *_):
+    p.fs.symlinkat(_path(p, target), s32(dirfd), _path(p, path))
+    return 0
+
+
+@syscall("chmod")
+def sys_chmod(p, path, mode, *_):
+    p.fs.fchmodat(AT_FDCWD, _path(p, path), mode & 0o7777)
+    return 0
+
+
+@syscall("fchmodat")
+def sys_fchmodat(p, dirfd, path, mode, *_):
+    p.fs.fchmodat(s32(dirfd), _path(p, path), mode & 0o7777)
+    return 0
+
+
+@syscall("fchmod")
+def sys_fchmod(p, fd, mode, *_):
+    p.fs.fchmod(s32(fd), mode & 0o7777)
+    return 0
+
+
 @syscall("ftruncate")
 def sys_ftruncate(p, fd, length, *_):
     if s64(length) < 0:
