@@ -106,6 +106,13 @@ class AddressSpace:
         `only`, if given)."""
         if end <= start:
             return
+        p0, p1 = start // PAGE, (end + PAGE - 1) // PAGE
+        if p0 >> 6 == (p1 - 1) >> 6:              # the common case: pages of one bitmap word
+            mask = ((1 << (p1 - p0)) - 1) << (p0 & 63)
+            if only is not None:
+                mask &= int(only[p0 >> 6])
+            self.host_dirty[p0 >> 6] |= np.uint64(mask)
+            return
         w0, w1, masks = self._words(start, end)
         if only is not None:
             masks &= only[w0:w1]
