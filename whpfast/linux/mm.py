@@ -56,16 +56,15 @@ def _efault(what="bad address"):
 
 
 class AddressSpace:
-    """mem: a writable memoryview of the whole guest memory; pte: a uint64 numpy view of the leaf
-    page-table entries (entry i maps virtual page i); top: the first address user mappings may not
-    reach (the page tables live there); invalidate(offset, length, discard): the hypervisor hook
+    """mem: a writable memoryview of the whole guest memory; pt_base: where the leaf page-table
+    entries start (entry i maps virtual page i); top: the first address user mappings may not
+    reach (the page tables live above it); invalidate(offset, length, discard): the hypervisor hook
     (see the module docstring); populate(offset, length): faults host pages in ahead of use."""
 
     POPULATE_MAX = 4 << 20      # mappings up to this size are faulted in on the host at once
 
-    def __init__(self, mem, pte, pt_base, top, invalidate, populate=lambda offset, length: None):
+    def __init__(self, mem, pt_base, top, invalidate, populate=lambda offset, length: None):
         self.mem = mem
-        self.pte = pte
         self.pt_base = pt_base
         self.top = top
         self.invalidate = invalidate
@@ -118,15 +117,30 @@ class AddressSpace:
             masks &= only[w0:w1]
         self.host_dirty[w0:w1] |= masks
 
+    def fill(self, addr, n, writer):
+        """THE host write into guest memory (physical == virtual for user pages): writer(view)
+        writes into a view of [addr, addr+n) and returns how many bytes it wrote, and those pages
+        are marked for the next restore. No permission check (the loader writes read-only
+        segments through it); bounds checked."""
+        if n <= 0:
+            return 0
+        if addr < 0 or addr + n > len(self.mem):
+            raise ValueError(f"host store {addr:#x}+{n:#x} outside guest memory")
+        view = self.mem[addr:addr + n]
+        written = n                       # if writer fails half-way, any of it may be written
+        try:
+            written = writer(view)
+            return written
+        finally:
+            view.release()
+            self.mark(addr, addr + written)
+
     def store(self, addr, data):
-        """THE host write into guest memory (physical == virtual for user pages): no permission
-        check (the loader writes read-only segments through it), bounds checked by the slice."""
-        n = len(data)
-        if n:
-            if addr < 0 or addr + n > len(self.mem):
-                raise ValueError(f"host store {addr:#x}+{n:#x} outside guest memory")
-            self.mem[addr:addr + n] = data
-            self.mark(addr, addr + n)
+        """Copies data into guest memory at addr (through fill())."""
+        def copy(view):
+            view[:] = data
+            return len(data)
+        self.fill(addr, len(data), copy)
 
     # -- uaccess ----------------------------------------------------------------------------------
 
@@ -192,11 +206,10 @@ class AddressSpace:
         if prot & (PROT_READ | PROT_WRITE | PROT_EXEC):
             flags = PTE_P | PTE_US | PTE_A | PTE_D | (PTE_RW if prot & PROT_WRITE else 0) \
                 | (0 if prot & PROT_EXEC else PTE_NX)
-            self.pte[first:last] = (np.arange(first, last, dtype=np.uint64) << np.uint64(12)) \
-                | np.uint64(flags)
+            entries = ((np.arange(first, last, dtype=np.uint64) << np.uint64(12)) | np.uint64(flags)).tobytes()
         else:
-            self.pte[first:last] = 0
-        self.mark(self.pt_base + first * 8, self.pt_base + last * 8)
+            entries = bytes(8 * (last - first))
+        self.store(self.pt_base + first * 8, entries)       # leaf entry i maps virtual page i
         self.changed.append((start, end))
 
     # -- mappings -----------------------------------------------------------------------------

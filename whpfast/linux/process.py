@@ -250,7 +250,6 @@ class LinuxSandbox:
         undo.callback(vcpu.close)
         pt_size = page_table_bytes(memory_size)
         pt_base = memory_size - pt_size
-        n_pt = -(-(memory_size // PAGE) // 512)
         regions = [
             machine.Region("gdt", machine.GDT_ADDR, PAGE, user=False, writable=True, executable=False),
             machine.Region("idt", machine.IDT_ADDR, PAGE, user=False, writable=True, executable=False),
@@ -271,11 +270,9 @@ class LinuxSandbox:
         self._memory, self._vm, self._vcpu = memory, vm, vcpu
         self._mem = memoryview(memory)
         undo.callback(self._mem.release)
-        pte = np.frombuffer(memory, dtype=np.uint64, count=n_pt * 512, offset=pt_base)
-        self.mm = AddressSpace(self._mem, pte, pt_base, pt_base - PAGE,
+        self.mm = AddressSpace(self._mem, pt_base, pt_base - PAGE,
                                lambda offset, length, discard: impl.memory_invalidate(memory, offset, length, discard),
                                lambda offset, length: impl.memory_populate(memory, offset, length))
-        undo.callback(self._drop_pte_view)
         gdt, tss = machine._gdt_and_tss()
         store = self.mm.store
         store(machine.GDT_ADDR, gdt)
@@ -294,10 +291,6 @@ class LinuxSandbox:
             except HypervisorError:
                 if xcr0 == XCR0_CHOICES[-1]:
                     raise
-
-    def _drop_pte_view(self):
-        if getattr(self, "mm", None) is not None:
-            self.mm.pte = None
 
     def _exec(self, elf, data, exe, argv, envp):
         mm = self.mm
@@ -348,8 +341,10 @@ class LinuxSandbox:
         restore."""
         for v in self.mm.vmas:
             if v.name == b"[vvar]":
-                vdso.refresh(self._mem, v.start)
-                self.mm.mark(v.start, v.end)
+                def write(view):
+                    vdso.refresh(view, 0)
+                    return len(view)
+                self.mm.fill(v.start, v.end - v.start, write)
                 return
 
     def _read_interpreter(self, exe, path):
@@ -409,7 +404,6 @@ class LinuxSandbox:
 
     def _close_parts(self):
         self.fs.close_all()
-        self.mm.pte = None
         self._mem.release()
         self._vcpu.close()
         self._vm.close()
