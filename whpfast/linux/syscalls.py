@@ -501,12 +501,6 @@ def sys_getgroups(p, *_):
     return 0
 
 
-@syscall("setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setsid",
-         "setpgid", "setgroups")
-def sys_eperm(p, *_):
-    _fail(E.EPERM)
-
-
 @syscall("uname")
 def sys_uname(p, buf, *_):
     fields = (b"Linux", b"whpfast", b"6.1.0", b"#1 SMP whpfast", b"x86_64", b"(none)")
@@ -641,34 +635,29 @@ def sys_personality(p, *_):
     return 0
 
 
-@syscall("clone", "fork", "vfork")
-def sys_clone(p, *_):
-    _fail(E.EAGAIN, "one thread, one process: the sandbox cannot create another")
+# Calls the sandbox refuses: the errno the program gets, and why. clone3 is ENOSYS so that glibc
+# falls back to clone, which then fails the way a process at its limit would.
+REFUSED = {
+    ("clone", "fork", "vfork"): (E.EAGAIN, "one thread, one process: the sandbox cannot create another"),
+    ("clone3",): (E.ENOSYS, "clone3 is not implemented"),
+    ("execve", "execveat"): (E.EACCES, "the sandbox runs one program"),
+    ("wait4", "waitid"): (E.ECHILD, "there are no child processes"),
+    ("socket", "socketpair"): (E.EACCES, "no network in the sandbox"),
+    ("pipe", "pipe2"): (E.EMFILE, "pipes are not supported"),
+    ("setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setsid", "setpgid",
+     "setgroups"): (E.EPERM, "the sandbox's identity is fixed"),
+}
 
 
-@syscall("clone3")
-def sys_clone3(p, *_):
-    _fail(E.ENOSYS)
+def _refuse(err, why):
+    def refuse(p, *_):
+        _fail(err, why)
+    return refuse
 
 
-@syscall("execve", "execveat")
-def sys_execve(p, *_):
-    _fail(E.EACCES, "the sandbox runs one program")
-
-
-@syscall("wait4", "waitid")
-def sys_wait4(p, *_):
-    _fail(E.ECHILD)
-
-
-@syscall("socket", "socketpair")
-def sys_socket(p, *_):
-    _fail(E.EACCES, "no network in the sandbox")
-
-
-@syscall("pipe", "pipe2")
-def sys_pipe(p, *_):
-    _fail(E.EMFILE, "pipes are not supported")
+for _names, (_err, _why) in REFUSED.items():
+    for _name in _names:
+        TABLE[NUMBERS[_name]] = _refuse(_err, _why)
 
 
 # -- time -----------------------------------------------------------------------------------
