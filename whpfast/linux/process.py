@@ -456,7 +456,13 @@ class LinuxSandbox:
             self._stdout, self._stderr = bytearray(), bytearray()
             self._deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
             self._timeout = timeout
-            impl.clear_cancel(self._vcpu)
+            # A cancel() from before this run is forgotten. (Backends with begin_call/end_call,
+            # the iso-host branch's cancel protocol, open and close the run for cancel() instead.)
+            begin, end = getattr(self._vcpu, "begin_call", None), getattr(self._vcpu, "end_call", None)
+            if begin is not None:
+                begin()
+            else:
+                impl.clear_cancel(self._vcpu)
             try:
                 return self._loop()
             except WhpfastError:
@@ -465,6 +471,9 @@ class LinuxSandbox:
                 self._poisoned = f"the run was interrupted by {type(e).__name__}: {e}"
                 self._needs_full_reset = True
                 raise
+            finally:
+                if end is not None:
+                    end()
 
     def _loop(self):
         vcpu = self._vcpu
