@@ -321,3 +321,44 @@ def test_damaged_or_crafted_snapshot_files_are_snapshot_errors(programs, tmp_pat
         _rewrite_meta(bad, edit)
         with pytest.raises(whpfast.SnapshotError):
             whpfast.LinuxSandbox.from_snapshot(bad)
+
+
+def test_sleep_is_bounded_by_the_timeout_and_woken_by_cancel(programs, tmp_path):
+    import threading
+    import time
+    source = tmp_path / "sleeper.c"
+    source.write_text("#include <unistd.h>\nint main(void) { sleep(100000); return 0; }\n")
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(tmp_path / "sleeper"), str(source)], check=True)
+    with whpfast.LinuxSandbox([str(tmp_path / "sleeper")], memory_size=64 * MB) as lx:
+        snap = lx.snapshot()
+        t0 = time.monotonic()
+        with pytest.raises(whpfast.GuestTimeout):
+            lx.run(timeout=0.5)
+        assert time.monotonic() - t0 < 5
+        lx.restore(snap)
+        timer = threading.Timer(0.3, lx.cancel)
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(whpfast.GuestCancelled):
+            lx.run()
+        assert time.monotonic() - t0 < 5
+        timer.join()
+
+
+def test_mapping_count_is_bounded(tmp_path):
+    source = tmp_path / "maps.c"
+    source.write_text(r'''
+#include <stdio.h>
+#include <sys/mman.h>
+int main(void) {
+    long n = 0;
+    char *p = mmap(0, 70000 * 2 * 4096L, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (long i = 0; i < 70000; i++)            /* every other page read-only: one mapping each */
+        if (mprotect(p + 2 * i * 4096, 4096, PROT_READ) == 0) n++; else break;
+    printf("%ld\n", n);
+    return 0;
+}
+''')
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(tmp_path / "maps"), str(source)], check=True)
+    r = run([str(tmp_path / "maps")], memory_size=1024 * MB)
+    assert r.exit_code == 0 and 30000 < int(r.stdout) < 33000

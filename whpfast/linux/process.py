@@ -378,6 +378,7 @@ class LinuxSandbox:
         self._needs_full_reset = False
         self._poisoned = None
         self._lock = threading.Lock()
+        self._wake = threading.Event()
         self._deadline = None
         self._stdout = bytearray()
         self._stderr = bytearray()
@@ -437,8 +438,11 @@ class LinuxSandbox:
         return self._io.exit_code
 
     def cancel(self):
+        """Stops a run going on in another thread (GuestCancelled), also one sleeping in a
+        nanosleep. Does nothing when no run is going on."""
         if not self._closed:
             self._vcpu.cancel()
+            self._wake.set()
 
     # -- running --------------------------------------------------------------------------------
 
@@ -456,6 +460,7 @@ class LinuxSandbox:
             self._stdout, self._stderr = bytearray(), bytearray()
             self._deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
             self._timeout = timeout
+            self._wake.clear()
             # A cancel() from before this run is forgotten. (Backends with begin_call/end_call,
             # the iso-host branch's cancel protocol, open and close the run for cancel() instead.)
             begin, end = getattr(self._vcpu, "begin_call", None), getattr(self._vcpu, "end_call", None)
@@ -537,9 +542,10 @@ class LinuxSandbox:
         return impl.segment_base(self._vcpu, which, value)
 
     def sleep(self, seconds):
+        """nanosleep: waits on the host, until the run's deadline at most; cancel() wakes it."""
         if self._deadline is not None:
             seconds = min(seconds, max(0, (self._deadline - time.monotonic_ns()) / 1e9))
-        time.sleep(min(seconds, 3600))
+        self._wake.wait(seconds)
 
     # -- failures -------------------------------------------------------------------------------
 
