@@ -342,11 +342,14 @@ cdef class Vcpu(ExitDetails):
             self.io_port = self.exit.IoPortAccess.PortNumber
             self.io_direction = info & 1
             self.io_size = (info >> 1) & 7
+            self.io_string = (info >> 4) & 3 != 0       # StringOp, RepPrefix
             # AccessSize is 1, 2 or 4 bytes: the value is that many low bytes of RAX
             self.io_value = <uint32_t>(self.exit.IoPortAccess.Rax
                                        & (((<uint64_t>1) << (8 * (self.io_size & 4 or self.io_size))) - 1))
-            if self.step_rip:
-                # WHP stops AT the instruction: step past it, in the next run's register batch.
+            if self.step_rip and self.io_direction and not self.io_string:
+                # WHP stops AT the instruction and leaves its emulation to the host: an OUT is
+                # done by stepping past it, in the next run's register batch. An IN or string
+                # I/O is never emulated (the sandbox refuses it): nothing of it can complete.
                 self._queue64(WHvX64RegisterRip,
                               self.exit.VpContext.Rip + self.exit.VpContext.InstructionLength)
             return EXIT_IO

@@ -407,6 +407,11 @@ class Sandbox:
                 if kind != impl.EXIT_IO:
                     raise self._poison(self._exit_error(kind, export, timeout))
                 port, length = vcpu.io_port, vcpu.io_value
+                # Only the exits the ABI defines count: a 32-bit `out` (the CPL0 fault stub: an
+                # 8-bit one). An IN or string I/O on the same port is not a return or an abort.
+                if vcpu.io_direction != 1 or vcpu.io_string or \
+                        vcpu.io_size != (1 if port == abi.PORT_FAULT else 4):
+                    raise self._poison(self._undefined_io())
                 if port == abi.PORT_RETURN:
                     return self._result(export, length)
                 if port == abi.PORT_HOSTCALL:
@@ -547,6 +552,13 @@ class Sandbox:
             if r.gpa <= address < r.end:
                 return f", inside {'guest' if r.user else 'supervisor-only'} region {r.name!r}"
         return ""
+
+    def _undefined_io(self):
+        vcpu = self._vcpu
+        what = f"{'out' if vcpu.io_direction == 1 else 'in'} of {vcpu.io_size} bytes" + \
+            (" (string or REP I/O)" if vcpu.io_string else "")
+        return GuestFault(f"the guest made an I/O access the whpfast ABI does not define: {what} on "
+                          f"port {vcpu.io_port:#x} (only a 32-bit `out` of a message length is)", kind="io")
 
     def _exit_error(self, kind, export, timeout):
         vcpu = self._vcpu

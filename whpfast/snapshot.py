@@ -32,7 +32,7 @@ from .errors import SnapshotError
 
 PAGE = 4096
 MAGIC = b"WHPFSNAP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: the KVM vCPU state holds the whole XSAVE area (was KVM_GET_FPU's)
 ARCH_X86_64 = 1
 HEADER = struct.Struct("<8sIIII 12Q 5I 4x")
 assert HEADER.size == 144
