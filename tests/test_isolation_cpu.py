@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import whpfast
-from whpfast import GuestFault, SandboxPoisoned
+from whpfast import GuestFault, SandboxPoisoned, SnapshotError
+from whpfast.snapshot import Snapshot
 
 pytestmark = pytest.mark.hypervisor
 
@@ -296,3 +297,19 @@ def test_unmasked_exception_does_not_outlive_restore(guests):
         sb.restore(snap)
         assert sb.call("divide", 1.0, 0.0) == float("inf")
         assert sb.call("divide", 1.0, 0.0) == float("inf")
+
+
+def test_state_of_another_shape_is_refused(guests):
+    """An XSAVE area that does not fit this host (another host's components, a damaged state) is
+    a SnapshotError saying so, for a new sandbox and for a restore; the sandbox stays usable
+    after restoring a good snapshot."""
+    with whpfast.Sandbox(guests["cpu"]) as sb:
+        good = sb.snapshot()
+        bad = Snapshot(good._image, good._nonzero, dict(good._state, xsave=b""), good.meta)
+        with pytest.raises(SnapshotError, match="xsave"):
+            whpfast.Sandbox.from_snapshot(bad)
+        with pytest.raises(SnapshotError, match="xsave"):
+            sb.restore(bad)
+        assert sb.poisoned
+        sb.restore(good)
+        assert sb.call("get", "mxcsr") == 0x1F80

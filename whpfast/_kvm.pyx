@@ -566,7 +566,7 @@ cdef class Vcpu(ExitDetails):
         _check_size(state, "xcrs", sizeof(kvm_xcrs))
         b = state["msrs"]
         if len(b) % sizeof(kvm_msr_entry) or len(b) > len(SAVED_MSRS) * sizeof(kvm_msr_entry):
-            raise ValueError(f"vCPU state part 'msrs' has {len(b)} bytes")
+            raise errors.SnapshotError(f"vCPU state part 'msrs' has {len(b)} bytes")
         self._retire_pending()      # nothing of the last exit may complete after this state
         if full:
             # Ordering: KVM applies the sync-regs area at the next KVM_RUN, after these.
@@ -640,8 +640,11 @@ SAVED_MSRS = (0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000100, 0xC000
 cdef int _check_size(dict state, str part, size_t size) except -1:
     value = state.get(part)
     if not isinstance(value, bytes) or len(value) != size:
-        raise ValueError(f"vCPU state part {part!r} must be {size} bytes, "
-                         f"got {len(value) if isinstance(value, bytes) else type(value).__name__}")
+        got = len(value) if isinstance(value, bytes) else type(value).__name__
+        raise errors.SnapshotError(
+            f"vCPU state part {part!r} must be {size} bytes on this host, got {got}"
+            + (" (the snapshot was taken on a host with other XSAVE components; take it again "
+               "here)" if part == "xsave" else ""))
     return 0
 
 

@@ -405,9 +405,9 @@ cdef class Vcpu(ExitDetails):
         cdef const WHV_REGISTER_VALUE *values
         cdef uint32_t i
         if not isinstance(regs, bytes) or len(regs) != REGISTERS_SIZE:
-            raise ValueError(f"vCPU state part 'registers' must be {REGISTERS_SIZE} bytes")
+            raise errors.SnapshotError(f"vCPU state part 'registers' must be {REGISTERS_SIZE} bytes")
         if not isinstance(xsave, bytes) or not 576 <= len(xsave) <= XSAVE_MAX:
-            raise ValueError("vCPU state part 'xsave' has an impossible size")
+            raise errors.SnapshotError("vCPU state part 'xsave' has an impossible size")
         self._check_alive()
         values = <const WHV_REGISTER_VALUE *><char *>regs
         for i in range(N_STATE):
