@@ -23,6 +23,9 @@ def _guestbuild():
 
 class build_py_with_guests(build_py):
     def run(self):
+        # build/lib is reused between builds: files an older version put there (since removed or
+        # excluded) would end up in this wheel. Start from an empty package directory.
+        shutil.rmtree(Path(self.build_lib) / "whpfast", ignore_errors=True)
         super().run()
         package = Path(self.build_lib) / "whpfast"
         sdk = package / "sdk"

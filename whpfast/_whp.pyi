@@ -1,5 +1,6 @@
 # Type stub for the compiled module whpfast/_whp.pyx, the Windows Hypervisor Platform backend.
 # Internal: the public API is whpfast.Sandbox and whpfast.Snapshot; this describes what they drive.
+import sys
 from typing import Dict, Optional, Tuple, Union
 
 from typing_extensions import Buffer
@@ -89,7 +90,8 @@ class Mapping:
     def readonly(self) -> bool: ...
     @property
     def address(self) -> int: ...
-    def __buffer__(self, flags: int, /) -> memoryview: ...
+    if sys.version_info >= (3, 12):   # the buffer protocol as a method: Python 3.12+
+        def __buffer__(self, flags: int, /) -> memoryview: ...
     def close(self) -> None: ...
 
 class GuestMemory(Mapping):
