@@ -40,6 +40,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except WhpfastError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `whpfast demo | head`: the reader left; stop quietly (and let the interpreter's final
+        # flush of stdout go to /dev/null instead of failing again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _positive(text: str) -> int:
