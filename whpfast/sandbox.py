@@ -8,6 +8,7 @@ import time
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from .errors import (GuestAbort, GuestCallError, GuestCancelled, GuestFault, Gue
                      SnapshotError, WhpfastError)
 from .snapshot import STATE_PARTS, Snapshot
 from .snapshot import words_for as snapshot_words
+from ._typing import StrPath, Value
 
 impl = backend.impl
 PAGE = 4096
@@ -55,9 +57,13 @@ class Sandbox:
     receives what the guest prints (default: written to sys.stdout). Use as a context manager or
     call close(); an unclosed sandbox warns (ResourceWarning) when collected and is still freed."""
 
-    def __init__(self, guest, *, memory_size=machine.DEFAULT_MEMORY_SIZE, files=None,
-                 io_buffer_size=machine.DEFAULT_IO_BUFFER_SIZE, stack_size=machine.DEFAULT_STACK_SIZE,
-                 on_print=None):
+    last_restore: Optional[RestoreStats]    # what the last restore() did
+
+    def __init__(self, guest: StrPath, *, memory_size: int = machine.DEFAULT_MEMORY_SIZE,
+                 files: Optional[Mapping[str, StrPath]] = None,
+                 io_buffer_size: int = machine.DEFAULT_IO_BUFFER_SIZE,
+                 stack_size: int = machine.DEFAULT_STACK_SIZE,
+                 on_print: Optional[Callable[[str], object]] = None) -> None:
         self._closed = True          # until fully built, so __del__ and close() are safe
         files = self._check_files(files)
         image = elf.load(guest)
@@ -72,7 +78,9 @@ class Sandbox:
             self._start(image, layout, memory, mappings, files, on_print, None, undo)
 
     @classmethod
-    def from_snapshot(cls, snapshot, *, files=None, on_print=None):
+    def from_snapshot(cls, snapshot: Union[Snapshot, StrPath], *,
+                      files: Optional[Mapping[str, StrPath]] = None,
+                      on_print: Optional[Callable[[str], object]] = None) -> "Sandbox":
         """A new sandbox whose memory and vCPU state are the snapshot's (a Snapshot, or the path
         of a saved one). From a file, its memory maps the file copy-on-write: sandboxes made from
         one file share its pages and each pays only for the pages it writes. files overrides
@@ -177,7 +185,7 @@ class Sandbox:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def close(self):
+    def close(self) -> None:
         """Frees the VM and its memory. Idempotent. A call running in another thread is
         cancelled first."""
         if self._closed:
@@ -198,10 +206,10 @@ class Sandbox:
         finally:
             self._lock.release()
 
-    def __enter__(self):
+    def __enter__(self) -> "Sandbox":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self):
@@ -209,31 +217,32 @@ class Sandbox:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
             self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._closed else ("poisoned" if self._poisoned else "ready")
         return f"<whpfast.Sandbox {getattr(self, '_image', None) and self._image.path!r} {state}>"
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._closed
 
     @property
-    def poisoned(self):
+    def poisoned(self) -> Optional[str]:
         """Why the sandbox is poisoned (a str), or None when it is usable."""
         return self._poisoned
 
     @property
-    def exports(self):
+    def exports(self) -> Dict[str, str]:
         """The guest's functions: name -> signature such as "ii->i"."""
         return {e.name: f"{e.params}->{e.result}" for e in self._image.exports.values()}
 
     @property
-    def memory_size(self):
+    def memory_size(self) -> int:
         return self._layout.memory_size
 
     # -- host functions ----------------------------------------------------------------------
 
-    def register(self, name, fn=None):
+    def register(self, name: Union[str, Callable[..., Any]],
+                 fn: Optional[Callable[..., Any]] = None) -> Any:
         """Makes fn callable from the guest as `name`. Also a decorator: @sb.register("name") or
         @sb.register (the function's own name)."""
         if fn is None:
@@ -247,12 +256,12 @@ class Sandbox:
         self._host_functions[name] = fn
         return fn
 
-    def unregister(self, name):
+    def unregister(self, name: str) -> None:
         self._host_functions.pop(name, None)
 
     # -- calls -------------------------------------------------------------------------------
 
-    def call(self, name, *args, timeout=None):
+    def call(self, name: str, *args: Value, timeout: Optional[float] = None) -> Any:
         """Calls guest function `name`. Arguments and results are int (64-bit), float, bytes, str,
         bool or None; wrong types or counts raise TypeError before the guest runs. timeout is in
         seconds; a call past it raises GuestTimeout and poisons the sandbox."""
@@ -268,7 +277,7 @@ class Sandbox:
                 self._mem, base, size, export.index, name, export.params, args))
             return self._run_call(export, timeout)
 
-    def cancel(self):
+    def cancel(self) -> None:
         """Stops the call running in another thread; it raises GuestCancelled and the sandbox is
         poisoned. Does nothing when no call runs."""
         if not self._closed:
@@ -276,7 +285,7 @@ class Sandbox:
 
     # -- snapshots ---------------------------------------------------------------------------
 
-    def snapshot(self):
+    def snapshot(self) -> Snapshot:
         """Captures memory and the complete vCPU state. Its cost follows the memory size (every
         page is scanned, non-zero ones copied); take snapshots once, restore them often."""
         with self._lock:
@@ -298,7 +307,7 @@ class Sandbox:
             self._set_baseline(snap)
             return snap
 
-    def restore(self, snapshot):
+    def restore(self, snapshot: Snapshot) -> None:
         """Puts memory and vCPU state back to the snapshot's, exactly, and clears a poisoned
         state. Restoring the baseline (the snapshot this sandbox was made from or last took or
         restored) copies back only the pages written since; another snapshot costs a full pass

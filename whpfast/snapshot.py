@@ -24,11 +24,13 @@ import struct
 import threading
 import weakref
 import zlib
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from . import _pages, abi, backend, machine
 from .errors import SnapshotError
+from ._typing import StrPath
 
 PAGE = 4096
 MAGIC = b"WHPFSNAP"
@@ -54,8 +56,10 @@ class Snapshot:
     """A sandbox's memory and complete vCPU state. Restore it any number of times, into the
     sandbox that took it or into sandboxes made from it (Sandbox.from_snapshot)."""
 
-    def __init__(self, image, nonzero, state, meta, *, path=None, file=None, extents=None,
-                 image_offset=None):
+    def __init__(self, image: Any, nonzero: "np.ndarray[Any, np.dtype[np.uint64]]",
+                 state: Dict[str, bytes], meta: Dict[str, Any], *, path: Optional[str] = None,
+                 file: Optional[BinaryIO] = None, extents: Optional[List[Tuple[int, int]]] = None,
+                 image_offset: Optional[int] = None) -> None:
         self._image = image                    # a mapping of memory_size bytes: the memory image
         self._image_view = memoryview(image)
         self._nonzero = nonzero                # uint64 bitmap of the image's non-zero pages
@@ -68,15 +72,15 @@ class Snapshot:
         self.nonzero_pages = _pages.count_bits(nonzero)
 
     @property
-    def memory_size(self):
+    def memory_size(self) -> int:
         return self.meta["layout"]["memory_size"]
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         where = f" from {self.path!r}" if self.path else ""
         return (f"<whpfast.Snapshot{where} of {self.meta['guest']['path']!r}, "
                 f"{self.memory_size >> 20} MiB, {self.nonzero_pages} non-zero pages>")
 
-    def compatible_with(self, layout_dict, guest_digest):
+    def compatible_with(self, layout_dict: Dict[str, Any], guest_digest: str) -> Optional[str]:
         """Why this snapshot cannot go into a sandbox with that layout and guest, or None."""
         if self.meta["guest"]["digest"] != guest_digest:
             return (f"it was taken of guest {self.meta['guest']['path']!r} "
@@ -87,7 +91,7 @@ class Snapshot:
 
     # -- disk ---------------------------------------------------------------------------------
 
-    def save(self, path):
+    def save(self, path: StrPath) -> str:
         """Writes the snapshot to path atomically: a new file, fsynced, then renamed over path."""
         path = os.fspath(path)
         extents = _extents(self._nonzero, self.memory_size // PAGE)
@@ -128,7 +132,7 @@ class Snapshot:
         return path
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: StrPath) -> "Snapshot":
         """Reads and validates a snapshot file; raises SnapshotError on any problem. Loading the
         same unchanged file again returns the same Snapshot (validated once, mapped once)."""
         path = os.fspath(path)
@@ -244,7 +248,7 @@ class Snapshot:
             raise bad("memory image checksum mismatch (the image is corrupt)")
         return cls(image, nonzero, state, meta, path=path, file=f, extents=extents, image_offset=image_off)
 
-    def map_into(self, memory):
+    def map_into(self, memory: Any) -> None:
         """Fills fresh guest memory with this snapshot's image: copy-on-write mappings of the
         file's extents when it came from a file (and the backend can: KVM), else copies of the
         non-zero pages."""
