@@ -9,8 +9,8 @@ from . import guests
 from .backend import hypervisor
 from .errors import (GuestAbort, GuestBuildError, GuestCallError, GuestCancelled, GuestError,
                      GuestFault, GuestLoadError, GuestTimeout, HostFunctionError, HypervisorError,
-                     HypervisorUnavailable, SandboxClosed, SandboxError, SandboxPoisoned,
-                     SnapshotError, WhpfastError)
+                     HypervisorUnavailable, SandboxBusy, SandboxClosed, SandboxError,
+                     SandboxPoisoned, SnapshotError, WhpfastError)
 from .guestbuild import build_guest
 from .sandbox import Sandbox
 
@@ -19,6 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Sandbox", "build_guest", "guests", "hypervisor",
     "WhpfastError", "HypervisorUnavailable", "HypervisorError", "SandboxError", "SandboxClosed",
-    "SandboxPoisoned", "GuestError", "GuestFault", "GuestTimeout", "GuestCancelled", "GuestAbort",
-    "GuestCallError", "HostFunctionError", "GuestLoadError", "GuestBuildError", "SnapshotError",
+    "SandboxBusy", "SandboxPoisoned", "GuestError", "GuestFault", "GuestTimeout", "GuestCancelled",
+    "GuestAbort", "GuestCallError", "HostFunctionError", "GuestLoadError", "GuestBuildError", "SnapshotError",
 ]

@@ -214,9 +214,11 @@ cdef class Vcpu(ExitDetails):
     cdef kvm_run *run_page
     cdef size_t run_size
     cdef readonly Vm vm
-    # cancellation and timeouts (see run())
+    # cancellation and timeouts (see run() and cancel())
+    cdef volatile int call_active         # between begin_call() and end_call()
     cdef volatile int cancel_requested
     cdef volatile pid_t running_tid
+    cdef readonly uint64_t kicks           # kick signals cancel() sent, for tests
     cdef timer_t timer
     cdef pid_t timer_tid
 
@@ -288,7 +290,6 @@ cdef class Vcpu(ExitDetails):
         r.s.regs.regs.rflags = rflags
         r.s.regs.regs.rdi = rdi
         r.kvm_dirty_regs |= KVM_SYNC_X86_REGS
-        self.cancel_requested = 0
 
     cdef kvm_run *_run(self) except NULL:
         if self.run_page == NULL:
@@ -300,8 +301,11 @@ cdef class Vcpu(ExitDetails):
         the exit attributes. timeout_ns > 0 arms a one-shot timer that kicks this thread.
 
         Cancellation protocol: cancel() sets cancel_requested, then immediate_exit, then signals
-        the running thread. Here immediate_exit is cleared *before* cancel_requested is checked, so
-        a cancel can never be lost between the check and KVM_RUN."""
+        the thread in run() if there is one. Here running_tid is set first, and immediate_exit is
+        cleared *before* cancel_requested is checked, so a cancel can never be lost between the
+        check and KVM_RUN: either the check sees it, or KVM_RUN starts with immediate_exit set, or
+        the signal interrupts it (the handler sets immediate_exit again, for a signal that lands
+        just before KVM_RUN enters the guest)."""
         cdef kvm_run *r = self._run()
         cdef int fd = self._fd()
         cdef int rc = 0, err = 0
@@ -385,11 +389,27 @@ cdef class Vcpu(ExitDetails):
             return EXIT_CANCELLED if self.cancel_requested else EXIT_TIMEOUT
         return EXIT_UNKNOWN
 
+    def begin_call(self):
+        """Opens a call for cancel(): from now until end_call(), the first cancel() stops it (the
+        current or next run() returns EXIT_CANCELLED). A cancel from before is forgotten."""
+        self.cancel_requested = 0
+        self.call_active = 1
+
+    def end_call(self):
+        """Closes the call: cancel() does nothing again (so it cannot poison a later call)."""
+        self.call_active = 0
+
     def cancel(self):
-        """Stops the guest this vCPU is running (from any thread). Safe when it is idle."""
+        """Stops the call this vCPU runs (from any thread): safe when it is idle or closed.
+
+        Only the first cancel of a call does anything, and it sends at most one signal, only when
+        a thread is inside run(): real-time signals queue, so a signal per cancel lets a loop of
+        cancels fill the queue and bury the vCPU thread in handler invocations. Idle cancels
+        (no call open) do nothing. The test-and-set needs no atomics: cancel() and the checks in
+        run() all hold the GIL; only KVM_RUN itself runs without it."""
         cdef kvm_run *r = self.run_page
         cdef pid_t tid
-        if r == NULL:
+        if r == NULL or not self.call_active or self.cancel_requested:
             return
         self.cancel_requested = 1
         __sync_synchronize()
@@ -397,6 +417,7 @@ cdef class Vcpu(ExitDetails):
         tid = self.running_tid
         if tid:
             whpfast_kick_thread(tid)
+            self.kicks += 1
 
     def save_state(self):
         """The complete vCPU state as raw KVM structs: {part: bytes}. Several ioctls; snapshots

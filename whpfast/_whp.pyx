@@ -197,7 +197,11 @@ cdef class Vcpu(ExitDetails):
     cdef uint32_t n_pending
     cdef WHV_RUN_VP_EXIT_CONTEXT exit
     cdef TimerContext timer
+    # cancellation (see cancel())
+    cdef volatile int call_active         # between begin_call() and end_call()
     cdef volatile int cancel_requested
+    cdef volatile int running             # inside WHvRunVirtualProcessor (or about to be)
+    cdef readonly uint64_t kicks           # WHvCancelRunVirtualProcessor calls cancel() made
     # Tests turn this off to show that a backend which does not step RIP past `out` fails.
     cdef public bint step_rip
     cdef readonly uint64_t api_calls       # WHv* calls made, for measurements
@@ -297,7 +301,6 @@ cdef class Vcpu(ExitDetails):
         self._queue64(WHvX64RegisterRsp, rsp)
         self._queue64(WHvX64RegisterRflags, rflags)
         self._queue64(WHvX64RegisterRdi, rdi)
-        self.cancel_requested = 0
 
     def run(self, long long timeout_ns=-1):
         """Runs until an exit; returns an EXIT_* kind, details in the exit attributes."""
@@ -316,8 +319,11 @@ cdef class Vcpu(ExitDetails):
                 self._flush()
                 if self.cancel_requested:
                     return EXIT_CANCELLED
+                # From here cancel() must stop the processor (see cancel()).
+                self.running = 1
                 with nogil:
                     hr = WHvRunVirtualProcessor(self.partition, self.index, &self.exit, sizeof(self.exit))
+                self.running = 0
                 self.api_calls += 1
                 _check_hr(hr, "WHvRunVirtualProcessor")
                 reason = self.exit.ExitReason
@@ -329,6 +335,7 @@ cdef class Vcpu(ExitDetails):
                     continue     # a cancel left over from a timer that fired as a run ended
                 return self._decode(reason)
         finally:
+            self.running = 0
             if timer != NULL:
                 with nogil:
                     # waits for a callback in progress, so the timer context outlives it
@@ -368,12 +375,32 @@ cdef class Vcpu(ExitDetails):
             return EXIT_FAIL_ENTRY
         return EXIT_UNKNOWN
 
+    def begin_call(self):
+        """Opens a call for cancel(): from now until end_call(), the first cancel() stops it (the
+        current or next run() returns EXIT_CANCELLED). A cancel from before is forgotten."""
+        self.cancel_requested = 0
+        self.call_active = 1
+
+    def end_call(self):
+        """Closes the call: cancel() does nothing again (so it cannot poison a later call)."""
+        self.call_active = 0
+
     def cancel(self):
-        """Stops the guest this processor runs (from any thread). Safe when it is idle."""
-        if not self.alive:
+        """Stops the call this processor runs (from any thread): safe when it is idle or closed.
+
+        Only the first cancel of a call does anything, and it calls WHvCancelRunVirtualProcessor
+        only while run() is in (or about to enter) WHvRunVirtualProcessor; otherwise run() sees
+        cancel_requested before its next run. So a loop of cancels costs one WHv* call at most,
+        and an idle cancel leaves nothing pending in WHP (one landing just as a run returns stays
+        pending and makes a later run return Canceled at once, which run() skips). The
+        test-and-set needs no atomics: cancel() and run()'s checks and `running` updates all hold
+        the GIL; only WHvRunVirtualProcessor runs without it."""
+        if not self.alive or not self.call_active or self.cancel_requested:
             return
         self.cancel_requested = 1
-        WHvCancelRunVirtualProcessor(self.partition, self.index, 0)
+        if self.running:
+            WHvCancelRunVirtualProcessor(self.partition, self.index, 0)
+            self.kicks += 1
 
     def save_state(self):
         """The complete vCPU state: {"registers": N_STATE WHV_REGISTER_VALUEs, "xsave": the

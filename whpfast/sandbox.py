@@ -13,8 +13,8 @@ import numpy as np
 
 from . import _pages, abi, backend, elf, machine
 from .errors import (GuestAbort, GuestCallError, GuestCancelled, GuestFault, GuestTimeout,
-                     HostFunctionError, HypervisorError, SandboxClosed, SandboxPoisoned,
-                     SnapshotError, WhpfastError)
+                     HostFunctionError, HypervisorError, SandboxBusy, SandboxClosed,
+                     SandboxPoisoned, SnapshotError, WhpfastError)
 from .snapshot import STATE_PARTS, Snapshot
 from .snapshot import words_for as snapshot_words
 
@@ -46,6 +46,22 @@ _VECTOR_NAMES = {
     18: "#MC machine check", 19: "#XM SIMD floating point", 20: "#VE virtualization", 21: "#CP control protection",
 }
 _FAULT_KINDS = {0: "divide", 6: "invalid_opcode", 13: "general_protection", 14: "pagefault"}
+
+
+class _Operation:
+    """`with _Operation(sandbox, what, deadline, call)`: runs the block as the sandbox's one
+    operation (see Sandbox._acquire); call=True opens it for cancel()."""
+    __slots__ = ("sandbox", "args")
+
+    def __init__(self, sandbox, what, deadline=None, call=False):
+        self.sandbox = sandbox
+        self.args = (what, deadline, call)
+
+    def __enter__(self):
+        self.sandbox._acquire(*self.args)
+
+    def __exit__(self, *exc):
+        self.sandbox._release()
 
 
 class Sandbox:
@@ -149,7 +165,13 @@ class Sandbox:
         self._vcpu = vcpu
         self._on_print = on_print
         self._host_functions = {}
-        self._lock = threading.Lock()
+        # One operation (call, restore, snapshot) at a time; others wait. _cv guards the fields
+        # below and is held only briefly, never while the guest or user code runs (an RLock: a
+        # Python signal handler may call cancel() while its thread holds it).
+        self._cv = threading.Condition()
+        self._owner = None               # ident of the thread running an operation
+        self._in_user_code = False       # ...which is inside a host function or on_print
+        self._close_pending = False      # close() was asked for while an operation ran
         self._poisoned = None
         self._host_error = None
         r = layout.region
@@ -178,25 +200,83 @@ class Sandbox:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def close(self):
-        """Frees the VM and its memory. Idempotent. A call running in another thread is
-        cancelled first."""
+        """Frees the VM and its memory. Idempotent. A call running in another thread is stopped
+        (it raises SandboxClosed) and close() returns once it has unwound and freed everything;
+        if that thread is inside a host function, which cannot be interrupted, close() returns at
+        once and the sandbox is freed when the host function returns. From inside a host function
+        of this sandbox, the close takes effect when the call unwinds: the guest does not run
+        again and the call raises SandboxClosed."""
         if self._closed:
             return
-        if not self._lock.acquire(blocking=False):
-            self._vcpu.cancel()
-            self._lock.acquire()
-        try:
+        with self._cv:
             if self._closed:
                 return
-            self._closed = True
-            self._mem.release()
-            self._vcpu.close()
-            self._vm.close()
-            self._memory.close()
-            for m in self._file_mappings:
-                m.close()
+            if self._owner is None:
+                self._free()
+                return
+            self._close_pending = True
+            self._vcpu.cancel()
+            self._cv.notify_all()        # threads waiting to operate: they raise SandboxClosed
+            if self._owner != threading.get_ident():
+                self._cv.wait_for(lambda: self._closed or self._in_user_code)
+
+    def _free(self):
+        # with _cv held, and no operation running
+        self._closed = True
+        self._cv.notify_all()            # threads waiting to operate: they raise SandboxClosed
+        self._mem.release()
+        self._vcpu.close()
+        self._vm.close()
+        self._memory.close()
+        for m in self._file_mappings:
+            m.close()
+
+    def _acquire(self, what, deadline, call):
+        """Makes this thread the one operating on the sandbox. Another thread's operation is
+        waited for (until deadline, a time.monotonic_ns() value: then GuestTimeout). From inside
+        a host function of this sandbox's own running call it raises SandboxBusy at once: the
+        call holds the vCPU, so waiting would deadlock."""
+        me = threading.get_ident()
+        with self._cv:
+            if self._owner == me:
+                raise SandboxBusy(
+                    f"{what} was called from inside a host function (or on_print) of a call running "
+                    f"on this same sandbox; a sandbox runs one operation at a time and cannot be "
+                    f"re-entered. Return from the host function first, or use another sandbox")
+            if self._owner is not None and not self._closed and not self._close_pending:
+                free = lambda: self._owner is None or self._closed or self._close_pending
+                timeout = None if deadline is None else max(0, deadline - time.monotonic_ns()) / 1e9
+                if not self._cv.wait_for(free, timeout):
+                    raise GuestTimeout(f"{what} waited past its timeout for another thread's operation "
+                                       f"on this sandbox and did not start; the sandbox is not poisoned")
+            if self._closed or self._close_pending:
+                raise SandboxClosed("the sandbox is closed")
+            self._owner = me
+            if call:
+                self._vcpu.begin_call()      # from now on cancel() stops this call
+
+    def _release(self):
+        with self._cv:
+            self._vcpu.end_call()
+            self._owner = None
+            self._in_user_code = False
+            if self._close_pending:
+                self._free()
+            else:
+                self._cv.notify_all()
+
+    def _user_code(self, fn, *args):
+        """Runs a host function or on_print, letting a close() in another thread return at once
+        (user code cannot be interrupted) and refusing to start after a close was requested."""
+        with self._cv:
+            if self._close_pending:
+                raise SandboxClosed("the sandbox was closed during the call")
+            self._in_user_code = True
+            self._cv.notify_all()
+        try:
+            return fn(*args)
         finally:
-            self._lock.release()
+            self._in_user_code = False
 
     def __enter__(self):
         return self
@@ -215,7 +295,8 @@ class Sandbox:
 
     @property
     def closed(self):
-        return self._closed
+        """True once close() was called (the memory is freed when a running call unwinds)."""
+        return self._closed or self._close_pending
 
     @property
     def poisoned(self):
@@ -254,32 +335,43 @@ class Sandbox:
 
     def call(self, name, *args, timeout=None):
         """Calls guest function `name`. Arguments and results are int (64-bit), float, bytes, str,
-        bool or None; wrong types or counts raise TypeError before the guest runs. timeout is in
-        seconds; a call past it raises GuestTimeout and poisons the sandbox."""
+        bool or None; wrong types or counts raise TypeError before the guest runs.
+
+        timeout (seconds) bounds the whole call: waiting for another thread's operation on this
+        sandbox, the guest's run time and the time spent in host functions. Past it the call
+        raises GuestTimeout: a running guest is stopped at once and the sandbox is poisoned; a
+        host function cannot be interrupted, so the call ends as soon as it returns (its result
+        is not passed to the guest); a call still waiting for another thread does not start and
+        poisons nothing."""
         export = self._image.exports.get(name) if isinstance(name, str) else None
         if export is None:
             raise GuestCallError(f"the guest has no function {name!r}; it exports "
                                  f"{', '.join(sorted(self._image.exports))}")
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-        with self._lock:
+        deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
+        with _Operation(self, f"call({name!r})", deadline, call=True):
             self._check_ready()
             self._host_write(self._input, lambda base, size: abi.encode_call(
                 self._mem, base, size, export.index, name, export.params, args))
-            return self._run_call(export, timeout)
+            return self._run_call(export, timeout, deadline)
 
     def cancel(self):
-        """Stops the call running in another thread; it raises GuestCancelled and the sandbox is
-        poisoned. Does nothing when no call runs."""
-        if not self._closed:
-            self._vcpu.cancel()
+        """Stops the call running on this sandbox, from any thread (or from one of its host
+        functions): it raises GuestCancelled and the sandbox is poisoned. A running guest stops
+        at once; a host function cannot be interrupted, so the call ends when it returns. Does
+        nothing when no call runs (nor to a later call); any number of cancels cost as much as
+        one (at most one signal to the vCPU thread per call)."""
+        with self._cv:
+            if not self._closed:
+                self._vcpu.cancel()
 
     # -- snapshots ---------------------------------------------------------------------------
 
     def snapshot(self):
         """Captures memory and the complete vCPU state. Its cost follows the memory size (every
         page is scanned, non-zero ones copied); take snapshots once, restore them often."""
-        with self._lock:
+        with _Operation(self, "snapshot()"):
             self._check_ready()
             image = impl.GuestMemory(self._layout.memory_size)
             nonzero = np.zeros_like(self._dirty)
@@ -305,7 +397,7 @@ class Sandbox:
         over memory once. sb.last_restore tells what it did."""
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"restore() takes a Snapshot, not {type(snapshot).__name__}")
-        with self._lock:
+        with _Operation(self, "restore()"):
             if self._closed:
                 raise SandboxClosed("the sandbox is closed")
             why = snapshot.compatible_with(self._layout_dict, self._image.digest)
@@ -391,11 +483,10 @@ class Sandbox:
             raise SandboxPoisoned(f"the sandbox is poisoned by an earlier call ({self._poisoned}); "
                                   f"restore a snapshot or close it")
 
-    def _run_call(self, export, timeout):
+    def _run_call(self, export, timeout, deadline):
         vcpu = self._vcpu
         vcpu.enter(self._image.entry, self._stack_top)
         self._ran = True
-        deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
         self._host_error = None
         try:
             while True:
@@ -465,7 +556,7 @@ class Sandbox:
 
     def _print(self, text):
         if self._on_print is not None:
-            self._on_print(text)
+            self._user_code(self._on_print, text)
         else:
             sys.stdout.write(text)
             sys.stdout.flush()
@@ -490,7 +581,7 @@ class Sandbox:
         if fn is None:
             return self._reply_error(f"no host function named {name!r} is registered")
         try:
-            result = fn(*args)
+            result = self._user_code(fn, *args)
             letter = abi.letter_of(result)
         except Exception as e:
             if self._host_error is None:
@@ -551,7 +642,10 @@ class Sandbox:
     def _exit_error(self, kind, export, timeout):
         vcpu = self._vcpu
         if kind == impl.EXIT_TIMEOUT:
-            return GuestTimeout(f"{export.name}() ran past its timeout of {timeout} s and was stopped")
+            return GuestTimeout(f"{export.name}() ran past its timeout of {timeout} s (guest and host "
+                                f"function time together) and was stopped")
+        if kind == impl.EXIT_CANCELLED and self._close_pending:
+            return SandboxClosed(f"the sandbox was closed while {export.name}() ran; the call was stopped")
         if kind == impl.EXIT_CANCELLED:
             return GuestCancelled(f"{export.name}() was cancelled")
         if kind == impl.EXIT_MMIO:
