@@ -43,6 +43,7 @@ cdef extern from "includes/compat.h" nogil:
 
 
 include "_exits.pxi"
+include "_cancel.pxi"
 
 DEF PAGE_SIZE = 4096
 
@@ -206,7 +207,7 @@ cdef class Vm:
         self.close()
 
 
-cdef class Vcpu(ExitDetails):
+cdef class Vcpu(CancelState):
     """A vCPU fd and its kvm_run page. Registers reach the guest through the sync-regs area of
     kvm_run, folded into the next KVM_RUN instead of separate ioctls (each ioctl costs as much as
     an exit on the PVM hosts)."""
@@ -214,11 +215,8 @@ cdef class Vcpu(ExitDetails):
     cdef kvm_run *run_page
     cdef size_t run_size
     cdef readonly Vm vm
-    # cancellation and timeouts (see run() and cancel())
-    cdef volatile int call_active         # between begin_call() and end_call()
-    cdef volatile int cancel_requested
+    # cancellation and timeouts (see run(), cancel() and _cancel.pxi)
     cdef volatile pid_t running_tid
-    cdef readonly uint64_t kicks           # kick signals cancel() sent, for tests
     cdef timer_t timer
     cdef pid_t timer_tid
 
@@ -389,29 +387,17 @@ cdef class Vcpu(ExitDetails):
             return EXIT_CANCELLED if self.cancel_requested else EXIT_TIMEOUT
         return EXIT_UNKNOWN
 
-    def begin_call(self):
-        """Opens a call for cancel(): from now until end_call(), the first cancel() stops it (the
-        current or next run() returns EXIT_CANCELLED). A cancel from before is forgotten."""
-        self.cancel_requested = 0
-        self.call_active = 1
-
-    def end_call(self):
-        """Closes the call: cancel() does nothing again (so it cannot poison a later call)."""
-        self.call_active = 0
-
     def cancel(self):
         """Stops the call this vCPU runs (from any thread): safe when it is idle or closed.
 
         Only the first cancel of a call does anything, and it sends at most one signal, only when
         a thread is inside run(): real-time signals queue, so a signal per cancel lets a loop of
         cancels fill the queue and bury the vCPU thread in handler invocations. Idle cancels
-        (no call open) do nothing. The test-and-set needs no atomics: cancel() and the checks in
-        run() all hold the GIL; only KVM_RUN itself runs without it."""
+        (no call open) do nothing."""
         cdef kvm_run *r = self.run_page
         cdef pid_t tid
-        if r == NULL or not self.call_active or self.cancel_requested:
+        if r == NULL or not self._first_cancel():
             return
-        self.cancel_requested = 1
         __sync_synchronize()
         r.immediate_exit = 1
         tid = self.running_tid

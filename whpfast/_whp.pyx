@@ -30,6 +30,7 @@ from .includes.whp cimport *
 from . import errors
 
 include "_exits.pxi"
+include "_cancel.pxi"
 
 DEF PAGE_SIZE = 4096
 DEF ALLOCATION_GRANULARITY = 65536   # MapViewOfFile offsets must be multiples of this
@@ -186,7 +187,7 @@ cdef inline uint16_t _attributes(uint8_t type, bint s, int dpl, bint present, bi
     return type | (s << 4) | (dpl << 5) | (present << 7) | (l << 13) | (db << 14) | (g << 15)
 
 
-cdef class Vcpu(ExitDetails):
+cdef class Vcpu(CancelState):
     """A virtual processor. Register writes are queued and applied in one call before each run."""
     cdef readonly Vm vm
     cdef WHV_PARTITION_HANDLE partition
@@ -197,11 +198,7 @@ cdef class Vcpu(ExitDetails):
     cdef uint32_t n_pending
     cdef WHV_RUN_VP_EXIT_CONTEXT exit
     cdef TimerContext timer
-    # cancellation (see cancel())
-    cdef volatile int call_active         # between begin_call() and end_call()
-    cdef volatile int cancel_requested
     cdef volatile int running             # inside WHvRunVirtualProcessor (or about to be)
-    cdef readonly uint64_t kicks           # WHvCancelRunVirtualProcessor calls cancel() made
     # Tests turn this off to show that a backend which does not step RIP past `out` fails.
     cdef public bint step_rip
     cdef readonly uint64_t api_calls       # WHv* calls made, for measurements
@@ -375,16 +372,6 @@ cdef class Vcpu(ExitDetails):
             return EXIT_FAIL_ENTRY
         return EXIT_UNKNOWN
 
-    def begin_call(self):
-        """Opens a call for cancel(): from now until end_call(), the first cancel() stops it (the
-        current or next run() returns EXIT_CANCELLED). A cancel from before is forgotten."""
-        self.cancel_requested = 0
-        self.call_active = 1
-
-    def end_call(self):
-        """Closes the call: cancel() does nothing again (so it cannot poison a later call)."""
-        self.call_active = 0
-
     def cancel(self):
         """Stops the call this processor runs (from any thread): safe when it is idle or closed.
 
@@ -392,12 +379,10 @@ cdef class Vcpu(ExitDetails):
         only while run() is in (or about to enter) WHvRunVirtualProcessor; otherwise run() sees
         cancel_requested before its next run. So a loop of cancels costs one WHv* call at most,
         and an idle cancel leaves nothing pending in WHP (one landing just as a run returns stays
-        pending and makes a later run return Canceled at once, which run() skips). The
-        test-and-set needs no atomics: cancel() and run()'s checks and `running` updates all hold
-        the GIL; only WHvRunVirtualProcessor runs without it."""
-        if not self.alive or not self.call_active or self.cancel_requested:
+        pending and makes a later run return Canceled at once, which run() skips). `running`,
+        like the rest of _cancel.pxi, changes only with the GIL held."""
+        if not self.alive or not self._first_cancel():
             return
-        self.cancel_requested = 1
         if self.running:
             WHvCancelRunVirtualProcessor(self.partition, self.index, 0)
             self.kicks += 1
