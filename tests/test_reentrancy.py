@@ -91,6 +91,24 @@ def test_host_function_reentering_its_sandbox_raises_at_once(testkit, operation)
     sb.close()
 
 
+def test_on_print_reentering_its_sandbox_raises_and_poisons(testkit):
+    """on_print is user code too; its exception ends the call mid-way, so the sandbox is
+    poisoned (the guest did not finish)."""
+    box = {}
+    sb = whpfast.Sandbox(testkit, on_print=lambda text: box["sb"].call("add", 1, 2))
+    box["sb"] = sb
+    in_thread(raises, SandboxBusy, sb.call, "hello")()
+    raises(SandboxPoisoned, sb.call, "add", 1, 2)
+    sb.close()
+
+
+def test_host_function_may_call_other_sandboxes(testkit):
+    with whpfast.Sandbox(testkit) as outer, whpfast.Sandbox(testkit) as inner:
+        inner.register("triple", lambda x: 3 * x)
+        outer.register("via_inner", lambda x: inner.call("call_host", "triple", x) + 1)
+        assert in_thread(outer.call, "call_host", "via_inner", 5)() == 16
+
+
 def test_close_from_host_function_takes_effect_when_the_call_unwinds(testkit):
     sb = whpfast.Sandbox(testkit)
     after = []

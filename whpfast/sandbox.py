@@ -49,16 +49,16 @@ _FAULT_KINDS = {0: "divide", 6: "invalid_opcode", 13: "general_protection", 14: 
 
 
 class _Operation:
-    """`with _Operation(sandbox, what, deadline, call)`: runs the block as the sandbox's one
-    operation (see Sandbox._acquire); call=True opens it for cancel()."""
-    __slots__ = ("sandbox", "args")
+    """`with _Operation(sandbox, what)`: runs the block as the sandbox's one operation (see
+    Sandbox._acquire)."""
+    __slots__ = ("sandbox", "what")
 
-    def __init__(self, sandbox, what, deadline=None, call=False):
+    def __init__(self, sandbox, what):
         self.sandbox = sandbox
-        self.args = (what, deadline, call)
+        self.what = what
 
     def __enter__(self):
-        self.sandbox._acquire(*self.args)
+        self.sandbox._acquire(self.what)
 
     def __exit__(self, *exc):
         self.sandbox._release()
@@ -165,13 +165,15 @@ class Sandbox:
         self._vcpu = vcpu
         self._on_print = on_print
         self._host_functions = {}
-        # One operation (call, restore, snapshot) at a time; others wait. _cv guards the fields
-        # below and is held only briefly, never while the guest or user code runs (an RLock: a
-        # Python signal handler may call cancel() while its thread holds it).
-        self._cv = threading.Condition()
+        # One operation (call, restore, snapshot) at a time; others wait. _mutex guards the
+        # fields below and is held only briefly, never while the guest or user code runs (an
+        # RLock: a Python signal handler may close() while its thread holds it).
+        self._mutex = threading.RLock()
+        self._cv = threading.Condition(self._mutex)
         self._owner = None               # ident of the thread running an operation
         self._in_user_code = False       # ...which is inside a host function or on_print
         self._close_pending = False      # close() was asked for while an operation ran
+        self._waiting = 0                # threads waiting on _cv (only they need a notify)
         self._poisoned = None
         self._host_error = None
         r = layout.region
@@ -208,7 +210,7 @@ class Sandbox:
         again and the call raises SandboxClosed."""
         if self._closed:
             return
-        with self._cv:
+        with self._mutex:
             if self._closed:
                 return
             if self._owner is None:
@@ -218,10 +220,10 @@ class Sandbox:
             self._vcpu.cancel()
             self._cv.notify_all()        # threads waiting to operate: they raise SandboxClosed
             if self._owner != threading.get_ident():
-                self._cv.wait_for(lambda: self._closed or self._in_user_code)
+                self._wait(lambda: self._closed or self._in_user_code)
 
     def _free(self):
-        # with _cv held, and no operation running
+        # with _mutex held, and no operation running
         self._closed = True
         self._cv.notify_all()            # threads waiting to operate: they raise SandboxClosed
         self._mem.release()
@@ -231,48 +233,64 @@ class Sandbox:
         for m in self._file_mappings:
             m.close()
 
-    def _acquire(self, what, deadline, call):
-        """Makes this thread the one operating on the sandbox. Another thread's operation is
-        waited for (until deadline, a time.monotonic_ns() value: then GuestTimeout). From inside
-        a host function of this sandbox's own running call it raises SandboxBusy at once: the
-        call holds the vCPU, so waiting would deadlock."""
+    def _wait(self, predicate, timeout=None):
+        # with _mutex held
+        self._waiting += 1
+        try:
+            return self._cv.wait_for(predicate, timeout)
+        finally:
+            self._waiting -= 1
+
+    def _acquire(self, what, deadline=None, call=False):
+        """Makes this thread the one operating on the sandbox (what: "restore()", "snapshot()",
+        or a guest function's name for call=True, which also opens the call for cancel()).
+        Another thread's operation is waited for (until deadline, a time.monotonic_ns() value:
+        then GuestTimeout). From inside a host function of this sandbox's own running call it
+        raises SandboxBusy at once: the call holds the vCPU, so waiting would deadlock."""
         me = threading.get_ident()
-        with self._cv:
-            if self._owner == me:
-                raise SandboxBusy(
-                    f"{what} was called from inside a host function (or on_print) of a call running "
-                    f"on this same sandbox; a sandbox runs one operation at a time and cannot be "
-                    f"re-entered. Return from the host function first, or use another sandbox")
-            if self._owner is not None and not self._closed and not self._close_pending:
-                free = lambda: self._owner is None or self._closed or self._close_pending
-                timeout = None if deadline is None else max(0, deadline - time.monotonic_ns()) / 1e9
-                if not self._cv.wait_for(free, timeout):
-                    raise GuestTimeout(f"{what} waited past its timeout for another thread's operation "
-                                       f"on this sandbox and did not start; the sandbox is not poisoned")
-            if self._closed or self._close_pending:
-                raise SandboxClosed("the sandbox is closed")
+        with self._mutex:
+            if self._owner is not None or self._closed or self._close_pending:
+                self._acquire_slow(f"call({what!r})" if call else what, deadline, me)
             self._owner = me
-            if call:
-                self._vcpu.begin_call()      # from now on cancel() stops this call
+        if call:
+            # From here cancel() stops this call; a cancel before it found no call and did
+            # nothing (nothing observable has happened yet). GIL-atomic, like cancel().
+            self._vcpu.begin_call()
+
+    def _acquire_slow(self, what, deadline, me):
+        if self._owner == me:
+            raise SandboxBusy(
+                f"{what} was called from inside a host function (or on_print) of a call running "
+                f"on this same sandbox; a sandbox runs one operation at a time and cannot be "
+                f"re-entered. Return from the host function first, or use another sandbox")
+        if self._owner is not None and not self._closed and not self._close_pending:
+            free = lambda: self._owner is None or self._closed or self._close_pending
+            timeout = None if deadline is None else max(0, deadline - time.monotonic_ns()) / 1e9
+            if not self._wait(free, timeout):
+                raise GuestTimeout(f"{what} waited past its timeout for another thread's operation "
+                                   f"on this sandbox and did not start; the sandbox is not poisoned")
+        if self._closed or self._close_pending:
+            raise SandboxClosed("the sandbox is closed")
 
     def _release(self):
-        with self._cv:
-            self._vcpu.end_call()
+        self._vcpu.end_call()
+        with self._mutex:
             self._owner = None
             self._in_user_code = False
             if self._close_pending:
                 self._free()
-            else:
+            elif self._waiting:
                 self._cv.notify_all()
 
     def _user_code(self, fn, *args):
         """Runs a host function or on_print, letting a close() in another thread return at once
         (user code cannot be interrupted) and refusing to start after a close was requested."""
-        with self._cv:
+        with self._mutex:
             if self._close_pending:
                 raise SandboxClosed("the sandbox was closed during the call")
             self._in_user_code = True
-            self._cv.notify_all()
+            if self._waiting:
+                self._cv.notify_all()
         try:
             return fn(*args)
         finally:
@@ -350,11 +368,14 @@ class Sandbox:
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
-        with _Operation(self, f"call({name!r})", deadline, call=True):
+        self._acquire(name, deadline, call=True)
+        try:
             self._check_ready()
             self._host_write(self._input, lambda base, size: abi.encode_call(
                 self._mem, base, size, export.index, name, export.params, args))
             return self._run_call(export, timeout, deadline)
+        finally:
+            self._release()
 
     def cancel(self):
         """Stops the call running on this sandbox, from any thread (or from one of its host
@@ -362,9 +383,8 @@ class Sandbox:
         at once; a host function cannot be interrupted, so the call ends when it returns. Does
         nothing when no call runs (nor to a later call); any number of cancels cost as much as
         one (at most one signal to the vCPU thread per call)."""
-        with self._cv:
-            if not self._closed:
-                self._vcpu.cancel()
+        if not self._closed:             # vcpu.cancel() is safe on a closed vCPU too (and
+            self._vcpu.cancel()          # holds the GIL, as close() does: no use after free)
 
     # -- snapshots ---------------------------------------------------------------------------
 
@@ -556,7 +576,10 @@ class Sandbox:
 
     def _print(self, text):
         if self._on_print is not None:
-            self._user_code(self._on_print, text)
+            try:
+                self._user_code(self._on_print, text)
+            except WhpfastError as e:    # the guest stopped mid-call, as for any other exception
+                raise self._poison(e)
         else:
             sys.stdout.write(text)
             sys.stdout.flush()
