@@ -303,6 +303,22 @@ def test_cancel_during_a_host_function_is_not_lost(sandbox):
 
 # -- item 7: what timeout= bounds -----------------------------------------------------------------
 
+def test_tiny_timeouts_always_fire(testkit):
+    """A timer that fires before the run loop reaches KVM_RUN (timeouts of microseconds; on a
+    loaded machine, any timeout) must still end the call: the loop checks the clock as well as
+    the signal. Before that check, this hung within a few calls."""
+    with whpfast.Sandbox(testkit) as sb:
+        snap = sb.snapshot()
+
+        def loop():
+            for i in range(400):
+                raises(GuestTimeout, sb.call, "spin", timeout=(1 + i % 40) * 1e-6)
+                sb.restore(snap)
+            return sb.call("add", 1, 2)
+
+        assert in_thread(loop)() == 3
+
+
 def test_timeout_counts_host_function_time(sandbox):
     """A host function cannot be interrupted; the call ends with GuestTimeout as soon as it
     returns, and the guest does not run on."""

@@ -303,7 +303,8 @@ cdef class Vcpu(CancelState):
         cleared *before* cancel_requested is checked, so a cancel can never be lost between the
         check and KVM_RUN: either the check sees it, or KVM_RUN starts with immediate_exit set, or
         the signal interrupts it (the handler sets immediate_exit again, for a signal that lands
-        just before KVM_RUN enters the guest)."""
+        just before KVM_RUN enters the guest). The timer follows the same order, with the
+        deadline in place of cancel_requested."""
         cdef kvm_run *r = self._run()
         cdef int fd = self._fd()
         cdef int rc = 0, err = 0
@@ -320,6 +321,11 @@ cdef class Vcpu(CancelState):
                 __sync_synchronize()
                 if self.cancel_requested:
                     return EXIT_CANCELLED
+                # The timer's signal may have landed before immediate_exit was cleared just
+                # above (the thread was preempted after arming it): it is lost, so look at the
+                # clock too. It fires only at the deadline, so this check sees any such signal.
+                if deadline and whpfast_monotonic_ns() >= deadline:
+                    return EXIT_TIMEOUT
                 with nogil:
                     rc = ioctl(fd, KVM_RUN, 0)
                     err = errno

@@ -48,6 +48,11 @@ _VECTOR_NAMES = {
 _FAULT_KINDS = {0: "divide", 6: "invalid_opcode", 13: "general_protection", 14: "pagefault"}
 
 
+def _not_started(what):
+    return GuestTimeout(f"{what} waited past its timeout for another thread's operation on this "
+                        f"sandbox and did not start; the sandbox is not poisoned")
+
+
 class _Operation:
     """`with _Operation(sandbox, what)`: runs the block as the sandbox's one operation (see
     Sandbox._acquire)."""
@@ -267,8 +272,7 @@ class Sandbox:
             free = lambda: self._owner is None or self._closed or self._close_pending
             timeout = None if deadline is None else max(0, deadline - time.monotonic_ns()) / 1e9
             if not self._wait(free, timeout):
-                raise GuestTimeout(f"{what} waited past its timeout for another thread's operation "
-                                   f"on this sandbox and did not start; the sandbox is not poisoned")
+                raise _not_started(what)
         if self._closed or self._close_pending:
             raise SandboxClosed("the sandbox is closed")
 
@@ -371,6 +375,8 @@ class Sandbox:
         self._acquire(name, deadline, call=True)
         try:
             self._check_ready()
+            if deadline is not None and time.monotonic_ns() >= deadline:
+                raise _not_started(f"call({name!r})")    # got the sandbox just too late
             self._host_write(self._input, lambda base, size: abi.encode_call(
                 self._mem, base, size, export.index, name, export.params, args))
             return self._run_call(export, timeout, deadline)
