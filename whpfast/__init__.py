@@ -29,8 +29,8 @@ from . import guests  # noqa: E402  (after the check above, on purpose)
 from .backend import hypervisor  # noqa: E402
 from .errors import (GuestAbort, GuestBuildError, GuestCallError, GuestCancelled,  # noqa: E402
                      GuestError, GuestFault, GuestLoadError, GuestTimeout, HostFunctionError,
-                     HypervisorError, HypervisorUnavailable, SandboxClosed, SandboxError,
-                     SandboxPoisoned, SnapshotError, WhpfastError)
+                     HypervisorError, HypervisorUnavailable, SandboxBusy, SandboxClosed,
+                     SandboxError, SandboxPoisoned, SnapshotError, WhpfastError)
 from .guestbuild import build_guest  # noqa: E402
 from .sandbox import RestoreStats, Sandbox  # noqa: E402
 from .snapshot import Snapshot  # noqa: E402
@@ -40,6 +40,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Sandbox", "Snapshot", "RestoreStats", "build_guest", "guests", "hypervisor", "__version__",
     "WhpfastError", "HypervisorUnavailable", "HypervisorError", "SandboxError", "SandboxClosed",
-    "SandboxPoisoned", "GuestError", "GuestFault", "GuestTimeout", "GuestCancelled", "GuestAbort",
-    "GuestCallError", "HostFunctionError", "GuestLoadError", "GuestBuildError", "SnapshotError",
+    "SandboxBusy", "SandboxPoisoned", "GuestError", "GuestFault", "GuestTimeout", "GuestCancelled",
+    "GuestAbort", "GuestCallError", "HostFunctionError", "GuestLoadError", "GuestBuildError", "SnapshotError",
 ]

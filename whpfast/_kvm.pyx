@@ -43,6 +43,7 @@ cdef extern from "includes/compat.h" nogil:
 
 
 include "_exits.pxi"
+include "_cancel.pxi"
 
 DEF PAGE_SIZE = 4096
 
@@ -210,7 +211,7 @@ cdef class Vm:
         self.close()
 
 
-cdef class Vcpu(ExitDetails):
+cdef class Vcpu(CancelState):
     """A vCPU fd and its kvm_run page. Registers reach the guest through the sync-regs area of
     kvm_run, folded into the next KVM_RUN instead of separate ioctls (each ioctl costs as much as
     an exit on the PVM hosts)."""
@@ -218,8 +219,7 @@ cdef class Vcpu(ExitDetails):
     cdef kvm_run *run_page
     cdef size_t run_size
     cdef readonly Vm vm
-    # cancellation and timeouts (see run())
-    cdef volatile int cancel_requested
+    # cancellation and timeouts (see run(), cancel() and _cancel.pxi)
     cdef volatile pid_t running_tid
     cdef timer_t timer
     cdef pid_t timer_tid
@@ -302,7 +302,6 @@ cdef class Vcpu(ExitDetails):
         r.s.regs.regs.rflags = rflags
         r.s.regs.regs.rdi = rdi
         r.kvm_dirty_regs |= KVM_SYNC_X86_REGS
-        self.cancel_requested = 0
 
     cdef kvm_run *_run(self) except NULL:
         if self.run_page == NULL:
@@ -314,8 +313,12 @@ cdef class Vcpu(ExitDetails):
         the exit attributes. timeout_ns > 0 arms a one-shot timer that kicks this thread.
 
         Cancellation protocol: cancel() sets cancel_requested, then immediate_exit, then signals
-        the running thread. Here immediate_exit is cleared *before* cancel_requested is checked, so
-        a cancel can never be lost between the check and KVM_RUN."""
+        the thread in run() if there is one. Here running_tid is set first, and immediate_exit is
+        cleared *before* cancel_requested is checked, so a cancel can never be lost between the
+        check and KVM_RUN: either the check sees it, or KVM_RUN starts with immediate_exit set, or
+        the signal interrupts it (the handler sets immediate_exit again, for a signal that lands
+        just before KVM_RUN enters the guest). The timer follows the same order, with the
+        deadline in place of cancel_requested."""
         cdef kvm_run *r = self._run()
         cdef int fd = self._fd()
         cdef int rc = 0, err = 0
@@ -332,6 +335,11 @@ cdef class Vcpu(ExitDetails):
                 __sync_synchronize()
                 if self.cancel_requested:
                     return EXIT_CANCELLED
+                # The timer's signal may have landed before immediate_exit was cleared just
+                # above (the thread was preempted after arming it): it is lost, so look at the
+                # clock too. It fires only at the deadline, so this check sees any such signal.
+                if deadline and whpfast_monotonic_ns() >= deadline:
+                    return EXIT_TIMEOUT
                 self.completion_pending = True
                 with nogil:
                     rc = ioctl(fd, KVM_RUN, 0)
@@ -420,17 +428,22 @@ cdef class Vcpu(ExitDetails):
         return EXIT_UNKNOWN
 
     def cancel(self):
-        """Stops the guest this vCPU is running (from any thread). Safe when it is idle."""
+        """Stops the call this vCPU runs (from any thread): safe when it is idle or closed.
+
+        Only the first cancel of a call does anything, and it sends at most one signal, only when
+        a thread is inside run(): real-time signals queue, so a signal per cancel lets a loop of
+        cancels fill the queue and bury the vCPU thread in handler invocations. Idle cancels
+        (no call open) do nothing."""
         cdef kvm_run *r = self.run_page
         cdef pid_t tid
-        if r == NULL:
+        if r == NULL or not self._first_cancel():
             return
-        self.cancel_requested = 1
         __sync_synchronize()
         r.immediate_exit = 1
         tid = self.running_tid
         if tid:
             whpfast_kick_thread(tid)
+            self.kicks += 1
 
     cdef int _retire_pending(self) except -1:
         """Finishes what KVM left of the last exit, without entering the guest. KVM completes an

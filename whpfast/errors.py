@@ -31,6 +31,11 @@ class SandboxClosed(SandboxError):
     """The sandbox (or the object behind it) is closed."""
 
 
+class SandboxBusy(SandboxError):
+    """A host function called back into its own sandbox (call, restore, snapshot) while the call
+    that runs it holds the vCPU; return from the host function first, or use another sandbox."""
+
+
 class SandboxPoisoned(SandboxError):
     """An earlier call faulted, timed out or was interrupted; restore a snapshot or close it."""
 

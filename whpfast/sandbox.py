@@ -14,8 +14,8 @@ import numpy as np
 
 from . import _pages, abi, backend, elf, machine
 from .errors import (GuestAbort, GuestCallError, GuestCancelled, GuestFault, GuestTimeout,
-                     HostFunctionError, HypervisorError, SandboxClosed, SandboxPoisoned,
-                     SnapshotError, WhpfastError)
+                     HostFunctionError, HypervisorError, SandboxBusy, SandboxClosed,
+                     SandboxPoisoned, SnapshotError, WhpfastError)
 from .snapshot import STATE_PARTS, Snapshot
 from .snapshot import words_for as snapshot_words
 from ._typing import StrPath, Value
@@ -48,6 +48,27 @@ _VECTOR_NAMES = {
     18: "#MC machine check", 19: "#XM SIMD floating point", 20: "#VE virtualization", 21: "#CP control protection",
 }
 _FAULT_KINDS = {0: "divide", 6: "invalid_opcode", 13: "general_protection", 14: "pagefault"}
+
+
+def _not_started(what):
+    return GuestTimeout(f"{what} waited past its timeout for another thread's operation on this "
+                        f"sandbox and did not start; the sandbox is not poisoned")
+
+
+class _Operation:
+    """`with _Operation(sandbox, what)`: runs the block as the sandbox's one operation (see
+    Sandbox._acquire)."""
+    __slots__ = ("sandbox", "what")
+
+    def __init__(self, sandbox, what):
+        self.sandbox = sandbox
+        self.what = what
+
+    def __enter__(self):
+        self.sandbox._acquire(self.what)
+
+    def __exit__(self, *exc):
+        self.sandbox._release()
 
 
 class Sandbox:
@@ -157,7 +178,15 @@ class Sandbox:
         self._vcpu = vcpu
         self._on_print = on_print
         self._host_functions = {}
-        self._lock = threading.Lock()
+        # One operation (call, restore, snapshot) at a time; others wait. _mutex guards the
+        # fields below and is held only briefly, never while the guest or user code runs (an
+        # RLock: a Python signal handler may close() while its thread holds it).
+        self._mutex = threading.RLock()
+        self._cv = threading.Condition(self._mutex)
+        self._owner = None               # ident of the thread running an operation
+        self._in_user_code = False       # ...which is inside a host function or on_print
+        self._close_pending = False      # close() was asked for while an operation ran
+        self._waiting = 0                # threads waiting on _cv (only they need a notify)
         self._poisoned = None
         self._host_error = None
         r = layout.region
@@ -186,25 +215,98 @@ class Sandbox:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Frees the VM and its memory. Idempotent. A call running in another thread is
-        cancelled first."""
+        """Frees the VM and its memory. Idempotent. A call running in another thread is stopped
+        (it raises SandboxClosed) and close() returns once it has unwound and freed everything;
+        if that thread is inside a host function, which cannot be interrupted, close() returns at
+        once and the sandbox is freed when the host function returns. From inside a host function
+        of this sandbox, the close takes effect when the call unwinds: the guest does not run
+        again and the call raises SandboxClosed."""
         if self._closed:
             return
-        if not self._lock.acquire(blocking=False):
-            self._vcpu.cancel()
-            self._lock.acquire()
-        try:
+        with self._mutex:
             if self._closed:
                 return
-            self._closed = True
-            self._mem.release()
-            self._vcpu.close()
-            self._vm.close()
-            self._memory.close()
-            for m in self._file_mappings:
-                m.close()
+            if self._owner is None:
+                self._free()
+                return
+            self._close_pending = True
+            self._vcpu.cancel()
+            self._cv.notify_all()        # threads waiting to operate: they raise SandboxClosed
+            if self._owner != threading.get_ident():
+                self._wait(lambda: self._closed or self._in_user_code)
+
+    def _free(self):
+        # with _mutex held, and no operation running
+        self._closed = True
+        self._cv.notify_all()            # threads waiting to operate: they raise SandboxClosed
+        self._mem.release()
+        self._vcpu.close()
+        self._vm.close()
+        self._memory.close()
+        for m in self._file_mappings:
+            m.close()
+
+    def _wait(self, predicate, timeout=None):
+        # with _mutex held
+        self._waiting += 1
+        try:
+            return self._cv.wait_for(predicate, timeout)
         finally:
-            self._lock.release()
+            self._waiting -= 1
+
+    def _acquire(self, what, deadline=None, call=False):
+        """Makes this thread the one operating on the sandbox (what: "restore()", "snapshot()",
+        or a guest function's name for call=True, which also opens the call for cancel()).
+        Another thread's operation is waited for (until deadline, a time.monotonic_ns() value:
+        then GuestTimeout). From inside a host function of this sandbox's own running call it
+        raises SandboxBusy at once: the call holds the vCPU, so waiting would deadlock."""
+        me = threading.get_ident()
+        with self._mutex:
+            if self._owner is not None or self._closed or self._close_pending:
+                self._acquire_slow(f"call({what!r})" if call else what, deadline, me)
+            self._owner = me
+        if call:
+            # From here cancel() stops this call; a cancel before it found no call and did
+            # nothing (nothing observable has happened yet). GIL-atomic, like cancel().
+            self._vcpu.begin_call()
+
+    def _acquire_slow(self, what, deadline, me):
+        if self._owner == me:
+            raise SandboxBusy(
+                f"{what} was called from inside a host function (or on_print) of a call running "
+                f"on this same sandbox; a sandbox runs one operation at a time and cannot be "
+                f"re-entered. Return from the host function first, or use another sandbox")
+        if self._owner is not None and not self._closed and not self._close_pending:
+            free = lambda: self._owner is None or self._closed or self._close_pending
+            timeout = None if deadline is None else max(0, deadline - time.monotonic_ns()) / 1e9
+            if not self._wait(free, timeout):
+                raise _not_started(what)
+        if self._closed or self._close_pending:
+            raise SandboxClosed("the sandbox is closed")
+
+    def _release(self):
+        self._vcpu.end_call()
+        with self._mutex:
+            self._owner = None
+            self._in_user_code = False
+            if self._close_pending:
+                self._free()
+            elif self._waiting:
+                self._cv.notify_all()
+
+    def _user_code(self, fn, *args):
+        """Runs a host function or on_print, letting a close() in another thread return at once
+        (user code cannot be interrupted) and refusing to start after a close was requested."""
+        with self._mutex:
+            if self._close_pending:
+                raise SandboxClosed("the sandbox was closed during the call")
+            self._in_user_code = True
+            if self._waiting:
+                self._cv.notify_all()
+        try:
+            return fn(*args)
+        finally:
+            self._in_user_code = False
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -223,7 +325,8 @@ class Sandbox:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """True once close() was called (the memory is freed when a running call unwinds)."""
+        return self._closed or self._close_pending
 
     @property
     def poisoned(self) -> Optional[str]:
@@ -263,32 +366,47 @@ class Sandbox:
 
     def call(self, name: str, *args: Value, timeout: Optional[float] = None) -> Any:
         """Calls guest function `name`. Arguments and results are int (64-bit), float, bytes, str,
-        bool or None; wrong types or counts raise TypeError before the guest runs. timeout is in
-        seconds; a call past it raises GuestTimeout and poisons the sandbox."""
+        bool or None; wrong types or counts raise TypeError before the guest runs.
+
+        timeout (seconds) bounds the whole call: waiting for another thread's operation on this
+        sandbox, the guest's run time and the time spent in host functions. Past it the call
+        raises GuestTimeout: a running guest is stopped at once and the sandbox is poisoned; a
+        host function cannot be interrupted, so the call ends as soon as it returns (its result
+        is not passed to the guest); a call still waiting for another thread does not start and
+        poisons nothing."""
         export = self._image.exports.get(name) if isinstance(name, str) else None
         if export is None:
             raise GuestCallError(f"the guest has no function {name!r}; it exports "
                                  f"{', '.join(sorted(self._image.exports))}")
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-        with self._lock:
+        deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
+        self._acquire(name, deadline, call=True)
+        try:
             self._check_ready()
+            if deadline is not None and time.monotonic_ns() >= deadline:
+                raise _not_started(f"call({name!r})")    # got the sandbox just too late
             self._host_write(self._input, lambda base, size: abi.encode_call(
                 self._mem, base, size, export.index, name, export.params, args))
-            return self._run_call(export, timeout)
+            return self._run_call(export, timeout, deadline)
+        finally:
+            self._release()
 
     def cancel(self) -> None:
-        """Stops the call running in another thread; it raises GuestCancelled and the sandbox is
-        poisoned. Does nothing when no call runs."""
-        if not self._closed:
-            self._vcpu.cancel()
+        """Stops the call running on this sandbox, from any thread (or from one of its host
+        functions): it raises GuestCancelled and the sandbox is poisoned. A running guest stops
+        at once; a host function cannot be interrupted, so the call ends when it returns. Does
+        nothing when no call runs (nor to a later call); any number of cancels cost as much as
+        one (at most one signal to the vCPU thread per call)."""
+        if not self._closed:             # vcpu.cancel() is safe on a closed vCPU too (and
+            self._vcpu.cancel()          # holds the GIL, as close() does: no use after free)
 
     # -- snapshots ---------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
         """Captures memory and the complete vCPU state. Its cost follows the memory size (every
         page is scanned, non-zero ones copied); take snapshots once, restore them often."""
-        with self._lock:
+        with _Operation(self, "snapshot()"):
             self._check_ready()
             image = impl.GuestMemory(self._layout.memory_size)
             nonzero = np.zeros_like(self._dirty)
@@ -314,7 +432,7 @@ class Sandbox:
         over memory once. sb.last_restore tells what it did."""
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"restore() takes a Snapshot, not {type(snapshot).__name__}")
-        with self._lock:
+        with _Operation(self, "restore()"):
             if self._closed:
                 raise SandboxClosed("the sandbox is closed")
             why = snapshot.compatible_with(self._layout_dict, self._image.digest)
@@ -400,11 +518,10 @@ class Sandbox:
             raise SandboxPoisoned(f"the sandbox is poisoned by an earlier call ({self._poisoned}); "
                                   f"restore a snapshot or close it")
 
-    def _run_call(self, export, timeout):
+    def _run_call(self, export, timeout, deadline):
         vcpu = self._vcpu
         vcpu.enter(self._image.entry, self._stack_top)
         self._ran = True
-        deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
         self._host_error = None
         try:
             while True:
@@ -479,7 +596,10 @@ class Sandbox:
 
     def _print(self, text):
         if self._on_print is not None:
-            self._on_print(text)
+            try:
+                self._user_code(self._on_print, text)
+            except WhpfastError as e:    # the guest stopped mid-call, as for any other exception
+                raise self._poison(e)
         else:
             sys.stdout.write(text)
             sys.stdout.flush()
@@ -504,7 +624,7 @@ class Sandbox:
         if fn is None:
             return self._reply_error(f"no host function named {name!r} is registered")
         try:
-            result = fn(*args)
+            result = self._user_code(fn, *args)
             letter = abi.letter_of(result)
         except Exception as e:
             if self._host_error is None:
@@ -572,7 +692,10 @@ class Sandbox:
     def _exit_error(self, kind, export, timeout):
         vcpu = self._vcpu
         if kind == impl.EXIT_TIMEOUT:
-            return GuestTimeout(f"{export.name}() ran past its timeout of {timeout} s and was stopped")
+            return GuestTimeout(f"{export.name}() ran past its timeout of {timeout} s (guest and host "
+                                f"function time together) and was stopped")
+        if kind == impl.EXIT_CANCELLED and self._close_pending:
+            return SandboxClosed(f"the sandbox was closed while {export.name}() ran; the call was stopped")
         if kind == impl.EXIT_CANCELLED:
             return GuestCancelled(f"{export.name}() was cancelled")
         if kind == impl.EXIT_MMIO:
