@@ -11,6 +11,7 @@ from .errors import (GuestAbort, GuestBuildError, GuestCallError, GuestCancelled
                      GuestFault, GuestLoadError, GuestTimeout, HostFunctionError, HypervisorError,
                      HypervisorUnavailable, SandboxClosed, SandboxError, SandboxPoisoned,
                      SnapshotError, WhpfastError)
+from .errors import ConfigError
 from .guestbuild import build_guest
 from .sandbox import Sandbox
 
@@ -21,4 +22,5 @@ __all__ = [
     "WhpfastError", "HypervisorUnavailable", "HypervisorError", "SandboxError", "SandboxClosed",
     "SandboxPoisoned", "GuestError", "GuestFault", "GuestTimeout", "GuestCancelled", "GuestAbort",
     "GuestCallError", "HostFunctionError", "GuestLoadError", "GuestBuildError", "SnapshotError",
+    "ConfigError",
 ]
