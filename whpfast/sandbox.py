@@ -1,7 +1,6 @@
 """The public Sandbox: a micro-VM running one guest ELF, with calls into the guest and host
 functions the guest can call back. Backend-neutral: it talks to whatever backend.impl is."""
 
-import math
 import os
 import stat
 import sys
