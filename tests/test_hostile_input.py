@@ -85,6 +85,12 @@ def test_mapped_files_and_snapshots_must_be_regular_files(testkit, tmp_path, mak
         finishes(lambda: whpfast.Sandbox.from_snapshot(path))
 
 
+def test_empty_mapped_file_is_a_config_error(testkit, tmp_path):
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(ConfigError, match="empty"):
+        whpfast.Sandbox(testkit, files={"data": tmp_path / "empty"})
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"memory_size": 1 << 40}, "memory_size .* at most 68719476736"),
     ({"memory_size": (64 << 30) + PAGE}, "memory_size"),

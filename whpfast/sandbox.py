@@ -135,13 +135,15 @@ class Sandbox:
         for name, path in files.items():
             abi.check_file_name(name)
             try:
-                mode = os.stat(path).st_mode
+                st = os.stat(path)
             except OSError:
                 continue            # FileMapping reports it (FileNotFoundError, PermissionError)
             # Opening a FIFO blocks until a writer comes; a device has no size to map.
-            if not stat.S_ISREG(mode):
+            if not stat.S_ISREG(st.st_mode):
                 raise ConfigError(f"file {name!r} = {path!r} is not a regular file; only regular "
                                   f"files can be mapped into the guest")
+            if st.st_size == 0:
+                raise ConfigError(f"file {name!r} = {path!r} is empty; a mapping needs at least one byte")
         return files
 
     @staticmethod
@@ -288,8 +290,10 @@ class Sandbox:
 
     def call(self, name, *args, timeout=None):
         """Calls guest function `name`. Arguments and results are int (64-bit), float, bytes, str,
-        bool or None; wrong types or counts raise TypeError before the guest runs. timeout is in
-        seconds; a call past it raises GuestTimeout and poisons the sandbox."""
+        bool or None; wrong types or counts raise TypeError before the guest runs (a bool is not
+        an int), as do OverflowError (an int outside int64) and ValueError (a str with a lone
+        surrogate, a value too big for the input buffer). timeout is in seconds (None or inf:
+        none); a call past it raises GuestTimeout and poisons the sandbox."""
         export = self._image.exports.get(name) if isinstance(name, str) else None
         if export is None:
             raise GuestCallError(f"the guest has no function {name!r}; it exports "
