@@ -16,7 +16,7 @@ from . import _pages, abi, backend, elf, machine
 from .errors import (ConfigError, GuestAbort, GuestCallError, GuestCancelled, GuestFault, GuestTimeout,
                      HostFunctionError, HypervisorError, SandboxClosed, SandboxPoisoned,
                      SnapshotError, WhpfastError)
-from .snapshot import STATE_PARTS, Snapshot
+from .snapshot import MAX_IO_BUFFER, MAX_MEMORY, STATE_PARTS, Snapshot
 from .snapshot import words_for as snapshot_words
 
 impl = backend.impl
@@ -24,11 +24,12 @@ PAGE = 4096
 # Pages written in two restore cycles running stay writable (no write fault per call, a 0.25 us
 # copy per restore instead); at most this many, so stale hot pages cost little.
 HOT_PAGES = 64
-# Sizes past these are refused before anything is allocated (README "Limits"). Guest memory is
-# MAP_NORESERVE (untouched pages cost nothing), but the host keeps 1 bit per page per bitmap and
-# the page tables grow with it; an I/O buffer's messages carry 32-bit lengths.
-MAX_MEMORY_SIZE = 64 << 30
-MAX_IO_BUFFER_SIZE = 256 << 20
+# Sizes past these are refused before anything is allocated (README "Limits"), the same limits
+# snapshot files are held to. Guest memory is MAP_NORESERVE (untouched pages cost nothing), but
+# the host keeps 1 bit per page per bitmap and the page tables grow with it; an I/O buffer's
+# messages carry 32-bit lengths.
+MAX_MEMORY_SIZE = MAX_MEMORY
+MAX_IO_BUFFER_SIZE = MAX_IO_BUFFER
 # A timeout this long (or inf) is no timeout: deadlines are int64 nanoseconds.
 MAX_TIMEOUT = 1e9
 

@@ -50,7 +50,7 @@ MAX_EXPORTS = 4096
 MAX_REGIONS = 64
 MAX_PATH = 4096
 MAX_IO_BUFFER = 256 << 20
-MAX_TOP = 512 << 30             # what the page tables can map
+MAX_TOP = machine.MAX_TOP       # RAM and file mappings: what the page tables can map
 IMAGE_ALIGN = 65536     # Windows maps file views only at multiples of its allocation granularity
 
 impl = backend.impl
