@@ -44,6 +44,11 @@ class GuestLoadError(WhpfastError, ValueError):
     """The guest ELF cannot be loaded (malformed, or does not fit the sandbox)."""
 
 
+class ConfigError(WhpfastError, ValueError):
+    """A sandbox parameter is out of range or names something unusable (a memory size past the
+    limit, a read-only "file" that is a device or a FIFO)."""
+
+
 class GuestBuildError(WhpfastError):
     """The C compiler failed to build a guest."""
 

@@ -2,6 +2,7 @@
 functions the guest can call back. Backend-neutral: it talks to whatever backend.impl is."""
 
 import os
+import stat
 import sys
 import threading
 import time
@@ -13,10 +14,10 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import numpy as np
 
 from . import _pages, abi, backend, elf, machine
-from .errors import (GuestAbort, GuestCallError, GuestCancelled, GuestFault, GuestTimeout,
-                     HostFunctionError, HypervisorError, SandboxBusy, SandboxClosed,
-                     SandboxPoisoned, SnapshotError, WhpfastError)
-from .snapshot import STATE_PARTS, Snapshot
+from .errors import (ConfigError, GuestAbort, GuestCallError, GuestCancelled, GuestFault,
+                     GuestTimeout, HostFunctionError, HypervisorError, SandboxBusy,
+                     SandboxClosed, SandboxPoisoned, SnapshotError, WhpfastError)
+from .snapshot import MAX_IO_BUFFER, MAX_MEMORY, STATE_PARTS, Snapshot
 from .snapshot import words_for as snapshot_words
 from ._typing import StrPath, Value
 
@@ -25,6 +26,14 @@ PAGE = 4096
 # Pages written in two restore cycles running stay writable (no write fault per call, a 0.25 us
 # copy per restore instead); at most this many, so stale hot pages cost little.
 HOT_PAGES = 64
+# Sizes past these are refused before anything is allocated (README "Limits"), the same limits
+# snapshot files are held to. Guest memory is MAP_NORESERVE (untouched pages cost nothing), but
+# the host keeps 1 bit per page per bitmap and the page tables grow with it; an I/O buffer's
+# messages carry 32-bit lengths.
+MAX_MEMORY_SIZE = MAX_MEMORY
+MAX_IO_BUFFER_SIZE = MAX_IO_BUFFER
+# A timeout this long (or inf) is no timeout: deadlines are int64 nanoseconds.
+MAX_TIMEOUT = 1e9
 
 
 @dataclass(frozen=True)
@@ -86,13 +95,17 @@ class Sandbox:
                  stack_size: int = machine.DEFAULT_STACK_SIZE,
                  on_print: Optional[Callable[[str], object]] = None) -> None:
         self._closed = True          # until fully built, so __del__ and close() are safe
+        self._check_sizes(memory_size, io_buffer_size, stack_size)
         files = self._check_files(files)
         image = elf.load(guest)
         with ExitStack() as undo:
             mappings = self._map_files(files, undo)
-            layout = machine.make_layout(image, memory_size, io_buffer_size=io_buffer_size,
-                                         stack_size=stack_size,
-                                         files=[(n, m.file_size) for n, m in zip(files, mappings)])
+            try:
+                layout = machine.make_layout(image, memory_size, io_buffer_size=io_buffer_size,
+                                             stack_size=stack_size,
+                                             files=[(n, m.file_size) for n, m in zip(files, mappings)])
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             memory = impl.GuestMemory(memory_size)
             undo.callback(memory.close)
             machine.write_environment(memory, layout, image)
@@ -129,14 +142,38 @@ class Sandbox:
             memory = impl.GuestMemory(layout.memory_size)
             undo.callback(memory.close)
             snapshot.map_into(memory)
-            self._start(image, layout, memory, mappings, paths, on_print, snapshot, undo)
+            try:
+                self._start(image, layout, memory, mappings, paths, on_print, snapshot, undo)
+            except ValueError as e:         # a vCPU state part of the wrong size for this backend
+                raise SnapshotError(f"the snapshot's vCPU state is unusable: {e}") from None
         return self
+
+    @staticmethod
+    def _check_sizes(memory_size, io_buffer_size, stack_size):
+        for what, value, limit in (("memory_size", memory_size, MAX_MEMORY_SIZE),
+                                   ("io_buffer_size", io_buffer_size, MAX_IO_BUFFER_SIZE),
+                                   ("stack_size", stack_size, MAX_MEMORY_SIZE)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{what} must be an int number of bytes, not {type(value).__name__}")
+            if not 0 < value <= limit or value % PAGE:
+                raise ConfigError(f"{what} must be a positive multiple of {PAGE} bytes of at most "
+                                  f"{limit} ({limit >> 20} MiB), got {value}")
 
     @staticmethod
     def _check_files(files):
         files = {name: os.fspath(path) for name, path in (files or {}).items()}
-        for name in files:
+        for name, path in files.items():
             abi.check_file_name(name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue            # FileMapping reports it (FileNotFoundError, PermissionError)
+            # Opening a FIFO blocks until a writer comes; a device has no size to map.
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"file {name!r} = {path!r} is not a regular file; only regular "
+                                  f"files can be mapped into the guest")
+            if st.st_size == 0:
+                raise ConfigError(f"file {name!r} = {path!r} is empty; a mapping needs at least one byte")
         return files
 
     @staticmethod
@@ -366,7 +403,9 @@ class Sandbox:
 
     def call(self, name: str, *args: Value, timeout: Optional[float] = None) -> Any:
         """Calls guest function `name`. Arguments and results are int (64-bit), float, bytes, str,
-        bool or None; wrong types or counts raise TypeError before the guest runs.
+        bool or None; wrong types or counts raise TypeError before the guest runs (a bool is not
+        an int), as do OverflowError (an int outside int64) and ValueError (a str with a lone
+        surrogate, a value too big for the input buffer).
 
         timeout (seconds) bounds the whole call: waiting for another thread's operation on this
         sandbox, the guest's run time and the time spent in host functions. Past it the call
@@ -378,8 +417,11 @@ class Sandbox:
         if export is None:
             raise GuestCallError(f"the guest has no function {name!r}; it exports "
                                  f"{', '.join(sorted(self._image.exports))}")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        if timeout is not None:
+            if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+                raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+            if timeout >= MAX_TIMEOUT:       # inf included
+                timeout = None
         deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
         self._acquire(name, deadline, call=True)
         try:
@@ -571,8 +613,7 @@ class Sandbox:
     def _result(self, export, length):
         base, size = self._output
         try:
-            status, _, end = abi.read_header(self._mem, base, size, length, abi.MAGIC_RESULT, "result")
-            letter, value, _ = abi.decode_value(self._mem, base + abi.HEADER.size, end, "result")
+            status, letter, value = abi.decode_result(self._mem, base, size, length)
         except abi.MessageError as e:
             raise GuestCallError(f"{export.name}() returned a malformed result: {e}") from self._host_error
         if status != abi.STATUS_OK:
@@ -605,19 +646,9 @@ class Sandbox:
             sys.stdout.flush()
 
     def _host_call(self, length):
-        mem = self._mem
         base, size = self._exchange
         try:
-            argc, name_len, end = abi.read_header(mem, base, size, length, abi.MAGIC_HOSTCALL, "host call")
-            off = base + abi.HEADER.size
-            if argc > abi.MAX_ARGS or name_len == 0 or name_len > 255 or off + name_len > end:
-                raise abi.MessageError(f"host call header is inconsistent (argc {argc}, name {name_len} bytes)")
-            name = bytes(mem[off:off + name_len]).decode("utf-8", "replace")
-            off += (name_len + 7) & ~7
-            args = []
-            for i in range(argc):
-                _, value, off = abi.decode_value(mem, off, end, f"host call argument {i + 1}")
-                args.append(value)
+            name, args = abi.decode_host_call(self._mem, base, size, length)
         except abi.MessageError as e:
             return self._reply_error(f"malformed host call request: {e}")
         fn = self._host_functions.get(name)
@@ -631,12 +662,17 @@ class Sandbox:
                 self._host_error = e
             return self._reply_error(f"host function {name!r} raised {type(e).__name__}: {e}")
         try:
-            self._reply(abi.STATUS_OK, letter, result)
-        except ValueError as e:
-            self._reply_error(str(e))
+            self._reply(abi.STATUS_OK, abi.letter_of(result), result)
+        except (TypeError, ValueError, OverflowError) as e:
+            # an int outside int64, a lone surrogate, a result too big for the exchange buffer:
+            # the host function's fault, so the caller sees HostFunctionError with this cause
+            if self._host_error is None:
+                self._host_error = e
+            self._reply_error(f"host function {name!r} returned an unusable result ({type(e).__name__}: {e})")
 
     def _reply_error(self, message):
-        data = message.encode()[:max(0, self._exchange[1] - 64)]
+        # backslashreplace: an exception's text may hold lone surrogates, which UTF-8 cannot carry
+        data = message.encode("utf-8", "backslashreplace")[:max(0, self._exchange[1] - 64)]
         self._reply(abi.STATUS_ERROR, "s", data.decode("utf-8", "ignore"))
 
     def _reply(self, status, letter, value):
