@@ -302,9 +302,10 @@ def test_lying_metadata_is_a_snapshot_error(tmp_path, good_snapshot, name):
     meta = json.loads(good_snapshot[HEADER.size:HEADER.size + HEADER.unpack_from(good_snapshot, 0)[8]])
     path = tmp_path / "bad.snap"
     path.write_bytes(rebuild(good_snapshot, mutated(meta, MUTATIONS[name])))
-    with pytest.raises(SnapshotError, match="unusable"):
+    # a state part of the wrong size is refused by the backend, when the state is loaded
+    with pytest.raises(SnapshotError, match="unusable|must be [0-9]+ bytes on this host"):
         Snapshot.load(path)
-        whpfast.Sandbox.from_snapshot(path).close()      # a state part of the wrong size: here
+        whpfast.Sandbox.from_snapshot(path).close()
 
 
 @pytest.mark.parametrize("text", [b"[" * 100000 + b"]" * 100000, b'{"a": NaN}', b"\xff\xfe", b"1e999",

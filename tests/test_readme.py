@@ -16,8 +16,9 @@ import whpfast
 README = Path(__file__).resolve().parent.parent / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\s*$", re.S | re.M)
 # Shell blocks that set up a machine (create venvs, install, run CI scripts) are what .ci/run does
-# already; every other shell block must be cheap and runs here.
-SETUP = re.compile(r"pip install|\.ci/|python3 -m venv")
+# already, and long runs (benchmarks, fuzzing: bench/) have their own commands; every other shell
+# block must be cheap and runs here.
+SETUP = re.compile(r"pip install|\.ci/|python3 -m venv|bench/")
 C_NAME = re.compile(r"^/\* (\w+\.c) \*/$")
 
 

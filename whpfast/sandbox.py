@@ -656,7 +656,6 @@ class Sandbox:
             return self._reply_error(f"no host function named {name!r} is registered")
         try:
             result = self._user_code(fn, *args)
-            letter = abi.letter_of(result)
         except Exception as e:
             if self._host_error is None:
                 self._host_error = e
