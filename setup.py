@@ -28,6 +28,9 @@ def _guestbuild():
 
 class build_py_with_guests(build_py):
     def run(self):
+        # build/lib is reused between builds: files an older version put there (since removed or
+        # excluded) would end up in this wheel. Start from an empty package directory.
+        shutil.rmtree(Path(self.build_lib) / "whpfast", ignore_errors=True)
         super().run()
         package = Path(self.build_lib) / "whpfast"
         sdk = package / "sdk"
@@ -41,11 +44,14 @@ class build_py_with_guests(build_py):
         _load("_whpfast_vdso", "whpfast/linux/vdso.py").build(package / "linux" / "vdso")
 
 
-extensions = [Extension("whpfast._pages", ["whpfast/_pages.pyx"])]
+# No debug info in the shipped extensions (Python's own CFLAGS carry -g; -g0 after it wins):
+# it tripled their size and nobody debugs an installed wheel. MSVC adds none by default.
+no_debug = [] if sys.platform == "win32" else ["-g0"]
+extensions = [Extension("whpfast._pages", ["whpfast/_pages.pyx"], extra_compile_args=no_debug)]
 if sys.platform == "win32":
     extensions.append(Extension("whpfast._whp", ["whpfast/_whp.pyx"], libraries=["WinHvPlatform"]))
 else:
-    extensions.append(Extension("whpfast._kvm", ["whpfast/_kvm.pyx"]))
+    extensions.append(Extension("whpfast._kvm", ["whpfast/_kvm.pyx"], extra_compile_args=no_debug))
 
 setup(
     ext_modules=cythonize(extensions, language_level=3,

@@ -94,8 +94,13 @@ static inline struct wf_value wf_str(const char *s)
  * buffer) -- never at a local array.
  *
  * The export table is the ELF section "wf_exports", an array of struct wf_export; the host reads
- * it to learn names and signatures, and a call names its function by index into it. */
+ * it to learn names and signatures, and a call names its function by index into it. More than
+ * WF_MAX_ARGS parameter letters fail the build here (the host would refuse the guest at load). */
+#define WF_STRINGIFY_(x) #x
+#define WF_STRINGIFY(x) WF_STRINGIFY_(x)
 #define WF_EXPORT(name, params, result)                                                           \
+    _Static_assert(sizeof("" params "") - 1 <= WF_MAX_ARGS, "WF_EXPORT(" #name "): "              \
+                   "at most " WF_STRINGIFY(WF_MAX_ARGS) " parameters");                           \
     static int wf_impl_##name(const struct wf_value *args __attribute__((unused)),                \
                               struct wf_value *ret __attribute__((unused)));                      \
     static const struct wf_export wf_export_##name                                                \

@@ -18,6 +18,7 @@ cdef class ExitDetails:
     cdef readonly uint8_t io_direction        # 1: out
     cdef readonly uint8_t io_size             # bytes
     cdef readonly uint32_t io_value
+    cdef readonly bint io_string              # INS/OUTS or a REP prefix: the ABI never uses them
     cdef readonly uint64_t mmio_address
     cdef readonly bint mmio_is_write
     cdef readonly uint32_t internal_suberror

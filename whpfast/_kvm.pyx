@@ -43,6 +43,7 @@ cdef extern from "includes/compat.h" nogil:
 
 
 include "_exits.pxi"
+include "_cancel.pxi"
 
 DEF PAGE_SIZE = 4096
 
@@ -66,6 +67,7 @@ cdef class KvmSystem:
     cdef int fd
     cdef readonly int vcpu_mmap_size
     cdef readonly bint manual_dirty_log
+    cdef readonly int xsave_size   # bytes of KVM's (standard-format) XSAVE area of a vCPU
     cdef bytes _cpuid   # struct kvm_cpuid2 as returned by KVM_GET_SUPPORTED_CPUID
 
     def __cinit__(self):
@@ -83,13 +85,16 @@ cdef class KvmSystem:
                 f"{path} speaks KVM API version {version}, whpfast needs 12")
         # Without these the backend cannot work as designed; say which one is missing.
         for cap, name in ((KVM_CAP_SYNC_REGS, "SYNC_REGS"), (KVM_CAP_READONLY_MEM, "READONLY_MEM"),
-                          (KVM_CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT")):
+                          (KVM_CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT"), (KVM_CAP_XSAVE, "XSAVE"),
+                          (KVM_CAP_XCRS, "XCRS")):
             if ioctl(self.fd, KVM_CHECK_EXTENSION, <unsigned long>cap) <= 0:
                 self.close()
                 raise errors.HypervisorUnavailable(f"{path} lacks KVM_CAP_{name}")
         self.manual_dirty_log = ioctl(self.fd, KVM_CHECK_EXTENSION,
                                       <unsigned long>KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) > 0
         self.vcpu_mmap_size = _check(ioctl(self.fd, KVM_GET_VCPU_MMAP_SIZE, 0), "KVM_GET_VCPU_MMAP_SIZE")
+        # struct kvm_xsave is 4 KiB; with larger components (AMX) KVM_CAP_XSAVE2 gives the size.
+        self.xsave_size = max(4096, ioctl(self.fd, KVM_CHECK_EXTENSION, <unsigned long>KVM_CAP_XSAVE2))
         self._cpuid = self._supported_cpuid()
 
     cdef bytes _supported_cpuid(self):
@@ -206,7 +211,7 @@ cdef class Vm:
         self.close()
 
 
-cdef class Vcpu(ExitDetails):
+cdef class Vcpu(CancelState):
     """A vCPU fd and its kvm_run page. Registers reach the guest through the sync-regs area of
     kvm_run, folded into the next KVM_RUN instead of separate ioctls (each ioctl costs as much as
     an exit on the PVM hosts)."""
@@ -214,16 +219,20 @@ cdef class Vcpu(ExitDetails):
     cdef kvm_run *run_page
     cdef size_t run_size
     cdef readonly Vm vm
-    # cancellation and timeouts (see run())
-    cdef volatile int cancel_requested
+    # cancellation and timeouts (see run(), cancel() and _cancel.pxi)
     cdef volatile pid_t running_tid
     cdef timer_t timer
     cdef pid_t timer_tid
+    # The last run left KVM an exit to complete at the next KVM_RUN (see _retire_pending):
+    # anything but an OUT, which leaves nothing that could resume.
+    cdef bint completion_pending
+    cdef readonly int xsave_size
 
     def __cinit__(self):
         self.fd = -1
         self.run_page = NULL
         self.timer_tid = 0
+        self.completion_pending = False
 
     def __init__(self, Vm vm not None, int index=0):
         self.vm = vm
@@ -231,12 +240,16 @@ cdef class Vcpu(ExitDetails):
         cdef void *p
         cdef bytes cpuid = vm.system._cpuid
         self.run_size = vm.system.vcpu_mmap_size
+        self.xsave_size = vm.system.xsave_size
         p = mmap(NULL, self.run_size, PROT_READ | PROT_WRITE, MAP_SHARED, self.fd, 0)
         if p == MAP_FAILED:
             err = errno
             self.close()
             _raise_errno(err, "mmap of kvm_run")
         self.run_page = <kvm_run *>p
+        # KVM stores the general registers into kvm_run at every exit (a copy, no ioctl): the exit
+        # decoding checks an OUT's value against RAX (see _decode).
+        self.run_page.kvm_valid_regs = KVM_SYNC_X86_REGS
         # KVM checks EFER.LME/NXE against the guest CPUID, so it must be set before the sregs.
         _check(ioctl(self.fd, KVM_SET_CPUID2, <char *>cpuid), "KVM_SET_CPUID2")
 
@@ -282,13 +295,13 @@ cdef class Vcpu(ExitDetails):
         """Queues a fresh register file for the next run(): every GPR zero (nothing of an earlier
         call survives in registers) except the entry point, stack and first argument."""
         cdef kvm_run *r = self._run()
+        self._retire_pending()
         memset(&r.s.regs.regs, 0, sizeof(kvm_regs))
         r.s.regs.regs.rip = rip
         r.s.regs.regs.rsp = rsp
         r.s.regs.regs.rflags = rflags
         r.s.regs.regs.rdi = rdi
         r.kvm_dirty_regs |= KVM_SYNC_X86_REGS
-        self.cancel_requested = 0
 
     cdef kvm_run *_run(self) except NULL:
         if self.run_page == NULL:
@@ -300,8 +313,12 @@ cdef class Vcpu(ExitDetails):
         the exit attributes. timeout_ns > 0 arms a one-shot timer that kicks this thread.
 
         Cancellation protocol: cancel() sets cancel_requested, then immediate_exit, then signals
-        the running thread. Here immediate_exit is cleared *before* cancel_requested is checked, so
-        a cancel can never be lost between the check and KVM_RUN."""
+        the thread in run() if there is one. Here running_tid is set first, and immediate_exit is
+        cleared *before* cancel_requested is checked, so a cancel can never be lost between the
+        check and KVM_RUN: either the check sees it, or KVM_RUN starts with immediate_exit set, or
+        the signal interrupts it (the handler sets immediate_exit again, for a signal that lands
+        just before KVM_RUN enters the guest). The timer follows the same order, with the
+        deadline in place of cancel_requested."""
         cdef kvm_run *r = self._run()
         cdef int fd = self._fd()
         cdef int rc = 0, err = 0
@@ -318,11 +335,27 @@ cdef class Vcpu(ExitDetails):
                 __sync_synchronize()
                 if self.cancel_requested:
                     return EXIT_CANCELLED
+                # The timer's signal may have landed before immediate_exit was cleared just
+                # above (the thread was preempted after arming it): it is lost, so look at the
+                # clock too. It fires only at the deadline, so this check sees any such signal.
+                if deadline and whpfast_monotonic_ns() >= deadline:
+                    return EXIT_TIMEOUT
+                self.completion_pending = True
                 with nogil:
                     rc = ioctl(fd, KVM_RUN, 0)
                     err = errno
                 if rc == 0:
-                    return self._decode(r)
+                    kind = self._decode(r)
+                    if self.completion_pending:
+                        # Retired here, at the exit: what the completion writes to guest memory
+                        # (an INS) is then in the dirty log the next restore reads. Should it
+                        # fail, it stays pending and enter()/load_state() try again (and fail).
+                        try:
+                            self._retire_pending()
+                        except errors.HypervisorError:
+                            pass
+                    return kind
+                self.completion_pending = False    # no exit to userspace: nothing to complete
                 if err != EINTR and err != EAGAIN:
                     _raise_errno(err, "KVM_RUN")
                 if self.cancel_requested:
@@ -365,6 +398,15 @@ cdef class Vcpu(ExitDetails):
                 data = <uint8_t *>r + r.io.data_offset
                 for i in range(r.io.size):
                     self.io_value |= (<uint32_t>data[i]) << (8 * i)
+            # kvm_run has no flag for INS/OUTS. A count other than 1 is a REP string instruction;
+            # an OUT writes RAX's low bytes while an OUTS writes memory, so an OUT whose value is
+            # not RAX's is an OUTS. (One that writes exactly RAX's value is indistinguishable,
+            # and has the same effect as the OUT.)
+            self.io_string = r.io.count != 1 or (
+                r.io.direction == KVM_EXIT_IO_OUT and r.io.size <= 4 and
+                self.io_value != (r.s.regs.regs.rax & ((<uint64_t>1 << (8 * r.io.size)) - 1)))
+            if r.io.direction == KVM_EXIT_IO_OUT and r.io.count == 1:
+                self.completion_pending = False    # KVM has stepped past it; nothing to finish
             return EXIT_IO
         if reason == KVM_EXIT_MMIO:
             self.mmio_address = r.mmio.phys_addr
@@ -386,17 +428,83 @@ cdef class Vcpu(ExitDetails):
         return EXIT_UNKNOWN
 
     def cancel(self):
-        """Stops the guest this vCPU is running (from any thread). Safe when it is idle."""
+        """Stops the call this vCPU runs (from any thread): safe when it is idle or closed.
+
+        Only the first cancel of a call does anything, and it sends at most one signal, only when
+        a thread is inside run(): real-time signals queue, so a signal per cancel lets a loop of
+        cancels fill the queue and bury the vCPU thread in handler invocations. Idle cancels
+        (no call open) do nothing."""
         cdef kvm_run *r = self.run_page
         cdef pid_t tid
-        if r == NULL:
+        if r == NULL or not self._first_cancel():
             return
-        self.cancel_requested = 1
         __sync_synchronize()
         r.immediate_exit = 1
         tid = self.running_tid
         if tid:
             whpfast_kick_thread(tid)
+            self.kicks += 1
+
+    cdef int _retire_pending(self) except -1:
+        """Finishes what KVM left of the last exit, without entering the guest. KVM completes an
+        IN (data into RAX), an emulated MMIO access or the next batch of a REP INS/OUTS only at
+        the next KVM_RUN, and does so *after* applying that run's sync registers: it writes back
+        the emulator's saved RIP, so the guest would resume its old instruction stream with the
+        new call's registers, even after a restore. So before any new state is queued, a
+        KVM_RUN with immediate_exit set (KVM's documented way to complete an exit without
+        running the guest) and no queued registers retires it; a REP string instruction that
+        KVM would go on with batch after batch is ended with RCX = 0. Whatever state that leaves
+        is replaced by the state loaded next."""
+        cdef kvm_run *r
+        cdef int fd, rc, err, rounds
+        cdef uint64_t queued
+        cdef kvm_regs saved, regs
+        if not self.completion_pending:
+            return 0
+        r = self._run()
+        fd = self._fd()
+        queued = r.kvm_dirty_regs
+        memcpy(&saved, &r.s.regs.regs, sizeof(saved))
+        r.kvm_dirty_regs = 0
+        try:
+            for rounds in range(8):
+                r.immediate_exit = 1
+                rc = ioctl(fd, KVM_RUN, 0)
+                err = errno
+                if rc < 0 and (err == EINTR or err == EAGAIN):
+                    self.completion_pending = False
+                    return 0
+                if rc < 0:
+                    _raise_errno(err, "KVM_RUN (completing the last exit)")
+                # The completion made another exit: the instruction goes on (a REP string).
+                _check(ioctl(fd, KVM_GET_REGS, &regs), "KVM_GET_REGS")
+                regs.rcx = 0
+                memcpy(&r.s.regs.regs, &regs, sizeof(regs))
+                r.kvm_dirty_regs = KVM_SYNC_X86_REGS
+            raise errors.HypervisorError(
+                "KVM keeps continuing an I/O instruction of the guest; this vCPU cannot be reset: "
+                "close the sandbox")
+        finally:
+            r.immediate_exit = 0
+            memcpy(&r.s.regs.regs, &saved, sizeof(saved))
+            r.kvm_dirty_regs = queued
+
+    def get_xsave(self):
+        """The complete XSAVE area (standard format, xsave_size bytes): x87, MXCSR, XMM and every
+        further component KVM keeps for the guest (YMM, opmask, ZMM, PKRU, ...)."""
+        cdef int fd = self._fd()
+        cdef bytes area = bytes(self.xsave_size)
+        _check(ioctl(fd, KVM_GET_XSAVE2 if self.xsave_size > 4096 else KVM_GET_XSAVE, <char *>area),
+               "KVM_GET_XSAVE")
+        return area
+
+    def set_xsave(self, bytes area not None):
+        """Loads a get_xsave() result: one ioctl."""
+        cdef int fd = self._fd()
+        if len(area) != self.xsave_size:
+            raise ValueError(f"an XSAVE area of this vCPU has {self.xsave_size} bytes, got {len(area)}")
+        self._retire_pending()
+        _check(ioctl(fd, KVM_SET_XSAVE, <char *>area), "KVM_SET_XSAVE")
 
     def save_state(self):
         """The complete vCPU state as raw KVM structs: {part: bytes}. Several ioctls; snapshots
@@ -405,7 +513,6 @@ cdef class Vcpu(ExitDetails):
         cdef kvm_run *r = self._run()
         cdef kvm_regs regs
         cdef kvm_sregs sregs
-        cdef kvm_fpu fpu
         cdef kvm_debugregs dregs
         cdef kvm_vcpu_events events
         cdef kvm_xcrs xcrs
@@ -416,6 +523,7 @@ cdef class Vcpu(ExitDetails):
         if msrs == NULL:
             raise MemoryError()
         try:
+            self._retire_pending()
             # State queued in the sync-regs area has not reached the vCPU yet (that happens at
             # the next KVM_RUN): it, not what the ioctls would report, is the current state.
             if r.kvm_dirty_regs & KVM_SYNC_X86_REGS:
@@ -430,7 +538,6 @@ cdef class Vcpu(ExitDetails):
                 memcpy(&events, &r.s.regs.events, sizeof(events))
             else:
                 _check(ioctl(fd, KVM_GET_VCPU_EVENTS, &events), "KVM_GET_VCPU_EVENTS")
-            _check(ioctl(fd, KVM_GET_FPU, &fpu), "KVM_GET_FPU")
             _check(ioctl(fd, KVM_GET_DEBUGREGS, &dregs), "KVM_GET_DEBUGREGS")
             _check(ioctl(fd, KVM_GET_XCRS, &xcrs), "KVM_GET_XCRS")
             memset(msrs, 0, msrs_size)
@@ -442,7 +549,7 @@ cdef class Vcpu(ExitDetails):
             return {
                 "regs": (<char *>&regs)[:sizeof(regs)],
                 "sregs": (<char *>&sregs)[:sizeof(sregs)],
-                "fpu": (<char *>&fpu)[:sizeof(fpu)],
+                "xsave": self.get_xsave(),
                 "debugregs": (<char *>&dregs)[:sizeof(dregs)],
                 "events": (<char *>&events)[:sizeof(events)],
                 "xcrs": (<char *>&xcrs)[:sizeof(xcrs)],
@@ -453,10 +560,11 @@ cdef class Vcpu(ExitDetails):
 
     def load_state(self, dict state not None, bint fpu=True, bint full=True):
         """Puts a save_state() result back. General and special registers and pending events go
-        through the sync-regs area and take effect with the next KVM_RUN (no ioctl). The FPU/SSE
-        state costs one ioctl and is only written when fpu is true (the guest ran since it was
-        last set); debug registers, XCRs and MSRs, which CPL3 code cannot change, only when full
-        is true (first load, or after a fault/timeout/cancel). Returns the ioctls made."""
+        through the sync-regs area and take effect with the next KVM_RUN (no ioctl). The XSAVE
+        area (x87, MXCSR, XMM, YMM, opmask, ZMM, ...) costs one ioctl and is only written when
+        fpu is true (the guest ran since it was last set); debug registers, XCRs and MSRs, which
+        CPL3 code cannot change, only when full is true (first load, or after a fault, timeout
+        or cancel). Returns the ioctls made."""
         cdef int fd = self._fd()
         cdef kvm_run *r = self._run()
         cdef int ioctls = 0
@@ -466,12 +574,13 @@ cdef class Vcpu(ExitDetails):
         _check_size(state, "regs", sizeof(kvm_regs))
         _check_size(state, "sregs", sizeof(kvm_sregs))
         _check_size(state, "events", sizeof(kvm_vcpu_events))
-        _check_size(state, "fpu", sizeof(kvm_fpu))
+        _check_size(state, "xsave", self.xsave_size)
         _check_size(state, "debugregs", sizeof(kvm_debugregs))
         _check_size(state, "xcrs", sizeof(kvm_xcrs))
         b = state["msrs"]
         if len(b) % sizeof(kvm_msr_entry) or len(b) > len(SAVED_MSRS) * sizeof(kvm_msr_entry):
-            raise ValueError(f"vCPU state part 'msrs' has {len(b)} bytes")
+            raise errors.SnapshotError(f"vCPU state part 'msrs' has {len(b)} bytes")
+        self._retire_pending()      # nothing of the last exit may complete after this state
         if full:
             # Ordering: KVM applies the sync-regs area at the next KVM_RUN, after these.
             b = state["debugregs"]
@@ -492,8 +601,8 @@ cdef class Vcpu(ExitDetails):
                 free(msrs)
             ioctls += 3
         if fpu or full:
-            b = state["fpu"]
-            _check(ioctl(fd, KVM_SET_FPU, <char *>b), "KVM_SET_FPU")
+            b = state["xsave"]
+            _check(ioctl(fd, KVM_SET_XSAVE, <char *>b), "KVM_SET_XSAVE")
             ioctls += 1
         b = state["regs"]
         memcpy(&r.s.regs.regs, <char *>b, sizeof(kvm_regs))
@@ -510,7 +619,8 @@ cdef class Vcpu(ExitDetails):
         compares it with load_state(). Returns the ioctls made."""
         cdef int fd = self._fd()
         cdef bytes b
-        for part, request in (("regs", KVM_SET_REGS), ("sregs", KVM_SET_SREGS), ("fpu", KVM_SET_FPU),
+        self._retire_pending()
+        for part, request in (("regs", KVM_SET_REGS), ("sregs", KVM_SET_SREGS), ("xsave", KVM_SET_XSAVE),
                               ("debugregs", KVM_SET_DEBUGREGS), ("events", KVM_SET_VCPU_EVENTS)):
             b = state[part]
             _check(ioctl(fd, <unsigned long>request, <char *>b), f"KVM_SET_{part.upper()}")
@@ -532,7 +642,7 @@ cdef class Vcpu(ExitDetails):
 
 
 # The parts of save_state(), in the order snapshots store them.
-STATE_PARTS = ("regs", "sregs", "fpu", "debugregs", "events", "xcrs", "msrs")
+STATE_PARTS = ("regs", "sregs", "xsave", "debugregs", "events", "xcrs", "msrs")
 
 # MSRs kept in snapshots: the syscall/sysenter entry points, the segment bases, TSC_AUX and PAT.
 # CPL3 code can write none of them, so restores after a clean call skip them.
@@ -543,8 +653,11 @@ SAVED_MSRS = (0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000100, 0xC000
 cdef int _check_size(dict state, str part, size_t size) except -1:
     value = state.get(part)
     if not isinstance(value, bytes) or len(value) != size:
-        raise ValueError(f"vCPU state part {part!r} must be {size} bytes, "
-                         f"got {len(value) if isinstance(value, bytes) else type(value).__name__}")
+        got = len(value) if isinstance(value, bytes) else type(value).__name__
+        raise errors.SnapshotError(
+            f"vCPU state part {part!r} must be {size} bytes on this host, got {got}"
+            + (" (the snapshot was taken on a host with other XSAVE components; take it again "
+               "here)" if part == "xsave" else ""))
     return 0
 
 
@@ -718,12 +831,6 @@ def syscall_return(Vcpu vcpu not None, uint64_t result, uint16_t user_cs, uint16
         _flat_segment(&r.s.regs.sregs.cs, user_cs, 0xB, 3, 1)
         _flat_segment(&r.s.regs.sregs.ss, user_ds, 0x3, 3, 0)
         r.kvm_dirty_regs |= KVM_SYNC_X86_SREGS
-
-
-def clear_cancel(Vcpu vcpu not None):
-    """Forgets a cancel() that came while no run was in progress (a new run() starts clean, as
-    enter() does for the SDK's calls)."""
-    vcpu.cancel_requested = 0
 
 
 def enter_user(Vcpu vcpu not None, uint64_t rip, uint64_t rsp, uint16_t user_cs, uint16_t user_ds):

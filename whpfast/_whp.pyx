@@ -30,6 +30,7 @@ from .includes.whp cimport *
 from . import errors
 
 include "_exits.pxi"
+include "_cancel.pxi"
 
 DEF PAGE_SIZE = 4096
 DEF ALLOCATION_GRANULARITY = 65536   # MapViewOfFile offsets must be multiples of this
@@ -186,7 +187,7 @@ cdef inline uint16_t _attributes(uint8_t type, bint s, int dpl, bint present, bi
     return type | (s << 4) | (dpl << 5) | (present << 7) | (l << 13) | (db << 14) | (g << 15)
 
 
-cdef class Vcpu(ExitDetails):
+cdef class Vcpu(CancelState):
     """A virtual processor. Register writes are queued and applied in one call before each run."""
     cdef readonly Vm vm
     cdef WHV_PARTITION_HANDLE partition
@@ -197,7 +198,7 @@ cdef class Vcpu(ExitDetails):
     cdef uint32_t n_pending
     cdef WHV_RUN_VP_EXIT_CONTEXT exit
     cdef TimerContext timer
-    cdef volatile int cancel_requested
+    cdef volatile int running             # inside WHvRunVirtualProcessor (or about to be)
     # Tests turn this off to show that a backend which does not step RIP past `out` fails.
     cdef public bint step_rip
     cdef readonly uint64_t api_calls       # WHv* calls made, for measurements
@@ -297,7 +298,6 @@ cdef class Vcpu(ExitDetails):
         self._queue64(WHvX64RegisterRsp, rsp)
         self._queue64(WHvX64RegisterRflags, rflags)
         self._queue64(WHvX64RegisterRdi, rdi)
-        self.cancel_requested = 0
 
     def run(self, long long timeout_ns=-1):
         """Runs until an exit; returns an EXIT_* kind, details in the exit attributes."""
@@ -316,8 +316,11 @@ cdef class Vcpu(ExitDetails):
                 self._flush()
                 if self.cancel_requested:
                     return EXIT_CANCELLED
+                # From here cancel() must stop the processor (see cancel()).
+                self.running = 1
                 with nogil:
                     hr = WHvRunVirtualProcessor(self.partition, self.index, &self.exit, sizeof(self.exit))
+                self.running = 0
                 self.api_calls += 1
                 _check_hr(hr, "WHvRunVirtualProcessor")
                 reason = self.exit.ExitReason
@@ -329,6 +332,7 @@ cdef class Vcpu(ExitDetails):
                     continue     # a cancel left over from a timer that fired as a run ended
                 return self._decode(reason)
         finally:
+            self.running = 0
             if timer != NULL:
                 with nogil:
                     # waits for a callback in progress, so the timer context outlives it
@@ -342,11 +346,14 @@ cdef class Vcpu(ExitDetails):
             self.io_port = self.exit.IoPortAccess.PortNumber
             self.io_direction = info & 1
             self.io_size = (info >> 1) & 7
+            self.io_string = (info >> 4) & 3 != 0       # StringOp, RepPrefix
             # AccessSize is 1, 2 or 4 bytes: the value is that many low bytes of RAX
             self.io_value = <uint32_t>(self.exit.IoPortAccess.Rax
                                        & (((<uint64_t>1) << (8 * (self.io_size & 4 or self.io_size))) - 1))
-            if self.step_rip:
-                # WHP stops AT the instruction: step past it, in the next run's register batch.
+            if self.step_rip and self.io_direction and not self.io_string:
+                # WHP stops AT the instruction and leaves its emulation to the host: an OUT is
+                # done by stepping past it, in the next run's register batch. An IN or string
+                # I/O is never emulated (the sandbox refuses it): nothing of it can complete.
                 self._queue64(WHvX64RegisterRip,
                               self.exit.VpContext.Rip + self.exit.VpContext.InstructionLength)
             return EXIT_IO
@@ -369,11 +376,19 @@ cdef class Vcpu(ExitDetails):
         return EXIT_UNKNOWN
 
     def cancel(self):
-        """Stops the guest this processor runs (from any thread). Safe when it is idle."""
-        if not self.alive:
+        """Stops the call this processor runs (from any thread): safe when it is idle or closed.
+
+        Only the first cancel of a call does anything, and it calls WHvCancelRunVirtualProcessor
+        only while run() is in (or about to enter) WHvRunVirtualProcessor; otherwise run() sees
+        cancel_requested before its next run. So a loop of cancels costs one WHv* call at most,
+        and an idle cancel leaves nothing pending in WHP (one landing just as a run returns stays
+        pending and makes a later run return Canceled at once, which run() skips). `running`,
+        like the rest of _cancel.pxi, changes only with the GIL held."""
+        if not self.alive or not self._first_cancel():
             return
-        self.cancel_requested = 1
-        WHvCancelRunVirtualProcessor(self.partition, self.index, 0)
+        if self.running:
+            WHvCancelRunVirtualProcessor(self.partition, self.index, 0)
+            self.kicks += 1
 
     def save_state(self):
         """The complete vCPU state: {"registers": N_STATE WHV_REGISTER_VALUEs, "xsave": the
@@ -402,9 +417,9 @@ cdef class Vcpu(ExitDetails):
         cdef const WHV_REGISTER_VALUE *values
         cdef uint32_t i
         if not isinstance(regs, bytes) or len(regs) != REGISTERS_SIZE:
-            raise ValueError(f"vCPU state part 'registers' must be {REGISTERS_SIZE} bytes")
+            raise errors.SnapshotError(f"vCPU state part 'registers' must be {REGISTERS_SIZE} bytes")
         if not isinstance(xsave, bytes) or not 576 <= len(xsave) <= XSAVE_MAX:
-            raise ValueError("vCPU state part 'xsave' has an impossible size")
+            raise errors.SnapshotError("vCPU state part 'xsave' has an impossible size")
         self._check_alive()
         values = <const WHV_REGISTER_VALUE *><char *>regs
         for i in range(N_STATE):

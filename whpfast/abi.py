@@ -91,10 +91,12 @@ def letter_of(value):
 
 def encode_value(buf, off, limit, letter, value, what):
     """Writes one value at buf[off:] (never past limit) and returns the next offset. Raises
-    TypeError for a value that does not match the letter, OverflowError for an int outside int64,
-    and ValueError when the buffer is too small."""
+    TypeError for a value that does not match the letter (a bool is not an int), OverflowError
+    for an int outside int64, ValueError for a str that has no UTF-8 form (a lone surrogate) and
+    PayloadTooLarge (a ValueError) when the buffer is too small."""
     if letter == "i":
-        if not isinstance(value, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            # bool is an int subclass in Python, but a different type in the ABI: True is no 1
             raise TypeError(f"{what} must be int, not {type(value).__name__}")
         if not -(1 << 63) <= value < (1 << 63):
             raise OverflowError(f"{what} = {value} does not fit in a signed 64-bit integer")
@@ -127,12 +129,19 @@ def encode_value(buf, off, limit, letter, value, what):
     if letter == "b":
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise TypeError(f"{what} must be bytes, not {type(value).__name__}")
-        data = memoryview(value).cast("B")
+        data = memoryview(value)
+        # any memoryview is bytes-like: a strided or multi-dimensional one crosses as a C-order copy
+        data = data.cast("B") if data.c_contiguous else memoryview(data.tobytes())
         tag, padded = TAG_BYTES, _align8(len(data))
     elif letter == "s":
         if not isinstance(value, str):
             raise TypeError(f"{what} must be str, not {type(value).__name__}")
-        data = value.encode("utf-8", "surrogatepass")
+        try:
+            data = value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # a lone surrogate has no UTF-8 form: the guest could never return it intact
+            raise ValueError(f"{what} is not valid Unicode text: it contains the lone surrogate "
+                             f"{value[e.start]!r} at index {e.start}, which has no UTF-8 form") from None
         tag, padded = TAG_STR, _align8(len(data) + 1)      # always a terminating zero for C
     else:
         raise TypeError(f"unknown signature letter {letter!r}")
@@ -146,9 +155,28 @@ def encode_value(buf, off, limit, letter, value, what):
     return end
 
 
+class PayloadTooLarge(ValueError):
+    """A value does not fit in the I/O buffer it must cross."""
+
+
 def _too_big(what, limit):
-    return ValueError(f"{what} does not fit in the {limit}-byte buffer it must cross; "
-                      f"create the sandbox with a larger io_buffer_size")
+    # encode_call / encode_reply add the buffer's real size and payload limit
+    return PayloadTooLarge(f"{what} does not fit in the buffer it must cross; "
+                           f"create the sandbox with a larger io_buffer_size")
+
+
+def max_payload(buffer_size):
+    """The largest bytes value one message in a buffer of buffer_size bytes can carry (a str
+    takes one byte less: its terminating zero). Several values share the same room, each with
+    an 8-byte header and its data padded to 8 bytes."""
+    return buffer_size - HEADER.size - VALUE_HEADER.size
+
+
+def _too_big_in(what, buffer, size):
+    return PayloadTooLarge(f"{what} does not fit in the {size}-byte {buffer} buffer, which carries "
+                           f"at most {max_payload(size)} bytes of data ({max_payload(size) - 1} of "
+                           f"UTF-8 str) in one value, less 8 bytes plus padding to 8 for each further "
+                           f"value; create the sandbox with a larger io_buffer_size")
 
 
 def encode_call(buf, base, size, index, name, params, args):
@@ -159,7 +187,11 @@ def encode_call(buf, base, size, index, name, params, args):
     limit = base + size
     off = base + HEADER.size
     for i, (letter, arg) in enumerate(zip(params, args)):
-        off = encode_value(buf, off, limit, letter, arg, f"argument {i + 1} of {name}()")
+        what = f"argument {i + 1} of {name}()"
+        try:
+            off = encode_value(buf, off, limit, letter, arg, what)
+        except PayloadTooLarge:
+            raise _too_big_in(what, "input", size) from None
     HEADER.pack_into(buf, base, MAGIC_CALL, off - base, index, len(params))
     return off - base
 
@@ -167,7 +199,11 @@ def encode_call(buf, base, size, index, name, params, args):
 def encode_reply(buf, base, size, status, letter, value):
     """A result or reply message (magic chosen by the caller's buffer: the reply to a host call)."""
     limit = base + size
-    off = encode_value(buf, base + HEADER.size, limit, letter, value, "the host function's result")
+    what = "the host function's result"
+    try:
+        off = encode_value(buf, base + HEADER.size, limit, letter, value, what)
+    except PayloadTooLarge:
+        raise _too_big_in(what, "exchange", size) from None
     HEADER.pack_into(buf, base, MAGIC_REPLY, off - base, status, 0)
     return off - base
 
@@ -222,3 +258,27 @@ def decode_value(buf, off, end, what):
             raise MessageError(f"{what}: str is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     padded = _align8(n + 1) if tag == TAG_STR else _align8(n)
     return letter, value, min(start + padded, end)
+
+
+def decode_result(buf, base, size, length):
+    """Reads the result message the guest wrote (output buffer at base, size bytes; length from
+    the port); returns (status, letter, value). Raises MessageError."""
+    status, _, end = read_header(buf, base, size, length, MAGIC_RESULT, "result")
+    letter, value, _ = decode_value(buf, base + HEADER.size, end, "result")
+    return status, letter, value
+
+
+def decode_host_call(buf, base, size, length):
+    """Reads a host-call request the guest wrote (exchange buffer at base, size bytes; length from
+    the port); returns (name, args). Raises MessageError."""
+    argc, name_len, end = read_header(buf, base, size, length, MAGIC_HOSTCALL, "host call")
+    off = base + HEADER.size
+    if argc > MAX_ARGS or name_len == 0 or name_len > 255 or off + name_len > end:
+        raise MessageError(f"host call header is inconsistent (argc {argc}, name {name_len} bytes)")
+    name = bytes(buf[off:off + name_len]).decode("utf-8", "replace")
+    off += _align8(name_len)
+    args = []
+    for i in range(argc):
+        _, value, off = decode_value(buf, off, end, f"host call argument {i + 1}")
+        args.append(value)
+    return name, args

@@ -6,9 +6,12 @@ import importlib.util
 import os
 import sys
 import threading
+from typing import Any
 
 from .errors import HypervisorUnavailable
 
+impl: Any           # the backend module: whpfast._kvm or whpfast._whp (same classes and names)
+System: Any
 # WHPFAST_BACKEND=whp with WHPFAST_WHP_MODULE=<path of a _whp extension> loads the WHP backend
 # built for Linux over the KVM-backed WHv* layer of tests/whv (how CI runs it off Windows).
 NAME = os.environ.get("WHPFAST_BACKEND") or ("whp" if sys.platform == "win32" else "kvm")
@@ -28,11 +31,11 @@ elif NAME == "kvm":
 else:
     raise ImportError(f"WHPFAST_BACKEND={NAME!r}: the backends are 'kvm' and 'whp'")
 
-_system = None
+_system: Any = None
 _lock = threading.Lock()
 
 
-def system():
+def system() -> Any:
     """The process-wide hypervisor handle, opened on first use. Raises HypervisorUnavailable."""
     global _system
     if _system is None:
@@ -42,7 +45,7 @@ def system():
     return _system
 
 
-def hypervisor():
+def hypervisor() -> str:
     """The name of the usable hypervisor ("kvm" or "whp"); HypervisorUnavailable says why not."""
     system()
     return NAME

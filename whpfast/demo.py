@@ -9,7 +9,7 @@ from .sandbox import Sandbox
 from .timing import summary, time_calls
 
 
-def main(calls=3000):
+def main(calls: int = 3000) -> int:
     print(f"hypervisor: {hypervisor()}")
     printed = []
     t0 = time.perf_counter_ns()

@@ -4,9 +4,9 @@ checked against the file and the image's limits before anything is used."""
 
 import hashlib
 import os
+import stat
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import abi
 from .errors import GuestLoadError
@@ -58,23 +58,51 @@ class GuestImage:
 
 
 _cache = {}
+# Opening never blocks (a FIFO would wait for a writer) and never makes a terminal ours.
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
 
 
 def load(path):
-    """Parses and validates the guest ELF at path (cached by path, size and mtime)."""
+    """Parses and validates the guest ELF at path, a regular file of at most MAX_FILE_SIZE
+    bytes (cached by path, inode, size, mtime and ctime)."""
     path = os.fspath(path)
     try:
-        st = os.stat(path)
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError as e:
         raise GuestLoadError(f"cannot read guest {path!r}: {e.strerror}") from e
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    image = _cache.get(key)
-    if image is None:
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            # /dev/zero would be read forever, a FIFO until its writer stops
+            raise GuestLoadError(f"guest {path!r} is not a regular file; a guest is an ELF file "
+                                 f"built with `python -m whpfast build-guest`")
         if st.st_size > MAX_FILE_SIZE:
             raise GuestLoadError(f"guest {path!r} is {st.st_size} bytes; the limit is {MAX_FILE_SIZE}")
-        image = parse(Path(path).read_bytes(), path)
-        _cache[key] = image
-    return image
+        key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        image = _cache.get(key)
+        if image is None:
+            data = _read_at_most(fd, MAX_FILE_SIZE + 1)       # the file may grow meanwhile
+            if len(data) > MAX_FILE_SIZE:
+                raise GuestLoadError(f"guest {path!r} grew past the limit of {MAX_FILE_SIZE} bytes")
+            image = parse(data, path)
+            _cache[key] = image
+        return image
+    except OSError as e:
+        raise GuestLoadError(f"cannot read guest {path!r}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+
+
+def _read_at_most(fd, limit):
+    chunks, n = [], 0
+    while n < limit:
+        chunk = os.read(fd, min(limit - n, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n += len(chunk)
+    return b"".join(chunks)
 
 
 def parse(data, path="<bytes>"):

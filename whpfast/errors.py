@@ -4,6 +4,7 @@
 
 import errno as _errno
 import os as _os
+from typing import Optional
 
 
 class WhpfastError(Exception):
@@ -17,7 +18,7 @@ class HypervisorUnavailable(WhpfastError):
 class HypervisorError(WhpfastError):
     """The hypervisor refused an operation that should have worked."""
 
-    def __init__(self, message, errno=None):
+    def __init__(self, message: str, errno: Optional[int] = None) -> None:
         super().__init__(message)
         self.errno = errno
 
@@ -30,12 +31,22 @@ class SandboxClosed(SandboxError):
     """The sandbox (or the object behind it) is closed."""
 
 
+class SandboxBusy(SandboxError):
+    """A host function called back into its own sandbox (call, restore, snapshot) while the call
+    that runs it holds the vCPU; return from the host function first, or use another sandbox."""
+
+
 class SandboxPoisoned(SandboxError):
     """An earlier call faulted, timed out or was interrupted; restore a snapshot or close it."""
 
 
 class GuestLoadError(WhpfastError, ValueError):
     """The guest ELF cannot be loaded (malformed, or does not fit the sandbox)."""
+
+
+class ConfigError(WhpfastError, ValueError):
+    """A sandbox parameter is out of range or names something unusable (a memory size past the
+    limit, a read-only "file" that is a device or a FIFO)."""
 
 
 class GuestBuildError(WhpfastError):
@@ -49,7 +60,9 @@ class GuestError(WhpfastError):
 class GuestFault(GuestError):
     """The guest took a CPU exception (or triple-faulted, or touched memory it may not)."""
 
-    def __init__(self, message, *, kind, vector=None, error_code=None, rip=None, address=None):
+    def __init__(self, message: str, *, kind: str, vector: Optional[int] = None,
+                 error_code: Optional[int] = None, rip: Optional[int] = None,
+                 address: Optional[int] = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.vector = vector
@@ -69,7 +82,7 @@ class GuestCancelled(GuestError):
 class GuestAbort(GuestError):
     """The guest aborted the call with a message."""
 
-    def __init__(self, message):
+    def __init__(self, message: str) -> None:
         super().__init__(f"guest aborted: {message}")
         self.guest_message = message
 
@@ -87,7 +100,7 @@ class SnapshotError(WhpfastError):
     """A snapshot cannot be taken, saved, loaded or restored."""
 
 
-def from_errno(err, what, path=None, device=False):
+def from_errno(err: int, what: str, path: Optional[object] = None, device: bool = False) -> Exception:
     """Turns a failed system call into the matching exception: HypervisorUnavailable when the
     hypervisor device itself cannot be opened, the standard OSError subclass (FileNotFoundError,
     PermissionError, ...) for a user's file, HypervisorError for everything else."""
@@ -133,7 +146,7 @@ _WIN32_ERRNO = {2: _errno.ENOENT, 3: _errno.ENOENT, 5: _errno.EACCES, 8: _errno.
                 14: _errno.ENOMEM, 32: _errno.EBUSY, 87: _errno.EINVAL, 1455: _errno.ENOMEM}
 
 
-def from_hresult(hr, what):
+def from_hresult(hr: int, what: str) -> "HypervisorError":
     """Turns a failed WHv* call's HRESULT into HypervisorError naming the code."""
     hr &= 0xFFFFFFFF
     name = WHP_HRESULTS.get(hr, "unknown HRESULT")
@@ -142,7 +155,7 @@ def from_hresult(hr, what):
     return HypervisorError(f"{what} failed: {name} ({hr:#010x})", hr)
 
 
-def from_winerror(code, what, path=None):
+def from_winerror(code: int, what: str, path: Optional[object] = None) -> Exception:
     """A failed kernel32 call (GetLastError code) as from_errno would report it."""
     err = _WIN32_ERRNO.get(code)
     if err is None:

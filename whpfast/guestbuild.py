@@ -11,6 +11,9 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Union
+
+StrPath = Union[str, "os.PathLike[str]"]
 
 try:
     from .errors import GuestBuildError
@@ -50,7 +53,7 @@ LDFLAGS = (
 LIBS = tuple(shlex.split(os.environ.get("WHPFAST_GUEST_LIBS", "-lgcc")))
 
 
-def sdk_dir():
+def sdk_dir() -> Path:
     """The SDK directory (whpfast_guest.h, whpfast_abi.h, the runtime and the linker script):
     `sdk/` next to this file in an installed wheel, `include/` in a source checkout."""
     shipped = Path(__file__).resolve().parent / "sdk"
@@ -62,7 +65,8 @@ def sdk_dir():
 _default_sdk_dir = sdk_dir  # the parameters named sdk_dir below shadow the function
 
 
-def compiler_command(sources, output, *, cc=None, extra_flags=(), sdk_dir=None):
+def compiler_command(sources: Iterable[StrPath], output: StrPath, *, cc: Optional[str] = None,
+                     extra_flags: Sequence[str] = (), sdk_dir: Optional[StrPath] = None) -> List[str]:
     """The compiler command line build_guest runs, as a list."""
     sdk = Path(sdk_dir) if sdk_dir is not None else _default_sdk_dir()
     cc = cc or os.environ.get("CC") or "cc"
@@ -76,11 +80,15 @@ def compiler_command(sources, output, *, cc=None, extra_flags=(), sdk_dir=None):
     ]
 
 
-def build_guest(sources, output, *, cc=None, extra_flags=(), sdk_dir=None):
+def build_guest(sources: Union[StrPath, Iterable[StrPath]], output: StrPath, *,
+                cc: Optional[str] = None, extra_flags: Sequence[str] = (),
+                sdk_dir: Optional[StrPath] = None) -> Path:
     """Compiles the C `sources` (one path or several) plus the SDK runtime into the guest image
     `output` and returns its path. `cc` defaults to $CC, then "cc"; `extra_flags` go to the
     compiler after the standard ones (e.g. "-O3", "-DN=4"). Compiler warnings are passed on to
-    stderr. Raises GuestBuildError with the command and the compiler's output on failure."""
+    stderr. The image is then checked the way Sandbox will load it (exports, signatures), so a
+    guest that would be refused at load fails here. Raises GuestBuildError with the command and
+    the compiler's output, or with what the loader refused."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     sources = [Path(s) for s in sources]
@@ -101,29 +109,44 @@ def build_guest(sources, output, *, cc=None, extra_flags=(), sdk_dir=None):
                               f"command: {text}\n{proc.stdout.rstrip()}")
     if proc.stdout:
         sys.stderr.write(proc.stdout)
-    _check_elf(output, text)
+    try:
+        _check_elf(output, text)
+    except GuestBuildError:
+        output.unlink(missing_ok=True)   # no unusable image left behind for a build tool to reuse
+        raise
     return output
 
 
-def _check_elf(path, command):
-    """A compiler for another target links without complaint; catch that here, not at load."""
+def _check_elf(path: Path, command: str) -> None:
+    """A compiler for another target links without complaint, and a guest with no exports (or an
+    export the host refuses) links too; catch both here, not at load."""
     with open(path, "rb") as f:
         head = f.read(20)
     # e_ident: magic, EI_CLASS 2 (64-bit), EI_DATA 1 (little-endian); e_machine 62 (x86-64)
     if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1 or head[18:20] != b"\x3e\x00":
         raise GuestBuildError(f"the compiler did not produce a 64-bit x86-64 ELF: {path}\n"
                               f"command: {command}")
+    try:
+        from . import elf
+        from .errors import GuestLoadError
+    except ImportError:   # loaded on its own by setup.py, before the package exists: Sandbox checks
+        return
+    try:
+        elf.parse(path.read_bytes(), str(path))
+    except GuestLoadError as e:
+        raise GuestBuildError(f"the guest built, but whpfast would refuse to load it: {e}\n"
+                              f"command: {command}") from None
 
 
-def main(argv=None):
-    """python -m whpfast build-guest foo.c [more.c] -o foo.elf [--cc CC] [-- compiler flags]"""
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m whpfast build-guest") -> int:
+    """whpfast build-guest foo.c [more.c] -o foo.elf [--cc CC] [-- compiler flags]"""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:  # everything after "--" goes to the compiler verbatim
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(
-        prog="python -m whpfast build-guest", allow_abbrev=False,
+        prog=prog, allow_abbrev=False,
         description="Build C sources into a whpfast guest image (static x86-64 ELF).",
         epilog="Compiler flags go after '--', e.g. -- -O3 -DN=4")
     parser.add_argument("sources", nargs="+", help="C source files")

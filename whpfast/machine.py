@@ -62,7 +62,10 @@ RFLAGS = 0x2
 # Page-table entry bits. Accessed and dirty are preset so the CPU never writes the tables, which
 # keeps them out of the dirty log of every call.
 PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D = 0x1, 0x2, 0x4, 0x20, 0x40
+PTE_PS = 0x80         # in a page directory entry: maps a 2 MiB page
 PTE_NX = 1 << 63
+LARGE_PAGE = 2 << 20
+MAX_TOP = 512 << 30   # the address space one PDPT maps; RAM plus every file must fit
 
 VECTORS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 STUB_SIZE = 16
@@ -186,64 +189,90 @@ def make_layout(image, memory_size, *, io_buffer_size=DEFAULT_IO_BUFFER_SIZE,
     cursor += stack_size + PAGE                                 # guard above the stack
     heap_start = cursor
 
-    # Files go above RAM, each followed by an unmapped guard page.
+    # Files go above RAM, each starting on a 2 MiB boundary (so whole 2 MiB pages can map it)
+    # with at least one unmapped guard page after it.
     file_regions = []
-    file_cursor = _align_up(memory_size, 2 << 20)
+    file_cursor = _align_up(memory_size, LARGE_PAGE)
     for name, file_size in files:
         size = _align_up(file_size)
         file_regions.append(FileRegion(name, file_cursor, size, file_size))
-        file_cursor += size + PAGE
+        file_cursor = _align_up(file_cursor + size + PAGE, LARGE_PAGE)
+    top = max(memory_size, file_regions[-1].gpa + file_regions[-1].size if file_regions else 0)
+    if top > MAX_TOP:
+        raise ValueError(f"RAM and the read-only files need {top} bytes of address space; the "
+                         f"limit is {MAX_TOP} (512 GiB)")
 
-    # Page tables cover [0, mapped top) and sit at the top of RAM.
-    top = max(memory_size, file_cursor)
-    n_pt = -(-(top // PAGE) // 512)
-    n_pd = -(-n_pt // 512)
-    n_pdpt = -(-n_pd // 512)
-    if n_pdpt > 512:
-        raise ValueError("the sandbox's address space is larger than 512 GiB")
-    pt_size = (n_pt + n_pd + n_pdpt + 1) * PAGE
-    pt_base = memory_size - pt_size
-    if pt_base - heap_start < PAGE:
-        raise ValueError(
-            f"memory_size {memory_size:#x} is too small: the image, buffers and stack end at "
-            f"{heap_start:#x} and the page tables need {pt_size:#x} bytes; give the sandbox more memory")
+    # Page tables cover [0, top) and sit at the top of RAM: 2 MiB pages wherever one region
+    # covers a whole 2 MiB page (most of the heap, big files), 4 KiB pages elsewhere, so they
+    # cost about 4 KiB per GiB instead of 2 MiB. How many 4 KiB tables that takes depends on
+    # where the heap ends, which depends on their size: grow the estimate until it holds.
+    n_pd = -(-top // (1 << 30))
+    n_upper = n_pd + 2                                          # PDs, one PDPT, the PML4
+    n_pt = 0
+    while True:
+        pt_size = (n_pt + n_upper) * PAGE
+        pt_base = memory_size - pt_size
+        if pt_base - heap_start < PAGE:
+            raise ValueError(
+                f"memory_size {memory_size:#x} is too small: the image, buffers and stack end at "
+                f"{heap_start:#x} and the page tables need {pt_size:#x} bytes; give the sandbox more memory")
+        spans = [(r.gpa, r.end) for r in regions] + [(heap_start, pt_base), (pt_base, memory_size)] \
+            + [(f.gpa, f.gpa + f.size) for f in file_regions]
+        need = len(_split_chunks(spans))
+        if need <= n_pt:
+            break
+        n_pt = need
     regions.append(Region("heap", heap_start, pt_base - heap_start, user=True, writable=True, executable=False))
     regions.append(Region("page_tables", pt_base, pt_size, user=False, writable=True, executable=False))
     return Layout(memory_size=memory_size, regions=regions, files=file_regions,
                   page_tables=(pt_base, pt_size), cr3=pt_base + pt_size - PAGE, top=top)
 
 
+def _split_chunks(spans):
+    """The 2 MiB chunks that (start, end) spans cover only partly: each needs a table of 4 KiB
+    entries; a chunk one span covers whole is one 2 MiB entry."""
+    partial = set()
+    for start, end in spans:
+        if start % LARGE_PAGE or end - start < LARGE_PAGE:
+            partial.add(start // LARGE_PAGE)
+        if end % LARGE_PAGE:
+            partial.add((end - 1) // LARGE_PAGE)
+    return sorted(partial)
+
+
 def _page_tables(layout):
-    """Returns the page-table pages as one uint64 array, laid out PT, PD, PDPT, PML4 from
+    """Returns the page-table pages as one uint64 array, laid out PTs (4 KiB entries for the
+    chunks regions cover only partly, then unused ones), PDs, PDPT, PML4 from
     layout.page_tables[0] upward."""
-    n_pages = layout.top // PAGE
-    pte = np.zeros(-(-n_pages // 512) * 512, dtype=np.uint64)
-    leaf = [(r.gpa, r.size, r.user, r.writable, r.executable) for r in layout.regions]
-    leaf += [(f.gpa, f.size, True, False, False) for f in layout.files]
-    for gpa, size, user, writable, executable in leaf:
-        first, count = gpa // PAGE, size // PAGE
-        flags = PTE_P | PTE_A | PTE_D | (PTE_US if user else 0) | (PTE_RW if writable else 0) \
-            | (0 if executable else PTE_NX)
-        pte[first:first + count] = (np.arange(first, first + count, dtype=np.uint64) << np.uint64(12)) \
-            | np.uint64(flags)
-    tables = [pte]
-    base = layout.page_tables[0]
-    next_gpa = base + pte.size * 8
-    lower_gpa = base
-    lower_count = pte.size // 512
-    # Upper levels: every entry points to the next lower table page, fully permissive (the leaf
-    # entries decide); only entries for existing lower pages are present.
-    for _ in range(3):
-        n = -(-lower_count // 512) * 512
-        level = np.zeros(n, dtype=np.uint64)
-        level[:lower_count] = (np.uint64(lower_gpa) + np.arange(lower_count, dtype=np.uint64) * np.uint64(PAGE)) \
-            | np.uint64(PTE_P | PTE_RW | PTE_US | PTE_A)
-        tables.append(level)
-        lower_gpa = next_gpa
-        lower_count = n // 512
-        next_gpa += n * 8
-    out = np.concatenate(tables)
-    assert out.size * 8 == layout.page_tables[1], (out.size * 8, layout.page_tables[1])
+    leaf = [(r.gpa, r.end, r.user, r.writable, r.executable) for r in layout.regions]
+    leaf += [(f.gpa, f.gpa + f.size, True, False, False) for f in layout.files]
+    chunks = _split_chunks([(start, end) for start, end, *_ in leaf])
+    base, size = layout.page_tables
+    n_pd = -(-layout.top // (1 << 30))
+    n_pt = size // PAGE - n_pd - 2
+    assert len(chunks) <= n_pt, (len(chunks), n_pt)
+    table_of = {chunk: i for i, chunk in enumerate(chunks)}
+    pt = np.zeros(n_pt * 512, dtype=np.uint64)
+    pd = np.zeros(n_pd * 512, dtype=np.uint64)            # one entry per 2 MiB chunk
+    present = np.uint64(PTE_P | PTE_RW | PTE_US | PTE_A)     # upper levels: the leaves decide
+    pd[chunks] = (np.uint64(base) + np.arange(len(chunks), dtype=np.uint64) * np.uint64(PAGE)) | present
+    for start, end, user, writable, executable in leaf:
+        flags = np.uint64(PTE_P | PTE_A | PTE_D | (PTE_US if user else 0) | (PTE_RW if writable else 0)
+                          | (0 if executable else PTE_NX))
+        whole = np.arange(-(-start // LARGE_PAGE), end // LARGE_PAGE, dtype=np.uint64)
+        pd[whole.astype(np.int64)] = (whole << np.uint64(21)) | flags | np.uint64(PTE_PS)
+        for chunk in {start // LARGE_PAGE, (end - 1) // LARGE_PAGE} & table_of.keys():
+            lo, hi = max(start, chunk * LARGE_PAGE), min(end, (chunk + 1) * LARGE_PAGE)
+            pages = np.arange(lo // PAGE, hi // PAGE, dtype=np.uint64)
+            at = table_of[chunk] * 512 + (lo - chunk * LARGE_PAGE) // PAGE
+            pt[at:at + pages.size] = (pages << np.uint64(12)) | flags
+    pd_gpa = base + pt.size * 8
+    pdpt = np.zeros(512, dtype=np.uint64)
+    pdpt[:n_pd] = (np.uint64(pd_gpa) + np.arange(n_pd, dtype=np.uint64) * np.uint64(PAGE)) | present
+    pml4 = np.zeros(512, dtype=np.uint64)
+    pml4[0] = np.uint64(pd_gpa + pd.size * 8) | present
+    out = np.concatenate([pt, pd, pdpt, pml4])
+    assert out.size * 8 == size, (out.size * 8, size)
     return out
 
 

@@ -2,27 +2,38 @@
 functions the guest can call back. Backend-neutral: it talks to whatever backend.impl is."""
 
 import os
+import stat
 import sys
 import threading
 import time
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 
 from . import _pages, abi, backend, elf, machine
-from .errors import (GuestAbort, GuestCallError, GuestCancelled, GuestFault, GuestTimeout,
-                     HostFunctionError, HypervisorError, SandboxClosed, SandboxPoisoned,
-                     SnapshotError, WhpfastError)
-from .snapshot import STATE_PARTS, Snapshot
+from .errors import (ConfigError, GuestAbort, GuestCallError, GuestCancelled, GuestFault,
+                     GuestTimeout, HostFunctionError, HypervisorError, SandboxBusy,
+                     SandboxClosed, SandboxPoisoned, SnapshotError, WhpfastError)
+from .snapshot import MAX_IO_BUFFER, MAX_MEMORY, STATE_PARTS, Snapshot
 from .snapshot import words_for as snapshot_words
+from ._typing import StrPath, Value
 
 impl = backend.impl
 PAGE = 4096
 # Pages written in two restore cycles running stay writable (no write fault per call, a 0.25 us
 # copy per restore instead); at most this many, so stale hot pages cost little.
 HOT_PAGES = 64
+# Sizes past these are refused before anything is allocated (README "Limits"), the same limits
+# snapshot files are held to. Guest memory is MAP_NORESERVE (untouched pages cost nothing), but
+# the host keeps 1 bit per page per bitmap and the page tables grow with it; an I/O buffer's
+# messages carry 32-bit lengths.
+MAX_MEMORY_SIZE = MAX_MEMORY
+MAX_IO_BUFFER_SIZE = MAX_IO_BUFFER
+# A timeout this long (or inf) is no timeout: deadlines are int64 nanoseconds.
+MAX_TIMEOUT = 1e9
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,27 @@ _VECTOR_NAMES = {
 _FAULT_KINDS = {0: "divide", 6: "invalid_opcode", 13: "general_protection", 14: "pagefault"}
 
 
+def _not_started(what):
+    return GuestTimeout(f"{what} waited past its timeout for another thread's operation on this "
+                        f"sandbox and did not start; the sandbox is not poisoned")
+
+
+class _Operation:
+    """`with _Operation(sandbox, what)`: runs the block as the sandbox's one operation (see
+    Sandbox._acquire)."""
+    __slots__ = ("sandbox", "what")
+
+    def __init__(self, sandbox, what):
+        self.sandbox = sandbox
+        self.what = what
+
+    def __enter__(self):
+        self.sandbox._acquire(self.what)
+
+    def __exit__(self, *exc):
+        self.sandbox._release()
+
+
 class Sandbox:
     """A hardware-isolated micro-VM running `guest` (a path to a guest ELF built with the SDK).
 
@@ -55,24 +87,34 @@ class Sandbox:
     receives what the guest prints (default: written to sys.stdout). Use as a context manager or
     call close(); an unclosed sandbox warns (ResourceWarning) when collected and is still freed."""
 
-    def __init__(self, guest, *, memory_size=machine.DEFAULT_MEMORY_SIZE, files=None,
-                 io_buffer_size=machine.DEFAULT_IO_BUFFER_SIZE, stack_size=machine.DEFAULT_STACK_SIZE,
-                 on_print=None):
+    last_restore: Optional[RestoreStats]    # what the last restore() did
+
+    def __init__(self, guest: StrPath, *, memory_size: int = machine.DEFAULT_MEMORY_SIZE,
+                 files: Optional[Mapping[str, StrPath]] = None,
+                 io_buffer_size: int = machine.DEFAULT_IO_BUFFER_SIZE,
+                 stack_size: int = machine.DEFAULT_STACK_SIZE,
+                 on_print: Optional[Callable[[str], object]] = None) -> None:
         self._closed = True          # until fully built, so __del__ and close() are safe
+        self._check_sizes(memory_size, io_buffer_size, stack_size)
         files = self._check_files(files)
         image = elf.load(guest)
         with ExitStack() as undo:
             mappings = self._map_files(files, undo)
-            layout = machine.make_layout(image, memory_size, io_buffer_size=io_buffer_size,
-                                         stack_size=stack_size,
-                                         files=[(n, m.file_size) for n, m in zip(files, mappings)])
+            try:
+                layout = machine.make_layout(image, memory_size, io_buffer_size=io_buffer_size,
+                                             stack_size=stack_size,
+                                             files=[(n, m.file_size) for n, m in zip(files, mappings)])
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             memory = impl.GuestMemory(memory_size)
             undo.callback(memory.close)
             machine.write_environment(memory, layout, image)
             self._start(image, layout, memory, mappings, files, on_print, None, undo)
 
     @classmethod
-    def from_snapshot(cls, snapshot, *, files=None, on_print=None):
+    def from_snapshot(cls, snapshot: Union[Snapshot, StrPath], *,
+                      files: Optional[Mapping[str, StrPath]] = None,
+                      on_print: Optional[Callable[[str], object]] = None) -> "Sandbox":
         """A new sandbox whose memory and vCPU state are the snapshot's (a Snapshot, or the path
         of a saved one). From a file, its memory maps the file copy-on-write: sandboxes made from
         one file share its pages and each pays only for the pages it writes. files overrides
@@ -100,14 +142,38 @@ class Sandbox:
             memory = impl.GuestMemory(layout.memory_size)
             undo.callback(memory.close)
             snapshot.map_into(memory)
-            self._start(image, layout, memory, mappings, paths, on_print, snapshot, undo)
+            try:
+                self._start(image, layout, memory, mappings, paths, on_print, snapshot, undo)
+            except ValueError as e:         # a vCPU state part of the wrong size for this backend
+                raise SnapshotError(f"the snapshot's vCPU state is unusable: {e}") from None
         return self
+
+    @staticmethod
+    def _check_sizes(memory_size, io_buffer_size, stack_size):
+        for what, value, limit in (("memory_size", memory_size, MAX_MEMORY_SIZE),
+                                   ("io_buffer_size", io_buffer_size, MAX_IO_BUFFER_SIZE),
+                                   ("stack_size", stack_size, MAX_MEMORY_SIZE)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{what} must be an int number of bytes, not {type(value).__name__}")
+            if not 0 < value <= limit or value % PAGE:
+                raise ConfigError(f"{what} must be a positive multiple of {PAGE} bytes of at most "
+                                  f"{limit} ({limit >> 20} MiB), got {value}")
 
     @staticmethod
     def _check_files(files):
         files = {name: os.fspath(path) for name, path in (files or {}).items()}
-        for name in files:
+        for name, path in files.items():
             abi.check_file_name(name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue            # FileMapping reports it (FileNotFoundError, PermissionError)
+            # Opening a FIFO blocks until a writer comes; a device has no size to map.
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"file {name!r} = {path!r} is not a regular file; only regular "
+                                  f"files can be mapped into the guest")
+            if st.st_size == 0:
+                raise ConfigError(f"file {name!r} = {path!r} is empty; a mapping needs at least one byte")
         return files
 
     @staticmethod
@@ -149,7 +215,15 @@ class Sandbox:
         self._vcpu = vcpu
         self._on_print = on_print
         self._host_functions = {}
-        self._lock = threading.Lock()
+        # One operation (call, restore, snapshot) at a time; others wait. _mutex guards the
+        # fields below and is held only briefly, never while the guest or user code runs (an
+        # RLock: a Python signal handler may close() while its thread holds it).
+        self._mutex = threading.RLock()
+        self._cv = threading.Condition(self._mutex)
+        self._owner = None               # ident of the thread running an operation
+        self._in_user_code = False       # ...which is inside a host function or on_print
+        self._close_pending = False      # close() was asked for while an operation ran
+        self._waiting = 0                # threads waiting on _cv (only they need a notify)
         self._poisoned = None
         self._host_error = None
         r = layout.region
@@ -177,31 +251,104 @@ class Sandbox:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def close(self):
-        """Frees the VM and its memory. Idempotent. A call running in another thread is
-        cancelled first."""
+    def close(self) -> None:
+        """Frees the VM and its memory. Idempotent. A call running in another thread is stopped
+        (it raises SandboxClosed) and close() returns once it has unwound and freed everything;
+        if that thread is inside a host function, which cannot be interrupted, close() returns at
+        once and the sandbox is freed when the host function returns. From inside a host function
+        of this sandbox, the close takes effect when the call unwinds: the guest does not run
+        again and the call raises SandboxClosed."""
         if self._closed:
             return
-        if not self._lock.acquire(blocking=False):
-            self._vcpu.cancel()
-            self._lock.acquire()
-        try:
+        with self._mutex:
             if self._closed:
                 return
-            self._closed = True
-            self._mem.release()
-            self._vcpu.close()
-            self._vm.close()
-            self._memory.close()
-            for m in self._file_mappings:
-                m.close()
-        finally:
-            self._lock.release()
+            if self._owner is None:
+                self._free()
+                return
+            self._close_pending = True
+            self._vcpu.cancel()
+            self._cv.notify_all()        # threads waiting to operate: they raise SandboxClosed
+            if self._owner != threading.get_ident():
+                self._wait(lambda: self._closed or self._in_user_code)
 
-    def __enter__(self):
+    def _free(self):
+        # with _mutex held, and no operation running
+        self._closed = True
+        self._cv.notify_all()            # threads waiting to operate: they raise SandboxClosed
+        self._mem.release()
+        self._vcpu.close()
+        self._vm.close()
+        self._memory.close()
+        for m in self._file_mappings:
+            m.close()
+
+    def _wait(self, predicate, timeout=None):
+        # with _mutex held
+        self._waiting += 1
+        try:
+            return self._cv.wait_for(predicate, timeout)
+        finally:
+            self._waiting -= 1
+
+    def _acquire(self, what, deadline=None, call=False):
+        """Makes this thread the one operating on the sandbox (what: "restore()", "snapshot()",
+        or a guest function's name for call=True, which also opens the call for cancel()).
+        Another thread's operation is waited for (until deadline, a time.monotonic_ns() value:
+        then GuestTimeout). From inside a host function of this sandbox's own running call it
+        raises SandboxBusy at once: the call holds the vCPU, so waiting would deadlock."""
+        me = threading.get_ident()
+        with self._mutex:
+            if self._owner is not None or self._closed or self._close_pending:
+                self._acquire_slow(f"call({what!r})" if call else what, deadline, me)
+            self._owner = me
+        if call:
+            # From here cancel() stops this call; a cancel before it found no call and did
+            # nothing (nothing observable has happened yet). GIL-atomic, like cancel().
+            self._vcpu.begin_call()
+
+    def _acquire_slow(self, what, deadline, me):
+        if self._owner == me:
+            raise SandboxBusy(
+                f"{what} was called from inside a host function (or on_print) of a call running "
+                f"on this same sandbox; a sandbox runs one operation at a time and cannot be "
+                f"re-entered. Return from the host function first, or use another sandbox")
+        if self._owner is not None and not self._closed and not self._close_pending:
+            free = lambda: self._owner is None or self._closed or self._close_pending
+            timeout = None if deadline is None else max(0, deadline - time.monotonic_ns()) / 1e9
+            if not self._wait(free, timeout):
+                raise _not_started(what)
+        if self._closed or self._close_pending:
+            raise SandboxClosed("the sandbox is closed")
+
+    def _release(self):
+        self._vcpu.end_call()
+        with self._mutex:
+            self._owner = None
+            self._in_user_code = False
+            if self._close_pending:
+                self._free()
+            elif self._waiting:
+                self._cv.notify_all()
+
+    def _user_code(self, fn, *args):
+        """Runs a host function or on_print, letting a close() in another thread return at once
+        (user code cannot be interrupted) and refusing to start after a close was requested."""
+        with self._mutex:
+            if self._close_pending:
+                raise SandboxClosed("the sandbox was closed during the call")
+            self._in_user_code = True
+            if self._waiting:
+                self._cv.notify_all()
+        try:
+            return fn(*args)
+        finally:
+            self._in_user_code = False
+
+    def __enter__(self) -> "Sandbox":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self):
@@ -209,31 +356,33 @@ class Sandbox:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
             self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._closed else ("poisoned" if self._poisoned else "ready")
         return f"<whpfast.Sandbox {getattr(self, '_image', None) and self._image.path!r} {state}>"
 
     @property
-    def closed(self):
-        return self._closed
+    def closed(self) -> bool:
+        """True once close() was called (the memory is freed when a running call unwinds)."""
+        return self._closed or self._close_pending
 
     @property
-    def poisoned(self):
+    def poisoned(self) -> Optional[str]:
         """Why the sandbox is poisoned (a str), or None when it is usable."""
         return self._poisoned
 
     @property
-    def exports(self):
+    def exports(self) -> Dict[str, str]:
         """The guest's functions: name -> signature such as "ii->i"."""
         return {e.name: f"{e.params}->{e.result}" for e in self._image.exports.values()}
 
     @property
-    def memory_size(self):
+    def memory_size(self) -> int:
         return self._layout.memory_size
 
     # -- host functions ----------------------------------------------------------------------
 
-    def register(self, name, fn=None):
+    def register(self, name: Union[str, Callable[..., Any]],
+                 fn: Optional[Callable[..., Any]] = None) -> Any:
         """Makes fn callable from the guest as `name`. Also a decorator: @sb.register("name") or
         @sb.register (the function's own name)."""
         if fn is None:
@@ -247,39 +396,59 @@ class Sandbox:
         self._host_functions[name] = fn
         return fn
 
-    def unregister(self, name):
+    def unregister(self, name: str) -> None:
         self._host_functions.pop(name, None)
 
     # -- calls -------------------------------------------------------------------------------
 
-    def call(self, name, *args, timeout=None):
+    def call(self, name: str, *args: Value, timeout: Optional[float] = None) -> Any:
         """Calls guest function `name`. Arguments and results are int (64-bit), float, bytes, str,
-        bool or None; wrong types or counts raise TypeError before the guest runs. timeout is in
-        seconds; a call past it raises GuestTimeout and poisons the sandbox."""
+        bool or None; wrong types or counts raise TypeError before the guest runs (a bool is not
+        an int), as do OverflowError (an int outside int64) and ValueError (a str with a lone
+        surrogate, a value too big for the input buffer).
+
+        timeout (seconds) bounds the whole call: waiting for another thread's operation on this
+        sandbox, the guest's run time and the time spent in host functions. Past it the call
+        raises GuestTimeout: a running guest is stopped at once and the sandbox is poisoned; a
+        host function cannot be interrupted, so the call ends as soon as it returns (its result
+        is not passed to the guest); a call still waiting for another thread does not start and
+        poisons nothing."""
         export = self._image.exports.get(name) if isinstance(name, str) else None
         if export is None:
             raise GuestCallError(f"the guest has no function {name!r}; it exports "
                                  f"{', '.join(sorted(self._image.exports))}")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-        with self._lock:
+        if timeout is not None:
+            if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+                raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+            if timeout >= MAX_TIMEOUT:       # inf included
+                timeout = None
+        deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
+        self._acquire(name, deadline, call=True)
+        try:
             self._check_ready()
+            if deadline is not None and time.monotonic_ns() >= deadline:
+                raise _not_started(f"call({name!r})")    # got the sandbox just too late
             self._host_write(self._input, lambda base, size: abi.encode_call(
                 self._mem, base, size, export.index, name, export.params, args))
-            return self._run_call(export, timeout)
+            return self._run_call(export, timeout, deadline)
+        finally:
+            self._release()
 
-    def cancel(self):
-        """Stops the call running in another thread; it raises GuestCancelled and the sandbox is
-        poisoned. Does nothing when no call runs."""
-        if not self._closed:
-            self._vcpu.cancel()
+    def cancel(self) -> None:
+        """Stops the call running on this sandbox, from any thread (or from one of its host
+        functions): it raises GuestCancelled and the sandbox is poisoned. A running guest stops
+        at once; a host function cannot be interrupted, so the call ends when it returns. Does
+        nothing when no call runs (nor to a later call); any number of cancels cost as much as
+        one (at most one signal to the vCPU thread per call)."""
+        if not self._closed:             # vcpu.cancel() is safe on a closed vCPU too (and
+            self._vcpu.cancel()          # holds the GIL, as close() does: no use after free)
 
     # -- snapshots ---------------------------------------------------------------------------
 
-    def snapshot(self):
+    def snapshot(self) -> Snapshot:
         """Captures memory and the complete vCPU state. Its cost follows the memory size (every
         page is scanned, non-zero ones copied); take snapshots once, restore them often."""
-        with self._lock:
+        with _Operation(self, "snapshot()"):
             self._check_ready()
             image = impl.GuestMemory(self._layout.memory_size)
             nonzero = np.zeros_like(self._dirty)
@@ -298,14 +467,14 @@ class Sandbox:
             self._set_baseline(snap)
             return snap
 
-    def restore(self, snapshot):
+    def restore(self, snapshot: Snapshot) -> None:
         """Puts memory and vCPU state back to the snapshot's, exactly, and clears a poisoned
         state. Restoring the baseline (the snapshot this sandbox was made from or last took or
         restored) copies back only the pages written since; another snapshot costs a full pass
         over memory once. sb.last_restore tells what it did."""
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"restore() takes a Snapshot, not {type(snapshot).__name__}")
-        with self._lock:
+        with _Operation(self, "restore()"):
             if self._closed:
                 raise SandboxClosed("the sandbox is closed")
             why = snapshot.compatible_with(self._layout_dict, self._image.digest)
@@ -391,11 +560,10 @@ class Sandbox:
             raise SandboxPoisoned(f"the sandbox is poisoned by an earlier call ({self._poisoned}); "
                                   f"restore a snapshot or close it")
 
-    def _run_call(self, export, timeout):
+    def _run_call(self, export, timeout, deadline):
         vcpu = self._vcpu
         vcpu.enter(self._image.entry, self._stack_top)
         self._ran = True
-        deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
         self._host_error = None
         try:
             while True:
@@ -407,6 +575,11 @@ class Sandbox:
                 if kind != impl.EXIT_IO:
                     raise self._poison(self._exit_error(kind, export, timeout))
                 port, length = vcpu.io_port, vcpu.io_value
+                # Only the exits the ABI defines count: a 32-bit `out` (the CPL0 fault stub: an
+                # 8-bit one). An IN or string I/O on the same port is not a return or an abort.
+                if vcpu.io_direction != 1 or vcpu.io_string or \
+                        vcpu.io_size != (1 if port == abi.PORT_FAULT else 4):
+                    raise self._poison(self._undefined_io())
                 if port == abi.PORT_RETURN:
                     return self._result(export, length)
                 if port == abi.PORT_HOSTCALL:
@@ -440,8 +613,7 @@ class Sandbox:
     def _result(self, export, length):
         base, size = self._output
         try:
-            status, _, end = abi.read_header(self._mem, base, size, length, abi.MAGIC_RESULT, "result")
-            letter, value, _ = abi.decode_value(self._mem, base + abi.HEADER.size, end, "result")
+            status, letter, value = abi.decode_result(self._mem, base, size, length)
         except abi.MessageError as e:
             raise GuestCallError(f"{export.name}() returned a malformed result: {e}") from self._host_error
         if status != abi.STATUS_OK:
@@ -465,44 +637,41 @@ class Sandbox:
 
     def _print(self, text):
         if self._on_print is not None:
-            self._on_print(text)
+            try:
+                self._user_code(self._on_print, text)
+            except WhpfastError as e:    # the guest stopped mid-call, as for any other exception
+                raise self._poison(e)
         else:
             sys.stdout.write(text)
             sys.stdout.flush()
 
     def _host_call(self, length):
-        mem = self._mem
         base, size = self._exchange
         try:
-            argc, name_len, end = abi.read_header(mem, base, size, length, abi.MAGIC_HOSTCALL, "host call")
-            off = base + abi.HEADER.size
-            if argc > abi.MAX_ARGS or name_len == 0 or name_len > 255 or off + name_len > end:
-                raise abi.MessageError(f"host call header is inconsistent (argc {argc}, name {name_len} bytes)")
-            name = bytes(mem[off:off + name_len]).decode("utf-8", "replace")
-            off += (name_len + 7) & ~7
-            args = []
-            for i in range(argc):
-                _, value, off = abi.decode_value(mem, off, end, f"host call argument {i + 1}")
-                args.append(value)
+            name, args = abi.decode_host_call(self._mem, base, size, length)
         except abi.MessageError as e:
             return self._reply_error(f"malformed host call request: {e}")
         fn = self._host_functions.get(name)
         if fn is None:
             return self._reply_error(f"no host function named {name!r} is registered")
         try:
-            result = fn(*args)
-            letter = abi.letter_of(result)
+            result = self._user_code(fn, *args)
         except Exception as e:
             if self._host_error is None:
                 self._host_error = e
             return self._reply_error(f"host function {name!r} raised {type(e).__name__}: {e}")
         try:
-            self._reply(abi.STATUS_OK, letter, result)
-        except ValueError as e:
-            self._reply_error(str(e))
+            self._reply(abi.STATUS_OK, abi.letter_of(result), result)
+        except (TypeError, ValueError, OverflowError) as e:
+            # an int outside int64, a lone surrogate, a result too big for the exchange buffer:
+            # the host function's fault, so the caller sees HostFunctionError with this cause
+            if self._host_error is None:
+                self._host_error = e
+            self._reply_error(f"host function {name!r} returned an unusable result ({type(e).__name__}: {e})")
 
     def _reply_error(self, message):
-        data = message.encode()[:max(0, self._exchange[1] - 64)]
+        # backslashreplace: an exception's text may hold lone surrogates, which UTF-8 cannot carry
+        data = message.encode("utf-8", "backslashreplace")[:max(0, self._exchange[1] - 64)]
         self._reply(abi.STATUS_ERROR, "s", data.decode("utf-8", "ignore"))
 
     def _reply(self, status, letter, value):
@@ -548,10 +717,20 @@ class Sandbox:
                 return f", inside {'guest' if r.user else 'supervisor-only'} region {r.name!r}"
         return ""
 
+    def _undefined_io(self):
+        vcpu = self._vcpu
+        what = f"{'out' if vcpu.io_direction == 1 else 'in'} of {vcpu.io_size} bytes" + \
+            (" (string or REP I/O)" if vcpu.io_string else "")
+        return GuestFault(f"the guest made an I/O access the whpfast ABI does not define: {what} on "
+                          f"port {vcpu.io_port:#x} (only a 32-bit `out` of a message length is)", kind="io")
+
     def _exit_error(self, kind, export, timeout):
         vcpu = self._vcpu
         if kind == impl.EXIT_TIMEOUT:
-            return GuestTimeout(f"{export.name}() ran past its timeout of {timeout} s and was stopped")
+            return GuestTimeout(f"{export.name}() ran past its timeout of {timeout} s (guest and host "
+                                f"function time together) and was stopped")
+        if kind == impl.EXIT_CANCELLED and self._close_pending:
+            return SandboxClosed(f"the sandbox was closed while {export.name}() ran; the call was stopped")
         if kind == impl.EXIT_CANCELLED:
             return GuestCancelled(f"{export.name}() was cancelled")
         if kind == impl.EXIT_MMIO:

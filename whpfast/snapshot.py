@@ -16,23 +16,31 @@ MAP_PRIVATE straight from it (copy-on-write), so sandboxes made from one file sh
 and pay privately only for the pages they write; pages outside the extents come from anonymous
 memory and are zero whatever the file holds. save() writes a new file and renames it over the
 old one: a file that live sandboxes map is never written.
+
+Snapshot files are immutable once written: sandboxes map their pages, so a file changed in place
+changes what those sandboxes see. Loading validates a file once per version; a rewrite in place
+(even with size and mtime put back) changes its ctime and the bytes before the image, either of
+which makes the next load validate it again.
 """
 
 import json
 import os
+import stat
 import struct
 import threading
 import weakref
 import zlib
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _pages, abi, backend, machine
+from . import _pages, abi, backend, elf, machine
 from .errors import SnapshotError
+from ._typing import StrPath
 
 PAGE = 4096
 MAGIC = b"WHPFSNAP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: the KVM vCPU state holds the whole XSAVE area (was KVM_GET_FPU's)
 ARCH_X86_64 = 1
 HEADER = struct.Struct("<8sIIII 12Q 5I 4x")
 assert HEADER.size == 144
@@ -40,6 +48,11 @@ MAX_MEMORY = 64 << 30
 MAX_META = 1 << 20
 MAX_STATE = 1 << 16
 MAX_EXTENTS = 4096
+MAX_EXPORTS = 4096
+MAX_REGIONS = 64
+MAX_PATH = 4096
+MAX_IO_BUFFER = 256 << 20
+MAX_TOP = machine.MAX_TOP       # RAM and file mappings: what the page tables can map
 IMAGE_ALIGN = 65536     # Windows maps file views only at multiples of its allocation granularity
 
 impl = backend.impl
@@ -54,8 +67,10 @@ class Snapshot:
     """A sandbox's memory and complete vCPU state. Restore it any number of times, into the
     sandbox that took it or into sandboxes made from it (Sandbox.from_snapshot)."""
 
-    def __init__(self, image, nonzero, state, meta, *, path=None, file=None, extents=None,
-                 image_offset=None):
+    def __init__(self, image: Any, nonzero: "np.ndarray[Any, np.dtype[np.uint64]]",
+                 state: Dict[str, bytes], meta: Dict[str, Any], *, path: Optional[str] = None,
+                 file: Optional[BinaryIO] = None, extents: Optional[List[Tuple[int, int]]] = None,
+                 image_offset: Optional[int] = None) -> None:
         self._image = image                    # a mapping of memory_size bytes: the memory image
         self._image_view = memoryview(image)
         self._nonzero = nonzero                # uint64 bitmap of the image's non-zero pages
@@ -63,20 +78,22 @@ class Snapshot:
         self.meta = meta
         self.path = path
         self._file = file                      # open file the extents are mapped from
+        if file is not None:
+            weakref.finalize(self, file.close)  # closed with the snapshot, never left to the GC
         self._extents = extents
         self._image_offset = image_offset      # where the image starts in that file
         self.nonzero_pages = _pages.count_bits(nonzero)
 
     @property
-    def memory_size(self):
+    def memory_size(self) -> int:
         return self.meta["layout"]["memory_size"]
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         where = f" from {self.path!r}" if self.path else ""
         return (f"<whpfast.Snapshot{where} of {self.meta['guest']['path']!r}, "
                 f"{self.memory_size >> 20} MiB, {self.nonzero_pages} non-zero pages>")
 
-    def compatible_with(self, layout_dict, guest_digest):
+    def compatible_with(self, layout_dict: Dict[str, Any], guest_digest: str) -> Optional[str]:
         """Why this snapshot cannot go into a sandbox with that layout and guest, or None."""
         if self.meta["guest"]["digest"] != guest_digest:
             return (f"it was taken of guest {self.meta['guest']['path']!r} "
@@ -87,7 +104,7 @@ class Snapshot:
 
     # -- disk ---------------------------------------------------------------------------------
 
-    def save(self, path):
+    def save(self, path: StrPath) -> str:
         """Writes the snapshot to path atomically: a new file, fsynced, then renamed over path."""
         path = os.fspath(path)
         extents = _extents(self._nonzero, self.memory_size // PAGE)
@@ -128,19 +145,28 @@ class Snapshot:
         return path
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: StrPath) -> "Snapshot":
         """Reads and validates a snapshot file; raises SnapshotError on any problem. Loading the
         same unchanged file again returns the same Snapshot (validated once, mapped once)."""
         path = os.fspath(path)
         try:
-            f = open(path, "rb")
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore it)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+                         | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
         except OSError as e:
             raise SnapshotError(f"cannot open snapshot {path!r}: {e.strerror}") from e
+        f = os.fdopen(fd, "rb", buffering=0)
         try:
             st = os.fstat(f.fileno())
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if not stat.S_ISREG(st.st_mode):
+                raise SnapshotError(f"snapshot {path!r} is not a regular file")
+            # What an in-place rewrite cannot keep: the ctime (a utime() that puts the mtime back
+            # sets it), and the bytes before the image, compared on every hit.
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             with _loaded_lock:
                 snap = _loaded.get(key)
+                if snap is not None and os.pread(f.fileno(), len(snap._prefix), 0) != snap._prefix:
+                    snap = None
                 if snap is None:
                     snap = cls._load(f, path)
                     _loaded[key] = snap
@@ -208,20 +234,13 @@ class Snapshot:
         bitmap_bytes = section(bitmap_off, bitmap_len, bitmap_crc, "page bitmap")
         try:
             meta = json.loads(meta_bytes)
-            layout = machine.Layout.from_dict(meta["layout"])
-            if layout.memory_size != memory_size:
-                raise ValueError("layout memory size differs from the header's")
-            extents = [(int(a), int(b)) for a, b in meta["extents"]]
-            guest = meta["guest"]
-            for key, kind in (("path", str), ("digest", str), ("entry", int), ("exports", list)):
-                if not isinstance(guest.get(key), kind):
-                    raise ValueError(f"guest {key} missing")
-            if meta.get("backend") != backend.NAME:
-                raise ValueError(f"taken with the {meta.get('backend')!r} backend, this is {backend.NAME!r}")
-            if meta.get("abi") != abi.ABI_VERSION:
-                raise ValueError(f"guest ABI version {meta.get('abi')}, this whpfast speaks {abi.ABI_VERSION}")
+        except (ValueError, RecursionError) as e:      # RecursionError: nesting too deep
+            raise bad(f"metadata is not JSON: {str(e)[:200]}") from None
+        try:
+            check_meta(meta, memory_size, state_len)
+            extents = [tuple(e) for e in meta["extents"]]
             state = _split_state(state_bytes, meta["state_sizes"])
-        except (ValueError, KeyError, TypeError) as e:
+        except ValueError as e:
             raise bad(f"metadata is inconsistent: {e}") from None
         nonzero = np.frombuffer(bytearray(bitmap_bytes), dtype=np.uint64)
         covered = np.zeros(words_for(pages) * 64, dtype=bool)
@@ -242,9 +261,11 @@ class Snapshot:
         if crc != image_crc:
             image.close()
             raise bad("memory image checksum mismatch (the image is corrupt)")
-        return cls(image, nonzero, state, meta, path=path, file=f, extents=extents, image_offset=image_off)
+        snap = cls(image, nonzero, state, meta, path=path, file=f, extents=extents, image_offset=image_off)
+        snap._prefix = os.pread(f.fileno(), bitmap_off + bitmap_len, 0)
+        return snap
 
-    def map_into(self, memory):
+    def map_into(self, memory: Any) -> None:
         """Fills fresh guest memory with this snapshot's image: copy-on-write mappings of the
         file's extents when it came from a file (and the backend can: KVM), else copies of the
         non-zero pages."""
@@ -257,6 +278,147 @@ class Snapshot:
 
 
 _HEADER_CRC_OFFSET = HEADER.size - 8
+
+
+# -- metadata validation: the JSON of a snapshot file is untrusted input ----------------------
+# Every field is checked for its exact type (bool is not int), range and nesting, and unknown
+# keys are refused, so a malformed file is a SnapshotError and nothing past here meets a
+# surprise. A new metadata field needs its check here.
+
+def _expect(value, kind, what):
+    if type(value) is not kind:            # exact: True is not an int, 1.0 not an int
+        raise ValueError(f"{what} must be {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+def _int(value, what, lo=0, hi=1 << 64):
+    _expect(value, int, what)
+    if not lo <= value < hi:
+        raise ValueError(f"{what} = {value} is outside {lo}..{hi - 1}")
+    return value
+
+
+def _str(value, what, max_len=MAX_PATH):
+    _expect(value, str, what)
+    if len(value) > max_len or "\0" in value:
+        raise ValueError(f"{what} is longer than {max_len} characters or holds a NUL")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} holds a lone surrogate") from None
+    return value
+
+
+def _list(value, what, length=None, max_len=None):
+    _expect(value, list, what)
+    if length is not None and len(value) != length:
+        raise ValueError(f"{what} must have {length} items, has {len(value)}")
+    if max_len is not None and len(value) > max_len:
+        raise ValueError(f"{what} has {len(value)} items, at most {max_len} allowed")
+    return value
+
+
+def _dict(value, what, keys):
+    _expect(value, dict, what)
+    if set(value) != set(keys):
+        raise ValueError(f"{what} must have the keys {sorted(keys)}, has {sorted(value)}")
+    return value
+
+
+def check_meta(meta, memory_size, state_len):
+    """Checks a snapshot's metadata against what Sandbox.snapshot() writes; raises ValueError
+    saying what is wrong."""
+    _dict(meta, "metadata", ("backend", "abi", "guest", "layout", "files", "state_sizes", "extents"))
+    if meta["backend"] != backend.NAME:
+        raise ValueError(f"taken with the {meta['backend']!r} backend, this is {backend.NAME!r}")
+    if meta["abi"] != abi.ABI_VERSION or type(meta["abi"]) is not int:
+        raise ValueError(f"guest ABI version {meta['abi']!r}, this whpfast speaks {abi.ABI_VERSION}")
+
+    guest = _dict(meta["guest"], "guest", ("path", "digest", "entry", "exports"))
+    _str(guest["path"], "guest path")
+    digest = _str(guest["digest"], "guest digest", 64)
+    if len(digest) != 64 or digest.strip("0123456789abcdef"):
+        raise ValueError("guest digest is not a sha256 in hex")
+    _int(guest["entry"], "guest entry", abi.IMAGE_BASE, elf.IMAGE_LIMIT)
+    exports = _list(guest["exports"], "guest exports", max_len=MAX_EXPORTS)
+    if not exports:
+        raise ValueError("guest exports no functions")
+    names, indexes = set(), set()
+    for i, export in enumerate(exports):
+        name, index, params, result = _list(export, f"export #{i}", 4)
+        _str(name, f"export #{i} name", 255)
+        _int(index, f"export {name!r} index", 0, MAX_EXPORTS)
+        _str(params, f"export {name!r} parameters", abi.MAX_ARGS)
+        _str(result, f"export {name!r} result", 1)
+        if not name or not name.isascii() or name in names or index in indexes:
+            raise ValueError(f"export #{i} has an empty, non-ASCII or repeated name or index")
+        if any(p not in abi.SIGNATURE or p == "n" for p in params) or result not in abi.SIGNATURE:
+            raise ValueError(f"export {name!r} has an invalid signature {params!r} -> {result!r}")
+        names.add(name)
+        indexes.add(index)
+
+    layout = _dict(meta["layout"], "layout", ("memory_size", "cr3", "top", "page_tables", "regions", "files"))
+    if _int(layout["memory_size"], "layout memory size") != memory_size:
+        raise ValueError("layout memory size differs from the header's")
+    _int(layout["cr3"], "cr3", PAGE, memory_size)
+    if layout["cr3"] % PAGE:
+        raise ValueError("cr3 is not page aligned")
+    top = _int(layout["top"], "layout top", memory_size, MAX_TOP + 1)
+    for i, v in enumerate(_list(layout["page_tables"], "page table location", 2)):
+        _int(v, f"page table location [{i}]", 0, memory_size + 1)
+    region_names = set()
+    for i, region in enumerate(_list(layout["regions"], "regions", max_len=MAX_REGIONS)):
+        name, gpa, size, *flags = _list(region, f"region #{i}", 6)
+        _str(name, f"region #{i} name", 64)
+        if name in region_names:
+            raise ValueError(f"region {name!r} appears twice")
+        region_names.add(name)
+        _int(gpa, f"region {name!r} address", 0, memory_size)
+        _int(size, f"region {name!r} size", PAGE, memory_size + 1)
+        for flag in flags:
+            _expect(flag, bool, f"region {name!r} flags")
+    file_regions = _list(layout["files"], "file regions", max_len=abi.MAX_FILES)
+    for i, region in enumerate(file_regions):
+        name, gpa, size, file_size = _list(region, f"file region #{i}", 4)
+        _str(name, f"file region #{i} name", abi.FILE_NAME_MAX)
+        _int(gpa, f"file region {name!r} address", memory_size, top)
+        _int(file_size, f"file region {name!r} file size", 1, top)
+        # the memslot covers exactly the host mapping (the file rounded up to pages): a larger
+        # one would hand the guest whatever the host maps after it
+        if size != -(-file_size // PAGE) * PAGE:
+            raise ValueError(f"file region {name!r} maps {size} bytes for a {file_size}-byte file")
+    spans = sorted((r[1], r[1] + r[2]) for r in file_regions)
+    if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
+        raise ValueError("file regions overlap")
+    try:
+        parsed = machine.Layout.from_dict(layout)
+    except KeyError as e:
+        raise ValueError(f"layout region {e} is missing") from None
+    sizes = {parsed.region(n).size for n in ("input", "output", "exchange")}
+    if len(sizes) != 1 or not PAGE <= sizes.pop() <= MAX_IO_BUFFER:
+        raise ValueError(f"the I/O buffers must have one size of 4 KiB..{MAX_IO_BUFFER >> 20} MiB")
+
+    files = _list(meta["files"], "files", len(file_regions))
+    for i, (entry, region) in enumerate(zip(files, file_regions)):
+        _dict(entry, f"file #{i}", ("name", "path"))
+        if not _str(entry["path"], f"file #{i} path") or not entry["name"]:
+            raise ValueError(f"file #{i} has an empty name or path")
+        if _str(entry["name"], f"file #{i} name", abi.FILE_NAME_MAX) != region[0]:
+            raise ValueError(f"file #{i} is {entry['name']!r}, its region {region[0]!r}")
+        abi.check_file_name(entry["name"])
+    if len({entry["name"] for entry in files}) != len(files):
+        raise ValueError("two files have the same name")
+
+    state_sizes = _list(meta["state_sizes"], "vCPU state sizes", len(STATE_PARTS))
+    for part, size in zip(STATE_PARTS, state_sizes):
+        _int(size, f"vCPU state part {part!r} size", 0, MAX_STATE + 1)
+    if sum(state_sizes) != state_len:
+        raise ValueError("vCPU state sizes disagree with its length")
+
+    extents = _list(meta["extents"], "extents", max_len=MAX_EXTENTS)
+    for i, extent in enumerate(extents):
+        for v in _list(extent, f"extent #{i}", 2):
+            _int(v, f"extent #{i}", 0, memory_size // PAGE + 1)
 _loaded = weakref.WeakValueDictionary()    # (dev, inode, size, mtime) -> Snapshot
 _loaded_lock = threading.Lock()
 

@@ -2,11 +2,13 @@
 summarised as median and percentiles."""
 
 import time
+from typing import Callable, Tuple
 
 import numpy as np
+import numpy.typing as npt
 
 
-def time_calls(fn, count, warmup=50):
+def time_calls(fn: Callable[[], object], count: int, warmup: int = 50) -> "npt.NDArray[np.int64]":
     """Runs fn `warmup` times untimed, then `count` times; returns each run's wall time in ns."""
     for _ in range(warmup):
         fn()
@@ -19,12 +21,12 @@ def time_calls(fn, count, warmup=50):
     return out
 
 
-def stats_us(ns):
+def stats_us(ns: "npt.ArrayLike") -> Tuple[float, float, float]:
     """(median, p90, p99) in microseconds."""
     us = np.asarray(ns, dtype=np.float64) / 1000.0
     return float(np.median(us)), float(np.percentile(us, 90)), float(np.percentile(us, 99))
 
 
-def summary(label, ns):
+def summary(label: str, ns: "npt.ArrayLike") -> str:
     median, _, p99 = stats_us(ns)
     return f"{label:<30} median {median:9.1f} us   p99 {p99:9.1f} us   (n={len(ns)})"

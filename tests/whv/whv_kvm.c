@@ -112,7 +112,9 @@ static pthread_once_t g_kvm_once = PTHREAD_ONCE_INIT;
 static int g_kvm_fd = -1, g_kvm_errno, g_run_size, g_xsave_size = 4096;
 static struct kvm_cpuid2 *g_cpuid;
 /* XSAVE components the guest has (bit i), and the standard-format offset/size/alignment of
- * each extended one, from the CPUID given to every vCPU (leaf 0xD). */
+ * each extended one, from the CPUID given to every vCPU (leaf 0xD): the components KVM keeps in
+ * the vCPU's XSAVE area. Even where that CPUID lacks the XSAVE bit (PVM), the guest's CPL3 code
+ * runs with the host's XCR0 and can use them all (AVX-512 included), so all are its state. */
 static uint64_t g_xmask = 3;
 static uint32_t g_xoff[64], g_xsize[64], g_xalign[64];
 static int g_kick_signal;
@@ -150,7 +152,8 @@ static void kvm_init_once(void) {
     }
     if (!g_cpuid || g_run_size <= 0) { close(g_kvm_fd); g_kvm_fd = -1; g_kvm_errno = ENOSYS; return; }
     struct kvm_cpuid_entry2 *l1 = cpuid_find(1, 0), *d0 = cpuid_find(0xD, 0);
-    if (l1 && (l1->ecx & (1u << 26)) && d0) {           /* XSAVE offered to the guest */
+    (void)l1;
+    if (d0) {
         uint64_t m = d0->eax | ((uint64_t)d0->edx << 32);
         for (int i = 2; i < 63; i++) {
             struct kvm_cpuid_entry2 *d = cpuid_find(0xD, i);
@@ -1267,9 +1270,15 @@ static int complete_pending_io(struct whv_vp *vp) {
         int rc = kvm_ioctl(vp->fd, KVM_RUN, 0);
         if (rc < 0 && (errno == EINTR || errno == EAGAIN)) return 0;
         if (rc < 0) return -1;
-        /* rc == 0: a further MMIO fragment of the same instruction; keep completing */
+        /* rc == 0: a further MMIO fragment of the same instruction, or the next batch of a
+         * REP INS/OUTS, which KVM would go on with page after page: RCX = 0 ends it at the next
+         * completion (the caller puts the registers back afterwards). */
+        if (vp->run->exit_reason == KVM_EXIT_IO) {
+            vp->run->s.regs.regs.rcx = 0;
+            vp->run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+        }
     }
-    errno = EIO;   /* e.g. a long REP INS/OUTS: not modelled */
+    errno = EIO;
     return -1;
 }
 
@@ -1376,6 +1385,14 @@ static HRESULT exit_io(struct whv_partition *p, struct whv_vp *vp, WHV_RUN_VP_EX
             nb = (size_t)l;
             break;
         }
+        /* Not found: KVM did not step at all, as for a REP INS/OUTS it has not finished (it
+         * goes on at the next run): the instruction is at RIP. */
+        if (!len && (nb = read_code(p, &snap.sregs, snap.regs.rip, bytes, sizeof bytes)) &&
+            !decode_io(bytes, nb, lm, &d) && d.string && d.is_in == (io.direction == KVM_EXIT_IO_IN) &&
+            d.size == io.size && (int)(snap.regs.rdx & 0xFFFF) == io.port) {
+            len = d.len;
+            nb = (size_t)d.len;
+        }
         if (!len)
             fprintf(stderr, "whv_kvm: cannot find the I/O instruction before rip %#llx (port %#x)\n",
                     (unsigned long long)snap.regs.rip, io.port);
@@ -1391,14 +1408,18 @@ static HRESULT exit_io(struct whv_partition *p, struct whv_vp *vp, WHV_RUN_VP_EX
     run->s.regs.regs.rip = ins;
     run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
 
-    int string = io.count != 1 || (nb && !decode_io(bytes, nb, lm, &d) && d.string);
-    if (string) {   /* INS/OUTS are not modelled (WHP would need the host to emulate them) */
+    int decoded = nb && !decode_io(bytes, nb, lm, &d);
+    int string = io.count != 1 || (decoded && d.string);
+    if (string && !decoded) {   /* a string access whose instruction cannot be read back */
         ctx->ExitReason = WHvRunVpExitReasonUnsupportedFeature;
         ctx->UnsupportedFeature.FeatureCode = WHvUnsupportedFeatureIntercept;
         ctx->UnsupportedFeature.FeatureParameter = 0x10000u | io.port;
         fill_vp_context(ctx, &run->s.regs, ins);
         return S_OK;
     }
+    /* INS/OUTS are reported as WHP reports them (StringOp, RepPrefix), with the VP at the
+     * instruction and nothing done, for the host to emulate or refuse. KVM has already moved
+     * (part of) the data: not modelled, the registers are put back as for any I/O exit. */
     ctx->ExitReason = WHvRunVpExitReasonX64IoPortAccess;
     fill_vp_context(ctx, &run->s.regs, ins);
     ctx->VpContext.InstructionLength = (UINT8)(len & 0xF);
@@ -1407,6 +1428,8 @@ static HRESULT exit_io(struct whv_partition *p, struct whv_vp *vp, WHV_RUN_VP_EX
     memcpy(a->InstructionBytes, bytes, nb);
     a->AccessInfo.IsWrite = io.direction == KVM_EXIT_IO_OUT;
     a->AccessInfo.AccessSize = io.size;
+    a->AccessInfo.StringOp = string;
+    a->AccessInfo.RepPrefix = string && d.rep;
     a->PortNumber = io.port;
     a->Rax = snap.regs.rax;
     a->Rcx = snap.regs.rcx;

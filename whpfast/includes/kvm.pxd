@@ -27,6 +27,7 @@ cdef extern from "<linux/kvm.h>" nogil:
     unsigned long KVM_SET_FPU
     unsigned long KVM_GET_XSAVE              # guarded by KVM_CAP_XSAVE
     unsigned long KVM_SET_XSAVE
+    unsigned long KVM_GET_XSAVE2             # guarded by KVM_CAP_XSAVE2 (areas over 4 KiB)
     unsigned long KVM_GET_XCRS               # guarded by KVM_CAP_XCRS
     unsigned long KVM_SET_XCRS
     unsigned long KVM_GET_DEBUGREGS          # guarded by KVM_CAP_DEBUGREGS
@@ -41,6 +42,7 @@ cdef extern from "<linux/kvm.h>" nogil:
     int KVM_CAP_IMMEDIATE_EXIT
     int KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
     int KVM_CAP_XSAVE
+    int KVM_CAP_XSAVE2
     int KVM_CAP_XCRS
     int KVM_CAP_DEBUGREGS
     int KVM_CAP_VCPU_EVENTS
@@ -65,6 +67,7 @@ cdef extern from "<linux/kvm.h>" nogil:
     int KVM_EXIT_INTR
     int KVM_EXIT_INTERNAL_ERROR
     int KVM_EXIT_IO_OUT
+    int KVM_EXIT_IO_IN
 
     struct kvm_regs:
         uint64_t rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp

@@ -49,6 +49,33 @@ def page_table_bytes(memory_size):
     return (n_pt + n_pd + n_pdpt + 1) * PAGE
 
 
+def page_table_image(layout):
+    """The initial tables in the format AddressSpace keeps (see page_table_bytes): one leaf entry
+    per 4 KiB page of memory, PT, PD, PDPT, PML4 from layout.page_tables[0] upward, with the
+    layout's kernel regions mapped. (machine._page_tables now builds 2 MiB pages where it can,
+    which this address space does not manage.)"""
+    from .. import machine
+    pte = np.zeros(-(-(layout.top // PAGE) // 512) * 512, dtype=np.uint64)
+    for r in layout.regions:
+        flags = machine.PTE_P | machine.PTE_A | machine.PTE_D | (machine.PTE_US if r.user else 0) \
+            | (machine.PTE_RW if r.writable else 0) | (0 if r.executable else machine.PTE_NX)
+        first = r.gpa // PAGE
+        pages = np.arange(first, first + r.size // PAGE, dtype=np.uint64)
+        pte[first:first + pages.size] = (pages << np.uint64(12)) | np.uint64(flags)
+    tables, lower_gpa, lower_count = [pte], layout.page_tables[0], pte.size // 512
+    next_gpa = lower_gpa + pte.size * 8
+    for _ in range(3):     # upper levels: entries for every lower table, the leaves decide
+        level = np.zeros(-(-lower_count // 512) * 512, dtype=np.uint64)
+        level[:lower_count] = (np.uint64(lower_gpa) + np.arange(lower_count, dtype=np.uint64) * np.uint64(PAGE)) \
+            | np.uint64(machine.PTE_P | machine.PTE_RW | machine.PTE_US | machine.PTE_A)
+        tables.append(level)
+        lower_gpa, lower_count = next_gpa, level.size // 512
+        next_gpa += level.size * 8
+    out = np.concatenate(tables)
+    assert out.size * 8 == layout.page_tables[1], (out.size * 8, layout.page_tables[1])
+    return out.tobytes()
+
+
 def page_up(n):
     return (n + PAGE - 1) & ~(PAGE - 1)
 

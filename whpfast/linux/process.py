@@ -22,6 +22,7 @@ import warnings
 from collections import namedtuple
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -33,7 +34,8 @@ from . import loader, syscalls, vdso
 from .errno import LinuxError
 from .fs import FileSystem
 from . import snapfile
-from .mm import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, USER_MIN, AddressSpace, page_table_bytes
+from .mm import (PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, USER_MIN, AddressSpace, page_table_bytes,
+                 page_table_image)
 
 impl = backend.impl
 MASK64 = (1 << 64) - 1
@@ -81,7 +83,8 @@ class LinuxSnapshot:
     Restore it any number of times, save() it, or start new sandboxes from it
     (LinuxSandbox.from_snapshot)."""
 
-    def __init__(self, image, nonzero, state, components, meta, fs_codec, path=None):
+    def __init__(self, image: Any, nonzero: Any, state: Dict[str, bytes], components: Tuple[Any, ...],
+                 meta: Dict[str, Any], fs_codec: Any, path: Optional[str] = None) -> None:
         self._image = image
         self._image_view = memoryview(image)
         self._nonzero = nonzero
@@ -97,12 +100,12 @@ class LinuxSnapshot:
         return (f"<whpfast.LinuxSnapshot{where} of {self.meta['config']['exe']!r}, "
                 f"{self.meta['memory_size'] >> 20} MiB, {self.nonzero_pages} non-zero pages>")
 
-    def save(self, path):
+    def save(self, path: "os.PathLike[str] | str") -> str:
         """Writes the snapshot to path atomically (a new file, then renamed over path)."""
         return snapfile.save(self, path)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: "os.PathLike[str] | str") -> "LinuxSnapshot":
         """Reads and validates a saved snapshot; SnapshotError says what is wrong."""
         meta, state, components, image, nonzero = snapfile.load(path, FileSystem.decode)
         try:
@@ -155,8 +158,11 @@ class LinuxSandbox:
     env: the environment (default: PATH, HOME=/tmp, LANG=C.UTF-8). memory_size bounds both the
     guest's RAM and its address space. on_output(stream, data) sees stdout/stderr as written."""
 
-    def __init__(self, argv, *, env=None, read=(), cwd="/", memory_size=DEFAULT_MEMORY_SIZE,
-                 stack_size=DEFAULT_STACK_SIZE, on_output=None, tmp_size=64 << 20):
+    def __init__(self, argv: Sequence[Union[str, bytes]], *, env: Optional[Mapping[str, str]] = None,
+                 read: Any = (), cwd: str = "/", memory_size: int = DEFAULT_MEMORY_SIZE,
+                 stack_size: int = DEFAULT_STACK_SIZE,
+                 on_output: Optional[Callable[[str, bytes], object]] = None,
+                 tmp_size: int = 64 << 20) -> None:
         self._closed = True
         _kvm_only()
         argv = [os.fsencode(a) for a in argv] if not isinstance(argv, (str, bytes)) else None
@@ -196,7 +202,8 @@ class LinuxSandbox:
         self._closed = False
 
     @classmethod
-    def from_snapshot(cls, snapshot, *, on_output=None):
+    def from_snapshot(cls, snapshot: "LinuxSnapshot | os.PathLike[str] | str", *,
+                      on_output: Optional[Callable[[str, bytes], object]] = None) -> "LinuxSandbox":
         """A new sandbox in the snapshot's state (a LinuxSnapshot, or the path of a saved one),
         with the same read policy. Its first restore target is that snapshot."""
         _kvm_only()
@@ -280,7 +287,7 @@ class LinuxSandbox:
         store(machine.IDT_ADDR, machine._idt())
         store(machine.STUBS_ADDR, machine._stubs())
         store(SYSCALL_STUB, SYSCALL_STUB_CODE)
-        store(pt_base, machine._page_tables(layout).tobytes())
+        store(pt_base, page_table_image(layout))
         args = machine.sregs_arguments(layout)
         args.update(cr4=CR4)
         vcpu.init_long_mode(**args)
@@ -388,7 +395,7 @@ class LinuxSandbox:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def close(self):
+    def close(self) -> None:
         """Frees the VM and its memory. Idempotent; a run in another thread is cancelled first."""
         if self._closed:
             return
@@ -410,10 +417,10 @@ class LinuxSandbox:
         self._vm.close()
         self._memory.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "LinuxSandbox":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self):
@@ -422,22 +429,22 @@ class LinuxSandbox:
             self.close()
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._closed
 
     @property
-    def poisoned(self):
+    def poisoned(self) -> Optional[str]:
         return self._poisoned
 
     @property
-    def waiting(self):
+    def waiting(self) -> bool:
         return self._io.waiting
 
     @property
-    def exit_code(self):
+    def exit_code(self) -> Optional[int]:
         return self._io.exit_code
 
-    def cancel(self):
+    def cancel(self) -> None:
         """Stops a run going on in another thread (GuestCancelled), also one sleeping in a
         nanosleep. Does nothing when no run is going on."""
         if not self._closed:
@@ -446,7 +453,8 @@ class LinuxSandbox:
 
     # -- running --------------------------------------------------------------------------------
 
-    def run(self, input=b"", *, eof=False, timeout=None):
+    def run(self, input: Union[bytes, bytearray, memoryview] = b"", *, eof: bool = False,
+            timeout: Optional[float] = None) -> RunResult:
         """Runs the program until it exits or blocks reading stdin with no input left. input is
         appended to what stdin still holds; eof=True makes a read with nothing left return 0."""
         if not isinstance(input, (bytes, bytearray, memoryview)):
@@ -461,13 +469,9 @@ class LinuxSandbox:
             self._deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
             self._timeout = timeout
             self._wake.clear()
-            # A cancel() from before this run is forgotten. (Backends with begin_call/end_call,
-            # the iso-host branch's cancel protocol, open and close the run for cancel() instead.)
-            begin, end = getattr(self._vcpu, "begin_call", None), getattr(self._vcpu, "end_call", None)
-            if begin is not None:
-                begin()
-            else:
-                impl.clear_cancel(self._vcpu)
+            # Opens the run for cancel() (a cancel() from before it is forgotten); end_call()
+            # closes it, so a late cancel() cannot poison the next run.
+            self._vcpu.begin_call()
             try:
                 return self._loop()
             except WhpfastError:
@@ -477,8 +481,7 @@ class LinuxSandbox:
                 self._needs_full_reset = True
                 raise
             finally:
-                if end is not None:
-                    end()
+                self._vcpu.end_call()
 
     def _loop(self):
         vcpu = self._vcpu
@@ -520,7 +523,7 @@ class LinuxSandbox:
 
     # services for the system call handlers
 
-    def take_input(self, n):
+    def take_input(self, n: int) -> bytes:
         io = self._io
         if io.input:
             data, rest = io.input[:n], io.input[n:]
@@ -530,7 +533,7 @@ class LinuxSandbox:
             return b""
         raise syscalls.Park()
 
-    def output(self, stream, data):
+    def output(self, stream: str, data: bytes) -> None:
         if len(self._stdout) + len(self._stderr) + len(data) > MAX_OUTPUT:
             # A program printing without end must not exhaust the host: its write fails.
             raise LinuxError(errno.EFBIG, f"more than {MAX_OUTPUT} bytes of output in one run")
@@ -538,10 +541,10 @@ class LinuxSandbox:
         if self._on_output is not None:
             self._on_output(stream, bytes(data))
 
-    def set_segment_base(self, which, value):
+    def set_segment_base(self, which: str, value: Optional[int]) -> int:
         return impl.segment_base(self._vcpu, which, value)
 
-    def sleep(self, seconds):
+    def sleep(self, seconds: float) -> None:
         """nanosleep: waits on the host, until the run's deadline at most; cancel() wakes it."""
         if self._deadline is not None:
             seconds = min(seconds, max(0, (self._deadline - time.monotonic_ns()) / 1e9))
@@ -612,7 +615,7 @@ class LinuxSandbox:
 
     # -- snapshots ------------------------------------------------------------------------------
 
-    def snapshot(self):
+    def snapshot(self) -> LinuxSnapshot:
         """Captures guest memory, the vCPU and every host-side component. Costs a pass over the
         mapped memory; restores cost only what changed since."""
         with self._lock:
@@ -655,7 +658,7 @@ class LinuxSandbox:
     def _components(self):
         return (self.mm.capture(), self.fs.capture(), self.proc, self._io)
 
-    def restore(self, snapshot):
+    def restore(self, snapshot: LinuxSnapshot) -> None:
         """Puts memory, vCPU state and every host-side component back to the snapshot's and
         clears a poisoned state."""
         if not isinstance(snapshot, LinuxSnapshot):
