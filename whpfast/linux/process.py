@@ -521,7 +521,10 @@ class LinuxSandbox:
     # services for the system call handlers
 
     def take_input(self, n):
+        """Up to n bytes of stdin; b"" at end of input; Park when there is none yet."""
         io = self._io
+        if n == 0:
+            return b""
         if io.input:
             data, rest = io.input[:n], io.input[n:]
             self._io = io._replace(input=rest)
