@@ -472,6 +472,12 @@ class LinuxSandbox:
                 return self._loop()
             except WhpfastError:
                 raise
+            except Exception as e:
+                # A host-side failure while serving the program (a bug): typed, and the sandbox
+                # is poisoned, its state mid-call.
+                self._poison(SandboxError(f"the host failed while serving the program "
+                                          f"({type(e).__name__}: {e}); restore a snapshot or close it"))
+                raise SandboxError(self._poisoned) from e
             except BaseException as e:
                 self._poisoned = f"the run was interrupted by {type(e).__name__}: {e}"
                 self._needs_full_reset = True
@@ -548,7 +554,7 @@ class LinuxSandbox:
         """nanosleep: waits on the host, until the run's deadline at most; cancel() wakes it."""
         if self._deadline is not None:
             seconds = min(seconds, max(0, (self._deadline - time.monotonic_ns()) / 1e9))
-        self._wake.wait(seconds)
+        self._wake.wait(min(seconds, 86400))    # longer sleeps: the program sleeps again
 
     # -- failures -------------------------------------------------------------------------------
 
