@@ -363,3 +363,29 @@ int main(void) {
     subprocess.run(["gcc", "-O1", "-static", "-o", str(tmp_path / "maps"), str(source)], check=True)
     r = run([str(tmp_path / "maps")], memory_size=1024 * MB)
     assert r.exit_code == 0 and 30000 < int(r.stdout) < 33000
+
+
+def test_restore_undoes_mapping_changes_exactly(tmp_path):
+    """Restores after munmap+remap, mprotect(PROT_NONE) and a new mapping: the contents, the
+    protections and the absence of the new mapping all come back as they were (the hypervisor's
+    cached translations of the changed ranges are dropped on restore)."""
+    program = tmp_path / "remap"
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(program), str(HERE / "remap.c")], check=True)
+    with whpfast.LinuxSandbox([str(program)], memory_size=64 * MB) as lx:
+        assert lx.run().waiting
+        snap = lx.snapshot()
+        original = lx.run(b"r\n").stdout
+        assert original == b"sum %d\n" % (7 * 64)
+        for change, said in ((b"u\n", b"remapped\n"), (b"n\n", b"protected\n")):
+            lx.restore(snap)
+            assert lx.run(change).stdout == said
+            lx.restore(snap)
+            assert lx.run(b"r\n").stdout == original
+        lx.restore(snap)
+        address = lx.run(b"m\n").stdout.strip()
+        assert lx.run(b"t " + address + b"\n").stdout == b"read 1\n"
+        lx.restore(snap)
+        with pytest.raises(whpfast.GuestFault, match="SIGSEGV: read of address .* \\(not mapped\\)"):
+            lx.run(b"t " + address + b"\n")
+        lx.restore(snap)
+        assert lx.run(b"r\n").stdout == original
