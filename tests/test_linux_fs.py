@@ -752,6 +752,26 @@ def test_mapping_form_root(tree, tmp_path):
     assert fs.getcwd() == b"/usr"
 
 
+def test_whole_host_root_keeps_proc_dev_tmp_synthesized(tmp_path):
+    fs = FileSystem({"/": "/"}, exe="/usr/bin/python3")
+    status = read_all(fs, fs.openat(AT_FDCWD, b"/proc/self/status", 0, 0))
+    assert b"Pid:\t1\n" in status and b"python3" in status
+    assert err(fs.fstatat, AT_FDCWD, b"/proc/1/environ", 0) == E.ENOENT     # not the host's /proc
+    assert err(fs.readlinkat, AT_FDCWD, b"/proc/self/root") == E.ENOENT
+    assert {n for n, _, _ in dents(fs, fs.openat(AT_FDCWD, b"/tmp", O_DIRECTORY, 0))} == {b".", b".."}
+    devs = {n for n, _, _ in dents(fs, fs.openat(AT_FDCWD, b"/dev", O_DIRECTORY, 0))}
+    assert devs == {b".", b"..", b"null", b"zero", b"random", b"urandom", b"fd", b"stdin",
+                    b"stdout", b"stderr"}
+    assert read_all(fs, fs.openat(AT_FDCWD, b"/sys/devices/system/cpu/online", 0, 0)) == b"0\n"
+    assert st(fs.fstatat(AT_FDCWD, b"/usr/bin", 0))["ino"] == os.stat("/usr/bin").st_ino
+    assert err(fs.openat, AT_FDCWD, b"/etc/hostname", O_WRONLY, 0) == E.EROFS
+    assert err(fs.openat, AT_FDCWD, str(tmp_path).encode(), O_DIRECTORY, 0) == E.ENOENT  # host /tmp
+    link = fs.openat(AT_FDCWD, b"/dev/stdout", O_PATH | O_NOFOLLOW, 0)
+    assert fs.readlinkat(link, b"") == b"/proc/self/fd/1"
+    assert err(fs.readlinkat, fs.openat(AT_FDCWD, b"/usr", O_DIRECTORY, 0), b"") == E.ENOENT
+    fs.close_all()
+
+
 def test_read_policy_errors(tree):
     with pytest.raises(ReadPolicyError, match="does not exist"):
         FileSystem({"/m": tree / "missing"})

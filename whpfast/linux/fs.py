@@ -1030,10 +1030,11 @@ class FileSystem:
             _fail(EACCES)
 
     def readlinkat(self, dirfd, path):
-        """The target of a symlink (the caller truncates it to the guest's buffer)."""
-        node = self._walk(dirfd, path, follow=False)
+        """The target of a symlink (the caller truncates it to the guest's buffer); an empty
+        path reads the symlink dirfd holds (opened with O_PATH | O_NOFOLLOW)."""
+        node = self._walk(dirfd, path, follow=False, empty=True)
         if node.fmt != S_IFLNK:
-            _fail(EINVAL)
+            _fail(EINVAL if path else ENOENT)
         target = self._link_target(node)
         return target if isinstance(target, bytes) else self._display(target)
 
