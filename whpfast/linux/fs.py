@@ -19,7 +19,13 @@ umask, the /tmp tree with its contents); `reset(state)` puts exactly that back. 
 are `bytes` shared between the live tree and every state taken from it, and become a private
 `bytearray` on the first write after a capture or reset (copy-on-write), so both are O(changes).
 Host fds are not part of any state: they live in a per-FileSystem cache keyed by host path
-(shared between equal opens, opened lazily, released by `close_all()`)."""
+(shared between equal opens, opened lazily, released by `close_all()`). A reset back to the
+state last captured or reset to puts back only the descriptions whose offset or flags moved.
+
+Checked against the kernel itself (tests/test_linux_fs.py runs random calls on /tmp and random
+walks through a host tree both here and through os.*). Not provided, on purpose or not yet: hard
+links, file locks, statfs, atime updates, xattrs; /tmp files are not sparse (a hole costs its
+bytes against tmp_size); host files show the host's inode numbers, owners and times."""
 
 import os
 import stat as _stat
