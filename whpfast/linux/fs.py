@@ -154,11 +154,11 @@ class _Open:
     """An open file description (shared by dup'ed fds). `data` holds a synthesized file's
     contents as of the open; `listing` caches a directory's entries for getdents64; `idx` is its
     index in the state last captured or reset to (-1: opened since)."""
-    __slots__ = ("node", "flags", "offset", "data", "listing", "idx")
+    __slots__ = ("node", "flags", "offset", "data", "listing", "idx", "touched")
 
     def __init__(self, node, flags, offset=0, data=None, idx=-1):
         self.node, self.flags, self.offset, self.data, self.listing = node, flags, offset, data, None
-        self.idx = idx
+        self.idx, self.touched = idx, False
 
 
 def _s32(v):
@@ -1326,13 +1326,18 @@ class FileSystem:
         return state
 
     def _moved(self, desc):
-        """desc's offset or flags changed: reset puts back only such descriptions."""
-        self._touched.append(desc)
+        """desc's offset or flags changed: reset puts back only such descriptions (those of
+        the last state: one opened since is dropped with the fd table anyway), each listed once."""
+        if desc.idx >= 0 and not desc.touched:
+            desc.touched = True
+            self._touched.append(desc)
         self._dirty = True
 
     def _settled(self, state, live):
         self._last, self._live = state, live
         self._dirty = self._table_changed = False
+        for desc in self._touched:
+            desc.touched = False
         self._touched = []
 
     def _ref(self, node, index):
