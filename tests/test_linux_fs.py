@@ -802,6 +802,16 @@ def test_read_policy_errors(tree):
     assert err(fs.openat, AT_FDCWD, b"/f/run.sh", 0, 0) == E.ENOENT
 
 
+def test_windows_host_names():
+    """On a Windows host a Linux name must not mean a device, a stream or another file."""
+    from whpfast.linux.fs import _windows_name_ok
+    for name in (b"a.txt", b"python3.11", b".hidden", b"CONSOLE", b"nul_ok", b"x y"):
+        assert _windows_name_ok(name), name
+    for name in (b"..\\..\\x", b"a\\b", b"file:stream", b"NUL", b"con.txt", b"Com1", b"LPT9.log",
+                 b"aux .c", b"a.", b"a ", b"a*", b"a?", b"<", b"a|b", b"a\x01"):
+        assert not _windows_name_ok(name), name
+
+
 def test_linux_error():
     e = LinuxError(E.ENOENT, "no such file")
     assert e.errno == 2 and "ENOENT" in str(e) and isinstance(e, WhpfastError)

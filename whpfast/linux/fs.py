@@ -172,6 +172,19 @@ def _s64(v):
     return v - (1 << 64) if v >> 63 else v
 
 
+_WINDOWS_DEVICES = {b"CON", b"PRN", b"AUX", b"NUL", b"CONIN$", b"CONOUT$",
+                    *(b"COM%d" % i for i in range(10)), *(b"LPT%d" % i for i in range(10))}
+
+
+def _windows_name_ok(name):
+    """Whether a Linux name means just itself on a Windows host: no separator (a backslash),
+    no stream (a colon), no device name (NUL, CON.txt, ...), no trailing dot or space (Windows
+    drops them: "a." would name "a"), no wildcard or other character Windows refuses."""
+    if any(c < 32 or c in b'\\:*?"<>|' for c in name) or name[-1:] in (b".", b" "):
+        return False
+    return name.split(b".")[0].rstrip(b" ").upper() not in _WINDOWS_DEVICES
+
+
 def _split(path):
     return [c for c in path.split(b"/") if c]
 
@@ -451,8 +464,8 @@ class FileSystem:
             return self._fd_link(name)
         if len(name) > NAME_MAX:
             _fail(ENAMETOOLONG)
-        if b"\0" in name or (_WINDOWS and (b"\\" in name or b":" in name)):
-            _fail(ENOENT)                       # would be a separator or stream on the host
+        if _WINDOWS and not _windows_name_ok(name):
+            _fail(ENOENT)
         if type(d) is not _HostNode:
             _fail(ENOENT)
         host = d.host + b"/" + name
