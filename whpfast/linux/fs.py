@@ -98,6 +98,8 @@ class _HostNode:
     def __init__(self, path, parent, host, st):
         self.path, self.parent, self.host, self.st = path, parent, host, st
         self.fmt = st.st_mode & S_IFMT
+        if _WINDOWS and getattr(st, "st_file_attributes", 0) & 0x400 and self.fmt != S_IFLNK:
+            self.fmt = 0        # a junction or other reparse point: never entered nor opened
         self.ino = st.st_ino
         self.packed = None                  # its struct stat, made once
 
