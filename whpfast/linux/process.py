@@ -393,7 +393,7 @@ class LinuxSandbox:
         if self._closed:
             return
         if not self._lock.acquire(blocking=False):
-            self._vcpu.cancel()
+            self.cancel()                    # also wakes a run sleeping in nanosleep
             self._lock.acquire()
         try:
             if self._closed:
