@@ -733,7 +733,7 @@ class LinuxSandbox:
         mm.reset(mm_state)
         self.fs.reset(fs_state)
         return {"pages_copied": copied, "pages_zeroed": zeroed, "dirty_pages": guest_pages,
-                "host_pages": int(_pages.count_bits(mm.host_dirty)), "register_ioctls": registers,
+                "register_ioctls": registers,
                 "full": full, "mm_ranges": len(changed)}
 
     def _set_baseline(self, snapshot):
