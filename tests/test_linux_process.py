@@ -389,3 +389,26 @@ def test_restore_undoes_mapping_changes_exactly(tmp_path):
             lx.run(b"t " + address + b"\n")
         lx.restore(snap)
         assert lx.run(b"r\n").stdout == original
+
+
+def test_sandboxes_in_several_threads_stay_apart(programs):
+    import threading
+    errors = []
+
+    def worker(k):
+        try:
+            with whpfast.LinuxSandbox([programs["sum"]], memory_size=64 * MB) as lx:
+                lx.run(b"%d\n" % k)
+                snap = lx.snapshot()
+                for i in range(100):
+                    lx.restore(snap)
+                    assert lx.run(b"%d\n" % i).stdout == b"sum %d\n" % (k + i)
+        except Exception as e:          # collected: an assertion in a thread would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
