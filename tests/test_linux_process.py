@@ -412,3 +412,16 @@ def test_sandboxes_in_several_threads_stay_apart(programs):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_a_request_that_loops_times_out_and_the_next_one_after_restore_works(tmp_path):
+    program = tmp_path / "remap"
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(program), str(HERE / "remap.c")], check=True)
+    with whpfast.LinuxSandbox([str(program)], memory_size=64 * MB) as lx:
+        lx.run()
+        snap = lx.snapshot()
+        for _ in range(2):
+            with pytest.raises(whpfast.GuestTimeout):
+                lx.run(b"l\n", timeout=0.2)
+            lx.restore(snap)
+            assert lx.run(b"r\n").stdout == b"sum %d\n" % (7 * 64)
