@@ -169,13 +169,14 @@ def test_fault_then_restore_runs_again(programs):
 
 
 @pytest.mark.parametrize("seed, memory", [(1, False), (2, False), (3, False), (4, False), (5, False),
-                                          (6, False), (7, True), (8, True), (9, True), (10, True)])
+                                          (6, False), (7, True), (8, True), (9, True), (10, True),
+                                          (11, True), (12, True)])
 def test_hostile_random_system_calls_never_escape(programs, seed, memory):
     """Random call numbers with bad pointers, kernel-area addresses, huge lengths and odd fds:
     every call gets a result or an errno; the run ends normally or as a typed guest error, the
     sandbox restores, and the process and other sandboxes carry on."""
     argv = [programs["hostile"], str(seed), "3000"] + (["memory"] if memory else [])
-    with whpfast.LinuxSandbox(argv, memory_size=64 * MB) as lx:
+    with whpfast.LinuxSandbox(argv, memory_size=64 * MB, read=["/etc"]) as lx:
         snap = lx.snapshot()
         try:
             r = lx.run(eof=True, timeout=20)
@@ -362,3 +363,65 @@ int main(void) {
     subprocess.run(["gcc", "-O1", "-static", "-o", str(tmp_path / "maps"), str(source)], check=True)
     r = run([str(tmp_path / "maps")], memory_size=1024 * MB)
     assert r.exit_code == 0 and 30000 < int(r.stdout) < 33000
+
+
+def test_restore_undoes_mapping_changes_exactly(tmp_path):
+    """Restores after munmap+remap, mprotect(PROT_NONE) and a new mapping: the contents, the
+    protections and the absence of the new mapping all come back as they were (the hypervisor's
+    cached translations of the changed ranges are dropped on restore)."""
+    program = tmp_path / "remap"
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(program), str(HERE / "remap.c")], check=True)
+    with whpfast.LinuxSandbox([str(program)], memory_size=64 * MB) as lx:
+        assert lx.run().waiting
+        snap = lx.snapshot()
+        original = lx.run(b"r\n").stdout
+        assert original == b"sum %d\n" % (7 * 64)
+        for change, said in ((b"u\n", b"remapped\n"), (b"n\n", b"protected\n")):
+            lx.restore(snap)
+            assert lx.run(change).stdout == said
+            lx.restore(snap)
+            assert lx.run(b"r\n").stdout == original
+        lx.restore(snap)
+        address = lx.run(b"m\n").stdout.strip()
+        assert lx.run(b"t " + address + b"\n").stdout == b"read 1\n"
+        lx.restore(snap)
+        with pytest.raises(whpfast.GuestFault, match="SIGSEGV: read of address .* \\(not mapped\\)"):
+            lx.run(b"t " + address + b"\n")
+        lx.restore(snap)
+        assert lx.run(b"r\n").stdout == original
+
+
+def test_sandboxes_in_several_threads_stay_apart(programs):
+    import threading
+    errors = []
+
+    def worker(k):
+        try:
+            with whpfast.LinuxSandbox([programs["sum"]], memory_size=64 * MB) as lx:
+                lx.run(b"%d\n" % k)
+                snap = lx.snapshot()
+                for i in range(100):
+                    lx.restore(snap)
+                    assert lx.run(b"%d\n" % i).stdout == b"sum %d\n" % (k + i)
+        except Exception as e:          # collected: an assertion in a thread would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_a_request_that_loops_times_out_and_the_next_one_after_restore_works(tmp_path):
+    program = tmp_path / "remap"
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(program), str(HERE / "remap.c")], check=True)
+    with whpfast.LinuxSandbox([str(program)], memory_size=64 * MB) as lx:
+        lx.run()
+        snap = lx.snapshot()
+        for _ in range(2):
+            with pytest.raises(whpfast.GuestTimeout):
+                lx.run(b"l\n", timeout=0.2)
+            lx.restore(snap)
+            assert lx.run(b"r\n").stdout == b"sum %d\n" % (7 * 64)

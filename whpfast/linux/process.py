@@ -400,7 +400,7 @@ class LinuxSandbox:
         if self._closed:
             return
         if not self._lock.acquire(blocking=False):
-            self._vcpu.cancel()
+            self.cancel()                    # also wakes a run sleeping in nanosleep
             self._lock.acquire()
         try:
             if self._closed:
@@ -476,6 +476,12 @@ class LinuxSandbox:
                 return self._loop()
             except WhpfastError:
                 raise
+            except Exception as e:
+                # A host-side failure while serving the program (a bug): typed, and the sandbox
+                # is poisoned, its state mid-call.
+                self._poison(SandboxError(f"the host failed while serving the program "
+                                          f"({type(e).__name__}: {e}); restore a snapshot or close it"))
+                raise SandboxError(self._poisoned) from e
             except BaseException as e:
                 self._poisoned = f"the run was interrupted by {type(e).__name__}: {e}"
                 self._needs_full_reset = True
@@ -524,7 +530,10 @@ class LinuxSandbox:
     # services for the system call handlers
 
     def take_input(self, n: int) -> bytes:
+        """Up to n bytes of stdin; b"" at end of input; Park when there is none yet."""
         io = self._io
+        if n == 0:
+            return b""
         if io.input:
             data, rest = io.input[:n], io.input[n:]
             self._io = io._replace(input=rest)
@@ -548,7 +557,7 @@ class LinuxSandbox:
         """nanosleep: waits on the host, until the run's deadline at most; cancel() wakes it."""
         if self._deadline is not None:
             seconds = min(seconds, max(0, (self._deadline - time.monotonic_ns()) / 1e9))
-        self._wake.wait(seconds)
+        self._wake.wait(min(seconds, 86400))    # longer sleeps: the program sleeps again
 
     # -- failures -------------------------------------------------------------------------------
 
@@ -727,7 +736,7 @@ class LinuxSandbox:
         mm.reset(mm_state)
         self.fs.reset(fs_state)
         return {"pages_copied": copied, "pages_zeroed": zeroed, "dirty_pages": guest_pages,
-                "host_pages": int(_pages.count_bits(mm.host_dirty)), "register_ioctls": registers,
+                "register_ioctls": registers,
                 "full": full, "mm_ranges": len(changed)}
 
     def _set_baseline(self, snapshot):

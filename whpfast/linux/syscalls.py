@@ -389,6 +389,8 @@ def sys_mmap(p, addr, length, prot, flags, fd, offset, *_):
         _fail(E.EINVAL)
     if length > p.mm.top:
         _fail(E.ENOMEM)
+    if offset + length >= 1 << 63:
+        _fail(E.EOVERFLOW)
     fixed = bool(flags & (MAP_FIXED | MAP_FIXED_NOREPLACE))
     anonymous = bool(flags & MAP_ANONYMOUS)
     host = name = None
