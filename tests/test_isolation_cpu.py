@@ -7,7 +7,9 @@ backend over the WHv* layer):
    even of another snapshot -- resumes the hostile call's instruction stream.
 2. Every XSAVE component the guest can use (x87, MXCSR, XMM, YMM, opmask, ZMM_Hi256, Hi16_ZMM,
    PKRU) is put back to the snapshot's value by a restore; a component the guest does not have
-   is shown to be unusable (#UD) rather than skipped."""
+   is shown to be unusable (#UD) rather than skipped. So is a pending exception or interruption
+   (KVM's vcpu_events; WHP's PendingInterruption, InterruptState, PendingEvent registers): a
+   restore puts back exactly the one the snapshot holds, or none."""
 
 import struct
 
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 import whpfast
-from whpfast import GuestFault, SandboxPoisoned, SnapshotError
+from whpfast import GuestFault, SandboxPoisoned, SnapshotError, backend
 from whpfast.snapshot import Snapshot
 
 pytestmark = pytest.mark.hypervisor
@@ -312,4 +314,105 @@ def test_state_of_another_shape_is_refused(guests):
             sb.restore(bad)
         assert sb.poisoned
         sb.restore(good)
+        assert sb.call("get", "mxcsr") == 0x1F80
+
+
+# -- issue 7: pending events are vCPU state too ------------------------------------------------
+#
+# An exception or interrupt the next entry would inject is part of the vCPU's state: a snapshot
+# holds it (or holds that there is none), and a restore puts exactly that back. On KVM it is
+# struct kvm_vcpu_events; on WHP the registers PendingInterruption, InterruptState and
+# PendingEvent (the one that carries an exception's parameter, e.g. a #PF's address).
+
+# (vector, error code, faulting address): an injected #UD, and a #PF with its address
+EVENTS = {"ud": (6, None, None), "pf": (14, 0x4, 0xDEAD0000)}
+
+
+def _with_event(state, vector, error_code, address):
+    """A copy of a save_state() result with the exception pending."""
+    if backend.NAME == "kvm":
+        events = bytearray(state["events"])
+        struct.pack_into("<BBBBI", events, 0, 1, vector, error_code is not None, 0, error_code or 0)
+        sregs = bytearray(state["sregs"])
+        if address is not None:
+            struct.pack_into("<Q", sregs, KVM_SREGS_CR2, address)
+        return dict(state, events=bytes(events), sregs=bytes(sregs))
+    regs = bytearray(state["registers"])
+    if address is None:      # PendingInterruption: pending | type exception (3) | vector
+        struct.pack_into("<Q", regs, 16 * _whp_index(WHV_PENDING_INTERRUPTION),
+                         1 | 3 << 1 | (error_code is not None) << 4 | vector << 16 | (error_code or 0) << 32)
+    else:                    # PendingEvent: pending | type exception (0) | vector, and the parameter
+        struct.pack_into("<IIQ", regs, 16 * _whp_index(WHV_PENDING_EVENT),
+                         1 | (error_code is not None) << 8 | vector << 16, error_code or 0, address)
+    return dict(state, registers=bytes(regs))
+
+
+def _pending(state):
+    """Whether a save_state() result holds a pending exception or interruption."""
+    if backend.NAME == "kvm":
+        injected, _nr, _has_code, pending = state["events"][:4]
+        return bool(injected or pending)
+    regs = state["registers"]
+    return any(regs[16 * _whp_index(name)] & 1 for name in (WHV_PENDING_INTERRUPTION, WHV_PENDING_EVENT))
+
+
+KVM_SREGS_CR2 = 8 * 24 + 2 * 16 + 8              # struct kvm_sregs: 8 segments, 2 tables, cr0, cr2
+WHV_PENDING_INTERRUPTION, WHV_PENDING_EVENT = 0x80000000, 0x80000002
+
+
+def _whp_index(name):
+    return backend.impl.STATE_REGISTERS.index(name)
+
+
+def _check_fault(info, vector, address):
+    assert info.value.vector == vector, info.value
+    if address is not None:
+        assert info.value.address == address, info.value
+
+
+@pytest.mark.parametrize("event", list(EVENTS))
+def test_pending_event_is_what_the_snapshot_holds(guests, event, tmp_path):
+    vector, error_code, address = EVENTS[event]
+    with whpfast.Sandbox(guests["cpu"]) as sb:
+        clean = sb.snapshot()
+        assert not _pending(clean._state)
+        evil = Snapshot(clean._image, clean._nonzero, _with_event(clean._state, vector, error_code, address),
+                        clean.meta)
+        sb.restore(evil)
+        held = sb.snapshot()                 # taken before the event was delivered: holds it
+        assert _pending(held._state)
+        with pytest.raises(GuestFault) as info:
+            sb.call("get", "mxcsr")          # the entry delivers it before any guest instruction
+        _check_fault(info, vector, address)
+        sb.restore(clean)                    # a snapshot without one: nothing is delivered
+        assert sb.call("get", "mxcsr") == 0x1F80
+        assert sb.call("get", "mxcsr") == 0x1F80
+        sb.restore(held)
+        with pytest.raises(GuestFault) as info:
+            sb.call("get", "mxcsr")
+        _check_fault(info, vector, address)
+        held.save(tmp_path / "held.snap")
+    with whpfast.Sandbox.from_snapshot(tmp_path / "held.snap") as fresh:
+        with pytest.raises(GuestFault) as info:
+            fresh.call("get", "mxcsr")
+        _check_fault(info, vector, address)
+
+
+@pytest.mark.parametrize("event", list(EVENTS))
+def test_restore_clears_an_event_the_vcpu_holds(guests, event):
+    """The event has reached the hypervisor (on WHP: sent with the register batch of a run that
+    was cancelled before the guest ran) when a snapshot without one is restored: it is gone."""
+    vector, error_code, address = EVENTS[event]
+    with whpfast.Sandbox(guests["cpu"]) as sb:
+        clean = sb.snapshot()
+        sb.restore(Snapshot(clean._image, clean._nonzero,
+                            _with_event(clean._state, vector, error_code, address), clean.meta))
+        vcpu = sb._vcpu
+        vcpu.begin_call()
+        vcpu.cancel()
+        assert vcpu.run() == backend.impl.EXIT_CANCELLED
+        vcpu.end_call()
+        assert _pending(vcpu.save_state())   # read back from the vCPU: it holds the event
+        sb.restore(clean)
+        assert not _pending(vcpu.save_state())
         assert sb.call("get", "mxcsr") == 0x1F80

@@ -17,6 +17,7 @@ EXIT_UNKNOWN: int
 
 STATE_PARTS: Tuple[str, ...]
 GROUPS: Tuple[Tuple[int, int], ...]
+STATE_REGISTERS: Tuple[int, ...]
 REGISTERS_SIZE: int
 XSAVE_MAX: int
 

@@ -36,10 +36,13 @@ DEF PAGE_SIZE = 4096
 DEF ALLOCATION_GRANULARITY = 65536   # MapViewOfFile offsets must be multiples of this
 DEF MAX_PENDING = 64
 DEF N_GPRS = 18
-DEF N_STATE = 52
+DEF N_STATE = 55
 
 # The vCPU state a snapshot keeps: general (18), segment and table (10), control (5), debug (6)
-# registers, XCR0, EFER, APIC base and the MSRs, set back in one WHvSetVirtualProcessorRegisters.
+# registers, XCR0, EFER, APIC base, the MSRs and the pending-event registers (an interruption the
+# next entry injects, the interrupt shadow / NMI mask, an exception raised but not yet injected),
+# set back in one WHvSetVirtualProcessorRegisters. A restore thus also clears an event left
+# pending by whatever ran before it (a run cancelled between exception and delivery).
 cdef WHV_REGISTER_NAME STATE_NAMES[N_STATE]
 _names = [
     WHvX64RegisterRax, WHvX64RegisterRcx, WHvX64RegisterRdx, WHvX64RegisterRbx, WHvX64RegisterRsp,
@@ -54,12 +57,15 @@ _names = [
     WHvX64RegisterPat, WHvX64RegisterKernelGsBase, WHvX64RegisterStar, WHvX64RegisterLstar,
     WHvX64RegisterCstar, WHvX64RegisterSfmask, WHvX64RegisterSysenterCs, WHvX64RegisterSysenterEip,
     WHvX64RegisterSysenterEsp, WHvX64RegisterTscAux,
+    WHvRegisterPendingInterruption, WHvRegisterInterruptState, WHvRegisterPendingEvent,
 ]
 assert len(_names) == N_STATE
 for _i, _n in enumerate(_names):
     STATE_NAMES[_i] = _n
 # Groups for the benchmark that sets them with separate calls, as other VMMs do.
-GROUPS = ((0, 18), (18, 33), (33, 39), (39, N_STATE))   # general, special, debug, XCR0/MSRs
+GROUPS = ((0, 18), (18, 33), (33, 39), (39, N_STATE))   # general, special, debug, XCR0/MSRs/events
+# The same names as numbers (WHV_REGISTER_NAME), in the order of a snapshot's "registers" part.
+STATE_REGISTERS = tuple(_names)
 
 STATE_PARTS = ("registers", "xsave")
 REGISTERS_SIZE = N_STATE * sizeof(WHV_REGISTER_VALUE)

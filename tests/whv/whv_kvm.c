@@ -226,6 +226,7 @@ struct whv_partition {
     int setup;
     uint32_t nvp;
     uint64_t ext_exits, exc_bitmap;
+    int exception_payload;  /* KVM_CAP_EXCEPTION_PAYLOAD on: WHvRegisterPendingEvent is modelled */
     struct whv_vp vps[MAX_VPS];
     struct gpa_map *maps;
     struct whv_partition *next;
@@ -838,6 +839,12 @@ API HRESULT WINAPI WHvCreatePartition(WHV_PARTITION_HANDLE *out) {
     p->vm_fd = kvm_ioctl(g_kvm_fd, KVM_CREATE_VM, 0);
     if (p->vm_fd < 0) { int e = errno; free(p); return hr_errno(e); }
     fcntl(p->vm_fd, F_SETFD, FD_CLOEXEC);
+    /* WHP keeps two event slots: PendingInterruption (the event the next entry injects: KVM's
+     * exception/nmi/interrupt.injected) and PendingEvent (an exception raised but not yet
+     * injected, with its parameter: KVM's exception.pending + payload, which KVM reports apart
+     * from .injected only with this capability). */
+    struct kvm_enable_cap payload_cap = { .cap = KVM_CAP_EXCEPTION_PAYLOAD, .args = { 1 } };
+    p->exception_payload = kvm_ioctl(p->vm_fd, KVM_ENABLE_CAP, &payload_cap) == 0;
     for (int i = 0; i < MAX_VPS; i++) p->vps[i].fd = -1;
     p->magic = PART_MAGIC;
     pthread_mutex_lock(&g_lock);
@@ -1755,6 +1762,7 @@ API HRESULT WINAPI WHvGetVirtualProcessorRegisters(WHV_PARTITION_HANDLE h, UINT3
     if (atomic_load(&vp->running)) { pthread_mutex_unlock(&g_lock); return WHV_E_INVALID_VP_STATE; }
     if (load_groups(vp, groups, &st, names, count, 1)) { hr = hr_errno(errno); pthread_mutex_unlock(&g_lock); return hr; }
     pthread_mutex_unlock(&g_lock);
+    int payload = p->exception_payload;
     for (UINT32 i = 0; i < count; i++) {
         WHV_REGISTER_NAME n = names[i];
         WHV_REGISTER_VALUE *v = &values[i];
@@ -1807,16 +1815,15 @@ API HRESULT WINAPI WHvGetVirtualProcessorRegisters(WHV_PARTITION_HANDLE h, UINT3
             v->InterruptState.InterruptShadow = ev->interrupt.shadow != 0;
             v->InterruptState.NmiMasked = ev->nmi.masked & 1;
         } else if (n == WHvRegisterPendingEvent) {
-            if (ev->exception.injected) {
+            /* Only a raised, not yet injected exception (see WHvCreatePartition); an injected
+             * one is PendingInterruption's. */
+            if (payload && ev->exception.pending) {
                 v->ExceptionEvent.EventPending = 1;
                 v->ExceptionEvent.EventType = WHvX64PendingEventException;
                 v->ExceptionEvent.DeliverErrorCode = ev->exception.has_error_code & 1;
                 v->ExceptionEvent.Vector = ev->exception.nr;
                 v->ExceptionEvent.ErrorCode = ev->exception.error_code;
-            } else if (ev->interrupt.injected) {
-                v->ExtIntEvent.EventPending = 1;
-                v->ExtIntEvent.EventType = WHvX64PendingEventExtInt;
-                v->ExtIntEvent.Vector = ev->interrupt.nr;
+                if (ev->exception_has_payload) v->ExceptionEvent.ExceptionParameter = ev->exception_payload;
             }
         }
     }
@@ -1900,20 +1907,37 @@ API HRESULT WINAPI WHvSetVirtualProcessorRegisters(WHV_PARTITION_HANDLE h, UINT3
             ev->flags |= KVM_VCPUEVENT_VALID_SHADOW;
             dirty |= G_EVENTS;
         } else if (n == WHvRegisterPendingEvent) {
-            ev->exception.injected = ev->interrupt.injected = 0;
-            if (v->ExceptionEvent.EventPending) {
-                if (v->ExceptionEvent.EventType == WHvX64PendingEventException) {
+            /* Its own slot (KVM's exception.pending, see WHvCreatePartition): an event absent
+             * here clears only that slot, never what PendingInterruption injects. */
+            int exception = v->ExceptionEvent.EventPending && v->ExceptionEvent.EventType == WHvX64PendingEventException;
+            if (v->ExceptionEvent.EventPending && !exception && v->ExceptionEvent.EventType != WHvX64PendingEventExtInt) {
+                hr = E_INVALIDARG;
+                goto out;
+            }
+            if (p->exception_payload) {
+                ev->exception.pending = exception;
+                ev->exception_has_payload = 0;
+                ev->exception_payload = 0;
+            }
+            if (exception) {
+                ev->exception.nr = (uint8_t)v->ExceptionEvent.Vector;
+                ev->exception.has_error_code = v->ExceptionEvent.DeliverErrorCode;
+                ev->exception.error_code = v->ExceptionEvent.ErrorCode;
+                if (p->exception_payload) {
+                    /* The parameter (CR2 of a #PF, DR6 bits of a #DB) is KVM's payload: it
+                     * reaches the register when the exception is delivered, as on WHP. */
+                    ev->exception.injected = 0;
+                    ev->exception_has_payload = v->ExceptionEvent.Vector == 14 || v->ExceptionEvent.Vector == 1;
+                    ev->exception_payload = ev->exception_has_payload ? v->ExceptionEvent.ExceptionParameter : 0;
+                } else {
+                    /* No separate slot in this KVM: injected now, CR2 set now for a #PF. */
                     ev->exception.injected = 1;
-                    ev->exception.nr = (uint8_t)v->ExceptionEvent.Vector;
-                    ev->exception.has_error_code = v->ExceptionEvent.DeliverErrorCode;
-                    ev->exception.error_code = v->ExceptionEvent.ErrorCode;
-                    /* The exception parameter: CR2 for #PF (set now; the guest cannot look
-                     * before the exception is delivered). Other parameters are dropped. */
                     if (v->ExceptionEvent.Vector == 14) { st.s.sregs.cr2 = v->ExceptionEvent.ExceptionParameter; dirty |= G_SREGS; }
-                } else if (v->ExceptionEvent.EventType == WHvX64PendingEventExtInt) {
-                    ev->interrupt.injected = 1;
-                    ev->interrupt.nr = (uint8_t)v->ExtIntEvent.Vector;
-                } else { hr = E_INVALIDARG; goto out; }
+                }
+            } else if (v->ExceptionEvent.EventPending) {
+                /* An ExtInt is injected at once (reads back through PendingInterruption). */
+                ev->interrupt.injected = 1;
+                ev->interrupt.nr = (uint8_t)v->ExtIntEvent.Vector;
             }
             dirty |= G_EVENTS;
         }
@@ -1937,7 +1961,12 @@ API HRESULT WINAPI WHvSetVirtualProcessorRegisters(WHV_PARTITION_HANDLE h, UINT3
         /* Without an in-kernel APIC, KVM_RUN reloads CR8 from kvm_run->cr8 every time. */
         run->cr8 = st.s.sregs.cr8;
     }
-    if (dirty & G_EVENTS) { run->s.regs.events = st.s.events; run->kvm_dirty_regs |= KVM_SYNC_X86_EVENTS; }
+    if (dirty & G_EVENTS) {
+        /* Without VALID_PAYLOAD, KVM would drop exception.pending. */
+        if (p->exception_payload) st.s.events.flags |= KVM_VCPUEVENT_VALID_PAYLOAD;
+        run->s.regs.events = st.s.events;
+        run->kvm_dirty_regs |= KVM_SYNC_X86_EVENTS;
+    }
 out:
     pthread_mutex_unlock(&g_lock);
     return hr;

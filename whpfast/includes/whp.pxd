@@ -114,6 +114,9 @@ cdef extern from "winhvplatform.h" nogil:
         WHvX64RegisterCstar
         WHvX64RegisterSfmask
         WHvX64RegisterTscAux
+        WHvRegisterPendingInterruption
+        WHvRegisterInterruptState
+        WHvRegisterPendingEvent
 
     ctypedef struct WHV_X64_SEGMENT_REGISTER:
         uint64_t Base
