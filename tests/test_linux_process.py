@@ -8,12 +8,10 @@ from pathlib import Path
 import pytest
 
 import whpfast
-from whpfast import backend
 
 HERE = Path(__file__).parent / "linux"
 
-pytestmark = [pytest.mark.hypervisor,
-              pytest.mark.skipif(backend.NAME != "kvm", reason="KVM only: LinuxSandbox has no WHP backend yet")]
+pytestmark = pytest.mark.hypervisor
 
 MB = 1 << 20
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 import whpfast
-from whpfast import backend
 
 HERE = Path(__file__).parent / "linux"
 DRIVER = (HERE / "driver.py").read_text()
@@ -19,8 +18,7 @@ SYSTEM_READ = ["/usr", "/lib", "/lib64", "/etc"]
 BUSYBOX = "/bin/busybox"
 VENV = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
 
-pytestmark = [pytest.mark.hypervisor,
-              pytest.mark.skipif(backend.NAME != "kvm", reason="KVM only: LinuxSandbox has no WHP backend yet")]
+pytestmark = pytest.mark.hypervisor
 
 
 def compile_c(tmp_path_factory, name, *flags):

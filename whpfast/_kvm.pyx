@@ -863,9 +863,11 @@ def segment_base(Vcpu vcpu not None, str which, value=None):
     return seg.base
 
 
-def memory_invalidate(Mapping memory not None, size_t offset, size_t length, bint discard):
+def memory_invalidate(Vcpu vcpu not None, Mapping memory not None, size_t offset, size_t length,
+                      bint discard):
     """Makes the hypervisor forget its translations of these guest pages, so page-table entries
-    the host rewrote (munmap, mprotect) take effect. KVM only notices a host write to guest page
+    the host rewrote (munmap, mprotect) take effect. (The vCPU is for backends that flush the
+    guest's TLB through it, as WHP does; KVM's MMU notifier flushes it for the whole VM.) KVM only notices a host write to guest page
     tables through its MMU notifier, which fires when the host mapping of the pages changes: a
     shadow-paging host (PVM) would otherwise keep using stale translations. discard=True also
     drops the pages' contents (MADV_DONTNEED: they read as zero again and stop costing memory);

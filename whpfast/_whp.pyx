@@ -148,6 +148,12 @@ cdef class Vm:
             flags |= WHvMapGpaRangeFlagWrite
         if log_dirty:
             flags |= WHvMapGpaRangeFlagTrackDirtyPages
+        old = self.slots.pop(slot, None)
+        if old is not None:
+            # Setting a slot again replaces it, as on KVM (the Linux personality turns dirty
+            # tracking on this way); WHP maps a range only once, so unmap it first. The pages
+            # behind it stay the same ones (the memory is not decommitted).
+            _check_hr(WHvUnmapGpaRange(p, old[0], old[1]), f"WHvUnmapGpaRange slot {slot}")
         _check_hr(WHvMapGpaRange(p, <void *><uintptr_t>host_address, gpa, size,
                                  <WHV_MAP_GPA_RANGE_FLAGS>flags),
                   f"WHvMapGpaRange slot {slot} at {gpa:#x}+{size:#x}")
@@ -208,6 +214,13 @@ cdef class Vcpu(CancelState):
     # Tests turn this off to show that a backend which does not step RIP past `out` fails.
     cdef public bint step_rip
     cdef readonly uint64_t api_calls       # WHv* calls made, for measurements
+    # The Linux personality (functions at the end of this file): the registers of the system
+    # call at the last exit, read once by syscall_regs() for syscall_return() (valid until the
+    # next run), and whether host-rewritten page tables need the guest's TLB flushed.
+    cdef uint64_t sys_rcx, sys_r11
+    cdef uint16_t sys_cs, sys_ss
+    cdef bint sys_valid
+    cdef bint tlb_stale
 
     def __cinit__(self):
         self.alive = False
@@ -262,7 +275,32 @@ cdef class Vcpu(CancelState):
         v.Table.Limit = limit
         self._queue(name, &v)
 
+    cdef int _get(self, const WHV_REGISTER_NAME *names, uint32_t count,
+                  WHV_REGISTER_VALUE *values) except -1:
+        """Reads registers in one call; writes still queued count as current (they are what the
+        next run will see)."""
+        cdef uint32_t i, j
+        self._check_alive()
+        _check_hr(WHvGetVirtualProcessorRegisters(self.partition, self.index, names, count, values),
+                  "WHvGetVirtualProcessorRegisters")
+        self.api_calls += 1
+        for i in range(self.n_pending):
+            for j in range(count):
+                if names[j] == self.pending_names[i]:
+                    values[j] = self.pending_values[i]
+        return 0
+
     cdef int _flush(self) except -1:
+        cdef WHV_REGISTER_NAME cr3 = WHvX64RegisterCr3
+        cdef WHV_REGISTER_VALUE value
+        if self.tlb_stale:
+            # The host rewrote guest page tables (Linux personality: munmap, mprotect). Nothing
+            # tells WHP so (no shadow paging: the processor walks the tables itself), but the
+            # guest's TLB may still hold the old translations: setting CR3, even to its current
+            # value, flushes them as a MOV to CR3 does (no global pages, no PCIDs here).
+            self._get(&cr3, 1, &value)
+            self._queue(cr3, &value)
+            self.tlb_stale = False
         if self.n_pending:
             _check_hr(WHvSetVirtualProcessorRegisters(self.partition, self.index, self.pending_names,
                                                       self.n_pending, self.pending_values),
@@ -313,6 +351,7 @@ cdef class Vcpu(CancelState):
         cdef uint32_t reason
         self._check_alive()
         self.timer.fired = 0
+        self.sys_valid = False
         if timeout_ns > 0:
             ms = <DWORD>((timeout_ns + 999999) // 1000000)
             if not CreateTimerQueueTimer(&timer, NULL, _on_timer, &self.timer, ms, 0, WT_EXECUTEONLYONCE):
@@ -423,7 +462,9 @@ cdef class Vcpu(CancelState):
         cdef const WHV_REGISTER_VALUE *values
         cdef uint32_t i
         if not isinstance(regs, bytes) or len(regs) != REGISTERS_SIZE:
-            raise errors.SnapshotError(f"vCPU state part 'registers' must be {REGISTERS_SIZE} bytes")
+            got = len(regs) if isinstance(regs, bytes) else type(regs).__name__
+            raise errors.SnapshotError(f"vCPU state part 'registers' must be {REGISTERS_SIZE} bytes on "
+                                       f"this host, got {got}")
         if not isinstance(xsave, bytes) or not 576 <= len(xsave) <= XSAVE_MAX:
             raise errors.SnapshotError("vCPU state part 'xsave' has an impossible size")
         self._check_alive()
@@ -543,3 +584,181 @@ cdef class FileMapping(Mapping):
         finally:
             if own:
                 CloseHandle(file)
+
+
+# ------------------------------------------------------------------------------------------------
+# For the Linux personality (whpfast.linux): the module-level functions _kvm.pyx has for it, with
+# WHP's semantics. A program's `syscall` lands in a user-page stub that exits with `out`; the call
+# is read with one WHvGetVirtualProcessorRegisters and answered by queueing RAX, RIP and RFLAGS
+# into the register batch the next run sends anyway (no extra call). On real WHP `syscall` from
+# CPL3 enters CPL0 at LSTAR (hardware virtualization), so the stub runs at CPL0 and the answer
+# puts CS/SS back to the user selectors, as `sysret` would; on the WHv* layer over PVM `syscall`
+# stays at CPL3 and they are left alone.
+
+# RFLAGS bits a program may carry through a system call (CF PF AF ZF SF TF DF OF, AC, ID); never
+# IOPL, IF or VM/RF (as _kvm.pyx).
+DEF USER_RFLAGS = 0x0DD5 | 0x40000 | 0x200000
+DEF N_SYSCALL = 11
+
+# What syscall_regs() reads: the number, the six arguments, RCX/R11 (return address and RFLAGS
+# as `syscall` left them), and CS/SS (which privilege level the stub runs at).
+cdef WHV_REGISTER_NAME SYSCALL_NAMES[N_SYSCALL]
+for _i, _n in enumerate((WHvX64RegisterRax, WHvX64RegisterRdi, WHvX64RegisterRsi, WHvX64RegisterRdx,
+                         WHvX64RegisterR10, WHvX64RegisterR8, WHvX64RegisterR9, WHvX64RegisterRcx,
+                         WHvX64RegisterR11, WHvX64RegisterCs, WHvX64RegisterSs)):
+    SYSCALL_NAMES[_i] = _n
+
+# WHP has no generic MSR access: each MSR the backend may set is a named register.
+_MSR_REGISTERS = {
+    0xC0000081: WHvX64RegisterStar, 0xC0000082: WHvX64RegisterLstar,
+    0xC0000083: WHvX64RegisterCstar, 0xC0000084: WHvX64RegisterSfmask,
+    0xC0000102: WHvX64RegisterKernelGsBase, 0xC0000103: WHvX64RegisterTscAux,
+    0x174: WHvX64RegisterSysenterCs, 0x175: WHvX64RegisterSysenterEsp,
+    0x176: WHvX64RegisterSysenterEip, 0x277: WHvX64RegisterPat,
+}
+
+# The GPRs registers() reports, in STATE_NAMES order (the first 18), then CS and SS.
+_GPR_KEYS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11",
+             "r12", "r13", "r14", "r15", "rip", "rflags")
+
+
+cdef inline void _queue_user_segments(Vcpu vcpu, uint16_t user_cs, uint16_t user_ds) noexcept:
+    vcpu._queue_segment(WHvX64RegisterCs, user_cs, 0, 0xFFFFFFFF, _attributes(0xB, 1, 3, 1, 1, 0, 1))
+    vcpu._queue_segment(WHvX64RegisterSs, user_ds, 0, 0xFFFFFFFF, _attributes(0x3, 1, 3, 1, 0, 1, 1))
+
+
+def linux_setup(Vcpu vcpu not None, uint64_t xcr0, dict msrs not None):
+    """Once per vCPU, after init_long_mode(): XCR0 and the given MSRs (STAR/LSTAR/SFMASK) as
+    registers, sent right away with everything queued so far, so a value WHP refuses (an XCR0
+    with components this processor lacks) is a HypervisorError here, where the caller tries its
+    next choice. (The batch stays queued after a failure and goes out again with that choice.)"""
+    vcpu._check_alive()
+    for index in msrs:
+        if index not in _MSR_REGISTERS:
+            raise ValueError(f"linux_setup: MSR {index:#x} is not one the WHP backend sets")
+    vcpu._queue64(WHvX64RegisterXCr0, xcr0)
+    for index, value in msrs.items():
+        vcpu._queue64(_MSR_REGISTERS[index], value)
+    vcpu._flush()
+
+
+def syscall_regs(Vcpu vcpu not None):
+    """(rax, rdi, rsi, rdx, r10, r8, r9, rcx, r11) of the last exit: the system call number, its
+    six arguments, and where `syscall` left the return address and RFLAGS. One
+    WHvGetVirtualProcessorRegisters (the exit context carries only some of them)."""
+    cdef WHV_REGISTER_VALUE v[N_SYSCALL]
+    vcpu._get(SYSCALL_NAMES, N_SYSCALL, v)
+    vcpu.sys_rcx, vcpu.sys_r11 = v[7].Reg64, v[8].Reg64
+    vcpu.sys_cs, vcpu.sys_ss = v[9].Segment.Selector, v[10].Segment.Selector
+    vcpu.sys_valid = True
+    return (v[0].Reg64, v[1].Reg64, v[2].Reg64, v[3].Reg64, v[4].Reg64, v[5].Reg64, v[6].Reg64,
+            v[7].Reg64, v[8].Reg64)
+
+
+def registers(Vcpu vcpu not None):
+    """Every general register, RIP, RFLAGS and the CS/SS selectors as of the last exit (or as
+    queued), by name: one WHvGetVirtualProcessorRegisters."""
+    cdef WHV_REGISTER_NAME names[N_GPRS + 2]
+    cdef WHV_REGISTER_VALUE v[N_GPRS + 2]
+    cdef int i
+    for i in range(N_GPRS):
+        names[i] = STATE_NAMES[i]
+    names[N_GPRS], names[N_GPRS + 1] = WHvX64RegisterCs, WHvX64RegisterSs
+    vcpu._get(names, N_GPRS + 2, v)
+    out = {key: v[i].Reg64 for i, key in enumerate(_GPR_KEYS)}
+    out["cs"], out["ss"] = v[N_GPRS].Segment.Selector, v[N_GPRS + 1].Segment.Selector
+    return out
+
+
+def syscall_return(Vcpu vcpu not None, uint64_t result, uint16_t user_cs, uint16_t user_ds):
+    """Returns from the system call of the last exit as `sysret` would: RAX = result, RIP = RCX,
+    RFLAGS = R11 (user bits only), and CS/SS back to the user selectors where the stub ran at
+    CPL0. All queued: they go out with the next run's register batch (replacing the RIP step
+    past the stub's `out`)."""
+    if not vcpu.sys_valid:
+        syscall_regs(vcpu)
+    vcpu._queue64(WHvX64RegisterRax, result)
+    vcpu._queue64(WHvX64RegisterRip, vcpu.sys_rcx)
+    vcpu._queue64(WHvX64RegisterRflags, (vcpu.sys_r11 & USER_RFLAGS) | 0x2)
+    if vcpu.sys_cs != user_cs or vcpu.sys_ss != user_ds:
+        _queue_user_segments(vcpu, user_cs, user_ds)
+
+
+def enter_user(Vcpu vcpu not None, uint64_t rip, uint64_t rsp, uint16_t user_cs, uint16_t user_ds):
+    """Queues a process's first instruction: every GPR zero (RDX = 0: no exit handler from the
+    loader), the stack pointer, RFLAGS with only the fixed bit, user CS/SS and FS/GS base 0."""
+    cdef uint16_t data = _attributes(0x3, 1, 3, 1, 0, 1, 1)
+    vcpu.enter(rip, rsp, 0x2, 0)
+    _queue_user_segments(vcpu, user_cs, user_ds)
+    vcpu._queue_segment(WHvX64RegisterFs, user_ds, 0, 0xFFFFFFFF, data)
+    vcpu._queue_segment(WHvX64RegisterGs, user_ds, 0, 0xFFFFFFFF, data)
+
+
+def segment_base(Vcpu vcpu not None, str which, value=None):
+    """Reads (value None) or queues the FS or GS base (arch_prctl). WHP has no FS_BASE/GS_BASE
+    MSR registers: the base is a field of the segment register, read back whole (one call) and
+    queued with the new base."""
+    cdef WHV_REGISTER_NAME name
+    cdef WHV_REGISTER_VALUE v
+    if which == "fs":
+        name = WHvX64RegisterFs
+    elif which == "gs":
+        name = WHvX64RegisterGs
+    else:
+        raise ValueError(f"segment_base: {which!r} is not 'fs' or 'gs'")
+    vcpu._get(&name, 1, &v)
+    if value is None:
+        return v.Segment.Base
+    v.Segment.Base = <uint64_t>value
+    vcpu._queue(name, &v)
+    return v.Segment.Base
+
+
+cdef extern from *:
+    """
+    /* Built against the WHv* layer over KVM (tests/whv, -DWHPFAST_WHV_LAYER): that layer cannot
+     * see host writes to guest page tables (PVM's shadow paging; see flush_translations in
+     * tests/whv/whv_kvm.c) and is told of them here. Nothing at all on Windows. */
+    #ifdef WHPFAST_WHV_LAYER
+    void whv_kvm_host_wrote(const void *address, unsigned long long size);
+    #define whpfast_layer_host_wrote(address, size) whv_kvm_host_wrote((address), (size))
+    #else
+    #define whpfast_layer_host_wrote(address, size) ((void)(address), (void)(size))
+    #endif
+    """
+    void whpfast_layer_host_wrote(const void *address, unsigned long long size)
+
+
+cdef int _check_range(Mapping memory, size_t offset, size_t length, str what) except -1:
+    if memory.ptr == NULL:
+        raise errors.SandboxClosed("the mapping is closed")
+    if offset % PAGE_SIZE or length % PAGE_SIZE or offset + length > memory.size or memory.readonly:
+        raise ValueError(f"{what} {offset:#x}+{length:#x} is unaligned or outside the memory")
+    return 0
+
+
+def memory_invalidate(Vcpu vcpu not None, Mapping memory not None, size_t offset, size_t length,
+                      bint discard):
+    """Makes page-table entries the host rewrote (munmap, mprotect, a restore) take effect. WHP
+    virtualizes paging in hardware: there are no shadow translations built from the guest's
+    tables to forget (the PVM problem _kvm.pyx solves with the MMU notifier), only the guest's
+    own TLB, which the next run flushes by setting CR3 (see Vcpu._flush). discard=True also
+    zeroes the pages, in place: guest memory is pinned by WHvMapGpaRange, and decommitting it
+    behind the mapping would leave the guest the old pages (so, unlike MADV_DONTNEED on KVM, the
+    memory stays committed)."""
+    _check_range(memory, offset, length, "invalidate")
+    if length == 0:
+        return
+    if discard:
+        memset(memory.ptr + offset, 0, length)
+    whpfast_layer_host_wrote(memory.ptr + offset, length)
+    vcpu.tlb_stale = True
+
+
+def memory_populate(Mapping memory not None, size_t offset, size_t length):
+    """Nothing, on WHP: the guest's first touch of a page is a second-level (EPT/NPT) fault the
+    hypervisor resolves itself, not an exit per page through a shadow-paging layer as on PVM,
+    where faulting a mapping in at once paid off. (WHvAdviseGpaRange(Populate) could do it;
+    without a Windows machine to measure it on, it is not used.) Checks the range like the KVM
+    version."""
+    _check_range(memory, offset, length, "populate")

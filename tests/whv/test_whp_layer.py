@@ -71,3 +71,35 @@ def test_one_register_call_per_run(testkit):
         sb.call("hello")
         # batch + run, then (RIP stepped past the print's `out`) batch + run
         assert sb._vcpu.api_calls - before == 4
+
+
+SYSCALLS = r'''
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+int main(int argc, char **argv) {
+    long n = atol(argv[1]);
+    for (long i = 0; i < n; i++)
+        syscall(SYS_getppid);
+    return 0;
+}
+'''
+
+
+def test_a_linux_system_call_is_one_get_one_set_one_run(tmp_path):
+    """LinuxSandbox on WHP: a system call's registers are read with one
+    WHvGetVirtualProcessorRegisters and its answer (RAX, RIP, RFLAGS) joins the one register
+    batch of the next run: three WHv* calls per call, whatever the program does around them."""
+    import subprocess
+    (tmp_path / "calls.c").write_text(SYSCALLS)
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(tmp_path / "calls"), str(tmp_path / "calls.c")],
+                   check=True)
+    used = {}
+    for n in (100, 300):
+        with whpfast.LinuxSandbox([str(tmp_path / "calls"), str(n)], memory_size=64 << 20) as lx:
+            before = lx._vcpu.api_calls
+            assert lx.run().exit_code == 0
+            used[n] = (lx._vcpu.api_calls - before, lx.syscall_count)
+    (calls_100, syscalls_100), (calls_300, syscalls_300) = used[100], used[300]
+    assert syscalls_300 - syscalls_100 == 200
+    assert calls_300 - calls_100 == 3 * 200

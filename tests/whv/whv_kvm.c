@@ -208,6 +208,8 @@ struct gpa_map {            /* one WHvMapGpaRange = one KVM memslot */
     uint64_t *offs;         /* file pages the alias maps (owned) */
     uint64_t *dirty;        /* accumulated dirty bits, one per page (TrackDirtyPages only) */
     uint64_t *dirty_tmp;    /* KVM_GET_DIRTY_LOG buffer */
+    uint64_t *stale;        /* pages whose translations the next CR3 write drops (see flush_translations) */
+    int any_stale;
     struct gpa_map *next;
 };
 
@@ -948,6 +950,7 @@ static void map_destroy(struct whv_partition *p, struct gpa_map *m, int remove_s
     free(m->offs);
     free(m->dirty);
     free(m->dirty_tmp);
+    free(m->stale);
     free(m);
 }
 
@@ -1749,6 +1752,49 @@ static int groups_of(const WHV_REGISTER_NAME *names, UINT32 count, int *groups) 
     return 0;
 }
 
+/* Setting CR3 flushes the VP's TLB, as a MOV to CR3 does: on WHP (hardware paging) that is all
+ * it takes for page-table entries the host rewrote in guest memory to take effect, and without
+ * it the old translations may stay in use. Under PVM's shadow paging KVM keeps translations built
+ * from the old entries and does not see host writes to guest memory at all, so the layer has to
+ * be told which pages' entries the host changed: whv_kvm_host_wrote() (layer only; the WHP
+ * backend calls it only when built against this layer, WHPFAST_WHV_LAYER) records them, and the
+ * next CR3 write drops their translations (changing the protection of the guest's view fires
+ * KVM's MMU notifier). A backend that rewrites page tables and forgets the CR3 write keeps the
+ * stale translations here, as it could on WHP. */
+static void flush_translations(struct whv_partition *p) {   /* g_lock held */
+    for (struct gpa_map *m = p->maps; m; m = m->next) {
+        if (!m->any_stale) continue;
+        uint64_t pages = m->size / PAGE;
+        for (uint64_t i = 0, j; i < pages; i = j) {
+            if (!m->stale[i / 64]) { j = (i / 64 + 1) * 64; continue; }      /* a clean word */
+            if (!(m->stale[i / 64] >> (i % 64) & 1)) { j = i + 1; continue; }
+            for (j = i + 1; j < pages && (m->stale[j / 64] >> (j % 64) & 1); j++) {}
+            int prot = PROT_READ | ((m->flags & WHvMapGpaRangeFlagWrite) ? PROT_WRITE : 0);
+            mprotect(m->guest + i * PAGE, (j - i) * PAGE, prot == PROT_READ ? PROT_NONE : PROT_READ);
+            mprotect(m->guest + i * PAGE, (j - i) * PAGE, prot);
+        }
+        memset(m->stale, 0, (pages + 63) / 64 * 8);
+        m->any_stale = 0;
+    }
+}
+
+/* Layer only: the host changed the guest's page-table entries for the guest pages at
+ * [address, address + size) of a mapped host range (see flush_translations). */
+API void whv_kvm_host_wrote(const void *address, unsigned long long size) {
+    const uint8_t *a = address;
+    pthread_mutex_lock(&g_lock);
+    for (struct whv_partition *p = g_parts; p; p = p->next)
+        for (struct gpa_map *m = p->maps; m; m = m->next) {
+            if (a + size <= m->host || a >= m->host + m->size) continue;
+            if (!m->stale && !(m->stale = calloc((m->size / PAGE + 63) / 64, 8))) continue;
+            uint64_t lo = a > m->host ? (uint64_t)(a - m->host) / PAGE : 0;
+            uint64_t hi = (uint64_t)((a + size < m->host + m->size ? a + size : m->host + m->size) - m->host + PAGE - 1) / PAGE;
+            for (uint64_t i = lo; i < hi; i++) m->stale[i / 64] |= 1ull << (i % 64);
+            m->any_stale = 1;
+        }
+    pthread_mutex_unlock(&g_lock);
+}
+
 API HRESULT WINAPI WHvGetVirtualProcessorRegisters(WHV_PARTITION_HANDLE h, UINT32 idx, const WHV_REGISTER_NAME *names,
                                                    UINT32 count, WHV_REGISTER_VALUE *values) {
     struct whv_partition *p;
@@ -1840,7 +1886,7 @@ API HRESULT WINAPI WHvSetVirtualProcessorRegisters(WHV_PARTITION_HANDLE h, UINT3
     struct whv_partition *p;
     struct whv_vp *vp;
     struct state st;
-    int groups, dirty = 0;
+    int groups, dirty = 0, cr3 = 0;
     if (count && (!names || !values)) return E_POINTER;
     if (groups_of(names, count, &groups)) return WHV_E_INVALID_VP_REGISTER_NAME;
     HRESULT hr = vp_get(h, idx, &p, &vp);
@@ -1859,7 +1905,11 @@ API HRESULT WINAPI WHvSetVirtualProcessorRegisters(WHV_PARTITION_HANDLE h, UINT3
             t->base = v->Table.Base;
             t->limit = v->Table.Limit;
             dirty |= G_SREGS;
-        } else if (sreg_u64(&st.s.sregs, n)) { *sreg_u64(&st.s.sregs, n) = v->Reg64; dirty |= G_SREGS; }
+        } else if (sreg_u64(&st.s.sregs, n)) {
+            *sreg_u64(&st.s.sregs, n) = v->Reg64;
+            dirty |= G_SREGS;
+            cr3 |= n == WHvX64RegisterCr3;
+        }
         else if (n >= WHvX64RegisterDr0 && n <= WHvX64RegisterDr3) { st.dbg.db[n - WHvX64RegisterDr0] = v->Reg64; dirty |= G_DEBUG; }
         else if (n == WHvX64RegisterDr6) { st.dbg.dr6 = v->Reg64; dirty |= G_DEBUG; }
         else if (n == WHvX64RegisterDr7) { st.dbg.dr7 = v->Reg64; dirty |= G_DEBUG; }
@@ -1961,6 +2011,7 @@ API HRESULT WINAPI WHvSetVirtualProcessorRegisters(WHV_PARTITION_HANDLE h, UINT3
         /* Without an in-kernel APIC, KVM_RUN reloads CR8 from kvm_run->cr8 every time. */
         run->cr8 = st.s.sregs.cr8;
     }
+    if (cr3) flush_translations(p);
     if (dirty & G_EVENTS) {
         /* Without VALID_PAYLOAD, KVM would drop exception.pending. */
         if (p->exception_payload) st.s.events.flags |= KVM_VCPUEVENT_VALID_PAYLOAD;

@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import _pages, abi, backend, machine
 from ..errors import (GuestCancelled, GuestFault, GuestLoadError, GuestTimeout, HypervisorError,
-                      HypervisorUnavailable, SandboxClosed, SandboxError, SandboxPoisoned,
+                      SandboxClosed, SandboxError, SandboxPoisoned,
                       SnapshotError, WhpfastError)
 from . import loader, syscalls, vdso
 from .errno import LinuxError
@@ -136,12 +136,6 @@ def _check_config(config):
     return {k: config[k] for k in ("read", "exe", "cwd", "stack_size", "tmp_size")}
 
 
-def _kvm_only():
-    if backend.NAME != "kvm":
-        raise HypervisorUnavailable(
-            f"LinuxSandbox runs on KVM only for now; this process uses the {backend.NAME!r} backend")
-
-
 def _host_auxv(key):
     import ctypes
     libc = ctypes.CDLL(None)
@@ -164,7 +158,6 @@ class LinuxSandbox:
                  on_output: Optional[Callable[[str, bytes], object]] = None,
                  tmp_size: int = 64 << 20) -> None:
         self._closed = True
-        _kvm_only()
         argv = [os.fsencode(a) for a in argv] if not isinstance(argv, (str, bytes)) else None
         if not argv:
             raise ValueError("argv must be a non-empty list of str or bytes (argv[0]: the program)")
@@ -206,7 +199,6 @@ class LinuxSandbox:
                       on_output: Optional[Callable[[str, bytes], object]] = None) -> "LinuxSandbox":
         """A new sandbox in the snapshot's state (a LinuxSnapshot, or the path of a saved one),
         with the same read policy. Its first restore target is that snapshot."""
-        _kvm_only()
         if not isinstance(snapshot, LinuxSnapshot):
             snapshot = LinuxSnapshot.load(snapshot)
         self = cls.__new__(cls)
@@ -278,7 +270,7 @@ class LinuxSandbox:
         self._mem = memoryview(memory)
         undo.callback(self._mem.release)
         self.mm = AddressSpace(self._mem, pt_base, pt_base - PAGE,
-                               lambda offset, length, discard: impl.memory_invalidate(memory, offset, length, discard),
+                               lambda offset, length, discard: impl.memory_invalidate(vcpu, memory, offset, length, discard),
                                lambda offset, length: impl.memory_populate(memory, offset, length))
         gdt, tss = machine._gdt_and_tss()
         store = self.mm.store
@@ -729,7 +721,7 @@ class LinuxSandbox:
         # Translations the hypervisor built from page tables that have just been put back.
         changed = [(USER_MIN, mm.top)] if full else mm.changed
         for start, end in _merge(changed):
-            impl.memory_invalidate(self._memory, start, end - start, False)
+            impl.memory_invalidate(self._vcpu, self._memory, start, end - start, False)
         registers = self._vcpu.load_state(snapshot._state, fpu=self._ran or full,
                                           full=self._needs_full_reset or full)
         mm_state, fs_state, self.proc, self._io = snapshot._components
