@@ -18,7 +18,10 @@ SYSTEM_READ = ["/usr", "/lib", "/lib64", "/etc"]
 BUSYBOX = "/bin/busybox"
 VENV = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
 
-pytestmark = pytest.mark.hypervisor
+# Any backend (KVM, or WHP over tests/whv); the personality's host side is Linux-only so far
+# (README, "Linux programs on WHP").
+pytestmark = [pytest.mark.hypervisor,
+              pytest.mark.skipif(sys.platform != "linux", reason="Linux host only: the vDSO clock helper")]
 
 
 def compile_c(tmp_path_factory, name, *flags):

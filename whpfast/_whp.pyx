@@ -336,6 +336,7 @@ cdef class Vcpu(CancelState):
         """Queues a fresh register file for the next run: every GPR zero except the entry point,
         stack and first argument."""
         cdef int i
+        self.sys_valid = False
         for i in range(16):
             self._queue64(STATE_NAMES[i], 0)
         self._queue64(WHvX64RegisterRip, rip)
@@ -468,6 +469,7 @@ cdef class Vcpu(CancelState):
         if not isinstance(xsave, bytes) or not 576 <= len(xsave) <= XSAVE_MAX:
             raise errors.SnapshotError("vCPU state part 'xsave' has an impossible size")
         self._check_alive()
+        self.sys_valid = False
         values = <const WHV_REGISTER_VALUE *><char *>regs
         for i in range(N_STATE):
             self._queue(STATE_NAMES[i], <WHV_REGISTER_VALUE *>&values[i])

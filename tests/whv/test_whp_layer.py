@@ -103,3 +103,28 @@ def test_a_linux_system_call_is_one_get_one_set_one_run(tmp_path):
     (calls_100, syscalls_100), (calls_300, syscalls_300) = used[100], used[300]
     assert syscalls_300 - syscalls_100 == 200
     assert calls_300 - calls_100 == 3 * 200
+
+
+def test_a_system_call_that_entered_cpl0_returns_to_the_user_selectors():
+    """On real WHP `syscall` enters CPL0 at LSTAR (the stub then runs with the kernel's CS/SS);
+    the answer must put the user selectors back, as `sysret` would. Over PVM `syscall` stays at
+    CPL3, so here the kernel selectors are put in by hand at a parked system call."""
+    import struct
+    from whpfast import machine
+    impl = backend.impl
+    with whpfast.LinuxSandbox(["/bin/busybox", "cat"], read=["/bin"], memory_size=64 << 20) as lx:
+        assert lx.run().waiting                       # parked in read(0), at the stub's `out`
+        vcpu = lx._vcpu
+        state = vcpu.save_state()
+        regs = bytearray(state["registers"])
+        for name, selector, attributes in ((0x13, machine.KERNEL_CS, 0xA09B), (0x14, machine.KERNEL_DS, 0xC093)):
+            struct.pack_into("<QIHH", regs, 16 * impl.STATE_REGISTERS.index(name), 0, 0xFFFFFFFF,
+                             selector, attributes)    # flat, DPL 0
+        vcpu.load_state(dict(state, registers=bytes(regs)), fpu=False, full=False)
+        rcx = impl.syscall_regs(vcpu)[7]
+        assert impl.registers(vcpu)["cs"] == machine.KERNEL_CS
+        impl.syscall_return(vcpu, 0, machine.USER_CS, machine.USER_DS)
+        after = impl.registers(vcpu)
+        assert (after["cs"], after["ss"], after["rip"], after["rax"]) == (machine.USER_CS, machine.USER_DS, rcx, 0)
+        # and the program goes on at CPL3: its parked read is served again, with end of input
+        assert lx.run(b"", eof=True).exit_code == 0
