@@ -471,9 +471,9 @@ class LinuxSandbox:
             except Exception as e:
                 # A host-side failure while serving the program (a bug): typed, and the sandbox
                 # is poisoned, its state mid-call.
-                self._poison(SandboxError(f"the host failed while serving the program "
-                                          f"({type(e).__name__}: {e}); restore a snapshot or close it"))
-                raise SandboxError(self._poisoned) from e
+                raise self._poison(SandboxError(
+                    f"the host failed while serving the program ({type(e).__name__}: {e}); "
+                    f"restore a snapshot or close it")) from e
             except BaseException as e:
                 self._poisoned = f"the run was interrupted by {type(e).__name__}: {e}"
                 self._needs_full_reset = True
