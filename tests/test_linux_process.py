@@ -427,3 +427,40 @@ def test_a_request_that_loops_times_out_and_the_next_one_after_restore_works(tmp
                 lx.run(b"l\n", timeout=0.2)
             lx.restore(snap)
             assert lx.run(b"r\n").stdout == b"sum %d\n" % (7 * 64)
+
+
+SYSCALL_PORT_TRICKS = r'''
+#include <stdio.h>
+#include <stdlib.h>
+int main(int argc, char **argv) {
+    unsigned char buf[4] = {0};
+    unsigned long n = 1;
+    void *p = buf;
+    long rax = 39;               /* getpid, should a host take this for a system call */
+    switch (atoi(argv[1])) {
+    case 0: __asm__ volatile("inb $0xe4, %%al" : "+a"(rax) : : "rcx", "r11", "memory"); break;
+    case 1: __asm__ volatile("outw %%ax, $0xe4" : : "a"(rax) : "rcx", "r11", "memory"); break;
+    case 2: __asm__ volatile("rep outsb" : "+S"(p), "+c"(n) : "a"(rax), "d"(0xe4) : "r11", "memory"); break;
+    }
+    printf("went on with %ld\n", rax);
+    return 0;
+}
+'''
+
+
+@pytest.mark.parametrize("how, what", [("0", "in al"), ("1", "out ax"), ("2", "rep outsb")])
+def test_other_uses_of_the_syscall_port_are_refused(tmp_path, how, what):
+    """Only the stub's `out SYSCALL_PORT, al` is a system call. An IN (which KVM would complete
+    into RAX and WHP leaves undone), a wider OUT or string I/O on that port is a fault of kind
+    'io', on every backend, and a restore brings the program back."""
+    (tmp_path / "port.c").write_text(SYSCALL_PORT_TRICKS)
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(tmp_path / "port"), str(tmp_path / "port.c")], check=True)
+    with whpfast.LinuxSandbox([str(tmp_path / "port"), how], memory_size=64 * MB) as lx:
+        snap = lx.snapshot()
+        with pytest.raises(whpfast.GuestFault, match="not a system call") as e:
+            lx.run()
+        assert e.value.kind == "io", what
+        assert lx.poisoned
+        lx.restore(snap)
+        with pytest.raises(whpfast.GuestFault, match="not a system call"):
+            lx.run()

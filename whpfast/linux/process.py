@@ -495,7 +495,11 @@ class LinuxSandbox:
                 else:
                     remaining = self._deadline - time.monotonic_ns()
                     kind = vcpu.run(remaining) if remaining > 0 else impl.EXIT_TIMEOUT
-                if kind != impl.EXIT_IO or vcpu.io_port != SYSCALL_PORT:
+                # Only the stub's own exit is a system call: `out SYSCALL_PORT, al`. Any other
+                # use of the port (an IN, which KVM completes and WHP leaves undone, a wider OUT,
+                # string I/O) is an exit the ABI does not define.
+                if kind != impl.EXIT_IO or vcpu.io_port != SYSCALL_PORT or vcpu.io_direction != 1 \
+                        or vcpu.io_size != 1 or vcpu.io_string:
                     raise self._poison(self._stop_error(kind))
             pending = False
             regs = syscall_regs(vcpu)
@@ -573,7 +577,9 @@ class LinuxSandbox:
         if kind == impl.EXIT_IO and vcpu.io_port == abi.PORT_FAULT:
             return self._fault()
         if kind == impl.EXIT_IO:
-            return GuestFault(f"the program wrote to I/O port {vcpu.io_port:#x}", kind="io")
+            return GuestFault(f"the program used I/O port {vcpu.io_port:#x} ("
+                              f"{'out' if vcpu.io_direction else 'in'}, {vcpu.io_size} bytes"
+                              f"{', string' if vcpu.io_string else ''}): not a system call", kind="io")
         if kind == impl.EXIT_TIMEOUT:
             return GuestTimeout(f"the program ran past its timeout of {self._timeout} s and was stopped")
         if kind == impl.EXIT_CANCELLED:
