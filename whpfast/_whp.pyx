@@ -60,6 +60,8 @@ _names = [
     WHvRegisterPendingInterruption, WHvRegisterInterruptState, WHvRegisterPendingEvent,
 ]
 assert len(_names) == N_STATE
+# Every register the backend queues is one of these, so the queue (MAX_PENDING) never overflows.
+assert N_STATE <= MAX_PENDING
 for _i, _n in enumerate(_names):
     STATE_NAMES[_i] = _n
 # Groups for the benchmark that sets them with separate calls, as other VMMs do.
