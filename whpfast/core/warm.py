@@ -85,7 +85,10 @@ class WarmMemory:
         """THE host write into guest memory: writer(mem, addr, size) writes into mem[addr:addr+size]
         (mem: a view of the whole memory) and returns how many bytes from addr it wrote; those
         pages are marked for the next restore (all of [addr, addr+size) if writer raises: it may
-        have written any part). Bounds checked; no other check (permissions are the caller's)."""
+        have written any part). Bounds checked; no other check (permissions are the caller's).
+        Writing nothing is a no-op wherever addr points."""
+        if size == 0:
+            return 0
         if addr < 0 or size < 0 or addr + size > self.size:
             raise ValueError(f"host write of {size:#x} bytes at {addr:#x} is outside the "
                              f"{self.size:#x} bytes of guest memory")
@@ -130,19 +133,20 @@ class WarmMemory:
     # -- snapshot and restore ------------------------------------------------------------------
 
     def _scan(self, ranges, dst, nonzero):
-        """_pages.capture over ranges (whole bitmap words; None: all memory)."""
+        """_pages.capture over ranges() (whole bitmap words; ranges None: all memory)."""
         if ranges is None:
             _pages.capture(self.mem, dst, nonzero)
             return
-        for start, end in ranges:
+        for start, end in ranges():
             bits = np.zeros((end - start) // BLOCK, dtype=np.uint64)
             _pages.capture(self.mem[start:end], None if dst is None else dst[start:end], bits)
             nonzero[start // BLOCK:end // BLOCK] |= bits
 
     def capture(self, image, ranges=None):
         """Copies memory into image (a zeroed buffer of the same size: a fresh GuestMemory) and
-        returns (its non-zero pages, the vCPU state). ranges: the (start, end) spans, whole bitmap
-        words, outside which memory is known to be zero (None: scan all of it). Starts a new
+        returns (its non-zero pages, the vCPU state). ranges: a function returning the (start, end)
+        spans, whole bitmap words, outside which memory is known to be zero (None: scan all of
+        it; called only when a scan is needed). Starts a new
         dirty epoch; the caller makes its snapshot the baseline with set_baseline()."""
         nonzero = np.zeros_like(self._dirty)
         dst = memoryview(image)
@@ -177,11 +181,16 @@ class WarmMemory:
         try:
             stats = self._restore(snapshot, ranges, t0)
         except BaseException:
-            self.baseline = None
-            self.needs_full_reset = True
+            self.forget_baseline()
             raise
         self.set_baseline(snapshot)
         return stats
+
+    def forget_baseline(self):
+        """After a failed restore (here or in the personality's own state): the next restore
+        resets every page that may differ and every register group."""
+        self.baseline = None
+        self.needs_full_reset = True
 
     def _restore(self, snapshot, ranges, t0):
         vm, dirty = self.vm, self._dirty
