@@ -139,6 +139,7 @@ def test_host_writes_go_through_one_checked_function(sb):
         warm.store(warm.size - 8, bytes(16))
     with pytest.raises(ValueError, match="outside"):
         warm.write(-PAGE, PAGE, lambda mem, base, size: size)
+    assert warm.store(warm.size + PAGE, b"") == 0                 # nothing written: no-op
     assert exact(sb, snap)
     warm.store(heap + 3 * PAGE + 100, b"\x55" * (2 * PAGE))     # three pages, none logged
 
