@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from . import abi, backend, elf, machine
+from .core.run import run_until
 from .core.warm import PAGE, RestoreStats, WarmMemory
 from .errors import (ConfigError, GuestAbort, GuestCallError, GuestCancelled, GuestFault,
                      GuestTimeout, HostFunctionError, HypervisorError, SandboxBusy,
@@ -471,11 +472,7 @@ class Sandbox:
         self._host_error = None
         try:
             while True:
-                if deadline is None:
-                    kind = vcpu.run()
-                else:
-                    remaining = deadline - time.monotonic_ns()
-                    kind = vcpu.run(remaining) if remaining > 0 else impl.EXIT_TIMEOUT
+                kind = run_until(vcpu, deadline)
                 if kind != impl.EXIT_IO:
                     raise self._poison(self._exit_error(kind, export, timeout))
                 port, length = vcpu.io_port, vcpu.io_value
