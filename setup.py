@@ -1,5 +1,6 @@
 """Builds the hypervisor backend extension for this platform, ships the guest SDK inside the
-package (whpfast/sdk) and builds the testkit guest with it (whpfast/guests/testkit.elf)."""
+package (whpfast/sdk), builds the testkit guest with it (whpfast/guests/testkit.elf) and the Linux
+personality's vDSO (whpfast/linux/vdso/linux-vdso.so.1, with its host helper)."""
 
 import importlib.util
 import shutil
@@ -13,12 +14,16 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 
 
-def _guestbuild():
+def _load(name, path):
     # Loaded from its file: the package itself cannot be imported before its extension is built.
-    spec = importlib.util.spec_from_file_location("_whpfast_guestbuild", ROOT / "whpfast" / "guestbuild.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _guestbuild():
+    return _load("_whpfast_guestbuild", "whpfast/guestbuild.py")
 
 
 class build_py_with_guests(build_py):
@@ -36,6 +41,7 @@ class build_py_with_guests(build_py):
         guests.mkdir(parents=True, exist_ok=True)
         _guestbuild().build_guest([ROOT / "whpfast" / "guests" / "testkit.c"], guests / "testkit.elf",
                                   sdk_dir=sdk)
+        _load("_whpfast_vdso", "whpfast/linux/vdso.py").build(package / "linux" / "vdso")
 
 
 # No debug info in the shipped extensions (Python's own CFLAGS carry -g; -g0 after it wins):

@@ -33,13 +33,15 @@ from .errors import (GuestAbort, GuestBuildError, GuestCallError, GuestCancelled
                      SandboxError, SandboxPoisoned, SnapshotError, WhpfastError)
 from .errors import ConfigError  # noqa: E402
 from .guestbuild import build_guest  # noqa: E402
+from .linux.process import LinuxSandbox, LinuxSnapshot, RunResult  # noqa: E402
 from .sandbox import RestoreStats, Sandbox  # noqa: E402
 from .snapshot import Snapshot  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Sandbox", "Snapshot", "RestoreStats", "build_guest", "guests", "hypervisor", "__version__",
+    "Sandbox", "Snapshot", "RestoreStats", "LinuxSandbox", "LinuxSnapshot", "RunResult",
+    "build_guest", "guests", "hypervisor", "__version__",
     "WhpfastError", "HypervisorUnavailable", "HypervisorError", "SandboxError", "SandboxClosed",
     "SandboxBusy", "SandboxPoisoned", "GuestError", "GuestFault", "GuestTimeout", "GuestCancelled",
     "GuestAbort", "GuestCallError", "HostFunctionError", "GuestLoadError", "GuestBuildError", "SnapshotError",

@@ -1,0 +1,427 @@
+"""The Linux personality's runtime with static C programs (compiled here with gcc once per module):
+loading (static and static-pie), the system call path, memory management against the real MMU,
+stdin parking, warm restores, and hostile programs."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import whpfast
+from whpfast import backend
+
+HERE = Path(__file__).parent / "linux"
+
+pytestmark = [pytest.mark.hypervisor,
+              pytest.mark.skipif(backend.NAME != "kvm", reason="KVM only: LinuxSandbox has no WHP backend yet")]
+
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("linux-programs")
+    built = {}
+    for name, source, flags in (("hello", "hello.c", ["-static"]), ("hello_pie", "hello.c", ["-static-pie"]),
+                                ("sum", "sum.c", ["-static"]), ("memory", "memory.c", ["-static"]),
+                                ("probe", "probe.c", ["-static"]), ("hostile", "hostile.c", ["-static"])):
+        path = out / name
+        subprocess.run(["gcc", "-O1", *flags, "-o", str(path), str(HERE / source)], check=True,
+                       capture_output=True)
+        built[name] = str(path)
+    return built
+
+
+def run(argv, **kw):
+    with whpfast.LinuxSandbox(argv, memory_size=kw.pop("memory_size", 64 * MB), **kw) as lx:
+        return lx.run(timeout=10)
+
+
+@pytest.mark.parametrize("name", ["hello", "hello_pie"])
+def test_static_programs_run_to_exit(programs, name):
+    r = run([programs[name], "one", "two words"])
+    assert r == whpfast.RunResult(
+        stdout=f"hello from 3 args: [{programs[name]}] [one] [two words]\n".encode(),
+        stderr=b"to stderr\n", exit_code=3, waiting=False)
+
+
+def test_output_callback_sees_the_streams(programs):
+    seen = []
+    with whpfast.LinuxSandbox([programs["hello"]], memory_size=64 * MB,
+                              on_output=lambda stream, data: seen.append((stream, data))) as lx:
+        lx.run()
+    # stdout is a pipe to the program (fully buffered: flushed at exit, after stderr)
+    assert seen == [("stderr", b"to stderr\n"),
+                    ("stdout", f"hello from 1 args: [{programs['hello']}]\n".encode())]
+
+
+def test_one_process_no_network_and_unsupported_calls_counted(programs):
+    with whpfast.LinuxSandbox([programs["probe"]], memory_size=64 * MB) as lx:
+        r = lx.run(timeout=10)
+        unsupported = dict(lx.unsupported_syscalls)
+    lines = r.stdout.decode().splitlines()
+    assert "fork=-1 EAGAIN" in lines
+    assert "socket=-1 EACCES" in lines
+    assert "execve=-1 EACCES" in lines
+    assert "affinity=0 " in lines and "cpus=1" in lines
+    assert lines.count("unknown=-1 ENOSYS") == 2
+    assert unsupported["syscall_500"] == 2
+    assert "ignored=1" in lines                        # rt_sigaction records what it is given
+    assert "year>=2024 1" in lines
+    assert "uname=Linux x86_64" in lines
+    assert f"pagesz=4096 random=1 execfn={programs['probe']}" in lines
+    assert "badptr=-1 EFAULT" in lines                  # a kernel-area pointer: EFAULT
+    assert "badfd=-1 EBADF" in lines
+    assert r.exit_code == 0
+
+
+def test_stdin_parks_resumes_and_ends_at_eof(programs):
+    with whpfast.LinuxSandbox([programs["sum"]], memory_size=64 * MB) as lx:
+        first = lx.run()
+        assert first == whpfast.RunResult(b"", b"", None, True) and lx.waiting
+        assert lx.run(b"5\n").stdout == b"sum 5\n"
+        assert lx.run(b"1").stdout == b""                       # half a line: still reading
+        assert lx.run(b"0\n2\n").stdout == b"sum 15\nsum 17\n"
+        last = lx.run(eof=True)
+        assert last == whpfast.RunResult(b"bye 17\n", b"", 0, False)
+        with pytest.raises(whpfast.SandboxError, match="exited with status 0"):
+            lx.run()
+
+
+def test_warm_start_1000_times_gives_identical_answers(programs):
+    with whpfast.LinuxSandbox([programs["sum"]], memory_size=64 * MB) as lx:
+        lx.run(b"100\n")
+        snap = lx.snapshot()                                      # parked in read(0)
+        for i in range(1000):
+            lx.restore(snap)
+            assert lx.run(b"%d\n" % i).stdout == b"sum %d\n" % (100 + i)
+        assert not lx.last_restore["full"]
+        lx.restore(snap)
+        assert lx.run(b"1\n", eof=True) == whpfast.RunResult(b"sum 101\nbye 101\n", b"", 0, False)
+        lx.restore(snap)                                           # an exited program comes back
+        assert lx.run(b"2\n").stdout == b"sum 102\n"
+
+
+@pytest.mark.parametrize("mode, access, problem", [
+    ("1", "read", "not mapped"),            # mprotect(PROT_NONE) after the pages were used
+    ("2", "read", "not mapped"),            # munmap after use
+    ("3", "write", "protection violation"),  # mprotect(PROT_READ) after use
+    ("4", "instruction fetch", "protection violation"),   # code in a non-exec mapping
+])
+def test_page_protections_hold_after_the_pages_were_used(programs, mode, access, problem):
+    # The hypervisor cached translations while the pages were read-write; the host must make it
+    # forget them when it rewrites the page tables (PVM would otherwise keep the old rights).
+    with pytest.raises(whpfast.GuestFault, match=f"SIGSEGV: {access} of address 0x[0-9a-f]+ \\({problem}\\)") as e:
+        run([programs["memory"], mode])
+    assert e.value.signal == "SIGSEGV" and e.value.vector == 14 and e.value.address and e.value.rip
+
+
+def test_munmap_then_mmap_gives_fresh_zero_pages(programs):
+    assert run([programs["memory"], "5"]) == whpfast.RunResult(b"ok\n", b"", 0, False)
+
+
+def test_mremap_moves_contents(programs):
+    assert run([programs["memory"], "10"]).stdout == b"7 0\n"
+
+
+def test_exhausting_memory_size_is_enomem(programs):
+    r = run([programs["memory"], "6"], memory_size=64 * MB)
+    got = int(r.stdout.split()[1])
+    assert r.exit_code == 0 and 30 < got < 64                 # malloc saw ENOMEM, no crash
+
+
+@pytest.mark.parametrize("mode, signal, vector", [("11", "SIGILL", 6), ("12", "SIGFPE", 0)])
+def test_illegal_instruction_and_divide_error_name_their_signal(programs, mode, signal, vector):
+    with pytest.raises(whpfast.GuestFault, match=f"killed by {signal}") as e:
+        run([programs["memory"], mode])
+    assert e.value.signal == signal and e.value.vector == vector and e.value.rip
+
+
+def test_segfault_and_abort_are_guest_faults(programs):
+    with pytest.raises(whpfast.GuestFault, match=r"SIGSEGV: write of address 0x0 \(not mapped\)") as e:
+        run([programs["memory"], "7"])
+    assert e.value.address == 0
+    with pytest.raises(whpfast.GuestFault, match="SIGABRT"):
+        run([programs["memory"], "9"])
+
+
+def test_endless_loop_times_out_and_a_restore_brings_it_back(programs):
+    with whpfast.LinuxSandbox([programs["memory"], "8"], memory_size=64 * MB) as lx:
+        snap = lx.snapshot()                                       # before the first instruction
+        with pytest.raises(whpfast.GuestTimeout):
+            lx.run(timeout=0.3)
+        with pytest.raises(whpfast.SandboxPoisoned):
+            lx.run()
+        lx.restore(snap)
+        with pytest.raises(whpfast.GuestTimeout):
+            lx.run(timeout=0.2)
+        with pytest.raises(TypeError):
+            lx.restore(object())
+
+
+def test_fault_then_restore_runs_again(programs):
+    with whpfast.LinuxSandbox([programs["memory"], "7"], memory_size=64 * MB) as lx:
+        snap = lx.snapshot()
+        for _ in range(3):
+            with pytest.raises(whpfast.GuestFault):
+                lx.run()
+            lx.restore(snap)
+
+
+@pytest.mark.parametrize("seed, memory", [(1, False), (2, False), (3, False), (4, False), (5, False),
+                                          (6, False), (7, True), (8, True), (9, True), (10, True),
+                                          (11, True), (12, True)])
+def test_hostile_random_system_calls_never_escape(programs, seed, memory):
+    """Random call numbers with bad pointers, kernel-area addresses, huge lengths and odd fds:
+    every call gets a result or an errno; the run ends normally or as a typed guest error, the
+    sandbox restores, and the process and other sandboxes carry on."""
+    argv = [programs["hostile"], str(seed), "3000"] + (["memory"] if memory else [])
+    with whpfast.LinuxSandbox(argv, memory_size=64 * MB, read=["/etc"]) as lx:
+        snap = lx.snapshot()
+        try:
+            r = lx.run(eof=True, timeout=20)
+            assert r.exit_code is not None
+        except (whpfast.GuestFault, whpfast.GuestTimeout) as e:
+            assert lx.poisoned and str(e)
+        lx.restore(snap)
+        assert not lx.poisoned
+    assert run([programs["hello"]]).exit_code == 3
+
+
+def test_cancel_from_another_thread(programs):
+    import threading
+    with whpfast.LinuxSandbox([programs["memory"], "8"], memory_size=64 * MB) as lx:
+        snap = lx.snapshot()
+        timer = threading.Timer(0.2, lx.cancel)
+        timer.start()
+        with pytest.raises(whpfast.GuestCancelled):
+            lx.run(timeout=30)
+        timer.join()
+        lx.restore(snap)
+        assert not lx.poisoned
+
+
+def test_restore_refuses_another_programs_snapshot(programs):
+    with whpfast.LinuxSandbox([programs["sum"]], memory_size=64 * MB) as a, \
+            whpfast.LinuxSandbox([programs["hello"]], memory_size=64 * MB) as b:
+        with pytest.raises(whpfast.SnapshotError, match="another program"):
+            a.restore(b.snapshot())
+
+
+def test_mutated_elf_headers_never_escape(programs, tmp_path):
+    """Seeded byte flips in the ELF and program headers: a load error, a fault or a run, never
+    anything else."""
+    import random
+    original = Path(programs["hello"]).read_bytes()
+    rng = random.Random(1234)
+    outcomes = set()
+    for i in range(60):
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(0, 64 + 56 * 10)] = rng.randrange(256)
+        path = tmp_path / f"mutant{i}"
+        path.write_bytes(bytes(data))
+        try:
+            with whpfast.LinuxSandbox([str(path)], memory_size=64 * MB) as lx:
+                lx.run(timeout=5)
+                outcomes.add("ran")
+        except whpfast.GuestLoadError:
+            outcomes.add("load error")
+        except (whpfast.GuestFault, whpfast.GuestTimeout):
+            outcomes.add("fault")
+    assert "load error" in outcomes
+
+
+def test_bad_programs_are_load_errors(programs, tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x7fELF" + bytes(100))
+    with pytest.raises(whpfast.GuestLoadError, match="cannot be run"):
+        whpfast.LinuxSandbox([str(bad)])
+    with pytest.raises(whpfast.GuestLoadError, match="cannot read the program"):
+        whpfast.LinuxSandbox([str(tmp_path / "missing")])
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(Path(programs["hello"]).read_bytes()[:3000])
+    with pytest.raises(whpfast.GuestLoadError):
+        whpfast.LinuxSandbox([str(truncated)])
+
+
+def test_snapshot_file_round_trip_and_cold_start(programs, tmp_path):
+    path = tmp_path / "sum.snap"
+    with whpfast.LinuxSandbox([programs["sum"]], memory_size=64 * MB) as lx:
+        lx.run(b"40\n")
+        snap = lx.snapshot()
+        snap.save(path)
+        with whpfast.LinuxSandbox.from_snapshot(snap) as twin:           # in memory
+            assert twin.run(b"2\n").stdout == b"sum 42\n"
+    for _ in range(2):
+        with whpfast.LinuxSandbox.from_snapshot(path) as cold:          # from the file
+            assert cold.waiting
+            assert cold.run(b"1\n").stdout == b"sum 41\n"
+            cold.run(b"5\n")
+            cold.restore(cold_snap := whpfast.LinuxSnapshot.load(path))
+            assert cold.run(b"3\n", eof=True) == whpfast.RunResult(b"sum 43\nbye 43\n", b"", 0, False)
+            assert cold_snap.meta["config"]["exe"] == programs["sum"]
+
+
+def _rewrite_meta(path, edit):
+    """Rewrites a saved snapshot's metadata through `edit` with valid checksums: what a crafted
+    (not merely corrupted) file looks like."""
+    import json
+    import struct
+    import zlib
+    from whpfast.linux import snapfile
+    data = bytearray(path.read_bytes())
+    header_size = snapfile.HEADER.unpack_from(data)[2]
+    table = [list(snapfile.SECTION.unpack_from(data, snapfile.HEADER.size + i * snapfile.SECTION.size))
+             for i in range(len(snapfile.SECTIONS))]
+    offset, length = table[0][1], table[0][2]
+    meta = json.loads(data[offset:offset + length])
+    edit(meta)
+    new = json.dumps(meta).encode()
+    body = bytes(data[header_size:offset]) + new + bytes(data[offset + length:])
+    delta = len(new) - length
+    table[0][2], table[0][3] = len(new), zlib.crc32(new)
+    for entry in table[1:]:
+        entry[1] += delta
+    header = bytes(data[:snapfile.HEADER.size]) + b"".join(snapfile.SECTION.pack(*e) for e in table)
+    header += struct.pack("<I", zlib.crc32(header))
+    path.write_bytes(header + body)
+
+
+def test_damaged_or_crafted_snapshot_files_are_snapshot_errors(programs, tmp_path):
+    path = tmp_path / "good.snap"
+    with whpfast.LinuxSandbox([programs["sum"]], memory_size=64 * MB) as lx:
+        lx.run()
+        lx.snapshot().save(path)
+    good = path.read_bytes()
+    cases = {
+        "garbage": b"not a snapshot at all" * 10,
+        "truncated": good[:len(good) // 2],
+        "flipped header": bytes([good[0] ^ 1]) + good[1:],
+        "flipped page": good[:-100] + bytes([good[-100] ^ 0xFF]) + good[-99:],
+        "empty": b"",
+    }
+    for name, data in cases.items():
+        bad = tmp_path / f"{name}.snap"
+        bad.write_bytes(data)
+        with pytest.raises(whpfast.SnapshotError):
+            whpfast.LinuxSandbox.from_snapshot(bad)
+    crafted = {
+        "mapping past the address space": lambda m: m["mm"]["vmas"].append([1 << 40, (1 << 40) + 4096, 3, "", 0, False]),
+        "overlapping mappings": lambda m: m["mm"]["vmas"].append(list(m["mm"]["vmas"][0])),
+        "bad brk": lambda m: m["mm"].update(brk=-5),
+        "short signal table": lambda m: m["proc"].update(actions=[]),
+        "bad exit code": lambda m: m["io"].update(exit_code=1000),
+        "bad read policy": lambda m: m["config"].update(read=7),
+        "missing field": lambda m: m.pop("io"),
+        "vcpu parts": lambda m: m.update(vcpu_parts=[["regs", 10]]),
+    }
+    for name, edit in crafted.items():
+        bad = tmp_path / "crafted.snap"
+        bad.write_bytes(good)
+        _rewrite_meta(bad, edit)
+        with pytest.raises(whpfast.SnapshotError):
+            whpfast.LinuxSandbox.from_snapshot(bad)
+
+
+def test_sleep_is_bounded_by_the_timeout_and_woken_by_cancel(programs, tmp_path):
+    import threading
+    import time
+    source = tmp_path / "sleeper.c"
+    source.write_text("#include <unistd.h>\nint main(void) { sleep(100000); return 0; }\n")
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(tmp_path / "sleeper"), str(source)], check=True)
+    with whpfast.LinuxSandbox([str(tmp_path / "sleeper")], memory_size=64 * MB) as lx:
+        snap = lx.snapshot()
+        t0 = time.monotonic()
+        with pytest.raises(whpfast.GuestTimeout):
+            lx.run(timeout=0.5)
+        assert time.monotonic() - t0 < 5
+        lx.restore(snap)
+        timer = threading.Timer(0.3, lx.cancel)
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(whpfast.GuestCancelled):
+            lx.run()
+        assert time.monotonic() - t0 < 5
+        timer.join()
+
+
+def test_mapping_count_is_bounded(tmp_path):
+    source = tmp_path / "maps.c"
+    source.write_text(r'''
+#include <stdio.h>
+#include <sys/mman.h>
+int main(void) {
+    long n = 0;
+    char *p = mmap(0, 70000 * 2 * 4096L, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (long i = 0; i < 70000; i++)            /* every other page read-only: one mapping each */
+        if (mprotect(p + 2 * i * 4096, 4096, PROT_READ) == 0) n++; else break;
+    printf("%ld\n", n);
+    return 0;
+}
+''')
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(tmp_path / "maps"), str(source)], check=True)
+    r = run([str(tmp_path / "maps")], memory_size=1024 * MB)
+    assert r.exit_code == 0 and 30000 < int(r.stdout) < 33000
+
+
+def test_restore_undoes_mapping_changes_exactly(tmp_path):
+    """Restores after munmap+remap, mprotect(PROT_NONE) and a new mapping: the contents, the
+    protections and the absence of the new mapping all come back as they were (the hypervisor's
+    cached translations of the changed ranges are dropped on restore)."""
+    program = tmp_path / "remap"
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(program), str(HERE / "remap.c")], check=True)
+    with whpfast.LinuxSandbox([str(program)], memory_size=64 * MB) as lx:
+        assert lx.run().waiting
+        snap = lx.snapshot()
+        original = lx.run(b"r\n").stdout
+        assert original == b"sum %d\n" % (7 * 64)
+        for change, said in ((b"u\n", b"remapped\n"), (b"n\n", b"protected\n")):
+            lx.restore(snap)
+            assert lx.run(change).stdout == said
+            lx.restore(snap)
+            assert lx.run(b"r\n").stdout == original
+        lx.restore(snap)
+        address = lx.run(b"m\n").stdout.strip()
+        assert lx.run(b"t " + address + b"\n").stdout == b"read 1\n"
+        lx.restore(snap)
+        with pytest.raises(whpfast.GuestFault, match="SIGSEGV: read of address .* \\(not mapped\\)"):
+            lx.run(b"t " + address + b"\n")
+        lx.restore(snap)
+        assert lx.run(b"r\n").stdout == original
+
+
+def test_sandboxes_in_several_threads_stay_apart(programs):
+    import threading
+    errors = []
+
+    def worker(k):
+        try:
+            with whpfast.LinuxSandbox([programs["sum"]], memory_size=64 * MB) as lx:
+                lx.run(b"%d\n" % k)
+                snap = lx.snapshot()
+                for i in range(100):
+                    lx.restore(snap)
+                    assert lx.run(b"%d\n" % i).stdout == b"sum %d\n" % (k + i)
+        except Exception as e:          # collected: an assertion in a thread would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_a_request_that_loops_times_out_and_the_next_one_after_restore_works(tmp_path):
+    program = tmp_path / "remap"
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(program), str(HERE / "remap.c")], check=True)
+    with whpfast.LinuxSandbox([str(program)], memory_size=64 * MB) as lx:
+        lx.run()
+        snap = lx.snapshot()
+        for _ in range(2):
+            with pytest.raises(whpfast.GuestTimeout):
+                lx.run(b"l\n", timeout=0.2)
+            lx.restore(snap)
+            assert lx.run(b"r\n").stdout == b"sum %d\n" % (7 * 64)

@@ -1,0 +1,1478 @@
+"""The file system a Linux guest sees: pure Python on the host side, no guest memory access.
+
+The namespace is built from `read` (host directories and files, read-only), a size-capped
+in-memory /tmp, and a few synthesized files (/proc/self/..., /dev/null, ...). Every path the guest
+names is walked here, component by component, by ONE walker (`_walk`): ".." is taken on the
+inside path (the parent of a mount point is its inside parent, never the host's), symlink targets
+are re-interpreted inside the namespace and walked again, and /proc/self/fd/N leads to the very
+node that fd holds. A host file is only ever reached by a host path built from components that
+were each looked up with lstat (no symlink, no "..", no separator), so nothing outside `read` can
+be named, and every host file is opened read-only with O_NOFOLLOW. Host special files (devices,
+FIFOs, sockets) under a read root are never opened.
+
+Host look-ups (lstat, readlink, directory listings) are cached per FileSystem for its lifetime:
+the read roots are taken as unchanging while a sandbox lives, which keeps CPython's thousands of
+stat/open calls cheap and a restore free of host calls.
+
+Warm start: `capture()` returns an immutable `FsState` (fd table with offsets and flags, cwd,
+umask, the /tmp tree with its contents); `reset(state)` puts exactly that back. /tmp file contents
+are `bytes` shared between the live tree and every state taken from it, and become a private
+`bytearray` on the first write after a capture or reset (copy-on-write), so both are O(changes).
+Host fds are not part of any state: they live in a per-FileSystem cache keyed by host path
+(shared between equal opens, opened lazily, released by `close_all()`). A reset back to the
+state last captured or reset to puts back only the descriptions whose offset or flags moved.
+
+Checked against the kernel itself (tests/test_linux_fs.py runs random calls on /tmp and random
+walks through a host tree both here and through os.*). Not provided, on purpose or not yet: hard
+links, file locks, statfs, atime updates, xattrs; /tmp files are not sparse (a hole costs its
+bytes against tmp_size); host files show the host's inode numbers, owners and times."""
+
+import os
+import stat as _stat
+import struct
+import sys
+import time
+
+from ..errors import SnapshotError, WhpfastError
+from . import _fsstate
+from ._fsstate import MAX_FILE, NAME_MAX, PATH_MAX, FsState
+from .errno import (EACCES, EBADF, EBUSY, EEXIST, EFBIG, EINVAL, EIO, EISDIR, ELOOP, EMFILE,
+                    ENAMETOOLONG, ENODEV, ENOENT, ENOSPC, ENOTDIR, ENOTEMPTY, ENOTTY, ENXIO,
+                    EOPNOTSUPP, EOVERFLOW, EROFS, ESPIPE, ESTALE, EXDEV, LinuxError, from_oserror)
+
+# Linux x86-64 values (written out: the host's os.O_* differ on Windows).
+O_ACCMODE, O_RDONLY, O_WRONLY, O_RDWR = 3, 0, 1, 2
+O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_APPEND = 0o100, 0o200, 0o400, 0o1000, 0o2000
+O_NONBLOCK, O_DSYNC, O_ASYNC, O_DIRECT, O_LARGEFILE = 0o4000, 0o10000, 0o20000, 0o40000, 0o100000
+O_DIRECTORY, O_NOFOLLOW, O_NOATIME, O_CLOEXEC = 0o200000, 0o400000, 0o1000000, 0o2000000
+O_SYNC, O_PATH, O_TMPFILE = 0o4010000, 0o10000000, 0o20000000 | O_DIRECTORY
+_STATUS_FLAGS = (O_ACCMODE | O_APPEND | O_NONBLOCK | O_SYNC | O_ASYNC | O_DIRECT | O_NOATIME
+                 | O_PATH | O_LARGEFILE)
+_SETFL_FLAGS = O_APPEND | O_NONBLOCK | O_ASYNC | O_DIRECT | O_NOATIME
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW, AT_REMOVEDIR, AT_EACCESS, AT_NO_AUTOMOUNT = 0x100, 0x200, 0x200, 0x800
+AT_EMPTY_PATH, AT_STATX_SYNC_TYPE = 0x1000, 0x6000
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC = 0, 1, 2, 3, 4, 1030
+FIONCLEX, FIOCLEX = 0x5450, 0x5451
+SEEK_SET, SEEK_CUR, SEEK_END, SEEK_DATA, SEEK_HOLE = 0, 1, 2, 3, 4
+
+S_IFMT, S_IFDIR, S_IFREG, S_IFLNK = 0o170000, 0o040000, 0o100000, 0o120000
+S_IFCHR, S_IFIFO = 0o020000, 0o010000
+_DT = {S_IFDIR: 4, S_IFREG: 8, S_IFLNK: 10, S_IFCHR: 2, S_IFIFO: 1, 0o140000: 12, 0o060000: 6}
+
+MAXSYMLINKS = 40
+MAX_IO = 1 << 24            # largest read served at once: a short read, as Linux allows
+STATX_BASIC_STATS = 0x7FF
+_INODE_COST = 256           # /tmp bytes charged per inode and per name, so metadata is capped too
+_HOSTFD_CACHE = 64          # host fds kept for files no guest fd holds open
+_CACHE_MAX = 1 << 16        # look-ups remembered per FileSystem, per kind (paths, walks, listings):
+_CACHE_PATH = 512           # bounded, and walks of longer paths are not remembered, so that a
+                            # guest probing endless names costs the host tens of MiB at most
+_SYN_DEV, _TMP_DEV, _PIPE_DEV = 0x13, 0x14, 0x0C     # st_dev of synthesized, /tmp, console nodes
+_SYN_TIME = 0               # their times: fixed, so a state decoded elsewhere looks the same
+
+_WINDOWS = sys.platform == "win32"
+_HOST_OPEN = (os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+              | getattr(os, "O_NOFOLLOW", 0))
+_RESERVED = (b"/proc", b"/dev", b"/tmp")   # always synthesized; a read entry there is refused
+
+
+class ReadPolicyError(WhpfastError, ValueError):
+    """The `read` policy (or cwd) given to the file system is invalid."""
+
+
+def _fail(err, msg=None):
+    raise LinuxError(err, msg)
+
+
+# ---------------------------------------------------------------------------------------- nodes
+# Each node is something a path can name. `path` is its canonical inside path (b"" for the root,
+# else b"/a/b": no symlink, no "." or ".."), `parent` the directory ".." leads to.
+
+class _HostNode:
+    """A file, directory or symlink under a read root, with its (cached) lstat."""
+    __slots__ = ("path", "parent", "host", "st", "fmt", "ino", "packed")
+
+    def __init__(self, path, parent, host, st):
+        self.path, self.parent, self.host, self.st = path, parent, host, st
+        self.fmt = st.st_mode & S_IFMT
+        if _WINDOWS and getattr(st, "st_file_attributes", 0) & 0x400 and self.fmt != S_IFLNK:
+            self.fmt = 0        # a junction or other reparse point: never entered nor opened
+        self.ino = st.st_ino
+        self.packed = None                  # its struct stat, made once
+
+
+class _Syn:
+    """A synthesized node. `value` is per kind: a dict of children (directory), a callable
+    returning the contents (file), a callable returning the target (symlink: bytes, or the node
+    itself for /proc/self magic links), the device name, or the console name."""
+    __slots__ = ("path", "parent", "fmt", "mode", "ino", "rdev", "value")
+
+    def __init__(self, path, parent, mode, ino, value, rdev=0):
+        self.path, self.parent, self.mode, self.ino, self.value, self.rdev = (
+            path, parent, mode, ino, value, rdev)
+        self.fmt = mode & S_IFMT
+
+
+class _SynDir(_Syn):
+    __slots__ = ()
+
+
+class _FdDir(_Syn):          # /proc/self/fd: its entries are the open fds
+    __slots__ = ()
+
+
+class _SynFile(_Syn):
+    __slots__ = ()
+
+
+class _SynLink(_Syn):
+    __slots__ = ()
+
+
+class _Device(_Syn):         # /dev/null, /dev/zero, /dev/random, /dev/urandom
+    __slots__ = ()
+
+
+class _Console(_Syn):        # fds 0, 1, 2 at start: the caller serves their reads and writes
+    __slots__ = ()
+
+
+class _Tmp:
+    """A directory, regular file or symlink of /tmp. `data`: dict name -> _Tmp (directory),
+    bytes or bytearray (file; bytes while shared with a captured state), bytes (symlink).
+    `name` is None once unlinked (the node lives on while an fd or the cwd holds it), and `gone`
+    then holds the path it had, which readlink of /proc/self/fd/N shows."""
+    __slots__ = ("ino", "fmt", "mode", "data", "parent", "name", "mtime", "ctime", "gone")
+
+    def __init__(self, ino, fmt, mode, data, parent, name, now, gone=None):
+        self.ino, self.fmt, self.mode, self.data = ino, fmt, mode, data
+        self.parent, self.name, self.mtime, self.ctime, self.gone = parent, name, now, now, gone
+
+
+class _Open:
+    """An open file description (shared by dup'ed fds). `data` holds a synthesized file's
+    contents as of the open; `listing` caches a directory's entries for getdents64; `idx` is its
+    index in the state last captured or reset to (-1: opened since)."""
+    __slots__ = ("node", "flags", "offset", "data", "listing", "idx", "touched")
+
+    def __init__(self, node, flags, offset=0, data=None, idx=-1):
+        self.node, self.flags, self.offset, self.data, self.listing = node, flags, offset, data, None
+        self.idx, self.touched = idx, False
+
+
+def _s32(v):
+    """A register value as the kernel's `int` argument (dirfd: AT_FDCWD arrives as 2**32-100)."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
+def _s64(v):
+    v &= 0xFFFFFFFFFFFFFFFF
+    return v - (1 << 64) if v >> 63 else v
+
+
+_WINDOWS_DEVICES = {b"CON", b"PRN", b"AUX", b"NUL", b"CONIN$", b"CONOUT$",
+                    *(b"COM%d" % i for i in range(10)), *(b"LPT%d" % i for i in range(10))}
+
+
+def _windows_name_ok(name):
+    """Whether a Linux name means just itself on a Windows host: no separator (a backslash),
+    no stream (a colon), no device name (NUL, CON.txt, ...), no trailing dot or space (Windows
+    drops them: "a." would name "a"), no wildcard or other character Windows refuses."""
+    if any(c < 32 or c in b'\\:*?"<>|' for c in name) or name[-1:] in (b".", b" "):
+        return False
+    return name.split(b".")[0].rstrip(b" ").upper() not in _WINDOWS_DEVICES
+
+
+def _split(path):
+    return [c for c in path.split(b"/") if c]
+
+
+if hasattr(os, "pread"):
+    _host_pread = os.pread
+else:                       # Windows: the host fd is private to this FileSystem, so seek + read
+    def _host_pread(fd, n, offset):
+        os.lseek(fd, offset, 0)
+        return os.read(fd, n)
+
+
+# ----------------------------------------------------------------------------------- the class
+
+class FileSystem:
+    """The namespace, fd table, cwd and /tmp of one Linux process. Methods raise LinuxError."""
+
+    def __init__(self, read, *, cwd="/", exe=None, tmp_size=64 << 20, proc_maps=lambda: b"",
+                 entropy=os.urandom, max_fds=1024, uid=0, gid=0):
+        self.max_fds = max_fds
+        self._tmp_size, self._proc_maps, self._entropy = tmp_size, proc_maps, entropy
+        self._uid, self._gid = uid, gid
+        self._exe = os.fsencode(exe) if exe is not None else None
+        self._ino = 1
+        self._canon = {}            # canonical inside path -> node, or None (does not exist)
+        self._overlay = {}          # directory path -> {name: node} placed there (mounts, synth)
+        self._listings = {}         # directory path -> getdents entries (non-/tmp directories)
+        self._links = {}            # host path -> symlink target
+        self._walks = {}            # (start path, path, follow) -> node, for walks off /tmp
+        self._hostfds = {}          # host path -> host fd (read-only)
+        mounts = self._parse_read(read)
+        root = mounts.pop(b"", None)
+        if root is not None:
+            self._root = self._host_node(b"", None, root)
+            if self._root.fmt != S_IFDIR:
+                raise ReadPolicyError(f"read maps '/' to {os.fsdecode(root)}, which is not a directory")
+        else:
+            self._root = _SynDir(b"", None, S_IFDIR | 0o555, self._new_ino(), {})
+        self._root.parent = self._root
+        self._canon[b""] = self._root
+        for inside in sorted(mounts):
+            self._place(inside, self._host_node(inside, None, mounts[inside]))
+        self._build_synthetic()
+        self._umask = 0o022
+        self._tmp_used = 0
+        self._tmp_frozen = None     # (FsState.tmp, {id(node): index}) of the current /tmp tree
+        self._tmp_nodes = None      # the nodes behind _tmp_frozen, kept alive for their ids
+        self._tmp_dirty = True
+        self._dirty = True          # anything changed since _last (fds, offsets, cwd, umask)
+        self._table_changed = True  # the fd -> description table changed since _last
+        self._touched = []          # descriptions whose offset or flags changed since _last
+        self._live = None           # the descriptions of _last, by index
+        self._last = None           # the state last captured or reset to
+        self._fds = {}
+        self._consoles = {}
+        for fd, name in enumerate(("stdin", "stdout", "stderr")):
+            node = self._consoles[name] = _Console(b"", None, S_IFIFO | 0o600, self._new_ino(), name)
+            self._fds[fd] = (_Open(node, (O_RDONLY, O_WRONLY, O_WRONLY)[fd]), False)
+        self._base_ino = self._ino          # /tmp inodes count on from here
+        try:
+            self._cwd = self._walk(AT_FDCWD, os.fsencode(cwd), start=self._root)
+        except LinuxError as e:
+            raise ReadPolicyError(f"cwd {cwd!r} is not inside the sandbox's file system ({e})") from None
+        if self._cwd.fmt != S_IFDIR:
+            raise ReadPolicyError(f"cwd {cwd!r} is not a directory")
+
+    # -- construction
+
+    @staticmethod
+    def _parse_read(read):
+        """{inside path: real host path} from `read`: host paths (same path inside) or a mapping."""
+        if isinstance(read, (str, bytes, os.PathLike)):
+            raise TypeError("read must be an iterable of host paths or a {inside: host} mapping, "
+                            "not a single path")
+        pairs = read.items() if hasattr(read, "items") else ((p, p) for p in read)
+        mounts = {}
+        for inside, host in pairs:
+            inside, host = os.fsencode(inside), os.fsencode(host)
+            if not inside.startswith(b"/") or b"\0" in inside:
+                raise ReadPolicyError(f"read: inside path {os.fsdecode(inside)!r} must be absolute "
+                                      "(a Linux path like /usr/lib)")
+            parts = _split(inside)
+            if b".." in parts or b"." in parts:
+                raise ReadPolicyError(f"read: inside path {os.fsdecode(inside)!r} has '.' or '..'")
+            key = b"".join(b"/" + p for p in parts)
+            if any(key == r or key.startswith(r + b"/") for r in _RESERVED):
+                raise ReadPolicyError(f"read: {os.fsdecode(key)} is synthesized by the sandbox "
+                                      "(/proc, /dev and /tmp cannot be mapped from the host)")
+            real = os.path.realpath(host)
+            if not os.path.exists(real):
+                raise ReadPolicyError(f"read: host path {os.fsdecode(host)!r} does not exist")
+            if key in mounts and mounts[key] != real:
+                raise ReadPolicyError(f"read: {os.fsdecode(key) or '/'} is mapped twice")
+            mounts[key] = real
+        return mounts
+
+    def _new_ino(self):
+        self._ino += 1
+        return self._ino
+
+    def _host_node(self, path, parent, host):
+        try:
+            return _HostNode(path, parent, host, os.lstat(host))
+        except OSError as e:
+            raise ReadPolicyError(f"read: cannot stat {os.fsdecode(host)}: {e.strerror}") from None
+
+    def _place(self, path, node):
+        """Puts `node` at inside `path`, over whatever the host has there."""
+        head, _, name = path.rpartition(b"/")
+        parent = self._ensure_dir(head)
+        node.parent = parent
+        self._canon[path] = node
+        self._overlay.setdefault(head, {})[name] = node
+
+    def _ensure_dir(self, path):
+        """The directory at inside `path` for placing something in it: the host's own directory
+        when a read root already has a real one there, else a synthesized one."""
+        node = self._canon.get(path)
+        if node is None:
+            head, _, name = path.rpartition(b"/")
+            parent = self._ensure_dir(head)
+            host = getattr(parent, "host", None)
+            st = None
+            if host is not None:
+                try:
+                    st = os.lstat(host + b"/" + name)
+                except OSError:
+                    pass
+            if st is not None and _stat.S_ISDIR(st.st_mode):
+                node = _HostNode(path, parent, host + b"/" + name, st)
+                self._canon[path] = node
+            else:
+                node = _SynDir(path, None, S_IFDIR | 0o555, self._new_ino(), {})
+                self._place(path, node)
+        if node.fmt != S_IFDIR:
+            raise ReadPolicyError(f"read: {os.fsdecode(path)} is a file, yet something is mapped below it")
+        return node
+
+    def _build_synthetic(self):
+        def syn(cls, path, mode, value, rdev=0):
+            self._place(path, cls(path, None, mode, self._new_ino(), value, rdev))
+
+        def text(path, fn):
+            syn(_SynFile, path, S_IFREG | 0o444, fn)
+
+        def link(path, target):
+            syn(_SynLink, path, S_IFLNK | 0o777, target)
+
+        for d in (b"/proc", b"/proc/self", b"/dev"):
+            syn(_SynDir, d, S_IFDIR | 0o555, {})
+        syn(_FdDir, b"/proc/self/fd", S_IFDIR | 0o500, None)
+        text(b"/proc/self/maps", lambda: bytes(self._proc_maps()))
+        text(b"/proc/self/status", self._status)
+        if self._exe is not None:
+            link(b"/proc/self/exe", lambda: self._exe)
+        link(b"/proc/self/cwd", lambda: self._cwd)
+        for name in (b"online", b"possible"):
+            text(b"/sys/devices/system/cpu/" + name, lambda: b"0\n")
+        for name, minor in ((b"null", 3), (b"zero", 5), (b"random", 8), (b"urandom", 9)):
+            syn(_Device, b"/dev/" + name, S_IFCHR | 0o666, name, rdev=(1 << 8) | minor)
+        link(b"/dev/fd", lambda: b"/proc/self/fd")
+        for fd, name in enumerate((b"stdin", b"stdout", b"stderr")):
+            link(b"/dev/" + name, lambda fd=fd: b"/proc/self/fd/%d" % fd)
+        self._tmp_root = _Tmp(self._new_ino(), S_IFDIR, 0o1777, {}, None, b"tmp", time.time_ns())
+        self._place(b"/tmp", self._tmp_root)    # the one /tmp node a reset keeps (and refills)
+
+    def _status(self):
+        name = os.path.basename(self._exe or b"?")[:15]
+        return (b"Name:\t%s\nUmask:\t%04o\nState:\tR (running)\nTgid:\t1\nPid:\t1\nPPid:\t0\n"
+                b"Uid:\t%d\t%d\t%d\t%d\nGid:\t%d\t%d\t%d\t%d\nThreads:\t1\n"
+                b"Cpus_allowed_list:\t0\n" % (name, self._umask, *[self._uid] * 4, *[self._gid] * 4))
+
+    # -- the one path walker
+
+    def _start(self, dirfd):
+        if dirfd == AT_FDCWD:
+            return self._cwd
+        return self._desc(dirfd).node
+
+    def _walk(self, dirfd, path, *, follow=True, empty=False, start=None):
+        """The node `path` (bytes, without the guest's NUL) names, relative to `dirfd` (or
+        `start`). `follow`: follow a symlink in the last component; `empty`: an empty path names
+        dirfd's own node (AT_EMPTY_PATH)."""
+        if len(path) >= PATH_MAX:
+            _fail(ENAMETOOLONG)
+        if b"\0" in path:
+            _fail(EINVAL, "a path with a NUL byte")
+        if not path:
+            if empty:
+                return self._start(_s32(dirfd)) if start is None else start
+            _fail(ENOENT)
+        if path[0] == 0x2F:
+            cur = self._root
+        else:
+            cur = self._start(_s32(dirfd)) if start is None else start
+        key = None
+        if type(cur) is _HostNode or type(cur) is _SynDir:     # a start with a canonical path
+            key = (cur.path, path, follow)
+            hit = self._walks.get(key)
+            if hit is not None:
+                return hit
+        comps = _split(path)
+        if path[-1] == 0x2F:
+            comps.append(b".")                  # "name/" must be a directory: follow it, check it
+        comps.reverse()
+        links = 0
+        lookup = self._lookup
+        while comps:
+            if cur.fmt != S_IFDIR:
+                _fail(ENOTDIR)
+            name = comps.pop()
+            if name == b".":
+                continue
+            if name == b"..":
+                cur = cur.parent or self._tmp_root
+                continue
+            child = lookup(cur, name)
+            if child.fmt == S_IFLNK and (comps or follow):
+                links += 1
+                if links > MAXSYMLINKS:
+                    _fail(ELOOP)
+                target = self._link_target(child)
+                if not isinstance(target, bytes):   # a magic link: the node itself
+                    cur, key = target, None
+                    continue
+                if not target:
+                    _fail(ENOENT)
+                if target[0] == 0x2F:
+                    cur = self._root
+                more = _split(target)
+                if target[-1] == 0x2F:
+                    more.append(b".")
+                more.reverse()
+                comps.extend(more)
+                continue
+            if type(child) is _Tmp or type(cur) is _FdDir:
+                key = None                      # changes while the guest runs: not cached
+            cur = child
+        if key is not None and len(path) <= _CACHE_PATH and len(self._walks) < _CACHE_MAX:
+            self._walks[key] = cur
+        return cur
+
+    def _walk_parent(self, dirfd, path, start=None):
+        """(directory, last name) for creating or removing; name None when the path ends in
+        "." or ".." or is "/" (it then names an existing directory, returned as the first)."""
+        if len(path) >= PATH_MAX:
+            _fail(ENAMETOOLONG)
+        if b"\0" in path:
+            _fail(EINVAL, "a path with a NUL byte")
+        stripped = path.rstrip(b"/")
+        if not stripped:
+            if not path:
+                _fail(ENOENT)
+            return self._root, None
+        head, _, name = stripped.rpartition(b"/")
+        if name in (b".", b".."):
+            return self._walk(dirfd, path, start=start), None
+        parent = self._walk(dirfd, head + b"/" if head or stripped[0] == 0x2F else b".", start=start)
+        if len(name) > NAME_MAX:
+            _fail(ENAMETOOLONG)
+        return parent, name
+
+    def _lookup(self, d, name):
+        """The child `name` of directory `d` (one component, not "." or "..")."""
+        if type(d) is _Tmp:
+            child = d.data.get(name)
+            if child is None:
+                _fail(ENAMETOOLONG if len(name) > NAME_MAX else ENOENT)
+            return child
+        path = d.path + b"/" + name
+        node = self._canon.get(path, _UNKNOWN)
+        if node is not _UNKNOWN:
+            if node is None:
+                _fail(ENOENT)
+            return node
+        if type(d) is _FdDir:
+            return self._fd_link(name)
+        if len(name) > NAME_MAX:
+            _fail(ENAMETOOLONG)
+        if _WINDOWS and not _windows_name_ok(name):
+            _fail(ENOENT)
+        if type(d) is not _HostNode:
+            _fail(ENOENT)
+        host = d.host + b"/" + name
+        try:
+            node = _HostNode(path, d, host, os.lstat(host))
+        except FileNotFoundError:
+            node = None
+        except OSError as e:
+            raise from_oserror(e) from None
+        if len(self._canon) < _CACHE_MAX:     # bounded: a guest may probe endless names
+            self._canon[path] = node
+        if node is None:
+            _fail(ENOENT)
+        return node
+
+    def _fd_link(self, name):
+        if (not name.isdigit() or len(name) > 10 or (name[0] == 0x30 and len(name) > 1)
+                or int(name) not in self._fds):
+            _fail(ENOENT)
+        return self._fd_link_node(int(name))
+
+    def _fd_link_node(self, fd):
+        """/proc/self/fd/N: a magic link to the node fd N holds (ENOENT once it is closed)."""
+        return _SynLink(b"/proc/self/fd/%d" % fd, self._canon[b"/proc/self/fd"], S_IFLNK | 0o700,
+                        self._fd_dir_ino(fd), lambda: self._desc(fd, ENOENT).node)
+
+    def _fd_dir_ino(self, fd):
+        return (1 << 40) + fd
+
+    def _link_target(self, node):
+        """bytes, or the node itself for /proc/self magic links."""
+        if type(node) is _HostNode:
+            target = self._links.get(node.host)
+            if target is None:
+                try:
+                    target = self._links[node.host] = os.fsencode(os.readlink(node.host))
+                except OSError as e:
+                    raise from_oserror(e) from None
+            return target
+        if type(node) is _Tmp:
+            return node.data
+        return node.value()
+
+    def _display(self, node):
+        """The path readlink shows for an fd's node (/proc/self/fd/N, /proc/self/cwd)."""
+        if type(node) is _Tmp:
+            parts = []
+            n = node
+            while n is not self._tmp_root:
+                if n.name is None:
+                    return b"/".join([n.gone] + parts[::-1]) + b" (deleted)"
+                parts.append(n.name)
+                n = n.parent
+            return b"/".join([b"/tmp"] + parts[::-1])
+        if type(node) is _Console:
+            return b"pipe:[%d]" % node.ino
+        return node.path or b"/"
+
+    # -- fds
+
+    def _desc(self, fd, err=EBADF):
+        entry = self._fds.get(fd & 0xFFFFFFFF)      # the kernel takes fds as unsigned int
+        if entry is None:
+            _fail(err)
+        return entry[0]
+
+    def _free_fd(self, lowest=0):
+        fd = lowest
+        while fd in self._fds:
+            fd += 1
+        if fd >= self.max_fds:
+            _fail(EMFILE, f"{self.max_fds} fds open")
+        return fd
+
+    def _install(self, fd, node, flags, data=None):
+        self._fds[fd] = (_Open(node, (flags & _STATUS_FLAGS) | O_LARGEFILE, 0, data),
+                         bool(flags & O_CLOEXEC))
+        self._table_changed = self._dirty = True
+        return fd
+
+    def console(self, fd):
+        """"stdin", "stdout" or "stderr" when fd is a console file (also after dup), else None."""
+        entry = self._fds.get(fd & 0xFFFFFFFF)
+        if entry is not None and type(entry[0].node) is _Console:
+            return entry[0].node.value
+        return None
+
+    def openat(self, dirfd, path, flags, mode=0):
+        flags &= 0xFFFFFFFF
+        acc = flags & O_ACCMODE
+        fd = self._free_fd()
+        if flags & O_PATH:
+            node = self._walk(dirfd, path, follow=not flags & O_NOFOLLOW)
+            if flags & O_DIRECTORY and node.fmt != S_IFDIR:
+                _fail(ENOTDIR)
+            return self._install(fd, node, O_PATH | (flags & O_CLOEXEC))
+        if acc == O_ACCMODE:
+            _fail(EINVAL)
+        if flags & O_TMPFILE == O_TMPFILE:
+            d = self._walk(dirfd, path)
+            if d.fmt != S_IFDIR:
+                _fail(ENOTDIR)
+            if acc == O_RDONLY:
+                _fail(EINVAL)
+            if type(d) is not _Tmp:
+                _fail(EOPNOTSUPP, "O_TMPFILE works under /tmp only")
+            node = self._tmp_new(d, None, S_IFREG, mode, bytearray())
+            return self._install(fd, node, flags & ~O_TMPFILE)
+        node = None
+        if flags & O_CREAT:
+            d, name = self._walk_parent(dirfd, path)
+            links = 0
+            while True:
+                if name is None:                # ".", ".." or "/"
+                    _fail(EEXIST if flags & O_EXCL else EISDIR)
+                if path.endswith(b"/"):
+                    _fail(EISDIR)
+                try:
+                    node = self._lookup(d, name)
+                except LinuxError as e:
+                    if e.errno != ENOENT:
+                        raise
+                    if type(d) is not _Tmp:
+                        _fail(EROFS, f"{os.fsdecode(path)}: only /tmp is writable")
+                    return self._install(fd, self._tmp_new(d, name, S_IFREG, mode, bytearray()), flags)
+                if flags & O_EXCL:
+                    _fail(EEXIST)
+                if node.fmt != S_IFLNK or flags & O_NOFOLLOW:
+                    break
+                links += 1                      # O_CREAT through a symlink creates its target
+                if links > MAXSYMLINKS:
+                    _fail(ELOOP)
+                path = self._link_target(node)
+                if not isinstance(path, bytes):
+                    node = path
+                    break
+                if not path:
+                    _fail(ENOENT)
+                d, name = self._walk_parent(AT_FDCWD, path, start=d)
+        if node is None or node.fmt == S_IFLNK:
+            node = self._walk(dirfd, path, follow=not flags & O_NOFOLLOW)
+        if node.fmt == S_IFLNK:
+            _fail(ELOOP)                        # O_NOFOLLOW on a symlink
+        fmt = node.fmt
+        if flags & O_DIRECTORY and fmt != S_IFDIR:
+            _fail(ENOTDIR)
+        writes = acc != O_RDONLY or (flags & O_TRUNC and fmt == S_IFREG)
+        if fmt == S_IFDIR:
+            if acc != O_RDONLY or flags & (O_CREAT | O_TRUNC):
+                _fail(EISDIR)
+        elif writes:
+            self._check_write(node)
+        t = type(node)
+        data = None
+        if t is _HostNode and fmt not in (S_IFREG, S_IFDIR):
+            _fail(EACCES, "host devices, FIFOs and sockets are never opened")
+        elif t is _SynFile:
+            data = node.value()
+        elif t is _Tmp and flags & O_TRUNC and fmt == S_IFREG and node.data:
+            self._tmp_resize(node, 0)
+        return self._install(fd, node, flags, data)
+
+    def _check_write(self, node):
+        t = type(node)
+        if t is _Tmp or t is _Device or (t is _Console and node.value != "stdin"):
+            return
+        if t is _HostNode or t is _SynDir:
+            _fail(EROFS, "only /tmp is writable")
+        _fail(EACCES)
+
+    def close(self, fd):
+        if self._fds.pop(fd & 0xFFFFFFFF, None) is None:
+            _fail(EBADF)
+        self._table_changed = self._dirty = True
+
+    def dup(self, fd):
+        desc = self._desc(fd)
+        new = self._free_fd()
+        self._fds[new] = (desc, False)
+        self._table_changed = self._dirty = True
+        return new
+
+    def dup2(self, old, new):
+        old, new = old & 0xFFFFFFFF, new & 0xFFFFFFFF
+        desc = self._desc(old)
+        if old == new:
+            return new
+        return self._dup_to(desc, new, False)
+
+    def dup3(self, old, new, flags):
+        old, new = old & 0xFFFFFFFF, new & 0xFFFFFFFF
+        if flags & ~O_CLOEXEC or old == new:
+            _fail(EINVAL)
+        return self._dup_to(self._desc(old), new, bool(flags & O_CLOEXEC))
+
+    def _dup_to(self, desc, new, cloexec):
+        if not 0 <= new < self.max_fds:
+            _fail(EBADF)
+        self._fds[new] = (desc, cloexec)
+        self._table_changed = self._dirty = True
+        return new
+
+    def fcntl(self, fd, cmd, arg=0):
+        fd &= 0xFFFFFFFF
+        desc, cloexec = self._fds.get(fd) or _fail(EBADF)
+        if cmd in (F_DUPFD, F_DUPFD_CLOEXEC):
+            arg = _s32(arg)
+            if not 0 <= arg < self.max_fds:
+                _fail(EINVAL)
+            new = self._free_fd(arg)
+            self._fds[new] = (desc, cmd == F_DUPFD_CLOEXEC)
+        elif cmd == F_GETFD:
+            return int(cloexec)
+        elif cmd == F_SETFD:
+            self._fds[fd] = (desc, bool(arg & 1))
+            new = 0
+        elif cmd == F_GETFL:
+            return desc.flags
+        elif cmd == F_SETFL:
+            if desc.flags & O_PATH:
+                _fail(EBADF)
+            desc.flags = (desc.flags & ~_SETFL_FLAGS) | (arg & _SETFL_FLAGS)
+            self._moved(desc)
+            return 0
+        else:
+            _fail(EINVAL, f"fcntl command {cmd} is not supported")
+        self._table_changed = self._dirty = True
+        return new
+
+    def ioctl(self, fd, request, arg=0):
+        fd &= 0xFFFFFFFF
+        desc = self._desc(fd)
+        if desc.flags & O_PATH:
+            _fail(EBADF)
+        if request in (FIOCLEX, FIONCLEX):
+            self._fds[fd] = (desc, request == FIOCLEX)
+            self._table_changed = self._dirty = True
+            return 0
+        _fail(ENOTTY)                           # no terminals here (TCGETS, TIOCGWINSZ, ...)
+
+    # -- reading and writing
+
+    def _io_desc(self, fd, write, positional=False):
+        desc = self._desc(fd)
+        acc = desc.flags & (O_ACCMODE | O_PATH)
+        if acc == O_PATH or acc == (O_RDONLY if write else O_WRONLY):
+            _fail(EBADF)
+        if type(desc.node) is _Console:
+            if positional:
+                _fail(ESPIPE)                   # a pipe has no offsets
+            _fail(EIO, "console fds are served by the caller (see FileSystem.console)")
+        return desc
+
+    def _read_at(self, desc, n, offset):
+        if n < 0:
+            _fail(EINVAL)
+        n = min(n, MAX_IO)
+        node = desc.node
+        t = type(node)
+        if node.fmt == S_IFDIR:
+            _fail(EISDIR)
+        if t is _HostNode:
+            try:
+                return _host_pread(self._hostfd(node), n, offset)
+            except OSError as e:
+                raise from_oserror(e) from None
+        if t is _Tmp:
+            return bytes(node.data[offset:offset + n])
+        if t is _SynFile:
+            return desc.data[offset:offset + n]
+        if node.value == b"null":
+            return b""
+        if node.value == b"zero":
+            return bytes(min(n, 1 << 20))
+        return bytes(self._entropy(min(n, 1 << 20)))
+
+    def read(self, fd, n):
+        desc = self._io_desc(fd, False)
+        data = self._read_at(desc, n, desc.offset)
+        if data and desc.node.fmt == S_IFREG:
+            desc.offset += len(data)
+            self._moved(desc)
+        return data
+
+    def pread(self, fd, n, offset):
+        desc = self._io_desc(fd, False, positional=True)
+        offset = _s64(offset)
+        if offset < 0:
+            _fail(EINVAL)
+        return self._read_at(desc, n, offset)
+
+    def write(self, fd, data):
+        desc = self._io_desc(fd, True)
+        node = desc.node
+        if type(node) is not _Tmp:
+            return len(data)                    # a device: /dev/null and friends take anything
+        if not data:
+            return 0                            # not even O_APPEND moves the offset then
+        offset = len(node.data) if desc.flags & O_APPEND else desc.offset
+        n = self._tmp_write(node, offset, data)
+        desc.offset = offset + n
+        self._moved(desc)
+        return n
+
+    def pwrite(self, fd, data, offset):
+        desc = self._io_desc(fd, True, positional=True)
+        offset = _s64(offset)
+        node = desc.node
+        if type(node) is not _Tmp:
+            return len(data)                    # a device
+        if offset < 0:
+            _fail(EINVAL)
+        if desc.flags & O_APPEND:
+            offset = len(node.data)             # Linux appends even for pwrite
+        return self._tmp_write(node, offset, data)
+
+    def lseek(self, fd, offset, whence):
+        desc = self._desc(fd)
+        node = desc.node
+        offset = _s64(offset)
+        if desc.flags & O_PATH:
+            _fail(EBADF)
+        if type(node) is _Console:
+            _fail(ESPIPE)
+        if type(node) is _Device:
+            return 0
+        if node.fmt == S_IFDIR:
+            if whence == SEEK_SET:
+                new = offset
+            elif whence == SEEK_CUR:
+                new = desc.offset + offset
+            else:
+                _fail(EINVAL)
+        else:
+            size = self._size(desc)
+            if whence == SEEK_SET:
+                new = offset
+            elif whence == SEEK_CUR:
+                new = desc.offset + offset
+            elif whence == SEEK_END:
+                new = size + offset
+            elif whence in (SEEK_DATA, SEEK_HOLE):
+                if not 0 <= offset < size:
+                    _fail(ENXIO)
+                new = offset if whence == SEEK_DATA else size
+            else:
+                _fail(EINVAL)
+        if new < 0:
+            _fail(EINVAL)
+        if new > MAX_FILE:
+            _fail(EOVERFLOW)
+        if new != desc.offset:
+            desc.offset = new
+            self._moved(desc)
+        return new
+
+    def _size(self, desc):
+        node = desc.node
+        t = type(node)
+        if t is _HostNode:
+            return node.st.st_size
+        if t is _Tmp:
+            return len(node.data)
+        if t is _SynFile:
+            return len(desc.data)
+        return 0
+
+    def getdents64(self, fd, count):
+        desc = self._desc(fd)
+        if desc.flags & O_PATH:
+            _fail(EBADF)
+        if desc.node.fmt != S_IFDIR:
+            _fail(ENOTDIR)
+        listing = desc.listing
+        if listing is None or (desc.offset == 0 and type(desc.node) in (_Tmp, _FdDir)):
+            listing = desc.listing = self._listing(desc.node)
+        out = []
+        size = 0
+        pos = desc.offset
+        while pos < len(listing):
+            name, ino, dtype = listing[pos]
+            reclen = (19 + len(name) + 1 + 7) & ~7
+            if size + reclen > count:
+                break
+            out.append(struct.pack("<QqHB", ino, pos + 1, reclen, dtype))
+            out.append(name.ljust(reclen - 19, b"\0"))
+            size += reclen
+            pos += 1
+        if not out and pos < len(listing):
+            _fail(EINVAL, "buffer too small for the next entry")
+        if pos != desc.offset:
+            desc.offset = pos
+            self._moved(desc)
+        return b"".join(out)
+
+    def _listing(self, d):
+        """[(name, ino, d_type)] of a directory, "." and ".." first, then sorted by name."""
+        dots = [(b".", d.ino, 4), (b"..", (d.parent or self._tmp_root).ino, 4)]
+        if type(d) is _Tmp:
+            return dots + sorted((n, c.ino, _DT[c.fmt]) for n, c in d.data.items())
+        if type(d) is _FdDir:
+            return dots + [(b"%d" % fd, self._fd_dir_ino(fd), 10) for fd in sorted(self._fds)]
+        cached = self._listings.get(d.path)
+        if cached is not None:
+            return cached
+        entries = {}
+        if type(d) is _HostNode:
+            try:
+                with os.scandir(d.host) as it:
+                    for e in it:
+                        if e.is_symlink():
+                            dtype = 10
+                        elif e.is_dir(follow_symlinks=False):
+                            dtype = 4
+                        elif e.is_file(follow_symlinks=False):
+                            dtype = 8
+                        else:                   # rare: a device, FIFO or socket
+                            dtype = _DT.get(e.stat(follow_symlinks=False).st_mode & S_IFMT, 0)
+                        entries[os.fsencode(e.name)] = (e.inode(), dtype)
+            except OSError as e:
+                raise from_oserror(e) from None
+        for name, node in self._overlay.get(d.path, {}).items():
+            entries[name] = (node.ino, _DT.get(node.fmt, 0))
+        listing = dots + [(n, ino, dt) for n, (ino, dt) in sorted(entries.items())]
+        if len(self._listings) < _CACHE_MAX >> 4:
+            self._listings[d.path] = listing
+        return listing
+
+    # -- host files
+
+    def _hostfd(self, node):
+        fd = self._hostfds.get(node.host)
+        if fd is None:
+            if len(self._hostfds) >= _HOSTFD_CACHE:
+                self._evict_hostfds()
+            fd = os.open(node.host, _HOST_OPEN)
+            st = os.fstat(fd)
+            if not _WINDOWS and (st.st_dev, st.st_ino) != (node.st.st_dev, node.st.st_ino):
+                os.close(fd)
+                _fail(ESTALE, f"{os.fsdecode(node.host)} was replaced on the host")
+            self._hostfds[node.host] = fd
+        return fd
+
+    def _evict_hostfds(self):
+        """Closes the cached host fds that no guest fd holds open."""
+        held = {d.node.host for d, _ in self._fds.values() if type(d.node) is _HostNode}
+        for host in [h for h in self._hostfds if h not in held]:
+            os.close(self._hostfds.pop(host))
+
+    def host_file(self, fd):
+        """(host fd, size) of a regular host file, for a MAP_PRIVATE mapping; None for /tmp and
+        synthesized files. The host fd belongs to this FileSystem: map (or dup) it at once."""
+        desc = self._desc(fd)
+        if desc.flags & O_PATH:
+            _fail(EBADF)
+        node = desc.node
+        if type(node) is not _HostNode or node.fmt != S_IFREG:
+            return None
+        try:
+            return self._hostfd(node), node.st.st_size
+        except OSError as e:
+            raise from_oserror(e) from None
+
+    def contents(self, fd):
+        """The whole contents of the regular file open at fd (for mmap of /tmp and synthesized
+        files); ENODEV for anything that is not a regular file."""
+        desc = self._desc(fd)
+        if desc.flags & O_PATH:
+            _fail(EBADF)
+        node = desc.node
+        if node.fmt != S_IFREG:
+            _fail(ENODEV)
+        if type(node) is _Tmp:
+            return bytes(node.data)
+        if type(node) is _SynFile:
+            return desc.data
+        chunks, offset = [], 0
+        while True:
+            chunk = self._read_at(desc, MAX_IO, offset)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            offset += len(chunk)
+
+    def close_all(self):
+        """Releases every host fd (the sandbox is closing; later reads reopen them)."""
+        fds, self._hostfds = self._hostfds, {}
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __del__(self):
+        if getattr(self, "_hostfds", None):
+            self.close_all()
+
+    # -- metadata
+
+    def _attrs(self, node):
+        """(dev, ino, mode, nlink, uid, gid, rdev, size, atime, mtime, ctime), times in ns."""
+        t = type(node)
+        if t is _HostNode:
+            st = node.st
+            return (st.st_dev, st.st_ino, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
+                    getattr(st, "st_rdev", 0), st.st_size, st.st_atime_ns, st.st_mtime_ns,
+                    st.st_ctime_ns)
+        if t is _Tmp:
+            if node.fmt == S_IFDIR:
+                nlink = 2 + sum(1 for c in node.data.values() if c.fmt == S_IFDIR)
+                size = 40 + 20 * len(node.data)
+            else:
+                nlink, size = 1, len(node.data)
+            if node.name is None and node is not self._tmp_root:
+                nlink = 0
+            return (_TMP_DEV, node.ino, node.fmt | node.mode, nlink, self._uid, self._gid, 0, size,
+                    node.mtime, node.mtime, node.ctime)
+        size = 0
+        if t is _SynFile:
+            size = len(node.value())
+        elif t is _SynLink:
+            target = node.value()
+            size = len(target if isinstance(target, bytes) else self._display(target))
+        nlink = 2 if node.fmt == S_IFDIR else 1
+        dev = _PIPE_DEV if t is _Console else _SYN_DEV
+        return (dev, node.ino, node.mode, nlink, self._uid, self._gid, node.rdev, size,
+                _SYN_TIME, _SYN_TIME, _SYN_TIME)
+
+    def _stat_bytes(self, node):
+        if type(node) is _HostNode:
+            if node.packed is None:
+                node.packed = self._pack_stat(node)
+            return node.packed
+        return self._pack_stat(node)
+
+    def _pack_stat(self, node):
+        dev, ino, mode, nlink, uid, gid, rdev, size, at, mt, ct = self._attrs(node)
+        return struct.pack("<QQQIIIiQqqqqqqqqq24x", dev & 0xFFFFFFFFFFFFFFFF, ino, nlink, mode,
+                           uid, gid, 0, rdev, size, 4096, (size + 511) // 512,
+                           at // 10**9, at % 10**9, mt // 10**9, mt % 10**9, ct // 10**9, ct % 10**9)
+
+    def fstat(self, fd):
+        """struct stat (x86-64, 144 bytes) of the file open at fd."""
+        return self._stat_bytes(self._desc(fd).node)
+
+    def fstatat(self, dirfd, path, flags):
+        if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH | AT_NO_AUTOMOUNT):
+            _fail(EINVAL)
+        node = self._walk(dirfd, path, follow=not flags & AT_SYMLINK_NOFOLLOW,
+                          empty=bool(flags & AT_EMPTY_PATH))
+        return self._stat_bytes(node)
+
+    def statx(self, dirfd, path, flags, mask):
+        """struct statx (256 bytes); every basic field is filled whatever `mask` asks."""
+        if (flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH | AT_NO_AUTOMOUNT | AT_STATX_SYNC_TYPE)
+                or flags & AT_STATX_SYNC_TYPE == AT_STATX_SYNC_TYPE or mask & 0x80000000):
+            _fail(EINVAL)
+        node = self._walk(dirfd, path, follow=not flags & AT_SYMLINK_NOFOLLOW,
+                          empty=bool(flags & AT_EMPTY_PATH))
+        dev, ino, mode, nlink, uid, gid, rdev, size, at, mt, ct = self._attrs(node)
+
+        def ts(ns):
+            return struct.pack("<qIi", ns // 10**9, ns % 10**9, 0)
+
+        def split_dev(d):
+            return ((d >> 8) & 0xFFF) | ((d >> 32) & ~0xFFF & 0xFFFFFFFF), (d & 0xFF) | ((d >> 12) & ~0xFF & 0xFFFFFFFF)
+
+        head = struct.pack("<IIQIIIHHQQQQ", STATX_BASIC_STATS, 4096, 0, nlink, uid, gid, mode, 0,
+                           ino, size, (size + 511) // 512, 0)
+        tail = struct.pack("<IIII", *split_dev(rdev), *split_dev(dev))
+        return (head + ts(at) + ts(0) + ts(ct) + ts(mt) + tail).ljust(256, b"\0")
+
+    def faccessat(self, dirfd, path, mode, flags=0):
+        if mode & ~7 or flags & ~(AT_EACCESS | AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH):
+            _fail(EINVAL)
+        node = self._walk(dirfd, path, follow=not flags & AT_SYMLINK_NOFOLLOW,
+                          empty=bool(flags & AT_EMPTY_PATH))
+        if mode & 2:
+            self._check_write(node)
+        if mode & 1 and node.fmt != S_IFDIR and not self._attrs(node)[2] & 0o111:
+            _fail(EACCES)
+
+    def readlinkat(self, dirfd, path):
+        """The target of a symlink (the caller truncates it to the guest's buffer); an empty
+        path reads the symlink dirfd holds (opened with O_PATH | O_NOFOLLOW)."""
+        node = self._walk(dirfd, path, follow=False, empty=True)
+        if node.fmt != S_IFLNK:
+            _fail(EINVAL if path else ENOENT)
+        target = self._link_target(node)
+        return target if isinstance(target, bytes) else self._display(target)
+
+    # -- cwd, umask
+
+    def getcwd(self):
+        if type(self._cwd) is _Tmp and self._cwd.name is None and self._cwd is not self._tmp_root:
+            _fail(ENOENT)
+        return self._display(self._cwd)
+
+    def chdir(self, path):
+        self._set_cwd(self._walk(AT_FDCWD, path))
+
+    def fchdir(self, fd):
+        self._set_cwd(self._desc(fd).node)
+
+    def _set_cwd(self, node):
+        if node.fmt != S_IFDIR:
+            _fail(ENOTDIR)
+        self._cwd = node
+        self._dirty = True
+
+    def umask(self, mask):
+        old, self._umask = self._umask, mask & 0o777
+        self._dirty = True
+        return old
+
+    # -- changing /tmp
+
+    def mkdirat(self, dirfd, path, mode):
+        d, name = self._walk_parent(dirfd, path)
+        if name is None or self._exists(d, name):
+            _fail(EEXIST)
+        if type(d) is not _Tmp:
+            _fail(EROFS, "only /tmp is writable")
+        self._tmp_new(d, name, S_IFDIR, mode, {})
+
+    def symlinkat(self, target, dirfd, path):
+        if not target:
+            _fail(ENOENT)
+        if len(target) >= PATH_MAX:
+            _fail(ENAMETOOLONG)
+        if b"\0" in target:
+            _fail(EINVAL, "a target with a NUL byte")
+        d, name = self._walk_parent(dirfd, path)
+        if name is None or self._exists(d, name):
+            _fail(EEXIST)
+        if path.endswith(b"/"):
+            _fail(ENOENT)                       # "name/" can only be a directory
+        if type(d) is not _Tmp:
+            _fail(EROFS, "only /tmp is writable")
+        self._charge(len(target))
+        self._tmp_new(d, name, S_IFLNK, 0, bytes(target)).mode = 0o777    # links ignore umask
+
+    def fchmodat(self, dirfd, path, mode, flags=0):
+        if flags & ~AT_SYMLINK_NOFOLLOW:
+            _fail(EINVAL)
+        self._chmod(self._walk(dirfd, path, follow=not flags & AT_SYMLINK_NOFOLLOW), mode)
+
+    def fchmod(self, fd, mode):
+        desc = self._desc(fd)
+        if desc.flags & O_PATH:
+            _fail(EBADF)
+        self._chmod(desc.node, mode)
+
+    def _chmod(self, node, mode):
+        if type(node) is not _Tmp:
+            _fail(EROFS, "only /tmp is writable")
+        if node.fmt == S_IFLNK:
+            _fail(EOPNOTSUPP)
+        node.mode = mode & 0o7777
+        node.ctime = time.time_ns()
+        self._tmp_dirty = True
+
+    def _exists(self, d, name):
+        try:
+            self._lookup(d, name)
+            return True
+        except LinuxError as e:
+            if e.errno != ENOENT:
+                raise
+            return False
+
+    def unlinkat(self, dirfd, path, flags):
+        if flags & ~AT_REMOVEDIR:
+            _fail(EINVAL)
+        rmdir = bool(flags & AT_REMOVEDIR)
+        d, name = self._walk_parent(dirfd, path)
+        if name is None:
+            last = _split(path)[-1:]
+            _fail(EISDIR if not rmdir else EINVAL if last == [b"."] else EBUSY if not last else ENOTEMPTY)
+        node = self._lookup(d, name)
+        if type(d) is not _Tmp:
+            _fail(EROFS, "only /tmp is writable")
+        if rmdir:
+            if node.fmt != S_IFDIR:
+                _fail(ENOTDIR)
+            if node.data:
+                _fail(ENOTEMPTY)
+        elif node.fmt == S_IFDIR:
+            _fail(EISDIR)
+        elif path.endswith(b"/"):
+            _fail(ENOTDIR)
+        self._tmp_detach(d, name)
+
+    def renameat(self, olddirfd, oldpath, newdirfd, newpath, flags=0):
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            _fail(EINVAL)
+        od, on = self._walk_parent(olddirfd, oldpath)
+        nd, nn = self._walk_parent(newdirfd, newpath)
+        if on is None or nn is None:
+            _fail(EBUSY)
+        src = self._lookup(od, on)
+        if src.fmt != S_IFDIR and (oldpath.endswith(b"/") or newpath.endswith(b"/")):
+            _fail(ENOTDIR)
+        if type(od) is not _Tmp or type(nd) is not _Tmp:
+            _fail(EXDEV if (type(od) is _Tmp) != (type(nd) is _Tmp) else EROFS, "only /tmp is writable")
+        if nd.name is None and nd is not self._tmp_root:
+            _fail(ENOENT, "the directory was removed")
+        dst = nd.data.get(nn)
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                _fail(ENOENT)
+        elif dst is not None and flags & RENAME_NOREPLACE:
+            _fail(EEXIST)
+        if src is dst:
+            return
+        # one inside the other: src above the new place is EINVAL, dst above src ENOTEMPTY
+        for node, into, err in ((src, nd, EINVAL),
+                                (dst, od, EINVAL if flags & RENAME_EXCHANGE else ENOTEMPTY)):
+            if node is not None and node.fmt == S_IFDIR:
+                n = into
+                while n is not self._tmp_root:
+                    if n is node:
+                        _fail(err, "a directory cannot move below itself")
+                    n = n.parent
+        if flags & RENAME_EXCHANGE:
+            od.data[on], nd.data[nn] = dst, src
+            dst.parent, dst.name, src.parent, src.name = od, on, nd, nn
+        else:
+            if dst is not None:
+                if src.fmt == S_IFDIR and dst.fmt != S_IFDIR:
+                    _fail(ENOTDIR)
+                if src.fmt != S_IFDIR and dst.fmt == S_IFDIR:
+                    _fail(EISDIR)
+                if dst.fmt == S_IFDIR and dst.data:
+                    _fail(ENOTEMPTY)
+                self._tmp_detach(nd, nn)
+            else:
+                self._charge(_INODE_COST)      # the new name; the old one is refunded by recount
+            del od.data[on]
+            nd.data[nn] = src
+            src.parent, src.name = nd, nn
+        now = time.time_ns()
+        src.ctime = od.mtime = od.ctime = nd.mtime = nd.ctime = now
+        self._tmp_dirty = True
+
+    def ftruncate(self, fd, length):
+        desc = self._desc(fd)
+        length = _s64(length)
+        if desc.flags & O_PATH:
+            _fail(EBADF)
+        if desc.flags & O_ACCMODE == O_RDONLY or type(desc.node) is not _Tmp or desc.node.fmt != S_IFREG:
+            _fail(EINVAL)
+        if length < 0:
+            _fail(EINVAL)
+        self._tmp_resize(desc.node, length)
+
+    def _tmp_new(self, d, name, fmt, mode, data):
+        if d.name is None and d is not self._tmp_root:
+            _fail(ENOENT, "the directory was removed")
+        self._charge(_INODE_COST * (2 if name is not None else 1))
+        node = _Tmp(self._new_ino(), fmt, mode & ~self._umask & 0o7777, data, d, name, time.time_ns())
+        if name is None:                        # O_TMPFILE
+            node.gone = self._display(d) + b"/#%d" % node.ino
+        else:
+            d.data[name] = node
+            d.mtime = d.ctime = node.mtime
+        self._tmp_dirty = True
+        return node
+
+    def _tmp_detach(self, d, name):
+        node = d.data[name]
+        node.gone = self._display(node)
+        del d.data[name]
+        node.name = None
+        d.mtime = d.ctime = node.ctime = time.time_ns()
+        self._tmp_dirty = True
+
+    def _tmp_write(self, node, offset, data):
+        if not data:
+            return 0                            # not even a hole: the size stays
+        end = offset + len(data)
+        if end > MAX_FILE:
+            _fail(EFBIG)
+        grow = end - len(node.data)
+        if grow > 0:
+            room = self._room(grow)
+            if grow > room:                     # a short write, as a full file system gives
+                data = data[:len(data) - (grow - room)] if grow - room < len(data) else b""
+                if not data:
+                    _fail(ENOSPC)
+                end = offset + len(data)
+            self._tmp_used += end - len(node.data)
+        buf = node.data
+        if type(buf) is not bytearray:
+            buf = node.data = bytearray(buf)    # copy-on-write: the captured bytes stay intact
+        if offset > len(buf):
+            buf.extend(bytes(offset - len(buf)))
+        buf[offset:end] = data
+        node.mtime = node.ctime = time.time_ns()
+        self._tmp_dirty = True
+        return len(data)
+
+    def _tmp_resize(self, node, length):
+        grow = length - len(node.data)
+        if grow > 0:
+            if grow > self._room(grow):
+                _fail(ENOSPC)
+            self._tmp_used += grow
+        buf = node.data
+        if type(buf) is not bytearray:
+            buf = node.data = bytearray(buf)
+        if grow > 0:
+            buf.extend(bytes(grow))
+        else:
+            del buf[length:]
+        node.mtime = node.ctime = time.time_ns()
+        self._tmp_dirty = True
+
+    def _charge(self, n):
+        if n > self._room(n):
+            _fail(ENOSPC)
+        self._tmp_used += n
+
+    def _room(self, want):
+        """Free /tmp bytes; `_tmp_used` only ever overestimates (unlinks and shrinks are not
+        refunded at once), so it is recounted exactly when a request would not fit."""
+        room = self._tmp_size - self._tmp_used
+        if want > room:
+            self._tmp_used = self._recount()
+            room = self._tmp_size - self._tmp_used
+        return room
+
+    def _recount(self):
+        seen = set()
+        used = 0
+        stack = [self._tmp_root]
+        stack.extend(d.node for d, _ in self._fds.values() if type(d.node) is _Tmp)
+        if type(self._cwd) is _Tmp:
+            stack.append(self._cwd)
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            used += _INODE_COST
+            if node.fmt == S_IFDIR:
+                used += _INODE_COST * len(node.data)
+                stack.extend(node.data.values())
+            else:
+                used += len(node.data)
+        return used
+
+    # -- warm start
+
+    def capture(self):
+        """An immutable FsState of everything the guest can observe here (host fds excluded)."""
+        if self._last is not None and not self._dirty and not self._tmp_dirty:
+            return self._last
+        tmp, index = self._freeze_tmp()
+        descs, live, fds = [], [], []
+        for fd in sorted(self._fds):
+            desc, cloexec = self._fds[fd]
+            if desc.idx < 0 or desc.idx >= len(live) or live[desc.idx] is not desc:
+                desc.idx = len(descs)
+                live.append(desc)
+                descs.append((self._ref(desc.node, index), desc.flags, desc.offset, desc.data))
+            fds.append((fd, desc.idx, cloexec))
+        state = FsState(tuple(fds), tuple(descs), self._ref(self._cwd, index), self._umask, tmp,
+                        self._ino)
+        self._settled(state, live)
+        return state
+
+    def _moved(self, desc):
+        """desc's offset or flags changed: reset puts back only such descriptions (those of
+        the last state: one opened since is dropped with the fd table anyway), each listed once."""
+        if desc.idx >= 0 and not desc.touched:
+            desc.touched = True
+            self._touched.append(desc)
+        self._dirty = True
+
+    def _settled(self, state, live):
+        self._last, self._live = state, live
+        self._dirty = self._table_changed = False
+        for desc in self._touched:
+            desc.touched = False
+        self._touched = []
+
+    def _ref(self, node, index):
+        t = type(node)
+        if t is _Tmp:
+            return ("t", index[id(node)])
+        if t is _Console:
+            return ("c", node.value)
+        if t is _SynLink and node.path.startswith(b"/proc/self/fd/"):
+            return ("f", int(node.path[14:]))
+        return ("p", node.path)
+
+    def _freeze_tmp(self):
+        """(FsState.tmp, {id(node): index}) of the /tmp tree, plus the unlinked nodes that an fd
+        or the cwd still holds; file contents become shared bytes (copied on the next write)."""
+        if not self._tmp_dirty and self._tmp_frozen is not None:
+            return self._tmp_frozen
+        entries, index, nodes = [], {}, []
+
+        def add(node, parent):
+            if type(node.data) is bytearray:
+                node.data = bytes(node.data)
+            index[id(node)] = len(entries)
+            nodes.append(node)
+            entries.append((node.ino, node.fmt, node.mode, node.mtime, node.ctime, parent,
+                            node.name if parent >= 0 else node.gone or b"",
+                            None if node.fmt == S_IFDIR else node.data))
+
+        stack = [(self._tmp_root, -1)]
+        while stack:                            # pre-order: every parent before its children
+            node, parent = stack.pop()
+            add(node, parent)
+            if node.fmt == S_IFDIR:
+                me = len(entries) - 1
+                stack.extend((node.data[name], me) for name in sorted(node.data, reverse=True))
+        held = [d.node for d, _ in self._fds.values()] + [self._cwd]
+        for node in held:
+            if type(node) is _Tmp and id(node) not in index:
+                add(node, -1)
+        self._tmp_frozen = (tuple(entries), index)
+        self._tmp_nodes, self._tmp_dirty = nodes, False
+        return self._tmp_frozen
+
+    def reset(self, state):
+        """Back to exactly `state` (from capture() or decode()): fds with their offsets and
+        flags, cwd, umask, /tmp. Skipped when nothing changed since that state was taken."""
+        if state is self._last and not self._dirty and not self._tmp_dirty:
+            return
+        if not isinstance(state, FsState):
+            raise TypeError(f"reset needs an FsState, not {type(state).__name__}")
+        if state is self._last and not self._tmp_dirty:
+            # back to the state we left: only what moved since (usual warm restore)
+            descs = self._live
+            for desc in self._touched:
+                if 0 <= desc.idx < len(descs) and descs[desc.idx] is desc:
+                    _, desc.flags, desc.offset, _ = state.descs[desc.idx]
+        else:
+            if self._tmp_dirty or self._tmp_frozen is None or self._tmp_frozen[0] is not state.tmp:
+                self._thaw_tmp(state.tmp)
+            nodes = self._tmp_nodes
+            descs = [_Open(self._deref(ref, nodes), flags, offset, data, i)
+                     for i, (ref, flags, offset, data) in enumerate(state.descs)]
+            self._table_changed = True
+        if self._table_changed:
+            self._fds = {fd: (descs[i], cloexec) for fd, i, cloexec in state.fds}
+        cwd = self._deref(state.cwd, self._tmp_nodes)
+        if cwd.fmt != S_IFDIR:
+            raise SnapshotError(f"the snapshot's cwd {os.fsdecode(self._display(cwd))} is not a directory")
+        self._cwd, self._umask = cwd, state.umask
+        self._ino = max(self._base_ino, state.next_ino)
+        self._settled(state, descs)
+
+    def _thaw_tmp(self, tmp):
+        used = sum(_INODE_COST * (2 if parent >= 0 else 1) + (len(payload) if payload else 0)
+                   for _, _, _, _, _, parent, _, payload in tmp)
+        if used > self._tmp_size:
+            raise SnapshotError(f"the snapshot's /tmp holds {used} bytes, more than this "
+                                f"sandbox's tmp_size ({self._tmp_size})")
+        root = self._tmp_root
+        nodes = []
+        for ino, fmt, mode, mtime, ctime, parent, name, payload in tmp:
+            if nodes:
+                node = _Tmp(ino, fmt, mode, {} if fmt == S_IFDIR else payload, None, None, mtime,
+                            name if parent < 0 else None)
+                if parent >= 0:
+                    node.parent, node.name = nodes[parent], name
+                    node.parent.data[name] = node
+            else:
+                node, root.data, root.mode = root, {}, mode
+            node.mtime, node.ctime = mtime, ctime
+            nodes.append(node)
+        self._tmp_frozen = (tmp, {id(n): i for i, n in enumerate(nodes)})
+        self._tmp_nodes, self._tmp_used, self._tmp_dirty = nodes, used, False
+
+    def _deref(self, ref, nodes):
+        kind, value = ref
+        if kind == "t":
+            return nodes[value]
+        if kind == "c":
+            return self._consoles[value]
+        if kind == "f":
+            return self._fd_link_node(value)
+        node = self._canon.get(value, _UNKNOWN)
+        if node is None or node is _UNKNOWN:
+            try:
+                node = self._walk(AT_FDCWD, value or b"/", follow=False, start=self._root)
+            except LinuxError as e:
+                raise SnapshotError(f"the snapshot holds {os.fsdecode(value or b'/')} open, which "
+                                    f"this sandbox cannot reach ({e}): give it the same read paths") from None
+        return node
+
+    def encode(self, state):
+        """`state` as bytes for a snapshot file (decode() reads them back)."""
+        return _fsstate.encode(state)
+
+    @staticmethod
+    def decode(data):
+        """The FsState in `data`, checked field by field (a snapshot file is untrusted input):
+        ValueError says what is wrong."""
+        return _fsstate.decode(data)
+
+
+_UNKNOWN = object()

@@ -1,0 +1,460 @@
+"""A Linux program's address space: its mappings (VMAs), brk, the 4 KiB page tables the host keeps
+for them in guest memory, and the checked copies between guest and host memory (uaccess).
+
+User addresses are identity-mapped: the page at virtual address v, when mapped, is the guest
+physical page v. The physical "allocator" is therefore the address space itself: a mapping takes
+the pages under it and munmap gives them back. That is deliberate. On a shadow-paging host (PVM)
+the hypervisor caches translations it built from the guest page tables and does not see the
+host rewrite them; with identity mapping a stale translation can only be more permissive than the
+current page table, never point at the wrong page, and the cases that matter (munmap, a
+permission taken away, a restore that undoes mappings) are invalidated explicitly through
+`_kvm.memory_invalidate` (the MMU notifier). Consequence: virtual addresses are limited to the
+guest memory size, which Linux programs do not mind (mmap and the stack are placed by us).
+
+Invariant kept by every operation: a page that is not mapped holds zeros (munmap discards the
+pages), so a fresh mapping needs no zeroing and a snapshot need not look at unmapped memory.
+
+All host writes into guest memory go through `store()`, which marks the pages host-dirty for the
+next restore (KVM's dirty log sees only the guest's own writes)."""
+
+from bisect import bisect_left, bisect_right
+from collections import namedtuple
+
+import numpy as np
+
+from .errno import LinuxError
+import errno as E
+
+PAGE = 4096
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D = 0x1, 0x2, 0x4, 0x20, 0x40
+PTE_NX = 1 << 63
+USER_MIN = 0x10000          # Linux's default vm.mmap_min_addr: the kernel area lies below
+MASK64 = (1 << 64) - 1
+MAX_MAPPINGS = 65530        # Linux's default vm.max_map_count: also bounds the host's work per call
+MAX_CHANGED = 4096          # ranges remembered for the next restore before "all of it" is simpler
+
+# pristine: the pages hold the named file's bytes from offset, untouched (mapped from the file and
+# never writable since), so mapping the same file range again over them needs no copy.
+Vma = namedtuple("Vma", "start end prot name offset pristine", defaults=(False,))
+# One captured state (immutable): what capture() returns and reset() takes.
+MmState = namedtuple("MmState", "vmas starts brk_start brk")
+
+
+def page_table_bytes(memory_size):
+    """Size of the complete 4-level tables for memory_size bytes (they sit at the top of it)."""
+    n_pt = -(-(memory_size // PAGE) // 512)
+    n_pd = -(-n_pt // 512)
+    n_pdpt = -(-n_pd // 512)
+    return (n_pt + n_pd + n_pdpt + 1) * PAGE
+
+
+def page_up(n):
+    return (n + PAGE - 1) & ~(PAGE - 1)
+
+
+def _efault(what="bad address"):
+    return LinuxError(E.EFAULT, what)
+
+
+class AddressSpace:
+    """mem: a writable memoryview of the whole guest memory; pt_base: where the leaf page-table
+    entries start (entry i maps virtual page i); top: the first address user mappings may not
+    reach (the page tables live above it); invalidate(offset, length, discard): the hypervisor hook
+    (see the module docstring); populate(offset, length): faults host pages in ahead of use."""
+
+    POPULATE_MAX = 4 << 20      # mappings up to this size are faulted in on the host at once
+
+    def __init__(self, mem, pt_base, top, invalidate, populate=lambda offset, length: None):
+        self.mem = mem
+        self.pt_base = pt_base
+        self.top = top
+        self.invalidate = invalidate
+        self.populate = populate
+        pages = len(mem) // PAGE
+        self.host_dirty = np.zeros((pages + 63) // 64, dtype=np.uint64)
+        self.baseline_nonzero = None      # the baseline snapshot's non-zero pages, if any
+        self.changed = []                 # (start, end) whose entries changed since the baseline
+        # The mappings, sorted, as lists changed in place (a call costs one memmove, not a copy
+        # of every mapping), and the brk. capture() freezes them into an MmState.
+        self.vmas, self.starts = [], []
+        self.brk_start = self.brk_now = 0
+        self._frozen = None               # the MmState they equal, if unchanged since
+        self.mmap_top = top
+
+    # -- capture / reset -----------------------------------------------------------------------
+
+    def capture(self):
+        if self._frozen is None:
+            self._frozen = MmState(tuple(self.vmas), tuple(self.starts), self.brk_start, self.brk_now)
+        return self._frozen
+
+    def reset(self, state):
+        """Back to a captured state; free when nothing changed since it was captured or reset."""
+        if state is not self._frozen:
+            self.vmas, self.starts = list(state.vmas), list(state.starts)
+            self.brk_start, self.brk_now = state.brk_start, state.brk
+            self._frozen = state
+
+    # -- host-dirty bookkeeping ----------------------------------------------------------------
+
+    @staticmethod
+    def _words(start, end):
+        """(first word, end word, per-word masks) of the page bits of [start, end)."""
+        p0, p1 = start // PAGE, (end + PAGE - 1) // PAGE
+        w0, w1 = p0 >> 6, ((p1 - 1) >> 6) + 1
+        masks = np.full(w1 - w0, MASK64, dtype=np.uint64)
+        masks[0] &= np.uint64((MASK64 << (p0 & 63)) & MASK64)
+        masks[-1] &= np.uint64(MASK64 >> (63 - ((p1 - 1) & 63)))
+        return w0, w1, masks
+
+    def mark(self, start, end, only=None):
+        """Marks the pages of [start, end) as written by the host (only those set in the bitmap
+        `only`, if given)."""
+        if end <= start:
+            return
+        p0, p1 = start // PAGE, (end + PAGE - 1) // PAGE
+        if p0 >> 6 == (p1 - 1) >> 6:              # the common case: pages of one bitmap word
+            mask = ((1 << (p1 - p0)) - 1) << (p0 & 63)
+            if only is not None:
+                mask &= int(only[p0 >> 6])
+            self.host_dirty[p0 >> 6] |= np.uint64(mask)
+            return
+        w0, w1, masks = self._words(start, end)
+        if only is not None:
+            masks &= only[w0:w1]
+        self.host_dirty[w0:w1] |= masks
+
+    def fill(self, addr, n, writer):
+        """THE host write into guest memory (physical == virtual for user pages): writer(view)
+        writes into a view of [addr, addr+n) and returns how many bytes it wrote, and those pages
+        are marked for the next restore. No permission check (the loader writes read-only
+        segments through it); bounds checked."""
+        if n <= 0:
+            return 0
+        if addr < 0 or addr + n > len(self.mem):
+            raise ValueError(f"host store {addr:#x}+{n:#x} outside guest memory")
+        view = self.mem[addr:addr + n]
+        written = n                       # if writer fails half-way, any of it may be written
+        try:
+            written = writer(view)
+            return written
+        finally:
+            view.release()
+            self.mark(addr, addr + written)
+
+    def store(self, addr, data):
+        """Copies data into guest memory at addr (through fill())."""
+        def copy(view):
+            view[:] = data
+            return len(data)
+        self.fill(addr, len(data), copy)
+
+    # -- uaccess ----------------------------------------------------------------------------------
+
+    def check(self, addr, n, write=False):
+        """Raises EFAULT unless [addr, addr+n) is mapped (and writable if write)."""
+        if n <= 0:
+            if n < 0:
+                raise _efault()
+            return
+        end = addr + n
+        if addr < USER_MIN or end > self.top:
+            raise _efault()
+        vmas = self.vmas
+        i = bisect_right(self.starts, addr) - 1
+        need = PROT_WRITE if write else (PROT_READ | PROT_WRITE | PROT_EXEC)
+        while True:
+            if i < 0 or i >= len(vmas):
+                raise _efault()
+            v = vmas[i]
+            if not v.start <= addr < v.end or not v.prot & need:
+                raise _efault()
+            if v.end >= end:
+                return
+            addr = v.end
+            i += 1
+
+    def read(self, addr, n):
+        self.check(addr, n)
+        return bytes(self.mem[addr:addr + n])
+
+    def write(self, addr, data):
+        self.check(addr, len(data), write=True)
+        self.store(addr, data)
+
+    def view(self, addr, n, write=False):
+        """A memoryview of checked guest memory, for reads straight into it (mark() it after)."""
+        self.check(addr, n, write)
+        return self.mem[addr:addr + n]
+
+    def read_cstring(self, addr, limit=4096):
+        """A NUL-terminated string (without the NUL); ENAMETOOLONG past limit bytes."""
+        out = bytearray()
+        while True:
+            chunk_end = min((addr // PAGE + 1) * PAGE, addr + limit - len(out))
+            self.check(addr, max(chunk_end - addr, 1))
+            chunk = bytes(self.mem[addr:chunk_end])
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                out += chunk[:nul]
+                return bytes(out)
+            out += chunk
+            addr = chunk_end
+            if len(out) >= limit:
+                raise LinuxError(E.ENAMETOOLONG, "string too long")
+
+    def read_u64s(self, addr, count):
+        return np.frombuffer(self.read(addr, 8 * count), dtype="<u8").tolist()
+
+    # -- page tables --------------------------------------------------------------------------
+
+    def _set_ptes(self, start, end, prot):
+        first, last = start // PAGE, end // PAGE
+        if prot & (PROT_READ | PROT_WRITE | PROT_EXEC):
+            flags = PTE_P | PTE_US | PTE_A | PTE_D | (PTE_RW if prot & PROT_WRITE else 0) \
+                | (0 if prot & PROT_EXEC else PTE_NX)
+            entries = ((np.arange(first, last, dtype=np.uint64) << np.uint64(12)) | np.uint64(flags)).tobytes()
+        else:
+            entries = bytes(8 * (last - first))
+        self.store(self.pt_base + first * 8, entries)       # leaf entry i maps virtual page i
+        if len(self.changed) < MAX_CHANGED:
+            self.changed.append((start, end))
+        else:
+            self.changed = [(USER_MIN, self.top)]
+
+    # -- mappings -----------------------------------------------------------------------------
+
+    def _span(self, start, end):
+        """Indexes [i, j) of the VMAs that overlap [start, end) (binary search: a call's work
+        does not grow with the number of mappings, save for one tuple copy)."""
+        vmas, starts = self.vmas, self.starts
+        i = bisect_right(starts, start) - 1
+        if i < 0 or vmas[i].end <= start:
+            i += 1
+        return i, bisect_left(starts, end, lo=i)
+
+    def _pieces(self, start, end):
+        """The parts of the VMAs inside [start, end)."""
+        i, j = self._span(start, end)
+        out = []
+        for v in self.vmas[i:j]:
+            lo, hi = max(v.start, start), min(v.end, end)
+            out.append(v._replace(start=lo, end=hi, offset=v.offset + (lo - v.start)))
+        return out
+
+    def _replace(self, start, end, new):
+        """How to cut [start, end) out of the VMA list (partly covered VMAs split) and put `new`
+        VMAs in, neighbours merged: returns ((lo, hi, the VMAs for vmas[lo:hi]), removed pieces)."""
+        vmas = self.vmas
+        i, j = self._span(start, end)
+        middle, removed = [], self._pieces(start, end)
+        for v in vmas[i:j]:
+            if v.start < start:
+                middle.append(v._replace(end=start))
+            if v.end > end:
+                middle.append(v._replace(start=end, offset=v.offset + (end - v.start)))
+        middle.extend(new)
+        lo, hi = max(i - 1, 0), min(j + 1, len(vmas))
+        window = sorted(vmas[lo:i] + middle + vmas[j:hi])
+        merged = []
+        for v in window:
+            p = merged[-1] if merged else None
+            if p and p.end == v.start and p.prot == v.prot and p.name == v.name and p.pristine == v.pristine \
+                    and (not v.name.startswith(b"/") or p.offset + (p.end - p.start) == v.offset):
+                merged[-1] = p._replace(end=v.end)
+            else:
+                merged.append(v)
+        return (lo, hi, merged), removed
+
+    def _commit(self, plan):
+        lo, hi, merged = plan
+        if len(self.vmas) - (hi - lo) + len(merged) > MAX_MAPPINGS:
+            raise LinuxError(E.ENOMEM, f"more than {MAX_MAPPINGS} mappings (Linux's vm.max_map_count)")
+        self.vmas[lo:hi] = merged
+        self.starts[lo:hi] = [v.start for v in merged]
+        self._frozen = None
+
+    def _discard(self, pieces):
+        """Unmapped pages: zero them (keeping the invariant), make the hypervisor forget them,
+        and have the next restore copy back the ones the baseline holds non-zero."""
+        for v in pieces:
+            self.invalidate(v.start, v.end - v.start, True)
+            if self.baseline_nonzero is not None:
+                self.mark(v.start, v.end, only=self.baseline_nonzero)
+
+    def drop(self, addr, length):
+        """MADV_DONTNEED: anonymous private pages in the range read as zero again (file-backed
+        ones keep their copied contents)."""
+        end = addr + page_up(length)
+        pieces = self._pieces(addr, end)
+        if sum(v.end - v.start for v in pieces) != end - addr:
+            raise LinuxError(E.ENOMEM, "madvise over unmapped pages")
+        self._discard([v for v in pieces if not v.name.startswith(b"/")])
+
+    def mapped(self, start, end):
+        """Whether any page of [start, end) is mapped."""
+        i, j = self._span(start, end)
+        return j > i
+
+    def find_free(self, length, hint=0):
+        """A free range of length bytes: at hint if it is free, else the highest gap below the
+        mmap top (top-down, as Linux places mmaps). ENOMEM when none is left."""
+        if hint and hint % PAGE == 0 and USER_MIN <= hint and hint + length <= self.mmap_top \
+                and not self.mapped(hint, hint + length):
+            return hint
+        ceiling = self.mmap_top
+        for v in reversed(self.vmas):
+            if v.start >= ceiling:
+                continue
+            if v.end <= ceiling - length:
+                return ceiling - length
+            ceiling = min(ceiling, v.start)
+        if ceiling - length >= max(USER_MIN, self._brk_floor()):
+            return ceiling - length
+        raise LinuxError(E.ENOMEM, f"no free range of {length:#x} bytes left in the address space")
+
+    def _brk_floor(self):
+        # keep a gap above the heap so brk can grow a little
+        return page_up(self.brk_now) + (1 << 20) if self.brk_now else USER_MIN
+
+    def map(self, addr, length, prot, *, fixed=False, noreplace=False, name=b"", offset=0):
+        """Maps fresh (zero) pages; returns the address. Contents come later through store()."""
+        return self.map_file(addr, length, prot, fixed=fixed, noreplace=noreplace, name=name,
+                             offset=offset, pristine=False)[0]
+
+    def map_file(self, addr, length, prot, *, fixed=False, noreplace=False, name=b"", offset=0,
+                 pristine=True):
+        """map() for a file's bytes: returns (address, ranges that already hold exactly those
+        bytes). Those are the pages of a pristine mapping of the same file range that this one
+        replaces (ld.so maps a library whole, then each segment over it): they are kept instead
+        of being dropped and copied again."""
+        if length <= 0:
+            raise LinuxError(E.EINVAL, "zero-length mapping")
+        length = page_up(length)
+        if fixed:
+            if addr % PAGE:
+                raise LinuxError(E.EINVAL, "unaligned fixed address")
+            if addr < USER_MIN or addr + length > self.top:
+                raise LinuxError(E.ENOMEM, f"{addr:#x}+{length:#x} is outside the address space "
+                                           f"(user addresses end at {self.top:#x}: memory_size)")
+            if noreplace and self.mapped(addr, addr + length):
+                raise LinuxError(E.EEXIST, "range already mapped")
+        else:
+            addr = self.find_free(length, addr & ~(PAGE - 1))
+        end = addr + length
+        pristine = pristine and not prot & PROT_WRITE
+        plan, removed = self._replace(addr, end, [Vma(addr, end, prot, name, offset, pristine)])
+        reuse = [v for v in removed if pristine and v.pristine and v.name == name
+                 and v.offset - v.start == offset - addr]
+        self._commit(plan)                        # first: it may refuse (too many mappings)
+        self._discard([v for v in removed if v not in reuse])
+        self._set_ptes(addr, end, prot)
+        if prot and length <= self.POPULATE_MAX:
+            self.populate(addr, length)
+        for v in reuse:
+            if v.prot & ~prot:          # a right taken away: see protect()
+                self.invalidate(v.start, v.end - v.start, False)
+        return addr, [(v.start, v.end) for v in reuse]
+
+    def unmap(self, addr, length):
+        if addr % PAGE or length <= 0:
+            raise LinuxError(E.EINVAL, "bad munmap range")
+        end = min(addr + page_up(length), self.top)
+        if addr >= end:
+            return
+        plan, removed = self._replace(addr, end, [])
+        if removed:
+            self._commit(plan)
+            for v in removed:
+                self._set_ptes(v.start, v.end, 0)
+            self._discard(removed)
+
+    def protect(self, addr, length, prot):
+        if addr % PAGE:
+            raise LinuxError(E.EINVAL, "unaligned mprotect")
+        end = addr + page_up(length)
+        if end == addr:
+            return
+        if addr < USER_MIN or end > self.top:
+            raise LinuxError(E.ENOMEM, "mprotect outside the address space")
+        pieces = self._pieces(addr, end)
+        covered = sum(v.end - v.start for v in pieces)
+        if covered != end - addr:
+            raise LinuxError(E.ENOMEM, "mprotect over unmapped pages")
+        plan, _ = self._replace(addr, end, [v._replace(prot=prot, pristine=v.pristine and not prot & PROT_WRITE)
+                                             for v in pieces])
+        self._commit(plan)
+        for v in pieces:
+            self._set_ptes(v.start, v.end, prot)
+            if v.prot & ~prot:
+                # a permission taken away: drop translations the hypervisor may still hold
+                self.invalidate(v.start, v.end - v.start, False)
+
+    def remap(self, old, old_len, new_len, may_move, fixed_to=None):
+        """mremap: shrink in place, grow in place when the pages after are free, else move (copy,
+        then unmap the old range) if allowed."""
+        if old % PAGE or new_len <= 0:
+            raise LinuxError(E.EINVAL, "bad mremap arguments")
+        old_len, new_len = page_up(old_len), page_up(new_len)
+        pieces = self._pieces(old, old + old_len)
+        if len(pieces) != 1 or pieces[0].end - pieces[0].start != old_len:
+            raise LinuxError(E.EFAULT, "mremap of a range that is not one mapping")
+        v = pieces[0]
+        if fixed_to is None:
+            if new_len <= old_len:
+                if new_len < old_len:
+                    self.unmap(old + new_len, old_len - new_len)
+                return old
+            if old + new_len <= self.top and not self.mapped(old + old_len, old + new_len):
+                self.map(old + old_len, new_len - old_len, v.prot, fixed=True, name=v.name,
+                         offset=v.offset + old_len)
+                return old
+            if not may_move:
+                raise LinuxError(E.ENOMEM, "cannot grow the mapping in place")
+            new = self.find_free(new_len)
+        else:
+            new = fixed_to
+            if new % PAGE or max(old, new) < min(old, new) + max(old_len, new_len):
+                raise LinuxError(E.EINVAL, "bad mremap target")
+        self.map(new, new_len, v.prot, fixed=True, name=v.name, offset=v.offset)
+        keep = min(old_len, new_len)
+        self.store(new, self.mem[old:old + keep])
+        self.unmap(old, old_len)
+        return new
+
+    # -- brk ----------------------------------------------------------------------------------
+
+    def set_brk_start(self, addr):
+        self.brk_start = self.brk_now = addr
+        self._frozen = None
+
+    def brk(self, want):
+        current = self.brk_now
+        if want < self.brk_start or want > self.top:
+            return current
+        old_end, new_end = page_up(current), page_up(want)
+        try:
+            if new_end > old_end:
+                if self.mapped(old_end, new_end):
+                    return current
+                self.map(old_end, new_end - old_end, PROT_READ | PROT_WRITE, fixed=True, name=b"[heap]")
+            elif new_end < old_end:
+                self.unmap(new_end, old_end - new_end)
+        except LinuxError:
+            return current
+        self.brk_now = want
+        self._frozen = None
+        return want
+
+    # -- /proc/self/maps ----------------------------------------------------------------------
+
+    def maps_text(self):
+        lines = []
+        for v in self.vmas:
+            perms = ("r" if v.prot & (PROT_READ | PROT_WRITE | PROT_EXEC) else "-") + \
+                ("w" if v.prot & PROT_WRITE else "-") + ("x" if v.prot & PROT_EXEC else "-") + "p"
+            name = v.name.decode("utf-8", "replace")
+            lines.append(f"{v.start:08x}-{v.end:08x} {perms} {v.offset:08x} 00:00 0"
+                         + (f"{'':<10}{name}" if name else ""))
+        return ("\n".join(lines) + "\n").encode() if lines else b""

@@ -1,0 +1,765 @@
+"""LinuxSandbox: an unmodified x86-64 Linux program in a KVM guest at CPL3, every system call served
+by the host against a policy (the file system's `read=` list, no network, one thread).
+
+How a system call travels: EFER.SCE and LSTAR point `syscall` at a stub on a user page that does
+`out SYSCALL_PORT` (on the PVM hosts `syscall` stays at CPL3, so the stub must be user-executable
+and its port open in the TSS I/O bitmap); the exit leaves the registers in kvm_run's sync area,
+`syscalls.dispatch` serves the call, and the answer goes back as RAX/RIP/RFLAGS through the same
+area with the next KVM_RUN (no extra ioctl). CPU exceptions reach the SDK's CPL0 fault stubs
+(machine.py) and end the run as GuestFault in Linux terms (signal, address, RIP).
+
+Warm start: snapshot() = guest memory + vCPU state + every host-side component (address space,
+file system, signal table, pending input); restore() puts all of them back. Memory goes back by
+the dirty log (guest writes) plus the host-dirty bitmap of mm.store (host writes), the way
+Sandbox.restore does it, with the same _pages helpers."""
+
+import errno
+import os
+import struct
+import threading
+import time
+import warnings
+from collections import namedtuple
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _pages, abi, backend, machine
+from ..errors import (GuestCancelled, GuestFault, GuestLoadError, GuestTimeout, HypervisorError,
+                      HypervisorUnavailable, SandboxClosed, SandboxError, SandboxPoisoned,
+                      SnapshotError, WhpfastError)
+from . import loader, syscalls, vdso
+from .errno import LinuxError
+from .fs import FileSystem
+from . import snapfile
+from .mm import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, USER_MIN, AddressSpace, page_table_bytes
+
+impl = backend.impl
+MASK64 = (1 << 64) - 1
+DEFAULT_MEMORY_SIZE = 1 << 30
+DEFAULT_STACK_SIZE = 8 << 20
+BLOCK = 64 * PAGE                   # one word of a page bitmap
+HOT_PAGES = 4096                    # pages left writable across restores (see Sandbox.restore)
+MAX_OUTPUT = 256 << 20              # stdout + stderr bytes one run() collects
+
+SYSCALL_PORT = 0xE4                 # one of the ports the SDK's TSS bitmap opens to CPL3
+SYSCALL_STUB = 0xA000               # user page, read + execute: out SYSCALL_PORT, al; ud2
+SYSCALL_STUB_CODE = bytes([0xE6, SYSCALL_PORT, 0x0F, 0x0B])
+CR4 = machine.CR4 | (1 << 16) | (1 << 18)       # + FSGSBASE, OSXSAVE (AVX state usable at CPL3)
+MSR_STAR, MSR_LSTAR, MSR_SFMASK = 0xC0000081, 0xC0000082, 0xC0000084
+# sysret selectors: CS = base + 16, SS = base + 8 with base = USER_DS - 8 (0x10 | 3)
+STAR = ((machine.USER_DS - 8) << 48) | (machine.KERNEL_CS << 32)
+SFMASK = 0x47700                    # TF DF IF IOPL NT AC cleared on entry, as Linux does
+XCR0_CHOICES = (0xE7, 0x7)          # x87|SSE|AVX(|AVX-512) when the CPU has it
+
+ProcState = namedtuple("ProcState", "actions sigmask altstack")
+IoState = namedtuple("IoState", "input eof waiting exit_code")
+
+_SIGNALS = {0: ("SIGFPE", "divide error"), 1: ("SIGTRAP", "debug trap"), 3: ("SIGTRAP", "breakpoint"),
+            4: ("SIGSEGV", "overflow"), 5: ("SIGSEGV", "bound range"), 6: ("SIGILL", "invalid opcode"),
+            7: ("SIGSEGV", "device not available"), 8: ("SIGSEGV", "double fault"),
+            10: ("SIGSEGV", "invalid TSS"), 11: ("SIGBUS", "segment not present"),
+            12: ("SIGBUS", "stack segment fault"), 13: ("SIGSEGV", "general protection fault"),
+            14: ("SIGSEGV", "page fault"), 16: ("SIGFPE", "x87 floating-point error"),
+            17: ("SIGBUS", "alignment check"), 19: ("SIGFPE", "SIMD floating-point error"),
+            21: ("SIGSEGV", "control protection")}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one LinuxSandbox.run() produced. exit_code is None while the program still runs
+    (waiting for input); waiting is True when it blocks reading stdin with no input left."""
+    stdout: bytes
+    stderr: bytes
+    exit_code: object
+    waiting: bool
+
+
+class LinuxSnapshot:
+    """Guest memory, vCPU state and every host-side component of a LinuxSandbox at one moment.
+    Restore it any number of times, save() it, or start new sandboxes from it
+    (LinuxSandbox.from_snapshot)."""
+
+    def __init__(self, image, nonzero, state, components, meta, fs_codec, path=None):
+        self._image = image
+        self._image_view = memoryview(image)
+        self._nonzero = nonzero
+        self._state = state
+        self._components = components
+        self._fs_codec = fs_codec          # encodes the fs component (FileSystem.encode)
+        self.meta = meta
+        self.path = path
+        self.nonzero_pages = _pages.count_bits(nonzero)
+
+    def __repr__(self):
+        where = f" from {self.path!r}" if self.path else ""
+        return (f"<whpfast.LinuxSnapshot{where} of {self.meta['config']['exe']!r}, "
+                f"{self.meta['memory_size'] >> 20} MiB, {self.nonzero_pages} non-zero pages>")
+
+    def save(self, path):
+        """Writes the snapshot to path atomically (a new file, then renamed over path)."""
+        return snapfile.save(self, path)
+
+    @classmethod
+    def load(cls, path):
+        """Reads and validates a saved snapshot; SnapshotError says what is wrong."""
+        meta, state, components, image, nonzero = snapfile.load(path, FileSystem.decode)
+        try:
+            config = _check_config(meta.get("config"))
+        except (TypeError, ValueError, KeyError) as e:
+            image.close()
+            raise SnapshotError(f"{path} is not a usable Linux snapshot: bad configuration ({e})") from None
+        meta["config"] = config
+        return cls(image, nonzero, state, components, meta, None, path=os.fspath(path))
+
+
+def _check_config(config):
+    """The construction arguments a snapshot records, checked (they come from a file)."""
+    if not isinstance(config, dict):
+        raise TypeError("not a mapping")
+    read = config["read"]
+    if isinstance(read, dict):
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in read.items()):
+            raise ValueError("read policy entries must be strings")
+    elif not (isinstance(read, list) and all(isinstance(r, str) for r in read)):
+        raise ValueError("read policy must be a list or a mapping of strings")
+    for key in ("exe", "cwd"):
+        if not isinstance(config[key], str):
+            raise ValueError(f"{key} must be a string")
+    for key in ("stack_size", "tmp_size"):
+        if not isinstance(config[key], int) or config[key] <= 0 or config[key] % PAGE:
+            raise ValueError(f"{key} is invalid")
+    return {k: config[k] for k in ("read", "exe", "cwd", "stack_size", "tmp_size")}
+
+
+def _kvm_only():
+    if backend.NAME != "kvm":
+        raise HypervisorUnavailable(
+            f"LinuxSandbox runs on KVM only for now; this process uses the {backend.NAME!r} backend")
+
+
+def _host_auxv(key):
+    import ctypes
+    libc = ctypes.CDLL(None)
+    libc.getauxval.restype = ctypes.c_ulong
+    libc.getauxval.argtypes = [ctypes.c_ulong]
+    return int(libc.getauxval(key))
+
+
+class LinuxSandbox:
+    """Runs argv (argv[0]: the host path of an x86-64 Linux ELF) in a fresh micro-VM.
+
+    read: host paths the program may read (or {inside: host}); everything else does not exist
+    for it, except a private in-memory /tmp and a few synthesized /proc, /sys and /dev files.
+    env: the environment (default: PATH, HOME=/tmp, LANG=C.UTF-8). memory_size bounds both the
+    guest's RAM and its address space. on_output(stream, data) sees stdout/stderr as written."""
+
+    def __init__(self, argv, *, env=None, read=(), cwd="/", memory_size=DEFAULT_MEMORY_SIZE,
+                 stack_size=DEFAULT_STACK_SIZE, on_output=None, tmp_size=64 << 20):
+        self._closed = True
+        _kvm_only()
+        argv = [os.fsencode(a) for a in argv] if not isinstance(argv, (str, bytes)) else None
+        if not argv:
+            raise ValueError("argv must be a non-empty list of str or bytes (argv[0]: the program)")
+        if env is None:
+            env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+        envp = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in dict(env).items()]
+        if not isinstance(memory_size, int) or memory_size % (2 << 20) or not 16 << 20 <= memory_size <= 64 << 30:
+            raise ValueError(f"memory_size must be a multiple of 2 MiB between 16 MiB and 64 GiB, got {memory_size!r}")
+        if not isinstance(stack_size, int) or stack_size % PAGE or not 64 << 10 <= stack_size <= memory_size // 4:
+            raise ValueError(f"stack_size must be a multiple of {PAGE} between 64 KiB and memory_size/4")
+        if on_output is not None and not callable(on_output):
+            raise TypeError("on_output must be callable or None")
+        exe = os.path.abspath(os.fsdecode(argv[0]))
+        try:
+            with open(exe, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise GuestLoadError(f"cannot read the program {exe}: {e.strerror}") from None
+        elf = loader.parse(data, exe)
+        if isinstance(read, dict):
+            read = {os.fsdecode(k): os.fsdecode(v) for k, v in read.items()}
+        else:
+            read = [os.fsdecode(r) for r in ([read] if isinstance(read, (str, bytes, os.PathLike)) else read)]
+        self._config = _check_config({"read": read, "exe": exe, "cwd": os.fsdecode(cwd),
+                                      "stack_size": stack_size, "tmp_size": tmp_size})
+        self._setup(memory_size, on_output)
+        with ExitStack() as undo:
+            undo.callback(self._close_parts)
+            try:
+                self._exec(elf, data, exe, argv, envp)
+            except LinuxError as e:
+                raise GuestLoadError(f"{exe} does not fit the sandbox ({e}); give it a larger "
+                                     f"memory_size") from None
+            undo.pop_all()
+        self._closed = False
+
+    @classmethod
+    def from_snapshot(cls, snapshot, *, on_output=None):
+        """A new sandbox in the snapshot's state (a LinuxSnapshot, or the path of a saved one),
+        with the same read policy. Its first restore target is that snapshot."""
+        _kvm_only()
+        if not isinstance(snapshot, LinuxSnapshot):
+            snapshot = LinuxSnapshot.load(snapshot)
+        self = cls.__new__(cls)
+        self._closed = True
+        self._config = dict(snapshot.meta["config"])
+        self._setup(snapshot.meta["memory_size"], on_output)
+        try:
+            self._restore(snapshot)
+        except BaseException:
+            self._close_parts()
+            raise
+        self._set_baseline(snapshot)
+        self._refresh_vdso()
+        if snapshot._fs_codec is None:
+            snapshot._fs_codec = self.fs
+        self._closed = False
+        return self
+
+    def _setup(self, memory_size, on_output):
+        """The VM, its memory with the kernel area, the file system and the initial state."""
+        config = self._config
+        self.memory_size = memory_size
+        self.stack_size = config["stack_size"]
+        self._on_output = on_output
+        with ExitStack() as undo:
+            self._build_vm(memory_size, undo)
+            self.fs = FileSystem(config["read"], cwd=config["cwd"], exe=config["exe"],
+                                 tmp_size=config["tmp_size"], proc_maps=lambda: self.mm.maps_text(),
+                                 entropy=os.urandom, uid=syscalls.UID, gid=syscalls.UID)
+            undo.pop_all()
+        self.proc = ProcState((bytes(32),) * 65, 0, struct.pack("<QiiQ", 0, 2, 0, 0)[:24])
+        self._io = IoState(b"", False, False, None)
+        self.mm.mmap_top = self.mm.top - PAGE - self.stack_size - 16 * PAGE
+        self._finish_init()
+
+    # -- construction ----------------------------------------------------------------------------
+
+    def _build_vm(self, memory_size, undo):
+        memory = impl.GuestMemory(memory_size)
+        undo.callback(memory.close)
+        vm = backend.system().create_vm()
+        undo.callback(vm.close)
+        # Dirty logging starts with the first snapshot (_log_dirty): until then no restore needs
+        # it, and on the PVM hosts it doubles the cost of a first write to a page (measured:
+        # 21 vs 12 us), which is most of a cold boot.
+        vm.set_memory(0, 0, memory_size, memory.address)
+        vcpu = vm.create_vcpu(0)
+        undo.callback(vcpu.close)
+        pt_size = page_table_bytes(memory_size)
+        pt_base = memory_size - pt_size
+        regions = [
+            machine.Region("gdt", machine.GDT_ADDR, PAGE, user=False, writable=True, executable=False),
+            machine.Region("idt", machine.IDT_ADDR, PAGE, user=False, writable=True, executable=False),
+            machine.Region("stubs", machine.STUBS_ADDR, PAGE, user=False, writable=False, executable=True),
+            machine.Region("fault_record", machine.FAULT_RECORD_ADDR, PAGE, user=False, writable=True,
+                           executable=False),
+            machine.Region("exception_stack", machine.EXCEPTION_STACK[0],
+                           machine.EXCEPTION_STACK[1] - machine.EXCEPTION_STACK[0],
+                           user=False, writable=True, executable=False),
+            machine.Region("double_fault_stack", machine.DOUBLE_FAULT_STACK[0],
+                           machine.DOUBLE_FAULT_STACK[1] - machine.DOUBLE_FAULT_STACK[0],
+                           user=False, writable=True, executable=False),
+            machine.Region("syscall_stub", SYSCALL_STUB, PAGE, user=True, writable=False, executable=True),
+            machine.Region("page_tables", pt_base, pt_size, user=False, writable=True, executable=False),
+        ]
+        layout = machine.Layout(memory_size=memory_size, regions=regions, page_tables=(pt_base, pt_size),
+                                cr3=pt_base + pt_size - PAGE, top=memory_size)
+        self._memory, self._vm, self._vcpu = memory, vm, vcpu
+        self._mem = memoryview(memory)
+        undo.callback(self._mem.release)
+        self.mm = AddressSpace(self._mem, pt_base, pt_base - PAGE,
+                               lambda offset, length, discard: impl.memory_invalidate(memory, offset, length, discard),
+                               lambda offset, length: impl.memory_populate(memory, offset, length))
+        gdt, tss = machine._gdt_and_tss()
+        store = self.mm.store
+        store(machine.GDT_ADDR, gdt)
+        store(machine.TSS_ADDR, tss)
+        store(machine.IDT_ADDR, machine._idt())
+        store(machine.STUBS_ADDR, machine._stubs())
+        store(SYSCALL_STUB, SYSCALL_STUB_CODE)
+        store(pt_base, machine._page_tables(layout).tobytes())
+        args = machine.sregs_arguments(layout)
+        args.update(cr4=CR4)
+        vcpu.init_long_mode(**args)
+        for xcr0 in XCR0_CHOICES:
+            try:
+                impl.linux_setup(vcpu, xcr0, {MSR_STAR: STAR, MSR_LSTAR: SYSCALL_STUB, MSR_SFMASK: SFMASK})
+                break
+            except HypervisorError:
+                if xcr0 == XCR0_CHOICES[-1]:
+                    raise
+
+    def _exec(self, elf, data, exe, argv, envp):
+        mm = self.mm
+        stack_top = mm.top - PAGE
+        stack_bottom = stack_top - self.stack_size
+        interp = interp_data = None
+        if elf.interp:
+            interp_data = self._read_interpreter(exe, elf.interp)
+            interp = loader.parse(interp_data, elf.interp.decode("utf-8", "replace"))
+            if interp.interp:
+                raise GuestLoadError(f"the interpreter {elf.interp.decode()} itself names an interpreter")
+        bias = loader.place(mm, elf, main=True)
+        end = loader.load(mm, elf, data, bias, exe.encode())
+        mm.set_brk_start(-(-end // PAGE) * PAGE)
+        mm.map(stack_bottom, self.stack_size, PROT_READ | PROT_WRITE, fixed=True, name=b"[stack]")
+        vdso_image = self._map_vdso()
+        entry, base = elf.entry + bias, 0
+        if interp is not None:
+            base = loader.place(mm, interp, main=False)
+            loader.load(mm, interp, interp_data, base, elf.interp)
+            entry = interp.entry + base
+        auxv = [(loader.AT_PHDR, elf.phdr + bias if elf.phdr >= 0 else 0), (loader.AT_PHENT, 56),
+                (loader.AT_PHNUM, elf.phnum), (loader.AT_PAGESZ, PAGE), (loader.AT_BASE, base),
+                (loader.AT_FLAGS, 0), (loader.AT_ENTRY, elf.entry + bias),
+                (loader.AT_UID, syscalls.UID), (loader.AT_EUID, syscalls.UID),
+                (loader.AT_GID, syscalls.UID), (loader.AT_EGID, syscalls.UID), (loader.AT_SECURE, 0),
+                (loader.AT_HWCAP, _host_auxv(loader.AT_HWCAP)), (loader.AT_HWCAP2, _host_auxv(loader.AT_HWCAP2)),
+                (loader.AT_CLKTCK, 100), (loader.AT_MINSIGSTKSZ, 4096),
+                (loader.AT_SYSINFO_EHDR, vdso_image)]
+        sp = loader.build_stack(mm, stack_top, argv, envp, auxv, argv[0], os.urandom(16))
+        impl.enter_user(self._vcpu, entry, sp, machine.USER_CS, machine.USER_DS)
+
+    def _map_vdso(self):
+        """Maps the vDSO's data area (read-only) and right after it its image (read + execute);
+        returns the image's address for AT_SYSINFO_EHDR."""
+        mm, image = self.mm, vdso.IMAGE
+        data_size = vdso.DATA_PAGES * PAGE
+        base = mm.find_free(data_size + len(image))
+        mm.map(base, data_size, PROT_READ, fixed=True, name=b"[vvar]")
+        mm.map(base + data_size, len(image), PROT_READ | PROT_EXEC, fixed=True, name=b"[vdso]")
+        mm.store(base + data_size, image)
+        self._refresh_vdso()
+        return base + data_size
+
+    def _refresh_vdso(self):
+        """Pairs the guest's TSC with the host's clocks now, in the vDSO's data area (a new VM,
+        or a restored snapshot whose pairing is stale). A host write: marked for the next
+        restore."""
+        for v in self.mm.vmas:
+            if v.name == b"[vvar]":
+                def write(view):
+                    vdso.refresh(view, 0)
+                    return len(view)
+                self.mm.fill(v.start, v.end - v.start, write)
+                return
+
+    def _read_interpreter(self, exe, path):
+        fs = self.fs
+        try:
+            fd = fs.openat(syscalls.AT_FDCWD, path, os.O_RDONLY, 0)
+            try:
+                return fs.contents(fd)
+            finally:
+                fs.close(fd)
+        except LinuxError as e:
+            raise GuestLoadError(
+                f"{exe} is dynamically linked: its interpreter {path.decode('utf-8', 'replace')} is not "
+                f"readable inside the sandbox ({os.strerror(e.errno)}); add it to read= together with "
+                f"the libraries the program loads (e.g. read=['/lib', '/usr/lib', ...])") from None
+
+    def _finish_init(self):
+        pages = self.memory_size // PAGE
+        words = (pages + 63) // 64
+        self._pages = pages
+        self._dirty = np.zeros(words, dtype=np.uint64)
+        self._hot = np.zeros(words, dtype=np.uint64)
+        self._previous = np.zeros(words, dtype=np.uint64)
+        self._reprotect = np.zeros(words, dtype=np.uint64)
+        self._touched = np.zeros(words, dtype=np.uint32)
+        self._n_touched = 0
+        self._hot_count = 0
+        self._baseline = None
+        self._logging = False
+        self._ran = False
+        self._needs_full_reset = False
+        self._poisoned = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._deadline = None
+        self._stdout = bytearray()
+        self._stderr = bytearray()
+        self.unsupported_syscalls = {}
+        self.syscall_count = 0
+        self.last_restore = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def close(self):
+        """Frees the VM and its memory. Idempotent; a run in another thread is cancelled first."""
+        if self._closed:
+            return
+        if not self._lock.acquire(blocking=False):
+            self.cancel()                    # also wakes a run sleeping in nanosleep
+            self._lock.acquire()
+        try:
+            if self._closed:
+                return
+            self._closed = True
+            self._close_parts()
+        finally:
+            self._lock.release()
+
+    def _close_parts(self):
+        self.fs.close_all()
+        self._mem.release()
+        self._vcpu.close()
+        self._vm.close()
+        self._memory.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self.close()
+
+    @property
+    def closed(self):
+        return self._closed
+
+    @property
+    def poisoned(self):
+        return self._poisoned
+
+    @property
+    def waiting(self):
+        return self._io.waiting
+
+    @property
+    def exit_code(self):
+        return self._io.exit_code
+
+    def cancel(self):
+        """Stops a run going on in another thread (GuestCancelled), also one sleeping in a
+        nanosleep. Does nothing when no run is going on."""
+        if not self._closed:
+            self._vcpu.cancel()
+            self._wake.set()
+
+    # -- running --------------------------------------------------------------------------------
+
+    def run(self, input=b"", *, eof=False, timeout=None):
+        """Runs the program until it exits or blocks reading stdin with no input left. input is
+        appended to what stdin still holds; eof=True makes a read with nothing left return 0."""
+        if not isinstance(input, (bytes, bytearray, memoryview)):
+            raise TypeError(f"input must be bytes, not {type(input).__name__}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        with self._lock:
+            self._check_ready()
+            io = self._io
+            self._io = io._replace(input=io.input + bytes(input), eof=io.eof or eof)
+            self._stdout, self._stderr = bytearray(), bytearray()
+            self._deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
+            self._timeout = timeout
+            self._wake.clear()
+            # A cancel() from before this run is forgotten. (Backends with begin_call/end_call,
+            # the iso-host branch's cancel protocol, open and close the run for cancel() instead.)
+            begin, end = getattr(self._vcpu, "begin_call", None), getattr(self._vcpu, "end_call", None)
+            if begin is not None:
+                begin()
+            else:
+                impl.clear_cancel(self._vcpu)
+            try:
+                return self._loop()
+            except WhpfastError:
+                raise
+            except Exception as e:
+                # A host-side failure while serving the program (a bug): typed, and the sandbox
+                # is poisoned, its state mid-call.
+                raise self._poison(SandboxError(
+                    f"the host failed while serving the program ({type(e).__name__}: {e}); "
+                    f"restore a snapshot or close it")) from e
+            except BaseException as e:
+                self._poisoned = f"the run was interrupted by {type(e).__name__}: {e}"
+                self._needs_full_reset = True
+                raise
+            finally:
+                if end is not None:
+                    end()
+
+    def _loop(self):
+        vcpu = self._vcpu
+        pending = self._io.waiting       # the vCPU sits at a system call not answered yet
+        self._io = self._io._replace(waiting=False)
+        self._ran = True
+        dispatch, syscall_regs, syscall_return = syscalls.dispatch, impl.syscall_regs, impl.syscall_return
+        cs, ds = machine.USER_CS, machine.USER_DS
+        while True:
+            if not pending:
+                if self._deadline is None:
+                    kind = vcpu.run()
+                else:
+                    remaining = self._deadline - time.monotonic_ns()
+                    kind = vcpu.run(remaining) if remaining > 0 else impl.EXIT_TIMEOUT
+                if kind != impl.EXIT_IO or vcpu.io_port != SYSCALL_PORT:
+                    raise self._poison(self._stop_error(kind))
+            pending = False
+            regs = syscall_regs(vcpu)
+            self.syscall_count += 1
+            try:
+                result = dispatch(self, regs[0], regs[1:7])
+            except syscalls.Park:
+                self._io = self._io._replace(waiting=True)
+                return self._result(None, True)
+            except syscalls.ProgramExit as e:
+                self._io = self._io._replace(exit_code=e.status)
+                return self._result(e.status, False)
+            except syscalls.ProgramKilled as e:
+                name = syscalls.SIGNAL_NAMES.get(e.signal, f"signal {e.signal}")
+                exc = GuestFault(f"the program killed itself with {name} (signals are not delivered "
+                                 f"in the sandbox)", kind="signal", rip=regs[7])
+                exc.signal = name
+                raise self._poison(exc)
+            syscall_return(vcpu, result & MASK64, cs, ds)
+
+    def _result(self, exit_code, waiting):
+        return RunResult(bytes(self._stdout), bytes(self._stderr), exit_code, waiting)
+
+    # services for the system call handlers
+
+    def take_input(self, n):
+        """Up to n bytes of stdin; b"" at end of input; Park when there is none yet."""
+        io = self._io
+        if n == 0:
+            return b""
+        if io.input:
+            data, rest = io.input[:n], io.input[n:]
+            self._io = io._replace(input=rest)
+            return data
+        if io.eof:
+            return b""
+        raise syscalls.Park()
+
+    def output(self, stream, data):
+        if len(self._stdout) + len(self._stderr) + len(data) > MAX_OUTPUT:
+            # A program printing without end must not exhaust the host: its write fails.
+            raise LinuxError(errno.EFBIG, f"more than {MAX_OUTPUT} bytes of output in one run")
+        (self._stdout if stream == "stdout" else self._stderr).extend(data)
+        if self._on_output is not None:
+            self._on_output(stream, bytes(data))
+
+    def set_segment_base(self, which, value):
+        return impl.segment_base(self._vcpu, which, value)
+
+    def sleep(self, seconds):
+        """nanosleep: waits on the host, until the run's deadline at most; cancel() wakes it."""
+        if self._deadline is not None:
+            seconds = min(seconds, max(0, (self._deadline - time.monotonic_ns()) / 1e9))
+        self._wake.wait(min(seconds, 86400))    # longer sleeps: the program sleeps again
+
+    # -- failures -------------------------------------------------------------------------------
+
+    def _check_ready(self):
+        if self._closed:
+            raise SandboxClosed("the sandbox is closed")
+        if self._poisoned:
+            raise SandboxPoisoned(f"the sandbox is poisoned ({self._poisoned}); restore a snapshot or close it")
+        if self._io.exit_code is not None:
+            raise SandboxError(f"the program has exited with status {self._io.exit_code}; "
+                               f"restore a snapshot to run it again")
+
+    def _poison(self, exc):
+        self._poisoned = str(exc)
+        self._needs_full_reset = True
+        exc.stdout, exc.stderr = bytes(self._stdout), bytes(self._stderr)
+        return exc
+
+    def _stop_error(self, kind):
+        vcpu = self._vcpu
+        if kind == impl.EXIT_IO and vcpu.io_port == abi.PORT_FAULT:
+            return self._fault()
+        if kind == impl.EXIT_IO:
+            return GuestFault(f"the program wrote to I/O port {vcpu.io_port:#x}", kind="io")
+        if kind == impl.EXIT_TIMEOUT:
+            return GuestTimeout(f"the program ran past its timeout of {self._timeout} s and was stopped")
+        if kind == impl.EXIT_CANCELLED:
+            return GuestCancelled("the run was cancelled")
+        if kind == impl.EXIT_SHUTDOWN:
+            return GuestFault("the program triple-faulted", kind="triple_fault")
+        if kind == impl.EXIT_MMIO:
+            return GuestFault(f"the program touched guest-physical {vcpu.mmio_address:#x} outside its "
+                              f"memory", kind="mmio", address=vcpu.mmio_address)
+        if kind == impl.EXIT_INTERNAL_ERROR:
+            return GuestFault(f"hypervisor internal error, suberror {vcpu.internal_suberror}",
+                              kind="internal_error")
+        return HypervisorError(f"unexpected exit reason {vcpu.exit_reason}")
+
+    def _fault(self):
+        vector, error_code, rip, _cs, _rflags, _rsp, _ss, cr2 = machine.FAULT_RECORD.unpack_from(
+            self._mem, machine.FAULT_RECORD_ADDR)
+        signal, what = _SIGNALS.get(vector, ("SIGSEGV", f"exception {vector}"))
+        address = None
+        if vector == 14:
+            address = cr2
+            access = "write" if error_code & 2 else ("instruction fetch" if error_code & 16 else "read")
+            problem = "protection violation" if error_code & 1 else "not mapped"
+            detail = f"{access} of address {cr2:#x} ({problem})"
+        elif vector in (13, 12, 17):
+            address = 0
+            detail = what
+        else:
+            detail = what
+        exc = GuestFault(f"the program was killed by {signal}: {detail} at rip={rip:#x}{self._where(rip)}",
+                         kind=signal, vector=vector, error_code=error_code, rip=rip, address=address)
+        exc.signal = signal
+        return exc
+
+    def _where(self, addr):
+        for v in self.mm.vmas:
+            if v.start <= addr < v.end and v.name:
+                return f" ({v.name.decode('utf-8', 'replace')}+{addr - v.start + v.offset:#x})"
+        return ""
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def snapshot(self):
+        """Captures guest memory, the vCPU and every host-side component. Costs a pass over the
+        mapped memory; restores cost only what changed since."""
+        with self._lock:
+            if self._closed:
+                raise SandboxClosed("the sandbox is closed")
+            if self._poisoned:
+                raise SandboxPoisoned(f"cannot snapshot a poisoned sandbox ({self._poisoned})")
+            image = impl.GuestMemory(self.memory_size)
+            nonzero = np.zeros_like(self._dirty)
+            dst = memoryview(image)
+            try:
+                for start, end in self._captured_ranges():
+                    bits = np.zeros((end - start) // BLOCK, dtype=np.uint64)
+                    _pages.capture(self._mem[start:end], dst[start:end], bits)
+                    nonzero[start // BLOCK:end // BLOCK] |= bits
+            finally:
+                dst.release()
+            state = self._vcpu.save_state()
+            self._log_dirty()
+            self._new_dirty_epoch()
+            snap = LinuxSnapshot(image, nonzero, state, self._components(),
+                                 {"memory_size": self.memory_size, "config": self._config}, self.fs)
+            self._set_baseline(snap)
+            return snap
+
+    def _captured_ranges(self):
+        """Whole bitmap words covering the kernel area, every mapping and the page tables:
+        everything else is zero (the address space's invariant)."""
+        spans = [(0, USER_MIN), (self.mm.pt_base, self.memory_size)]
+        spans += [(v.start, v.end) for v in self.mm.vmas]
+        spans = sorted((s // BLOCK * BLOCK, -(-e // BLOCK) * BLOCK) for s, e in spans)
+        merged = []
+        for s, e in spans:
+            if merged and s <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+            else:
+                merged.append((s, e))
+        return merged
+
+    def _components(self):
+        return (self.mm.capture(), self.fs.capture(), self.proc, self._io)
+
+    def restore(self, snapshot):
+        """Puts memory, vCPU state and every host-side component back to the snapshot's and
+        clears a poisoned state."""
+        if not isinstance(snapshot, LinuxSnapshot):
+            raise TypeError(f"restore() takes a LinuxSnapshot, not {type(snapshot).__name__}")
+        with self._lock:
+            if self._closed:
+                raise SandboxClosed("the sandbox is closed")
+            if snapshot.meta["memory_size"] != self.memory_size:
+                raise SnapshotError("the snapshot is of a sandbox with another memory_size")
+            if snapshot.meta["config"] != self._config:
+                raise SnapshotError("the snapshot is of another program or read policy "
+                                    "(use LinuxSandbox.from_snapshot to start it)")
+            t0 = time.perf_counter_ns()
+            try:
+                stats = self._restore(snapshot)
+            except BaseException as e:
+                self._poisoned = f"a restore failed half-way ({type(e).__name__}: {e})"
+                self._needs_full_reset = True
+                self._baseline = None
+                if isinstance(e, Exception) and not isinstance(e, WhpfastError):
+                    raise SnapshotError(f"restore failed; the sandbox is poisoned: {e}") from e
+                raise
+            self._set_baseline(snapshot)
+            self._refresh_vdso()
+            self._poisoned = None
+            self.last_restore = dict(stats, ns=time.perf_counter_ns() - t0)
+
+    def _log_dirty(self):
+        if not self._logging:
+            self._vm.set_memory(0, 0, self.memory_size, self._memory.address, log_dirty=True)
+            self._logging = True
+
+    def _restore(self, snapshot):
+        vm, dirty, mm = self._vm, self._dirty, self.mm
+        self._log_dirty()
+        vm.get_dirty_log(0, dirty.view(np.uint8))
+        full = snapshot is not self._baseline
+        if full:
+            self._hot[:] = 0
+            self._hot_count = 0
+        guest_pages, reprotect, self._hot_count, self._n_touched = _pages.plan_reprotect(
+            dirty, self._hot, self._previous, self._reprotect, self._touched, self._n_touched,
+            HOT_PAGES if vm.manual_protect and not full else 0, self._hot_count)
+        dirty |= mm.host_dirty
+        if full:
+            dirty |= snapshot._nonzero
+            if self._baseline is not None:
+                dirty |= self._baseline._nonzero
+            else:
+                for start, end in self._captured_ranges():
+                    bits = np.zeros((end - start) // BLOCK, dtype=np.uint64)
+                    _pages.capture(self._mem[start:end], None, bits)
+                    dirty[start // BLOCK:end // BLOCK] |= bits
+        copied, zeroed = _pages.restore(self._mem, snapshot._image_view, dirty, snapshot._nonzero)
+        if reprotect and vm.manual_protect:
+            lo, hi = int(self._touched[0]), int(self._touched[self._n_touched - 1]) + 1
+            vm.clear_dirty_log(0, lo * 64, min(hi * 64, self._pages) - lo * 64,
+                               self._reprotect[lo:hi].view(np.uint8))
+        # Translations the hypervisor built from page tables that have just been put back.
+        changed = [(USER_MIN, mm.top)] if full else mm.changed
+        for start, end in _merge(changed):
+            impl.memory_invalidate(self._memory, start, end - start, False)
+        registers = self._vcpu.load_state(snapshot._state, fpu=self._ran or full,
+                                          full=self._needs_full_reset or full)
+        mm_state, fs_state, self.proc, self._io = snapshot._components
+        mm.reset(mm_state)
+        self.fs.reset(fs_state)
+        return {"pages_copied": copied, "pages_zeroed": zeroed, "dirty_pages": guest_pages,
+                "register_ioctls": registers,
+                "full": full, "mm_ranges": len(changed)}
+
+    def _set_baseline(self, snapshot):
+        self._baseline = snapshot
+        self.mm.baseline_nonzero = snapshot._nonzero
+        self.mm.host_dirty[:] = 0
+        self.mm.changed = []
+        self._ran = False
+        self._needs_full_reset = False
+
+    def _new_dirty_epoch(self):
+        dirty = self._dirty
+        self._vm.get_dirty_log(0, dirty.view(np.uint8))
+        self._vm.clear_dirty_log(0, 0, self._pages, dirty.view(np.uint8))
+        self._hot[:] = 0
+        self._previous[:] = 0
+        self._reprotect[:] = 0
+        self._n_touched = 0
+        self._hot_count = 0
+
+
+def _merge(ranges):
+    out = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
