@@ -833,12 +833,6 @@ def syscall_return(Vcpu vcpu not None, uint64_t result, uint16_t user_cs, uint16
         r.kvm_dirty_regs |= KVM_SYNC_X86_SREGS
 
 
-def clear_cancel(Vcpu vcpu not None):
-    """Forgets a cancel() that came while no run was in progress (a new run() starts clean, as
-    enter() does for the SDK's calls)."""
-    vcpu.cancel_requested = 0
-
-
 def enter_user(Vcpu vcpu not None, uint64_t rip, uint64_t rsp, uint16_t user_cs, uint16_t user_ds):
     """Queues a process's first instruction: every GPR zero (RDX = 0: no exit handler from the
     loader), the stack pointer, RFLAGS with only the fixed bit, user CS/SS and FS/GS base 0."""
