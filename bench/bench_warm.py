@@ -52,8 +52,9 @@ def dirty_then_restore(sb, snap, pages, count):
 
 def full_copy_restore(sb, snap):
     """Baseline 1: copy the whole memory image back and reset every register group."""
-    all_pages = np.full_like(sb._dirty, np.uint64(0xFFFFFFFFFFFFFFFF))
-    sb._vm.get_dirty_log(0, sb._dirty.view(np.uint8))
+    dirty = sb._warm._dirty
+    all_pages = np.full_like(dirty, np.uint64(0xFFFFFFFFFFFFFFFF))
+    sb._vm.get_dirty_log(0, dirty.view(np.uint8))
     _pages.restore(sb._mem, snap._image_view, all_pages, snap._nonzero)
     sb._vcpu.load_state_separately(snap._state)
 
@@ -62,11 +63,27 @@ def hyperlight_restore(sb, snap):
     """Baseline 2, Hyperlight's KVM sequence: separate register ioctls, MADV_DONTNEED over all
     writable memory (pages fault back in on next use), then the snapshot's contents put back
     (Hyperlight maps its snapshot region read-only instead; here code and data share RAM)."""
-    sb._vm.get_dirty_log(0, sb._dirty.view(np.uint8))
+    sb._vm.get_dirty_log(0, sb._warm._dirty.view(np.uint8))
     if _libc.madvise(sb._memory.address, sb._memory.size, MADV_DONTNEED) != 0:
         raise OSError(ctypes.get_errno(), "madvise")
     _pages.restore(sb._mem, snap._image_view, snap._nonzero, snap._nonzero)
     sb._vcpu.load_state_separately(snap._state)
+
+
+def hot_set_cycles(sb, snap, pages, count, warmup=10):
+    """(restore times, call times) of `count` cycles of restore + a call writing `pages` heap
+    pages, after `warmup` cycles that let the hot set settle."""
+    restore_t = np.empty(count, dtype=np.int64)
+    call_t = np.empty(count, dtype=np.int64)
+    for i in range(warmup + count):
+        t0 = time.perf_counter_ns()
+        sb.call("touch", 0, pages, (i & 0x7F) + 1)
+        t1 = time.perf_counter_ns()
+        sb.restore(snap)
+        t2 = time.perf_counter_ns()
+        if i >= warmup:
+            call_t[i - warmup], restore_t[i - warmup] = t1 - t0, t2 - t1
+    return restore_t, call_t
 
 
 def private_kib():
@@ -104,6 +121,25 @@ def main(argv=None):
         row("full-copy restore + hello", copy, ours)
         row("Hyperlight-style + hello", hl, ours)
         print("  (ratios: baseline / whpfast)")
+
+    print("\n== hot set: pages left writable across restores, capped at 64 (the old policy) vs adaptive")
+    for pages in (140, 1000):
+        results = {}
+        for label, limit in (("capped at 64", 64), ("adaptive", None)):
+            with whpfast.Sandbox(testkit, memory_size=64 << 20, **quiet) as sb:
+                if limit is not None:
+                    sb._warm.hot_limit = limit       # the same policy with the old fixed cap
+                snap = sb.snapshot()
+                results[label] = hot_set_cycles(sb, snap, pages, max(50, n // 4))
+                hot = sb._warm.hot_count
+            restore_t, call_t = results[label]
+            print(f"-- {pages} pages written per call, {label} ({hot} hot pages)")
+            base = results.get("capped at 64")
+            row("   restore", restore_t, None if label == "capped at 64" else base[0])
+            row("   call", call_t, None if label == "capped at 64" else base[1])
+            row("   restore + call", restore_t + call_t,
+                None if label == "capped at 64" else base[0] + base[1])
+    print("  (ratios: adaptive / capped at 64)")
 
     print("\n== restore time against dirty pages (64 MiB sandbox)")
     with whpfast.Sandbox(testkit, memory_size=64 << 20, **quiet) as sb:

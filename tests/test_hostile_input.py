@@ -115,8 +115,10 @@ def test_bookkeeping_of_a_64_gib_sandbox_is_small(testkit):
     with whpfast.Sandbox(testkit, memory_size=64 << 30) as sb:
         grown = rss_kib() - before
         assert sb._layout.page_tables[1] <= 512 << 10          # was 128 MiB
-        bitmaps = sum(getattr(sb, a).nbytes for a in ("_dirty", "_hot", "_previous", "_reprotect", "_touched"))
-        assert bitmaps <= 144 << 10 << 6                        # 144 KiB per GiB (README)
+        warm = sb._warm
+        bitmaps = sum(getattr(warm, a).nbytes for a in ("_dirty", "_host", "_hot", "_scored", "_reprotect", "_touched"))
+        assert bitmaps <= 208 << 10 << 6                        # 208 KiB per GiB (README)
+        assert warm._score.nbytes == (64 << 30) // PAGE         # 1 byte per page, resident where used
         assert sb.call("add", 2, 3) == 5
         pages = sb.call("heap_pages")
         assert pages > (64 << 30) // PAGE - 1000

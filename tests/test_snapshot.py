@@ -409,7 +409,7 @@ def test_hot_pages_stay_exact(sandbox):
         sandbox.call("touch", 0, 4, i + 1)
         sandbox.restore(snap)
         assert memory_equals_image(sandbox, snap)
-    assert sandbox._hot_count > 0 or not sandbox._vm.manual_protect
+    assert sandbox._warm.hot_count > 0 or not sandbox._vm.manual_protect
     sandbox.call("touch", 100, 3, 9)          # new pages: logged as usual
     sandbox.call("touch", 0, 1, 9)            # a hot page: restored without being logged again
     sandbox.restore(snap)

@@ -8,24 +8,18 @@ import threading
 import time
 import warnings
 from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
-import numpy as np
-
-from . import _pages, abi, backend, elf, machine
+from . import abi, backend, elf, machine
+from .core.run import run_until
+from .core.warm import PAGE, RestoreStats, WarmMemory
 from .errors import (ConfigError, GuestAbort, GuestCallError, GuestCancelled, GuestFault,
                      GuestTimeout, HostFunctionError, HypervisorError, SandboxBusy,
                      SandboxClosed, SandboxPoisoned, SnapshotError, WhpfastError)
 from .snapshot import MAX_IO_BUFFER, MAX_MEMORY, STATE_PARTS, Snapshot
-from .snapshot import words_for as snapshot_words
 from ._typing import StrPath, Value
 
 impl = backend.impl
-PAGE = 4096
-# Pages written in two restore cycles running stay writable (no write fault per call, a 0.25 us
-# copy per restore instead); at most this many, so stale hot pages cost little.
-HOT_PAGES = 64
 # Sizes past these are refused before anything is allocated (README "Limits"), the same limits
 # snapshot files are held to. Guest memory is MAP_NORESERVE (untouched pages cost nothing), but
 # the host keeps 1 bit per page per bitmap and the page tables grow with it; an I/O buffer's
@@ -35,19 +29,6 @@ MAX_IO_BUFFER_SIZE = MAX_IO_BUFFER
 # A timeout this long (or inf) is no timeout: deadlines are int64 nanoseconds.
 MAX_TIMEOUT = 1e9
 
-
-@dataclass(frozen=True)
-class RestoreStats:
-    """What one restore did, so embedders can see its cost."""
-    pages_copied: int        # copied back from the snapshot image
-    pages_zeroed: int        # zeroed in place (zero in the snapshot)
-    dirty_pages: int         # pages the guest wrote since the baseline (hypervisor's dirty log)
-    host_pages: int          # pages the host wrote since the baseline (call buffers)
-    hypervisor_calls: int    # ioctls (KVM) / API calls (WHP) the restore made, all told
-    register_calls: int      #   of which for registers (the rest: dirty log read / re-protect)
-    full: bool               # every page and register group was reset (another snapshot, or
-                             # after a fault, timeout or cancel)
-    ns: int                  # wall time
 
 _VECTOR_NAMES = {
     0: "#DE divide error", 1: "#DB debug", 3: "#BP breakpoint", 4: "#OF overflow", 5: "#BR bound range",
@@ -191,14 +172,17 @@ class Sandbox:
             raise TypeError("on_print must be callable or None")
         vm = backend.system().create_vm()
         undo.callback(vm.close)
-        # Dirty logging on RAM: restores copy back only the pages the guest wrote.
-        vm.set_memory(0, 0, layout.memory_size, memory.address, log_dirty=True)
+        vcpu = vm.create_vcpu(0)
+        undo.callback(vcpu.close)
+        # Memory as slot 0, dirty-logged: restores copy back only the pages written. (What
+        # write_environment or a snapshot put there before is covered: with no baseline yet, a
+        # restore scans all of memory.)
+        warm = WarmMemory(vm, vcpu, memory)
+        undo.callback(warm.close)
         for slot, (region, m) in enumerate(zip(layout.files, mappings), start=1):
             # Read-only at the hypervisor too: a write that slipped past the page tables would
             # exit as MMIO instead of changing the file's pages.
             vm.set_memory(slot, region.gpa, region.size, m.address, readonly=True)
-        vcpu = vm.create_vcpu(0)
-        undo.callback(vcpu.close)
         if snapshot is None:
             vcpu.init_long_mode(**machine.sregs_arguments(layout))
         else:
@@ -208,7 +192,8 @@ class Sandbox:
         self._layout = layout
         self._layout_dict = layout.to_dict()
         self._memory = memory
-        self._mem = memoryview(memory)
+        self._warm = warm
+        self._mem = warm.mem
         self._file_mappings = mappings
         self._file_paths = files
         self._vm = vm
@@ -231,21 +216,7 @@ class Sandbox:
         self._output = (r("output").gpa, r("output").size)
         self._exchange = (r("exchange").gpa, r("exchange").size)
         self._stack_top = r("stack").end - 8      # as if `call` had pushed a return address
-        # What restore needs to know (see restore()):
-        self._pages = layout.memory_size // PAGE
-        words = snapshot_words(self._pages)
-        self._dirty = np.zeros(words, dtype=np.uint64)       # dirty log, then pages to restore
-        self._hot = np.zeros(words, dtype=np.uint64)         # pages left writable (see restore)
-        self._previous = np.zeros(words, dtype=np.uint64)    # the previous cycle's dirty pages
-        self._reprotect = np.zeros(words, dtype=np.uint64)
-        self._touched = np.zeros(words, dtype=np.uint32)     # words where the two above are set
-        self._n_touched = 0
-        self._hot_count = 0
-        self._baseline = snapshot         # memory == baseline's image except dirty pages
-        self._host_written = {}           # buffer gpa -> bytes of it the host wrote since the
-                                          #   baseline (the hypervisor logs only the guest's writes)
-        self._ran = False                 # the guest ran since the baseline (FPU may differ)
-        self._needs_full_reset = False    # a fault/timeout/cancel: reset every register group
+        warm.set_baseline(snapshot)
         self.last_restore = None
         self._closed = False
 
@@ -276,7 +247,7 @@ class Sandbox:
         # with _mutex held, and no operation running
         self._closed = True
         self._cv.notify_all()            # threads waiting to operate: they raise SandboxClosed
-        self._mem.release()
+        self._warm.close()
         self._vcpu.close()
         self._vm.close()
         self._memory.close()
@@ -428,8 +399,8 @@ class Sandbox:
             self._check_ready()
             if deadline is not None and time.monotonic_ns() >= deadline:
                 raise _not_started(f"call({name!r})")    # got the sandbox just too late
-            self._host_write(self._input, lambda base, size: abi.encode_call(
-                self._mem, base, size, export.index, name, export.params, args))
+            self._host_write(self._input, lambda mem, base, size: abi.encode_call(
+                mem, base, size, export.index, name, export.params, args))
             return self._run_call(export, timeout, deadline)
         finally:
             self._release()
@@ -451,10 +422,7 @@ class Sandbox:
         with _Operation(self, "snapshot()"):
             self._check_ready()
             image = impl.GuestMemory(self._layout.memory_size)
-            nonzero = np.zeros_like(self._dirty)
-            _pages.capture(self._mem, memoryview(image), nonzero)
-            state = self._vcpu.save_state()
-            self._new_dirty_epoch()
+            nonzero, state = self._warm.capture(image)
             meta = {
                 "backend": backend.NAME, "abi": abi.ABI_VERSION,
                 "guest": {"path": self._image.path, "digest": self._image.digest, "entry": self._image.entry,
@@ -464,7 +432,7 @@ class Sandbox:
                 "state_sizes": [len(state[part]) for part in STATE_PARTS],
             }
             snap = Snapshot(image, nonzero, state, meta)
-            self._set_baseline(snap)
+            self._warm.set_baseline(snap)
             return snap
 
     def restore(self, snapshot: Snapshot) -> None:
@@ -480,78 +448,15 @@ class Sandbox:
             why = snapshot.compatible_with(self._layout_dict, self._image.digest)
             if why:
                 raise SnapshotError(f"cannot restore this snapshot into this sandbox: {why}")
-            t0 = time.perf_counter_ns()
             try:
-                vm, dirty = self._vm, self._dirty
-                vm.get_dirty_log(0, dirty.view(np.uint8))
-                calls = 1
-                full = snapshot is not self._baseline
-                if full:
-                    self._hot[:] = 0            # start over: re-protect every page
-                    self._hot_count = 0
-                guest_pages, reprotect, self._hot_count, self._n_touched = _pages.plan_reprotect(
-                    dirty, self._hot, self._previous, self._reprotect, self._touched, self._n_touched,
-                    HOT_PAGES if vm.manual_protect and not full else 0, self._hot_count)
-                host_pages = self._mark_host_writes(dirty)
-                if full:
-                    # Memory may differ from this snapshot anywhere it or the old baseline is
-                    # non-zero, or the guest wrote; unknown baseline: anywhere non-zero now.
-                    dirty |= snapshot._nonzero
-                    if self._baseline is not None and self._baseline.meta["layout"] == snapshot.meta["layout"]:
-                        dirty |= self._baseline._nonzero
-                    else:
-                        _pages.capture(self._mem, None, dirty)
-                copied, zeroed = _pages.restore(self._mem, snapshot._image_view, dirty, snapshot._nonzero)
-                if reprotect and vm.manual_protect:
-                    # only the span of words that have bits: KVM walks what it is given
-                    lo, hi = int(self._touched[0]), int(self._touched[self._n_touched - 1]) + 1
-                    vm.clear_dirty_log(0, lo * 64, min(hi * 64, self._pages) - lo * 64,
-                                       self._reprotect[lo:hi].view(np.uint8))
-                    calls += 1
-                register_calls = self._vcpu.load_state(snapshot._state, fpu=self._ran or full,
-                                                       full=self._needs_full_reset or full)
-                calls += register_calls
+                stats = self._warm.restore(snapshot)
             except BaseException as e:
                 self._poisoned = f"a restore failed half-way ({type(e).__name__}: {e})"
-                self._needs_full_reset = True
-                self._baseline = None
                 if isinstance(e, Exception) and not isinstance(e, WhpfastError):
                     raise SnapshotError(f"restore failed; the sandbox is poisoned: {e}") from e
                 raise
-            self._set_baseline(snapshot)
             self._poisoned = None
-            self.last_restore = RestoreStats(copied, zeroed, guest_pages, host_pages, calls,
-                                             register_calls, full, time.perf_counter_ns() - t0)
-
-    def _set_baseline(self, snapshot):
-        self._baseline = snapshot
-        self._host_written.clear()
-        self._ran = False
-        self._needs_full_reset = False
-
-    def _mark_host_writes(self, bitmap):
-        """Sets the bits of the buffer pages the host wrote since the baseline (the hypervisor
-        logs only the guest's writes); returns how many were not set already."""
-        added = 0
-        for base, used in self._host_written.items():
-            for page in range(base // PAGE, (base + used + PAGE - 1) // PAGE):
-                bit = np.uint64(1 << (page & 63))
-                if not bitmap[page >> 6] & bit:
-                    bitmap[page >> 6] |= bit
-                    added += 1
-        return added
-
-    def _new_dirty_epoch(self):
-        """Makes the current memory the reference: clears every dirty bit (re-protecting every
-        page, hot ones included)."""
-        dirty = self._dirty
-        self._vm.get_dirty_log(0, dirty.view(np.uint8))
-        self._vm.clear_dirty_log(0, 0, self._pages, dirty.view(np.uint8))
-        self._hot[:] = 0
-        self._previous[:] = 0
-        self._reprotect[:] = 0
-        self._n_touched = 0
-        self._hot_count = 0
+            self.last_restore = stats
 
     def _check_ready(self):
         if self._closed:
@@ -563,15 +468,11 @@ class Sandbox:
     def _run_call(self, export, timeout, deadline):
         vcpu = self._vcpu
         vcpu.enter(self._image.entry, self._stack_top)
-        self._ran = True
+        self._warm.ran = True
         self._host_error = None
         try:
             while True:
-                if deadline is None:
-                    kind = vcpu.run()
-                else:
-                    remaining = deadline - time.monotonic_ns()
-                    kind = vcpu.run(remaining) if remaining > 0 else impl.EXIT_TIMEOUT
+                kind = run_until(vcpu, deadline)
                 if kind != impl.EXIT_IO:
                     raise self._poison(self._exit_error(kind, export, timeout))
                 port, length = vcpu.io_port, vcpu.io_value
@@ -602,12 +503,12 @@ class Sandbox:
             # Ctrl-C or an error escaping a host function's BaseException: the guest stopped
             # somewhere in the middle of the call, so its state is not trustworthy.
             self._poisoned = f"the call was interrupted by {type(e).__name__}"
-            self._needs_full_reset = True
+            self._warm.needs_full_reset = True
             raise
 
     def _poison(self, exc):
         self._poisoned = str(exc)
-        self._needs_full_reset = True
+        self._warm.needs_full_reset = True
         return exc
 
     def _result(self, export, length):
@@ -675,21 +576,15 @@ class Sandbox:
         self._reply(abi.STATUS_ERROR, "s", data.decode("utf-8", "ignore"))
 
     def _reply(self, status, letter, value):
-        self._host_write(self._exchange, lambda base, size: abi.encode_reply(
-            self._mem, base, size, status, letter, value))
+        self._host_write(self._exchange, lambda mem, base, size: abi.encode_reply(
+            mem, base, size, status, letter, value))
 
     def _host_write(self, buffer, encode):
-        """Runs encode(base, size), which writes a message into a guest buffer and returns its
-        length, and remembers how much of the buffer the host has written since the baseline,
-        so that restore copies those pages back too."""
+        """Runs encode(mem, base, size), which writes a message into a guest buffer and returns
+        its length, through the one host write of the warm-start core (so that restore copies
+        those pages back too)."""
         base, size = buffer
-        written = size                   # if encode fails, it may have written any part of it
-        try:
-            written = encode(base, size)
-            return written
-        finally:
-            if written > self._host_written.get(base, 0):
-                self._host_written[base] = written
+        return self._warm.write(base, size, encode)
 
     def _fault(self):
         vector, error_code, rip, _cs, _rflags, _rsp, _ss, cr2 = machine.FAULT_RECORD.unpack_from(

@@ -14,8 +14,9 @@ guest memory size, which Linux programs do not mind (mmap and the stack are plac
 Invariant kept by every operation: a page that is not mapped holds zeros (munmap discards the
 pages), so a fresh mapping needs no zeroing and a snapshot need not look at unmapped memory.
 
-All host writes into guest memory go through `store()`, which marks the pages host-dirty for the
-next restore (KVM's dirty log sees only the guest's own writes)."""
+All host writes into guest memory go through `fill()`/`store()`, that is through the warm-start
+core's one host write (whpfast/core/warm.py), which marks the pages host-dirty for the next
+restore (KVM's dirty log sees only the guest's own writes)."""
 
 from bisect import bisect_left, bisect_right
 from collections import namedtuple
@@ -49,31 +50,35 @@ def page_table_bytes(memory_size):
     return (n_pt + n_pd + n_pdpt + 1) * PAGE
 
 
-def page_table_image(layout):
-    """The initial tables in the format AddressSpace keeps (see page_table_bytes): one leaf entry
-    per 4 KiB page of memory, PT, PD, PDPT, PML4 from layout.page_tables[0] upward, with the
-    layout's kernel regions mapped. (machine._page_tables now builds 2 MiB pages where it can,
-    which this address space does not manage.)"""
-    from .. import machine
-    pte = np.zeros(-(-(layout.top // PAGE) // 512) * 512, dtype=np.uint64)
+def identity_page_tables(layout):
+    """The page-table pages for [0, layout.top) as one uint64 array, laid out PT, PD, PDPT, PML4
+    from layout.page_tables[0] upward, with 4 KiB leaves only: entry i of the PT maps virtual
+    page i (to physical page i), which _set_ptes rewrites in place. (The SDK's tables,
+    machine._page_tables, map whole 2 MiB chunks with 2 MiB pages instead.)"""
+    n_pages = layout.top // PAGE
+    pte = np.zeros(-(-n_pages // 512) * 512, dtype=np.uint64)
     for r in layout.regions:
-        flags = machine.PTE_P | machine.PTE_A | machine.PTE_D | (machine.PTE_US if r.user else 0) \
-            | (machine.PTE_RW if r.writable else 0) | (0 if r.executable else machine.PTE_NX)
-        first = r.gpa // PAGE
-        pages = np.arange(first, first + r.size // PAGE, dtype=np.uint64)
-        pte[first:first + pages.size] = (pages << np.uint64(12)) | np.uint64(flags)
-    tables, lower_gpa, lower_count = [pte], layout.page_tables[0], pte.size // 512
-    next_gpa = lower_gpa + pte.size * 8
-    for _ in range(3):     # upper levels: entries for every lower table, the leaves decide
-        level = np.zeros(-(-lower_count // 512) * 512, dtype=np.uint64)
+        first, count = r.gpa // PAGE, r.size // PAGE
+        flags = PTE_P | PTE_A | PTE_D | (PTE_US if r.user else 0) | (PTE_RW if r.writable else 0) \
+            | (0 if r.executable else PTE_NX)
+        pte[first:first + count] = (np.arange(first, first + count, dtype=np.uint64) << np.uint64(12)) \
+            | np.uint64(flags)
+    tables = [pte]
+    next_gpa = layout.page_tables[0] + pte.size * 8
+    lower_gpa, lower_count = layout.page_tables[0], pte.size // 512
+    # Upper levels: every entry points to the next lower table page, fully permissive (the leaf
+    # entries decide); only entries for existing lower pages are present.
+    for _ in range(3):
+        n = -(-lower_count // 512) * 512
+        level = np.zeros(n, dtype=np.uint64)
         level[:lower_count] = (np.uint64(lower_gpa) + np.arange(lower_count, dtype=np.uint64) * np.uint64(PAGE)) \
-            | np.uint64(machine.PTE_P | machine.PTE_RW | machine.PTE_US | machine.PTE_A)
+            | np.uint64(PTE_P | PTE_RW | PTE_US | PTE_A)
         tables.append(level)
-        lower_gpa, lower_count = next_gpa, level.size // 512
-        next_gpa += level.size * 8
+        lower_gpa, lower_count = next_gpa, n // 512
+        next_gpa += n * 8
     out = np.concatenate(tables)
     assert out.size * 8 == layout.page_tables[1], (out.size * 8, layout.page_tables[1])
-    return out.tobytes()
+    return out
 
 
 def page_up(n):
@@ -85,22 +90,20 @@ def _efault(what="bad address"):
 
 
 class AddressSpace:
-    """mem: a writable memoryview of the whole guest memory; pt_base: where the leaf page-table
-    entries start (entry i maps virtual page i); top: the first address user mappings may not
-    reach (the page tables live above it); invalidate(offset, length, discard): the hypervisor hook
+    """warm: the sandbox's WarmMemory (whpfast/core/warm.py), whose memory this is; pt_base: where
+    the leaf page-table entries start (entry i maps virtual page i); top: the first address user
+    mappings may not reach (the page tables live above it); invalidate(offset, length, discard): the hypervisor hook
     (see the module docstring); populate(offset, length): faults host pages in ahead of use."""
 
     POPULATE_MAX = 4 << 20      # mappings up to this size are faulted in on the host at once
 
-    def __init__(self, mem, pt_base, top, invalidate, populate=lambda offset, length: None):
-        self.mem = mem
+    def __init__(self, warm, pt_base, top, invalidate, populate=lambda offset, length: None):
+        self.warm = warm
+        self.mem = warm.mem
         self.pt_base = pt_base
         self.top = top
         self.invalidate = invalidate
         self.populate = populate
-        pages = len(mem) // PAGE
-        self.host_dirty = np.zeros((pages + 63) // 64, dtype=np.uint64)
-        self.baseline_nonzero = None      # the baseline snapshot's non-zero pages, if any
         self.changed = []                 # (start, end) whose entries changed since the baseline
         # The mappings, sorted, as lists changed in place (a call costs one memmove, not a copy
         # of every mapping), and the brk. capture() freezes them into an MmState.
@@ -123,52 +126,23 @@ class AddressSpace:
             self.brk_start, self.brk_now = state.brk_start, state.brk
             self._frozen = state
 
-    # -- host-dirty bookkeeping ----------------------------------------------------------------
-
-    @staticmethod
-    def _words(start, end):
-        """(first word, end word, per-word masks) of the page bits of [start, end)."""
-        p0, p1 = start // PAGE, (end + PAGE - 1) // PAGE
-        w0, w1 = p0 >> 6, ((p1 - 1) >> 6) + 1
-        masks = np.full(w1 - w0, MASK64, dtype=np.uint64)
-        masks[0] &= np.uint64((MASK64 << (p0 & 63)) & MASK64)
-        masks[-1] &= np.uint64(MASK64 >> (63 - ((p1 - 1) & 63)))
-        return w0, w1, masks
-
-    def mark(self, start, end, only=None):
-        """Marks the pages of [start, end) as written by the host (only those set in the bitmap
-        `only`, if given)."""
-        if end <= start:
-            return
-        p0, p1 = start // PAGE, (end + PAGE - 1) // PAGE
-        if p0 >> 6 == (p1 - 1) >> 6:              # the common case: pages of one bitmap word
-            mask = ((1 << (p1 - p0)) - 1) << (p0 & 63)
-            if only is not None:
-                mask &= int(only[p0 >> 6])
-            self.host_dirty[p0 >> 6] |= np.uint64(mask)
-            return
-        w0, w1, masks = self._words(start, end)
-        if only is not None:
-            masks &= only[w0:w1]
-        self.host_dirty[w0:w1] |= masks
+    # -- host writes ---------------------------------------------------------------------------
 
     def fill(self, addr, n, writer):
-        """THE host write into guest memory (physical == virtual for user pages): writer(view)
+        """A host write into guest memory (physical == virtual for user pages): writer(view)
         writes into a view of [addr, addr+n) and returns how many bytes it wrote, and those pages
-        are marked for the next restore. No permission check (the loader writes read-only
-        segments through it); bounds checked."""
+        are marked for the next restore (WarmMemory.write). No permission check (the loader
+        writes read-only segments through it); bounds checked."""
         if n <= 0:
             return 0
-        if addr < 0 or addr + n > len(self.mem):
-            raise ValueError(f"host store {addr:#x}+{n:#x} outside guest memory")
-        view = self.mem[addr:addr + n]
-        written = n                       # if writer fails half-way, any of it may be written
-        try:
-            written = writer(view)
-            return written
-        finally:
-            view.release()
-            self.mark(addr, addr + written)
+
+        def write(mem, base, size):
+            view = mem[base:base + size]
+            try:
+                return writer(view)
+            finally:
+                view.release()
+        return self.warm.write(addr, n, write)
 
     def store(self, addr, data):
         """Copies data into guest memory at addr (through fill())."""
@@ -307,8 +281,8 @@ class AddressSpace:
         and have the next restore copy back the ones the baseline holds non-zero."""
         for v in pieces:
             self.invalidate(v.start, v.end - v.start, True)
-            if self.baseline_nonzero is not None:
-                self.mark(v.start, v.end, only=self.baseline_nonzero)
+            if self.warm.baseline is not None:
+                self.warm.mark(v.start, v.end, only=self.warm.baseline._nonzero)
 
     def drop(self, addr, length):
         """MADV_DONTNEED: anonymous private pages in the range read as zero again (file-backed

@@ -9,9 +9,9 @@ area with the next KVM_RUN (no extra ioctl). CPU exceptions reach the SDK's CPL0
 (machine.py) and end the run as GuestFault in Linux terms (signal, address, RIP).
 
 Warm start: snapshot() = guest memory + vCPU state + every host-side component (address space,
-file system, signal table, pending input); restore() puts all of them back. Memory goes back by
-the dirty log (guest writes) plus the host-dirty bitmap of mm.store (host writes), the way
-Sandbox.restore does it, with the same _pages helpers."""
+file system, signal table, pending input); restore() puts all of them back. Memory and vCPU
+state go back through the warm-start core Sandbox uses too (whpfast/core/warm.py: the dirty log
+for guest writes, its host-dirty bitmap for the host's, fed by mm.fill/mm.store, the hot set)."""
 
 import errno
 import os
@@ -22,27 +22,26 @@ import warnings
 from collections import namedtuple
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
-
-import numpy as np
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import _pages, abi, backend, machine
+from ..core.run import run_until
+from ..core.warm import BLOCK, WarmMemory
 from ..errors import (GuestCancelled, GuestFault, GuestLoadError, GuestTimeout, HypervisorError,
                       SandboxClosed, SandboxError, SandboxPoisoned,
                       SnapshotError, WhpfastError)
 from . import loader, syscalls, vdso
+from .._typing import StrPath
 from .errno import LinuxError
 from .fs import FileSystem
 from . import snapfile
-from .mm import (PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, USER_MIN, AddressSpace, page_table_bytes,
-                 page_table_image)
+from .mm import (PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, USER_MIN, AddressSpace, identity_page_tables,
+                 page_table_bytes)
 
 impl = backend.impl
 MASK64 = (1 << 64) - 1
 DEFAULT_MEMORY_SIZE = 1 << 30
 DEFAULT_STACK_SIZE = 8 << 20
-BLOCK = 64 * PAGE                   # one word of a page bitmap
-HOT_PAGES = 4096                    # pages left writable across restores (see Sandbox.restore)
 MAX_OUTPUT = 256 << 20              # stdout + stderr bytes one run() collects
 
 SYSCALL_PORT = 0xE4                 # one of the ports the SDK's TSS bitmap opens to CPL3
@@ -100,12 +99,12 @@ class LinuxSnapshot:
         return (f"<whpfast.LinuxSnapshot{where} of {self.meta['config']['exe']!r}, "
                 f"{self.meta['memory_size'] >> 20} MiB, {self.nonzero_pages} non-zero pages>")
 
-    def save(self, path: "os.PathLike[str] | str") -> str:
+    def save(self, path: StrPath) -> str:
         """Writes the snapshot to path atomically (a new file, then renamed over path)."""
         return snapfile.save(self, path)
 
     @classmethod
-    def load(cls, path: "os.PathLike[str] | str") -> "LinuxSnapshot":
+    def load(cls, path: StrPath) -> "LinuxSnapshot":
         """Reads and validates a saved snapshot; SnapshotError says what is wrong."""
         meta, state, components, image, nonzero = snapfile.load(path, FileSystem.decode)
         try:
@@ -153,7 +152,8 @@ class LinuxSandbox:
     guest's RAM and its address space. on_output(stream, data) sees stdout/stderr as written."""
 
     def __init__(self, argv: Sequence[Union[str, bytes]], *, env: Optional[Mapping[str, str]] = None,
-                 read: Any = (), cwd: str = "/", memory_size: int = DEFAULT_MEMORY_SIZE,
+                 read: Union[StrPath, bytes, Iterable[Union[StrPath, bytes]], Mapping[str, str]] = (),
+                 cwd: StrPath = "/", memory_size: int = DEFAULT_MEMORY_SIZE,
                  stack_size: int = DEFAULT_STACK_SIZE,
                  on_output: Optional[Callable[[str, bytes], object]] = None,
                  tmp_size: int = 64 << 20) -> None:
@@ -195,7 +195,7 @@ class LinuxSandbox:
         self._closed = False
 
     @classmethod
-    def from_snapshot(cls, snapshot: "LinuxSnapshot | os.PathLike[str] | str", *,
+    def from_snapshot(cls, snapshot: Union["LinuxSnapshot", StrPath], *,
                       on_output: Optional[Callable[[str, bytes], object]] = None) -> "LinuxSandbox":
         """A new sandbox in the snapshot's state (a LinuxSnapshot, or the path of a saved one),
         with the same read policy. Its first restore target is that snapshot."""
@@ -210,7 +210,6 @@ class LinuxSandbox:
         except BaseException:
             self._close_parts()
             raise
-        self._set_baseline(snapshot)
         self._refresh_vdso()
         if snapshot._fs_codec is None:
             snapshot._fs_codec = self.fs
@@ -241,12 +240,13 @@ class LinuxSandbox:
         undo.callback(memory.close)
         vm = backend.system().create_vm()
         undo.callback(vm.close)
-        # Dirty logging starts with the first snapshot (_log_dirty): until then no restore needs
-        # it, and on the PVM hosts it doubles the cost of a first write to a page (measured:
-        # 21 vs 12 us), which is most of a cold boot.
-        vm.set_memory(0, 0, memory_size, memory.address)
         vcpu = vm.create_vcpu(0)
         undo.callback(vcpu.close)
+        # Dirty logging starts with the first snapshot: until then no restore needs it, and on
+        # the PVM hosts it doubles the cost of a first write to a page (measured: 21 vs 12 us),
+        # which is most of a cold boot.
+        warm = WarmMemory(vm, vcpu, memory, log_dirty=False)
+        undo.callback(warm.close)
         pt_size = page_table_bytes(memory_size)
         pt_base = memory_size - pt_size
         regions = [
@@ -266,10 +266,9 @@ class LinuxSandbox:
         ]
         layout = machine.Layout(memory_size=memory_size, regions=regions, page_tables=(pt_base, pt_size),
                                 cr3=pt_base + pt_size - PAGE, top=memory_size)
-        self._memory, self._vm, self._vcpu = memory, vm, vcpu
-        self._mem = memoryview(memory)
-        undo.callback(self._mem.release)
-        self.mm = AddressSpace(self._mem, pt_base, pt_base - PAGE,
+        self._memory, self._vm, self._vcpu, self._warm = memory, vm, vcpu, warm
+        self._mem = warm.mem
+        self.mm = AddressSpace(warm, pt_base, pt_base - PAGE,
                                lambda offset, length, discard: impl.memory_invalidate(vcpu, memory, offset, length, discard),
                                lambda offset, length: impl.memory_populate(memory, offset, length))
         gdt, tss = machine._gdt_and_tss()
@@ -279,7 +278,7 @@ class LinuxSandbox:
         store(machine.IDT_ADDR, machine._idt())
         store(machine.STUBS_ADDR, machine._stubs())
         store(SYSCALL_STUB, SYSCALL_STUB_CODE)
-        store(pt_base, page_table_image(layout))
+        store(pt_base, identity_page_tables(layout).tobytes())
         args = machine.sregs_arguments(layout)
         args.update(cr4=CR4)
         vcpu.init_long_mode(**args)
@@ -361,20 +360,6 @@ class LinuxSandbox:
                 f"the libraries the program loads (e.g. read=['/lib', '/usr/lib', ...])") from None
 
     def _finish_init(self):
-        pages = self.memory_size // PAGE
-        words = (pages + 63) // 64
-        self._pages = pages
-        self._dirty = np.zeros(words, dtype=np.uint64)
-        self._hot = np.zeros(words, dtype=np.uint64)
-        self._previous = np.zeros(words, dtype=np.uint64)
-        self._reprotect = np.zeros(words, dtype=np.uint64)
-        self._touched = np.zeros(words, dtype=np.uint32)
-        self._n_touched = 0
-        self._hot_count = 0
-        self._baseline = None
-        self._logging = False
-        self._ran = False
-        self._needs_full_reset = False
         self._poisoned = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -404,7 +389,7 @@ class LinuxSandbox:
 
     def _close_parts(self):
         self.fs.close_all()
-        self._mem.release()
+        self._warm.close()
         self._vcpu.close()
         self._vm.close()
         self._memory.close()
@@ -476,7 +461,7 @@ class LinuxSandbox:
                     f"restore a snapshot or close it")) from e
             except BaseException as e:
                 self._poisoned = f"the run was interrupted by {type(e).__name__}: {e}"
-                self._needs_full_reset = True
+                self._warm.needs_full_reset = True
                 raise
             finally:
                 self._vcpu.end_call()
@@ -485,16 +470,12 @@ class LinuxSandbox:
         vcpu = self._vcpu
         pending = self._io.waiting       # the vCPU sits at a system call not answered yet
         self._io = self._io._replace(waiting=False)
-        self._ran = True
+        self._warm.ran = True
         dispatch, syscall_regs, syscall_return = syscalls.dispatch, impl.syscall_regs, impl.syscall_return
         cs, ds = machine.USER_CS, machine.USER_DS
         while True:
             if not pending:
-                if self._deadline is None:
-                    kind = vcpu.run()
-                else:
-                    remaining = self._deadline - time.monotonic_ns()
-                    kind = vcpu.run(remaining) if remaining > 0 else impl.EXIT_TIMEOUT
+                kind = run_until(vcpu, self._deadline)
                 # Only the stub's own exit is a system call: `out SYSCALL_PORT, al`. Any other
                 # use of the port (an IN, which KVM completes and WHP leaves undone, a wider OUT,
                 # string I/O) is an exit the ABI does not define.
@@ -568,7 +549,7 @@ class LinuxSandbox:
 
     def _poison(self, exc):
         self._poisoned = str(exc)
-        self._needs_full_reset = True
+        self._warm.needs_full_reset = True
         exc.stdout, exc.stderr = bytes(self._stdout), bytes(self._stderr)
         return exc
 
@@ -631,21 +612,11 @@ class LinuxSandbox:
             if self._poisoned:
                 raise SandboxPoisoned(f"cannot snapshot a poisoned sandbox ({self._poisoned})")
             image = impl.GuestMemory(self.memory_size)
-            nonzero = np.zeros_like(self._dirty)
-            dst = memoryview(image)
-            try:
-                for start, end in self._captured_ranges():
-                    bits = np.zeros((end - start) // BLOCK, dtype=np.uint64)
-                    _pages.capture(self._mem[start:end], dst[start:end], bits)
-                    nonzero[start // BLOCK:end // BLOCK] |= bits
-            finally:
-                dst.release()
-            state = self._vcpu.save_state()
-            self._log_dirty()
-            self._new_dirty_epoch()
+            nonzero, state = self._warm.capture(image, self._captured_ranges)
             snap = LinuxSnapshot(image, nonzero, state, self._components(),
                                  {"memory_size": self.memory_size, "config": self._config}, self.fs)
-            self._set_baseline(snap)
+            self._warm.set_baseline(snap)
+            self.mm.changed = []
             return snap
 
     def _captured_ranges(self):
@@ -683,77 +654,32 @@ class LinuxSandbox:
                 stats = self._restore(snapshot)
             except BaseException as e:
                 self._poisoned = f"a restore failed half-way ({type(e).__name__}: {e})"
-                self._needs_full_reset = True
-                self._baseline = None
+                self._warm.forget_baseline()
                 if isinstance(e, Exception) and not isinstance(e, WhpfastError):
                     raise SnapshotError(f"restore failed; the sandbox is poisoned: {e}") from e
                 raise
-            self._set_baseline(snapshot)
             self._refresh_vdso()
             self._poisoned = None
             self.last_restore = dict(stats, ns=time.perf_counter_ns() - t0)
 
-    def _log_dirty(self):
-        if not self._logging:
-            self._vm.set_memory(0, 0, self.memory_size, self._memory.address, log_dirty=True)
-            self._logging = True
-
     def _restore(self, snapshot):
-        vm, dirty, mm = self._vm, self._dirty, self.mm
-        self._log_dirty()
-        vm.get_dirty_log(0, dirty.view(np.uint8))
-        full = snapshot is not self._baseline
-        if full:
-            self._hot[:] = 0
-            self._hot_count = 0
-        guest_pages, reprotect, self._hot_count, self._n_touched = _pages.plan_reprotect(
-            dirty, self._hot, self._previous, self._reprotect, self._touched, self._n_touched,
-            HOT_PAGES if vm.manual_protect and not full else 0, self._hot_count)
-        dirty |= mm.host_dirty
-        if full:
-            dirty |= snapshot._nonzero
-            if self._baseline is not None:
-                dirty |= self._baseline._nonzero
-            else:
-                for start, end in self._captured_ranges():
-                    bits = np.zeros((end - start) // BLOCK, dtype=np.uint64)
-                    _pages.capture(self._mem[start:end], None, bits)
-                    dirty[start // BLOCK:end // BLOCK] |= bits
-        copied, zeroed = _pages.restore(self._mem, snapshot._image_view, dirty, snapshot._nonzero)
-        if reprotect and vm.manual_protect:
-            lo, hi = int(self._touched[0]), int(self._touched[self._n_touched - 1]) + 1
-            vm.clear_dirty_log(0, lo * 64, min(hi * 64, self._pages) - lo * 64,
-                               self._reprotect[lo:hi].view(np.uint8))
+        """Memory and vCPU state through the warm-start core, then what only this personality
+        has: stale translations and the host-side components. After a failure the core wants a
+        full restore next; the caller poisons."""
+        mm = self.mm
+        full = snapshot is not self._warm.baseline
+        stats = self._warm.restore(snapshot, self._captured_ranges)
         # Translations the hypervisor built from page tables that have just been put back.
         changed = [(USER_MIN, mm.top)] if full else mm.changed
+        mm.changed = []
         for start, end in _merge(changed):
             impl.memory_invalidate(self._vcpu, self._memory, start, end - start, False)
-        registers = self._vcpu.load_state(snapshot._state, fpu=self._ran or full,
-                                          full=self._needs_full_reset or full)
         mm_state, fs_state, self.proc, self._io = snapshot._components
         mm.reset(mm_state)
         self.fs.reset(fs_state)
-        return {"pages_copied": copied, "pages_zeroed": zeroed, "dirty_pages": guest_pages,
-                "register_ioctls": registers,
-                "full": full, "mm_ranges": len(changed)}
-
-    def _set_baseline(self, snapshot):
-        self._baseline = snapshot
-        self.mm.baseline_nonzero = snapshot._nonzero
-        self.mm.host_dirty[:] = 0
-        self.mm.changed = []
-        self._ran = False
-        self._needs_full_reset = False
-
-    def _new_dirty_epoch(self):
-        dirty = self._dirty
-        self._vm.get_dirty_log(0, dirty.view(np.uint8))
-        self._vm.clear_dirty_log(0, 0, self._pages, dirty.view(np.uint8))
-        self._hot[:] = 0
-        self._previous[:] = 0
-        self._reprotect[:] = 0
-        self._n_touched = 0
-        self._hot_count = 0
+        return {"pages_copied": stats.pages_copied, "pages_zeroed": stats.pages_zeroed,
+                "dirty_pages": stats.dirty_pages, "host_pages": stats.host_pages,
+                "register_ioctls": stats.register_calls, "full": full, "mm_ranges": len(changed)}
 
 
 def _merge(ranges):

@@ -1,0 +1,241 @@
+"""The warm-start engine: guest memory under the hypervisor's dirty log, the host's own writes
+into it, the hot set, and snapshot/restore of memory and vCPU state. Personality-neutral: the SDK
+`Sandbox` and `LinuxSandbox` each own one WarmMemory next to their VM and vCPU and add their own
+host-side state on top.
+
+What a restore copies back: the pages the guest wrote since the baseline (the snapshot last
+taken, restored or started from) as the dirty log reports them, plus the pages the host wrote,
+which the hypervisor does not log: every host write into guest memory goes through write() (or
+store()/mark()), which keeps a page-granular host-dirty bitmap. KVM's manual-protect dirty log
+lets pages written in a large share of restore cycles stay writable (the hot set, see
+_pages.plan_hot): they cost a copy per restore instead of a write fault per call."""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _pages
+
+PAGE = 4096
+BLOCK = 64 * PAGE               # the memory one bitmap word covers
+MASK64 = (1 << 64) - 1
+# At most this many hot pages (64 MiB): a restore copies every one (~0.2 us each, ~3 ms for all
+# of them), so a workload that writes more than this per call pays write faults for the rest.
+# Host memory for the policy: one score byte per page (allocated zeroed: resident only where
+# pages were ever written between restores) and one bitmap of 1 bit per page.
+HOT_LIMIT = 16384
+
+
+@dataclass(frozen=True)
+class RestoreStats:
+    """What one restore did, so embedders can see its cost."""
+    pages_copied: int        # copied back from the snapshot image
+    pages_zeroed: int        # zeroed in place (zero in the snapshot)
+    dirty_pages: int         # pages the guest wrote since the baseline (hypervisor's dirty log)
+    host_pages: int          # pages the host wrote since the baseline (call buffers)
+    hypervisor_calls: int    # ioctls (KVM) / API calls (WHP) the restore made, all told
+    register_calls: int      #   of which for registers (the rest: dirty log read / re-protect)
+    full: bool               # every page and register group was reset (another snapshot, or
+                             # after a fault, timeout or cancel)
+    ns: int                  # wall time
+
+
+class WarmMemory:
+    """Guest memory (a backend GuestMemory) as memslot 0 of vm, with the restore bookkeeping for
+    it and vcpu. It does not own vm, vcpu or memory (the personality closes them); close()
+    releases its view of the memory. Snapshots are any object with _image_view (the memory
+    image), _nonzero (its non-zero pages) and _state (vCPU state).
+
+    log_dirty=False leaves dirty logging off until the first capture() or restore(): on PVM hosts
+    it doubles the cost of a first write to a page, which is most of a cold boot."""
+
+    def __init__(self, vm, vcpu, memory, *, log_dirty=True):
+        self.vm, self.vcpu, self.memory = vm, vcpu, memory
+        self.size = memory.size
+        vm.set_memory(0, 0, self.size, memory.address, log_dirty=log_dirty)
+        self._logging = log_dirty
+        self.mem = memoryview(memory)
+        self.pages = self.size // PAGE
+        words = (self.pages + 63) // 64
+        self._dirty = np.zeros(words, dtype=np.uint64)      # dirty log, then pages to restore
+        self._host = np.zeros(words, dtype=np.uint64)       # pages the host wrote since the baseline
+        self._host_words = set()                             # ...the words of _host with bits
+        self._hot = np.zeros(words, dtype=np.uint64)        # pages left writable (see plan_hot)
+        self._score = np.zeros(self.pages, dtype=np.uint8)  # per page, how often it was written
+        self._scored = np.zeros(words, dtype=np.uint64)     # pages whose score is not zero
+        self._reprotect = np.zeros(words, dtype=np.uint64)
+        self._touched = np.zeros(words, dtype=np.uint32)    # words where _reprotect has bits
+        self._n_touched = 0
+        self._cycle = 0
+        self.hot_count = 0
+        # The hot set's bound; 0 where the hypervisor re-protects every page as it reads the log
+        # (WHP). The benchmark lowers it to 64 for the old fixed policy's figures.
+        self.hot_limit = min(HOT_LIMIT, self.pages) if vm.manual_protect else 0
+        self.baseline = None        # memory == baseline's image except dirty and host pages
+        self.ran = False            # the guest ran since the baseline (FPU state may differ)
+        self.needs_full_reset = False   # a fault/timeout/cancel: reset every register group
+
+    def close(self):
+        self.mem.release()
+
+    # -- host writes -----------------------------------------------------------------------
+
+    def write(self, addr, size, writer):
+        """THE host write into guest memory: writer(mem, addr, size) writes into mem[addr:addr+size]
+        (mem: a view of the whole memory) and returns how many bytes from addr it wrote; those
+        pages are marked for the next restore (all of [addr, addr+size) if writer raises: it may
+        have written any part). Bounds checked; no other check (permissions are the caller's).
+        Writing nothing is a no-op wherever addr points."""
+        if size == 0:
+            return 0
+        if addr < 0 or size < 0 or addr + size > self.size:
+            raise ValueError(f"host write of {size:#x} bytes at {addr:#x} is outside the "
+                             f"{self.size:#x} bytes of guest memory")
+        written = size
+        try:
+            written = writer(self.mem, addr, size)
+            return written
+        finally:
+            self.mark(addr, addr + min(max(written, 0), size))
+
+    def store(self, addr, data):
+        """Copies data into guest memory at addr (through write())."""
+        def copy(mem, base, size):
+            mem[base:base + size] = data
+            return size
+        return self.write(addr, len(data), copy)
+
+    def mark(self, start, end, only=None):
+        """Marks the pages of [start, end) as written by the host (only those set in the bitmap
+        `only`, if given), for a writer that cannot go through write() (a page dropped behind
+        the hypervisor's back, say)."""
+        if end <= start:
+            return
+        p0, p1 = start // PAGE, (end + PAGE - 1) // PAGE
+        w0, w1 = p0 >> 6, ((p1 - 1) >> 6) + 1
+        if w1 - w0 == 1:                       # the common case: pages of one bitmap word
+            mask = ((1 << (p1 - p0)) - 1) << (p0 & 63)
+            if only is not None:
+                mask &= int(only[w0])
+            if mask:
+                self._host[w0] |= np.uint64(mask)
+                self._host_words.add(w0)
+            return
+        masks = np.full(w1 - w0, MASK64, dtype=np.uint64)
+        masks[0] &= np.uint64((MASK64 << (p0 & 63)) & MASK64)
+        masks[-1] &= np.uint64(MASK64 >> (63 - ((p1 - 1) & 63)))
+        if only is not None:
+            masks &= only[w0:w1]
+        self._host[w0:w1] |= masks
+        self._host_words.update(range(w0, w1))
+
+    # -- snapshot and restore ------------------------------------------------------------------
+
+    def _scan(self, ranges, dst, nonzero):
+        """_pages.capture over ranges() (whole bitmap words; ranges None: all memory)."""
+        if ranges is None:
+            _pages.capture(self.mem, dst, nonzero)
+            return
+        for start, end in ranges():
+            bits = np.zeros((end - start) // BLOCK, dtype=np.uint64)
+            _pages.capture(self.mem[start:end], None if dst is None else dst[start:end], bits)
+            nonzero[start // BLOCK:end // BLOCK] |= bits
+
+    def capture(self, image, ranges=None):
+        """Copies memory into image (a zeroed buffer of the same size: a fresh GuestMemory) and
+        returns (its non-zero pages, the vCPU state). ranges: a function returning the (start, end)
+        spans, whole bitmap words, outside which memory is known to be zero (None: scan all of
+        it; called only when a scan is needed). Starts a new
+        dirty epoch; the caller makes its snapshot the baseline with set_baseline()."""
+        nonzero = np.zeros_like(self._dirty)
+        dst = memoryview(image)
+        try:
+            self._scan(ranges, dst, nonzero)
+        finally:
+            dst.release()
+        state = self.vcpu.save_state()
+        self._start_logging()
+        # The current memory is the reference now: clear every dirty bit (re-protecting every
+        # page, hot ones included).
+        dirty = self._dirty
+        self.vm.get_dirty_log(0, dirty.view(np.uint8))
+        self.vm.clear_dirty_log(0, 0, self.pages, dirty.view(np.uint8))
+        self._forget_hot()
+        return nonzero, state
+
+    def set_baseline(self, snapshot):
+        self.baseline = snapshot
+        for w in self._host_words:
+            self._host[w] = 0
+        self._host_words.clear()
+        self.ran = False
+        self.needs_full_reset = False
+
+    def restore(self, snapshot, ranges=None):
+        """Puts memory and vCPU state back to the snapshot's and makes it the baseline. From the
+        baseline only the pages written since are copied (or zeroed); from another snapshot
+        (or none known) every page that may differ. ranges: as for capture(). On failure the
+        state is unknown: the next restore is a full one, and the caller poisons its sandbox."""
+        t0 = time.perf_counter_ns()
+        try:
+            stats = self._restore(snapshot, ranges, t0)
+        except BaseException:
+            self.forget_baseline()
+            raise
+        self.set_baseline(snapshot)
+        return stats
+
+    def forget_baseline(self):
+        """After a failed restore (here or in the personality's own state): the next restore
+        resets every page that may differ and every register group."""
+        self.baseline = None
+        self.needs_full_reset = True
+
+    def _restore(self, snapshot, ranges, t0):
+        vm, dirty = self.vm, self._dirty
+        self._start_logging()
+        vm.get_dirty_log(0, dirty.view(np.uint8))
+        calls = 1
+        full = snapshot is not self.baseline
+        if full:
+            self._forget_hot()              # start over: re-protect every page
+        else:
+            self._cycle += 1
+        guest_pages, reprotect, self.hot_count, self._n_touched = _pages.plan_hot(
+            dirty, self._hot, self._score, self._scored, self._reprotect, self._touched,
+            self._n_touched, 0 if full else self.hot_limit, self.hot_count, self._cycle)
+        host_pages = _pages.absorb(dirty, self._host, self._host_words)
+        self._host_words.clear()
+        if full:
+            # Memory may differ from this snapshot anywhere it or the old baseline is non-zero,
+            # or where it was written; unknown baseline: anywhere non-zero now.
+            dirty |= snapshot._nonzero
+            if self.baseline is not None:
+                dirty |= self.baseline._nonzero
+            else:
+                self._scan(ranges, None, dirty)
+        copied, zeroed = _pages.restore(self.mem, snapshot._image_view, dirty, snapshot._nonzero)
+        if reprotect and vm.manual_protect:
+            # only the span of words that have bits: KVM walks what it is given
+            lo, hi = int(self._touched[0]), int(self._touched[self._n_touched - 1]) + 1
+            vm.clear_dirty_log(0, lo * 64, min(hi * 64, self.pages) - lo * 64,
+                               self._reprotect[lo:hi].view(np.uint8))
+            calls += 1
+        register_calls = self.vcpu.load_state(snapshot._state, fpu=self.ran or full,
+                                              full=self.needs_full_reset or full)
+        calls += register_calls
+        return RestoreStats(copied, zeroed, guest_pages, host_pages, calls, register_calls, full,
+                            time.perf_counter_ns() - t0)
+
+    def _start_logging(self):
+        if not self._logging:
+            self.vm.set_memory(0, 0, self.size, self.memory.address, log_dirty=True)
+            self._logging = True
+
+    def _forget_hot(self):
+        _pages.forget_hot(self._hot, self._score, self._scored)
+        for i in range(self._n_touched):
+            self._reprotect[self._touched[i]] = 0
+        self._n_touched = 0
+        self.hot_count = 0
