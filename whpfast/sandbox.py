@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from . import _pages, abi, backend, elf, machine
+from . import _pages, abi, backend, cpu, elf, machine
 from .errors import (ConfigError, GuestAbort, GuestCallError, GuestCancelled, GuestFault,
                      GuestTimeout, HostFunctionError, HypervisorError, SandboxBusy,
                      SandboxClosed, SandboxPoisoned, SnapshotError, WhpfastError)
@@ -122,6 +122,7 @@ class Sandbox:
         if not isinstance(snapshot, Snapshot):
             snapshot = Snapshot.load(snapshot)
         meta = snapshot.meta
+        cpu.check(meta["cpu"])
         layout = machine.Layout.from_dict(meta["layout"])
         recorded = {f["name"]: f["path"] for f in meta["files"]}
         paths = cls._check_files(dict(recorded, **(files or {})))
@@ -456,7 +457,7 @@ class Sandbox:
             state = self._vcpu.save_state()
             self._new_dirty_epoch()
             meta = {
-                "backend": backend.NAME, "abi": abi.ABI_VERSION,
+                "backend": backend.NAME, "abi": abi.ABI_VERSION, "cpu": cpu.host(),
                 "guest": {"path": self._image.path, "digest": self._image.digest, "entry": self._image.entry,
                           "exports": [[e.name, e.index, e.params, e.result] for e in self._image.exports.values()]},
                 "layout": self._layout_dict,

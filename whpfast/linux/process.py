@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 
 import numpy as np
 
-from .. import _pages, abi, backend, machine
+from .. import _pages, abi, backend, cpu, machine
 from ..errors import (GuestCancelled, GuestFault, GuestLoadError, GuestTimeout, HypervisorError,
                       SandboxClosed, SandboxError, SandboxPoisoned,
                       SnapshotError, WhpfastError)
@@ -201,6 +201,7 @@ class LinuxSandbox:
         with the same read policy. Its first restore target is that snapshot."""
         if not isinstance(snapshot, LinuxSnapshot):
             snapshot = LinuxSnapshot.load(snapshot)
+        cpu.check(snapshot.meta["cpu"])
         self = cls.__new__(cls)
         self._closed = True
         self._config = dict(snapshot.meta["config"])
@@ -644,7 +645,8 @@ class LinuxSandbox:
             self._log_dirty()
             self._new_dirty_epoch()
             snap = LinuxSnapshot(image, nonzero, state, self._components(),
-                                 {"memory_size": self.memory_size, "config": self._config}, self.fs)
+                                 {"memory_size": self.memory_size, "config": self._config,
+                                  "cpu": cpu.host()}, self.fs)
             self._set_baseline(snap)
             return snap
 
@@ -678,6 +680,7 @@ class LinuxSandbox:
             if snapshot.meta["config"] != self._config:
                 raise SnapshotError("the snapshot is of another program or read policy "
                                     "(use LinuxSandbox.from_snapshot to start it)")
+            cpu.check(snapshot.meta["cpu"])
             t0 = time.perf_counter_ns()
             try:
                 stats = self._restore(snapshot)

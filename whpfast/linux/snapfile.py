@@ -1,6 +1,6 @@
 """LinuxSnapshot on disk: a small format of its own, so the SDK's snapshot format stays as it is.
 
-    offset 0   header: magic, version, memory size, then a table of sections, each (name, offset,
+    offset 0   header: magic, version (2: "meta" records the CPU identity, whpfast/cpu.py), memory size, then a table of sections, each (name, offset,
                length, CRC-32); the header carries a CRC-32 of itself
     ...        "meta"   JSON: how to rebuild the sandbox (argv, read policy, sizes), the address
                         space, the signal table, pending input, the vCPU state part sizes
@@ -21,12 +21,12 @@ import zlib
 
 import numpy as np
 
-from .. import backend
+from .. import backend, cpu
 from ..errors import SnapshotError
 from .mm import PAGE, USER_MIN, MmState, Vma, page_table_bytes
 
 MAGIC = b"WHPFLNX1"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<8sIIQI")          # magic, version, header size, memory size, sections
 SECTION = struct.Struct("<8sQQI4x")
 SECTIONS = ("meta", "vcpu", "fs", "bitmap", "pages")
@@ -169,6 +169,9 @@ def load(path, fs_decode):
             state, components = _decode_meta(meta, state_bytes, memory_size, fs_bytes, fs_decode)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise bad(f"metadata is inconsistent ({type(e).__name__}: {e})") from None
+        why = cpu.incompatibility(meta["cpu"])          # before anything is mapped or runs
+        if why:
+            raise bad(why)
         image = backend.impl.GuestMemory(memory_size)
         view = memoryview(image)
         try:
@@ -190,6 +193,7 @@ def _decode_meta(meta, state_bytes, memory_size, fs_bytes, fs_decode):
     from .process import IoState, ProcState      # (process imports this module)
     if meta["memory_size"] != memory_size:
         raise ValueError("memory size differs from the header's")
+    cpu.parse(meta["cpu"])
     parts = backend.impl.STATE_PARTS
     names = [p for p, _ in meta["vcpu_parts"]]
     if names != list(parts):
