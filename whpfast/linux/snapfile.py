@@ -1,6 +1,6 @@
 """LinuxSnapshot on disk: a small format of its own, so the SDK's snapshot format stays as it is.
 
-    offset 0   header: magic, version (2: "meta" records the CPU identity, whpfast/cpu.py), memory size, then a table of sections, each (name, offset,
+    offset 0   header: magic, version, memory size, then a table of sections, each (name, offset,
                length, CRC-32); the header carries a CRC-32 of itself
     ...        "meta"   JSON: how to rebuild the sandbox (argv, read policy, sizes), the address
                         space, the signal table, pending input, the vCPU state part sizes
@@ -26,7 +26,7 @@ from ..errors import SnapshotError
 from .mm import PAGE, USER_MIN, MmState, Vma, page_table_bytes
 
 MAGIC = b"WHPFLNX1"
-VERSION = 2
+VERSION = 2                                # 2: "meta" records the CPU identity (whpfast/cpu.py)
 HEADER = struct.Struct("<8sIIQI")          # magic, version, header size, memory size, sections
 SECTION = struct.Struct("<8sQQI4x")
 SECTIONS = ("meta", "vcpu", "fs", "bitmap", "pages")
