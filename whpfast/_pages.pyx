@@ -3,7 +3,10 @@
 neutral: it works on any buffer (guest memory, a snapshot image, a mapped snapshot file).
 
 Bitmaps are arrays of uint64 words, bit i of word w standing for page 64*w + i: the layout of KVM's
-dirty log (and of WHP's dirty bitmap), so the hypervisor's bitmap is used as it comes."""
+dirty log (and of WHP's dirty bitmap), so the hypervisor's bitmap is used as it comes.
+
+Also the one other backend-neutral C helper: host_cpuid(), the host's own cpuid instruction
+(whpfast/cpu.py records what it returns in snapshots)."""
 
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
@@ -14,6 +17,25 @@ DEF PAGE = 4096
 cdef extern from *:
     int __builtin_ctzll(unsigned long long) nogil
     int __builtin_popcountll(unsigned long long) nogil
+
+cdef extern from *:
+    """
+    #if defined(_MSC_VER)
+    #include <intrin.h>
+    static void whpfast_host_cpuid(unsigned int leaf, unsigned int sub, unsigned int *r) {
+        int v[4];
+        __cpuidex(v, (int)leaf, (int)sub);
+        r[0] = (unsigned int)v[0]; r[1] = (unsigned int)v[1];
+        r[2] = (unsigned int)v[2]; r[3] = (unsigned int)v[3];
+    }
+    #else
+    #include <cpuid.h>
+    static void whpfast_host_cpuid(unsigned int leaf, unsigned int sub, unsigned int *r) {
+        __cpuid_count(leaf, sub, r[0], r[1], r[2], r[3]);
+    }
+    #endif
+    """
+    void whpfast_host_cpuid(unsigned int leaf, unsigned int sub, unsigned int *r) nogil
 
 
 cdef inline size_t _next_word(const uint64_t *bitmap, size_t w, size_t n) noexcept nogil:
@@ -247,3 +269,11 @@ def count_bits(const uint64_t[::1] bitmap not None):
             n += __builtin_popcountll(bitmap[i])
     return n
 
+
+
+def host_cpuid(unsigned int leaf, unsigned int subleaf=0):
+    """(eax, ebx, ecx, edx) of this host's cpuid instruction for leaf/subleaf. On the PVM hosts a
+    guest's cpuid returns exactly these (it is not intercepted), see whpfast/cpu.py."""
+    cdef unsigned int r[4]
+    whpfast_host_cpuid(leaf, subleaf, r)
+    return r[0], r[1], r[2], r[3]

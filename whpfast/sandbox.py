@@ -10,7 +10,7 @@ import warnings
 from contextlib import ExitStack
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
-from . import abi, backend, elf, machine
+from . import abi, backend, cpu, elf, machine
 from .core.run import run_until
 from .core.warm import PAGE, RestoreStats, WarmMemory
 from .errors import (ConfigError, GuestAbort, GuestCallError, GuestCancelled, GuestFault,
@@ -103,6 +103,7 @@ class Sandbox:
         if not isinstance(snapshot, Snapshot):
             snapshot = Snapshot.load(snapshot)
         meta = snapshot.meta
+        cpu.check(meta["cpu"])
         layout = machine.Layout.from_dict(meta["layout"])
         recorded = {f["name"]: f["path"] for f in meta["files"]}
         paths = cls._check_files(dict(recorded, **(files or {})))
@@ -424,7 +425,7 @@ class Sandbox:
             image = impl.GuestMemory(self._layout.memory_size)
             nonzero, state = self._warm.capture(image)
             meta = {
-                "backend": backend.NAME, "abi": abi.ABI_VERSION,
+                "backend": backend.NAME, "abi": abi.ABI_VERSION, "cpu": cpu.host(),
                 "guest": {"path": self._image.path, "digest": self._image.digest, "entry": self._image.entry,
                           "exports": [[e.name, e.index, e.params, e.result] for e in self._image.exports.values()]},
                 "layout": self._layout_dict,

@@ -34,13 +34,14 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _pages, abi, backend, elf, machine
+from . import _pages, abi, backend, cpu, elf, machine
 from .errors import SnapshotError
 from ._typing import StrPath
 
 PAGE = 4096
 MAGIC = b"WHPFSNAP"
-FORMAT_VERSION = 2      # 2: the KVM vCPU state holds the whole XSAVE area (was KVM_GET_FPU's)
+FORMAT_VERSION = 3      # 2: the KVM vCPU state holds the whole XSAVE area (was KVM_GET_FPU's)
+                        # 3: the metadata records the CPU identity ("cpu", see whpfast/cpu.py)
 ARCH_X86_64 = 1
 HEADER = struct.Struct("<8sIIII 12Q 5I 4x")
 assert HEADER.size == 144
@@ -100,7 +101,7 @@ class Snapshot:
                     f"(sha256 {self.meta['guest']['digest'][:12]}...), not this sandbox's guest")
         if self.meta["layout"] != layout_dict:
             return "its memory layout (memory size, buffers, stack, files) differs from this sandbox's"
-        return None
+        return cpu.incompatibility(self.meta["cpu"])
 
     # -- disk ---------------------------------------------------------------------------------
 
@@ -242,6 +243,9 @@ class Snapshot:
             state = _split_state(state_bytes, meta["state_sizes"])
         except ValueError as e:
             raise bad(f"metadata is inconsistent: {e}") from None
+        why = cpu.incompatibility(meta["cpu"])      # before anything is mapped or runs
+        if why:
+            raise bad(why)
         nonzero = np.frombuffer(bytearray(bitmap_bytes), dtype=np.uint64)
         covered = np.zeros(words_for(pages) * 64, dtype=bool)
         last = 0
@@ -328,11 +332,12 @@ def _dict(value, what, keys):
 def check_meta(meta, memory_size, state_len):
     """Checks a snapshot's metadata against what Sandbox.snapshot() writes; raises ValueError
     saying what is wrong."""
-    _dict(meta, "metadata", ("backend", "abi", "guest", "layout", "files", "state_sizes", "extents"))
+    _dict(meta, "metadata", ("backend", "abi", "cpu", "guest", "layout", "files", "state_sizes", "extents"))
     if meta["backend"] != backend.NAME:
         raise ValueError(f"taken with the {meta['backend']!r} backend, this is {backend.NAME!r}")
     if meta["abi"] != abi.ABI_VERSION or type(meta["abi"]) is not int:
         raise ValueError(f"guest ABI version {meta['abi']!r}, this whpfast speaks {abi.ABI_VERSION}")
+    cpu.parse(meta["cpu"])
 
     guest = _dict(meta["guest"], "guest", ("path", "digest", "entry", "exports"))
     _str(guest["path"], "guest path")

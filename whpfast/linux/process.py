@@ -24,7 +24,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
-from .. import _pages, abi, backend, machine
+from .. import _pages, abi, backend, cpu, machine
 from ..core.run import run_until
 from ..core.warm import BLOCK, WarmMemory
 from ..errors import (GuestCancelled, GuestFault, GuestLoadError, GuestTimeout, HypervisorError,
@@ -201,6 +201,7 @@ class LinuxSandbox:
         with the same read policy. Its first restore target is that snapshot."""
         if not isinstance(snapshot, LinuxSnapshot):
             snapshot = LinuxSnapshot.load(snapshot)
+        cpu.check(snapshot.meta["cpu"])
         self = cls.__new__(cls)
         self._closed = True
         self._config = dict(snapshot.meta["config"])
@@ -614,7 +615,8 @@ class LinuxSandbox:
             image = impl.GuestMemory(self.memory_size)
             nonzero, state = self._warm.capture(image, self._captured_ranges)
             snap = LinuxSnapshot(image, nonzero, state, self._components(),
-                                 {"memory_size": self.memory_size, "config": self._config}, self.fs)
+                                 {"memory_size": self.memory_size, "config": self._config,
+                                  "cpu": cpu.host()}, self.fs)
             self._warm.set_baseline(snap)
             self.mm.changed = []
             return snap
@@ -649,6 +651,7 @@ class LinuxSandbox:
             if snapshot.meta["config"] != self._config:
                 raise SnapshotError("the snapshot is of another program or read policy "
                                     "(use LinuxSandbox.from_snapshot to start it)")
+            cpu.check(snapshot.meta["cpu"])
             t0 = time.perf_counter_ns()
             try:
                 stats = self._restore(snapshot)

@@ -21,12 +21,12 @@ import zlib
 
 import numpy as np
 
-from .. import backend
+from .. import backend, cpu
 from ..errors import SnapshotError
 from .mm import PAGE, USER_MIN, MmState, Vma, page_table_bytes
 
 MAGIC = b"WHPFLNX1"
-VERSION = 1
+VERSION = 2                                # 2: "meta" records the CPU identity (whpfast/cpu.py)
 HEADER = struct.Struct("<8sIIQI")          # magic, version, header size, memory size, sections
 SECTION = struct.Struct("<8sQQI4x")
 SECTIONS = ("meta", "vcpu", "fs", "bitmap", "pages")
@@ -169,6 +169,9 @@ def load(path, fs_decode):
             state, components = _decode_meta(meta, state_bytes, memory_size, fs_bytes, fs_decode)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise bad(f"metadata is inconsistent ({type(e).__name__}: {e})") from None
+        why = cpu.incompatibility(meta["cpu"])          # before anything is mapped or runs
+        if why:
+            raise bad(why)
         image = backend.impl.GuestMemory(memory_size)
         view = memoryview(image)
         try:
@@ -190,6 +193,7 @@ def _decode_meta(meta, state_bytes, memory_size, fs_bytes, fs_decode):
     from .process import IoState, ProcState      # (process imports this module)
     if meta["memory_size"] != memory_size:
         raise ValueError("memory size differs from the header's")
+    cpu.parse(meta["cpu"])
     parts = backend.impl.STATE_PARTS
     names = [p for p, _ in meta["vcpu_parts"]]
     if names != list(parts):
