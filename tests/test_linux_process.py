@@ -2,6 +2,8 @@
 loading (static and static-pie), the system call path, memory management against the real MMU,
 stdin parking, warm restores, and hostile programs."""
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,8 @@ from pathlib import Path
 import pytest
 
 import whpfast
+from whpfast import GuestLoadError
+from whpfast.linux.fs import ReadPolicyError, inside_path, read_mapping
 
 HERE = Path(__file__).parent / "linux"
 
@@ -464,3 +468,38 @@ def test_other_uses_of_the_syscall_port_are_refused(tmp_path, how, what):
         lx.restore(snap)
         with pytest.raises(whpfast.GuestFault, match="not a system call"):
             lx.run()
+
+
+def test_argv0_is_resolved_inside_a_read_mapping(programs, tmp_path):
+    """With read={"/": rootfs} (a root file system extracted to a directory, as a Windows host
+    supplies Linux files) argv[0] is the path inside it, never the host's file of that name."""
+    root = tmp_path / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(programs["hello"], root / "bin" / "hello")
+    r = run(["/bin/hello", "x"], read={"/": str(root)})
+    assert r.exit_code == 3 and r.stdout == b"hello from 2 args: [/bin/hello] [x]\n"
+    with pytest.raises(GuestLoadError, match="not readable inside the sandbox"):
+        run([programs["hello"]], read={"/": str(root)})
+
+
+def test_a_program_under_tmp_is_shown_under_run_host(programs):
+    """The host's /tmp is not the sandbox's: read_mapping() shows host paths there under
+    /run/host, and the program runs from there."""
+    host = programs["hello"]
+    assert host.startswith("/tmp/")            # pytest's tmp_path_factory
+    inside = inside_path(host)
+    assert inside == "/run/host" + host
+    r = run([inside], read=read_mapping([host]))
+    assert r.exit_code == 3 and r.stdout == f"hello from 1 args: [{inside}]\n".encode()
+    with pytest.raises(ReadPolicyError, match=r"/run/host/tmp/.*read_mapping"):
+        run([host], read=[host])
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory"])
+def test_a_program_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
+    path = {"device": "/dev/zero", "directory": str(tmp_path)}.get(kind)
+    if kind == "fifo":
+        path = str(tmp_path / "fifo")
+        os.mkfifo(path)
+    with pytest.raises(GuestLoadError, match="not a regular file|Is a directory"):
+        run([path])

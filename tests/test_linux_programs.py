@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import whpfast
+from whpfast.linux.fs import inside_path, read_mapping
 
 HERE = Path(__file__).parent / "linux"
 DRIVER = (HERE / "driver.py").read_text()
@@ -90,7 +91,7 @@ class TestBusybox:
         target = tmp_path / "file"
         target.write_text("original")
         r = run([BUSYBOX, "sh", "-c", "echo changed > /data/file; echo status $?"],
-                read={"/data": str(tmp_path)})
+                read={"/data": str(tmp_path), BUSYBOX: BUSYBOX})
         assert b"Read-only file system" in r.stderr and r.stdout == b"status 1\n"
         assert target.read_text() == "original"
 
@@ -179,10 +180,11 @@ def test_venv_python_with_pip_numpy_and_pandas():
         modules = ["numpy", "pandas"]
     except ImportError:
         modules = ["numpy"]
-    read = SYSTEM_READ + [VENV]
-    lx, snap = boot([sys.executable], modules, read)
+    # A venv under /tmp (a checkout there) is shown under /run/host: /tmp is the sandbox's own.
+    read = read_mapping(SYSTEM_READ + [VENV, sys.base_prefix])
+    lx, snap = boot([inside_path(sys.executable)], modules, read)
     try:
-        assert ask(lx, snap, "import sys; print(sys.prefix)") == f"{sys.prefix}\n".encode()
+        assert ask(lx, snap, "import sys; print(sys.prefix)") == f"{inside_path(sys.prefix)}\n".encode()
         assert ask(lx, snap, NUMPY_JOB) == host_answer(sys.executable, NUMPY_JOB, ["numpy"])
         if "pandas" in modules:
             assert ask(lx, snap, PANDAS_JOB) == host_answer(sys.executable, PANDAS_JOB, ["pandas"])

@@ -67,31 +67,59 @@ def load(path):
     """Parses and validates the guest ELF at path, a regular file of at most MAX_FILE_SIZE
     bytes (cached by path, inode, size, mtime and ctime)."""
     path = os.fspath(path)
+    fd, st = _open_regular(path, "guest", "a guest is an ELF file built with "
+                                          "`python -m whpfast build-guest`")
     try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except OSError as e:
-        raise GuestLoadError(f"cannot read guest {path!r}: {e.strerror}") from e
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            # /dev/zero would be read forever, a FIFO until its writer stops
-            raise GuestLoadError(f"guest {path!r} is not a regular file; a guest is an ELF file "
-                                 f"built with `python -m whpfast build-guest`")
-        if st.st_size > MAX_FILE_SIZE:
-            raise GuestLoadError(f"guest {path!r} is {st.st_size} bytes; the limit is {MAX_FILE_SIZE}")
         key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         image = _cache.get(key)
         if image is None:
-            data = _read_at_most(fd, MAX_FILE_SIZE + 1)       # the file may grow meanwhile
-            if len(data) > MAX_FILE_SIZE:
-                raise GuestLoadError(f"guest {path!r} grew past the limit of {MAX_FILE_SIZE} bytes")
-            image = parse(data, path)
+            image = parse(_read_whole(fd, path, "guest"), path)
             _cache[key] = image
         return image
     except OSError as e:
         raise GuestLoadError(f"cannot read guest {path!r}: {e.strerror}") from e
     finally:
         os.close(fd)
+
+
+def read_program(path, what="the program"):
+    """The bytes of the regular file at path (at most MAX_FILE_SIZE), read without ever blocking
+    or reading forever: a Linux program the host names (LinuxSandbox's argv[0])."""
+    path = os.fspath(path)
+    fd, _ = _open_regular(path, what, "give the path of an ELF executable")
+    try:
+        return _read_whole(fd, path, what)
+    except OSError as e:
+        raise GuestLoadError(f"cannot read {what} {path!r}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path, what, hint):
+    """(fd, stat) of path, opened read-only without blocking; GuestLoadError unless it is a
+    regular file of at most MAX_FILE_SIZE bytes."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as e:
+        raise GuestLoadError(f"cannot read {what} {path!r}: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            # /dev/zero would be read forever, a FIFO until its writer stops
+            raise GuestLoadError(f"{what} {path!r} is not a regular file; {hint}")
+        if st.st_size > MAX_FILE_SIZE:
+            raise GuestLoadError(f"{what} {path!r} is {st.st_size} bytes; the limit is {MAX_FILE_SIZE}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _read_whole(fd, path, what):
+    data = _read_at_most(fd, MAX_FILE_SIZE + 1)       # the file may grow meanwhile
+    if len(data) > MAX_FILE_SIZE:
+        raise GuestLoadError(f"{what} {path!r} grew past the limit of {MAX_FILE_SIZE} bytes")
+    return data
 
 
 def _read_at_most(fd, limit):

@@ -77,6 +77,23 @@ _WINDOWS = sys.platform == "win32"
 _HOST_OPEN = (os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
               | getattr(os, "O_NOFOLLOW", 0))
 _RESERVED = (b"/proc", b"/dev", b"/tmp")   # always synthesized; a read entry there is refused
+HOST_VIEW = "/run/host"     # where inside_path() shows host paths that fall under _RESERVED
+
+
+def inside_path(host_path):
+    """Where a `read=` mapping built with this function shows `host_path` inside: the same path,
+    except under /proc, /dev and /tmp, which are the sandbox's own, so a host path there is shown
+    under HOST_VIEW (a venv in /tmp/ci/.venv is /run/host/tmp/ci/.venv inside)."""
+    path = os.path.abspath(os.fsdecode(host_path))
+    key = os.fsencode(path)
+    if any(key == r or key.startswith(r + b"/") for r in _RESERVED):
+        return HOST_VIEW + path
+    return path
+
+
+def read_mapping(host_paths):
+    """{inside path: host path} for `read=`: each host path where inside_path() shows it."""
+    return {inside_path(p): os.path.abspath(os.fsdecode(p)) for p in host_paths}
 
 
 class ReadPolicyError(WhpfastError, ValueError):
@@ -274,7 +291,9 @@ class FileSystem:
             key = b"".join(b"/" + p for p in parts)
             if any(key == r or key.startswith(r + b"/") for r in _RESERVED):
                 raise ReadPolicyError(f"read: {os.fsdecode(key)} is synthesized by the sandbox "
-                                      "(/proc, /dev and /tmp cannot be mapped from the host)")
+                                      "(/proc, /dev and /tmp cannot be mapped from the host); map "
+                                      f"the host path elsewhere, e.g. read={{{inside_path(key)!r}: "
+                                      f"{os.fsdecode(host)!r}}} (whpfast.linux.fs.read_mapping)")
             real = os.path.realpath(host)
             if not os.path.exists(real):
                 raise ReadPolicyError(f"read: host path {os.fsdecode(host)!r} does not exist")

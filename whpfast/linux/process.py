@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 
 from .. import _pages, abi, backend, cpu, machine
 from ..core.run import run_until
+from ..elf import read_program
 from ..core.warm import BLOCK, WarmMemory
 from ..errors import (GuestCancelled, GuestFault, GuestLoadError, GuestTimeout, HypervisorError,
                       SandboxClosed, SandboxError, SandboxPoisoned,
@@ -171,12 +172,6 @@ class LinuxSandbox:
         if on_output is not None and not callable(on_output):
             raise TypeError("on_output must be callable or None")
         exe = os.path.abspath(os.fsdecode(argv[0]))
-        try:
-            with open(exe, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise GuestLoadError(f"cannot read the program {exe}: {e.strerror}") from None
-        elf = loader.parse(data, exe)
         if isinstance(read, dict):
             read = {os.fsdecode(k): os.fsdecode(v) for k, v in read.items()}
         else:
@@ -186,6 +181,8 @@ class LinuxSandbox:
         self._setup(memory_size, on_output)
         with ExitStack() as undo:
             undo.callback(self._close_parts)
+            data = self._read_program(exe)
+            elf = loader.parse(data, exe)
             try:
                 self._exec(elf, data, exe, argv, envp)
             except LinuxError as e:
@@ -345,6 +342,22 @@ class LinuxSandbox:
                     return len(view)
                 self.mm.fill(v.start, v.end - v.start, write)
                 return
+
+    def _read_program(self, exe):
+        """argv[0] as the program sees it: through the sandbox's file system (a `read` mapping
+        such as {"/": rootfs} decides where it comes from). With `read` a list of host paths (seen
+        at the same paths), a program outside them is read from the host: the caller named it."""
+        try:
+            fd = self.fs.openat(syscalls.AT_FDCWD, os.fsencode(exe), os.O_RDONLY, 0)
+            try:
+                return self.fs.contents(fd)
+            finally:
+                self.fs.close(fd)
+        except LinuxError as e:
+            if isinstance(self._config["read"], dict):
+                raise GuestLoadError(f"the program {exe} is not readable inside the sandbox "
+                                     f"({os.strerror(e.errno)}): the read= mapping must show it") from None
+        return read_program(exe)
 
     def _read_interpreter(self, exe, path):
         fs = self.fs
