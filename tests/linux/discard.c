@@ -3,6 +3,7 @@
  *   u  munmap the mapping and map fresh anonymous pages at the same place
  *   f  map fresh anonymous pages over it with MAP_FIXED (no munmap first)
  *   d  madvise(MADV_DONTNEED) it (anonymous private pages read as zero again)
+ *   p  munmap every other page and map a fresh one in its place, one page at a time
  *   wC fill it with the byte C
  *   s  only count
  * Fresh or dropped anonymous pages must read as zero, whatever the snapshot file holds there. */
@@ -25,6 +26,11 @@ int main(void) {
             if (mmap(p, SIZE, PROT_READ | PROT_WRITE, ANON | MAP_FIXED, -1, 0) != p) return 3;
         } else if (line[0] == 'd') {
             if (madvise(p, SIZE, MADV_DONTNEED)) return 4;
+        } else if (line[0] == 'p') {
+            for (long i = 0; i < SIZE; i += 2 * 4096) {
+                munmap(p + i, 4096);
+                if (mmap(p + i, 4096, PROT_READ | PROT_WRITE, ANON | MAP_FIXED, -1, 0) != p + i) return 5;
+            }
         } else if (line[0] == 'w') {
             memset(p, line[1], SIZE);
         }
