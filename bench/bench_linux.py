@@ -8,6 +8,10 @@
    fresh LinuxSandbox (construct + run to exit) against the same command run natively.
 3. Warm start: restore a python3 parked in read(0) + answer one line of stdin, against a bare
    Sandbox.call("add", 2, 3) of the SDK personality.
+4. Density: N sandboxes made from one saved snapshot of that python3 (pandas imported), each
+   answering one line: host memory private to each (Private_Clean + Private_Dirty of
+   /proc/self/smaps_rollup, delta over the N), against N made from the same snapshot in memory
+   (which copy the image); also the saved file's size, apparent and allocated.
 
 Figures on the development machines come from PVM-based /dev/kvm (software virtualization: an
 exit costs ~25 us, a first touch of a page ~10-20 us); quote ratios, not absolute times.
@@ -23,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import whpfast
-from whpfast.timing import stats_us, summary, time_calls
+from whpfast.timing import private_bytes, stats_us, summary, time_calls
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_call import raw_vm  # noqa: E402
@@ -108,11 +112,42 @@ def warm_start(calls, modules):
     lx.close()
 
 
+def density(count, modules):
+    lx = whpfast.LinuxSandbox(["/usr/bin/python3", "-c", DRIVER, *modules], read=READ)
+    assert lx.run(timeout=600).waiting
+    snap = lx.snapshot()
+    lx.close()
+    path = Path(tempfile.mkdtemp()) / "python.snap"
+    snap.save(path)
+    st = path.stat()
+    label = "python3" + (f" +{','.join(modules)}" if modules else "")
+    print(f"snapshot file ({label}): {st.st_size / 2**20:.1f} MiB apparent, "
+          f"{st.st_blocks * 512 / 2**20:.1f} MiB allocated, image {snap.nonzero_pages * 4096 / 2**20:.1f} MiB")
+    loaded = whpfast.LinuxSnapshot.load(path)
+    for name, source in (("from the file (mapped)", loaded), ("from memory (copied)", snap)):
+        whpfast.LinuxSandbox.from_snapshot(source).close()         # first-time costs out of the way
+        boxes, times = [], []
+        before = private_bytes()
+        for _ in range(count):
+            t0 = time.perf_counter_ns()
+            box = whpfast.LinuxSandbox.from_snapshot(source)
+            assert box.run(b"print('hello world')\n").stdout == b"hello world\n"
+            times.append(time.perf_counter_ns() - t0)
+            boxes.append(box)
+        private = (private_bytes() - before) / count
+        for box in boxes:
+            box.close()
+        print(summary(f"from_snapshot + 1 line, {name}", np.array(times, dtype=np.int64)))
+        print(f"  {count} sandboxes {name}: {private / 2**20:.2f} MiB private each")
+    path.unlink()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-cold", action="store_true")
+    parser.add_argument("--sandboxes", type=int, default=50, help="for the density case")
     args = parser.parse_args(argv)
     print(f"hypervisor: {whpfast.hypervisor()} (on the development machines: PVM software virtualization)")
     syscall_round_trip(args.calls)
@@ -120,6 +155,7 @@ def main(argv=None):
         cold_boot(args.repeats)
     warm_start(args.calls, [])
     warm_start(max(100, args.calls // 10), ["pandas"])
+    density(args.sandboxes, ["pandas"])
     return 0
 
 

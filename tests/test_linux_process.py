@@ -277,21 +277,21 @@ def _rewrite_meta(path, edit):
     import zlib
     from whpfast.linux import snapfile
     data = bytearray(path.read_bytes())
-    header_size = snapfile.HEADER.unpack_from(data)[2]
     table = [list(snapfile.SECTION.unpack_from(data, snapfile.HEADER.size + i * snapfile.SECTION.size))
              for i in range(len(snapfile.SECTIONS))]
     offset, length = table[0][1], table[0][2]
     meta = json.loads(data[offset:offset + length])
     edit(meta)
     new = json.dumps(meta).encode()
-    body = bytes(data[header_size:offset]) + new + bytes(data[offset + length:])
-    delta = len(new) - length
     table[0][2], table[0][3] = len(new), zlib.crc32(new)
-    for entry in table[1:]:
-        entry[1] += delta
+    body = new + bytes(data[offset + length:table[-2][1] + table[-2][2]])    # up to the bitmap's end
+    for entry in table[1:-1]:
+        entry[1] += len(new) - length
+    image = bytes(data[table[-1][1]:])
+    table[-1][1] = snapfile._image_offset(offset + len(body))      # the image stays 64 KiB aligned
     header = bytes(data[:snapfile.HEADER.size]) + b"".join(snapfile.SECTION.pack(*e) for e in table)
     header += struct.pack("<I", zlib.crc32(header))
-    path.write_bytes(header + body)
+    path.write_bytes(header + body + bytes(table[-1][1] - offset - len(body)) + image)
 
 
 def test_damaged_or_crafted_snapshot_files_are_snapshot_errors(programs, tmp_path):

@@ -682,9 +682,14 @@ cdef void _release(uint8_t *ptr, size_t size, bint is_file) noexcept:
 include "_mapping.pxi"
 
 
+DEF OVERLAY_REMAPS = 64
+
+
 cdef class GuestMemory(Mapping):
     """Anonymous private memory for a guest's RAM. MAP_NORESERVE: a large sandbox costs only the
     pages it touches."""
+    cdef readonly bint overlaid       # parts are copy-on-write file mappings (overlay_file)
+    cdef readonly unsigned int remaps  # discards done by mapping fresh pages (memory_invalidate)
 
     def __init__(self, size_t size):
         cdef void *p
@@ -711,6 +716,7 @@ cdef class GuestMemory(Mapping):
                  MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, file_offset)
         if p == MAP_FAILED:
             _raise_errno(errno, f"mmap of a snapshot file at offset {file_offset:#x}")
+        self.overlaid = True
 
 
 cdef class FileMapping(Mapping):
@@ -878,7 +884,22 @@ def memory_invalidate(Vcpu vcpu not None, Mapping memory not None, size_t offset
         raise ValueError(f"invalidate {offset:#x}+{length:#x} is unaligned or outside the memory")
     if length == 0:
         return
-    if discard:
+    if discard and isinstance(memory, GuestMemory) and (<GuestMemory>memory).overlaid:
+        # MADV_DONTNEED on a copy-on-write file overlay would bring the file's bytes back, not
+        # zeros: a fresh anonymous mapping over the range zeroes and frees it (and fires the MMU
+        # notifier all the same). Each one may split a host mapping in three, and the process's
+        # mappings are few (vm.max_map_count, 65530, for all sandboxes): past OVERLAY_REMAPS the
+        # pages are zeroed in place instead (private pages, within the guest's own memory).
+        if (<GuestMemory>memory).remaps < OVERLAY_REMAPS:
+            if mmap(memory.ptr + offset, length, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED:
+                _raise_errno(errno, "mmap of fresh guest memory over discarded pages")
+            (<GuestMemory>memory).remaps += 1
+        else:
+            memset(memory.ptr + offset, 0, length)
+            _check(mprotect(memory.ptr + offset, length, PROT_READ), "mprotect of guest memory")
+            _check(mprotect(memory.ptr + offset, length, PROT_READ | PROT_WRITE), "mprotect of guest memory")
+    elif discard:
         _check(madvise(memory.ptr + offset, length, MADV_DONTNEED), "madvise(MADV_DONTNEED) of guest memory")
     else:
         _check(mprotect(memory.ptr + offset, length, PROT_READ), "mprotect of guest memory")

@@ -273,15 +273,24 @@ class Snapshot:
         """Fills fresh guest memory with this snapshot's image: copy-on-write mappings of the
         file's extents when it came from a file (and the backend can: KVM), else copies of the
         non-zero pages."""
-        if self._file is not None and hasattr(memory, "overlay_file"):
-            for first, count in self._extents:
-                memory.overlay_file(self._file.fileno(), self._image_offset + first * PAGE,
-                                    first * PAGE, count * PAGE)
-        else:
-            _pages.restore(memoryview(memory), self._image_view, self._nonzero, self._nonzero)
+        map_image(memory, self._file, self._image_offset, self._extents, self._image_view, self._nonzero)
 
 
 _HEADER_CRC_OFFSET = HEADER.size - 8
+
+
+def map_image(memory: Any, file: Optional[BinaryIO], image_offset: Optional[int],
+              extents: Optional[List[Tuple[int, int]]], image_view: Any, nonzero: Any) -> None:
+    """Fills fresh (all-zero) guest memory with a snapshot image: where the image lies in an open
+    file (at image_offset, its non-zero pages within extents) and the backend can (KVM), the
+    extents are mapped copy-on-write from the file, so sandboxes made from one file share its
+    page cache; otherwise the non-zero pages are copied from image_view. Used by Sandbox and
+    LinuxSandbox alike."""
+    if file is not None and hasattr(memory, "overlay_file"):
+        for first, count in extents:
+            memory.overlay_file(file.fileno(), image_offset + first * PAGE, first * PAGE, count * PAGE)
+    else:
+        _pages.restore(memoryview(memory), image_view, nonzero, nonzero)
 
 
 # -- metadata validation: the JSON of a snapshot file is untrusted input ----------------------

@@ -19,6 +19,7 @@ import struct
 import threading
 import time
 import warnings
+import weakref
 from collections import namedtuple
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -31,10 +32,11 @@ from ..core.warm import BLOCK, WarmMemory
 from ..errors import (GuestCancelled, GuestFault, GuestLoadError, GuestTimeout, HypervisorError,
                       SandboxClosed, SandboxError, SandboxPoisoned,
                       SnapshotError, WhpfastError)
-from . import loader, syscalls, vdso
+from . import _fsstate, loader, syscalls, vdso
 from .._typing import StrPath
 from .errno import LinuxError
 from .fs import FileSystem
+from ..snapshot import map_image
 from . import snapfile
 from .mm import (PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, USER_MIN, AddressSpace, identity_page_tables,
                  page_table_bytes)
@@ -84,7 +86,8 @@ class LinuxSnapshot:
     (LinuxSandbox.from_snapshot)."""
 
     def __init__(self, image: Any, nonzero: Any, state: Dict[str, bytes], components: Tuple[Any, ...],
-                 meta: Dict[str, Any], fs_codec: Any, path: Optional[str] = None) -> None:
+                 meta: Dict[str, Any], fs_codec: Any, path: Optional[str] = None,
+                 file: Any = None, extents: Any = None, image_offset: Optional[int] = None) -> None:
         self._image = image
         self._image_view = memoryview(image)
         self._nonzero = nonzero
@@ -93,6 +96,13 @@ class LinuxSnapshot:
         self._fs_codec = fs_codec          # encodes the fs component (FileSystem.encode)
         self.meta = meta
         self.path = path
+        # A loaded snapshot: the open file its image is mapped from, where, and the image's
+        # extents; sandboxes made from it map those copy-on-write (snapshot.map_image).
+        self._file = file
+        if file is not None:
+            weakref.finalize(self, file.close)      # closed with the snapshot, never left to the GC
+        self._extents = extents
+        self._image_offset = image_offset
         self.nonzero_pages = _pages.count_bits(nonzero)
 
     def __repr__(self):
@@ -107,14 +117,17 @@ class LinuxSnapshot:
     @classmethod
     def load(cls, path: StrPath) -> "LinuxSnapshot":
         """Reads and validates a saved snapshot; SnapshotError says what is wrong."""
-        meta, state, components, image, nonzero = snapfile.load(path, FileSystem.decode)
+        meta, state, components, image, nonzero, file, extents, offset = snapfile.load(path, FileSystem.decode)
         try:
             config = _check_config(meta.get("config"))
         except (TypeError, ValueError, KeyError) as e:
             image.close()
+            file.close()
             raise SnapshotError(f"{path} is not a usable Linux snapshot: bad configuration ({e})") from None
         meta["config"] = config
-        return cls(image, nonzero, state, components, meta, None, path=os.fspath(path))
+        # _fsstate.encode is what FileSystem.encode calls: a loaded snapshot can be saved again
+        return cls(image, nonzero, state, components, meta, _fsstate, path=os.fspath(path),
+                   file=file, extents=extents, image_offset=offset)
 
 
 def _check_config(config):
@@ -202,8 +215,14 @@ class LinuxSandbox:
         self = cls.__new__(cls)
         self._closed = True
         self._config = dict(snapshot.meta["config"])
-        self._setup(snapshot.meta["memory_size"], on_output)
+        self._setup(snapshot.meta["memory_size"], on_output, snapshot)
         try:
+            # Memory already holds the image (_build_vm mapped it) except for the pages the host
+            # wrote while building the VM (host_dirty): with the snapshot as baseline, the restore
+            # copies back only those, loads the whole vCPU state and the host-side components.
+            warm = self._warm
+            warm.baseline = snapshot        # not set_baseline(): it would forget the host's writes
+            warm.ran = warm.needs_full_reset = True
             self._restore(snapshot)
         except BaseException:
             self._close_parts()
@@ -214,14 +233,15 @@ class LinuxSandbox:
         self._closed = False
         return self
 
-    def _setup(self, memory_size, on_output):
-        """The VM, its memory with the kernel area, the file system and the initial state."""
+    def _setup(self, memory_size, on_output, snapshot=None):
+        """The VM, its memory with the kernel area (over the snapshot's image, if given), the
+        file system and the initial state."""
         config = self._config
         self.memory_size = memory_size
         self.stack_size = config["stack_size"]
         self._on_output = on_output
         with ExitStack() as undo:
-            self._build_vm(memory_size, undo)
+            self._build_vm(memory_size, undo, snapshot)
             self.fs = FileSystem(config["read"], cwd=config["cwd"], exe=config["exe"],
                                  tmp_size=config["tmp_size"], proc_maps=lambda: self.mm.maps_text(),
                                  entropy=os.urandom, uid=syscalls.UID, gid=syscalls.UID)
@@ -233,9 +253,14 @@ class LinuxSandbox:
 
     # -- construction ----------------------------------------------------------------------------
 
-    def _build_vm(self, memory_size, undo):
+    def _build_vm(self, memory_size, undo, snapshot=None):
         memory = impl.GuestMemory(memory_size)
         undo.callback(memory.close)
+        if snapshot is not None:
+            # Before the hypervisor maps the memory: a file's image copy-on-write (shared page
+            # cache across sandboxes made from it), an in-memory one copied.
+            map_image(memory, snapshot._file, snapshot._image_offset, snapshot._extents,
+                      snapshot._image_view, snapshot._nonzero)
         vm = backend.system().create_vm()
         undo.callback(vm.close)
         vcpu = vm.create_vcpu(0)

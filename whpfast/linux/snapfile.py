@@ -7,14 +7,23 @@
                "vcpu"   the backend's raw register structs, concatenated
                "fs"     FileSystem.encode() of the file system's state
                "bitmap" the image's non-zero pages, uint64 words
-               "pages"  the non-zero pages themselves, in page order, packed
+    (64 KiB    "image"  the memory image, memory_size bytes at the first 64 KiB boundary after the
+    aligned)            bitmap. Only its extents (runs of non-zero pages, merged across small gaps:
+                        snapshot._extents of the bitmap, so the file need not list them) are
+                        written; the rest is a hole, so the file is sparse. Its CRC-32 covers the
+                        extents' bytes in order.
+
+A sandbox made from the file maps the extents copy-on-write (whpfast.snapshot.map_image, as the
+SDK's Sandbox.from_snapshot does): sandboxes made from one file share its page cache and pay only
+for the pages they write. Snapshot files are therefore immutable once written; save() writes a
+new file and renames it over the old one.
 
 Everything read is untrusted: every length, offset, checksum and field is checked before use
-and any problem is a SnapshotError saying what is wrong. save() writes a new file and renames it
-over the old one."""
+and any problem is a SnapshotError saying what is wrong."""
 
 import json
 import os
+import stat
 import struct
 import threading
 import zlib
@@ -23,22 +32,20 @@ import numpy as np
 
 from .. import backend, cpu
 from ..errors import SnapshotError
+from ..snapshot import IMAGE_ALIGN, _extents
 from .mm import PAGE, USER_MIN, MmState, Vma, page_table_bytes
 
 MAGIC = b"WHPFLNX1"
-VERSION = 2                                # 2: "meta" records the CPU identity (whpfast/cpu.py)
+VERSION = 3            # 2: the image, page aligned and sparse (was packed); 3: "meta" records
+                       # the CPU identity (whpfast/cpu.py)
 HEADER = struct.Struct("<8sIIQI")          # magic, version, header size, memory size, sections
 SECTION = struct.Struct("<8sQQI4x")
-SECTIONS = ("meta", "vcpu", "fs", "bitmap", "pages")
+SECTIONS = ("meta", "vcpu", "fs", "bitmap", "image")
 MAX_META = 64 << 20
 MAX_MEMORY = 64 << 30
-
-
-def _runs(nonzero, pages):
-    """(first page, count) of every run of set bits."""
-    bits = np.unpackbits(nonzero.view(np.uint8), bitorder="little")[:pages]
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], bits.astype(np.int8), [0]))))
-    return list(zip(edges[0::2].tolist(), (edges[1::2] - edges[0::2]).tolist()))
+# Each extent is one host mapping per sandbox made from the file (vm.max_map_count is 65530):
+# fewer, larger extents let many sandboxes share one file, at the cost of a few zero pages stored.
+MAX_EXTENTS = 512
 
 
 def save(snapshot, path):
@@ -53,8 +60,8 @@ def save(snapshot, path):
     meta["io"] = {"input": io.input.hex(), "eof": io.eof, "waiting": io.waiting, "exit_code": io.exit_code}
     parts = backend.impl.STATE_PARTS
     meta["vcpu_parts"] = [[p, len(snapshot._state[p])] for p in parts]
-    pages = snapshot.meta["memory_size"] // PAGE
-    runs = _runs(snapshot._nonzero, pages)
+    memory_size = snapshot.meta["memory_size"]
+    extents = _extents(snapshot._nonzero, memory_size // PAGE, MAX_EXTENTS)
     view = snapshot._image_view
     sections = {
         "meta": json.dumps(meta, sort_keys=True).encode(),
@@ -62,18 +69,17 @@ def save(snapshot, path):
         "fs": fs_bytes,
         "bitmap": snapshot._nonzero.tobytes(),
     }
-    pages_crc, pages_len = 0, 0
-    for first, count in runs:
-        pages_crc = zlib.crc32(view[first * PAGE:(first + count) * PAGE], pages_crc)
-        pages_len += count * PAGE
+    image_crc = 0
+    for first, count in extents:
+        image_crc = zlib.crc32(view[first * PAGE:(first + count) * PAGE], image_crc)
     header_size = HEADER.size + SECTION.size * len(SECTIONS) + 4
     table, offset = [], header_size
-    for name in SECTIONS:
-        length = pages_len if name == "pages" else len(sections[name])
-        crc = pages_crc if name == "pages" else zlib.crc32(sections[name])
-        table.append(SECTION.pack(name.encode(), offset, length, crc))
-        offset += length
-    header = HEADER.pack(MAGIC, VERSION, header_size, snapshot.meta["memory_size"], len(SECTIONS)) + b"".join(table)
+    for name in SECTIONS[:-1]:
+        table.append(SECTION.pack(name.encode(), offset, len(sections[name]), zlib.crc32(sections[name])))
+        offset += len(sections[name])
+    image_offset = _image_offset(offset)
+    table.append(SECTION.pack(b"image", image_offset, memory_size, image_crc))
+    header = HEADER.pack(MAGIC, VERSION, header_size, memory_size, len(SECTIONS)) + b"".join(table)
     header += struct.pack("<I", zlib.crc32(header))
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
@@ -81,8 +87,10 @@ def save(snapshot, path):
             f.write(header)
             for name in SECTIONS[:-1]:
                 f.write(sections[name])
-            for first, count in runs:
+            for first, count in extents:
+                f.seek(image_offset + first * PAGE)
                 f.write(view[first * PAGE:(first + count) * PAGE])
+            f.truncate(image_offset + memory_size)          # the rest is a hole
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -95,98 +103,127 @@ def save(snapshot, path):
     return path
 
 
+def _image_offset(end):
+    """Where the image starts: the first 64 KiB boundary after the sections (Windows maps file
+    views only there; on Linux any page would do)."""
+    return -(-end // IMAGE_ALIGN) * IMAGE_ALIGN
+
+
 def load(path, fs_decode):
-    """Reads and checks a snapshot file; returns (meta, vcpu state, components, image, nonzero)
-    with the components decoded (fs through fs_decode)."""
+    """Reads and checks a snapshot file; returns (meta, vcpu state, components, image, nonzero,
+    file, extents, image offset) with the components decoded (fs through fs_decode). The image
+    is the file's image section mapped read-only; file is the open file it came from (the
+    caller's to close, with the image), extents its non-zero runs."""
     path = os.fspath(path)
 
     def bad(why):
         return SnapshotError(f"{path} is not a usable Linux snapshot: {why}")
 
     try:
-        f = open(path, "rb")
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore it)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         raise SnapshotError(f"cannot open snapshot {path!r}: {e.strerror}") from e
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(HEADER.size)
-        if len(head) != HEADER.size:
-            raise bad("too short")
-        magic, version, header_size, memory_size, n = HEADER.unpack(head)
-        if magic != MAGIC:
-            raise bad("wrong magic (not a whpfast Linux snapshot)")
-        if version != VERSION:
-            raise bad(f"format version {version}, this whpfast reads {VERSION}")
-        if n != len(SECTIONS) or header_size != HEADER.size + SECTION.size * n + 4:
-            raise bad("wrong section count")
-        if memory_size % (2 << 20) or not 16 << 20 <= memory_size <= MAX_MEMORY:
-            raise bad(f"memory size {memory_size:#x} is invalid")
-        rest = f.read(header_size - HEADER.size)
-        if len(rest) != header_size - HEADER.size:
-            raise bad("truncated header")
-        if zlib.crc32(head + rest[:-4]) != struct.unpack("<I", rest[-4:])[0]:
-            raise bad("header checksum mismatch")
-        table = {}
-        expected = header_size
-        for i, name in enumerate(SECTIONS):
-            raw_name, offset, length, crc = SECTION.unpack_from(rest, i * SECTION.size)
-            if raw_name.rstrip(b"\0") != name.encode() or offset != expected or offset + length > size:
-                raise bad(f"section {name!r} is misplaced or truncated")
-            table[name] = (offset, length, crc)
-            expected = offset + length
-        if expected != size:
-            raise bad("trailing or missing bytes")
+    f = os.fdopen(fd, "rb")
+    try:
+        return _load(f, path, bad, fs_decode)
+    except BaseException:
+        f.close()
+        raise
 
-        def section(name, limit):
-            offset, length, crc = table[name]
-            if length > limit:
-                raise bad(f"section {name!r} is too large")
-            f.seek(offset)
-            data = f.read(length)
-            if len(data) != length or zlib.crc32(data) != crc:
-                raise bad(f"section {name!r} checksum mismatch")
-            return data
 
-        pages = memory_size // PAGE
-        words = (pages + 63) // 64
-        try:
-            meta = json.loads(section("meta", MAX_META))
-        except ValueError as e:
-            raise bad(f"metadata is not JSON ({e})") from None
-        state_bytes = section("vcpu", 1 << 20)
-        fs_bytes = section("fs", 1 << 30)
-        bitmap = section("bitmap", words * 8)
-        if len(bitmap) != words * 8:
-            raise bad("page bitmap has the wrong size")
-        nonzero = np.frombuffer(bitmap, dtype=np.uint64).copy()
-        if pages % 64 and int(nonzero[-1]) >> (pages % 64):
-            raise bad("page bitmap marks pages past the end of memory")
-        runs = _runs(nonzero, pages)
-        offset, length, crc = table["pages"]
-        if length != sum(c for _, c in runs) * PAGE:
-            raise bad("the page data does not match the page bitmap")
-        try:
-            state, components = _decode_meta(meta, state_bytes, memory_size, fs_bytes, fs_decode)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise bad(f"metadata is inconsistent ({type(e).__name__}: {e})") from None
-        why = cpu.incompatibility(meta["cpu"])          # before anything is mapped or runs
-        if why:
-            raise bad(why)
-        image = backend.impl.GuestMemory(memory_size)
-        view = memoryview(image)
-        try:
-            f.seek(offset)
+def _load(f, path, bad, fs_decode):
+    st = os.fstat(f.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        raise bad("not a regular file")
+    size = st.st_size
+    head = f.read(HEADER.size)
+    if len(head) != HEADER.size:
+        raise bad("too short")
+    magic, version, header_size, memory_size, n = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise bad("wrong magic (not a whpfast Linux snapshot)")
+    if version != VERSION:
+        raise bad(f"format version {version}, this whpfast reads {VERSION}")
+    if n != len(SECTIONS) or header_size != HEADER.size + SECTION.size * n + 4:
+        raise bad("wrong section count")
+    if memory_size % (2 << 20) or not 16 << 20 <= memory_size <= MAX_MEMORY:
+        raise bad(f"memory size {memory_size:#x} is invalid")
+    rest = f.read(header_size - HEADER.size)
+    if len(rest) != header_size - HEADER.size:
+        raise bad("truncated header")
+    if zlib.crc32(head + rest[:-4]) != struct.unpack("<I", rest[-4:])[0]:
+        raise bad("header checksum mismatch")
+    table = {}
+    expected = header_size
+    for i, name in enumerate(SECTIONS):
+        raw_name, offset, length, crc = SECTION.unpack_from(rest, i * SECTION.size)
+        if name == "image":
+            expected = _image_offset(expected)
+            if length != memory_size:
+                raise bad(f"the image has {length} bytes, memory {memory_size}")
+        if raw_name.rstrip(b"\0") != name.encode() or offset != expected or offset + length > size:
+            raise bad(f"section {name!r} is misplaced or truncated")
+        table[name] = (offset, length, crc)
+        expected = offset + length
+    if expected != size:
+        raise bad("trailing or missing bytes")
+
+    def section(name, limit):
+        offset, length, crc = table[name]
+        if length > limit:
+            raise bad(f"section {name!r} is too large")
+        f.seek(offset)
+        data = f.read(length)
+        if len(data) != length or zlib.crc32(data) != crc:
+            raise bad(f"section {name!r} checksum mismatch")
+        return data
+
+    pages = memory_size // PAGE
+    words = (pages + 63) // 64
+    try:
+        meta = json.loads(section("meta", MAX_META))
+    except (ValueError, RecursionError) as e:       # RecursionError: nesting too deep
+        raise bad(f"metadata is not JSON ({str(e)[:200]})") from None
+    state_bytes = section("vcpu", 1 << 20)
+    fs_bytes = section("fs", 1 << 30)
+    bitmap = section("bitmap", words * 8)
+    if len(bitmap) != words * 8:
+        raise bad("page bitmap has the wrong size")
+    nonzero = np.frombuffer(bitmap, dtype=np.uint64).copy()
+    if pages % 64 and int(nonzero[-1]) >> (pages % 64):
+        raise bad("page bitmap marks pages past the end of memory")
+    try:
+        state, components = _decode_meta(meta, state_bytes, memory_size, fs_bytes, fs_decode)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise bad(f"metadata is inconsistent ({type(e).__name__}: {e})") from None
+    why = cpu.incompatibility(meta["cpu"])          # before anything is mapped or runs
+    if why:
+        raise bad(why)
+    # The extents follow from the bitmap (they cover every non-zero page by construction);
+    # pages outside them come from anonymous memory, zero whatever the file's holes hold.
+    extents = _extents(nonzero, pages, MAX_EXTENTS)
+    offset, _, crc = table["image"]
+    image = backend.impl.FileMapping(f.fileno(), offset, memory_size)
+    try:
+        with memoryview(image) as view:
             got = 0
-            for first, count in runs:
-                chunk = view[first * PAGE:(first + count) * PAGE]
-                if f.readinto(chunk) != count * PAGE:
-                    raise bad("page data truncated")
-                got = zlib.crc32(chunk, got)
+            for first, count in extents:
+                got = zlib.crc32(view[first * PAGE:(first + count) * PAGE], got)
             if got != crc:
                 raise bad("page data checksum mismatch")
-        finally:
-            view.release()
-    return meta, state, components, image, nonzero
+            # Zero pages inside an extent (a merged gap) are mapped from the file too: they must
+            # be zero there, as the bitmap says (restores zero them; a guest must never see the
+            # file's bytes there instead).
+            bits = np.unpackbits(nonzero.view(np.uint8), bitorder="little")
+            for first, count in extents:
+                for page in (np.flatnonzero(bits[first:first + count] == 0) + first).tolist():
+                    if np.frombuffer(view, np.uint64, PAGE // 8, page * PAGE).any():
+                        raise bad(f"page {page} is marked zero but holds data")
+    except BaseException:
+        image.close()
+        raise
+    return meta, state, components, image, nonzero, f, extents, offset
 
 
 def _decode_meta(meta, state_bytes, memory_size, fs_bytes, fs_decode):
