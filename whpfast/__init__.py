@@ -23,3 +23,9 @@ __all__ = [
     "SandboxPoisoned", "GuestError", "GuestFault", "GuestTimeout", "GuestCancelled", "GuestAbort",
     "GuestCallError", "HostFunctionError", "GuestLoadError", "GuestBuildError", "SnapshotError",
 ]
+
+# Python sandboxes (whpfast/python)
+from .errors import GuestPythonError  # noqa: E402
+from .python import PythonResult, PythonSandbox  # noqa: E402
+
+__all__ += ["PythonSandbox", "PythonResult", "GuestPythonError"]

@@ -1,0 +1,221 @@
+"""PythonSandbox: this venv's interpreter with pandas booted ONCE per module (module-scoped
+fixture) and warm-started for every test. Behaviour (stdout, stderr, tracebacks, SystemExit,
+capped output, MemoryError, timeouts), isolation between fresh runs, fresh randomness per run,
+saved snapshots, the command line, and a guest that forges the driver's answer."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import whpfast
+from whpfast import backend
+from whpfast.python import sandbox as pysandbox
+
+pytestmark = [pytest.mark.hypervisor,
+              pytest.mark.skipif(backend.NAME != "kvm", reason="KVM only: PythonSandbox runs on LinuxSandbox")]
+
+SETUP = "import numpy as np\nimport pandas as pd\nimport random"
+PANDAS_JOB = ("df = pd.DataFrame(np.random.default_rng(5).standard_normal((10000, 2)), columns=['a', 'b'])\n"
+              "df['k'] = (df.a * 10).astype(int) % 7\n"
+              "print(df.groupby('k').b.mean().to_json())")
+
+
+@pytest.fixture(scope="module")
+def sb():
+    with whpfast.PythonSandbox(setup=SETUP, memory_size=512 << 20) as box:
+        yield box
+
+
+def test_hello_world(sb):
+    assert sb.run('print("hello world")') == whpfast.PythonResult("hello world\n", "", None)
+
+
+def test_pandas_job_matches_the_host(sb):
+    native = subprocess.run([sys.executable, "-c", SETUP + "\n" + PANDAS_JOB], capture_output=True,
+                            check=True, text=True).stdout
+    result = sb.run(PANDAS_JOB)
+    assert result.error is None and result.stdout == native and json.loads(native)
+
+
+def test_eval_carries_json(sb):
+    assert sb.eval("(1, 'é', None, 2.5, {'k': [True]})") == [1, "é", None, 2.5, {"k": [True]}]
+    assert sb.eval("int(pd.Series([1, 2, 3]).sum())") == 6
+
+
+def test_eval_exception_raises_with_the_guest_traceback(sb):
+    with pytest.raises(whpfast.GuestPythonError) as info:
+        sb.eval("{}['missing']")
+    assert "KeyError: 'missing'" in info.value.traceback
+    assert 'File "<sandbox>", line 1' in info.value.traceback and "driver" not in info.value.traceback
+    with pytest.raises(whpfast.GuestPythonError, match="cannot be carried as JSON"):
+        sb.eval("object()")
+
+
+def test_exception_stderr_and_systemexit_come_back(sb):
+    r = sb.run("import sys\nprint('before')\nsys.stderr.write('warned\\n')\nraise ValueError('bad')")
+    assert r.stdout == "before\n" and r.stderr == "warned\n"
+    assert r.error.endswith("ValueError: bad\n") and "line 4" in r.error
+    r = sb.run("raise SystemExit(3)")
+    assert r.error.endswith("SystemExit: 3\n")
+    r = sb.run("def f(:\n  pass")
+    assert "SyntaxError" in r.error
+
+
+def test_output_bypassing_sys_stdout_is_kept(sb):
+    r = sb.run("import os\nos.write(1, b'raw ')\nos.write(2, b'rawerr ')\nprint('cooked')")
+    assert (r.stdout, r.stderr, r.error) == ("raw cooked\n", "rawerr ", None)
+
+
+def test_huge_output_is_capped_with_a_marker(sb):
+    r = sb.run("print('x' * 3_000_000)")
+    assert r.error is None
+    assert r.stdout.startswith("x" * 1000) and len(r.stdout) < pysandbox.OUTPUT_LIMIT + 200
+    assert "[whpfast: output truncated: 3000001 characters written" in r.stdout
+
+
+def test_raw_output_flood_is_stopped_and_the_next_run_works(sb):
+    with pytest.raises(whpfast.GuestCallError, match="raw output"):
+        sb.run("import os\nwhile True: os.write(1, b'y' * (1 << 20))", timeout=60)
+    assert sb.run("print(1)").stdout == "1\n"
+
+
+def test_allocating_past_memory_size_is_a_guest_memory_error(sb):
+    r = sb.run("x = bytearray(600 << 20)")
+    assert r.error.endswith("MemoryError\n")
+    # Touched memory, in steps, until the guest's memory runs out: MemoryError, never a host OOM.
+    r = sb.run("chunks = []\nwhile True: chunks.append(b'z' * (32 << 20))", timeout=60)
+    assert r.error.endswith("MemoryError\n")
+    assert sb.eval("1 + 1") == 2
+
+
+def test_endless_loop_times_out_and_the_next_run_works(sb):
+    with pytest.raises(whpfast.GuestTimeout):
+        sb.run("while True: pass", timeout=0.3)
+    with pytest.raises(whpfast.SandboxError, match="fresh=True"):
+        sb.run("print(0)", fresh=False)
+    assert sb.run("print(2)").stdout == "2\n"
+
+
+def test_fresh_runs_share_nothing(sb):
+    sb.run("leak = 1\nimport json\njson.leak = 2\nimport colorsys\nopen('/tmp/leak', 'w').write('x')")
+    r = sb.run("import os, sys, json\nprint('leak' in globals(), hasattr(json, 'leak'), "
+               "'colorsys' in sys.modules, os.path.exists('/tmp/leak'))")
+    assert r.stdout == "False False False False\n"
+
+
+def test_fresh_false_continues_the_previous_state(sb):
+    sb.run("counter = 41")
+    assert sb.eval("counter + 1", fresh=False) == 42
+    assert sb.run("counter += 1", fresh=False).error is None
+    assert sb.eval("counter", fresh=False) == 42
+    assert sb.eval("'counter' in globals()") is False
+
+
+def test_each_run_draws_fresh_randomness(sb):
+    draw = ("[random.random(), float(np.random.rand()), __import__('os').urandom(8).hex(), "
+            "float(np.random.default_rng().random())]")
+    draws = [sb.eval(draw) for _ in range(3)]
+    for column in zip(*draws):
+        assert len(set(column)) == 3, draws
+    # What stays fixed per snapshot: the str hash seed.
+    assert len({sb.eval("hash('whpfast')") for _ in range(3)}) == 1
+
+
+def test_code_must_be_str(sb):
+    with pytest.raises(TypeError, match="str of Python source"):
+        sb.run(b"print(1)")
+    with pytest.raises(TypeError):
+        sb.eval(42)
+
+
+def test_reading_stdin_gets_nothing(sb):
+    assert sb.run("import sys\nprint(repr(sys.stdin.read()))").stdout == "''\n"
+
+
+def test_os_exit_is_reported_and_the_next_run_works(sb):
+    r = sb.run("import os\nprint('bye', flush=True)\nos._exit(4)")
+    assert "exited with status 4" in r.error
+    assert sb.run("print(3)").stdout == "3\n"
+
+
+FORGERIES = {
+    "length past the data": "m._write_all = lambda d: os.write(1, b'{}' + (10**9).to_bytes(8, 'little') + m.MAGIC)",
+    "not JSON": "m._write_all = lambda d: os.write(1, b'\\xff{' + (2).to_bytes(8, 'little') + m.MAGIC)",
+    "nested past recursion": ("m._write_all = lambda d: os.write(1, b'[' * 200000 + b']' * 200000 + "
+                              "(400000).to_bytes(8, 'little') + m.MAGIC)"),
+    "wrong fields": "m._write_all = lambda d: os.write(1, b'[1]' + (3).to_bytes(8, 'little') + m.MAGIC)",
+    "wrong types": ("m._write_all = lambda d: os.write(1, b'{\"stdout\": 1, \"stderr\": \"\", \"error\": null, "
+                    "\"value\": 0}' + (45).to_bytes(8, 'little') + m.MAGIC)"),
+    "no trailer": "m._write_all = lambda d: os.write(1, b'hello')",
+    "reads stdin itself": "os.read(0, 10)",
+}
+
+
+@pytest.mark.parametrize("how", FORGERIES)
+def test_forged_answers_are_rejected(sb, how):
+    """User code replaces the driver's answer (the guest is untrusted): a typed error, never a
+    crash, an unbounded allocation or a bogus result; the next fresh run is clean."""
+    with pytest.raises(whpfast.GuestCallError, match="malformed"):
+        sb.run(f"import os, sys\nm = sys.modules['__main__']\n{FORGERIES[how]}")
+    with pytest.raises(whpfast.SandboxError, match="fresh=True"):
+        sb.run("print(0)", fresh=False)
+    assert sb.eval("2 * 21") == 42
+
+
+def test_setup_error_raises_guest_python_error():
+    with pytest.raises(whpfast.GuestPythonError, match="setup raised") as info:
+        whpfast.PythonSandbox(setup="import no_such_module_here", memory_size=64 << 20)
+    assert "ModuleNotFoundError" in info.value.traceback
+
+
+def test_save_and_start_many_from_one_file(sb, tmp_path):
+    path = tmp_path / "warm.snap"
+    sb.save(path)
+    boxes = [whpfast.PythonSandbox.from_snapshot(path) for _ in range(2)]
+    try:
+        for box in boxes:
+            assert box.run('print("hello world")').stdout == "hello world\n"
+            assert box.eval("pd.__name__") == "pandas"         # setup's names are there
+    finally:
+        for box in boxes:
+            box.close()
+
+
+def test_snapshot_of_another_kind_is_refused(sb, tmp_path):
+    with whpfast.LinuxSandbox(["/bin/busybox", "cat"], memory_size=64 << 20) as lx:
+        assert lx.run().waiting
+        lx.snapshot().save(tmp_path / "cat.snap")
+    with pytest.raises(whpfast.SnapshotError, match="not of a PythonSandbox"):
+        whpfast.PythonSandbox.from_snapshot(tmp_path / "cat.snap")
+    (tmp_path / "junk.snap").write_bytes(b"junk" * 100)
+    with pytest.raises(whpfast.SnapshotError):
+        whpfast.PythonSandbox.from_snapshot(tmp_path / "junk.snap")
+
+
+def test_snapshot_of_another_driver_is_refused(sb, monkeypatch):
+    monkeypatch.setitem(sb.snapshot.meta, "python", dict(sb.snapshot.meta["python"], driver="0" * 64))
+    with pytest.raises(whpfast.SnapshotError, match="another version"):
+        whpfast.PythonSandbox.from_snapshot(sb.snapshot)
+
+
+def test_closed_sandbox_refuses():
+    box = whpfast.PythonSandbox(memory_size=64 << 20)
+    assert box.run("print(1)").stdout == "1\n"
+    box.close()
+    box.close()
+    with pytest.raises(whpfast.SandboxClosed):
+        box.run("print(1)")
+
+
+def test_command_line(tmp_path):
+    snap = tmp_path / "cli.snap"
+    cmd = [sys.executable, "-m", "whpfast", "run-python", "--memory", "64"]
+    r = subprocess.run(cmd + ["-c", "print(6 * 7)", "--save", str(snap)], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (0, "42\n"), r.stderr
+    r = subprocess.run([sys.executable, "-m", "whpfast", "run-python", "--snapshot", str(snap), "-c", "1/0"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.endswith("ZeroDivisionError: division by zero\n")

@@ -1,0 +1,137 @@
+# The whpfast Python driver. It runs INSIDE the guest interpreter (stdlib only) and serves one
+# request at a time; the host snapshots it while it waits for the next one, so every request
+# starts from exactly the same parked state.
+#
+# Request (stdin):  4-byte little-endian length, then a JSON object
+#     {"op": "exec" | "eval", "code": str, "seed": hex str (host entropy), "cap": int}
+# Answer (stdout, one write):  JSON object, then its length as 8 bytes little-endian, then MAGIC
+#     {"stdout": str, "stderr": str, "error": str | None, "value": any JSON}
+# The host reads the answer from the END of what the guest wrote, so output that bypassed
+# sys.stdout (os.write(1, ...), C code) stays in front of it and reaches the caller as stdout.
+import io
+import json
+import linecache
+import os
+import random
+import sys
+import traceback
+
+MAGIC = b"\x00whpfast-py-ans\x00"
+FILENAME = "<sandbox>"
+
+
+class _Capture(io.TextIOBase):
+    """sys.stdout / sys.stderr while user code runs: keeps the first `cap` characters, counts
+    the rest, and says so at the end (the host caps the whole answer again)."""
+
+    def __init__(self, cap):
+        self.parts, self.size, self.cap = [], 0, cap
+        self.buffer = _Bytes(self)
+
+    def write(self, s):
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        if self.size < self.cap:
+            self.parts.append(s[:self.cap - self.size])
+        self.size += len(s)
+        return len(s)
+
+    def writable(self):
+        return True
+
+    @property
+    def encoding(self):
+        return "utf-8"
+
+    def getvalue(self):
+        text = "".join(self.parts)
+        if self.size > self.cap:
+            text += (f"\n[whpfast: output truncated: {self.size} characters written, "
+                     f"the first {self.cap} kept]\n")
+        return text
+
+
+class _Bytes:
+    """sys.stdout.buffer: bytes written there join the same capture."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def write(self, b):
+        self.text.write(bytes(b).decode("utf-8", "replace"))
+        return len(b)
+
+    def flush(self):
+        pass
+
+
+def _reseed(seed):
+    # A restored snapshot repeats its generators' state: reseed what users expect to be random.
+    random.seed(seed)
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        np_random.seed([int(seed[i:i + 8], 16) for i in range(0, 64, 8)])
+
+
+def _error_text(exc):
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code is _serve.__code__:
+        tb = tb.tb_next                          # the driver's own frame says nothing to the user
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _serve(request, namespace):
+    op, code = request["op"], request["code"]
+    _reseed(request["seed"])
+    out, err = _Capture(request["cap"]), _Capture(request["cap"])
+    saved = sys.stdout, sys.stderr, sys.stdin
+    sys.stdout, sys.stderr, sys.stdin = out, err, io.StringIO()
+    value = error = None
+    try:
+        # Source lines for the guest's tracebacks.
+        linecache.cache[FILENAME] = (len(code), None, code.splitlines(True), FILENAME)
+        compiled = compile(code, FILENAME, op)
+        if op == "eval":
+            value = eval(compiled, namespace)
+        else:
+            exec(compiled, namespace)
+    except BaseException as e:                   # SystemExit and KeyboardInterrupt too
+        error = _error_text(e)
+    finally:
+        sys.stdout, sys.stderr, sys.stdin = saved
+    answer = {"stdout": out.getvalue(), "stderr": err.getvalue(), "error": error, "value": None}
+    if op == "eval" and error is None:
+        try:
+            answer["value"] = value
+            return json.dumps(answer).encode()
+        except (TypeError, ValueError, RecursionError) as e:
+            answer["value"] = None
+            answer["error"] = (f"the value of the expression cannot be carried as JSON: "
+                               f"{type(e).__name__}: {e}\n")
+    return json.dumps(answer).encode()
+
+
+def _write_all(data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view):]
+
+
+def main():
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    buf = bytearray(1 << 16)
+    pending = bytearray()
+    while True:
+        while len(pending) < 4 or len(pending) < 4 + int.from_bytes(pending[:4], "little"):
+            n = os.readv(0, [buf])
+            if n == 0:
+                return
+            pending += buf[:n]
+        size = int.from_bytes(pending[:4], "little")
+        request = json.loads(pending[4:4 + size])
+        del pending[:4 + size]
+        answer = _serve(request, namespace)
+        _write_all(answer + len(answer).to_bytes(8, "little") + MAGIC)
+
+
+main()

@@ -1,0 +1,276 @@
+"""PythonSandbox: a Python interpreter in a LinuxSandbox, snapshotted warm and restored per run.
+
+The guest runs `driver.py` (shipped beside this file, stdlib only): it parks reading stdin, and
+each request (length-prefixed JSON on stdin) is executed in one namespace, user output captured
+and capped, and one framed JSON answer written to stdout before it parks again. The warm
+snapshot is taken at that parking read, after `setup` and one request of each kind ran
+("prewarm": the driver's first-call work is in the snapshot instead of in every request).
+
+Everything the guest sends back is untrusted: the answer is taken from the end of its stdout,
+its length checked against what arrived, decoded as JSON (never unpickled) and its fields
+type-checked; anything else is a GuestCallError and the sandbox is restored before it runs
+again."""
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import sysconfig
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import GuestCallError, GuestPythonError, SandboxClosed, SandboxError, SnapshotError
+from ..linux.process import LinuxSandbox, LinuxSnapshot
+
+DRIVER = (Path(__file__).with_name("driver.py")).read_text()
+DRIVER_DIGEST = hashlib.sha256(DRIVER.encode()).hexdigest()
+MAGIC = b"\x00whpfast-py-ans\x00"           # driver.py's answer trailer
+TRAILER = struct.Struct("<Q16s")
+DEFAULT_MEMORY_SIZE = 512 << 20
+OUTPUT_LIMIT = 1 << 20                       # characters of stdout / stderr kept per run
+RAW_OUTPUT_LIMIT = 64 << 20                  # bytes the guest may write to fd 1/2 per run
+BOOT_TIMEOUT = 300
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+# System library directories the dynamic loader and the interpreter's extension modules need.
+LIB_DIRS = ("/lib64", "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib64")
+
+
+@dataclass(frozen=True)
+class PythonResult:
+    """What one PythonSandbox.run() produced: the guest's stdout and stderr, and the guest
+    traceback as text when the code raised (SystemExit included), else None."""
+    stdout: str
+    stderr: str
+    error: object
+
+
+class _OutputFlood(Exception):
+    """Raised from on_output to stop a guest that writes past RAW_OUTPUT_LIMIT."""
+
+
+def _interpreter_paths(python):
+    """The host paths the interpreter reads: its binary (and the one a venv's links to), its
+    prefixes' lib directories (stdlib, lib-dynload, site-packages), pyvenv.cfg, its sysconfig
+    paths, and the system library directories."""
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        prefixes = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+        paths = list(sysconfig.get_paths().values())
+    else:
+        import subprocess
+        script = ("import json, sys, sysconfig; print(json.dumps([[sys.prefix, sys.base_prefix, "
+                  "sys.exec_prefix, sys.base_exec_prefix], list(sysconfig.get_paths().values())]))")
+        try:
+            out = subprocess.run([python, "-I", "-c", script], capture_output=True, check=True,
+                                 timeout=60).stdout
+            prefixes, paths = json.loads(out)
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            raise SandboxError(f"cannot ask the interpreter {python} for its library paths ({e}); "
+                               f"pass python= a working CPython") from None
+    found = {python, os.path.realpath(python), *LIB_DIRS, *paths}
+    for p in prefixes:
+        found.update((os.path.join(p, "lib"), os.path.join(p, "lib64"), os.path.join(p, "pyvenv.cfg")))
+    # /tmp, /proc and /dev are the sandbox's own; the guest never sees the host's.
+    return sorted(p for p in found if p and os.path.isabs(p) and os.path.exists(p)
+                  and not p.startswith(("/tmp", "/proc", "/dev")))
+
+
+def _check_code(code, what):
+    if not isinstance(code, str):
+        raise TypeError(f"{what} must be a str of Python source, not {type(code).__name__}")
+    return code
+
+
+class PythonSandbox:
+    """A Python interpreter in a micro-VM, warm-started for every run.
+
+    python: the interpreter (default: the one running, sys.executable), read with its standard
+    library and site-packages; read: more host paths the guest may read; setup: code run once
+    before the warm snapshot (e.g. "import pandas as pd"): its names are the globals every run
+    starts from. memory_size bounds the guest's memory: past it the guest gets MemoryError."""
+
+    def __init__(self, *, python=None, setup="", read=(), memory_size=DEFAULT_MEMORY_SIZE,
+                 timeout=BOOT_TIMEOUT):
+        self._closed = True
+        _check_code(setup, "setup")
+        python = os.path.abspath(python or sys.executable)
+        if isinstance(read, (str, bytes, os.PathLike)):
+            read = [read]
+        policy = _interpreter_paths(python) + [os.fsdecode(r) for r in read]
+        self._init_common()
+        self._lx = LinuxSandbox([python, "-I", "-B", "-c", DRIVER], env=ENV, read=policy,
+                                memory_size=memory_size, on_output=self._count_output)
+        try:
+            first = self._lx.run(timeout=timeout)
+            if not first.waiting:
+                raise SandboxError(f"the interpreter {python} did not start the driver (exit status "
+                                   f"{first.exit_code}): {first.stderr.decode('utf-8', 'replace')[-2000:]}")
+            for op, code in (("exec", setup), ("exec", "pass"), ("eval", "None")):
+                result, _ = self._request(op, code, timeout)
+                if result.error is not None:
+                    what = "setup" if code is setup else "the driver's warm-up"
+                    raise GuestPythonError(f"{what} raised in the guest:\n{result.error}",
+                                           traceback=result.error, stdout=result.stdout, stderr=result.stderr)
+            self._snapshot = self._lx.snapshot()
+            self._snapshot.meta["python"] = {"driver": DRIVER_DIGEST, "python": python,
+                                             "setup_sha256": hashlib.sha256(setup.encode()).hexdigest()}
+        except BaseException:
+            self._lx.close()
+            raise
+        self.python = python
+        self._closed = False
+
+    def _init_common(self):
+        self._lock = threading.Lock()
+        self._stale = False          # the guest is not parked at a clean read: restore first
+        self._raw_bytes = 0
+
+    @classmethod
+    def from_snapshot(cls, snapshot):
+        """A sandbox in a saved warm state (a path written by save(), or a LinuxSnapshot taken by
+        a PythonSandbox); it starts in milliseconds."""
+        if not isinstance(snapshot, LinuxSnapshot):
+            snapshot = LinuxSnapshot.load(snapshot)
+        info = snapshot.meta.get("python")
+        if not isinstance(info, dict) or not isinstance(info.get("python"), str):
+            raise SnapshotError(f"{snapshot.path or 'the snapshot'} is a Linux snapshot but not of a "
+                                f"PythonSandbox; make one with PythonSandbox(...).save(path)")
+        if info.get("driver") != DRIVER_DIGEST:
+            raise SnapshotError(f"{snapshot.path or 'the snapshot'} was made with another version of "
+                                f"whpfast's Python driver; make it again with this whpfast")
+        self = cls.__new__(cls)
+        self._closed = True
+        self._init_common()
+        self._lx = LinuxSandbox.from_snapshot(snapshot, on_output=self._count_output)
+        self._snapshot = snapshot
+        self.python = info["python"]
+        self._closed = False
+        return self
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def close(self):
+        """Frees the VM. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._lx.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            self.close()
+
+    @property
+    def closed(self):
+        return self._closed
+
+    @property
+    def snapshot(self):
+        """The warm LinuxSnapshot every fresh run starts from."""
+        return self._snapshot
+
+    @property
+    def linux(self):
+        """The LinuxSandbox underneath (for statistics such as last_restore)."""
+        return self._lx
+
+    def save(self, path):
+        """Writes the warm snapshot to path (atomically); PythonSandbox.from_snapshot(path)
+        starts new sandboxes from it."""
+        self._check_open()
+        return self._snapshot.save(path)
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def run(self, code, *, timeout=None, fresh=True):
+        """Executes code; returns a PythonResult (stdout, stderr, error). fresh=True (default)
+        first restores the warm snapshot, so nothing an earlier run did is visible; fresh=False
+        continues in the state the previous run left."""
+        _check_code(code, "code")
+        result, _ = self._call("exec", code, timeout, fresh)
+        return result
+
+    def eval(self, expr, *, timeout=None, fresh=True):
+        """Evaluates expr and returns its value, carried as JSON (lists for tuples, str keys).
+        An exception in the guest raises GuestPythonError with the guest traceback."""
+        _check_code(expr, "expr")
+        result, value = self._call("eval", expr, timeout, fresh)
+        if result.error is not None:
+            raise GuestPythonError(f"the guest raised:\n{result.error}", traceback=result.error,
+                                   stdout=result.stdout, stderr=result.stderr)
+        return value
+
+    def _check_open(self):
+        if self._closed:
+            raise SandboxClosed("the Python sandbox is closed")
+
+    def _call(self, op, code, timeout, fresh):
+        with self._lock:
+            self._check_open()
+            if fresh:
+                self._lx.restore(self._snapshot)
+                self._stale = False
+            elif self._stale:
+                raise SandboxError("the previous run left the interpreter unusable (it exited, timed out "
+                                   "or did not answer); run again with fresh=True")
+            return self._request(op, code, timeout)
+
+    def _count_output(self, stream, data):
+        self._raw_bytes += len(data)
+        if self._raw_bytes > RAW_OUTPUT_LIMIT:
+            raise _OutputFlood()
+
+    def _request(self, op, code, timeout):
+        """Sends one request to the parked driver and returns (PythonResult, value)."""
+        payload = json.dumps({"op": op, "code": code, "seed": os.urandom(32).hex(),
+                              "cap": OUTPUT_LIMIT}).encode()
+        self._stale = True                       # until a clean answer says otherwise
+        self._raw_bytes = 0
+        try:
+            r = self._lx.run(struct.pack("<I", len(payload)) + payload, timeout=timeout)
+        except _OutputFlood:
+            raise GuestCallError(f"the guest wrote more than {RAW_OUTPUT_LIMIT >> 20} MiB of raw output "
+                                 f"and was stopped; the next fresh run starts clean") from None
+        raw_err = r.stderr.decode("utf-8", "replace")
+        if r.exit_code is not None:
+            out = r.stdout.decode("utf-8", "replace")
+            return PythonResult(out, raw_err, f"the Python process exited with status {r.exit_code} "
+                                              f"(os._exit or a crash) before answering\n"), None
+        answer, prefix = _parse_answer(r.stdout)
+        self._stale = False
+        result = PythonResult(prefix.decode("utf-8", "replace") + answer["stdout"],
+                              raw_err + answer["stderr"], answer["error"])
+        return result, answer["value"]
+
+
+def _parse_answer(raw):
+    """The driver's answer at the end of raw stdout, checked: (answer dict, output before it)."""
+    def bad(why):
+        return GuestCallError(f"the guest's answer is malformed ({why}); the interpreter's driver was "
+                              f"tampered with or did not finish. The next fresh run starts clean.")
+
+    if len(raw) < TRAILER.size:
+        raise bad("no answer: the guest waits for input it was not sent (did the code read stdin?)")
+    size, magic = TRAILER.unpack_from(raw, len(raw) - TRAILER.size)
+    if magic != MAGIC:
+        raise bad("no answer trailer")
+    if size > len(raw) - TRAILER.size:
+        raise bad(f"its length {size} exceeds the {len(raw)} bytes received")
+    end = len(raw) - TRAILER.size
+    body = raw[end - size:end]
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise bad(f"not JSON: {type(e).__name__}") from None
+    if not isinstance(answer, dict) or set(answer) != {"stdout", "stderr", "error", "value"}:
+        raise bad("wrong fields")
+    if not (isinstance(answer["stdout"], str) and isinstance(answer["stderr"], str)
+            and (answer["error"] is None or isinstance(answer["error"], str))):
+        raise bad("wrong field types")
+    return answer, raw[:end - size]
