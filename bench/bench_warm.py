@@ -69,6 +69,23 @@ def hyperlight_restore(sb, snap):
     sb._vcpu.load_state_separately(snap._state)
 
 
+def fork_hello():
+    """Baseline 3: os.fork() of this process (already warm: whpfast and numpy imported), the
+    child sends "hello world" back over a pipe and exits; the parent reads it and reaps it."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(w, b"hello world")
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = os.read(r, 64)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert data == b"hello world"
+
+
 def private_kib():
     fields = {}
     with open("/proc/self/smaps_rollup") as f:
@@ -98,11 +115,13 @@ def main(argv=None):
         ours = time_calls(lambda: (sb.restore(snap), sb.call("hello")), n)
         copy = time_calls(lambda: (full_copy_restore(sb, snap), sb.call("hello")), n // 4)
         hl = time_calls(lambda: (hyperlight_restore(sb, snap), sb.call("hello")), n // 4)
+        fork = time_calls(fork_hello, max(20, n // 20), warmup=5)
         call_only = time_calls(lambda: sb.call("hello"), n)
         row("hello call alone", call_only)
         row("restore + hello (whpfast)", ours)
         row("full-copy restore + hello", copy, ours)
         row("Hyperlight-style + hello", hl, ours)
+        row("os.fork() + pipe (no VM)", fork, ours)
         print("  (ratios: baseline / whpfast)")
 
     print("\n== restore time against dirty pages (64 MiB sandbox)")

@@ -3,7 +3,8 @@
 # starts from exactly the same parked state.
 #
 # Request (stdin):  4-byte little-endian length, then a JSON object
-#     {"op": "exec" | "eval", "code": str, "seed": hex str (host entropy), "cap": int}
+#     {"op": "exec" | "eval" | "warm", "code": str, "seed": hex str (host entropy), "cap": int}
+#     ("warm" executes in a throwaway copy of the globals: first-call work without new names)
 # Answer (stdout, one write):  JSON object, then its length as 8 bytes little-endian, then MAGIC
 #     {"stdout": str, "stderr": str, "error": str | None, "value": any JSON}
 # The host reads the answer from the END of what the guest wrote, so output that bypassed
@@ -90,11 +91,11 @@ def _serve(request, namespace):
     try:
         # Source lines for the guest's tracebacks.
         linecache.cache[FILENAME] = (len(code), None, code.splitlines(True), FILENAME)
-        compiled = compile(code, FILENAME, op)
+        compiled = compile(code, FILENAME, "eval" if op == "eval" else "exec")
         if op == "eval":
             value = eval(compiled, namespace)
         else:
-            exec(compiled, namespace)
+            exec(compiled, dict(namespace) if op == "warm" else namespace)
     except BaseException as e:                   # SystemExit and KeyboardInterrupt too
         error = _error_text(e)
     finally:

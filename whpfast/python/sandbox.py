@@ -88,12 +88,16 @@ class PythonSandbox:
     python: the interpreter (default: the one running, sys.executable), read with its standard
     library and site-packages; read: more host paths the guest may read; setup: code run once
     before the warm snapshot (e.g. "import pandas as pd"): its names are the globals every run
-    starts from. memory_size bounds the guest's memory: past it the guest gets MemoryError."""
+    starts from. warmup: code run once before the snapshot in a throwaway copy of those globals
+    (typically the request itself), so its first-call work (lazy imports, caches, heap growth)
+    is in the snapshot instead of being redone by every run. memory_size bounds the guest's
+    memory: past it the guest gets MemoryError."""
 
     def __init__(self, *, python=None, setup="", read=(), memory_size=DEFAULT_MEMORY_SIZE,
-                 timeout=BOOT_TIMEOUT):
+                 warmup="", timeout=BOOT_TIMEOUT):
         self._closed = True
         _check_code(setup, "setup")
+        _check_code(warmup, "warmup")
         python = os.path.abspath(python or sys.executable)
         if isinstance(read, (str, bytes, os.PathLike)):
             read = [read]
@@ -106,10 +110,13 @@ class PythonSandbox:
             if not first.waiting:
                 raise SandboxError(f"the interpreter {python} did not start the driver (exit status "
                                    f"{first.exit_code}): {first.stderr.decode('utf-8', 'replace')[-2000:]}")
-            for op, code in (("exec", setup), ("exec", "pass"), ("eval", "None")):
+            # setup, then the user's warm-up, then one request of each kind (the driver's own
+            # first-call work: json, compile, the capture classes) before the snapshot.
+            for op, code, what in (("exec", setup, "setup"), ("warm", warmup, "warmup"),
+                                   ("exec", "pass", "the driver's warm-up"),
+                                   ("eval", "None", "the driver's warm-up")):
                 result, _ = self._request(op, code, timeout)
                 if result.error is not None:
-                    what = "setup" if code is setup else "the driver's warm-up"
                     raise GuestPythonError(f"{what} raised in the guest:\n{result.error}",
                                            traceback=result.error, stdout=result.stdout, stderr=result.stderr)
             self._snapshot = self._lx.snapshot()
