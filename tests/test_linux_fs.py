@@ -2,6 +2,7 @@
 relative, absolute, pointing outside, looping; a FIFO), no VM needed."""
 
 import errno as host_errno
+import gc
 import os
 import stat
 import struct
@@ -49,6 +50,14 @@ def dents(fs, fd, count=4096):
             name = buf[pos + 19:pos + reclen].split(b"\0")[0]
             out.append((name, dtype, off))
             pos += reclen
+
+
+@pytest.fixture(autouse=True)
+def _release_host_fds():
+    """A FileSystem holds host fds until close_all() or its collection (it has reference
+    cycles): collect here, so none outlives its test (test_sandbox counts the process's fds)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture
@@ -139,6 +148,35 @@ def test_symlinks_resolve_inside_the_namespace(fs, tree):
     assert stat.S_ISREG(st(fs.fstatat(AT_FDCWD, b"sub/rel", 0))["mode"])
     assert err(fs.fstatat, AT_FDCWD, b"a.txt/", 0) == E.ENOTDIR
     assert err(fs.openat, AT_FDCWD, b"a.txt/x", 0, 0) == E.ENOTDIR
+
+
+def test_cached_walks_follow_tmp_and_fd_changes(fs, tree):
+    os.symlink("/tmp/f", tree / "data" / "totmp")
+    os.symlink("/proc/self/fd/5", tree / "data" / "tofd")
+    for _ in range(2):                              # the second round runs on cached look-ups
+        assert err(fs.fstatat, AT_FDCWD, b"/data/totmp", 0) == E.ENOENT
+        fd = fs.openat(AT_FDCWD, b"/tmp/f", O_CREAT | O_WRONLY, 0o600)
+        assert fs.fstatat(AT_FDCWD, b"/data/totmp", 0) == fs.fstat(fd)
+        fs.unlinkat(AT_FDCWD, b"/tmp/f", 0)
+        fs.close(fd)
+        assert err(fs.fstatat, AT_FDCWD, b"tofd", 0) == E.ENOENT
+        five = fs.openat(AT_FDCWD, b"sub/b.bin", 0, 0)
+        fs.dup2(five, 5)
+        assert fs.fstatat(AT_FDCWD, b"tofd", 0) == fs.fstat(five)
+        fs.dup2(fs.openat(AT_FDCWD, b"a.txt", 0, 0), 5)
+        assert fs.fstatat(AT_FDCWD, b"tofd", 0) == fs.fstatat(AT_FDCWD, b"a.txt", 0)
+        for n in range(3, 8):
+            try:
+                fs.close(n)
+            except LinuxError:
+                pass
+        state = fs.capture()
+        fs.mkdirat(AT_FDCWD, b"/tmp/d", 0o700)
+        fs.chdir(b"/tmp/d")
+        assert fs.fstatat(AT_FDCWD, b".", 0) == fs.fstatat(AT_FDCWD, b"/proc/self/cwd", 0)
+        fs.reset(state)
+        assert err(fs.fstatat, AT_FDCWD, b"/tmp/d", 0) == E.ENOENT
+        assert fs.getcwd() == b"/data"
 
 
 def test_escapes_are_enoent(fs, tree):
@@ -251,8 +289,12 @@ def test_getdents_lists_the_host_directory(fs, tree):
     assert err(fs.openat, AT_FDCWD, b"a.txt", O_DIRECTORY, 0) == E.ENOTDIR
     assert err(fs.openat, AT_FDCWD, b"sub", O_WRONLY, 0) == E.EISDIR
     # the synthesized directories list their contents
-    names = {n for n, _, _ in dents(fs, fs.openat(AT_FDCWD, b"/proc/self/fd", O_DIRECTORY, 0))}
-    assert {b"0", b"1", b"2", str(fd).encode()} <= names
+    fdd = fs.openat(AT_FDCWD, b"/proc/self/fd", O_DIRECTORY, 0)
+    first = {n for n, _, _ in dents(fs, fdd)}
+    assert {b".", b"..", b"0", b"1", b"2", b"%d" % fd, b"%d" % fdd} <= first
+    fs.close(fd)
+    fs.lseek(fdd, 0, 0)                             # rewinddir sees the fd table of now
+    assert {n for n, _, _ in dents(fs, fdd)} == first - {b"%d" % fd}
 
 
 def test_fd_table_limits_and_bad_fds(tree):
@@ -356,6 +398,10 @@ def test_cwd(fs):
     fs.unlinkat(AT_FDCWD, b"/tmp/gone", AT_REMOVEDIR)
     assert err(fs.getcwd) == E.ENOENT
     assert err(fs.openat, AT_FDCWD, b"x", O_CREAT | O_WRONLY, 0o600) == E.ENOENT
+    assert err(fs.mkdirat, AT_FDCWD, b"x", 0o700) == E.ENOENT
+    fs.close(fs.openat(AT_FDCWD, b"/tmp/f", O_CREAT | O_WRONLY, 0o600))
+    assert err(fs.renameat, AT_FDCWD, b"/tmp/f", AT_FDCWD, b"x") == E.ENOENT
+    assert fs.fstatat(AT_FDCWD, b"..", 0) == fs.fstatat(AT_FDCWD, b"/tmp", 0)
 
 
 # ----------------------------------------------------------------------------------------- /tmp
@@ -407,6 +453,13 @@ def test_tmp_files(fs):
     assert read_all(fs, fs.openat(AT_FDCWD, b"/tmp/q", 0, 0)) == b"/tmp/p"
     fs.renameat(AT_FDCWD, b"/tmp/p", AT_FDCWD, b"/tmp/q")
     assert read_all(fs, fs.openat(AT_FDCWD, b"/tmp/q", 0, 0)) == b"/tmp/q"
+    # chmod in /tmp only
+    fs.fchmodat(AT_FDCWD, b"/tmp/q", 0o4755)
+    assert st(fs.fstatat(AT_FDCWD, b"/tmp/q", 0))["mode"] == stat.S_IFREG | 0o4755
+    fs.fchmod(fs.openat(AT_FDCWD, b"/tmp", O_DIRECTORY, 0), 0o700)
+    assert st(fs.fstatat(AT_FDCWD, b"/tmp", 0))["mode"] == stat.S_IFDIR | 0o700
+    assert err(fs.fchmodat, AT_FDCWD, b"/data/a.txt", 0o777) == E.EROFS
+    assert err(fs.fchmod, 0, 0o777) == E.EROFS
     # O_TMPFILE: an unnamed file
     t = fs.openat(AT_FDCWD, b"/tmp", O_TMPFILE | O_RDWR, 0o600)
     assert fs.write(t, b"anon") == 4 and fs.pread(t, 9, 0) == b"anon"
@@ -491,6 +544,8 @@ def test_capture_reset_restores_exactly(fs):
     before = observe(fs)
     state = fs.capture()
     assert fs.capture() is state                     # nothing changed: the same state
+    with pytest.raises(AttributeError):
+        state.umask = 0                              # immutable
     # change everything
     fs.read(a, 7)
     fs.close(7)
@@ -529,6 +584,38 @@ def test_reset_offsets_exact(fs, tree):
     fs.close(fd)
     fs.reset(state)
     assert fs.read(fd, 10) == host[123:133]
+
+
+def test_reset_rounds_and_older_states(fs, tree):
+    """Many warm rounds (only what moved is put back), then states older than the last one."""
+    host = (tree / "data" / "a.txt").read_bytes()
+    a = fs.openat(AT_FDCWD, b"a.txt", 0, 0)
+    b = fs.dup(a)
+    d = fs.openat(AT_FDCWD, b"sub", O_DIRECTORY, 0)
+    fs.read(a, 10)
+    first = fs.capture()
+    before = observe(fs)
+    for i in range(5):
+        assert fs.read(b, 7) == host[10:17]         # the shared offset came back
+        fs.lseek(a, 3 * i, 1)
+        fs.fcntl(b, F_SETFL, O_APPEND | O_NONBLOCK)
+        fs.getdents64(d, 64)
+        if i % 2:
+            fs.close(a)
+            fs.dup2(d, 12)
+            fs.openat(AT_FDCWD, b"/other/c.txt", 0, 0)
+        fs.reset(first)
+        assert observe(fs) == before
+    fs.read(a, 90)
+    second = fs.capture()
+    assert second != first and fs.lseek(a, 0, 1) == 100
+    fs.close(b)
+    fs.reset(first)                                 # older than the last capture
+    assert observe(fs) == before
+    fs.reset(second)
+    assert fs.lseek(b, 0, 1) == 100
+    fs.reset(first)
+    assert fs.read(a, 7) == host[10:17]
 
 
 def test_reset_makes_no_host_calls(fs, monkeypatch):
@@ -602,14 +689,14 @@ def test_decode_rejects_garbage(fs):
 
 
 def _craft(fields):
-    from whpfast.linux.fs import _MAGIC, _dump
+    from whpfast.linux._fsstate import _MAGIC, _dump
     out = [_MAGIC]
     _dump(fields, out)
     return b"".join(out)
 
 
 def test_decode_rejects_hostile_states(fs):
-    good = fs.capture()._fields()
+    good = tuple(fs.capture())
     fds, descs, cwd, umask, tmp, ino = good
     root = tmp[0]
     child = (99, stat.S_IFREG, 0o644, 0, 0, 0, b"f", b"x")
@@ -710,3 +797,315 @@ def test_cpython_stdlib_tree(tmp_path):
         with open(os.path.join(pkg, n.decode()), "rb") as f:
             assert read_all(fs, fd) == f.read()
         fs.close(fd)
+
+
+# ------------------------------------------------------------------------------------ hostility
+
+def test_hostile_paths_and_numbers(fs):
+    long_name = b"n" * 256
+    assert err(fs.fstatat, AT_FDCWD, b"/" + b"a/" * 2048, 0) == E.ENAMETOOLONG
+    assert err(fs.fstatat, AT_FDCWD, long_name, 0) == E.ENAMETOOLONG
+    assert err(fs.openat, AT_FDCWD, b"/tmp/" + long_name, O_CREAT | O_WRONLY, 0o600) == E.ENAMETOOLONG
+    assert err(fs.mkdirat, AT_FDCWD, b"/tmp/" + long_name, 0o700) == E.ENAMETOOLONG
+    assert err(fs.openat, AT_FDCWD, b"a.txt\0/../../x", 0, 0) == E.EINVAL
+    assert err(fs.openat, AT_FDCWD, b"/tmp/a\0b", O_CREAT | O_WRONLY, 0o600) == E.EINVAL
+    assert err(fs.fstatat, AT_FDCWD, b"/proc/self/fd/0/x", 0) == E.ENOTDIR
+    assert err(fs.fstatat, AT_FDCWD, b"/proc/self/fd/01", 0) == E.ENOENT
+    # symlinks in /tmp: 40 in a chain resolve, 41 are ELOOP; a self loop is ELOOP
+    fs.write(fs.openat(AT_FDCWD, b"/tmp/l0", O_CREAT | O_WRONLY, 0o600), b"end")
+    for i in range(1, 42):
+        fs.symlinkat(b"l%d" % (i - 1), AT_FDCWD, b"/tmp/l%d" % i)
+    assert read_all(fs, fs.openat(AT_FDCWD, b"/tmp/l40", 0, 0)) == b"end"
+    assert err(fs.openat, AT_FDCWD, b"/tmp/l41", 0, 0) == E.ELOOP
+    fs.symlinkat(b"self", AT_FDCWD, b"/tmp/self")
+    assert err(fs.fstatat, AT_FDCWD, b"/tmp/self/x", 0) == E.ELOOP
+    assert fs.readlinkat(AT_FDCWD, b"/tmp/l1") == b"l0"
+    # a /tmp symlink cannot leave the namespace either
+    fs.symlinkat(b"../../../../../../etc/passwd", AT_FDCWD, b"/tmp/esc")
+    assert err(fs.openat, AT_FDCWD, b"/tmp/esc", 0, 0) == E.ENOENT
+    fs.symlinkat(b"/data/sub", AT_FDCWD, b"/tmp/in")
+    assert fs.fstatat(AT_FDCWD, b"/tmp/in/b.bin", 0) == fs.fstatat(AT_FDCWD, b"/data/sub/b.bin", 0)
+    assert err(fs.symlinkat, b"x", AT_FDCWD, b"/data/new") == E.EROFS
+    # numbers from registers: huge, negative, unsigned forms
+    fd = fs.openat(AT_FDCWD, b"/tmp/n", O_CREAT | O_RDWR, 0o600)
+    assert err(fs.read, fd, -1) == E.EINVAL
+    assert fs.read(fd, 1 << 62) == b""
+    assert err(fs.lseek, fd, (1 << 64) - 1, 0) == E.EINVAL          # -1 as unsigned
+    fs.lseek(fd, (1 << 63) - 1, 0)
+    assert err(fs.lseek, fd, 1, 1) == E.EOVERFLOW
+    assert err(fs.pwrite, fd, b"x", (1 << 63) - 1) == E.EFBIG
+    assert err(fs.pread, fd, 1, -5) == E.EINVAL
+    assert err(fs.getdents64, fs.openat(AT_FDCWD, b"/tmp", O_DIRECTORY, 0), 0) == E.EINVAL
+    assert err(fs.fcntl, fd, 0, 1 << 31) == E.EINVAL
+    assert err(fs.fcntl, fd, 0, -1) == E.EINVAL
+    assert err(fs.renameat, AT_FDCWD, b"/tmp/n", AT_FDCWD, b"/tmp/m", 4) == E.EINVAL
+    assert err(fs.unlinkat, AT_FDCWD, b"/tmp/n", 0x4) == E.EINVAL
+    assert err(fs.openat, AT_FDCWD, b"a.txt", O_ACCMODE_ALL, 0) == E.EINVAL
+    every = fs.openat(AT_FDCWD, b"sub", 0xFFFFFFFF & ~O_ACCMODE_ALL, 0)    # O_PATH wins
+    assert fs.fcntl(every, F_GETFL) & O_PATH and err(fs.getdents64, every, 4096) == E.EBADF
+    assert err(fs.openat, AT_FDCWD, b"a.txt", 0xFFFFFFFF & ~O_ACCMODE_ALL, 0) == E.ENOTDIR
+
+
+O_ACCMODE_ALL = 3
+
+
+def test_lookup_caches_are_bounded(fs, tree, monkeypatch):
+    """A guest probing endless names (or long paths) cannot grow the host's caches without
+    bound, and look-ups past the bound still answer right."""
+    import whpfast.linux.fs as fsmod
+    monkeypatch.setattr(fsmod, "_CACHE_MAX", 64)
+    for i in range(500):
+        assert err(fs.fstatat, AT_FDCWD, b"/data/missing%d" % i, 0) == E.ENOENT
+        assert stat.S_ISREG(st(fs.fstatat(AT_FDCWD, b"sub/" + b"./" * i + b"b.bin", 0))["mode"])
+        fs.close(fs.openat(AT_FDCWD, b"sub/deep/" + b"../deep/" * (i % 50), O_DIRECTORY, 0))
+    assert len(fs._canon) <= 64 and len(fs._walks) <= 64
+    (tree / "data" / "missing499").write_bytes(b"late")   # not remembered: seen at once
+    assert st(fs.fstatat(AT_FDCWD, b"/data/missing499", 0))["size"] == 4
+
+
+def test_random_calls_only_raise_linux_errors(tree):
+    """A guest calling anything with anything: only LinuxError comes out, and the state it
+    leaves always captures, encodes, decodes and resets to itself."""
+    import random
+    rng = random.Random(8)
+    fs = FileSystem({"/data": tree / "data", "/other": tree / "other"}, tmp_size=256 << 10,
+                    max_fds=40)
+    paths = [b"", b"/", b".", b"..", b"/tmp", b"/tmp/a", b"/tmp/a/b", b"/tmp/c", b"a.txt",
+             b"/data/sub/rel", b"/data/loop1", b"/proc/self/fd/3", b"/proc/self/fd/4/..",
+             b"/proc/self/cwd", b"/proc/self/exe", b"/dev/null", b"/dev/stdin", b"/data/fifo",
+             b"/tmp/a/", b"sub/up/sub", b"/tmp/l", b"/tmp/l/x", b"/other/to_data"]
+    ints = [0, 1, 2, 3, 4, 5, 7, 39, 40, -1, -100, 0xFFFFFF9C, 1 << 31, 1 << 32, 1 << 63, (1 << 64) - 1]
+
+    def n():
+        return rng.choice(ints) if rng.random() < 0.7 else rng.getrandbits(rng.choice((8, 32, 64)))
+
+    def p():
+        return rng.choice(paths)
+
+    calls = [
+        lambda: fs.openat(n(), p(), rng.choice([0, 1, 2, 0o100 | 2, 0o300 | 1, 0o1000 | 2, O_TMPFILE | 2,
+                                                O_PATH, O_DIRECTORY, n()]), 0o644),
+        lambda: fs.close(n()), lambda: fs.dup(n()), lambda: fs.dup3(n(), n(), n() & 0o2000000),
+        lambda: fs.read(n(), rng.choice([0, 1, 100, 5000, n()])),
+        lambda: fs.write(n(), os.urandom(rng.choice([0, 1, 100, 70000]))),
+        lambda: fs.pread(n(), 100, n()), lambda: fs.pwrite(n(), b"xyz", n()),
+        lambda: fs.lseek(n(), n(), rng.choice([0, 1, 2, 3, 4, 5, n()])),
+        lambda: fs.fstat(n()), lambda: fs.fstatat(n(), p(), rng.choice([0, 0x100, 0x1000, n()])),
+        lambda: fs.statx(n(), p(), rng.choice([0, 0x100, n()]), n()),
+        lambda: fs.faccessat(n(), p(), rng.choice([0, 1, 2, 4, 7, n()]), rng.choice([0, 0x200, n()])),
+        lambda: fs.readlinkat(n(), p()), lambda: fs.getdents64(n(), rng.choice([0, 24, 64, 4096, n()])),
+        lambda: fs.chdir(p()), lambda: fs.fchdir(n()), lambda: fs.mkdirat(n(), p(), 0o755),
+        lambda: fs.unlinkat(n(), p(), rng.choice([0, 0x200, n()])),
+        lambda: fs.renameat(n(), p(), n(), p(), rng.choice([0, 1, 2, 3, n()])),
+        lambda: fs.ftruncate(n(), rng.choice([0, 10, 1 << 20, n()])),
+        lambda: fs.fcntl(n(), rng.choice([0, 1, 2, 3, 4, 1030, n()]), n()),
+        lambda: fs.ioctl(n(), rng.choice([0x5401, 0x5451, 0x5450, n()]), n()),
+        lambda: fs.symlinkat(p(), n(), p()), lambda: fs.host_file(n()), lambda: fs.contents(n()),
+        lambda: fs.umask(n()), lambda: fs.getcwd(), lambda: fs.console(n()),
+        lambda: fs.fchmodat(n(), p(), n(), rng.choice([0, 0x100, n()])), lambda: fs.fchmod(n(), n()),
+    ]
+    states = []
+    for i in range(4000):
+        try:
+            rng.choice(calls)()
+        except LinuxError:
+            pass
+        if i % 200 == 0:
+            state = fs.capture()
+            assert FileSystem.decode(fs.encode(state)) == state
+            states.append(state)
+        if i % 450 == 0 and states:
+            back = FileSystem.decode(fs.encode(rng.choice(states)))
+            fs.reset(back)
+            assert fs.capture() == back
+    fs.close_all()
+
+
+def test_tmp_matches_the_host_kernel(tmp_path):
+    """The same random calls on our /tmp and, through os.*, on a real host directory give the
+    same results and errnos (differential test against the kernel's own semantics)."""
+    import random
+    rng = random.Random(5)
+    host_root = tmp_path / "ref"
+    host_root.mkdir()
+    host_root.chmod(0o1777)                     # as /tmp
+    hroot = os.open(host_root, os.O_RDONLY | os.O_DIRECTORY)
+    fs = FileSystem([], tmp_size=64 << 20)
+    groot = fs.openat(AT_FDCWD, b"/tmp", O_DIRECTORY, 0)
+    old_umask = os.umask(0o022)
+    names = ["a", "b", "d", "d/a", "d/e", "d/e/f", "l", "d/l", "a/x", ".", "d/..", "d/e/..",
+             "l/a", "d/", "a/", "d/e/f/g", "m", "d/m"]
+    targets = ["a", "d", "d/e", "l", "nonexistent", "e", "e/f", "d/e/.."]   # none leaves
+    fds = []                                    # (host fd, guest fd)
+
+    def host(fn):
+        try:
+            return fn(), None
+        except OSError as e:
+            return None, e.errno
+
+    def guest(fn):
+        try:
+            return fn(), None
+        except LinuxError as e:
+            return None, e.errno
+
+    def same(h, g, what):
+        assert h[1] == g[1], f"{what}: host errno {h[1]}, ours {g[1]} (call {i})"
+
+    def meta_h(s):
+        return (s.st_mode, s.st_size if stat.S_ISREG(s.st_mode) else 0, s.st_nlink)
+
+    def meta_g(raw):
+        s = st(raw)
+        return (s["mode"], s["size"] if stat.S_ISREG(s["mode"]) else 0, s["nlink"])
+
+    try:
+        for i in range(2500):
+            op = rng.randrange(12)
+            name = rng.choice(names)
+            if op == 0:
+                flags = rng.choice([0, 1, 2]) | rng.choice([0, 0o100, 0o300, 0o1000, 0o2000, 0o200000, 0o400000])
+                h = host(lambda: os.open(name, flags, 0o666, dir_fd=hroot))
+                g = guest(lambda: fs.openat(groot, name.encode(), flags, 0o666))
+                same(h, g, f"open {name} {flags:o}")
+                if h[0] is not None and stat.S_ISREG(os.fstat(h[0]).st_mode):
+                    fds.append((h[0], g[0]))
+                elif h[0] is not None:              # directory offsets are ext4 hashes there
+                    os.close(h[0])
+                    fs.close(g[0])
+            elif op == 1 and fds:
+                hf, gf = rng.choice(fds)
+                data = os.urandom(rng.choice([0, 1, 100, 5000]))
+                h, g = host(lambda: os.write(hf, data)), guest(lambda: fs.write(gf, data))
+                same(h, g, "write")
+                assert h[0] == g[0], (i, op, name)
+            elif op == 2 and fds:
+                hf, gf = rng.choice(fds)
+                n = rng.choice([0, 1, 50, 10000])
+                h, g = host(lambda: os.read(hf, n)), guest(lambda: fs.read(gf, n))
+                same(h, g, "read")
+                assert h[0] == g[0], (i, op, name)
+            elif op == 3 and fds:
+                hf, gf = rng.choice(fds)
+                off, whence = rng.choice([0, 3, -2, 100, 7000]), rng.choice([0, 1, 2])
+                h, g = host(lambda: os.lseek(hf, off, whence)), guest(lambda: fs.lseek(gf, off, whence))
+                same(h, g, "lseek")
+                assert h[0] == g[0], (i, op, name)
+            elif op == 4 and fds:
+                hf, gf = rng.choice(fds)
+                n = rng.choice([0, 10, 3000])
+                h, g = host(lambda: os.ftruncate(hf, n)), guest(lambda: fs.ftruncate(gf, n))
+                same(h, g, "ftruncate")
+            elif op == 5:
+                h = host(lambda: os.mkdir(name, 0o755, dir_fd=hroot))
+                g = guest(lambda: fs.mkdirat(groot, name.encode(), 0o755))
+                same(h, g, f"mkdir {name}")
+            elif op == 6:
+                rmdir = rng.random() < 0.5
+                h = host(lambda: (os.rmdir if rmdir else os.unlink)(name, dir_fd=hroot))
+                g = guest(lambda: fs.unlinkat(groot, name.encode(), AT_REMOVEDIR if rmdir else 0))
+                same(h, g, f"{'rmdir' if rmdir else 'unlink'} {name}")
+            elif op == 7:
+                other = rng.choice(names)
+                h = host(lambda: os.rename(name, other, src_dir_fd=hroot, dst_dir_fd=hroot))
+                g = guest(lambda: fs.renameat(groot, name.encode(), groot, other.encode()))
+                same(h, g, f"rename {name} {other}")
+            elif op == 8:
+                target = rng.choice(targets)
+                h = host(lambda: os.symlink(target, name, dir_fd=hroot))
+                g = guest(lambda: fs.symlinkat(target.encode(), groot, name.encode()))
+                same(h, g, f"symlink {target} {name}")
+            elif op == 9:
+                follow = rng.random() < 0.5
+                h = host(lambda: meta_h(os.stat(name, dir_fd=hroot, follow_symlinks=follow)))
+                g = guest(lambda: meta_g(fs.fstatat(groot, name.encode(), 0 if follow else AT_SYMLINK_NOFOLLOW)))
+                same(h, g, f"stat {name}")
+                assert h[0] == g[0], f"stat {name}"
+            elif op == 10:
+                h = host(lambda: os.readlink(name, dir_fd=hroot).encode())
+                g = guest(lambda: fs.readlinkat(groot, name.encode()))
+                same(h, g, f"readlink {name}")
+                assert h[0] == g[0], (i, op, name)
+            elif op == 11:
+                h = host(lambda: sorted(os.fsencode(n) for n in os.listdir(os.path.join(host_root, name))))
+                g = guest(lambda: sorted(n for n, _, _ in dents(fs, fs.openat(groot, name.encode(),
+                                                                              O_DIRECTORY, 0))
+                                         if n not in (b".", b"..")))
+                same(h, g, f"listdir {name}")
+                assert h[0] == g[0], (i, op, name)
+            if rng.random() < 0.05 and fds:
+                hf, gf = fds.pop(rng.randrange(len(fds)))
+                os.close(hf)
+                fs.close(gf)
+    finally:
+        os.umask(old_umask)
+        for hf, _ in fds:
+            os.close(hf)
+        os.close(hroot)
+
+
+def test_host_walks_match_the_kernel(tmp_path):
+    """Random paths (with ".", "..", trailing slashes, symlink chains and loops) through a real
+    host tree: our walker and the kernel's agree on what they name, or on the errno."""
+    import random
+    rng = random.Random(3)
+    root = tmp_path / "root"
+    for d in ("a/b/c", "e"):
+        (root / d).mkdir(parents=True)
+    for f, size in (("f", 3), ("a/g", 10), ("a/b/h", 100), ("e/i", 0)):
+        (root / f).write_bytes(b"x" * size)
+    links = {"l1": "a", "l2": "a/b/h", "a/l3": "../f", "a/b/l4": "../../e", "a/b/c/l5": "../../..",
+             "l6": "l7", "l7": "l6", "l8": "missing", "a/l9": "b/c/l5", "l10": "l1/b/",
+             "e/l11": "../l2/", "l12": "a/b/c/l5/l1/l3", "e/l13": "."}
+    for name, target in links.items():
+        os.symlink(target, root / name)
+    fs = FileSystem({"/root": root})
+    groot = fs.openat(AT_FDCWD, b"/root", O_DIRECTORY, 0)
+    hroot = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    comps = ["a", "b", "c", "e", "f", "g", "h", "i", ".", "..", "missing"] + [n.split("/")[-1] for n in links]
+    checked = 0
+    try:
+        for _ in range(3000):
+            parts = [rng.choice(comps) for _ in range(rng.randint(1, 5))]
+            path = "/".join(parts) + rng.choice(["", "", "/"])
+            prefixes = [os.path.join(root, *parts[:k]) for k in range(1, len(parts) + 1)]
+            if any(not os.path.realpath(p).startswith(str(root)) for p in prefixes):
+                continue                        # leaves the tree on the host: the kernel's "/" differs
+            follow = rng.random() < 0.7
+            try:
+                s = os.stat(path, dir_fd=hroot, follow_symlinks=follow)
+                h = (s.st_mode, s.st_size, s.st_ino)
+            except OSError as e:
+                h = e.errno
+            try:
+                g = st(fs.fstatat(groot, path.encode(), 0 if follow else AT_SYMLINK_NOFOLLOW))
+                g = (g["mode"], g["size"], g["ino"])
+            except LinuxError as e:
+                g = e.errno
+            assert h == g, (path, follow)
+            try:
+                h = os.readlink(path, dir_fd=hroot).encode()
+            except OSError as e:
+                h = e.errno
+            try:
+                g = fs.readlinkat(groot, path.encode())
+            except LinuxError as e:
+                g = e.errno
+            assert h == g, ("readlink", path)
+            flags = rng.choice([0, O_DIRECTORY, O_NOFOLLOW, O_PATH | O_NOFOLLOW])
+            try:
+                os.close(os.open(path, flags, dir_fd=hroot))
+                h = 0
+            except OSError as e:
+                h = e.errno
+            try:
+                fs.close(fs.openat(groot, path.encode(), flags, 0))
+                g = 0
+            except LinuxError as e:
+                g = e.errno
+            assert h == g, ("open", path, oct(flags))
+            checked += 1
+    finally:
+        os.close(hroot)
+    assert checked > 1000

@@ -130,6 +130,13 @@ def test_exhausting_memory_size_is_enomem(programs):
     assert r.exit_code == 0 and 30 < got < 64                 # malloc saw ENOMEM, no crash
 
 
+@pytest.mark.parametrize("mode, signal, vector", [("11", "SIGILL", 6), ("12", "SIGFPE", 0)])
+def test_illegal_instruction_and_divide_error_name_their_signal(programs, mode, signal, vector):
+    with pytest.raises(whpfast.GuestFault, match=f"killed by {signal}") as e:
+        run([programs["memory"], mode])
+    assert e.value.signal == signal and e.value.vector == vector and e.value.rip
+
+
 def test_segfault_and_abort_are_guest_faults(programs):
     with pytest.raises(whpfast.GuestFault, match=r"SIGSEGV: write of address 0x0 \(not mapped\)") as e:
         run([programs["memory"], "7"])
@@ -161,12 +168,14 @@ def test_fault_then_restore_runs_again(programs):
             lx.restore(snap)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
-def test_hostile_random_system_calls_never_escape(programs, seed):
+@pytest.mark.parametrize("seed, memory", [(1, False), (2, False), (3, False), (4, False), (5, False),
+                                          (6, False), (7, True), (8, True), (9, True), (10, True)])
+def test_hostile_random_system_calls_never_escape(programs, seed, memory):
     """Random call numbers with bad pointers, kernel-area addresses, huge lengths and odd fds:
     every call gets a result or an errno; the run ends normally or as a typed guest error, the
     sandbox restores, and the process and other sandboxes carry on."""
-    with whpfast.LinuxSandbox([programs["hostile"], str(seed), "3000"], memory_size=64 * MB) as lx:
+    argv = [programs["hostile"], str(seed), "3000"] + (["memory"] if memory else [])
+    with whpfast.LinuxSandbox(argv, memory_size=64 * MB) as lx:
         snap = lx.snapshot()
         try:
             r = lx.run(eof=True, timeout=20)
@@ -176,6 +185,50 @@ def test_hostile_random_system_calls_never_escape(programs, seed):
         lx.restore(snap)
         assert not lx.poisoned
     assert run([programs["hello"]]).exit_code == 3
+
+
+def test_cancel_from_another_thread(programs):
+    import threading
+    with whpfast.LinuxSandbox([programs["memory"], "8"], memory_size=64 * MB) as lx:
+        snap = lx.snapshot()
+        timer = threading.Timer(0.2, lx.cancel)
+        timer.start()
+        with pytest.raises(whpfast.GuestCancelled):
+            lx.run(timeout=30)
+        timer.join()
+        lx.restore(snap)
+        assert not lx.poisoned
+
+
+def test_restore_refuses_another_programs_snapshot(programs):
+    with whpfast.LinuxSandbox([programs["sum"]], memory_size=64 * MB) as a, \
+            whpfast.LinuxSandbox([programs["hello"]], memory_size=64 * MB) as b:
+        with pytest.raises(whpfast.SnapshotError, match="another program"):
+            a.restore(b.snapshot())
+
+
+def test_mutated_elf_headers_never_escape(programs, tmp_path):
+    """Seeded byte flips in the ELF and program headers: a load error, a fault or a run, never
+    anything else."""
+    import random
+    original = Path(programs["hello"]).read_bytes()
+    rng = random.Random(1234)
+    outcomes = set()
+    for i in range(60):
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(0, 64 + 56 * 10)] = rng.randrange(256)
+        path = tmp_path / f"mutant{i}"
+        path.write_bytes(bytes(data))
+        try:
+            with whpfast.LinuxSandbox([str(path)], memory_size=64 * MB) as lx:
+                lx.run(timeout=5)
+                outcomes.add("ran")
+        except whpfast.GuestLoadError:
+            outcomes.add("load error")
+        except (whpfast.GuestFault, whpfast.GuestTimeout):
+            outcomes.add("fault")
+    assert "load error" in outcomes
 
 
 def test_bad_programs_are_load_errors(programs, tmp_path):

@@ -233,6 +233,21 @@ def test_image_is_small_page_aligned_and_loads_without_a_loader(tmp_path):
     assert "Name: LINUX_2.6" in out
 
 
+def test_build_is_reproducible_and_checked(tmp_path):
+    """The shipped sources rebuild to the shipped image, byte for byte; a failing or foreign
+    compiler is a GuestBuildError, not a broken image."""
+    import whpfast
+    path = vdso.build(tmp_path / "ok")
+    assert path.read_bytes() + bytes(-path.stat().st_size % PAGE) == vdso.IMAGE
+    with pytest.raises(whpfast.GuestBuildError, match="vDSO build failed"):
+        vdso.build(tmp_path / "bad", cc="false")
+    fake = tmp_path / "fakecc"   # "links" fine but writes something that is not an ELF
+    fake.write_text('#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done; echo MZ > "$2"\n')
+    fake.chmod(0o755)
+    with pytest.raises(whpfast.GuestBuildError, match="did not produce an x86-64 ELF"):
+        vdso.build(tmp_path / "foreign", cc=str(fake))
+
+
 def test_symbols_found_through_both_hash_tables_with_version():
     img = Image(vdso.IMAGE)
     for name in EXPORTS:

@@ -1,7 +1,8 @@
 /* Issues seeded random system calls with hostile arguments: bad and kernel-area pointers, huge
  * lengths, negative fds. The host must answer every one with a result or -errno and never crash;
  * the program prints how many calls it made. Calls that end or re-shape the process (exit, kill,
- * the memory-map calls, arch_prctl) are left out so the run lasts. */
+ * the memory-map calls, arch_prctl) are left out so the run lasts; a second mode issues only the
+ * memory-map calls, which may well unmap the program itself (a fault then ends the run). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,8 +34,14 @@ static uint64_t arg(void) {
 int main(int argc, char **argv) {
     state = argc > 1 ? strtoull(argv[1], 0, 0) : 1;
     long count = argc > 2 ? atol(argv[2]) : 2000;
+    int memory = argc > 3;          /* any third argument: only the memory-map calls */
+    static const long mm_calls[] = {SYS_mmap, SYS_munmap, SYS_mprotect, SYS_mremap, SYS_brk, SYS_madvise};
     for (long i = 0; i < count; i++) {
-        long nr = next() % 460;
+        long nr = memory ? mm_calls[next() % 6] : (long)(next() % 460);
+        if (memory) {
+            syscall(nr, arg(), arg(), arg(), arg(), arg(), arg());
+            continue;
+        }
         switch (nr) {
         case SYS_exit: case SYS_exit_group: case SYS_kill: case SYS_tkill: case SYS_tgkill:
         case SYS_mmap: case SYS_munmap: case SYS_mprotect: case SYS_mremap: case SYS_brk:

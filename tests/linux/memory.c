@@ -18,5 +18,7 @@ int main(int argc, char **argv) {
     if (mode == 8) { for (;;) ; }
     if (mode == 9) { abort(); }
     if (mode == 10) { char *q = mremap(p, 1 << 20, 8 << 20, MREMAP_MAYMOVE); printf("%d %d\n", q[100], q[(8<<20)-1]); return 0; }
+    if (mode == 11) { __builtin_trap(); }
+    if (mode == 12) { volatile int zero = 0; return 10 / zero; }
     return 0;
 }

@@ -28,9 +28,11 @@ import sys
 import time
 
 from ..errors import SnapshotError, WhpfastError
-from .errno import (EACCES, EBADF, EBUSY, EEXIST, EINVAL, EIO, EISDIR, ELOOP, EMFILE, ENAMETOOLONG,
-                    ENODEV, ENOENT, ENOSPC, ENOTDIR, ENOTEMPTY, ENOTTY, ENXIO, EOPNOTSUPP,
-                    EOVERFLOW, EROFS, ESPIPE, ESTALE, EXDEV, LinuxError, from_oserror)
+from . import _fsstate
+from ._fsstate import MAX_FILE, NAME_MAX, PATH_MAX, FsState
+from .errno import (EACCES, EBADF, EBUSY, EEXIST, EFBIG, EINVAL, EIO, EISDIR, ELOOP, EMFILE,
+                    ENAMETOOLONG, ENODEV, ENOENT, ENOSPC, ENOTDIR, ENOTEMPTY, ENOTTY, ENXIO,
+                    EOPNOTSUPP, EOVERFLOW, EROFS, ESPIPE, ESTALE, EXDEV, LinuxError, from_oserror)
 
 # Linux x86-64 values (written out: the host's os.O_* differ on Windows).
 O_ACCMODE, O_RDONLY, O_WRONLY, O_RDWR = 3, 0, 1, 2
@@ -54,12 +56,14 @@ S_IFMT, S_IFDIR, S_IFREG, S_IFLNK = 0o170000, 0o040000, 0o100000, 0o120000
 S_IFCHR, S_IFIFO = 0o020000, 0o010000
 _DT = {S_IFDIR: 4, S_IFREG: 8, S_IFLNK: 10, S_IFCHR: 2, S_IFIFO: 1, 0o140000: 12, 0o060000: 6}
 
-PATH_MAX, NAME_MAX, MAXSYMLINKS = 4096, 255, 40
+MAXSYMLINKS = 40
 MAX_IO = 1 << 24            # largest read served at once: a short read, as Linux allows
-MAX_FILE = (1 << 63) - 1
 STATX_BASIC_STATS = 0x7FF
 _INODE_COST = 256           # /tmp bytes charged per inode and per name, so metadata is capped too
 _HOSTFD_CACHE = 64          # host fds kept for files no guest fd holds open
+_CACHE_MAX = 1 << 16        # look-ups remembered per FileSystem, per kind (paths, walks, listings):
+_CACHE_PATH = 512           # bounded, and walks of longer paths are not remembered, so that a
+                            # guest probing endless names costs the host tens of MiB at most
 _SYN_DEV, _TMP_DEV, _PIPE_DEV = 0x13, 0x14, 0x0C     # st_dev of synthesized, /tmp, console nodes
 _SYN_TIME = 0               # their times: fixed, so a state decoded elsewhere looks the same
 
@@ -83,12 +87,13 @@ def _fail(err, msg=None):
 
 class _HostNode:
     """A file, directory or symlink under a read root, with its (cached) lstat."""
-    __slots__ = ("path", "parent", "host", "st", "fmt", "ino")
+    __slots__ = ("path", "parent", "host", "st", "fmt", "ino", "packed")
 
     def __init__(self, path, parent, host, st):
         self.path, self.parent, self.host, self.st = path, parent, host, st
         self.fmt = st.st_mode & S_IFMT
         self.ino = st.st_ino
+        self.packed = None                  # its struct stat, made once
 
 
 class _Syn:
@@ -141,33 +146,13 @@ class _Tmp:
 
 class _Open:
     """An open file description (shared by dup'ed fds). `data` holds a synthesized file's
-    contents as of the open; `listing` caches a directory's entries for getdents64."""
-    __slots__ = ("node", "flags", "offset", "data", "listing")
+    contents as of the open; `listing` caches a directory's entries for getdents64; `idx` is its
+    index in the state last captured or reset to (-1: opened since)."""
+    __slots__ = ("node", "flags", "offset", "data", "listing", "idx")
 
-    def __init__(self, node, flags, offset=0, data=None):
+    def __init__(self, node, flags, offset=0, data=None, idx=-1):
         self.node, self.flags, self.offset, self.data, self.listing = node, flags, offset, data, None
-
-
-class FsState:
-    """An immutable capture of everything the guest can observe of the file system."""
-    __slots__ = ("fds", "descs", "cwd", "umask", "tmp", "next_ino")
-
-    def __init__(self, fds, descs, cwd, umask, tmp, next_ino):
-        # fds: ((fd, desc index, cloexec), ...); descs: ((ref, flags, offset, data), ...);
-        # ref: ("p", canonical path) | ("t", /tmp index) | ("c", console name) | ("f", fd);
-        # tmp: ((ino, fmt, mode, mtime, ctime, parent index or -1, name, payload), ...), root
-        # first, every parent before its children (so the tree cannot have cycles).
-        self.fds, self.descs, self.cwd, self.umask = fds, descs, cwd, umask
-        self.tmp, self.next_ino = tmp, next_ino
-
-    def _fields(self):
-        return (self.fds, self.descs, self.cwd, self.umask, self.tmp, self.next_ino)
-
-    def __eq__(self, other):
-        return isinstance(other, FsState) and self._fields() == other._fields()
-
-    def __hash__(self):
-        return hash(self._fields())
+        self.idx = idx
 
 
 def _s32(v):
@@ -204,12 +189,12 @@ class FileSystem:
         self._tmp_size, self._proc_maps, self._entropy = tmp_size, proc_maps, entropy
         self._uid, self._gid = uid, gid
         self._exe = os.fsencode(exe) if exe is not None else None
-        self._born = time.time_ns()
         self._ino = 1
         self._canon = {}            # canonical inside path -> node, or None (does not exist)
         self._overlay = {}          # directory path -> {name: node} placed there (mounts, synth)
         self._listings = {}         # directory path -> getdents entries (non-/tmp directories)
         self._links = {}            # host path -> symlink target
+        self._walks = {}            # (start path, path, follow) -> node, for walks off /tmp
         self._hostfds = {}          # host path -> host fd (read-only)
         mounts = self._parse_read(read)
         root = mounts.pop(b"", None)
@@ -229,7 +214,10 @@ class FileSystem:
         self._tmp_frozen = None     # (FsState.tmp, {id(node): index}) of the current /tmp tree
         self._tmp_nodes = None      # the nodes behind _tmp_frozen, kept alive for their ids
         self._tmp_dirty = True
-        self._dirty = True
+        self._dirty = True          # anything changed since _last (fds, offsets, cwd, umask)
+        self._table_changed = True  # the fd -> description table changed since _last
+        self._touched = []          # descriptions whose offset or flags changed since _last
+        self._live = None           # the descriptions of _last, by index
         self._last = None           # the state last captured or reset to
         self._fds = {}
         self._consoles = {}
@@ -341,7 +329,7 @@ class FileSystem:
         link(b"/dev/fd", lambda: b"/proc/self/fd")
         for fd, name in enumerate((b"stdin", b"stdout", b"stderr")):
             link(b"/dev/" + name, lambda fd=fd: b"/proc/self/fd/%d" % fd)
-        self._tmp_root = _Tmp(self._new_ino(), S_IFDIR, 0o1777, {}, None, b"tmp", self._born)
+        self._tmp_root = _Tmp(self._new_ino(), S_IFDIR, 0o1777, {}, None, b"tmp", time.time_ns())
         self._place(b"/tmp", self._tmp_root)    # the one /tmp node a reset keeps (and refills)
 
     def _status(self):
@@ -358,10 +346,13 @@ class FileSystem:
         return self._desc(dirfd).node
 
     def _walk(self, dirfd, path, *, follow=True, empty=False, start=None):
-        """The node `path` names, relative to `dirfd` (or `start`). `follow`: follow a symlink in
-        the last component; `empty`: an empty path names dirfd's own node (AT_EMPTY_PATH)."""
+        """The node `path` (bytes, without the guest's NUL) names, relative to `dirfd` (or
+        `start`). `follow`: follow a symlink in the last component; `empty`: an empty path names
+        dirfd's own node (AT_EMPTY_PATH)."""
         if len(path) >= PATH_MAX:
             _fail(ENAMETOOLONG)
+        if b"\0" in path:
+            _fail(EINVAL, "a path with a NUL byte")
         if not path:
             if empty:
                 return self._start(_s32(dirfd)) if start is None else start
@@ -370,9 +361,15 @@ class FileSystem:
             cur = self._root
         else:
             cur = self._start(_s32(dirfd)) if start is None else start
-        if path[-1] == 0x2F:
-            follow = True                       # "name/" must be a directory: follow it
+        key = None
+        if type(cur) is _HostNode or type(cur) is _SynDir:     # a start with a canonical path
+            key = (cur.path, path, follow)
+            hit = self._walks.get(key)
+            if hit is not None:
+                return hit
         comps = _split(path)
+        if path[-1] == 0x2F:
+            comps.append(b".")                  # "name/" must be a directory: follow it, check it
         comps.reverse()
         links = 0
         lookup = self._lookup
@@ -392,26 +389,32 @@ class FileSystem:
                     _fail(ELOOP)
                 target = self._link_target(child)
                 if not isinstance(target, bytes):   # a magic link: the node itself
-                    cur = target
+                    cur, key = target, None
                     continue
                 if not target:
                     _fail(ENOENT)
                 if target[0] == 0x2F:
                     cur = self._root
                 more = _split(target)
+                if target[-1] == 0x2F:
+                    more.append(b".")
                 more.reverse()
                 comps.extend(more)
                 continue
+            if type(child) is _Tmp or type(cur) is _FdDir:
+                key = None                      # changes while the guest runs: not cached
             cur = child
-        if path[-1] == 0x2F and cur.fmt != S_IFDIR:
-            _fail(ENOTDIR)
+        if key is not None and len(path) <= _CACHE_PATH and len(self._walks) < _CACHE_MAX:
+            self._walks[key] = cur
         return cur
 
-    def _walk_parent(self, dirfd, path):
+    def _walk_parent(self, dirfd, path, start=None):
         """(directory, last name) for creating or removing; name None when the path ends in
         "." or ".." or is "/" (it then names an existing directory, returned as the first)."""
         if len(path) >= PATH_MAX:
             _fail(ENAMETOOLONG)
+        if b"\0" in path:
+            _fail(EINVAL, "a path with a NUL byte")
         stripped = path.rstrip(b"/")
         if not stripped:
             if not path:
@@ -419,8 +422,8 @@ class FileSystem:
             return self._root, None
         head, _, name = stripped.rpartition(b"/")
         if name in (b".", b".."):
-            return self._walk(dirfd, path), None
-        parent = self._walk(dirfd, head + b"/" if head or stripped[0] == 0x2F else b".")
+            return self._walk(dirfd, path, start=start), None
+        parent = self._walk(dirfd, head + b"/" if head or stripped[0] == 0x2F else b".", start=start)
         if len(name) > NAME_MAX:
             _fail(ENAMETOOLONG)
         return parent, name
@@ -445,7 +448,6 @@ class FileSystem:
         if b"\0" in name or (_WINDOWS and (b"\\" in name or b":" in name)):
             _fail(ENOENT)                       # would be a separator or stream on the host
         if type(d) is not _HostNode:
-            self._canon[path] = None
             _fail(ENOENT)
         host = d.host + b"/" + name
         try:
@@ -454,13 +456,15 @@ class FileSystem:
             node = None
         except OSError as e:
             raise from_oserror(e) from None
-        self._canon[path] = node
+        if len(self._canon) < _CACHE_MAX:     # bounded: a guest may probe endless names
+            self._canon[path] = node
         if node is None:
             _fail(ENOENT)
         return node
 
     def _fd_link(self, name):
-        if not name.isdigit() or len(name) > 10 or int(name) not in self._fds:
+        if (not name.isdigit() or len(name) > 10 or (name[0] == 0x30 and len(name) > 1)
+                or int(name) not in self._fds):
             _fail(ENOENT)
         return self._fd_link_node(int(name))
 
@@ -482,6 +486,8 @@ class FileSystem:
                 except OSError as e:
                     raise from_oserror(e) from None
             return target
+        if type(node) is _Tmp:
+            return node.data
         return node.value()
 
     def _display(self, node):
@@ -518,7 +524,7 @@ class FileSystem:
     def _install(self, fd, node, flags, data=None):
         self._fds[fd] = (_Open(node, (flags & _STATUS_FLAGS) | O_LARGEFILE, 0, data),
                          bool(flags & O_CLOEXEC))
-        self._dirty = True
+        self._table_changed = self._dirty = True
         return fd
 
     def console(self, fd):
@@ -552,18 +558,34 @@ class FileSystem:
         node = None
         if flags & O_CREAT:
             d, name = self._walk_parent(dirfd, path)
-            if name is None or path.endswith(b"/"):
-                _fail(EISDIR)
-            try:
-                node = self._lookup(d, name)
-            except LinuxError as e:
-                if e.errno != ENOENT:
-                    raise
-                if type(d) is not _Tmp:
-                    _fail(EROFS, f"{os.fsdecode(path)}: only /tmp is writable")
-                return self._install(fd, self._tmp_new(d, name, S_IFREG, mode, bytearray()), flags)
-            if flags & O_EXCL:
-                _fail(EEXIST)
+            links = 0
+            while True:
+                if name is None:                # ".", ".." or "/"
+                    _fail(EEXIST if flags & O_EXCL else EISDIR)
+                if path.endswith(b"/"):
+                    _fail(EISDIR)
+                try:
+                    node = self._lookup(d, name)
+                except LinuxError as e:
+                    if e.errno != ENOENT:
+                        raise
+                    if type(d) is not _Tmp:
+                        _fail(EROFS, f"{os.fsdecode(path)}: only /tmp is writable")
+                    return self._install(fd, self._tmp_new(d, name, S_IFREG, mode, bytearray()), flags)
+                if flags & O_EXCL:
+                    _fail(EEXIST)
+                if node.fmt != S_IFLNK or flags & O_NOFOLLOW:
+                    break
+                links += 1                      # O_CREAT through a symlink creates its target
+                if links > MAXSYMLINKS:
+                    _fail(ELOOP)
+                path = self._link_target(node)
+                if not isinstance(path, bytes):
+                    node = path
+                    break
+                if not path:
+                    _fail(ENOENT)
+                d, name = self._walk_parent(AT_FDCWD, path, start=d)
         if node is None or node.fmt == S_IFLNK:
             node = self._walk(dirfd, path, follow=not flags & O_NOFOLLOW)
         if node.fmt == S_IFLNK:
@@ -573,7 +595,7 @@ class FileSystem:
             _fail(ENOTDIR)
         writes = acc != O_RDONLY or (flags & O_TRUNC and fmt == S_IFREG)
         if fmt == S_IFDIR:
-            if acc != O_RDONLY or flags & O_CREAT:
+            if acc != O_RDONLY or flags & (O_CREAT | O_TRUNC):
                 _fail(EISDIR)
         elif writes:
             self._check_write(node)
@@ -598,13 +620,13 @@ class FileSystem:
     def close(self, fd):
         if self._fds.pop(fd & 0xFFFFFFFF, None) is None:
             _fail(EBADF)
-        self._dirty = True
+        self._table_changed = self._dirty = True
 
     def dup(self, fd):
         desc = self._desc(fd)
         new = self._free_fd()
         self._fds[new] = (desc, False)
-        self._dirty = True
+        self._table_changed = self._dirty = True
         return new
 
     def dup2(self, old, new):
@@ -624,7 +646,7 @@ class FileSystem:
         if not 0 <= new < self.max_fds:
             _fail(EBADF)
         self._fds[new] = (desc, cloexec)
-        self._dirty = True
+        self._table_changed = self._dirty = True
         return new
 
     def fcntl(self, fd, cmd, arg=0):
@@ -647,10 +669,11 @@ class FileSystem:
             if desc.flags & O_PATH:
                 _fail(EBADF)
             desc.flags = (desc.flags & ~_SETFL_FLAGS) | (arg & _SETFL_FLAGS)
-            new = 0
+            self._moved(desc)
+            return 0
         else:
             _fail(EINVAL, f"fcntl command {cmd} is not supported")
-        self._dirty = True
+        self._table_changed = self._dirty = True
         return new
 
     def ioctl(self, fd, request, arg=0):
@@ -660,18 +683,20 @@ class FileSystem:
             _fail(EBADF)
         if request in (FIOCLEX, FIONCLEX):
             self._fds[fd] = (desc, request == FIOCLEX)
-            self._dirty = True
+            self._table_changed = self._dirty = True
             return 0
         _fail(ENOTTY)                           # no terminals here (TCGETS, TIOCGWINSZ, ...)
 
     # -- reading and writing
 
-    def _io_desc(self, fd, write):
+    def _io_desc(self, fd, write, positional=False):
         desc = self._desc(fd)
         acc = desc.flags & (O_ACCMODE | O_PATH)
         if acc == O_PATH or acc == (O_RDONLY if write else O_WRONLY):
             _fail(EBADF)
         if type(desc.node) is _Console:
+            if positional:
+                _fail(ESPIPE)                   # a pipe has no offsets
             _fail(EIO, "console fds are served by the caller (see FileSystem.console)")
         return desc
 
@@ -703,14 +728,12 @@ class FileSystem:
         data = self._read_at(desc, n, desc.offset)
         if data and desc.node.fmt == S_IFREG:
             desc.offset += len(data)
-            self._dirty = True
+            self._moved(desc)
         return data
 
     def pread(self, fd, n, offset):
-        desc = self._io_desc(fd, False)
+        desc = self._io_desc(fd, False, positional=True)
         offset = _s64(offset)
-        if desc.node.fmt != S_IFREG and desc.node.fmt != S_IFDIR:
-            _fail(ESPIPE)
         if offset < 0:
             _fail(EINVAL)
         return self._read_at(desc, n, offset)
@@ -720,20 +743,20 @@ class FileSystem:
         node = desc.node
         if type(node) is not _Tmp:
             return len(data)                    # a device: /dev/null and friends take anything
+        if not data:
+            return 0                            # not even O_APPEND moves the offset then
         offset = len(node.data) if desc.flags & O_APPEND else desc.offset
         n = self._tmp_write(node, offset, data)
         desc.offset = offset + n
-        self._dirty = True
+        self._moved(desc)
         return n
 
     def pwrite(self, fd, data, offset):
-        desc = self._io_desc(fd, True)
+        desc = self._io_desc(fd, True, positional=True)
         offset = _s64(offset)
         node = desc.node
         if type(node) is not _Tmp:
-            if node.fmt != S_IFREG:
-                _fail(ESPIPE)
-            return len(data)
+            return len(data)                    # a device
         if offset < 0:
             _fail(EINVAL)
         if desc.flags & O_APPEND:
@@ -777,7 +800,7 @@ class FileSystem:
             _fail(EOVERFLOW)
         if new != desc.offset:
             desc.offset = new
-            self._dirty = True
+            self._moved(desc)
         return new
 
     def _size(self, desc):
@@ -798,7 +821,7 @@ class FileSystem:
         if desc.node.fmt != S_IFDIR:
             _fail(ENOTDIR)
         listing = desc.listing
-        if listing is None or (desc.offset == 0 and type(desc.node) is _Tmp):
+        if listing is None or (desc.offset == 0 and type(desc.node) in (_Tmp, _FdDir)):
             listing = desc.listing = self._listing(desc.node)
         out = []
         size = 0
@@ -816,7 +839,7 @@ class FileSystem:
             _fail(EINVAL, "buffer too small for the next entry")
         if pos != desc.offset:
             desc.offset = pos
-            self._dirty = True
+            self._moved(desc)
         return b"".join(out)
 
     def _listing(self, d):
@@ -848,7 +871,8 @@ class FileSystem:
         for name, node in self._overlay.get(d.path, {}).items():
             entries[name] = (node.ino, _DT.get(node.fmt, 0))
         listing = dots + [(n, ino, dt) for n, (ino, dt) in sorted(entries.items())]
-        self._listings[d.path] = listing
+        if len(self._listings) < _CACHE_MAX >> 4:
+            self._listings[d.path] = listing
         return listing
 
     # -- host files
@@ -943,14 +967,22 @@ class FileSystem:
         size = 0
         if t is _SynFile:
             size = len(node.value())
-        elif t is _SynLink and node.path != b"/proc/self/cwd" and not node.path.startswith(b"/proc/self/fd/"):
-            size = len(node.value())
+        elif t is _SynLink:
+            target = node.value()
+            size = len(target if isinstance(target, bytes) else self._display(target))
         nlink = 2 if node.fmt == S_IFDIR else 1
         dev = _PIPE_DEV if t is _Console else _SYN_DEV
         return (dev, node.ino, node.mode, nlink, self._uid, self._gid, node.rdev, size,
                 _SYN_TIME, _SYN_TIME, _SYN_TIME)
 
     def _stat_bytes(self, node):
+        if type(node) is _HostNode:
+            if node.packed is None:
+                node.packed = self._pack_stat(node)
+            return node.packed
+        return self._pack_stat(node)
+
+    def _pack_stat(self, node):
         dev, ino, mode, nlink, uid, gid, rdev, size, at, mt, ct = self._attrs(node)
         return struct.pack("<QQQIIIiQqqqqqqqqq24x", dev & 0xFFFFFFFFFFFFFFFF, ino, nlink, mode,
                            uid, gid, 0, rdev, size, 4096, (size + 511) // 512,
@@ -1039,6 +1071,43 @@ class FileSystem:
             _fail(EROFS, "only /tmp is writable")
         self._tmp_new(d, name, S_IFDIR, mode, {})
 
+    def symlinkat(self, target, dirfd, path):
+        if not target:
+            _fail(ENOENT)
+        if len(target) >= PATH_MAX:
+            _fail(ENAMETOOLONG)
+        if b"\0" in target:
+            _fail(EINVAL, "a target with a NUL byte")
+        d, name = self._walk_parent(dirfd, path)
+        if name is None or self._exists(d, name):
+            _fail(EEXIST)
+        if path.endswith(b"/"):
+            _fail(ENOENT)                       # "name/" can only be a directory
+        if type(d) is not _Tmp:
+            _fail(EROFS, "only /tmp is writable")
+        self._charge(len(target))
+        self._tmp_new(d, name, S_IFLNK, 0, bytes(target)).mode = 0o777    # links ignore umask
+
+    def fchmodat(self, dirfd, path, mode, flags=0):
+        if flags & ~AT_SYMLINK_NOFOLLOW:
+            _fail(EINVAL)
+        self._chmod(self._walk(dirfd, path, follow=not flags & AT_SYMLINK_NOFOLLOW), mode)
+
+    def fchmod(self, fd, mode):
+        desc = self._desc(fd)
+        if desc.flags & O_PATH:
+            _fail(EBADF)
+        self._chmod(desc.node, mode)
+
+    def _chmod(self, node, mode):
+        if type(node) is not _Tmp:
+            _fail(EROFS, "only /tmp is writable")
+        if node.fmt == S_IFLNK:
+            _fail(EOPNOTSUPP)
+        node.mode = mode & 0o7777
+        node.ctime = time.time_ns()
+        self._tmp_dirty = True
+
     def _exists(self, d, name):
         try:
             self._lookup(d, name)
@@ -1078,8 +1147,12 @@ class FileSystem:
         if on is None or nn is None:
             _fail(EBUSY)
         src = self._lookup(od, on)
+        if src.fmt != S_IFDIR and (oldpath.endswith(b"/") or newpath.endswith(b"/")):
+            _fail(ENOTDIR)
         if type(od) is not _Tmp or type(nd) is not _Tmp:
             _fail(EXDEV if (type(od) is _Tmp) != (type(nd) is _Tmp) else EROFS, "only /tmp is writable")
+        if nd.name is None and nd is not self._tmp_root:
+            _fail(ENOENT, "the directory was removed")
         dst = nd.data.get(nn)
         if flags & RENAME_EXCHANGE:
             if dst is None:
@@ -1088,12 +1161,14 @@ class FileSystem:
             _fail(EEXIST)
         if src is dst:
             return
-        for node, into in ((src, nd), (dst, od)):
+        # one inside the other: src above the new place is EINVAL, dst above src ENOTEMPTY
+        for node, into, err in ((src, nd, EINVAL),
+                                (dst, od, EINVAL if flags & RENAME_EXCHANGE else ENOTEMPTY)):
             if node is not None and node.fmt == S_IFDIR:
                 n = into
                 while n is not self._tmp_root:
                     if n is node:
-                        _fail(EINVAL, "cannot move a directory into itself")
+                        _fail(err, "a directory cannot move below itself")
                     n = n.parent
         if flags & RENAME_EXCHANGE:
             od.data[on], nd.data[nn] = dst, src
@@ -1149,9 +1224,11 @@ class FileSystem:
         self._tmp_dirty = True
 
     def _tmp_write(self, node, offset, data):
+        if not data:
+            return 0                            # not even a hole: the size stays
         end = offset + len(data)
         if end > MAX_FILE:
-            _fail(EINVAL)
+            _fail(EFBIG)
         grow = end - len(node.data)
         if grow > 0:
             room = self._room(grow)
@@ -1228,18 +1305,28 @@ class FileSystem:
         if self._last is not None and not self._dirty and not self._tmp_dirty:
             return self._last
         tmp, index = self._freeze_tmp()
-        descs, where, fds = [], {}, []
+        descs, live, fds = [], [], []
         for fd in sorted(self._fds):
             desc, cloexec = self._fds[fd]
-            i = where.get(id(desc))
-            if i is None:
-                i = where[id(desc)] = len(descs)
+            if desc.idx < 0 or desc.idx >= len(live) or live[desc.idx] is not desc:
+                desc.idx = len(descs)
+                live.append(desc)
                 descs.append((self._ref(desc.node, index), desc.flags, desc.offset, desc.data))
-            fds.append((fd, i, cloexec))
+            fds.append((fd, desc.idx, cloexec))
         state = FsState(tuple(fds), tuple(descs), self._ref(self._cwd, index), self._umask, tmp,
                         self._ino)
-        self._last, self._dirty = state, False
+        self._settled(state, live)
         return state
+
+    def _moved(self, desc):
+        """desc's offset or flags changed: reset puts back only such descriptions."""
+        self._touched.append(desc)
+        self._dirty = True
+
+    def _settled(self, state, live):
+        self._last, self._live = state, live
+        self._dirty = self._table_changed = False
+        self._touched = []
 
     def _ref(self, node, index):
         t = type(node)
@@ -1289,18 +1376,27 @@ class FileSystem:
             return
         if not isinstance(state, FsState):
             raise TypeError(f"reset needs an FsState, not {type(state).__name__}")
-        if self._tmp_dirty or self._tmp_frozen is None or self._tmp_frozen[0] is not state.tmp:
-            self._thaw_tmp(state.tmp)
-        nodes = self._tmp_nodes
-        descs = [_Open(self._deref(ref, nodes), flags, offset, data)
-                 for ref, flags, offset, data in state.descs]
-        self._fds = {fd: (descs[i], cloexec) for fd, i, cloexec in state.fds}
-        cwd = self._deref(state.cwd, nodes)
+        if state is self._last and not self._tmp_dirty:
+            # back to the state we left: only what moved since (usual warm restore)
+            descs = self._live
+            for desc in self._touched:
+                if 0 <= desc.idx < len(descs) and descs[desc.idx] is desc:
+                    _, desc.flags, desc.offset, _ = state.descs[desc.idx]
+        else:
+            if self._tmp_dirty or self._tmp_frozen is None or self._tmp_frozen[0] is not state.tmp:
+                self._thaw_tmp(state.tmp)
+            nodes = self._tmp_nodes
+            descs = [_Open(self._deref(ref, nodes), flags, offset, data, i)
+                     for i, (ref, flags, offset, data) in enumerate(state.descs)]
+            self._table_changed = True
+        if self._table_changed:
+            self._fds = {fd: (descs[i], cloexec) for fd, i, cloexec in state.fds}
+        cwd = self._deref(state.cwd, self._tmp_nodes)
         if cwd.fmt != S_IFDIR:
             raise SnapshotError(f"the snapshot's cwd {os.fsdecode(self._display(cwd))} is not a directory")
         self._cwd, self._umask = cwd, state.umask
         self._ino = max(self._base_ino, state.next_ino)
-        self._last, self._dirty = state, False
+        self._settled(state, descs)
 
     def _thaw_tmp(self, tmp):
         used = sum(_INODE_COST * (2 if parent >= 0 else 1) + (len(payload) if payload else 0)
@@ -1343,167 +1439,13 @@ class FileSystem:
 
     def encode(self, state):
         """`state` as bytes for a snapshot file (decode() reads them back)."""
-        out = [_MAGIC]
-        _dump(state._fields(), out)
-        return b"".join(out)
+        return _fsstate.encode(state)
 
     @staticmethod
     def decode(data):
         """The FsState in `data`, checked field by field (a snapshot file is untrusted input):
         ValueError says what is wrong."""
-        data = bytes(data)
-        if not data.startswith(_MAGIC):
-            raise ValueError("file-system state: bad magic or version")
-        obj, pos = _load(data, len(_MAGIC), 0)
-        if pos != len(data):
-            raise ValueError("file-system state: trailing bytes")
-        return _validate(obj)
+        return _fsstate.decode(data)
 
 
 _UNKNOWN = object()
-_MAGIC = b"WFLXFS\x00\x01"
-
-
-def _dump(obj, out):
-    t = type(obj)
-    if obj is None:
-        out.append(b"N")
-    elif t is bool:
-        out.append(b"T" if obj else b"F")
-    elif t is int:
-        out.append(b"I" + struct.pack("<q", obj))
-    elif t is bytes:
-        out.append(b"B" + struct.pack("<I", len(obj)))
-        out.append(obj)
-    elif t is str:
-        _dump(obj.encode(), out)
-        out[-2] = b"S" + out[-2][1:]
-    elif t is tuple:
-        out.append(b"L" + struct.pack("<I", len(obj)))
-        for item in obj:
-            _dump(item, out)
-    else:
-        raise TypeError(f"cannot encode {t.__name__}")
-
-
-def _load(data, pos, depth):
-    if depth > 8:
-        raise ValueError("file-system state: nested too deep")
-    if pos >= len(data):
-        raise ValueError("file-system state: truncated")
-    tag = data[pos]
-    pos += 1
-    if tag == 0x4E:                                         # N
-        return None, pos
-    if tag in (0x54, 0x46):                                 # T, F
-        return tag == 0x54, pos
-    if tag == 0x49:                                         # I
-        if pos + 8 > len(data):
-            raise ValueError("file-system state: truncated integer")
-        return struct.unpack_from("<q", data, pos)[0], pos + 8
-    if pos + 4 > len(data):
-        raise ValueError("file-system state: truncated length")
-    n = struct.unpack_from("<I", data, pos)[0]
-    pos += 4
-    if n > len(data) - pos:
-        raise ValueError("file-system state: a length runs past the end")
-    if tag == 0x42:                                         # B
-        return data[pos:pos + n], pos + n
-    if tag == 0x53:                                         # S
-        try:
-            return data[pos:pos + n].decode(), pos + n
-        except UnicodeDecodeError:
-            raise ValueError("file-system state: a string is not UTF-8") from None
-    if tag == 0x4C:                                         # L
-        items = []
-        for _ in range(n):
-            item, pos = _load(data, pos, depth + 1)
-            items.append(item)
-        return tuple(items), pos
-    raise ValueError(f"file-system state: unknown tag {tag:#x}")
-
-
-def _is_int(v, lo, hi):
-    return type(v) is int and lo <= v <= hi
-
-
-def _valid_name(name):
-    return (type(name) is bytes and 0 < len(name) <= NAME_MAX and b"/" not in name
-            and b"\0" not in name and name not in (b".", b".."))
-
-
-def _validate(obj):
-    """FsState from decoded tuples, or ValueError naming the first bad field."""
-    def bad(why):
-        raise ValueError(f"file-system state: {why}")
-
-    if type(obj) is not tuple or len(obj) != 6:
-        bad("not a state record")
-    fds, descs, cwd, umask, tmp, next_ino = obj
-    if type(tmp) is not tuple or not tmp:
-        bad("no /tmp tree")
-    inos, names = set(), set()
-    for i, entry in enumerate(tmp):
-        if type(entry) is not tuple or len(entry) != 8:
-            bad(f"/tmp entry {i} malformed")
-        ino, fmt, mode, mtime, ctime, parent, name, payload = entry
-        if not (_is_int(ino, 1, MAX_FILE) and fmt in (S_IFDIR, S_IFREG, S_IFLNK)
-                and _is_int(mode, 0, 0o7777) and _is_int(mtime, -MAX_FILE - 1, MAX_FILE)
-                and _is_int(ctime, -MAX_FILE - 1, MAX_FILE) and _is_int(parent, -1, i - 1)):
-            bad(f"/tmp entry {i} has a bad field")
-        if ino in inos:
-            bad(f"/tmp entry {i} repeats inode {ino}")
-        inos.add(ino)
-        if (fmt == S_IFDIR) != (payload is None) or (payload is not None and type(payload) is not bytes):
-            bad(f"/tmp entry {i}: contents do not match its type")
-        if i == 0 and (fmt != S_IFDIR or parent != -1):
-            bad("/tmp root is not a directory")
-        if parent >= 0:
-            if tmp[parent][1] != S_IFDIR:
-                bad(f"/tmp entry {i} is inside a non-directory")
-            if not _valid_name(name) or (parent, name) in names:
-                bad(f"/tmp entry {i} has a bad or repeated name")
-            names.add((parent, name))
-        elif type(name) is not bytes or len(name) >= PATH_MAX or (i == 0) != (name == b""):
-            bad(f"/tmp entry {i} (unlinked) has a bad former path")
-
-    def ref(r, what):
-        if type(r) is not tuple or len(r) != 2:
-            bad(f"{what}: malformed reference")
-        kind, value = r
-        if kind == "t" and _is_int(value, 0, len(tmp) - 1):
-            return r
-        if kind == "c" and value in ("stdin", "stdout", "stderr"):
-            return r
-        if kind == "f" and _is_int(value, 0, (1 << 31) - 1):
-            return r
-        if (kind == "p" and type(value) is bytes and len(value) < PATH_MAX
-                and (value == b"" or (value.startswith(b"/") and all(_valid_name(c) for c in value[1:].split(b"/"))))):
-            return r
-        bad(f"{what}: bad reference {r!r}"[:200])
-
-    if type(descs) is not tuple:
-        bad("descriptions malformed")
-    for i, d in enumerate(descs):
-        if type(d) is not tuple or len(d) != 4:
-            bad(f"description {i} malformed")
-        r, flags, offset, data = d
-        ref(r, f"description {i}")
-        if not (_is_int(flags, 0, 0xFFFFFFFF) and _is_int(offset, 0, MAX_FILE)
-                and (data is None or type(data) is bytes)):
-            bad(f"description {i} has a bad field")
-    if type(fds) is not tuple:
-        bad("fd table malformed")
-    seen = set()
-    for entry in fds:
-        if (type(entry) is not tuple or len(entry) != 3 or not _is_int(entry[0], 0, (1 << 31) - 1)
-                or not _is_int(entry[1], 0, len(descs) - 1) or type(entry[2]) is not bool
-                or entry[0] in seen):
-            bad(f"fd entry {entry!r} is bad"[:200])
-        seen.add(entry[0])
-    ref(cwd, "cwd")
-    if cwd[0] == "t" and tmp[cwd[1]][1] != S_IFDIR:
-        bad("cwd is not a directory")
-    if not _is_int(umask, 0, 0o777) or not _is_int(next_ino, 0, 1 << 62):
-        bad("bad umask or inode counter")
-    return FsState(fds, descs, cwd, umask, tmp, next_ino)

@@ -91,21 +91,32 @@ class AddressSpace:
 
     # -- host-dirty bookkeeping ----------------------------------------------------------------
 
-    def mark(self, start, end):
-        """Marks the pages of [start, end) as written by the host."""
+    @staticmethod
+    def _words(start, end):
+        """(first word, end word, per-word masks) of the page bits of [start, end)."""
+        p0, p1 = start // PAGE, (end + PAGE - 1) // PAGE
+        w0, w1 = p0 >> 6, ((p1 - 1) >> 6) + 1
+        masks = np.full(w1 - w0, MASK64, dtype=np.uint64)
+        masks[0] &= np.uint64((MASK64 << (p0 & 63)) & MASK64)
+        masks[-1] &= np.uint64(MASK64 >> (63 - ((p1 - 1) & 63)))
+        return w0, w1, masks
+
+    def mark(self, start, end, only=None):
+        """Marks the pages of [start, end) as written by the host (only those set in the bitmap
+        `only`, if given)."""
         if end <= start:
             return
         p0, p1 = start // PAGE, (end + PAGE - 1) // PAGE
-        bm = self.host_dirty
-        w0, w1 = p0 >> 6, (p1 - 1) >> 6
-        lo = (MASK64 << (p0 & 63)) & MASK64
-        hi = MASK64 >> (63 - ((p1 - 1) & 63))
-        if w0 == w1:
-            bm[w0] |= np.uint64(lo & hi)
-        else:
-            bm[w0] |= np.uint64(lo)
-            bm[w0 + 1:w1] = np.uint64(MASK64)
-            bm[w1] |= np.uint64(hi)
+        if p0 >> 6 == (p1 - 1) >> 6:              # the common case: pages of one bitmap word
+            mask = ((1 << (p1 - p0)) - 1) << (p0 & 63)
+            if only is not None:
+                mask &= int(only[p0 >> 6])
+            self.host_dirty[p0 >> 6] |= np.uint64(mask)
+            return
+        w0, w1, masks = self._words(start, end)
+        if only is not None:
+            masks &= only[w0:w1]
+        self.host_dirty[w0:w1] |= masks
 
     def store(self, addr, data):
         """THE host write into guest memory (physical == virtual for user pages): no permission
@@ -226,12 +237,8 @@ class AddressSpace:
         and have the next restore copy back the ones the baseline holds non-zero."""
         for v in pieces:
             self.invalidate(v.start, v.end - v.start, True)
-            base = self.baseline_nonzero
-            if base is not None:
-                p0, p1 = v.start // PAGE, v.end // PAGE
-                w0, w1 = p0 >> 6, (p1 + 63) >> 6
-                if base[w0:w1].any():
-                    self.mark(v.start, v.end)
+            if self.baseline_nonzero is not None:
+                self.mark(v.start, v.end, only=self.baseline_nonzero)
 
     def drop(self, addr, length):
         """MADV_DONTNEED: anonymous private pages in the range read as zero again (file-backed
@@ -359,7 +366,8 @@ class AddressSpace:
         v = pieces[0]
         if fixed_to is None:
             if new_len <= old_len:
-                self.unmap(old + new_len, old_len - new_len) if new_len < old_len else None
+                if new_len < old_len:
+                    self.unmap(old + new_len, old_len - new_len)
                 return old
             if old + new_len <= self.top and not self.mapped(old + old_len, old + new_len):
                 self.map(old + old_len, new_len - old_len, v.prot, fixed=True, name=v.name,

@@ -13,6 +13,7 @@ file system, signal table, pending input); restore() puts all of them back. Memo
 the dirty log (guest writes) plus the host-dirty bitmap of mm.store (host writes), the way
 Sandbox.restore does it, with the same _pages helpers."""
 
+import errno
 import os
 import struct
 import threading
@@ -40,6 +41,7 @@ DEFAULT_MEMORY_SIZE = 1 << 30
 DEFAULT_STACK_SIZE = 8 << 20
 BLOCK = 64 * PAGE                   # one word of a page bitmap
 HOT_PAGES = 4096                    # pages left writable across restores (see Sandbox.restore)
+MAX_OUTPUT = 256 << 20              # stdout + stderr bytes one run() collects
 
 SYSCALL_PORT = 0xE4                 # one of the ports the SDK's TSS bitmap opens to CPL3
 SYSCALL_STUB = 0xA000               # user page, read + execute: out SYSCALL_PORT, al; ud2
@@ -185,7 +187,11 @@ class LinuxSandbox:
         self._setup(memory_size, on_output)
         with ExitStack() as undo:
             undo.callback(self._close_parts)
-            self._exec(elf, data, exe, argv, envp)
+            try:
+                self._exec(elf, data, exe, argv, envp)
+            except LinuxError as e:
+                raise GuestLoadError(f"{exe} does not fit the sandbox ({e}); give it a larger "
+                                     f"memory_size") from None
             undo.pop_all()
         self._closed = False
 
@@ -517,6 +523,9 @@ class LinuxSandbox:
         raise syscalls.Park()
 
     def output(self, stream, data):
+        if len(self._stdout) + len(self._stderr) + len(data) > MAX_OUTPUT:
+            # A program printing without end must not exhaust the host: its write fails.
+            raise LinuxError(errno.EFBIG, f"more than {MAX_OUTPUT} bytes of output in one run")
         (self._stdout if stream == "stdout" else self._stderr).extend(data)
         if self._on_output is not None:
             self._on_output(stream, bytes(data))
@@ -647,6 +656,9 @@ class LinuxSandbox:
                 raise SandboxClosed("the sandbox is closed")
             if snapshot.meta["memory_size"] != self.memory_size:
                 raise SnapshotError("the snapshot is of a sandbox with another memory_size")
+            if snapshot.meta["config"] != self._config:
+                raise SnapshotError("the snapshot is of another program or read policy "
+                                    "(use LinuxSandbox.from_snapshot to start it)")
             t0 = time.perf_counter_ns()
             try:
                 stats = self._restore(snapshot)

@@ -275,9 +275,15 @@ def sys_access(p, path, mode, *_):
     return 0
 
 
-@syscall("faccessat", "faccessat2")
-def sys_faccessat(p, dirfd, path, mode, flags, *_):
-    p.fs.faccessat(s32(dirfd), _path(p, path), s32(mode), s32(flags) if flags else 0)
+@syscall("faccessat")
+def sys_faccessat(p, dirfd, path, mode, *_):
+    p.fs.faccessat(s32(dirfd), _path(p, path), s32(mode), 0)
+    return 0
+
+
+@syscall("faccessat2")
+def sys_faccessat2(p, dirfd, path, mode, flags, *_):
+    p.fs.faccessat(s32(dirfd), _path(p, path), s32(mode), s32(flags))
     return 0
 
 
@@ -377,6 +383,36 @@ def sys_renameat2(p, olddir, old, newdir, new, flags, *_):
     return 0
 
 
+@syscall("symlink")
+def sys_symlink(p, target, path, *_):
+    p.fs.symlinkat(_path(p, target), AT_FDCWD, _path(p, path))
+    return 0
+
+
+@syscall("symlinkat")
+def sys_symlinkat(p, target, dirfd, path, *_):
+    p.fs.symlinkat(_path(p, target), s32(dirfd), _path(p, path))
+    return 0
+
+
+@syscall("chmod")
+def sys_chmod(p, path, mode, *_):
+    p.fs.fchmodat(AT_FDCWD, _path(p, path), mode & 0o7777)
+    return 0
+
+
+@syscall("fchmodat")
+def sys_fchmodat(p, dirfd, path, mode, *_):
+    p.fs.fchmodat(s32(dirfd), _path(p, path), mode & 0o7777)
+    return 0
+
+
+@syscall("fchmod")
+def sys_fchmod(p, fd, mode, *_):
+    p.fs.fchmod(s32(fd), mode & 0o7777)
+    return 0
+
+
 @syscall("ftruncate")
 def sys_ftruncate(p, fd, length, *_):
     if s64(length) < 0:
@@ -424,8 +460,10 @@ def _prot(prot):
 @syscall("mmap")
 def sys_mmap(p, addr, length, prot, flags, fd, offset, *_):
     prot, flags, fd = _prot(prot), s32(flags), s32(fd)
-    if length == 0 or length > p.mm.top or offset % PAGE or not flags & (MAP_SHARED | MAP_PRIVATE):
+    if length == 0 or offset % PAGE or not flags & (MAP_SHARED | MAP_PRIVATE):
         _fail(E.EINVAL)
+    if length > p.mm.top:
+        _fail(E.ENOMEM)
     fixed = bool(flags & (MAP_FIXED | MAP_FIXED_NOREPLACE))
     anonymous = bool(flags & MAP_ANONYMOUS)
     host = name = None
@@ -787,12 +825,12 @@ def sys_rt_sigaction(p, sig, act, oact, sigsetsize, *_):
     if sigsetsize != 8 or not 1 <= sig <= 64:
         _fail(E.EINVAL)
     actions = p.proc.actions
+    new = p.mm.read(act, 32) if act else None          # read before oact is written: may alias
+    if new is not None and sig in (SIGKILL, SIGSTOP):
+        _fail(E.EINVAL)
     if oact:
         p.mm.write(oact, actions[sig])
-    if act:
-        if sig in (SIGKILL, SIGSTOP):
-            _fail(E.EINVAL)
-        new = p.mm.read(act, 32)
+    if new is not None:
         p.proc = p.proc._replace(actions=actions[:sig] + (new,) + actions[sig + 1:])
     return 0
 
@@ -802,18 +840,13 @@ def sys_rt_sigprocmask(p, how, set_, oset, sigsetsize, *_):
     if sigsetsize != 8:
         _fail(E.EINVAL)
     mask = p.proc.sigmask
+    value = struct.unpack("<Q", p.mm.read(set_, 8))[0] if set_ else None
+    if value is not None and how not in (0, 1, 2):
+        _fail(E.EINVAL)
     if oset:
         p.mm.write(oset, struct.pack("<Q", mask))
-    if set_:
-        value = struct.unpack("<Q", p.mm.read(set_, 8))[0]
-        if how == 0:
-            mask |= value
-        elif how == 1:
-            mask &= ~value
-        elif how == 2:
-            mask = value
-        else:
-            _fail(E.EINVAL)
+    if value is not None:
+        mask = (mask | value, mask & ~value, value)[how]
         mask &= ~((1 << (SIGKILL - 1)) | (1 << (SIGSTOP - 1)))
         p.proc = p.proc._replace(sigmask=mask)
     return 0
@@ -821,10 +854,11 @@ def sys_rt_sigprocmask(p, how, set_, oset, sigsetsize, *_):
 
 @syscall("sigaltstack")
 def sys_sigaltstack(p, ss, old, *_):
+    new = p.mm.read(ss, 24) if ss else None
     if old:
         p.mm.write(old, p.proc.altstack)
-    if ss:
-        p.proc = p.proc._replace(altstack=p.mm.read(ss, 24))
+    if new is not None:
+        p.proc = p.proc._replace(altstack=new)
     return 0
 
 

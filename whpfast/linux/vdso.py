@@ -34,6 +34,14 @@ Invariant TSC (/proc/cpuinfo `constant_tsc` and `nonstop_tsc`) is required for T
 that changes rate with the CPU frequency or stops in idle states does not measure time. Without
 it `calibrate()` says so (`Calibration.invariant` is False) and `refresh` writes the data area in
 syscall mode: every clock call is then a correct, slow exit.
+
+Known limits: the guest's clocks are the host's, so a snapshot file started after a host reboot
+(or on another host) sees CLOCK_MONOTONIC/BOOTTIME/MONOTONIC_RAW smaller than before the
+snapshot; keeping them monotonic across that would take an offset recorded with the snapshot and
+applied both here (to the bases) and by the syscall path. The host helper (`host_clock.c`) is
+built on Linux only: the personality on the Windows backend would need a QueryPerformanceCounter
+pairing instead. There is no `getrandom` in the vDSO (newer glibc looks it up; it falls back to
+the system call).
 """
 
 import ctypes
@@ -97,6 +105,12 @@ def build(out_dir, *, cc=None):
         if proc.returncode != 0:
             raise GuestBuildError(f"vDSO build failed (exit status {proc.returncode})\n"
                                f"command: {shlex.join(cmd)}\n{proc.stdout.rstrip()}")
+    head = (out_dir / IMAGE_NAME).read_bytes()[:20]
+    # e_ident: 64-bit little-endian ELF; e_type 3 (ET_DYN), e_machine 62 (x86-64). A compiler
+    # for another target (e.g. mingw, producing a PE DLL) links without complaint.
+    if head[:6] != b"\x7fELF\x02\x01" or head[16:20] != b"\x03\x00\x3e\x00":
+        raise GuestBuildError(f"the C compiler did not produce an x86-64 ELF shared object: "
+                              f"{out_dir / IMAGE_NAME}\ncommand: {shlex.join(commands[0])}")
     return out_dir / IMAGE_NAME
 
 

@@ -1,0 +1,185 @@
+"""The saved form of the Linux file system's state: `FsState` (immutable, what `capture()`
+returns) and its bytes for snapshot files. `decode` treats its input as hostile: every length,
+index, name and number is checked before a state is built (ValueError says what is wrong)."""
+
+import struct
+from typing import NamedTuple
+from stat import S_IFDIR, S_IFLNK, S_IFREG
+
+PATH_MAX, NAME_MAX = 4096, 255
+MAX_FILE = (1 << 63) - 1
+
+
+class FsState(NamedTuple):
+    """An immutable capture of everything the guest can observe of the file system."""
+    fds: tuple          # ((fd, description index, cloexec), ...), by fd
+    descs: tuple        # ((ref, flags, offset, synthesized contents or None), ...)
+    cwd: tuple          # a ref: ("p", canonical path) | ("t", /tmp index) | ("c", console) | ("f", fd)
+    umask: int
+    tmp: tuple          # ((ino, fmt, mode, mtime, ctime, parent index or -1, name, payload), ...):
+                        # the root first, every parent before its children (so no cycles)
+    next_ino: int
+
+
+def encode(state):
+    out = [_MAGIC]
+    _dump(tuple(state), out)
+    return b"".join(out)
+
+
+def decode(data):
+    data = bytes(data)
+    if not data.startswith(_MAGIC):
+        raise ValueError("file-system state: bad magic or version")
+    obj, pos = _load(data, len(_MAGIC), 0)
+    if pos != len(data):
+        raise ValueError("file-system state: trailing bytes")
+    return _validate(obj)
+
+
+_MAGIC = b"WFLXFS\x00\x01"
+
+
+def _dump(obj, out):
+    t = type(obj)
+    if obj is None:
+        out.append(b"N")
+    elif t is bool:
+        out.append(b"T" if obj else b"F")
+    elif t is int:
+        out.append(b"I" + struct.pack("<q", obj))
+    elif t is bytes:
+        out.append(b"B" + struct.pack("<I", len(obj)))
+        out.append(obj)
+    elif t is str:
+        _dump(obj.encode(), out)
+        out[-2] = b"S" + out[-2][1:]
+    elif t is tuple:
+        out.append(b"L" + struct.pack("<I", len(obj)))
+        for item in obj:
+            _dump(item, out)
+    else:
+        raise TypeError(f"cannot encode {t.__name__}")
+
+
+def _load(data, pos, depth):
+    if depth > 8:
+        raise ValueError("file-system state: nested too deep")
+    if pos >= len(data):
+        raise ValueError("file-system state: truncated")
+    tag = data[pos]
+    pos += 1
+    if tag == 0x4E:                                         # N
+        return None, pos
+    if tag in (0x54, 0x46):                                 # T, F
+        return tag == 0x54, pos
+    if tag == 0x49:                                         # I
+        if pos + 8 > len(data):
+            raise ValueError("file-system state: truncated integer")
+        return struct.unpack_from("<q", data, pos)[0], pos + 8
+    if pos + 4 > len(data):
+        raise ValueError("file-system state: truncated length")
+    n = struct.unpack_from("<I", data, pos)[0]
+    pos += 4
+    if n > len(data) - pos:
+        raise ValueError("file-system state: a length runs past the end")
+    if tag == 0x42:                                         # B
+        return data[pos:pos + n], pos + n
+    if tag == 0x53:                                         # S
+        try:
+            return data[pos:pos + n].decode(), pos + n
+        except UnicodeDecodeError:
+            raise ValueError("file-system state: a string is not UTF-8") from None
+    if tag == 0x4C:                                         # L
+        items = []
+        for _ in range(n):
+            item, pos = _load(data, pos, depth + 1)
+            items.append(item)
+        return tuple(items), pos
+    raise ValueError(f"file-system state: unknown tag {tag:#x}")
+
+
+def _is_int(v, lo, hi):
+    return type(v) is int and lo <= v <= hi
+
+
+def _valid_name(name):
+    return (type(name) is bytes and 0 < len(name) <= NAME_MAX and b"/" not in name
+            and b"\0" not in name and name not in (b".", b".."))
+
+
+def _validate(obj):
+    """FsState from decoded tuples, or ValueError naming the first bad field."""
+    def bad(why):
+        raise ValueError(f"file-system state: {why}")
+
+    if type(obj) is not tuple or len(obj) != 6:
+        bad("not a state record")
+    fds, descs, cwd, umask, tmp, next_ino = obj
+    if type(tmp) is not tuple or not tmp:
+        bad("no /tmp tree")
+    inos, names = set(), set()
+    for i, entry in enumerate(tmp):
+        if type(entry) is not tuple or len(entry) != 8:
+            bad(f"/tmp entry {i} malformed")
+        ino, fmt, mode, mtime, ctime, parent, name, payload = entry
+        if not (_is_int(ino, 1, MAX_FILE) and fmt in (S_IFDIR, S_IFREG, S_IFLNK)
+                and _is_int(mode, 0, 0o7777) and _is_int(mtime, -MAX_FILE - 1, MAX_FILE)
+                and _is_int(ctime, -MAX_FILE - 1, MAX_FILE) and _is_int(parent, -1, i - 1)):
+            bad(f"/tmp entry {i} has a bad field")
+        if ino in inos:
+            bad(f"/tmp entry {i} repeats inode {ino}")
+        inos.add(ino)
+        if (fmt == S_IFDIR) != (payload is None) or (payload is not None and type(payload) is not bytes):
+            bad(f"/tmp entry {i}: contents do not match its type")
+        if i == 0 and (fmt != S_IFDIR or parent != -1):
+            bad("/tmp root is not a directory")
+        if parent >= 0:
+            if tmp[parent][1] != S_IFDIR:
+                bad(f"/tmp entry {i} is inside a non-directory")
+            if not _valid_name(name) or (parent, name) in names:
+                bad(f"/tmp entry {i} has a bad or repeated name")
+            names.add((parent, name))
+        elif type(name) is not bytes or len(name) >= PATH_MAX or (i == 0) != (name == b""):
+            bad(f"/tmp entry {i} (unlinked) has a bad former path")
+
+    def ref(r, what):
+        if type(r) is not tuple or len(r) != 2:
+            bad(f"{what}: malformed reference")
+        kind, value = r
+        if kind == "t" and _is_int(value, 0, len(tmp) - 1):
+            return r
+        if kind == "c" and value in ("stdin", "stdout", "stderr"):
+            return r
+        if kind == "f" and _is_int(value, 0, (1 << 31) - 1):
+            return r
+        if kind == "p" and type(value) is bytes and len(value) < PATH_MAX and (
+                value == b"" or (value[:1] == b"/" and all(map(_valid_name, value[1:].split(b"/"))))):
+            return r
+        bad(f"{what}: bad reference {r!r}"[:200])
+
+    if type(descs) is not tuple:
+        bad("descriptions malformed")
+    for i, d in enumerate(descs):
+        if type(d) is not tuple or len(d) != 4:
+            bad(f"description {i} malformed")
+        r, flags, offset, data = d
+        ref(r, f"description {i}")
+        if not (_is_int(flags, 0, 0xFFFFFFFF) and _is_int(offset, 0, MAX_FILE)
+                and (data is None or type(data) is bytes)):
+            bad(f"description {i} has a bad field")
+    if type(fds) is not tuple:
+        bad("fd table malformed")
+    seen = set()
+    for entry in fds:
+        if (type(entry) is not tuple or len(entry) != 3 or not _is_int(entry[0], 0, (1 << 31) - 1)
+                or not _is_int(entry[1], 0, len(descs) - 1) or type(entry[2]) is not bool
+                or entry[0] in seen):
+            bad(f"fd entry {entry!r} is bad"[:200])
+        seen.add(entry[0])
+    ref(cwd, "cwd")
+    if cwd[0] == "t" and tmp[cwd[1]][1] != S_IFDIR:
+        bad("cwd is not a directory")
+    if not _is_int(umask, 0, 0o777) or not _is_int(next_ino, 0, 1 << 62):
+        bad("bad umask or inode counter")
+    return FsState(fds, descs, cwd, umask, tmp, next_ino)
