@@ -141,16 +141,17 @@ def test_os_exit_is_reported_and_the_next_run_works(sb):
     assert sb.run("print(3)").stdout == "3\n"
 
 
+FRAME = "m._frame = lambda a: m.MAGIC + len(B).to_bytes(8, 'little') + B"
 FORGERIES = {
-    "length past the data": "m._write_all = lambda d: os.write(1, b'{}' + (10**9).to_bytes(8, 'little') + m.MAGIC)",
-    "not JSON": "m._write_all = lambda d: os.write(1, b'\\xff{' + (2).to_bytes(8, 'little') + m.MAGIC)",
-    "nested past recursion": ("m._write_all = lambda d: os.write(1, b'[' * 200000 + b']' * 200000 + "
-                              "(400000).to_bytes(8, 'little') + m.MAGIC)"),
-    "wrong fields": "m._write_all = lambda d: os.write(1, b'[1]' + (3).to_bytes(8, 'little') + m.MAGIC)",
-    "wrong types": ("m._write_all = lambda d: os.write(1, b'{\"stdout\": 1, \"stderr\": \"\", \"error\": null, "
-                    "\"value\": 0}' + (45).to_bytes(8, 'little') + m.MAGIC)"),
-    "no trailer": "m._write_all = lambda d: os.write(1, b'hello')",
-    "reads stdin itself": "os.read(0, 10)",
+    "length past the buffer": ("exceeds its buffer", "m._frame = lambda a: m.MAGIC + (10**9).to_bytes(8, 'little') + b'{}'"),
+    "not JSON": ("not JSON: UnicodeDecodeError", f"B = b'\\xff{{'\n{FRAME}"),
+    "nested past recursion": ("not JSON: RecursionError", f"B = b'[' * 200000 + b']' * 200000\n{FRAME}"),
+    "truncated JSON": ("not JSON: JSONDecodeError", f"B = b'{{\"stdout\": '\n{FRAME}"),
+    "wrong fields": ("wrong fields", f"B = b'[1]'\n{FRAME}"),
+    "wrong types": ("wrong field types", f"B = b'{{\"stdout\": 1, \"stderr\": \"\", \"error\": null, \"value\": 0}}'\n{FRAME}"),
+    "no header": ("no answer header", "m._frame = lambda a: b'hello'"),
+    "reads stdin itself": ("no answer header", "os.read(0, 10)"),
+    "parks in another system call": ("not parked in a read", "os.readv(0, [bytearray(64)])"),
 }
 
 
@@ -158,8 +159,10 @@ FORGERIES = {
 def test_forged_answers_are_rejected(sb, how):
     """User code replaces the driver's answer (the guest is untrusted): a typed error, never a
     crash, an unbounded allocation or a bogus result; the next fresh run is clean."""
-    with pytest.raises(whpfast.GuestCallError, match="malformed"):
-        sb.run(f"import os, sys\nm = sys.modules['__main__']\n{FORGERIES[how]}")
+    reason, code = FORGERIES[how]
+    with pytest.raises(whpfast.GuestCallError, match="malformed") as info:
+        sb.run(f"import os, sys\nm = sys.modules['__main__']\n{code}")
+    assert reason in str(info.value)
     with pytest.raises(whpfast.SandboxError, match="fresh=True"):
         sb.run("print(0)", fresh=False)
     assert sb.eval("2 * 21") == 42

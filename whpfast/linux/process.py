@@ -736,6 +736,21 @@ class LinuxSandbox:
         self._n_touched = 0
         self._hot_count = 0
 
+    # -- for cooperating programs (added by whpfast.python) ----------------------------------------
+
+    def parked_read(self):
+        """(address, length) of the buffer of the plain read(0, buf, n) the program is parked in,
+        or None when it is not parked in one. A cooperating program can leave its answer in that
+        buffer for the host to read there (mm.read), which saves the exit of a write(2); the
+        buffer's contents are the program's word, to be validated like any guest data."""
+        with self._lock:
+            if self._closed or self._poisoned or not self._io.waiting:
+                return None
+            nr, fd, buf, count = impl.syscall_regs(self._vcpu)[:4]
+            if nr != syscalls.NUMBERS["read"] or fd != 0:
+                return None
+            return buf, min(count, syscalls.MAX_IO)
+
 
 def _merge(ranges):
     out = []

@@ -2,12 +2,13 @@
 
 The guest runs `driver.py` (shipped beside this file, stdlib only): it parks reading stdin, and
 each request (length-prefixed JSON on stdin) is executed in one namespace, user output captured
-and capped, and one framed JSON answer written to stdout before it parks again. The warm
+and capped, and one framed JSON answer left in the buffer of the read it parks in again, where
+the host picks it up at that parking exit (LinuxSandbox.parked_read): no write(2) exit. The warm
 snapshot is taken at that parking read, after `setup` and one request of each kind ran
 ("prewarm": the driver's first-call work is in the snapshot instead of in every request).
 
-Everything the guest sends back is untrusted: the answer is taken from the end of its stdout,
-its length checked against what arrived, decoded as JSON (never unpickled) and its fields
+Everything the guest sends back is untrusted: the answer's length is checked against the
+parked read's buffer and a cap before anything is copied, decoded as JSON (never unpickled) and its fields
 type-checked; anything else is a GuestCallError and the sandbox is restored before it runs
 again."""
 
@@ -22,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import GuestCallError, GuestPythonError, SandboxClosed, SandboxError, SnapshotError
+from ..linux.errno import LinuxError
 from ..linux.process import LinuxSandbox, LinuxSnapshot
 
 DRIVER = (Path(__file__).with_name("driver.py")).read_text()
 DRIVER_DIGEST = hashlib.sha256(DRIVER.encode()).hexdigest()
-MAGIC = b"\x00whpfast-py-ans\x00"           # driver.py's answer trailer
-TRAILER = struct.Struct("<Q16s")
+MAGIC = b"\x00whpfast-py-ans\x00"           # driver.py's answer header: MAGIC, length (u64 LE)
+HEADER = struct.Struct("<16sQ")
+ANSWER_LIMIT = 64 << 20                      # bytes of answer JSON accepted
 DEFAULT_MEMORY_SIZE = 512 << 20
 OUTPUT_LIMIT = 1 << 20                       # characters of stdout / stderr kept per run
 RAW_OUTPUT_LIMIT = 64 << 20                  # bytes the guest may write to fd 1/2 per run
@@ -249,28 +252,33 @@ class PythonSandbox:
             out = r.stdout.decode("utf-8", "replace")
             return PythonResult(out, raw_err, f"the Python process exited with status {r.exit_code} "
                                               f"(os._exit or a crash) before answering\n"), None
-        answer, prefix = _parse_answer(r.stdout)
+        answer = _read_answer(self._lx)
         self._stale = False
-        result = PythonResult(prefix.decode("utf-8", "replace") + answer["stdout"],
+        result = PythonResult(r.stdout.decode("utf-8", "replace") + answer["stdout"],
                               raw_err + answer["stderr"], answer["error"])
         return result, answer["value"]
 
 
-def _parse_answer(raw):
-    """The driver's answer at the end of raw stdout, checked: (answer dict, output before it)."""
+def _read_answer(lx):
+    """The driver's answer from the buffer of the read it is parked in, checked."""
     def bad(why):
         return GuestCallError(f"the guest's answer is malformed ({why}); the interpreter's driver was "
                               f"tampered with or did not finish. The next fresh run starts clean.")
 
-    if len(raw) < TRAILER.size:
-        raise bad("no answer: the guest waits for input it was not sent (did the code read stdin?)")
-    size, magic = TRAILER.unpack_from(raw, len(raw) - TRAILER.size)
-    if magic != MAGIC:
-        raise bad("no answer trailer")
-    if size > len(raw) - TRAILER.size:
-        raise bad(f"its length {size} exceeds the {len(raw)} bytes received")
-    end = len(raw) - TRAILER.size
-    body = raw[end - size:end]
+    where = lx.parked_read()
+    if where is None:
+        raise bad("no answer: the guest is not parked in a read of stdin")
+    address, length = where
+    try:
+        magic, size = HEADER.unpack(lx.mm.read(address, HEADER.size)) if length >= HEADER.size else (b"", 0)
+        if magic != MAGIC:
+            raise bad("no answer header: the guest waits for input it was not sent (did the code read stdin?)")
+        if size > length - HEADER.size or size > ANSWER_LIMIT:
+            raise bad(f"its length {size} exceeds its buffer of {length} bytes or the "
+                      f"{ANSWER_LIMIT >> 20} MiB limit")
+        body = lx.mm.read(address + HEADER.size, size)
+    except LinuxError:
+        raise bad("its buffer is not readable guest memory") from None
     try:
         answer = json.loads(body)
     except (ValueError, RecursionError) as e:
@@ -280,4 +288,4 @@ def _parse_answer(raw):
     if not (isinstance(answer["stdout"], str) and isinstance(answer["stderr"], str)
             and (answer["error"] is None or isinstance(answer["error"], str))):
         raise bad("wrong field types")
-    return answer, raw[:end - size]
+    return answer
