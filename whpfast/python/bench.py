@@ -8,8 +8,8 @@ of `whpfast bench` (also `python bench/bench_python.py`) and `whpfast demo --pyt
                  run hello_world once
     snapshot     apparent and allocated size of the saved warm pandas snapshot
 Baselines: the job natively in this process (pandas imported); the same request over a pipe to
-a warm native worker process; subprocess.run([python, "-c", ...]); os.fork() of this process
-(pandas imported) with the answer sent back over a pipe; a cold boot of the sandbox.
+a warm native worker process; subprocess.run([python, "-c", ...]); os.fork() of a clean process
+that imported pandas, the answer sent back over a pipe; a cold boot of the sandbox.
 
 Timings are numpy arrays of ns; the report gives median and p99. Results go to a directory as
 JSON (summary), .npz (every sample) and a PNG plot when matplotlib is installed. --compare
@@ -29,6 +29,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from ..timing import time_calls
 
 SETUP = "import numpy as np\nimport pandas as pd"
 HELLO = 'print("hello world")'
@@ -56,35 +58,23 @@ while True:
 """
 
 
-def _clock_loop(fn, count, warmup=3):
-    for _ in range(warmup):
-        fn()
-    out = np.empty(count, dtype=np.int64)
-    clock = time.perf_counter_ns
-    for i in range(count):
-        t0 = clock()
-        fn()
-        out[i] = clock() - t0
-    return out
+# The os.fork() baseline runs in a process of its own that imported pandas and holds nothing
+# else: fork's cost grows with the parent's mapped memory, and this process holds sandboxes.
+FORK = r"""
+import contextlib, io, json, os, sys, time
+import numpy as np, pandas as pd
+code, count = sys.argv[1], int(sys.argv[2])
 
-
-def _native(code):
-    ns = {"np": __import__("numpy"), "pd": __import__("pandas")}
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        exec(code, ns)
-    return buf.getvalue()
-
-
-def _fork(code):
-    """os.fork() of this process (pandas already imported); the child runs code and sends its
-    output back over a pipe."""
+def once():
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:                                  # child
+    if pid == 0:
         try:
             os.close(r)
-            data = _native(code).encode()
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                exec(code, {"np": np, "pd": pd})
+            data = buf.getvalue().encode()
             while data:
                 data = data[os.write(w, data):]
         finally:
@@ -99,6 +89,33 @@ def _fork(code):
     os.close(r)
     os.waitpid(pid, 0)
     return b"".join(chunks).decode()
+
+answers, times = set(), []
+for i in range(count + 3):
+    t0 = time.perf_counter_ns()
+    answers.add(once())
+    if i >= 3:
+        times.append(time.perf_counter_ns() - t0)
+print(json.dumps([sorted(answers), times]))
+"""
+
+
+def _fork_samples(code, count, want):
+    """os.fork() + pipe per request, timed inside a clean process that imported pandas."""
+    out = subprocess.run([sys.executable, "-c", FORK, code, str(count)], capture_output=True,
+                         check=True, text=True).stdout
+    answers, times = json.loads(out)
+    if answers != [want]:
+        raise AssertionError(f"fork answered {answers!r}, expected {want!r}")
+    return np.array(times, dtype=np.int64)
+
+
+def _native(code):
+    ns = {"np": __import__("numpy"), "pd": __import__("pandas")}
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        exec(code, ns)
+    return buf.getvalue()
 
 
 class _Worker:
@@ -185,7 +202,7 @@ def measure(*, hello=300, pandas=60, forks=30, spawns=5, colds=2, density=50, lo
             info["snapshot.allocated_mib"] = st.st_blocks * 512 / 2**20
             log(f"snapshot (warm pandas): {info['snapshot.apparent_mib']:.1f} MiB apparent, "
                 f"{info['snapshot.allocated_mib']:.1f} MiB allocated")
-            samples["from_snapshot"] = _clock_loop(
+            samples["from_snapshot"] = time_calls(
                 lambda: whpfast.PythonSandbox.from_snapshot(path).close(), 5, warmup=1)
             log(row("from_snapshot(file)", samples["from_snapshot"]))
             if density:
@@ -205,27 +222,27 @@ def measure(*, hello=300, pandas=60, forks=30, spawns=5, colds=2, density=50, lo
                     f"{info['density.private_mib_per_sandbox']:.1f} MiB private each")
 
     log("== baselines in the same run")
-    samples["hello_world.native"] = _clock_loop(lambda: check("native", _native(HELLO), expected_hello), hello)
-    samples["pandas.native"] = _clock_loop(lambda: check("native", _native(PANDAS_JOB), expected_pandas), pandas)
+    samples["hello_world.native"] = time_calls(lambda: check("native", _native(HELLO), expected_hello), hello)
+    samples["pandas.native"] = time_calls(lambda: check("native", _native(PANDAS_JOB), expected_pandas), pandas)
     worker = _Worker()
     try:
-        samples["hello_world.pipe"] = _clock_loop(lambda: check("pipe", worker.ask(HELLO), expected_hello), hello)
-        samples["pandas.pipe"] = _clock_loop(lambda: check("pipe", worker.ask(PANDAS_JOB), expected_pandas), pandas)
+        samples["hello_world.pipe"] = time_calls(lambda: check("pipe", worker.ask(HELLO), expected_hello), hello)
+        samples["pandas.pipe"] = time_calls(lambda: check("pipe", worker.ask(PANDAS_JOB), expected_pandas), pandas)
     finally:
         worker.close()
-    samples["hello_world.fork"] = _clock_loop(lambda: check("fork", _fork(HELLO), expected_hello), forks)
-    samples["pandas.fork"] = _clock_loop(lambda: check("fork", _fork(PANDAS_JOB), expected_pandas), forks)
-    samples["hello_world.subprocess"] = _clock_loop(
+    samples["hello_world.fork"] = _fork_samples(HELLO, forks, expected_hello)
+    samples["pandas.fork"] = _fork_samples(PANDAS_JOB, forks, expected_pandas)
+    samples["hello_world.subprocess"] = time_calls(
         lambda: check("subprocess", _subprocess(HELLO), expected_hello), spawns, warmup=1)
-    samples["pandas.subprocess"] = _clock_loop(
+    samples["pandas.subprocess"] = time_calls(
         lambda: check("subprocess", _subprocess(SETUP + "\n" + PANDAS_JOB), expected_pandas), spawns, warmup=1)
 
     def cold(setup, code, want):
         with whpfast.PythonSandbox(setup=setup) as sb:
             check("cold", sb.run(code, fresh=False).stdout, want)
 
-    samples["hello_world.cold_boot"] = _clock_loop(lambda: cold("", HELLO, expected_hello), colds, warmup=0)
-    samples["pandas.cold_boot"] = _clock_loop(lambda: cold(SETUP, PANDAS_JOB, expected_pandas), colds, warmup=0)
+    samples["hello_world.cold_boot"] = time_calls(lambda: cold("", HELLO, expected_hello), colds, warmup=0)
+    samples["pandas.cold_boot"] = time_calls(lambda: cold(SETUP, PANDAS_JOB, expected_pandas), colds, warmup=0)
     for request in ("hello_world", "pandas"):
         for base in ("native", "pipe", "fork", "subprocess", "cold_boot"):
             log(row(f"{request}.{base}", samples[f"{request}.{base}"], samples[request]))
@@ -355,12 +372,12 @@ def demo():
         print(f"booted {sys.executable} with pandas and took the warm snapshot in "
               f"{time.perf_counter() - t0:.1f} s")
         print(f"sb.run('print(\"hello world\")') -> {sb.run(HELLO)}")
-        hello = _clock_loop(lambda: sb.run(HELLO), 200)
-        pandas = _clock_loop(lambda: sb.run(PANDAS_JOB), 40)
-    fork_hello = _clock_loop(lambda: _fork(HELLO), 20)
-    fork_pandas = _clock_loop(lambda: _fork(PANDAS_JOB), 20)
-    spawn_hello = _clock_loop(lambda: _subprocess(HELLO), 3, warmup=1)
-    spawn_pandas = _clock_loop(lambda: _subprocess(SETUP + "\n" + PANDAS_JOB), 3, warmup=1)
+        hello = time_calls(lambda: sb.run(HELLO), 200)
+        pandas = time_calls(lambda: sb.run(PANDAS_JOB), 40)
+    fork_hello = _fork_samples(HELLO, 20, "hello world\n")
+    fork_pandas = _fork_samples(PANDAS_JOB, 20, _native(PANDAS_JOB))
+    spawn_hello = time_calls(lambda: _subprocess(HELLO), 3, warmup=1)
+    spawn_pandas = time_calls(lambda: _subprocess(SETUP + "\n" + PANDAS_JOB), 3, warmup=1)
     print("warm start = restore the snapshot + run the code, every time:")
     print(row("hello_world (sandbox)", hello))
     print(row("  os.fork() + pipe", fork_hello, hello))
