@@ -69,6 +69,16 @@ def test_output_bypassing_sys_stdout_is_kept(sb):
     assert (r.stdout, r.stderr, r.error) == ("raw cooked\n", "rawerr ", None)
 
 
+def test_bytes_written_to_sys_stdout_buffer_are_captured(sb):
+    assert sb.run("import sys\nsys.stdout.buffer.write('é\\n'.encode())").stdout == "é\n"
+
+
+def test_a_crash_in_native_code_is_a_guest_fault_and_the_next_run_works(sb):
+    with pytest.raises(whpfast.GuestFault, match="SIGSEGV"):
+        sb.run("import ctypes\nctypes.string_at(8)")
+    assert sb.eval("'still here'") == "still here"
+
+
 def test_huge_output_is_capped_with_a_marker(sb):
     r = sb.run("print('x' * 3_000_000)")
     assert r.error is None
@@ -202,6 +212,11 @@ def test_snapshot_of_another_driver_is_refused(sb, monkeypatch):
     monkeypatch.setitem(sb.snapshot.meta, "python", dict(sb.snapshot.meta["python"], driver="0" * 64))
     with pytest.raises(whpfast.SnapshotError, match="another version"):
         whpfast.PythonSandbox.from_snapshot(sb.snapshot)
+
+
+def test_an_interpreter_that_does_not_work_is_refused(tmp_path):
+    with pytest.raises(whpfast.SandboxError, match="cannot ask the interpreter"):
+        whpfast.PythonSandbox(python=str(tmp_path / "no-such-python"))
 
 
 def test_closed_sandbox_refuses():

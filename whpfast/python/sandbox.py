@@ -19,6 +19,7 @@ import struct
 import sys
 import sysconfig
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +175,7 @@ class PythonSandbox:
 
     def __del__(self):
         if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
             self.close()
 
     @property
