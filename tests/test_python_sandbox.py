@@ -189,12 +189,27 @@ def test_save_and_start_many_from_one_file(sb, tmp_path):
     sb.save(path)
     boxes = [whpfast.PythonSandbox.from_snapshot(path) for _ in range(2)]
     try:
+        assert boxes[0].snapshot is boxes[1].snapshot              # one loaded image, shared
         for box in boxes:
             assert box.run('print("hello world")').stdout == "hello world\n"
             assert box.eval("pd.__name__") == "pandas"         # setup's names are there
     finally:
         for box in boxes:
             box.close()
+
+
+def test_a_replaced_snapshot_file_is_loaded_again(sb, tmp_path):
+    path = tmp_path / "warm.snap"
+    sb.save(path)
+    with whpfast.PythonSandbox.from_snapshot(path) as first:
+        with whpfast.PythonSandbox(setup="marker = 'second'", memory_size=64 << 20) as other:
+            other.save(path)                          # a new file renamed over the old one
+        with whpfast.PythonSandbox.from_snapshot(path) as second:
+            assert second.snapshot is not first.snapshot
+            assert second.eval("marker") == "second"
+            assert first.eval("pd.__name__") == "pandas"
+    with pytest.raises(whpfast.SnapshotError, match="cannot open"):
+        whpfast.PythonSandbox.from_snapshot(tmp_path / "missing.snap")
 
 
 def test_snapshot_of_another_kind_is_refused(sb, tmp_path):

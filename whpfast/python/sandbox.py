@@ -20,6 +20,7 @@ import sys
 import sysconfig
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,41 @@ class PythonResult:
     error: object
 
 
+_loaded = weakref.WeakValueDictionary()     # snapshot files loaded and still in use, by identity
+_loaded_lock = threading.Lock()
+
+
+def _load_shared(path):
+    """The LinuxSnapshot of a file, loaded once while any sandbox uses it: sandboxes started from
+    one path share one in-memory image (and skip the load). A file replaced since is reloaded."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise SnapshotError(f"cannot open snapshot {os.fspath(path)!r}: {e.strerror}") from None
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _loaded_lock:
+        snapshot = _loaded.get(key)
+        if snapshot is None:
+            snapshot = _loaded[key] = LinuxSnapshot.load(path)
+        return snapshot
+
+
 class _OutputFlood(Exception):
     """Raised from on_output to stop a guest that writes past RAW_OUTPUT_LIMIT."""
+
+
+class _OutputBudget:
+    """LinuxSandbox's on_output: counts the bytes a run writes to fd 1 and 2 and stops the run
+    past RAW_OUTPUT_LIMIT. Its own object, not a bound method, so that a sandbox and its
+    LinuxSandbox form no reference cycle (a dropped sandbox frees its snapshot at once)."""
+
+    def __init__(self):
+        self.used = 0
+
+    def __call__(self, stream, data):
+        self.used += len(data)
+        if self.used > RAW_OUTPUT_LIMIT:
+            raise _OutputFlood()
 
 
 def _interpreter_paths(python):
@@ -108,7 +142,7 @@ class PythonSandbox:
         policy = _interpreter_paths(python) + [os.fsdecode(r) for r in read]
         self._init_common()
         self._lx = LinuxSandbox([python, "-I", "-B", "-c", DRIVER], env=ENV, read=policy,
-                                memory_size=memory_size, on_output=self._count_output)
+                                memory_size=memory_size, on_output=self._budget)
         try:
             first = self._lx.run(timeout=timeout)
             if not first.waiting:
@@ -135,14 +169,14 @@ class PythonSandbox:
     def _init_common(self):
         self._lock = threading.Lock()
         self._stale = False          # the guest is not parked at a clean read: restore first
-        self._raw_bytes = 0
+        self._budget = _OutputBudget()
 
     @classmethod
     def from_snapshot(cls, snapshot):
         """A sandbox in a saved warm state (a path written by save(), or a LinuxSnapshot taken by
-        a PythonSandbox); it starts in milliseconds."""
+        a PythonSandbox). Sandboxes started from one path share the file's loaded image."""
         if not isinstance(snapshot, LinuxSnapshot):
-            snapshot = LinuxSnapshot.load(snapshot)
+            snapshot = _load_shared(snapshot)
         info = snapshot.meta.get("python")
         if not isinstance(info, dict) or not isinstance(info.get("python"), str):
             raise SnapshotError(f"{snapshot.path or 'the snapshot'} is a Linux snapshot but not of a "
@@ -153,7 +187,7 @@ class PythonSandbox:
         self = cls.__new__(cls)
         self._closed = True
         self._init_common()
-        self._lx = LinuxSandbox.from_snapshot(snapshot, on_output=self._count_output)
+        self._lx = LinuxSandbox.from_snapshot(snapshot, on_output=self._budget)
         self._snapshot = snapshot
         self.python = info["python"]
         self._closed = False
@@ -233,17 +267,12 @@ class PythonSandbox:
                                    "or did not answer); run again with fresh=True")
             return self._request(op, code, timeout)
 
-    def _count_output(self, stream, data):
-        self._raw_bytes += len(data)
-        if self._raw_bytes > RAW_OUTPUT_LIMIT:
-            raise _OutputFlood()
-
     def _request(self, op, code, timeout):
         """Sends one request to the parked driver and returns (PythonResult, value)."""
         payload = json.dumps({"op": op, "code": code, "seed": os.urandom(32).hex(),
                               "cap": OUTPUT_LIMIT}).encode()
         self._stale = True                       # until a clean answer says otherwise
-        self._raw_bytes = 0
+        self._budget.used = 0
         try:
             r = self._lx.run(struct.pack("<I", len(payload)) + payload, timeout=timeout)
         except _OutputFlood:
