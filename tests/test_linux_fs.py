@@ -616,6 +616,12 @@ def test_reset_rounds_and_older_states(fs, tree):
     assert fs.lseek(b, 0, 1) == 100
     fs.reset(first)
     assert fs.read(a, 7) == host[10:17]
+    for _ in range(5000):                           # a long run between restores stays small
+        fs.lseek(a, 1, 1)
+        fs.close(fs.openat(AT_FDCWD, b"a.txt", 0, 0))
+    assert len(fs._touched) == 1
+    fs.reset(first)
+    assert observe(fs) == before
 
 
 def test_reset_makes_no_host_calls(fs, monkeypatch):
@@ -752,6 +758,26 @@ def test_mapping_form_root(tree, tmp_path):
     assert fs.getcwd() == b"/usr"
 
 
+def test_whole_host_root_keeps_proc_dev_tmp_synthesized(tmp_path):
+    fs = FileSystem({"/": "/"}, exe="/usr/bin/python3")
+    status = read_all(fs, fs.openat(AT_FDCWD, b"/proc/self/status", 0, 0))
+    assert b"Pid:\t1\n" in status and b"python3" in status
+    assert err(fs.fstatat, AT_FDCWD, b"/proc/1/environ", 0) == E.ENOENT     # not the host's /proc
+    assert err(fs.readlinkat, AT_FDCWD, b"/proc/self/root") == E.ENOENT
+    assert {n for n, _, _ in dents(fs, fs.openat(AT_FDCWD, b"/tmp", O_DIRECTORY, 0))} == {b".", b".."}
+    devs = {n for n, _, _ in dents(fs, fs.openat(AT_FDCWD, b"/dev", O_DIRECTORY, 0))}
+    assert devs == {b".", b"..", b"null", b"zero", b"random", b"urandom", b"fd", b"stdin",
+                    b"stdout", b"stderr"}
+    assert read_all(fs, fs.openat(AT_FDCWD, b"/sys/devices/system/cpu/online", 0, 0)) == b"0\n"
+    assert st(fs.fstatat(AT_FDCWD, b"/usr/bin", 0))["ino"] == os.stat("/usr/bin").st_ino
+    assert err(fs.openat, AT_FDCWD, b"/etc/hostname", O_WRONLY, 0) == E.EROFS
+    assert err(fs.openat, AT_FDCWD, str(tmp_path).encode(), O_DIRECTORY, 0) == E.ENOENT  # host /tmp
+    link = fs.openat(AT_FDCWD, b"/dev/stdout", O_PATH | O_NOFOLLOW, 0)
+    assert fs.readlinkat(link, b"") == b"/proc/self/fd/1"
+    assert err(fs.readlinkat, fs.openat(AT_FDCWD, b"/usr", O_DIRECTORY, 0), b"") == E.ENOENT
+    fs.close_all()
+
+
 def test_read_policy_errors(tree):
     with pytest.raises(ReadPolicyError, match="does not exist"):
         FileSystem({"/m": tree / "missing"})
@@ -774,6 +800,16 @@ def test_read_policy_errors(tree):
     assert read_all(fs, fs.openat(AT_FDCWD, b"/f/a", 0, 0)).startswith(b"hello")
     assert stat.S_ISREG(st(fs.fstatat(AT_FDCWD, b"/f/a", AT_SYMLINK_NOFOLLOW))["mode"])
     assert err(fs.openat, AT_FDCWD, b"/f/run.sh", 0, 0) == E.ENOENT
+
+
+def test_windows_host_names():
+    """On a Windows host a Linux name must not mean a device, a stream or another file."""
+    from whpfast.linux.fs import _windows_name_ok
+    for name in (b"a.txt", b"python3.11", b".hidden", b"CONSOLE", b"nul_ok", b"x y"):
+        assert _windows_name_ok(name), name
+    for name in (b"..\\..\\x", b"a\\b", b"file:stream", b"NUL", b"con.txt", b"Com1", b"LPT9.log",
+                 b"aux .c", b"a.", b"a ", b"a*", b"a?", b"<", b"a|b", b"a\x01"):
+        assert not _windows_name_ok(name), name
 
 
 def test_linux_error():

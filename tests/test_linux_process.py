@@ -169,13 +169,14 @@ def test_fault_then_restore_runs_again(programs):
 
 
 @pytest.mark.parametrize("seed, memory", [(1, False), (2, False), (3, False), (4, False), (5, False),
-                                          (6, False), (7, True), (8, True), (9, True), (10, True)])
+                                          (6, False), (7, True), (8, True), (9, True), (10, True),
+                                          (11, True), (12, True)])
 def test_hostile_random_system_calls_never_escape(programs, seed, memory):
     """Random call numbers with bad pointers, kernel-area addresses, huge lengths and odd fds:
     every call gets a result or an errno; the run ends normally or as a typed guest error, the
     sandbox restores, and the process and other sandboxes carry on."""
     argv = [programs["hostile"], str(seed), "3000"] + (["memory"] if memory else [])
-    with whpfast.LinuxSandbox(argv, memory_size=64 * MB) as lx:
+    with whpfast.LinuxSandbox(argv, memory_size=64 * MB, read=["/etc"]) as lx:
         snap = lx.snapshot()
         try:
             r = lx.run(eof=True, timeout=20)
@@ -321,3 +322,70 @@ def test_damaged_or_crafted_snapshot_files_are_snapshot_errors(programs, tmp_pat
         _rewrite_meta(bad, edit)
         with pytest.raises(whpfast.SnapshotError):
             whpfast.LinuxSandbox.from_snapshot(bad)
+
+
+def test_sleep_is_bounded_by_the_timeout_and_woken_by_cancel(programs, tmp_path):
+    import threading
+    import time
+    source = tmp_path / "sleeper.c"
+    source.write_text("#include <unistd.h>\nint main(void) { sleep(100000); return 0; }\n")
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(tmp_path / "sleeper"), str(source)], check=True)
+    with whpfast.LinuxSandbox([str(tmp_path / "sleeper")], memory_size=64 * MB) as lx:
+        snap = lx.snapshot()
+        t0 = time.monotonic()
+        with pytest.raises(whpfast.GuestTimeout):
+            lx.run(timeout=0.5)
+        assert time.monotonic() - t0 < 5
+        lx.restore(snap)
+        timer = threading.Timer(0.3, lx.cancel)
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(whpfast.GuestCancelled):
+            lx.run()
+        assert time.monotonic() - t0 < 5
+        timer.join()
+
+
+def test_mapping_count_is_bounded(tmp_path):
+    source = tmp_path / "maps.c"
+    source.write_text(r'''
+#include <stdio.h>
+#include <sys/mman.h>
+int main(void) {
+    long n = 0;
+    char *p = mmap(0, 70000 * 2 * 4096L, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (long i = 0; i < 70000; i++)            /* every other page read-only: one mapping each */
+        if (mprotect(p + 2 * i * 4096, 4096, PROT_READ) == 0) n++; else break;
+    printf("%ld\n", n);
+    return 0;
+}
+''')
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(tmp_path / "maps"), str(source)], check=True)
+    r = run([str(tmp_path / "maps")], memory_size=1024 * MB)
+    assert r.exit_code == 0 and 30000 < int(r.stdout) < 33000
+
+
+def test_restore_undoes_mapping_changes_exactly(tmp_path):
+    """Restores after munmap+remap, mprotect(PROT_NONE) and a new mapping: the contents, the
+    protections and the absence of the new mapping all come back as they were (the hypervisor's
+    cached translations of the changed ranges are dropped on restore)."""
+    program = tmp_path / "remap"
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(program), str(HERE / "remap.c")], check=True)
+    with whpfast.LinuxSandbox([str(program)], memory_size=64 * MB) as lx:
+        assert lx.run().waiting
+        snap = lx.snapshot()
+        original = lx.run(b"r\n").stdout
+        assert original == b"sum %d\n" % (7 * 64)
+        for change, said in ((b"u\n", b"remapped\n"), (b"n\n", b"protected\n")):
+            lx.restore(snap)
+            assert lx.run(change).stdout == said
+            lx.restore(snap)
+            assert lx.run(b"r\n").stdout == original
+        lx.restore(snap)
+        address = lx.run(b"m\n").stdout.strip()
+        assert lx.run(b"t " + address + b"\n").stdout == b"read 1\n"
+        lx.restore(snap)
+        with pytest.raises(whpfast.GuestFault, match="SIGSEGV: read of address .* \\(not mapped\\)"):
+            lx.run(b"t " + address + b"\n")
+        lx.restore(snap)
+        assert lx.run(b"r\n").stdout == original

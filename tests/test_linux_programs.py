@@ -152,6 +152,16 @@ def test_python_sees_the_policy(debian_python):
     assert answer == b"30\n"                                                # EROFS
 
 
+def test_python_snapshot_file_cold_starts(debian_python, tmp_path):
+    lx, snap = debian_python
+    path = snap.save(tmp_path / "python.snap")
+    with whpfast.LinuxSandbox.from_snapshot(path) as cold:
+        assert cold.run(b"print(numpy.arange(4).sum(), pandas.__name__)\n").stdout == b"6 pandas\n"
+        cold.restore(cold_snap := whpfast.LinuxSnapshot.load(path))
+        assert cold.run(b"print(2)\n").stdout == b"2\n"
+        assert cold_snap.meta["config"]["read"] == SYSTEM_READ
+
+
 def test_python_warm_start_is_exact(debian_python):
     lx, snap = debian_python
     answers = {ask(lx, snap, "x = globals().setdefault('counter', 0) + 1; globals()['counter'] = x; print(x)")

@@ -6,7 +6,9 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <fcntl.h>
 #include <unistd.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 
 static uint64_t state;
@@ -31,15 +33,49 @@ static uint64_t arg(void) {
     }
 }
 
+static char *scratch;
+#define SCRATCH (16 << 20)
+
+/* Memory-map arguments: addresses inside a scratch area (aligned or not), garbage, kernel-area
+ * addresses, page counts and huge lengths; never the program's own image or stack. */
+static uint64_t marg(void) {
+    switch (next() % 9) {
+    case 0: return 0;
+    case 1: return next() % 64;
+    case 2: return (uint64_t)-1;
+    case 3: return next();
+    case 4: return (uint64_t)(scratch + next() % SCRATCH);
+    case 5: case 7: return (uint64_t)(scratch + (next() % (SCRATCH / 4096)) * 4096);
+    case 6: return 0x1000 + next() % 0xF000;
+    default: return (uint64_t)1 << (30 + next() % 20);
+    }
+}
+
+static uint64_t mlen(void) {        /* lengths: mostly inside the scratch area, rarely huge */
+    switch (next() % 16) {
+    case 0: return 0;
+    case 1: return (uint64_t)1 << (30 + next() % 30);
+    case 2: return next() % 10000;
+    default: return (next() % (SCRATCH / 4096 / 4)) * 4096;
+    }
+}
+
 int main(int argc, char **argv) {
     state = argc > 1 ? strtoull(argv[1], 0, 0) : 1;
     long count = argc > 2 ? atol(argv[2]) : 2000;
     int memory = argc > 3;          /* any third argument: only the memory-map calls */
+    if (memory) {                   /* fds 3 and 4: a synthesized file and (if readable) a host file */
+        open("/proc/self/maps", O_RDONLY);
+        open("/etc/passwd", O_RDONLY);
+        scratch = mmap(0, SCRATCH, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    }
     static const long mm_calls[] = {SYS_mmap, SYS_munmap, SYS_mprotect, SYS_mremap, SYS_brk, SYS_madvise};
     for (long i = 0; i < count; i++) {
         long nr = memory ? mm_calls[next() % 6] : (long)(next() % 460);
         if (memory) {
-            syscall(nr, arg(), arg(), arg(), arg(), arg(), arg());
+            /* addr, length, prot / new length, flags, fd (3 and 4 are files), offset / new addr */
+            syscall(nr, marg(), mlen(), nr == SYS_mremap ? mlen() : next() % 8,
+                    next() % 0x200000 | (next() % 2 ? 0x2 : 0x1), next() % 6, marg());
             continue;
         }
         switch (nr) {

@@ -19,7 +19,13 @@ umask, the /tmp tree with its contents); `reset(state)` puts exactly that back. 
 are `bytes` shared between the live tree and every state taken from it, and become a private
 `bytearray` on the first write after a capture or reset (copy-on-write), so both are O(changes).
 Host fds are not part of any state: they live in a per-FileSystem cache keyed by host path
-(shared between equal opens, opened lazily, released by `close_all()`)."""
+(shared between equal opens, opened lazily, released by `close_all()`). A reset back to the
+state last captured or reset to puts back only the descriptions whose offset or flags moved.
+
+Checked against the kernel itself (tests/test_linux_fs.py runs random calls on /tmp and random
+walks through a host tree both here and through os.*). Not provided, on purpose or not yet: hard
+links, file locks, statfs, atime updates, xattrs; /tmp files are not sparse (a hole costs its
+bytes against tmp_size); host files show the host's inode numbers, owners and times."""
 
 import os
 import stat as _stat
@@ -92,6 +98,8 @@ class _HostNode:
     def __init__(self, path, parent, host, st):
         self.path, self.parent, self.host, self.st = path, parent, host, st
         self.fmt = st.st_mode & S_IFMT
+        if _WINDOWS and getattr(st, "st_file_attributes", 0) & 0x400 and self.fmt != S_IFLNK:
+            self.fmt = 0        # a junction or other reparse point: never entered nor opened
         self.ino = st.st_ino
         self.packed = None                  # its struct stat, made once
 
@@ -148,11 +156,11 @@ class _Open:
     """An open file description (shared by dup'ed fds). `data` holds a synthesized file's
     contents as of the open; `listing` caches a directory's entries for getdents64; `idx` is its
     index in the state last captured or reset to (-1: opened since)."""
-    __slots__ = ("node", "flags", "offset", "data", "listing", "idx")
+    __slots__ = ("node", "flags", "offset", "data", "listing", "idx", "touched")
 
     def __init__(self, node, flags, offset=0, data=None, idx=-1):
         self.node, self.flags, self.offset, self.data, self.listing = node, flags, offset, data, None
-        self.idx = idx
+        self.idx, self.touched = idx, False
 
 
 def _s32(v):
@@ -164,6 +172,19 @@ def _s32(v):
 def _s64(v):
     v &= 0xFFFFFFFFFFFFFFFF
     return v - (1 << 64) if v >> 63 else v
+
+
+_WINDOWS_DEVICES = {b"CON", b"PRN", b"AUX", b"NUL", b"CONIN$", b"CONOUT$",
+                    *(b"COM%d" % i for i in range(10)), *(b"LPT%d" % i for i in range(10))}
+
+
+def _windows_name_ok(name):
+    """Whether a Linux name means just itself on a Windows host: no separator (a backslash),
+    no stream (a colon), no device name (NUL, CON.txt, ...), no trailing dot or space (Windows
+    drops them: "a." would name "a"), no wildcard or other character Windows refuses."""
+    if any(c < 32 or c in b'\\:*?"<>|' for c in name) or name[-1:] in (b".", b" "):
+        return False
+    return name.split(b".")[0].rstrip(b" ").upper() not in _WINDOWS_DEVICES
 
 
 def _split(path):
@@ -445,8 +466,8 @@ class FileSystem:
             return self._fd_link(name)
         if len(name) > NAME_MAX:
             _fail(ENAMETOOLONG)
-        if b"\0" in name or (_WINDOWS and (b"\\" in name or b":" in name)):
-            _fail(ENOENT)                       # would be a separator or stream on the host
+        if _WINDOWS and not _windows_name_ok(name):
+            _fail(ENOENT)
         if type(d) is not _HostNode:
             _fail(ENOENT)
         host = d.host + b"/" + name
@@ -1030,10 +1051,11 @@ class FileSystem:
             _fail(EACCES)
 
     def readlinkat(self, dirfd, path):
-        """The target of a symlink (the caller truncates it to the guest's buffer)."""
-        node = self._walk(dirfd, path, follow=False)
+        """The target of a symlink (the caller truncates it to the guest's buffer); an empty
+        path reads the symlink dirfd holds (opened with O_PATH | O_NOFOLLOW)."""
+        node = self._walk(dirfd, path, follow=False, empty=True)
         if node.fmt != S_IFLNK:
-            _fail(EINVAL)
+            _fail(EINVAL if path else ENOENT)
         target = self._link_target(node)
         return target if isinstance(target, bytes) else self._display(target)
 
@@ -1319,13 +1341,18 @@ class FileSystem:
         return state
 
     def _moved(self, desc):
-        """desc's offset or flags changed: reset puts back only such descriptions."""
-        self._touched.append(desc)
+        """desc's offset or flags changed: reset puts back only such descriptions (those of
+        the last state: one opened since is dropped with the fd table anyway), each listed once."""
+        if desc.idx >= 0 and not desc.touched:
+            desc.touched = True
+            self._touched.append(desc)
         self._dirty = True
 
     def _settled(self, state, live):
         self._last, self._live = state, live
         self._dirty = self._table_changed = False
+        for desc in self._touched:
+            desc.touched = False
         self._touched = []
 
     def _ref(self, node, index):

@@ -17,7 +17,7 @@ pages), so a fresh mapping needs no zeroing and a snapshot need not look at unma
 All host writes into guest memory go through `store()`, which marks the pages host-dirty for the
 next restore (KVM's dirty log sees only the guest's own writes)."""
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import namedtuple
 
 import numpy as np
@@ -31,11 +31,13 @@ PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D = 0x1, 0x2, 0x4, 0x20, 0x40
 PTE_NX = 1 << 63
 USER_MIN = 0x10000          # Linux's default vm.mmap_min_addr: the kernel area lies below
 MASK64 = (1 << 64) - 1
+MAX_MAPPINGS = 65530        # Linux's default vm.max_map_count: also bounds the host's work per call
+MAX_CHANGED = 4096          # ranges remembered for the next restore before "all of it" is simpler
 
 # pristine: the pages hold the named file's bytes from offset, untouched (mapped from the file and
 # never writable since), so mapping the same file range again over them needs no copy.
 Vma = namedtuple("Vma", "start end prot name offset pristine", defaults=(False,))
-# One captured state: immutable, so capture is a reference and reset a reassignment.
+# One captured state (immutable): what capture() returns and reset() takes.
 MmState = namedtuple("MmState", "vmas starts brk_start brk")
 
 
@@ -56,16 +58,15 @@ def _efault(what="bad address"):
 
 
 class AddressSpace:
-    """mem: a writable memoryview of the whole guest memory; pte: a uint64 numpy view of the leaf
-    page-table entries (entry i maps virtual page i); top: the first address user mappings may not
-    reach (the page tables live there); invalidate(offset, length, discard): the hypervisor hook
+    """mem: a writable memoryview of the whole guest memory; pt_base: where the leaf page-table
+    entries start (entry i maps virtual page i); top: the first address user mappings may not
+    reach (the page tables live above it); invalidate(offset, length, discard): the hypervisor hook
     (see the module docstring); populate(offset, length): faults host pages in ahead of use."""
 
     POPULATE_MAX = 4 << 20      # mappings up to this size are faulted in on the host at once
 
-    def __init__(self, mem, pte, pt_base, top, invalidate, populate=lambda offset, length: None):
+    def __init__(self, mem, pt_base, top, invalidate, populate=lambda offset, length: None):
         self.mem = mem
-        self.pte = pte
         self.pt_base = pt_base
         self.top = top
         self.invalidate = invalidate
@@ -74,20 +75,26 @@ class AddressSpace:
         self.host_dirty = np.zeros((pages + 63) // 64, dtype=np.uint64)
         self.baseline_nonzero = None      # the baseline snapshot's non-zero pages, if any
         self.changed = []                 # (start, end) whose entries changed since the baseline
-        self.state = MmState((), (), 0, 0)
+        # The mappings, sorted, as lists changed in place (a call costs one memmove, not a copy
+        # of every mapping), and the brk. capture() freezes them into an MmState.
+        self.vmas, self.starts = [], []
+        self.brk_start = self.brk_now = 0
+        self._frozen = None               # the MmState they equal, if unchanged since
         self.mmap_top = top
 
     # -- capture / reset -----------------------------------------------------------------------
 
     def capture(self):
-        return self.state
+        if self._frozen is None:
+            self._frozen = MmState(tuple(self.vmas), tuple(self.starts), self.brk_start, self.brk_now)
+        return self._frozen
 
     def reset(self, state):
-        self.state = state
-
-    @property
-    def vmas(self):
-        return self.state.vmas
+        """Back to a captured state; free when nothing changed since it was captured or reset."""
+        if state is not self._frozen:
+            self.vmas, self.starts = list(state.vmas), list(state.starts)
+            self.brk_start, self.brk_now = state.brk_start, state.brk
+            self._frozen = state
 
     # -- host-dirty bookkeeping ----------------------------------------------------------------
 
@@ -118,15 +125,30 @@ class AddressSpace:
             masks &= only[w0:w1]
         self.host_dirty[w0:w1] |= masks
 
+    def fill(self, addr, n, writer):
+        """THE host write into guest memory (physical == virtual for user pages): writer(view)
+        writes into a view of [addr, addr+n) and returns how many bytes it wrote, and those pages
+        are marked for the next restore. No permission check (the loader writes read-only
+        segments through it); bounds checked."""
+        if n <= 0:
+            return 0
+        if addr < 0 or addr + n > len(self.mem):
+            raise ValueError(f"host store {addr:#x}+{n:#x} outside guest memory")
+        view = self.mem[addr:addr + n]
+        written = n                       # if writer fails half-way, any of it may be written
+        try:
+            written = writer(view)
+            return written
+        finally:
+            view.release()
+            self.mark(addr, addr + written)
+
     def store(self, addr, data):
-        """THE host write into guest memory (physical == virtual for user pages): no permission
-        check (the loader writes read-only segments through it), bounds checked by the slice."""
-        n = len(data)
-        if n:
-            if addr < 0 or addr + n > len(self.mem):
-                raise ValueError(f"host store {addr:#x}+{n:#x} outside guest memory")
-            self.mem[addr:addr + n] = data
-            self.mark(addr, addr + n)
+        """Copies data into guest memory at addr (through fill())."""
+        def copy(view):
+            view[:] = data
+            return len(data)
+        self.fill(addr, len(data), copy)
 
     # -- uaccess ----------------------------------------------------------------------------------
 
@@ -139,8 +161,8 @@ class AddressSpace:
         end = addr + n
         if addr < USER_MIN or end > self.top:
             raise _efault()
-        vmas = self.state.vmas
-        i = bisect_right(self.state.starts, addr) - 1
+        vmas = self.vmas
+        i = bisect_right(self.starts, addr) - 1
         need = PROT_WRITE if write else (PROT_READ | PROT_WRITE | PROT_EXEC)
         while True:
             if i < 0 or i >= len(vmas):
@@ -192,45 +214,66 @@ class AddressSpace:
         if prot & (PROT_READ | PROT_WRITE | PROT_EXEC):
             flags = PTE_P | PTE_US | PTE_A | PTE_D | (PTE_RW if prot & PROT_WRITE else 0) \
                 | (0 if prot & PROT_EXEC else PTE_NX)
-            self.pte[first:last] = (np.arange(first, last, dtype=np.uint64) << np.uint64(12)) \
-                | np.uint64(flags)
+            entries = ((np.arange(first, last, dtype=np.uint64) << np.uint64(12)) | np.uint64(flags)).tobytes()
         else:
-            self.pte[first:last] = 0
-        self.mark(self.pt_base + first * 8, self.pt_base + last * 8)
-        self.changed.append((start, end))
+            entries = bytes(8 * (last - first))
+        self.store(self.pt_base + first * 8, entries)       # leaf entry i maps virtual page i
+        if len(self.changed) < MAX_CHANGED:
+            self.changed.append((start, end))
+        else:
+            self.changed = [(USER_MIN, self.top)]
 
     # -- mappings -----------------------------------------------------------------------------
 
-    def _replace(self, start, end, new):
-        """The VMA list with [start, end) cut out (partly covered VMAs split) and `new` VMAs put
-        in; returns (state vmas, the removed pieces)."""
-        kept, removed = [], []
-        for v in self.state.vmas:
-            if v.end <= start or v.start >= end:
-                kept.append(v)
-                continue
-            if v.start < start:
-                kept.append(v._replace(end=start))
-            if v.end > end:
-                kept.append(v._replace(start=end, offset=v.offset + (end - v.start)))
+    def _span(self, start, end):
+        """Indexes [i, j) of the VMAs that overlap [start, end) (binary search: a call's work
+        does not grow with the number of mappings, save for one tuple copy)."""
+        vmas, starts = self.vmas, self.starts
+        i = bisect_right(starts, start) - 1
+        if i < 0 or vmas[i].end <= start:
+            i += 1
+        return i, bisect_left(starts, end, lo=i)
+
+    def _pieces(self, start, end):
+        """The parts of the VMAs inside [start, end)."""
+        i, j = self._span(start, end)
+        out = []
+        for v in self.vmas[i:j]:
             lo, hi = max(v.start, start), min(v.end, end)
-            removed.append(v._replace(start=lo, end=hi, offset=v.offset + (lo - v.start)))
-        kept.extend(new)
-        kept.sort()
+            out.append(v._replace(start=lo, end=hi, offset=v.offset + (lo - v.start)))
+        return out
+
+    def _replace(self, start, end, new):
+        """How to cut [start, end) out of the VMA list (partly covered VMAs split) and put `new`
+        VMAs in, neighbours merged: returns ((lo, hi, the VMAs for vmas[lo:hi]), removed pieces)."""
+        vmas = self.vmas
+        i, j = self._span(start, end)
+        middle, removed = [], self._pieces(start, end)
+        for v in vmas[i:j]:
+            if v.start < start:
+                middle.append(v._replace(end=start))
+            if v.end > end:
+                middle.append(v._replace(start=end, offset=v.offset + (end - v.start)))
+        middle.extend(new)
+        lo, hi = max(i - 1, 0), min(j + 1, len(vmas))
+        window = sorted(vmas[lo:i] + middle + vmas[j:hi])
         merged = []
-        for v in kept:
+        for v in window:
             p = merged[-1] if merged else None
             if p and p.end == v.start and p.prot == v.prot and p.name == v.name and p.pristine == v.pristine \
                     and (not v.name.startswith(b"/") or p.offset + (p.end - p.start) == v.offset):
                 merged[-1] = p._replace(end=v.end)
             else:
                 merged.append(v)
-        return merged, removed
+        return (lo, hi, merged), removed
 
-    def _commit(self, vmas, brk_start=None, brk=None):
-        s = self.state
-        self.state = MmState(tuple(vmas), tuple(v.start for v in vmas),
-                             s.brk_start if brk_start is None else brk_start, s.brk if brk is None else brk)
+    def _commit(self, plan):
+        lo, hi, merged = plan
+        if len(self.vmas) - (hi - lo) + len(merged) > MAX_MAPPINGS:
+            raise LinuxError(E.ENOMEM, f"more than {MAX_MAPPINGS} mappings (Linux's vm.max_map_count)")
+        self.vmas[lo:hi] = merged
+        self.starts[lo:hi] = [v.start for v in merged]
+        self._frozen = None
 
     def _discard(self, pieces):
         """Unmapped pages: zero them (keeping the invariant), make the hypervisor forget them,
@@ -244,21 +287,15 @@ class AddressSpace:
         """MADV_DONTNEED: anonymous private pages in the range read as zero again (file-backed
         ones keep their copied contents)."""
         end = addr + page_up(length)
-        _, pieces = self._replace(addr, end, [])
+        pieces = self._pieces(addr, end)
         if sum(v.end - v.start for v in pieces) != end - addr:
             raise LinuxError(E.ENOMEM, "madvise over unmapped pages")
         self._discard([v for v in pieces if not v.name.startswith(b"/")])
 
     def mapped(self, start, end):
         """Whether any page of [start, end) is mapped."""
-        i = bisect_right(self.state.starts, start) - 1
-        i = max(i, 0)
-        for v in self.state.vmas[i:]:
-            if v.start >= end:
-                return False
-            if v.end > start:
-                return True
-        return False
+        i, j = self._span(start, end)
+        return j > i
 
     def find_free(self, length, hint=0):
         """A free range of length bytes: at hint if it is free, else the highest gap below the
@@ -267,7 +304,7 @@ class AddressSpace:
                 and not self.mapped(hint, hint + length):
             return hint
         ceiling = self.mmap_top
-        for v in reversed(self.state.vmas):
+        for v in reversed(self.vmas):
             if v.start >= ceiling:
                 continue
             if v.end <= ceiling - length:
@@ -279,7 +316,7 @@ class AddressSpace:
 
     def _brk_floor(self):
         # keep a gap above the heap so brk can grow a little
-        return page_up(self.state.brk) + (1 << 20) if self.state.brk else USER_MIN
+        return page_up(self.brk_now) + (1 << 20) if self.brk_now else USER_MIN
 
     def map(self, addr, length, prot, *, fixed=False, noreplace=False, name=b"", offset=0):
         """Maps fresh (zero) pages; returns the address. Contents come later through store()."""
@@ -307,11 +344,11 @@ class AddressSpace:
             addr = self.find_free(length, addr & ~(PAGE - 1))
         end = addr + length
         pristine = pristine and not prot & PROT_WRITE
-        vmas, removed = self._replace(addr, end, [Vma(addr, end, prot, name, offset, pristine)])
+        plan, removed = self._replace(addr, end, [Vma(addr, end, prot, name, offset, pristine)])
         reuse = [v for v in removed if pristine and v.pristine and v.name == name
                  and v.offset - v.start == offset - addr]
+        self._commit(plan)                        # first: it may refuse (too many mappings)
         self._discard([v for v in removed if v not in reuse])
-        self._commit(vmas)
         self._set_ptes(addr, end, prot)
         if prot and length <= self.POPULATE_MAX:
             self.populate(addr, length)
@@ -326,9 +363,9 @@ class AddressSpace:
         end = min(addr + page_up(length), self.top)
         if addr >= end:
             return
-        vmas, removed = self._replace(addr, end, [])
+        plan, removed = self._replace(addr, end, [])
         if removed:
-            self._commit(vmas)
+            self._commit(plan)
             for v in removed:
                 self._set_ptes(v.start, v.end, 0)
             self._discard(removed)
@@ -341,13 +378,13 @@ class AddressSpace:
             return
         if addr < USER_MIN or end > self.top:
             raise LinuxError(E.ENOMEM, "mprotect outside the address space")
-        _, pieces = self._replace(addr, end, [])
+        pieces = self._pieces(addr, end)
         covered = sum(v.end - v.start for v in pieces)
         if covered != end - addr:
             raise LinuxError(E.ENOMEM, "mprotect over unmapped pages")
-        vmas, _ = self._replace(addr, end, [v._replace(prot=prot, pristine=v.pristine and not prot & PROT_WRITE)
+        plan, _ = self._replace(addr, end, [v._replace(prot=prot, pristine=v.pristine and not prot & PROT_WRITE)
                                              for v in pieces])
-        self._commit(vmas)
+        self._commit(plan)
         for v in pieces:
             self._set_ptes(v.start, v.end, prot)
             if v.prot & ~prot:
@@ -360,7 +397,7 @@ class AddressSpace:
         if old % PAGE or new_len <= 0:
             raise LinuxError(E.EINVAL, "bad mremap arguments")
         old_len, new_len = page_up(old_len), page_up(new_len)
-        _, pieces = self._replace(old, old + old_len, [])
+        pieces = self._pieces(old, old + old_len)
         if len(pieces) != 1 or pieces[0].end - pieces[0].start != old_len:
             raise LinuxError(E.EFAULT, "mremap of a range that is not one mapping")
         v = pieces[0]
@@ -389,30 +426,32 @@ class AddressSpace:
     # -- brk ----------------------------------------------------------------------------------
 
     def set_brk_start(self, addr):
-        self._commit(list(self.state.vmas), brk_start=addr, brk=addr)
+        self.brk_start = self.brk_now = addr
+        self._frozen = None
 
     def brk(self, want):
-        s = self.state
-        if want < s.brk_start or want > self.top:
-            return s.brk
-        old_end, new_end = page_up(s.brk), page_up(want)
+        current = self.brk_now
+        if want < self.brk_start or want > self.top:
+            return current
+        old_end, new_end = page_up(current), page_up(want)
         try:
             if new_end > old_end:
                 if self.mapped(old_end, new_end):
-                    return s.brk
+                    return current
                 self.map(old_end, new_end - old_end, PROT_READ | PROT_WRITE, fixed=True, name=b"[heap]")
             elif new_end < old_end:
                 self.unmap(new_end, old_end - new_end)
         except LinuxError:
-            return s.brk
-        self._commit(list(self.state.vmas), brk=want)
+            return current
+        self.brk_now = want
+        self._frozen = None
         return want
 
     # -- /proc/self/maps ----------------------------------------------------------------------
 
     def maps_text(self):
         lines = []
-        for v in self.state.vmas:
+        for v in self.vmas:
             perms = ("r" if v.prot & (PROT_READ | PROT_WRITE | PROT_EXEC) else "-") + \
                 ("w" if v.prot & PROT_WRITE else "-") + ("x" if v.prot & PROT_EXEC else "-") + "p"
             name = v.name.decode("utf-8", "replace")

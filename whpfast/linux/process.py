@@ -250,7 +250,6 @@ class LinuxSandbox:
         undo.callback(vcpu.close)
         pt_size = page_table_bytes(memory_size)
         pt_base = memory_size - pt_size
-        n_pt = -(-(memory_size // PAGE) // 512)
         regions = [
             machine.Region("gdt", machine.GDT_ADDR, PAGE, user=False, writable=True, executable=False),
             machine.Region("idt", machine.IDT_ADDR, PAGE, user=False, writable=True, executable=False),
@@ -271,11 +270,9 @@ class LinuxSandbox:
         self._memory, self._vm, self._vcpu = memory, vm, vcpu
         self._mem = memoryview(memory)
         undo.callback(self._mem.release)
-        pte = np.frombuffer(memory, dtype=np.uint64, count=n_pt * 512, offset=pt_base)
-        self.mm = AddressSpace(self._mem, pte, pt_base, pt_base - PAGE,
+        self.mm = AddressSpace(self._mem, pt_base, pt_base - PAGE,
                                lambda offset, length, discard: impl.memory_invalidate(memory, offset, length, discard),
                                lambda offset, length: impl.memory_populate(memory, offset, length))
-        undo.callback(self._drop_pte_view)
         gdt, tss = machine._gdt_and_tss()
         store = self.mm.store
         store(machine.GDT_ADDR, gdt)
@@ -294,10 +291,6 @@ class LinuxSandbox:
             except HypervisorError:
                 if xcr0 == XCR0_CHOICES[-1]:
                     raise
-
-    def _drop_pte_view(self):
-        if getattr(self, "mm", None) is not None:
-            self.mm.pte = None
 
     def _exec(self, elf, data, exe, argv, envp):
         mm = self.mm
@@ -348,8 +341,10 @@ class LinuxSandbox:
         restore."""
         for v in self.mm.vmas:
             if v.name == b"[vvar]":
-                vdso.refresh(self._mem, v.start)
-                self.mm.mark(v.start, v.end)
+                def write(view):
+                    vdso.refresh(view, 0)
+                    return len(view)
+                self.mm.fill(v.start, v.end - v.start, write)
                 return
 
     def _read_interpreter(self, exe, path):
@@ -383,6 +378,7 @@ class LinuxSandbox:
         self._needs_full_reset = False
         self._poisoned = None
         self._lock = threading.Lock()
+        self._wake = threading.Event()
         self._deadline = None
         self._stdout = bytearray()
         self._stderr = bytearray()
@@ -409,7 +405,6 @@ class LinuxSandbox:
 
     def _close_parts(self):
         self.fs.close_all()
-        self.mm.pte = None
         self._mem.release()
         self._vcpu.close()
         self._vm.close()
@@ -443,8 +438,11 @@ class LinuxSandbox:
         return self._io.exit_code
 
     def cancel(self):
+        """Stops a run going on in another thread (GuestCancelled), also one sleeping in a
+        nanosleep. Does nothing when no run is going on."""
         if not self._closed:
             self._vcpu.cancel()
+            self._wake.set()
 
     # -- running --------------------------------------------------------------------------------
 
@@ -462,15 +460,31 @@ class LinuxSandbox:
             self._stdout, self._stderr = bytearray(), bytearray()
             self._deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
             self._timeout = timeout
-            impl.clear_cancel(self._vcpu)
+            self._wake.clear()
+            # A cancel() from before this run is forgotten. (Backends with begin_call/end_call,
+            # the iso-host branch's cancel protocol, open and close the run for cancel() instead.)
+            begin, end = getattr(self._vcpu, "begin_call", None), getattr(self._vcpu, "end_call", None)
+            if begin is not None:
+                begin()
+            else:
+                impl.clear_cancel(self._vcpu)
             try:
                 return self._loop()
             except WhpfastError:
                 raise
+            except Exception as e:
+                # A host-side failure while serving the program (a bug): typed, and the sandbox
+                # is poisoned, its state mid-call.
+                self._poison(SandboxError(f"the host failed while serving the program "
+                                          f"({type(e).__name__}: {e}); restore a snapshot or close it"))
+                raise SandboxError(self._poisoned) from e
             except BaseException as e:
                 self._poisoned = f"the run was interrupted by {type(e).__name__}: {e}"
                 self._needs_full_reset = True
                 raise
+            finally:
+                if end is not None:
+                    end()
 
     def _loop(self):
         vcpu = self._vcpu
@@ -513,7 +527,10 @@ class LinuxSandbox:
     # services for the system call handlers
 
     def take_input(self, n):
+        """Up to n bytes of stdin; b"" at end of input; Park when there is none yet."""
         io = self._io
+        if n == 0:
+            return b""
         if io.input:
             data, rest = io.input[:n], io.input[n:]
             self._io = io._replace(input=rest)
@@ -534,9 +551,10 @@ class LinuxSandbox:
         return impl.segment_base(self._vcpu, which, value)
 
     def sleep(self, seconds):
+        """nanosleep: waits on the host, until the run's deadline at most; cancel() wakes it."""
         if self._deadline is not None:
             seconds = min(seconds, max(0, (self._deadline - time.monotonic_ns()) / 1e9))
-        time.sleep(min(seconds, 3600))
+        self._wake.wait(min(seconds, 86400))    # longer sleeps: the program sleeps again
 
     # -- failures -------------------------------------------------------------------------------
 

@@ -188,19 +188,9 @@ def sys_readv(p, fd, iov, iovcnt, *_):
     return len(data)
 
 
-@syscall("open")
-def sys_open(p, path, flags, mode, *_):
-    return p.fs.openat(AT_FDCWD, _path(p, path), s32(flags), mode & 0o7777)
-
-
 @syscall("openat")
 def sys_openat(p, dirfd, path, flags, mode, *_):
     return p.fs.openat(s32(dirfd), _path(p, path), s32(flags), mode & 0o7777)
-
-
-@syscall("creat")
-def sys_creat(p, path, mode, *_):
-    return p.fs.openat(AT_FDCWD, _path(p, path), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, mode & 0o7777)
 
 
 @syscall("close")
@@ -241,37 +231,17 @@ def sys_fstat(p, fd, buf, *_):
     return 0
 
 
-def _fstatat(p, dirfd, path, buf, flags):
-    p.mm.check(buf, 144, write=True)
-    p.mm.write(buf, p.fs.fstatat(dirfd, path, flags))
-    return 0
-
-
-@syscall("stat")
-def sys_stat(p, path, buf, *_):
-    return _fstatat(p, AT_FDCWD, _path(p, path), buf, 0)
-
-
-@syscall("lstat")
-def sys_lstat(p, path, buf, *_):
-    return _fstatat(p, AT_FDCWD, _path(p, path), buf, 0x100)     # AT_SYMLINK_NOFOLLOW
-
-
 @syscall("newfstatat")
 def sys_newfstatat(p, dirfd, path, buf, flags, *_):
-    return _fstatat(p, s32(dirfd), _path(p, path), buf, s32(flags))
+    p.mm.check(buf, 144, write=True)
+    p.mm.write(buf, p.fs.fstatat(s32(dirfd), _path(p, path), s32(flags)))
+    return 0
 
 
 @syscall("statx")
 def sys_statx(p, dirfd, path, flags, mask, buf, *_):
     p.mm.check(buf, 256, write=True)
     p.mm.write(buf, p.fs.statx(s32(dirfd), _path(p, path), s32(flags), mask & 0xFFFFFFFF))
-    return 0
-
-
-@syscall("access")
-def sys_access(p, path, mode, *_):
-    p.fs.faccessat(AT_FDCWD, _path(p, path), s32(mode), 0)
     return 0
 
 
@@ -287,22 +257,13 @@ def sys_faccessat2(p, dirfd, path, mode, flags, *_):
     return 0
 
 
-def _readlink(p, dirfd, path, buf, size):
-    if s32(size) <= 0:
-        _fail(E.EINVAL)
-    data = p.fs.readlinkat(dirfd, path)[:size]
-    p.mm.write(buf, data)
-    return len(data)
-
-
-@syscall("readlink")
-def sys_readlink(p, path, buf, size, *_):
-    return _readlink(p, AT_FDCWD, _path(p, path), buf, size)
-
-
 @syscall("readlinkat")
 def sys_readlinkat(p, dirfd, path, buf, size, *_):
-    return _readlink(p, s32(dirfd), _path(p, path), buf, size)
+    if s32(size) <= 0:
+        _fail(E.EINVAL)
+    data = p.fs.readlinkat(s32(dirfd), _path(p, path))[:size]
+    p.mm.write(buf, data)
+    return len(data)
 
 
 @syscall("getdents64")
@@ -335,39 +296,15 @@ def sys_fchdir(p, fd, *_):
     return 0
 
 
-@syscall("mkdir")
-def sys_mkdir(p, path, mode, *_):
-    p.fs.mkdirat(AT_FDCWD, _path(p, path), mode & 0o7777)
-    return 0
-
-
 @syscall("mkdirat")
 def sys_mkdirat(p, dirfd, path, mode, *_):
     p.fs.mkdirat(s32(dirfd), _path(p, path), mode & 0o7777)
     return 0
 
 
-@syscall("unlink")
-def sys_unlink(p, path, *_):
-    p.fs.unlinkat(AT_FDCWD, _path(p, path), 0)
-    return 0
-
-
-@syscall("rmdir")
-def sys_rmdir(p, path, *_):
-    p.fs.unlinkat(AT_FDCWD, _path(p, path), 0x200)        # AT_REMOVEDIR
-    return 0
-
-
 @syscall("unlinkat")
 def sys_unlinkat(p, dirfd, path, flags, *_):
     p.fs.unlinkat(s32(dirfd), _path(p, path), s32(flags))
-    return 0
-
-
-@syscall("rename")
-def sys_rename(p, old, new, *_):
-    p.fs.renameat(AT_FDCWD, _path(p, old), AT_FDCWD, _path(p, new))
     return 0
 
 
@@ -383,21 +320,9 @@ def sys_renameat2(p, olddir, old, newdir, new, flags, *_):
     return 0
 
 
-@syscall("symlink")
-def sys_symlink(p, target, path, *_):
-    p.fs.symlinkat(_path(p, target), AT_FDCWD, _path(p, path))
-    return 0
-
-
 @syscall("symlinkat")
 def sys_symlinkat(p, target, dirfd, path, *_):
     p.fs.symlinkat(_path(p, target), s32(dirfd), _path(p, path))
-    return 0
-
-
-@syscall("chmod")
-def sys_chmod(p, path, mode, *_):
-    p.fs.fchmodat(AT_FDCWD, _path(p, path), mode & 0o7777)
     return 0
 
 
@@ -464,6 +389,8 @@ def sys_mmap(p, addr, length, prot, flags, fd, offset, *_):
         _fail(E.EINVAL)
     if length > p.mm.top:
         _fail(E.ENOMEM)
+    if offset + length >= 1 << 63:
+        _fail(E.EOVERFLOW)
     fixed = bool(flags & (MAP_FIXED | MAP_FIXED_NOREPLACE))
     anonymous = bool(flags & MAP_ANONYMOUS)
     host = name = None
@@ -487,13 +414,7 @@ def sys_mmap(p, addr, length, prot, flags, fd, offset, *_):
         if host is not None:
             host_fd, size = host
             n = max(0, min(hi - lo, size - at))
-            if n:
-                view = p.mm.mem[lo:lo + n]
-                try:
-                    done = os.preadv(host_fd, [view], at)
-                finally:
-                    view.release()
-                p.mm.mark(lo, lo + done)
+            p.mm.fill(lo, n, lambda view: os.preadv(host_fd, [view], at))
         else:
             p.mm.store(lo, data[at:at + (hi - lo)])
     return start
@@ -580,12 +501,6 @@ def sys_getresuid(p, a, b, c, *_):
 @syscall("getgroups")
 def sys_getgroups(p, *_):
     return 0
-
-
-@syscall("setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setsid",
-         "setpgid", "setgroups")
-def sys_eperm(p, *_):
-    _fail(E.EPERM)
 
 
 @syscall("uname")
@@ -722,34 +637,29 @@ def sys_personality(p, *_):
     return 0
 
 
-@syscall("clone", "fork", "vfork")
-def sys_clone(p, *_):
-    _fail(E.EAGAIN, "one thread, one process: the sandbox cannot create another")
+# Calls the sandbox refuses: the errno the program gets, and why. clone3 is ENOSYS so that glibc
+# falls back to clone, which then fails the way a process at its limit would.
+REFUSED = {
+    ("clone", "fork", "vfork"): (E.EAGAIN, "one thread, one process: the sandbox cannot create another"),
+    ("clone3",): (E.ENOSYS, "clone3 is not implemented"),
+    ("execve", "execveat"): (E.EACCES, "the sandbox runs one program"),
+    ("wait4", "waitid"): (E.ECHILD, "there are no child processes"),
+    ("socket", "socketpair"): (E.EACCES, "no network in the sandbox"),
+    ("pipe", "pipe2"): (E.EMFILE, "pipes are not supported"),
+    ("setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setsid", "setpgid",
+     "setgroups"): (E.EPERM, "the sandbox's identity is fixed"),
+}
 
 
-@syscall("clone3")
-def sys_clone3(p, *_):
-    _fail(E.ENOSYS)
+def _refuse(err, why):
+    def refuse(p, *_):
+        _fail(err, why)
+    return refuse
 
 
-@syscall("execve", "execveat")
-def sys_execve(p, *_):
-    _fail(E.EACCES, "the sandbox runs one program")
-
-
-@syscall("wait4", "waitid")
-def sys_wait4(p, *_):
-    _fail(E.ECHILD)
-
-
-@syscall("socket", "socketpair")
-def sys_socket(p, *_):
-    _fail(E.EACCES, "no network in the sandbox")
-
-
-@syscall("pipe", "pipe2")
-def sys_pipe(p, *_):
-    _fail(E.EMFILE, "pipes are not supported")
+for _names, (_err, _why) in REFUSED.items():
+    for _name in _names:
+        TABLE[NUMBERS[_name]] = _refuse(_err, _why)
 
 
 # -- time -----------------------------------------------------------------------------------
@@ -880,3 +790,26 @@ def _kill(p, pid, sig):
     if sig == 0 or p.proc.actions[sig][:8] == struct.pack("<Q", 1):     # SIG_IGN
         return 0
     raise ProgramKilled(sig)
+
+
+# The pre-*at calls are their *at form with dirfd = AT_FDCWD (and the flags they imply).
+CWD = AT_FDCWD & ((1 << 64) - 1)
+
+
+def _legacy(name, at_name, arguments):
+    at = TABLE[NUMBERS[at_name]]
+    TABLE[NUMBERS[name]] = lambda p, a, b, c, *_: at(p, *arguments(a, b, c), 0, 0, 0)
+
+
+_legacy("open", "openat", lambda path, flags, mode: (CWD, path, flags, mode))
+_legacy("creat", "openat", lambda path, mode, _: (CWD, path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, mode))
+_legacy("stat", "newfstatat", lambda path, buf, _: (CWD, path, buf, 0))
+_legacy("lstat", "newfstatat", lambda path, buf, _: (CWD, path, buf, 0x100))       # AT_SYMLINK_NOFOLLOW
+_legacy("access", "faccessat", lambda path, mode, _: (CWD, path, mode))
+_legacy("readlink", "readlinkat", lambda path, buf, size: (CWD, path, buf, size))
+_legacy("mkdir", "mkdirat", lambda path, mode, _: (CWD, path, mode))
+_legacy("unlink", "unlinkat", lambda path, _, __: (CWD, path, 0))
+_legacy("rmdir", "unlinkat", lambda path, _, __: (CWD, path, 0x200))               # AT_REMOVEDIR
+_legacy("rename", "renameat", lambda old, new, _: (CWD, old, CWD, new))
+_legacy("symlink", "symlinkat", lambda target, path, _: (target, CWD, path))
+_legacy("chmod", "fchmodat", lambda path, mode, _: (CWD, path, mode))
