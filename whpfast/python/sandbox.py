@@ -275,7 +275,10 @@ class PythonSandbox:
         self._budget.used = 0
         try:
             r = self._lx.run(struct.pack("<I", len(payload)) + payload, timeout=timeout)
-        except _OutputFlood:
+        except (_OutputFlood, SandboxError) as e:
+            # LinuxSandbox poisons itself and raises SandboxError from what on_output raised.
+            if not isinstance(e, _OutputFlood) and not isinstance(e.__cause__, _OutputFlood):
+                raise
             raise GuestCallError(f"the guest wrote more than {RAW_OUTPUT_LIMIT >> 20} MiB of raw output "
                                  f"and was stopped; the next fresh run starts clean") from None
         raw_err = r.stderr.decode("utf-8", "replace")
