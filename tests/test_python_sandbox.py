@@ -252,3 +252,27 @@ def test_command_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "whpfast", "run-python", "--snapshot", str(snap), "-c", "1/0"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.endswith("ZeroDivisionError: division by zero\n")
+
+
+def test_bench_report_smoke(tmp_path):
+    """`whpfast bench --quick`: every figure measured (the sandbox answers checked against the
+    native ones inside), JSON + .npz written; compare() gives new/old ratios."""
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "whpfast", "bench", "--quick", "--python-only", "--density", "2",
+           "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "bench_python.json").read_text())
+    for name in ("hello_world", "pandas", "hello_world.fork", "pandas.pipe", "pandas.subprocess",
+                 "pandas.cold_boot", "from_snapshot"):
+        assert result["medians_us"][name] > 0
+    assert result["info"]["density.private_mib_per_sandbox"] > 0
+    assert result["info"]["snapshot.allocated_mib"] > 0
+    import numpy as np
+    with np.load(out / "bench_python.npz") as samples:
+        assert len(samples["hello_world"]) == 30 and samples["hello_world"].min() > 0
+    old = {"medians_us": {"hello_world": result["medians_us"]["hello_world"] * 2}}
+    lines = []
+    from whpfast.python import bench
+    bench.compare(result, old, log=lines.append)
+    assert len(lines) == 2 and lines[1].split()[-1] == "0.50"
