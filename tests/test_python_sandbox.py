@@ -86,6 +86,15 @@ def test_huge_output_is_capped_with_a_marker(sb):
     assert "[whpfast: output truncated: 3000001 characters written" in r.stdout
 
 
+def test_large_values_come_back_and_too_large_ones_are_refused_cleanly(sb):
+    assert sb.eval("'v' * (5 << 20)") == "v" * (5 << 20)
+    with pytest.raises(whpfast.GuestPythonError, match="over the 16 MiB limit; the value was dropped"):
+        sb.eval("'v' * (20 << 20)")
+    r = sb.run("print('\\u20ac' * 3_000_000)")       # 6 bytes of JSON per character
+    assert r.error is None and "[whpfast: output truncated: 3000001 characters" in r.stdout
+    assert sb.eval("1") == 1
+
+
 def test_raw_output_flood_is_stopped_and_the_next_run_works(sb):
     with pytest.raises(whpfast.GuestCallError, match="raw output"):
         sb.run("import os\nwhile True: os.write(1, b'y' * (1 << 20))", timeout=60)

@@ -20,6 +20,7 @@ import traceback
 
 MAGIC = b"\x00whpfast-py-ans\x00"
 FILENAME = "<sandbox>"
+ANSWER_LIMIT = 16 << 20          # bytes of answer JSON: the host's limit (one read(2) moves at most 16 MiB)
 
 
 class _Capture(io.TextIOBase):
@@ -104,15 +105,29 @@ def _serve(request, namespace):
     finally:
         sys.stdout, sys.stderr, sys.stdin = saved
     answer = {"stdout": out.getvalue(), "stderr": err.getvalue(), "error": error, "value": None}
+    data = None
     if op == "eval" and error is None:
         try:
             answer["value"] = value
-            return json.dumps(answer).encode()
+            data = json.dumps(answer).encode()
         except (TypeError, ValueError, RecursionError) as e:
             answer["value"] = None
             answer["error"] = (f"the value of the expression cannot be carried as JSON: "
                                f"{type(e).__name__}: {e}\n")
-    return json.dumps(answer).encode()
+    if data is None:
+        data = json.dumps(answer).encode()
+    if len(data) > ANSWER_LIMIT:
+        # The host reads at most ANSWER_LIMIT bytes: drop the value, keep the start of the output
+        # (at most 6 bytes of JSON per character, so both fit).
+        keep = ANSWER_LIMIT // 16
+        for stream in ("stdout", "stderr"):
+            if len(answer[stream]) > keep:
+                answer[stream] = answer[stream][:keep] + "\n[whpfast: output truncated: the answer was too large]\n"
+        answer["value"] = None
+        answer["error"] = (f"the answer is {len(data)} bytes as JSON, over the {ANSWER_LIMIT >> 20} MiB "
+                           f"limit; the value was dropped\n")
+        data = json.dumps(answer).encode()
+    return data
 
 
 def _frame(answer):

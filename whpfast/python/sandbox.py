@@ -32,7 +32,7 @@ DRIVER = (Path(__file__).with_name("driver.py")).read_text()
 DRIVER_DIGEST = hashlib.sha256(DRIVER.encode()).hexdigest()
 MAGIC = b"\x00whpfast-py-ans\x00"           # driver.py's answer header: MAGIC, length (u64 LE)
 HEADER = struct.Struct("<16sQ")
-ANSWER_LIMIT = 64 << 20                      # bytes of answer JSON accepted
+ANSWER_LIMIT = 16 << 20                      # bytes of answer JSON accepted (= driver.py's, = MAX_IO)
 DEFAULT_MEMORY_SIZE = 512 << 20
 OUTPUT_LIMIT = 1 << 20                       # characters of stdout / stderr kept per run
 RAW_OUTPUT_LIMIT = 64 << 20                  # bytes the guest may write to fd 1/2 per run
