@@ -40,6 +40,12 @@ def test_pandas_job_matches_the_host(sb):
     assert result.error is None and result.stdout == native and json.loads(native)
 
 
+def test_a_request_larger_than_one_read(sb):
+    blob = "ü" * 300_000                         # ~600 KB of request: several reads of stdin
+    assert sb.eval(f"len({blob!r})") == 300_000
+    assert "null bytes" in sb.run("x = 1\0").error
+
+
 def test_eval_carries_json(sb):
     assert sb.eval("(1, 'é', None, 2.5, {'k': [True]})") == [1, "é", None, 2.5, {"k": [True]}]
     assert sb.eval("int(pd.Series([1, 2, 3]).sum())") == 6
