@@ -25,7 +25,7 @@ ANSWER_LIMIT = 16 << 20          # bytes of answer JSON: the host's limit (one r
 
 class _Capture(io.TextIOBase):
     """sys.stdout / sys.stderr while user code runs: keeps the first `cap` characters, counts
-    the rest, and says so at the end (the host caps the whole answer again)."""
+    the rest, and says so at the end (the answer as a whole is capped too: ANSWER_LIMIT)."""
 
     def __init__(self, cap):
         self.parts, self.size, self.cap = [], 0, cap
