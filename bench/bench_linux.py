@@ -14,7 +14,6 @@ exit costs ~25 us, a first touch of a page ~10-20 us); quote ratios, not absolut
 """
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile

@@ -389,3 +389,39 @@ def test_restore_undoes_mapping_changes_exactly(tmp_path):
             lx.run(b"t " + address + b"\n")
         lx.restore(snap)
         assert lx.run(b"r\n").stdout == original
+
+
+def test_sandboxes_in_several_threads_stay_apart(programs):
+    import threading
+    errors = []
+
+    def worker(k):
+        try:
+            with whpfast.LinuxSandbox([programs["sum"]], memory_size=64 * MB) as lx:
+                lx.run(b"%d\n" % k)
+                snap = lx.snapshot()
+                for i in range(100):
+                    lx.restore(snap)
+                    assert lx.run(b"%d\n" % i).stdout == b"sum %d\n" % (k + i)
+        except Exception as e:          # collected: an assertion in a thread would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_a_request_that_loops_times_out_and_the_next_one_after_restore_works(tmp_path):
+    program = tmp_path / "remap"
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(program), str(HERE / "remap.c")], check=True)
+    with whpfast.LinuxSandbox([str(program)], memory_size=64 * MB) as lx:
+        lx.run()
+        snap = lx.snapshot()
+        for _ in range(2):
+            with pytest.raises(whpfast.GuestTimeout):
+                lx.run(b"l\n", timeout=0.2)
+            lx.restore(snap)
+            assert lx.run(b"r\n").stdout == b"sum %d\n" % (7 * 64)

@@ -171,12 +171,19 @@ def test_python_warm_start_is_exact(debian_python):
 
 @pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="the tests run outside a venv")
 def test_venv_python_with_pip_numpy_and_pandas():
-    modules = ["numpy", "pandas"]
+    """This venv's python (numpy from pip: whpfast depends on it; pandas when installed, as CI
+    does) gives the same answers inside the sandbox as on the host."""
+    try:
+        import pandas  # noqa: F401
+        modules = ["numpy", "pandas"]
+    except ImportError:
+        modules = ["numpy"]
     read = SYSTEM_READ + [VENV]
     lx, snap = boot([sys.executable], modules, read)
     try:
         assert ask(lx, snap, "import sys; print(sys.prefix)") == f"{sys.prefix}\n".encode()
         assert ask(lx, snap, NUMPY_JOB) == host_answer(sys.executable, NUMPY_JOB, ["numpy"])
-        assert ask(lx, snap, PANDAS_JOB) == host_answer(sys.executable, PANDAS_JOB, ["pandas"])
+        if "pandas" in modules:
+            assert ask(lx, snap, PANDAS_JOB) == host_answer(sys.executable, PANDAS_JOB, ["pandas"])
     finally:
         lx.close()

@@ -5,6 +5,7 @@
  *   m  map a new page, write to it, print its address
  *   t ADDR  touch (read) ADDR
  *   r  print the first byte of each page of the mapping (summed)
+ *   l  loop forever
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +34,9 @@ int main(void) {
         } else if (line[0] == 't') {
             volatile char *q = (char *)strtoull(line + 2, 0, 16);
             printf("read %d\n", *q);
+        } else if (line[0] == 'l') {
+            for (volatile int spin = 0;; spin++)
+                ;
         } else if (line[0] == 'r') {
             long sum = 0;
             for (int i = 0; i < SIZE; i += 4096) sum += p[i];

@@ -393,7 +393,7 @@ class LinuxSandbox:
         if self._closed:
             return
         if not self._lock.acquire(blocking=False):
-            self._vcpu.cancel()
+            self.cancel()                    # also wakes a run sleeping in nanosleep
             self._lock.acquire()
         try:
             if self._closed:
@@ -475,9 +475,9 @@ class LinuxSandbox:
             except Exception as e:
                 # A host-side failure while serving the program (a bug): typed, and the sandbox
                 # is poisoned, its state mid-call.
-                self._poison(SandboxError(f"the host failed while serving the program "
-                                          f"({type(e).__name__}: {e}); restore a snapshot or close it"))
-                raise SandboxError(self._poisoned) from e
+                raise self._poison(SandboxError(
+                    f"the host failed while serving the program ({type(e).__name__}: {e}); "
+                    f"restore a snapshot or close it")) from e
             except BaseException as e:
                 self._poisoned = f"the run was interrupted by {type(e).__name__}: {e}"
                 self._needs_full_reset = True
@@ -733,7 +733,7 @@ class LinuxSandbox:
         mm.reset(mm_state)
         self.fs.reset(fs_state)
         return {"pages_copied": copied, "pages_zeroed": zeroed, "dirty_pages": guest_pages,
-                "host_pages": int(_pages.count_bits(mm.host_dirty)), "register_ioctls": registers,
+                "register_ioctls": registers,
                 "full": full, "mm_ranges": len(changed)}
 
     def _set_baseline(self, snapshot):

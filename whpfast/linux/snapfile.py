@@ -21,7 +21,7 @@ import zlib
 
 import numpy as np
 
-from .. import _pages, backend
+from .. import backend
 from ..errors import SnapshotError
 from .mm import PAGE, USER_MIN, MmState, Vma, page_table_bytes
 
