@@ -46,6 +46,15 @@ def test_a_request_larger_than_one_read(sb):
     assert "null bytes" in sb.run("x = 1\0").error
 
 
+def test_warmup_code_runs_again_each_time_from_its_cached_compilation():
+    code = "import random\nprint(random.random())"
+    with whpfast.PythonSandbox(warmup=code, memory_size=64 << 20) as box:
+        first, second = box.run(code).stdout, box.run(code).stdout
+        assert first != second and 0 < float(first) < 1        # executed, not replayed
+        error = box.run(code + "\n1/0").error                  # other code: compiled afresh
+        assert 'File "<sandbox>", line 3' in error and "1/0" in error
+
+
 def test_eval_carries_json(sb):
     assert sb.eval("(1, 'é', None, 2.5, {'k': [True]})") == [1, "é", None, 2.5, {"k": [True]}]
     assert sb.eval("int(pd.Series([1, 2, 3]).sum())") == 6
