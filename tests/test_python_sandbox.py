@@ -276,6 +276,9 @@ def test_command_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "whpfast", "run-python", "--snapshot", str(snap), "-c", "1/0"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.endswith("ZeroDivisionError: division by zero\n")
+    r = subprocess.run([sys.executable, "-m", "whpfast", "run-python", "--snapshot", str(snap), "-c",
+                        "import sys; print('out'); sys.exit(3)"], capture_output=True, text=True, cwd=tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "")
 
 
 def test_bench_report_smoke(tmp_path):

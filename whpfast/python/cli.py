@@ -1,6 +1,6 @@
 """`whpfast run-python -c CODE [--setup CODE] [--python EXE] [--read PATH ...]`: runs CODE in a
 fresh PythonSandbox and reports like `python -c` would (its stdout and stderr, the traceback, an
-exit status of 1 when the code raised). With --save PATH it also writes the warm snapshot;
+exit status of 1 when the code raised, sys.exit()'s status). With --save PATH it also writes the warm snapshot;
 with --snapshot PATH it starts from one instead of booting."""
 
 import argparse
@@ -40,7 +40,17 @@ def main(argv):
     sys.stdout.write(result.stdout)
     sys.stdout.flush()
     sys.stderr.write(result.stderr)
-    if result.error is not None:
-        sys.stderr.write(result.error)
+    if result.error is None:
+        return 0
+    last = result.error.rstrip("\n").rpartition("\n")[2]
+    if last == "SystemExit" or last.startswith("SystemExit: "):
+        # As `python -c` does: sys.exit(n) is the status, sys.exit("why") prints why.
+        arg = last[len("SystemExit: "):]
+        if arg in ("", "None"):
+            return 0
+        if arg.lstrip("-").isdigit():
+            return int(arg) & 0xFF
+        sys.stderr.write(arg + "\n")
         return 1
-    return 0
+    sys.stderr.write(result.error)
+    return 1
