@@ -8,9 +8,9 @@ snapshot is taken at that parking read, after `setup` and one request of each ki
 ("prewarm": the driver's first-call work is in the snapshot instead of in every request).
 
 Everything the guest sends back is untrusted: the answer's length is checked against the
-parked read's buffer and a cap before anything is copied, decoded as JSON (never unpickled) and its fields
-type-checked; anything else is a GuestCallError and the sandbox is restored before it runs
-again."""
+parked read's buffer and a cap before anything is copied, then it is decoded as JSON (never
+unpickled) and its fields type-checked; anything else is a GuestCallError and the sandbox is
+restored before it runs again."""
 
 import hashlib
 import json
@@ -77,7 +77,7 @@ class _OutputFlood(Exception):
 class _OutputBudget:
     """LinuxSandbox's on_output: counts the bytes a run writes to fd 1 and 2 and stops the run
     past RAW_OUTPUT_LIMIT. Its own object, not a bound method, so that a sandbox and its
-    LinuxSandbox form no reference cycle (a dropped sandbox frees its snapshot at once)."""
+    LinuxSandbox do not form a reference cycle."""
 
     def __init__(self):
         self.used = 0
