@@ -158,6 +158,17 @@ def test_each_run_draws_fresh_randomness(sb):
     assert len({sb.eval("hash('whpfast')") for _ in range(3)}) == 1
 
 
+def test_the_guest_sees_only_the_interpreter_and_its_libraries(sb):
+    check = ("import os, sys, numpy\n"
+             "print([os.path.exists(p) for p in ({secret!r}, '/etc/passwd', {exe!r}, numpy.__file__)], "
+             "'etc' in os.listdir('/'))\n"
+             "try:\n    open(os.path.join(os.path.dirname(numpy.__file__), 'planted.py'), 'w')\n"
+             "except OSError as e:\n    print(e.errno)")
+    r = sb.run(check.format(secret=os.path.abspath(__file__), exe=sys.executable))
+    assert r.stdout == "[False, False, True, True] False\n30\n", r      # 30: EROFS
+    assert not os.path.exists(os.path.join(os.path.dirname(__import__("numpy").__file__), "planted.py"))
+
+
 def test_code_must_be_str(sb):
     with pytest.raises(TypeError, match="str of Python source"):
         sb.run(b"print(1)")
