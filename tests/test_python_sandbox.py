@@ -269,6 +269,17 @@ def test_an_interpreter_that_does_not_work_is_refused(tmp_path):
         whpfast.PythonSandbox(python=str(tmp_path / "no-such-python"))
 
 
+def test_close_from_another_thread_stops_a_running_loop():
+    import threading
+    box = whpfast.PythonSandbox(memory_size=64 << 20)
+    closer = threading.Timer(0.3, box.close)
+    closer.start()
+    with pytest.raises(whpfast.GuestCancelled):
+        box.run("while True: pass", timeout=30)
+    closer.join()
+    assert box.closed
+
+
 def test_closed_sandbox_refuses():
     box = whpfast.PythonSandbox(memory_size=64 << 20)
     assert box.run("print(1)").stdout == "1\n"
