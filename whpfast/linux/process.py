@@ -339,13 +339,12 @@ class LinuxSandbox:
         """Pairs the guest's TSC with the host's clocks now, in the vDSO's data area (a new VM,
         or a restored snapshot whose pairing is stale). A host write: marked for the next
         restore."""
-        for v in self.mm.vmas:
-            if v.name == b"[vvar]":
-                def write(view):
-                    vdso.refresh(view, 0)
-                    return len(view)
-                self.mm.fill(v.start, v.end - v.start, write)
-                return
+        where = self._vvar()
+        if where is not None:
+            def write(view):
+                vdso.refresh(view, 0)
+                return len(view)
+            self.mm.fill(where[0], where[1] - where[0], write)
 
     def _read_interpreter(self, exe, path):
         fs = self.fs
@@ -754,7 +753,24 @@ class LinuxSandbox:
         self._n_touched = 0
         self._hot_count = 0
 
-    # -- for cooperating programs (added by whpfast.python) ----------------------------------------
+    # -- added by whpfast.python ---------------------------------------------------------------------
+
+    def _vvar(self):
+        """(start, end) of the [vvar] mapping, or None. Every restore refreshes it: a walk over all
+        mappings cost ~0.5 ms of a pandas sandbox's ~1 ms restore, so once found it is looked up
+        by address (binary search), and found again by a walk only if it moved or vanished."""
+        mm, at = self.mm, getattr(self, "_vvar_at", None)
+        if at is not None:
+            i, j = mm._span(at, at + 1)
+            if i < j and mm.vmas[i].name == b"[vvar]":
+                return mm.vmas[i].start, mm.vmas[i].end
+        for v in mm.vmas:
+            if v.name == b"[vvar]":
+                self._vvar_at = v.start
+                return v.start, v.end
+        return None
+
+    # -- for cooperating programs ------------------------------------------------------------------
 
     def parked_read(self):
         """(address, length) of the buffer of the plain read(0, buf, n) the program is parked in,
