@@ -269,6 +269,28 @@ def test_an_interpreter_that_does_not_work_is_refused(tmp_path):
         whpfast.PythonSandbox(python=str(tmp_path / "no-such-python"))
 
 
+REPLACE_VVAR = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+line = [l for l in open('/proc/self/maps') if '[vvar]' in l][0]
+ADDR, END = (int(x, 16) for x in line.split()[0].split('-'))
+assert libc.munmap(ADDR, END - ADDR) == 0
+assert libc.mmap(ADDR, END - ADDR, 3, 0x32, -1, 0) == ADDR      # read/write, private, anonymous, fixed
+ctypes.memset(ADDR, 0x5A, END - ADDR)
+"""
+
+
+def test_the_host_never_writes_clock_data_into_a_mapping_that_replaced_vvar():
+    """The host refreshes the vDSO's data page on every restore; a guest that unmapped it and put
+    its own memory there must find that memory untouched."""
+    with whpfast.PythonSandbox(setup=REPLACE_VVAR, memory_size=64 << 20) as box:
+        for _ in range(3):
+            assert box.eval("ctypes.string_at(ADDR, END - ADDR) == b'Z' * (END - ADDR)", timeout=30) is True
+
+
 def test_close_from_another_thread_stops_a_running_loop():
     import threading
     box = whpfast.PythonSandbox(memory_size=64 << 20)
