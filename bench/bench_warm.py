@@ -86,6 +86,24 @@ def hot_set_cycles(sb, snap, pages, count, warmup=10):
     return restore_t, call_t
 
 
+def fork_hello():
+    """Baseline 3: os.fork() of this process (already warm: whpfast and numpy imported, no
+    sandbox yet), the child sends "hello world" back over a pipe and exits; the parent reads it
+    and reaps it."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(w, b"hello world")
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = os.read(r, 64)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert data == b"hello world"
+
+
 def private_kib():
     fields = {}
     with open("/proc/self/smaps_rollup") as f:
@@ -110,6 +128,8 @@ def main(argv=None):
     quiet = dict(on_print=lambda text: None)
 
     print("== restore + hello call (the hello_world figure)")
+    # Forked before any sandbox exists: fork's cost grows with the parent's mapped memory.
+    fork = time_calls(fork_hello, max(20, n // 20), warmup=5)
     with whpfast.Sandbox(testkit, **quiet) as sb:
         snap = sb.snapshot()
         ours = time_calls(lambda: (sb.restore(snap), sb.call("hello")), n)
@@ -120,6 +140,7 @@ def main(argv=None):
         row("restore + hello (whpfast)", ours)
         row("full-copy restore + hello", copy, ours)
         row("Hyperlight-style + hello", hl, ours)
+        row("os.fork() + pipe (no VM)", fork, ours)
         print("  (ratios: baseline / whpfast)")
 
     print("\n== hot set: pages left writable across restores, capped at 64 (the old policy) vs adaptive")

@@ -47,3 +47,9 @@ __all__ = [
     "GuestAbort", "GuestCallError", "HostFunctionError", "GuestLoadError", "GuestBuildError", "SnapshotError",
     "ConfigError",
 ]
+
+# Python sandboxes (whpfast/python)
+from .errors import GuestPythonError  # noqa: E402
+from .python import PythonResult, PythonSandbox  # noqa: E402
+
+__all__ += ["PythonSandbox", "PythonResult", "GuestPythonError"]

@@ -25,6 +25,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["build-guest"]:
         from .guestbuild import main as build_main
         return build_main(argv[1:], prog=f"{prog} build-guest")
+    # Python sandboxes (whpfast/python): `run-python` and the benchmark report `bench`.
+    if argv[:1] == ["run-python"]:
+        from .python.cli import main as run_python_main
+        return run_python_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from .python.bench import main as bench_main
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog=prog, description="Hardware-isolated micro-VM sandboxes that warm-start in microseconds.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -32,10 +39,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo = sub.add_parser("demo", help="start a sandbox, call into it, snapshot it and warm-start it, "
                                        "printing latencies")
     demo.add_argument("--calls", type=_positive, default=3000, help="timed calls per measurement")
+    demo.add_argument("--python", action="store_true",
+                      help="the Python warm-start demo: hello_world and pandas vs subprocess and os.fork()")
     sub.add_parser("build-guest", help="build a guest ELF from C sources (see build-guest --help)")
+    sub.add_parser("run-python", help="run Python code in a warm-started sandbox (see run-python --help)")
+    sub.add_parser("bench", help="run the benchmarks and write the report (see bench --help)")
     args = parser.parse_args(argv)
-    from .demo import main as demo_main
     try:
+        if args.python:         # the Python warm-start demo (whpfast/python)
+            from .python.bench import demo as python_demo
+            return python_demo()
+        from .demo import main as demo_main
         return demo_main(args.calls)
     except WhpfastError as e:
         print(f"{prog}: {e}", file=sys.stderr)

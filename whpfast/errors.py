@@ -161,3 +161,14 @@ def from_winerror(code: int, what: str, path: Optional[object] = None) -> Except
     if err is None:
         return HypervisorError(f"{what} failed: Windows error {code}", code)
     return from_errno(err, what, path)
+
+
+class GuestPythonError(GuestError):
+    """Python code in a PythonSandbox raised; .traceback is the guest's traceback as text (its
+    stdout and stderr up to the exception ride along as .stdout and .stderr)."""
+
+    def __init__(self, message: str, *, traceback: str, stdout: str = "", stderr: str = "") -> None:
+        super().__init__(message)
+        self.traceback = traceback
+        self.stdout = stdout
+        self.stderr = stderr

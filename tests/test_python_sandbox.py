@@ -1,0 +1,349 @@
+"""PythonSandbox: this venv's interpreter with pandas booted ONCE per module (module-scoped
+fixture) and warm-started for every test. Behaviour (stdout, stderr, tracebacks, SystemExit,
+capped output, MemoryError, timeouts), isolation between fresh runs, fresh randomness per run,
+saved snapshots, the command line, and a guest that forges the driver's answer."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import whpfast
+from whpfast import backend
+from whpfast.python import sandbox as pysandbox
+
+pytestmark = [pytest.mark.hypervisor,
+              pytest.mark.skipif(backend.NAME != "kvm", reason="KVM only: PythonSandbox runs on LinuxSandbox")]
+
+SETUP = "import numpy as np\nimport pandas as pd\nimport random"
+PANDAS_JOB = ("df = pd.DataFrame(np.random.default_rng(5).standard_normal((10000, 2)), columns=['a', 'b'])\n"
+              "df['k'] = (df.a * 10).astype(int) % 7\n"
+              "print(df.groupby('k').b.mean().to_json())")
+
+
+@pytest.fixture(scope="module")
+def sb():
+    with whpfast.PythonSandbox(setup=SETUP, memory_size=512 << 20) as box:
+        yield box
+
+
+def test_hello_world(sb):
+    assert sb.run('print("hello world")') == whpfast.PythonResult("hello world\n", "", None)
+
+
+def test_pandas_job_matches_the_host(sb):
+    native = subprocess.run([sys.executable, "-c", SETUP + "\n" + PANDAS_JOB], capture_output=True,
+                            check=True, text=True).stdout
+    result = sb.run(PANDAS_JOB)
+    assert result.error is None and result.stdout == native and json.loads(native)
+
+
+def test_a_request_larger_than_one_read(sb):
+    blob = "ü" * 300_000                         # ~600 KB of request: several reads of stdin
+    assert sb.eval(f"len({blob!r})") == 300_000
+    assert "null bytes" in sb.run("x = 1\0").error
+
+
+def test_warmup_code_runs_again_each_time_from_its_cached_compilation():
+    code = "import random\nprint(random.random())"
+    with whpfast.PythonSandbox(warmup=code, memory_size=64 << 20) as box:
+        first, second = box.run(code).stdout, box.run(code).stdout
+        assert first != second and 0 < float(first) < 1        # executed, not replayed
+        error = box.run(code + "\n1/0").error                  # other code: compiled afresh
+        assert 'File "<sandbox>", line 3' in error and "1/0" in error
+
+
+def test_eval_carries_json(sb):
+    assert sb.eval("(1, 'é', None, 2.5, {'k': [True]})") == [1, "é", None, 2.5, {"k": [True]}]
+    assert sb.eval("int(pd.Series([1, 2, 3]).sum())") == 6
+
+
+def test_eval_exception_raises_with_the_guest_traceback(sb):
+    with pytest.raises(whpfast.GuestPythonError) as info:
+        sb.eval("{}['missing']")
+    assert "KeyError: 'missing'" in info.value.traceback
+    assert 'File "<sandbox>", line 1' in info.value.traceback and "driver" not in info.value.traceback
+    with pytest.raises(whpfast.GuestPythonError, match="cannot be carried as JSON"):
+        sb.eval("object()")
+
+
+def test_exception_stderr_and_systemexit_come_back(sb):
+    r = sb.run("import sys\nprint('before')\nsys.stderr.write('warned\\n')\nraise ValueError('bad')")
+    assert r.stdout == "before\n" and r.stderr == "warned\n"
+    assert r.error.endswith("ValueError: bad\n") and "line 4" in r.error
+    r = sb.run("raise SystemExit(3)")
+    assert r.error.endswith("SystemExit: 3\n")
+    r = sb.run("def f(:\n  pass")
+    assert "SyntaxError" in r.error
+
+
+def test_output_bypassing_sys_stdout_is_kept(sb):
+    r = sb.run("import os\nos.write(1, b'raw ')\nos.write(2, b'rawerr ')\nprint('cooked')")
+    assert (r.stdout, r.stderr, r.error) == ("raw cooked\n", "rawerr ", None)
+
+
+def test_bytes_written_to_sys_stdout_buffer_are_captured(sb):
+    assert sb.run("import sys\nsys.stdout.buffer.write('é\\n'.encode())").stdout == "é\n"
+
+
+def test_a_crash_in_native_code_is_a_guest_fault_and_the_next_run_works(sb):
+    with pytest.raises(whpfast.GuestFault, match="SIGSEGV"):
+        sb.run("import ctypes\nctypes.string_at(8)")
+    assert sb.eval("'still here'") == "still here"
+
+
+def test_huge_output_is_capped_with_a_marker(sb):
+    r = sb.run("print('x' * 3_000_000)")
+    assert r.error is None
+    assert r.stdout.startswith("x" * 1000) and len(r.stdout) < pysandbox.OUTPUT_LIMIT + 200
+    assert "[whpfast: output truncated: 3000001 characters written" in r.stdout
+
+
+def test_large_values_come_back_and_too_large_ones_are_refused_cleanly(sb):
+    assert sb.eval("'v' * (5 << 20)") == "v" * (5 << 20)
+    with pytest.raises(whpfast.GuestPythonError, match="over the 16 MiB limit; the value was dropped"):
+        sb.eval("'v' * (20 << 20)")
+    r = sb.run("print('\\u20ac' * 3_000_000)")       # 6 bytes of JSON per character
+    assert r.error is None and "[whpfast: output truncated: 3000001 characters" in r.stdout
+    assert sb.eval("1") == 1
+
+
+def test_raw_output_flood_is_stopped_and_the_next_run_works(sb):
+    with pytest.raises(whpfast.GuestCallError, match="raw output"):
+        sb.run("import os\nwhile True: os.write(1, b'y' * (1 << 20))", timeout=60)
+    assert sb.run("print(1)").stdout == "1\n"
+
+
+def test_allocating_past_memory_size_is_a_guest_memory_error(sb):
+    r = sb.run("x = bytearray(600 << 20)")
+    assert r.error.endswith("MemoryError\n")
+    # Touched memory, in steps, until the guest's memory runs out: MemoryError, never a host OOM.
+    r = sb.run("chunks = []\nwhile True: chunks.append(b'z' * (32 << 20))", timeout=60)
+    assert r.error.endswith("MemoryError\n")
+    assert sb.eval("1 + 1") == 2
+
+
+def test_endless_loop_times_out_and_the_next_run_works(sb):
+    with pytest.raises(whpfast.GuestTimeout):
+        sb.run("while True: pass", timeout=0.3)
+    with pytest.raises(whpfast.SandboxError, match="fresh=True"):
+        sb.run("print(0)", fresh=False)
+    assert sb.run("print(2)").stdout == "2\n"
+
+
+def test_fresh_runs_share_nothing(sb):
+    sb.run("leak = 1\nimport json\njson.leak = 2\nimport colorsys\nopen('/tmp/leak', 'w').write('x')")
+    r = sb.run("import os, sys, json\nprint('leak' in globals(), hasattr(json, 'leak'), "
+               "'colorsys' in sys.modules, os.path.exists('/tmp/leak'))")
+    assert r.stdout == "False False False False\n"
+
+
+def test_fresh_false_continues_the_previous_state(sb):
+    sb.run("counter = 41")
+    assert sb.eval("counter + 1", fresh=False) == 42
+    assert sb.run("counter += 1", fresh=False).error is None
+    assert sb.eval("counter", fresh=False) == 42
+    assert sb.eval("'counter' in globals()") is False
+
+
+def test_each_run_draws_fresh_randomness(sb):
+    draw = ("[random.random(), float(np.random.rand()), __import__('os').urandom(8).hex(), "
+            "float(np.random.default_rng().random())]")
+    draws = [sb.eval(draw) for _ in range(3)]
+    for column in zip(*draws):
+        assert len(set(column)) == 3, draws
+    # What stays fixed per snapshot: the str hash seed.
+    assert len({sb.eval("hash('whpfast')") for _ in range(3)}) == 1
+
+
+def test_the_guest_sees_only_the_interpreter_and_its_libraries(sb):
+    check = ("import os, sys, numpy\n"
+             "print([os.path.exists(p) for p in ({secret!r}, '/etc/passwd', {exe!r}, numpy.__file__)], "
+             "'etc' in os.listdir('/'))\n"
+             "try:\n    open(os.path.join(os.path.dirname(numpy.__file__), 'planted.py'), 'w')\n"
+             "except OSError as e:\n    print(e.errno)")
+    r = sb.run(check.format(secret=os.path.abspath(__file__), exe=sys.executable))
+    assert r.stdout == "[False, False, True, True] False\n30\n", r      # 30: EROFS
+    assert not os.path.exists(os.path.join(os.path.dirname(__import__("numpy").__file__), "planted.py"))
+
+
+def test_code_must_be_str(sb):
+    with pytest.raises(TypeError, match="str of Python source"):
+        sb.run(b"print(1)")
+    with pytest.raises(TypeError):
+        sb.eval(42)
+
+
+def test_reading_stdin_gets_nothing(sb):
+    assert sb.run("import sys\nprint(repr(sys.stdin.read()))").stdout == "''\n"
+
+
+def test_os_exit_is_reported_and_the_next_run_works(sb):
+    r = sb.run("import os\nprint('bye', flush=True)\nos._exit(4)")
+    assert "exited with status 4" in r.error
+    assert sb.run("print(3)").stdout == "3\n"
+
+
+FRAME = "m._frame = lambda a: m.MAGIC + len(B).to_bytes(8, 'little') + B"
+FORGERIES = {
+    "length past the buffer": ("exceeds its buffer", "m._frame = lambda a: m.MAGIC + (10**9).to_bytes(8, 'little') + b'{}'"),
+    "not JSON": ("not JSON: UnicodeDecodeError", f"B = b'\\xff{{'\n{FRAME}"),
+    "nested past recursion": ("not JSON: RecursionError", f"B = b'[' * 200000 + b']' * 200000\n{FRAME}"),
+    "truncated JSON": ("not JSON: JSONDecodeError", f"B = b'{{\"stdout\": '\n{FRAME}"),
+    "wrong fields": ("wrong fields", f"B = b'[1]'\n{FRAME}"),
+    "wrong types": ("wrong field types", f"B = b'{{\"stdout\": 1, \"stderr\": \"\", \"error\": null, \"value\": 0}}'\n{FRAME}"),
+    "no header": ("no answer header", "m._frame = lambda a: b'hello'"),
+    "reads stdin itself": ("no answer header", "os.read(0, 10)"),
+    "parks in another system call": ("not parked in a read", "os.readv(0, [bytearray(64)])"),
+}
+
+
+@pytest.mark.parametrize("how", FORGERIES)
+def test_forged_answers_are_rejected(sb, how):
+    """User code replaces the driver's answer (the guest is untrusted): a typed error, never a
+    crash, an unbounded allocation or a bogus result; the next fresh run is clean."""
+    reason, code = FORGERIES[how]
+    with pytest.raises(whpfast.GuestCallError, match="malformed") as info:
+        sb.run(f"import os, sys\nm = sys.modules['__main__']\n{code}")
+    assert reason in str(info.value)
+    with pytest.raises(whpfast.SandboxError, match="fresh=True"):
+        sb.run("print(0)", fresh=False)
+    assert sb.eval("2 * 21") == 42
+
+
+def test_setup_error_raises_guest_python_error():
+    with pytest.raises(whpfast.GuestPythonError, match="setup raised") as info:
+        whpfast.PythonSandbox(setup="import no_such_module_here", memory_size=64 << 20)
+    assert "ModuleNotFoundError" in info.value.traceback
+
+
+def test_save_and_start_many_from_one_file(sb, tmp_path):
+    path = tmp_path / "warm.snap"
+    sb.save(path)
+    boxes = [whpfast.PythonSandbox.from_snapshot(path) for _ in range(2)]
+    try:
+        assert boxes[0].snapshot is boxes[1].snapshot              # one loaded image, shared
+        for box in boxes:
+            assert box.run('print("hello world")').stdout == "hello world\n"
+            assert box.eval("pd.__name__") == "pandas"         # setup's names are there
+    finally:
+        for box in boxes:
+            box.close()
+
+
+def test_a_replaced_snapshot_file_is_loaded_again(sb, tmp_path):
+    path = tmp_path / "warm.snap"
+    sb.save(path)
+    with whpfast.PythonSandbox.from_snapshot(path) as first:
+        with whpfast.PythonSandbox(setup="marker = 'second'", memory_size=64 << 20) as other:
+            other.save(path)                          # a new file renamed over the old one
+        with whpfast.PythonSandbox.from_snapshot(path) as second:
+            assert second.snapshot is not first.snapshot
+            assert second.eval("marker") == "second"
+            assert first.eval("pd.__name__") == "pandas"
+    with pytest.raises(whpfast.SnapshotError, match="cannot open"):
+        whpfast.PythonSandbox.from_snapshot(tmp_path / "missing.snap")
+
+
+def test_snapshot_of_another_kind_is_refused(sb, tmp_path):
+    with whpfast.LinuxSandbox(["/bin/busybox", "cat"], memory_size=64 << 20) as lx:
+        assert lx.run().waiting
+        lx.snapshot().save(tmp_path / "cat.snap")
+    with pytest.raises(whpfast.SnapshotError, match="not of a PythonSandbox"):
+        whpfast.PythonSandbox.from_snapshot(tmp_path / "cat.snap")
+    (tmp_path / "junk.snap").write_bytes(b"junk" * 100)
+    with pytest.raises(whpfast.SnapshotError):
+        whpfast.PythonSandbox.from_snapshot(tmp_path / "junk.snap")
+
+
+def test_snapshot_of_another_driver_is_refused(sb, monkeypatch):
+    monkeypatch.setitem(sb.snapshot.meta, "python", dict(sb.snapshot.meta["python"], driver="0" * 64))
+    with pytest.raises(whpfast.SnapshotError, match="another version"):
+        whpfast.PythonSandbox.from_snapshot(sb.snapshot)
+
+
+def test_an_interpreter_that_does_not_work_is_refused(tmp_path):
+    with pytest.raises(whpfast.SandboxError, match="cannot ask the interpreter"):
+        whpfast.PythonSandbox(python=str(tmp_path / "no-such-python"))
+
+
+REPLACE_VVAR = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+line = [l for l in open('/proc/self/maps') if '[vvar]' in l][0]
+ADDR, END = (int(x, 16) for x in line.split()[0].split('-'))
+assert libc.munmap(ADDR, END - ADDR) == 0
+assert libc.mmap(ADDR, END - ADDR, 3, 0x32, -1, 0) == ADDR      # read/write, private, anonymous, fixed
+ctypes.memset(ADDR, 0x5A, END - ADDR)
+"""
+
+
+def test_the_host_never_writes_clock_data_into_a_mapping_that_replaced_vvar():
+    """The host refreshes the vDSO's data page on every restore; a guest that unmapped it and put
+    its own memory there must find that memory untouched."""
+    with whpfast.PythonSandbox(setup=REPLACE_VVAR, memory_size=64 << 20) as box:
+        for _ in range(3):
+            assert box.eval("ctypes.string_at(ADDR, END - ADDR) == b'Z' * (END - ADDR)", timeout=30) is True
+
+
+def test_close_from_another_thread_stops_a_running_loop():
+    import threading
+    box = whpfast.PythonSandbox(memory_size=64 << 20)
+    closer = threading.Timer(0.3, box.close)
+    closer.start()
+    with pytest.raises(whpfast.GuestCancelled):
+        box.run("while True: pass", timeout=30)
+    closer.join()
+    assert box.closed
+
+
+def test_closed_sandbox_refuses():
+    box = whpfast.PythonSandbox(memory_size=64 << 20)
+    assert box.run("print(1)").stdout == "1\n"
+    box.close()
+    box.close()
+    with pytest.raises(whpfast.SandboxClosed):
+        box.run("print(1)")
+
+
+def test_command_line(tmp_path):
+    snap = tmp_path / "cli.snap"
+    cmd = [sys.executable, "-m", "whpfast", "run-python", "--memory", "64"]
+    r = subprocess.run(cmd + ["-c", "print(6 * 7)", "--save", str(snap)], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (0, "42\n"), r.stderr
+    r = subprocess.run([sys.executable, "-m", "whpfast", "run-python", "--snapshot", str(snap), "-c", "1/0"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.endswith("ZeroDivisionError: division by zero\n")
+    r = subprocess.run([sys.executable, "-m", "whpfast", "run-python", "--snapshot", str(snap), "-c",
+                        "import sys; print('out'); sys.exit(3)"], capture_output=True, text=True, cwd=tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "")
+
+
+def test_bench_report_smoke(tmp_path):
+    """`whpfast bench --quick`: every figure measured (the sandbox answers checked against the
+    native ones inside), JSON + .npz written; compare() gives new/old ratios."""
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "whpfast", "bench", "--quick", "--python-only", "--density", "2",
+           "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "bench_python.json").read_text())
+    for name in ("hello_world", "pandas", "hello_world.fork", "pandas.pipe", "pandas.subprocess",
+                 "pandas.cold_boot", "from_snapshot"):
+        assert result["medians_us"][name] > 0
+    assert result["info"]["density.private_mib_per_sandbox"] > 0
+    assert result["info"]["snapshot.allocated_mib"] > 0
+    import numpy as np
+    with np.load(out / "bench_python.npz") as samples:
+        assert len(samples["hello_world"]) == 30 and samples["hello_world"].min() > 0
+    old = {"medians_us": {"hello_world": result["medians_us"]["hello_world"] * 2}}
+    lines = []
+    from whpfast.python import bench
+    bench.compare(result, old, log=lines.append)
+    assert len(lines) == 2 and lines[1].split()[-1] == "0.50"

@@ -1,0 +1,6 @@
+"""Python sandboxes that warm-start: PythonSandbox (sandbox.py) runs a CPython interpreter in a
+LinuxSandbox with the in-guest driver (driver.py)."""
+
+from .sandbox import PythonResult, PythonSandbox
+
+__all__ = ["PythonSandbox", "PythonResult"]

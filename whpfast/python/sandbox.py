@@ -1,0 +1,333 @@
+"""PythonSandbox: a Python interpreter in a LinuxSandbox, snapshotted warm and restored per run.
+
+The guest runs `driver.py` (shipped beside this file, stdlib only): it parks reading stdin, and
+each request (length-prefixed JSON on stdin) is executed in one namespace, user output captured
+and capped, and one framed JSON answer left in the buffer of the read it parks in again, where
+the host picks it up at that parking exit (LinuxSandbox.parked_read): no write(2) exit. The warm
+snapshot is taken at that parking read, after `setup` and one request of each kind ran
+("prewarm": the driver's first-call work is in the snapshot instead of in every request).
+
+Everything the guest sends back is untrusted: the answer's length is checked against the
+parked read's buffer and a cap before anything is copied, then it is decoded as JSON (never
+unpickled) and its fields type-checked; anything else is a GuestCallError and the sandbox is
+restored before it runs again."""
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import sysconfig
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+from ..errors import GuestCallError, GuestPythonError, SandboxClosed, SandboxError, SnapshotError
+from ..linux.errno import LinuxError
+from .._typing import StrPath
+from ..linux.fs import inside_path, read_mapping
+from ..linux.process import LinuxSandbox, LinuxSnapshot
+
+DRIVER = (Path(__file__).with_name("driver.py")).read_text()
+DRIVER_DIGEST = hashlib.sha256(DRIVER.encode()).hexdigest()
+MAGIC = b"\x00whpfast-py-ans\x00"           # driver.py's answer header: MAGIC, length (u64 LE)
+HEADER = struct.Struct("<16sQ")
+ANSWER_LIMIT = 16 << 20                      # bytes of answer JSON accepted (= driver.py's, = MAX_IO)
+DEFAULT_MEMORY_SIZE = 512 << 20
+OUTPUT_LIMIT = 1 << 20                       # characters of stdout / stderr kept per run
+RAW_OUTPUT_LIMIT = 64 << 20                  # bytes the guest may write to fd 1/2 per run
+BOOT_TIMEOUT = 300
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+# System library directories the dynamic loader and the interpreter's extension modules need.
+LIB_DIRS = ("/lib64", "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib64")
+
+
+@dataclass(frozen=True)
+class PythonResult:
+    """What one PythonSandbox.run() produced: the guest's stdout and stderr, and the guest
+    traceback as text when the code raised (SystemExit included), else None."""
+    stdout: str
+    stderr: str
+    error: object
+
+
+_loaded = weakref.WeakValueDictionary()     # snapshot files loaded and still in use, by identity
+_loaded_lock = threading.Lock()
+
+
+def _load_shared(path):
+    """The LinuxSnapshot of a file, loaded once while any sandbox uses it: sandboxes started from
+    one path share one in-memory image (and skip the load). A file replaced since is reloaded."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise SnapshotError(f"cannot open snapshot {os.fspath(path)!r}: {e.strerror}") from None
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _loaded_lock:
+        snapshot = _loaded.get(key)
+        if snapshot is None:
+            snapshot = _loaded[key] = LinuxSnapshot.load(path)
+        return snapshot
+
+
+class _OutputFlood(Exception):
+    """Raised from on_output to stop a guest that writes past RAW_OUTPUT_LIMIT."""
+
+
+class _OutputBudget:
+    """LinuxSandbox's on_output: counts the bytes a run writes to fd 1 and 2 and stops the run
+    past RAW_OUTPUT_LIMIT. Its own object, not a bound method, so that a sandbox and its
+    LinuxSandbox do not form a reference cycle."""
+
+    def __init__(self):
+        self.used = 0
+
+    def __call__(self, stream, data):
+        self.used += len(data)
+        if self.used > RAW_OUTPUT_LIMIT:
+            raise _OutputFlood()
+
+
+def _interpreter_paths(python):
+    """The host paths the interpreter reads: its binary (and the one a venv's links to), its
+    prefixes' lib directories (stdlib, lib-dynload, site-packages), pyvenv.cfg, its sysconfig
+    paths, and the system library directories."""
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        prefixes = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+        paths = list(sysconfig.get_paths().values())
+    else:
+        import subprocess
+        script = ("import json, sys, sysconfig; print(json.dumps([[sys.prefix, sys.base_prefix, "
+                  "sys.exec_prefix, sys.base_exec_prefix], list(sysconfig.get_paths().values())]))")
+        try:
+            out = subprocess.run([python, "-I", "-c", script], capture_output=True, check=True,
+                                 timeout=60).stdout
+            prefixes, paths = json.loads(out)
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            raise SandboxError(f"cannot ask the interpreter {python} for its library paths ({e}); "
+                               f"pass python= a working CPython") from None
+    found = {python, os.path.realpath(python), *LIB_DIRS, *paths}
+    for p in prefixes:
+        found.update((os.path.join(p, "lib"), os.path.join(p, "lib64"), os.path.join(p, "pyvenv.cfg")))
+    # /proc and /dev are the sandbox's own; an interpreter under /tmp (also the sandbox's own) is
+    # shown under /run/host by read_mapping().
+    return sorted(p for p in found if p and os.path.isabs(p) and os.path.exists(p)
+                  and not p.startswith(("/proc/", "/dev/")))
+
+
+def _check_code(code, what):
+    if not isinstance(code, str):
+        raise TypeError(f"{what} must be a str of Python source, not {type(code).__name__}")
+    return code
+
+
+class PythonSandbox:
+    """A Python interpreter in a micro-VM, warm-started for every run.
+
+    python: the interpreter (default: the one running, sys.executable), read with its standard
+    library and site-packages; read: more host paths the guest may read; setup: code run once
+    before the warm snapshot (e.g. "import pandas as pd"): its names are the globals every run
+    starts from. warmup: code run once before the snapshot in a throwaway copy of those globals
+    (typically the request itself), so its first-call work (lazy imports, caches, heap growth)
+    is in the snapshot instead of being redone by every run. memory_size bounds the guest's
+    memory: past it the guest gets MemoryError."""
+
+    def __init__(self, *, python: Optional[StrPath] = None, setup: str = "",
+                 read: Union[StrPath, Iterable[StrPath]] = (), memory_size: int = DEFAULT_MEMORY_SIZE,
+                 warmup: str = "", timeout: float = BOOT_TIMEOUT) -> None:
+        self._closed = True
+        _check_code(setup, "setup")
+        _check_code(warmup, "warmup")
+        python = os.path.abspath(python or sys.executable)
+        if isinstance(read, (str, bytes, os.PathLike)):
+            read = [read]
+        # The interpreter's own files where inside_path() shows them; the caller's `read` at the
+        # same paths inside (one under /tmp, the sandbox's own, is refused with a hint).
+        policy = read_mapping(_interpreter_paths(python))
+        policy.update((os.path.abspath(os.fsdecode(r)),) * 2 for r in read)
+        self._init_common()
+        self._lx = LinuxSandbox([inside_path(python), "-I", "-B", "-c", DRIVER], env=ENV, read=policy,
+                                memory_size=memory_size, on_output=self._budget)
+        try:
+            first = self._lx.run(timeout=timeout)
+            if not first.waiting:
+                raise SandboxError(f"the interpreter {python} did not start the driver (exit status "
+                                   f"{first.exit_code}): {first.stderr.decode('utf-8', 'replace')[-2000:]}")
+            # setup, then the user's warm-up, then one request of each kind (the driver's own
+            # first-call work: json, compile, the capture classes) before the snapshot.
+            for op, code, what in (("exec", setup, "setup"), ("warm", warmup, "warmup"),
+                                   ("exec", "pass", "the driver's warm-up"),
+                                   ("eval", "None", "the driver's warm-up")):
+                result, _ = self._request(op, code, timeout)
+                if result.error is not None:
+                    raise GuestPythonError(f"{what} raised in the guest:\n{result.error}",
+                                           traceback=result.error, stdout=result.stdout, stderr=result.stderr)
+            self._snapshot = self._lx.snapshot()
+            self._snapshot.meta["python"] = {"driver": DRIVER_DIGEST, "python": python,
+                                             "setup_sha256": hashlib.sha256(setup.encode()).hexdigest()}
+        except BaseException:
+            self._lx.close()
+            raise
+        self.python = python
+        self._closed = False
+
+    def _init_common(self):
+        self._lock = threading.Lock()
+        self._stale = False          # the guest is not parked at a clean read: restore first
+        self._budget = _OutputBudget()
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Union[LinuxSnapshot, StrPath]) -> "PythonSandbox":
+        """A sandbox in a saved warm state (a path written by save(), or a LinuxSnapshot taken by
+        a PythonSandbox). Sandboxes started from one path share the file's loaded image."""
+        if not isinstance(snapshot, LinuxSnapshot):
+            snapshot = _load_shared(snapshot)
+        info = snapshot.meta.get("python")
+        if not isinstance(info, dict) or not isinstance(info.get("python"), str):
+            raise SnapshotError(f"{snapshot.path or 'the snapshot'} is a Linux snapshot but not of a "
+                                f"PythonSandbox; make one with PythonSandbox(...).save(path)")
+        if info.get("driver") != DRIVER_DIGEST:
+            raise SnapshotError(f"{snapshot.path or 'the snapshot'} was made with another version of "
+                                f"whpfast's Python driver; make it again with this whpfast")
+        self = cls.__new__(cls)
+        self._closed = True
+        self._init_common()
+        self._lx = LinuxSandbox.from_snapshot(snapshot, on_output=self._budget)
+        self._snapshot = snapshot
+        self.python = info["python"]
+        self._closed = False
+        return self
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Frees the VM. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._lx.close()
+
+    def __enter__(self) -> "PythonSandbox":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def snapshot(self) -> LinuxSnapshot:
+        """The warm LinuxSnapshot every fresh run starts from."""
+        return self._snapshot
+
+    @property
+    def linux(self) -> LinuxSandbox:
+        """The LinuxSandbox underneath (for statistics such as last_restore)."""
+        return self._lx
+
+    def save(self, path: StrPath) -> str:
+        """Writes the warm snapshot to path (atomically); PythonSandbox.from_snapshot(path)
+        starts new sandboxes from it."""
+        self._check_open()
+        return self._snapshot.save(path)
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def run(self, code: str, *, timeout: Optional[float] = None, fresh: bool = True) -> PythonResult:
+        """Executes code; returns a PythonResult (stdout, stderr, error). fresh=True (default)
+        first restores the warm snapshot, so nothing an earlier run did is visible; fresh=False
+        continues in the state the previous run left."""
+        _check_code(code, "code")
+        result, _ = self._call("exec", code, timeout, fresh)
+        return result
+
+    def eval(self, expr: str, *, timeout: Optional[float] = None, fresh: bool = True) -> Any:
+        """Evaluates expr and returns its value, carried as JSON (lists for tuples, str keys).
+        An exception in the guest raises GuestPythonError with the guest traceback."""
+        _check_code(expr, "expr")
+        result, value = self._call("eval", expr, timeout, fresh)
+        if result.error is not None:
+            raise GuestPythonError(f"the guest raised:\n{result.error}", traceback=result.error,
+                                   stdout=result.stdout, stderr=result.stderr)
+        return value
+
+    def _check_open(self):
+        if self._closed:
+            raise SandboxClosed("the Python sandbox is closed")
+
+    def _call(self, op, code, timeout, fresh):
+        with self._lock:
+            self._check_open()
+            if fresh:
+                self._lx.restore(self._snapshot)
+                self._stale = False
+            elif self._stale:
+                raise SandboxError("the previous run left the interpreter unusable (it exited, timed out "
+                                   "or did not answer); run again with fresh=True")
+            return self._request(op, code, timeout)
+
+    def _request(self, op, code, timeout):
+        """Sends one request to the parked driver and returns (PythonResult, value)."""
+        payload = json.dumps({"op": op, "code": code, "seed": os.urandom(32).hex(),
+                              "cap": OUTPUT_LIMIT}).encode()
+        self._stale = True                       # until a clean answer says otherwise
+        self._budget.used = 0
+        try:
+            r = self._lx.run(struct.pack("<I", len(payload)) + payload, timeout=timeout)
+        except (_OutputFlood, SandboxError) as e:
+            # LinuxSandbox poisons itself and raises SandboxError from what on_output raised.
+            if not isinstance(e, _OutputFlood) and not isinstance(e.__cause__, _OutputFlood):
+                raise
+            raise GuestCallError(f"the guest wrote more than {RAW_OUTPUT_LIMIT >> 20} MiB of raw output "
+                                 f"and was stopped; the next fresh run starts clean") from None
+        raw_err = r.stderr.decode("utf-8", "replace")
+        if r.exit_code is not None:
+            out = r.stdout.decode("utf-8", "replace")
+            return PythonResult(out, raw_err, f"the Python process exited with status {r.exit_code} "
+                                              f"(os._exit or a crash) before answering\n"), None
+        answer = _read_answer(self._lx)
+        self._stale = False
+        result = PythonResult(r.stdout.decode("utf-8", "replace") + answer["stdout"],
+                              raw_err + answer["stderr"], answer["error"])
+        return result, answer["value"]
+
+
+def _read_answer(lx):
+    """The driver's answer from the buffer of the read it is parked in, checked."""
+    def bad(why):
+        return GuestCallError(f"the guest's answer is malformed ({why}); the interpreter's driver was "
+                              f"tampered with or did not finish. The next fresh run starts clean.")
+
+    where = lx.parked_read()
+    if where is None:
+        raise bad("no answer: the guest is not parked in a read of stdin")
+    address, length = where
+    try:
+        magic, size = HEADER.unpack(lx.mm.read(address, HEADER.size)) if length >= HEADER.size else (b"", 0)
+        if magic != MAGIC:
+            raise bad("no answer header: the guest waits for input it was not sent (did the code read stdin?)")
+        if size > length - HEADER.size or size > ANSWER_LIMIT:
+            raise bad(f"its length {size} exceeds its buffer of {length} bytes or the "
+                      f"{ANSWER_LIMIT >> 20} MiB limit")
+        body = lx.mm.read(address + HEADER.size, size)
+    except LinuxError:
+        raise bad("its buffer is not readable guest memory") from None
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise bad(f"not JSON: {type(e).__name__}") from None
+    if not isinstance(answer, dict) or set(answer) != {"stdout", "stderr", "error", "value"}:
+        raise bad("wrong fields")
+    if not (isinstance(answer["stdout"], str) and isinstance(answer["stderr"], str)
+            and (answer["error"] is None or isinstance(answer["error"], str))):
+        raise bad("wrong field types")
+    return answer
