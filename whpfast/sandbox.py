@@ -6,12 +6,12 @@ import stat
 import sys
 import threading
 import time
-import warnings
 from contextlib import ExitStack
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from . import abi, backend, cpu, elf, machine
 from .core.run import run_until
+from .core.resource import Resource
 from .core.warm import PAGE, RestoreStats, WarmMemory
 from .errors import (ConfigError, GuestAbort, GuestCallError, GuestCancelled, GuestFault,
                      GuestTimeout, HostFunctionError, HypervisorError, SandboxBusy,
@@ -61,7 +61,7 @@ class _Operation:
         self.sandbox._release()
 
 
-class Sandbox:
+class Sandbox(Resource):
     """A hardware-isolated micro-VM running `guest` (a path to a guest ELF built with the SDK).
 
     files maps a name to a host file the guest sees as a read-only memory mapping. on_print
@@ -316,17 +316,6 @@ class Sandbox:
             return fn(*args)
         finally:
             self._in_user_code = False
-
-    def __enter__(self) -> "Sandbox":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self):
-        if not getattr(self, "_closed", True):
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
-            self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("poisoned" if self._poisoned else "ready")

@@ -18,7 +18,6 @@ import os
 import struct
 import threading
 import time
-import warnings
 import weakref
 from collections import namedtuple
 from contextlib import ExitStack
@@ -27,6 +26,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 
 from .. import _pages, abi, backend, cpu, machine
 from ..core.run import run_until
+from ..core.resource import Resource
 from ..elf import read_program
 from ..core.warm import BLOCK, WarmMemory
 from ..errors import (GuestCancelled, GuestFault, GuestLoadError, GuestTimeout, HypervisorError,
@@ -157,7 +157,7 @@ def _host_auxv(key):
     return int(libc.getauxval(key))
 
 
-class LinuxSandbox:
+class LinuxSandbox(Resource):
     """Runs argv (argv[0]: the host path of an x86-64 Linux ELF) in a fresh micro-VM.
 
     read: host paths the program may read (or {inside: host}); everything else does not exist
@@ -431,17 +431,6 @@ class LinuxSandbox:
         self._vcpu.close()
         self._vm.close()
         self._memory.close()
-
-    def __enter__(self) -> "LinuxSandbox":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self):
-        if not getattr(self, "_closed", True):
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
-            self.close()
 
     @property
     def closed(self) -> bool:

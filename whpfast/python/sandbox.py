@@ -19,7 +19,6 @@ import struct
 import sys
 import sysconfig
 import threading
-import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Iterable, Optional, Union
 from ..errors import GuestCallError, GuestPythonError, SandboxClosed, SandboxError, SnapshotError
 from ..linux.errno import LinuxError
 from .._typing import StrPath
+from ..core.resource import Resource
 from ..linux.fs import inside_path, read_mapping
 from ..linux.process import LinuxSandbox, LinuxSnapshot
 
@@ -124,7 +124,7 @@ def _check_code(code, what):
     return code
 
 
-class PythonSandbox:
+class PythonSandbox(Resource):
     """A Python interpreter in a micro-VM, warm-started for every run.
 
     python: the interpreter (default: the one running, sys.executable), read with its standard
@@ -208,17 +208,6 @@ class PythonSandbox:
         if not self._closed:
             self._closed = True
             self._lx.close()
-
-    def __enter__(self) -> "PythonSandbox":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self):
-        if not getattr(self, "_closed", True):
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
-            self.close()
 
     @property
     def closed(self) -> bool:
