@@ -17,6 +17,7 @@ import numpy as np
 
 import whpfast
 from whpfast import _pages
+from whpfast.timing import private_bytes
 from whpfast.snapshot import Snapshot
 from whpfast.timing import stats_us, summary, time_calls
 
@@ -102,16 +103,6 @@ def fork_hello():
     os.close(r)
     os.waitpid(pid, 0)
     assert data == b"hello world"
-
-
-def private_kib():
-    fields = {}
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                fields[parts[0][:-1]] = int(parts[1])
-    return fields["Private_Clean"] + fields["Private_Dirty"]
 
 
 def main(argv=None):
@@ -233,12 +224,12 @@ def main(argv=None):
 
     print("\n== private memory, 100 sandboxes from one snapshot file")
     gc.collect()
-    before = private_kib()
+    before = private_bytes() // 1024
     boxes = [whpfast.Sandbox.from_snapshot(snap, **quiet) for _ in range(100)]
     for box in boxes:
         box.call("hello")
     gc.collect()
-    after = private_kib()
+    after = private_bytes() // 1024
     for box in boxes:
         box.restore(snap)
     dirty = np.mean([box.last_restore.dirty_pages + box.last_restore.host_pages for box in boxes])

@@ -118,7 +118,7 @@ class Snapshot:
         bitmap_off = state_off + len(state_bytes)
         image_off = -(-(bitmap_off + len(bitmap_bytes)) // IMAGE_ALIGN) * IMAGE_ALIGN
         view = self._image_view
-        image_crc = _extents_crc(view, extents)
+        image_crc = extents_crc(view, extents)
         fields = [MAGIC, FORMAT_VERSION, ARCH_X86_64, HEADER.size, 0,
                   self.memory_size, self.memory_size // PAGE,
                   meta_off, len(meta_bytes), state_off, len(state_bytes), bitmap_off, len(bitmap_bytes),
@@ -126,24 +126,8 @@ class Snapshot:
                   zlib.crc32(meta_bytes), zlib.crc32(state_bytes), zlib.crc32(bitmap_bytes), image_crc, 0]
         header = bytearray(HEADER.pack(*fields))
         struct.pack_into("<I", header, _HEADER_CRC_OFFSET, zlib.crc32(header))
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(header + meta_bytes + state_bytes + bitmap_bytes)
-                for first, count in extents:
-                    f.seek(image_off + first * PAGE)
-                    f.write(view[first * PAGE:(first + count) * PAGE])
-                f.truncate(image_off + self.memory_size)       # the rest is a hole
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return path
+        return write_sparse(path, bytes(header) + meta_bytes + state_bytes + bitmap_bytes, view,
+                            extents, image_off, self.memory_size)
 
     @classmethod
     def load(cls, path: StrPath) -> "Snapshot":
@@ -261,7 +245,7 @@ class Snapshot:
             raise bad("the page bitmap marks non-zero pages that no extent stores")
         image = impl.FileMapping(f.fileno(), image_off, memory_size)
         with memoryview(image) as view:
-            crc = _extents_crc(view, extents)
+            crc = extents_crc(view, extents)
         if crc != image_crc:
             image.close()
             raise bad("memory image checksum mismatch (the image is corrupt)")
@@ -437,7 +421,31 @@ _loaded = weakref.WeakValueDictionary()    # (dev, inode, size, mtime) -> Snapsh
 _loaded_lock = threading.Lock()
 
 
-def _extents_crc(view, extents):
+def write_sparse(path, head, view, extents, image_offset, memory_size):
+    """Writes a snapshot file (both personalities' formats): `head` (everything before the
+    image), then the image's extents at image_offset, the rest a hole, so the file is sparse. A
+    new file, fsynced, then renamed over path: a file that live sandboxes map is never written."""
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for first, count in extents:
+                f.seek(image_offset + first * PAGE)
+                f.write(view[first * PAGE:(first + count) * PAGE])
+            f.truncate(image_offset + memory_size)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def extents_crc(view, extents):
     """CRC-32 of the image bytes the extents cover, in order: what the file stores."""
     crc = 0
     for first, count in extents:

@@ -25,14 +25,13 @@ import json
 import os
 import stat
 import struct
-import threading
 import zlib
 
 import numpy as np
 
 from .. import backend, cpu
 from ..errors import SnapshotError
-from ..snapshot import IMAGE_ALIGN, _extents
+from ..snapshot import IMAGE_ALIGN, _extents, extents_crc, write_sparse
 from .mm import PAGE, USER_MIN, MmState, Vma, page_table_bytes
 
 MAGIC = b"WHPFLNX1"
@@ -69,9 +68,7 @@ def save(snapshot, path):
         "fs": fs_bytes,
         "bitmap": snapshot._nonzero.tobytes(),
     }
-    image_crc = 0
-    for first, count in extents:
-        image_crc = zlib.crc32(view[first * PAGE:(first + count) * PAGE], image_crc)
+    image_crc = extents_crc(view, extents)
     header_size = HEADER.size + SECTION.size * len(SECTIONS) + 4
     table, offset = [], header_size
     for name in SECTIONS[:-1]:
@@ -81,26 +78,8 @@ def save(snapshot, path):
     table.append(SECTION.pack(b"image", image_offset, memory_size, image_crc))
     header = HEADER.pack(MAGIC, VERSION, header_size, memory_size, len(SECTIONS)) + b"".join(table)
     header += struct.pack("<I", zlib.crc32(header))
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            for name in SECTIONS[:-1]:
-                f.write(sections[name])
-            for first, count in extents:
-                f.seek(image_offset + first * PAGE)
-                f.write(view[first * PAGE:(first + count) * PAGE])
-            f.truncate(image_offset + memory_size)          # the rest is a hole
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return write_sparse(path, header + b"".join(sections[name] for name in SECTIONS[:-1]), view,
+                        extents, image_offset, memory_size)
 
 
 def _image_offset(end):

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from ..timing import time_calls
+from ..timing import private_bytes, time_calls
 
 SETUP = "import numpy as np\nimport pandas as pd"
 HELLO = 'print("hello world")'
@@ -159,16 +159,6 @@ def _from_snapshot_ns(path, count, cold):
     return out
 
 
-def private_kib():
-    fields = {}
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                fields[parts[0][:-1]] = int(parts[1])
-    return fields["Private_Clean"] + fields["Private_Dirty"]
-
-
 def measure(*, hello=300, pandas=60, forks=30, spawns=5, colds=2, density=50, log=print):
     """Runs every measurement; returns (samples: {name: ns array}, info: {name: value})."""
     import whpfast
@@ -239,12 +229,12 @@ def measure(*, hello=300, pandas=60, forks=30, spawns=5, colds=2, density=50, lo
                 log(row("from_snapshot(file), 2nd+", samples["from_snapshot.loaded"]))
             if density:
                 gc.collect()
-                before = private_kib()
+                before = private_bytes() // 1024
                 boxes = [whpfast.PythonSandbox.from_snapshot(path) for _ in range(density)]
                 for box in boxes:
                     check("density", box.run(HELLO).stdout, expected_hello)
                 gc.collect()
-                after = private_kib()
+                after = private_bytes() // 1024
                 for box in boxes:
                     box.close()
                 info["density.count"] = density
