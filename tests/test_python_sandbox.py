@@ -12,11 +12,9 @@ import pytest
 
 import whpfast
 from whpfast.linux.fs import inside_path
-from whpfast import backend
 from whpfast.python import sandbox as pysandbox
 
-pytestmark = [pytest.mark.hypervisor,
-              pytest.mark.skipif(backend.NAME != "kvm", reason="KVM only: PythonSandbox runs on LinuxSandbox")]
+pytestmark = [pytest.mark.hypervisor]     # either backend (KVM, or WHP over tests/whv)
 
 SETUP = "import numpy as np\nimport pandas as pd\nimport random"
 PANDAS_JOB = ("df = pd.DataFrame(np.random.default_rng(5).standard_normal((10000, 2)), columns=['a', 'b'])\n"
