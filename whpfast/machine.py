@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import abi
-from .errors import GuestLoadError
 
 PAGE = 4096
 
@@ -340,6 +339,19 @@ def _stubs():
 
 
 FAULT_RECORD = struct.Struct("<8Q")   # vector, error code, rip, cs, rflags, rsp, ss, cr2
+
+
+def read_fault(mem):
+    """(vector, error code, rip, cr2) of the fault the CPL0 stub recorded at FAULT_RECORD_ADDR."""
+    vector, error_code, rip, _cs, _rflags, _rsp, _ss, cr2 = FAULT_RECORD.unpack_from(mem, FAULT_RECORD_ADDR)
+    return vector, error_code, rip, cr2
+
+
+def page_fault_access(error_code):
+    """What a #PF's error code says: ("write" | "instruction fetch" | "read", whether the page
+    was present, i.e. a protection violation rather than a missing mapping)."""
+    access = "write" if error_code & 2 else ("instruction fetch" if error_code & 16 else "read")
+    return access, bool(error_code & 1)
 
 
 def write_environment(mem, layout, image):

@@ -577,15 +577,14 @@ class Sandbox(Resource):
         return self._warm.write(base, size, encode)
 
     def _fault(self):
-        vector, error_code, rip, _cs, _rflags, _rsp, _ss, cr2 = machine.FAULT_RECORD.unpack_from(
-            self._mem, machine.FAULT_RECORD_ADDR)
+        vector, error_code, rip, cr2 = machine.read_fault(self._mem)
         name = _VECTOR_NAMES.get(vector, f"vector {vector}")
         where = f"at rip={rip:#x}"
         address = None
         if vector == 14:
             address = cr2
-            access = "write" if error_code & 2 else ("instruction fetch" if error_code & 16 else "read")
-            problem = "protection violation" if error_code & 1 else "page not mapped"
+            access, present = machine.page_fault_access(error_code)
+            problem = "protection violation" if present else "page not mapped"
             detail = f"{access} of {cr2:#x} ({problem}{self._describe_address(cr2)})"
         else:
             detail = f"error code {error_code:#x}" if vector in machine.VECTORS_WITH_ERROR_CODE else ""

@@ -603,14 +603,13 @@ class LinuxSandbox(Resource):
         return HypervisorError(f"unexpected exit reason {vcpu.exit_reason}")
 
     def _fault(self):
-        vector, error_code, rip, _cs, _rflags, _rsp, _ss, cr2 = machine.FAULT_RECORD.unpack_from(
-            self._mem, machine.FAULT_RECORD_ADDR)
+        vector, error_code, rip, cr2 = machine.read_fault(self._mem)
         signal, what = _SIGNALS.get(vector, ("SIGSEGV", f"exception {vector}"))
         address = None
         if vector == 14:
             address = cr2
-            access = "write" if error_code & 2 else ("instruction fetch" if error_code & 16 else "read")
-            problem = "protection violation" if error_code & 1 else "not mapped"
+            access, present = machine.page_fault_access(error_code)
+            problem = "protection violation" if present else "not mapped"
             detail = f"{access} of address {cr2:#x} ({problem})"
         elif vector in (13, 12, 17):
             address = 0
