@@ -47,7 +47,8 @@ class build_py_with_guests(build_py):
 # No debug info in the shipped extensions (Python's own CFLAGS carry -g; -g0 after it wins):
 # it tripled their size and nobody debugs an installed wheel. MSVC adds none by default.
 no_debug = [] if sys.platform == "win32" else ["-g0"]
-extensions = [Extension("whpfast._pages", ["whpfast/_pages.pyx"], extra_compile_args=no_debug)]
+extensions = [Extension("whpfast._pages", ["whpfast/_pages.pyx"], extra_compile_args=no_debug),
+              Extension("whpfast._linux", ["whpfast/_linux.pyx"], extra_compile_args=no_debug)]
 if sys.platform == "win32":
     extensions.append(Extension("whpfast._whp", ["whpfast/_whp.pyx"], libraries=["WinHvPlatform"]))
 else:

@@ -192,7 +192,7 @@ def test_extension_stubs_match_the_compiled_modules(tmp_path):
         "whpfast\\._\\w+\\.__test__\n"
         # an __init__ without parameters keeps the type slot's (self, /, *args, **kwargs)
         "whpfast\\._whp\\.WhpSystem\\.__init__\n")
-    modules = ["whpfast._pages", f"whpfast._{whpfast.backend.NAME}"]
+    modules = ["whpfast._pages", "whpfast._linux", f"whpfast._{whpfast.backend.NAME}"]
     proc = _mypy("mypy.stubtest", "--ignore-disjoint-bases", "--ignore-unused-allowlist",
                  "--allowlist", str(allow), *modules,
                  cwd=tmp_path)

@@ -18,6 +18,7 @@ All host writes into guest memory go through `fill()`/`store()`, that is through
 core's one host write (whpfast/core/warm.py), which marks the pages host-dirty for the next
 restore (KVM's dirty log sees only the guest's own writes)."""
 
+import os
 from bisect import bisect_left, bisect_right
 from collections import namedtuple
 
@@ -25,6 +26,12 @@ import numpy as np
 
 from .errno import LinuxError
 import errno as E
+
+# The uaccess methods below run in C (whpfast/_linux.pyx) unless WHPFAST_PURE_PYTHON=1 asks for
+# the Python ones (which stay as the reference: tests compare the two, benches time both).
+PURE_PYTHON = os.environ.get("WHPFAST_PURE_PYTHON") == "1"
+if not PURE_PYTHON:
+    from .. import _linux
 
 PAGE = 4096
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
@@ -207,6 +214,13 @@ class AddressSpace:
 
     def read_u64s(self, addr, count):
         return np.frombuffer(self.read(addr, 8 * count), dtype="<u8").tolist()
+
+    # The same six in C (same checks, same errors), and the Python ones kept as py_* (tests).
+    py_check, py_read, py_write, py_view, py_read_cstring, py_read_u64s = \
+        check, read, write, view, read_cstring, read_u64s
+    if not PURE_PYTHON:
+        check, read, write, view, read_cstring, read_u64s = (
+            _linux.check, _linux.read, _linux.write, _linux.view, _linux.read_cstring, _linux.read_u64s)
 
     # -- page tables --------------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ How a system call travels: EFER.SCE and LSTAR point `syscall` at a stub on a use
 and its port open in the TSS I/O bitmap); the exit leaves the registers in kvm_run's sync area,
 `syscalls.dispatch` serves the call, and the answer goes back as RAX/RIP/RFLAGS through the same
 area with the next KVM_RUN (no extra ioctl). CPU exceptions reach the SDK's CPL0 fault stubs
-(machine.py) and end the run as GuestFault in Linux terms (signal, address, RIP).
+(machine.py) and end the run as GuestFault in Linux terms (signal, address, RIP). The exit loop,
+the dispatch and the checked guest copies run in C (whpfast/_linux.pyx); the handlers are Python.
 
 Warm start: snapshot() = guest memory + vCPU state + every host-side component (address space,
 file system, signal table, pending input); restore() puts all of them back. Memory and vCPU
@@ -38,8 +39,11 @@ from .errno import LinuxError
 from .fs import FileSystem
 from ..snapshot import map_image
 from . import snapfile
-from .mm import (PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, USER_MIN, AddressSpace, identity_page_tables,
-                 page_table_bytes)
+from .mm import (PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, PURE_PYTHON, USER_MIN, AddressSpace,
+                 identity_page_tables, page_table_bytes)
+
+if not PURE_PYTHON:
+    from .. import _linux
 
 impl = backend.impl
 MASK64 = (1 << 64) - 1
@@ -498,35 +502,23 @@ class LinuxSandbox(Resource):
         pending = self._io.waiting       # the vCPU sits at a system call not answered yet
         self._io = self._io._replace(waiting=False)
         self._warm.ran = True
-        dispatch, syscall_regs, syscall_return = syscalls.dispatch, impl.syscall_regs, impl.syscall_return
-        cs, ds = machine.USER_CS, machine.USER_DS
-        while True:
-            if not pending:
-                kind = run_until(vcpu, self._deadline)
-                # Only the stub's own exit is a system call: `out SYSCALL_PORT, al`. Any other
-                # use of the port (an IN, which KVM completes and WHP leaves undone, a wider OUT,
-                # string I/O) is an exit the ABI does not define.
-                if kind != impl.EXIT_IO or vcpu.io_port != SYSCALL_PORT or vcpu.io_direction != 1 \
-                        or vcpu.io_size != 1 or vcpu.io_string:
-                    raise self._poison(self._stop_error(kind))
-            pending = False
-            regs = syscall_regs(vcpu)
-            self.syscall_count += 1
-            try:
-                result = dispatch(self, regs[0], regs[1:7])
-            except syscalls.Park:
-                self._io = self._io._replace(waiting=True)
-                return self._result(None, True)
-            except syscalls.ProgramExit as e:
-                self._io = self._io._replace(exit_code=e.status)
-                return self._result(e.status, False)
-            except syscalls.ProgramKilled as e:
-                name = syscalls.SIGNAL_NAMES.get(e.signal, f"signal {e.signal}")
-                exc = GuestFault(f"the program killed itself with {name} (signals are not delivered "
-                                 f"in the sandbox)", kind="signal", rip=regs[7])
-                exc.signal = name
-                raise self._poison(exc)
-            syscall_return(vcpu, result & MASK64, cs, ds)
+        try:
+            kind = _serve(self, vcpu, pending, run_until, self._deadline, syscalls.dispatch,
+                          impl.syscall_regs, impl.syscall_return, impl.EXIT_IO, SYSCALL_PORT,
+                          machine.USER_CS, machine.USER_DS)
+        except syscalls.Park:
+            self._io = self._io._replace(waiting=True)
+            return self._result(None, True)
+        except syscalls.ProgramExit as e:
+            self._io = self._io._replace(exit_code=e.status)
+            return self._result(e.status, False)
+        except syscalls.ProgramKilled as e:
+            name = syscalls.SIGNAL_NAMES.get(e.signal, f"signal {e.signal}")
+            exc = GuestFault(f"the program killed itself with {name} (signals are not delivered "
+                             f"in the sandbox)", kind="signal", rip=impl.syscall_regs(vcpu)[7])
+            exc.signal = name
+            raise self._poison(exc)
+        raise self._poison(self._stop_error(kind))
 
     def _result(self, exit_code, waiting):
         return RunResult(bytes(self._stdout), bytes(self._stderr), exit_code, waiting)
@@ -740,6 +732,26 @@ class LinuxSandbox(Resource):
             if nr != syscalls.NUMBERS["read"] or fd != 0:
                 return None
             return buf, min(count, syscalls.MAX_IO)
+
+
+def _py_serve(p, vcpu, pending, run_until, deadline, dispatch, syscall_regs, syscall_return,
+              exit_io, port, user_cs, user_ds):
+    """The exit loop: _linux.serve in Python (WHPFAST_PURE_PYTHON=1), documented there. Returns
+    the kind of the first exit that is not a system call."""
+    while True:
+        if not pending:
+            kind = run_until(vcpu, deadline)
+            if kind != exit_io or vcpu.io_port != port or vcpu.io_direction != 1 \
+                    or vcpu.io_size != 1 or vcpu.io_string:
+                return kind
+        pending = False
+        regs = syscall_regs(vcpu)
+        p.syscall_count += 1
+        result = dispatch(p, regs[0], regs[1:7])
+        syscall_return(vcpu, result & MASK64, user_cs, user_ds)
+
+
+_serve = _py_serve if PURE_PYTHON else _linux.serve
 
 
 def _merge(ranges):

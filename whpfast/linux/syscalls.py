@@ -13,7 +13,7 @@ import time
 
 from .errno import LinuxError
 from ._sysnames import NAMES, NUMBERS
-from .mm import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE
+from .mm import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, PURE_PYTHON
 
 AT_FDCWD = -100
 MAX_IO = 16 << 20           # bytes moved by one read/write (short counts are legal)
@@ -73,8 +73,9 @@ def syscall(*names):
     return register
 
 
-def dispatch(p, nr, args):
-    """Runs system call nr; returns the value for RAX (negative errno on failure)."""
+def py_dispatch(p, nr, args):
+    """Runs system call nr; returns the value for RAX (negative errno on failure). In C:
+    _linux.Dispatcher (bound as `dispatch` at the end of this module)."""
     fn = TABLE.get(nr)
     if fn is None:
         name = NAMES.get(nr, f"syscall_{nr}")
@@ -476,19 +477,19 @@ def sys_exit(p, status, *_):
     raise ProgramExit(status & 0xFF)
 
 
-@syscall("getpid", "gettid", "getpgrp", "getsid", "getpgid")
-def sys_getpid(p, *_):
-    return PID
+# Calls whose answer is a constant (the dispatcher in C answers them without a Python call).
+CONSTANTS = {"getpid": PID, "gettid": PID, "getpgrp": PID, "getsid": PID, "getpgid": PID,
+             "getppid": PID - 1, "getuid": UID, "geteuid": UID, "getgid": UID, "getegid": UID}
 
 
-@syscall("getppid")
-def sys_getppid(p, *_):
-    return PID - 1
+def _constant(value):
+    def constant(p, *_):
+        return value
+    return constant
 
 
-@syscall("getuid", "geteuid", "getgid", "getegid")
-def sys_getuid(p, *_):
-    return UID
+for _name, _value in CONSTANTS.items():
+    TABLE[NUMBERS[_name]] = _constant(_value)
 
 
 @syscall("getresuid", "getresgid")
@@ -813,3 +814,9 @@ _legacy("rmdir", "unlinkat", lambda path, _, __: (CWD, path, 0x200))            
 _legacy("rename", "renameat", lambda old, new, _: (CWD, old, CWD, new))
 _legacy("symlink", "symlinkat", lambda target, path, _: (target, CWD, path))
 _legacy("chmod", "fchmodat", lambda path, mode, _: (CWD, path, mode))
+
+
+dispatch = py_dispatch
+if not PURE_PYTHON:
+    from .. import _linux
+    dispatch = _linux.Dispatcher(TABLE, {NUMBERS[n]: v for n, v in CONSTANTS.items()}, NAMES)
