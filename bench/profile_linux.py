@@ -74,18 +74,18 @@ def minflt():
 
 def report(title, wall_ns, meter, counters, syscall_count):
     host = sum(ns for _, ns in meter.by_nr.values())
-    print(f"\n== {title}: wall {wall_ns / 1e6:.1f} ms, {syscall_count} system calls "
+    print(f"\n== {title}: wall {wall_ns / 1e6:.3f} ms, {syscall_count} system calls "
           f"({meter.runs} vCPU runs)")
-    print(f"   in the hypervisor (KVM_RUN) {meter.run_ns / 1e6:8.1f} ms  "
+    print(f"   in the hypervisor (KVM_RUN) {meter.run_ns / 1e6:8.3f} ms  "
           f"({meter.run_ns / max(meter.runs, 1) / 1e3:.1f} us per run)")
-    print(f"   host, dispatching calls      {host / 1e6:8.1f} ms")
-    print(f"   rest (setup, loader, loop)   {(wall_ns - meter.run_ns - host) / 1e6:8.1f} ms")
+    print(f"   host, dispatching calls      {host / 1e6:8.3f} ms")
+    print(f"   rest (setup, loader, loop)   {(wall_ns - meter.run_ns - host) / 1e6:8.3f} ms")
     if counters is not None:
         print(f"   host page faults (minflt)    {counters:8d}")
     rows = sorted(meter.by_nr.items(), key=lambda kv: -kv[1][1])
     print(f"   {'system call':<18} {'count':>7} {'host ms':>9} {'us/call':>8}")
     for nr, (count, ns) in rows[:25]:
-        print(f"   {NAMES.get(nr, str(nr)):<18} {count:7d} {ns / 1e6:9.2f} {ns / count / 1e3:8.1f}")
+        print(f"   {NAMES.get(nr, str(nr)):<18} {count:7d} {ns / 1e6:9.3f} {ns / count / 1e3:8.1f}")
 
 
 def cold(code, profile):
