@@ -205,3 +205,5 @@ def test_dispatch_and_loop_are_the_c_ones_and_answer_like_the_python_ones(space)
         assert fast == syscalls.py_dispatch(lx, nr, args), nr
         assert counted == lx.unsupported_syscalls, nr
     assert lx.unsupported_syscalls.get("syscall_1000") == 1
+    with pytest.raises(ValueError, match="six arguments"):
+        syscalls.dispatch(lx, syscalls.NUMBERS["getppid"], (1, 2))       # a typed error, not a crash

@@ -231,6 +231,8 @@ cdef class Dispatcher:
 
     cdef object serve(self, object p, tuple regs):
         # regs: (nr, a0, ..., a5, ...) as impl.syscall_regs returns them
+        if PyTuple_GET_SIZE(regs) < 7:
+            raise ValueError(f"a system call needs its number and six arguments, got {regs!r}")
         cdef object nr = <object>PyTuple_GET_ITEM(regs, 0)
         cdef PyObject *hit = PyDict_GetItem(self.constants, nr)
         if hit != NULL:
