@@ -267,3 +267,96 @@ def test_a_loaded_snapshot_saves_again_with_the_same_references(subject, tmp_pat
     assert np.array_equal(again._nonzero, snap._nonzero)
     with whpfast.LinuxSandbox.from_snapshot(again) as lx:
         assert lx.run(b"s\n").stdout == answer(data.read_bytes())
+
+
+# -- live mappings: a program's read-only mmap of a host file is that file, copy-on-write ----------
+
+def _boot(subject):
+    out, data, _ = subject
+    read = {p: p for p in SYSTEM_READ}
+    read.update(read_mapping([out / "filemap", data.parent]))
+    return whpfast.LinuxSandbox([inside_path(out / "filemap"), inside_path(data)], read=read,
+                                memory_size=64 * MB)
+
+
+def _differing_pages(a, b):
+    a, b = np.frombuffer(a, np.uint8).reshape(-1, PAGE), np.frombuffer(b, np.uint8).reshape(-1, PAGE)
+    return set(np.flatnonzero((a != b).any(axis=1)).tolist())
+
+
+def _mapping_of(lx, data):
+    [v] = [v for v in lx.mm.vmas if v.name == inside_path(data).encode()]
+    return v.start
+
+
+def test_a_live_read_only_file_mapping_shares_the_host_file(subject):
+    out, data, _ = subject
+    before = host_maps(data)
+    with _boot(subject) as lx:
+        assert lx.run(b"s\n").stdout == answer(data.read_bytes())
+        if MAPS_FILES:
+            assert host_maps(data) == before + 1 and lx.mm.shared >= 1
+        else:
+            assert host_maps(data) == before and lx.mm.shared == 0
+        guest = _mapping_of(lx, data)
+        assert bytes(lx._mem[guest:guest + DATA_SIZE]) == data.read_bytes()
+        assert not any(lx._mem[guest + DATA_SIZE:guest + 4 * PAGE])      # past the end: zero
+
+
+def test_map_unmap_write_cycles_then_restore_give_back_the_snapshot_exactly(subject):
+    """munmap (fresh zero pages in its place), mmap MAP_FIXED of the file again, mprotect
+    writable + a write (a private copy on the host: the dirty log must report it), in every
+    order: each restore brings back the snapshot's bytes in every page, and the file never
+    changes."""
+    out, data, _ = subject
+    before, content = sha(data), data.read_bytes()
+    with _boot(subject) as lx:
+        assert lx.run(b"s\n").stdout == answer(content)
+        snap = lx.snapshot()
+        guest = _mapping_of(lx, data)
+        vvar = {p for v in lx.mm.vmas if v.name == b"[vvar]" for p in range(v.start // PAGE, v.end // PAGE)}
+        for commands in ([b"u\n", b"m\n"], [b"wA\n"], [b"u\n"], [b"m\n", b"wB\n", b"u\n", b"m\n"],
+                         [b"u\n", b"m\n", b"wC\n"]):
+            for c in commands:
+                lx.run(c)
+            lx.restore(snap)
+            assert lx.last_restore["pages_copied"] + lx.last_restore["pages_zeroed"] >= 4
+            differ = _differing_pages(lx._mem, snap._image_view)
+            assert differ <= vvar, (commands, sorted(differ)[:8])
+            assert bytes(lx._mem[guest:guest + DATA_SIZE]) == content
+            assert lx.run(b"s\n").stdout == answer(content)
+    assert sha(data) == before
+
+
+def test_a_host_file_changed_in_place_under_a_live_mapping(subject, tmp_path):
+    """MAP_PRIVATE semantics, as Linux has them: where the file is mapped (KVM), pages the guest
+    has not written show a change made in place on the host afterwards; where it is copied
+    (WHP), they keep the bytes of the moment of mapping. (Only files no other user may write
+    are mapped: mm.shareable.)"""
+    out, data, _ = subject
+    content, st = data.read_bytes(), os.stat(data)
+    changed = b"\x01" * 200 + content[200:]
+    with _boot(subject) as lx:
+        assert lx.run(b"s\n").stdout == answer(content)
+        try:
+            with open(data, "r+b") as f:          # in place: same inode, the page cache changes
+                f.write(changed[:200])
+            assert lx.run(b"s\n").stdout == answer(changed if MAPS_FILES else content)
+        finally:
+            data.write_bytes(content)
+            os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_references_are_bounded_and_the_rest_is_stored(subject, tmp_path, monkeypatch):
+    """Each reference run is a host mapping per sandbox: past MAX_REF_RUNS the smallest runs
+    are stored as bytes instead, and the file loads and runs the same."""
+    out, data, path = subject
+    snap = whpfast.LinuxSnapshot.load(path)
+    runs = sorted(n for r in snap._refs for _, _, n in r.runs)
+    assert len(runs) >= 2
+    monkeypatch.setattr(snapfile, "MAX_REF_RUNS", 1)
+    small = whpfast.LinuxSnapshot.load(snap.save(tmp_path / "one.snap"))
+    assert [n for r in small._refs for _, _, n in r.runs] == [runs[-1]]
+    assert np.array_equal(small._nonzero | snap._nonzero, small._nonzero)
+    with whpfast.LinuxSandbox.from_snapshot(small) as lx:
+        assert lx.run(b"s\n").stdout == answer(data.read_bytes())

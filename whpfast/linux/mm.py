@@ -18,6 +18,8 @@ All host writes into guest memory go through `fill()`/`store()`, that is through
 core's one host write (whpfast/core/warm.py), which marks the pages host-dirty for the next
 restore (KVM's dirty log sees only the guest's own writes)."""
 
+import os
+import stat
 from bisect import bisect_left, bisect_right
 from collections import namedtuple
 
@@ -34,6 +36,10 @@ USER_MIN = 0x10000          # Linux's default vm.mmap_min_addr: the kernel area 
 MASK64 = (1 << 64) - 1
 MAX_MAPPINGS = 65530        # Linux's default vm.max_map_count: also bounds the host's work per call
 MAX_CHANGED = 4096          # ranges remembered for the next restore before "all of it" is simpler
+SHARE_MIN = 4 * PAGE        # file mappings smaller than this are copied: an mmap costs more
+MAX_SHARED = 1024           # host file mappings an address space makes over its memory (each may
+                            # split a host mapping, and vm.max_map_count is shared by every
+                            # sandbox of the process); past that, file pages are copied
 
 # pristine: the pages hold the named file's bytes from offset, untouched (mapped from the file and
 # never writable since), so mapping the same file range again over them needs no copy.
@@ -85,6 +91,15 @@ def page_up(n):
     return (n + PAGE - 1) & ~(PAGE - 1)
 
 
+def shareable(st):
+    """Whether pages of this host file may be mapped into guest memory (MAP_PRIVATE) rather than
+    copied: only regular files no other user can write. A mapped file truncated under the
+    sandbox would make the host's own accesses (a restore's copy, the hypervisor's fault) end
+    in SIGBUS, and pages of a file changed in place change for the guest too until it writes
+    them (MAP_PRIVATE semantics); root and this process's own user can do that anyway."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
+
+
 def _efault(what="bad address"):
     return LinuxError(E.EFAULT, what)
 
@@ -93,17 +108,22 @@ class AddressSpace:
     """warm: the sandbox's WarmMemory (whpfast/core/warm.py), whose memory this is; pt_base: where
     the leaf page-table entries start (entry i maps virtual page i); top: the first address user
     mappings may not reach (the page tables live above it); invalidate(offset, length, discard): the hypervisor hook
-    (see the module docstring); populate(offset, length): faults host pages in ahead of use."""
+    (see the module docstring); populate(offset, length): faults host pages in ahead of use;
+    overlay(fd, file offset, offset, length): maps a host file copy-on-write over guest memory
+    (GuestMemory.overlay_file), None where the backend cannot (WHP: file pages are copied)."""
 
     POPULATE_MAX = 4 << 20      # mappings up to this size are faulted in on the host at once
 
-    def __init__(self, warm, pt_base, top, invalidate, populate=lambda offset, length: None):
+    def __init__(self, warm, pt_base, top, invalidate, populate=lambda offset, length: None,
+                 overlay=None):
         self.warm = warm
         self.mem = warm.mem
         self.pt_base = pt_base
         self.top = top
         self.invalidate = invalidate
         self.populate = populate
+        self.overlay = overlay
+        self.shared = 0                   # host file mappings made (bounded by MAX_SHARED)
         self.changed = []                 # (start, end) whose entries changed since the baseline
         # The mappings, sorted, as lists changed in place (a call costs one memmove, not a copy
         # of every mapping), and the brk. capture() freezes them into an MmState.
@@ -325,11 +345,12 @@ class AddressSpace:
                              offset=offset, pristine=False)[0]
 
     def map_file(self, addr, length, prot, *, fixed=False, noreplace=False, name=b"", offset=0,
-                 pristine=True):
+                 pristine=True, host=None):
         """map() for a file's bytes: returns (address, ranges that already hold exactly those
         bytes). Those are the pages of a pristine mapping of the same file range that this one
         replaces (ld.so maps a library whole, then each segment over it): they are kept instead
-        of being dropped and copied again."""
+        of being dropped and copied again; and, for a read-only mapping of a host file (host:
+        (fd, size)), the pages mapped from the file itself (_share)."""
         if length <= 0:
             raise LinuxError(E.EINVAL, "zero-length mapping")
         length = page_up(length)
@@ -351,12 +372,42 @@ class AddressSpace:
         self._commit(plan)                        # first: it may refuse (too many mappings)
         self._discard([v for v in removed if v not in reuse])
         self._set_ptes(addr, end, prot)
-        if prot and length <= self.POPULATE_MAX:
+        kept = [(v.start, v.end) for v in reuse]
+        shared = self._share(addr, end, offset, kept, host) if pristine and host is not None else []
+        if prot and length <= self.POPULATE_MAX and not shared:
             self.populate(addr, length)
         for v in reuse:
             if v.prot & ~prot:          # a right taken away: see protect()
                 self.invalidate(v.start, v.end - v.start, False)
-        return addr, [(v.start, v.end) for v in reuse]
+        return addr, kept + shared
+
+    def _share(self, addr, end, offset, kept, host):
+        """Maps the host file copy-on-write over the fresh pages of a new read-only mapping of it
+        [addr, end) at file offset `offset` (outside the `kept` ranges), instead of copying it
+        in: the guest reads the host's page cache, shared with every process, and a write
+        (after mprotect) makes a private copy on the host. Not for small or unaligned parts,
+        files others may write (shareable), past MAX_SHARED, or where the backend cannot (WHP).
+        Pages past the end of the file stay anonymous (zero); the last partial page reads zero
+        past the end (the kernel fills it). The hypervisor's dirty log does not see this change
+        of contents: the pages are marked host-written, so a restore puts the snapshot's back.
+        Returns the ranges mapped."""
+        if self.overlay is None or offset % PAGE or self.shared >= MAX_SHARED:
+            return []
+        fd = host[0]
+        st = os.fstat(fd)                 # the size now, not as the file was looked up
+        if not shareable(st):
+            return []
+        file_end = min(end, addr + page_up(max(st.st_size - offset, 0)))
+        out, lo = [], addr
+        for k_lo, k_hi in sorted(kept) + [(file_end, file_end)]:
+            hi = min(k_lo, file_end)
+            if hi - lo >= SHARE_MIN and self.shared < MAX_SHARED:
+                self.overlay(fd, offset + (lo - addr), lo, hi - lo)
+                self.shared += 1
+                self.warm.mark(lo, hi)
+                out.append((lo, hi))
+            lo = max(lo, k_hi)
+        return out
 
     def unmap(self, addr, length):
         if addr % PAGE or length <= 0:

@@ -295,7 +295,8 @@ class LinuxSandbox(Resource):
         self._mem = warm.mem
         self.mm = AddressSpace(warm, pt_base, pt_base - PAGE,
                                lambda offset, length, discard: impl.memory_invalidate(vcpu, memory, offset, length, discard),
-                               lambda offset, length: impl.memory_populate(memory, offset, length))
+                               lambda offset, length: impl.memory_populate(memory, offset, length),
+                               getattr(memory, "overlay_file", None))
         gdt, tss = machine._gdt_and_tss()
         store = self.mm.store
         store(machine.GDT_ADDR, gdt)

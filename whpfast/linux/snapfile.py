@@ -48,7 +48,7 @@ from .. import _pages, backend, cpu
 from ..errors import SnapshotError
 from ..snapshot import IMAGE_ALIGN, _extents, extents_crc, write_sparse
 from .errno import LinuxError
-from .mm import PAGE, PROT_WRITE, USER_MIN, MmState, Vma, page_table_bytes, page_up
+from .mm import PAGE, PROT_WRITE, USER_MIN, MmState, Vma, page_table_bytes, page_up, shareable
 
 MAGIC = b"WHPFLNX1"
 VERSION = 4            # 2: the image, page aligned and sparse (was packed); 3: "meta" records
@@ -68,7 +68,7 @@ COMPARE_CHUNK = 4 << 20    # bytes of a file compared with guest memory at once 
 
 # One referenced host file. runs: ((guest address, file offset, length), ...), page-aligned
 # guest addresses and lengths, in guest address order. fd (loaded only): the host file, open.
-# shared: whether its pages may be mapped from the file (else they are copied, see _shareable).
+# shared: whether its pages may be mapped from the file (else they are copied, see mm.shareable).
 FileRef = namedtuple("FileRef", "inside host dev ino size mtime_ns sha256 runs fd shared",
                      defaults=(None, False))
 
@@ -137,15 +137,6 @@ def _open_inside(fs, inside):
         fs.close(fd)
 
 
-def _shareable(st):
-    """Whether pages of this host file may be mapped into guest memory (MAP_PRIVATE) rather than
-    copied: only files no other user can write. A mapped file truncated under the sandbox would
-    make the host's own accesses (a restore's copy, the hypervisor's fault) end in SIGBUS, and
-    pages of a file changed in place change too until written (MAP_PRIVATE semantics); root and
-    this process's user can do that anyway."""
-    return stat.S_ISREG(st.st_mode) and st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
-
-
 def _references(snapshot, mm_state, view):
     """The FileRefs for this image: the pages of read-only pristine file mappings whose bytes
     equal the host file's now (compared, page by page: pristine is a claim, not a proof)."""
@@ -187,17 +178,13 @@ def _references(snapshot, mm_state, view):
             finally:
                 if hfd is not None:
                     os.close(hfd)
-        # Bounded host mappings per sandbox: the smallest runs beyond MAX_REF_RUNS are stored.
-        lengths = sorted((n for *_, runs, _ in found for _, _, n in runs), reverse=True)
-        floor = lengths[MAX_REF_RUNS - 1] if len(lengths) > MAX_REF_RUNS else 0
-        kept = MAX_REF_RUNS
+        # Bounded host mappings per sandbox: past MAX_REF_RUNS, the smallest runs are stored.
+        ranked = sorted(((run[2], i, j) for i, (*_, runs, _) in enumerate(found)
+                         for j, run in enumerate(runs)), reverse=True)
+        keep = {(i, j) for _, i, j in ranked[:MAX_REF_RUNS]}
         refs = []
-        for inside, host, st, runs, hfd in found:
-            chosen = []
-            for run in runs:
-                if run[2] > floor or (run[2] == floor and kept > 0):
-                    chosen.append(tuple(run))
-                    kept -= run[2] <= floor
+        for i, (inside, host, st, runs, hfd) in enumerate(found):
+            chosen = [tuple(run) for j, run in enumerate(runs) if (i, j) in keep]
             if chosen:
                 refs.append(FileRef(inside, host, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                                     _digest(view, chosen, st.st_size), tuple(chosen)))
@@ -300,7 +287,7 @@ def _resolve_refs(refs, config, bad):
             except (LinuxError, OSError) as e:
                 raise bad(f"it refers to {name}, which its own read policy does not let the program "
                           f"open ({e}): a crafted file, or the file is gone; make the snapshot again")
-            out.append(r._replace(fd=hfd, shared=_shareable(st)))
+            out.append(r._replace(fd=hfd, shared=shareable(st)))
             if host != r.host:
                 raise bad(f"it refers to {name}, which now resolves to {os.fsdecode(host)}, not "
                           f"{os.fsdecode(r.host)}: make the snapshot again")
@@ -319,7 +306,7 @@ def _resolve_refs(refs, config, bad):
 def apply_refs(memory, refs, source=None):
     """Puts the referenced pages into memory (fresh, zero where they lie): mapped copy-on-write
     from the host file where the backend can (KVM: GuestMemory.overlay_file), the file is
-    _shareable and the offset page aligned; else copied, from `source` (a view of memory that
+    shareable and the offset page aligned; else copied, from `source` (a view of memory that
     holds them) or the file. On WHP the memory is VirtualAlloc'ed and the WHv* layer pins its
     pages when the partition maps them, so nothing can be mapped over it: there every
     referenced page is copied. A last partial page reads zero past the end of the file either
