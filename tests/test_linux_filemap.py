@@ -5,7 +5,6 @@ the host file when loaded; restores stay exact and the host file is never writte
 
 import gc
 import hashlib
-import json
 import os
 import shutil
 import struct
@@ -20,6 +19,7 @@ import pytest
 import whpfast
 from whpfast.linux import snapfile
 from whpfast.linux.fs import inside_path, read_mapping
+from test_linux_process import _rewrite_meta       # a crafted file: metadata edited, checksums right
 
 HERE = Path(__file__).parent / "linux"
 MB = 1 << 20
@@ -151,26 +151,6 @@ def test_a_file_others_may_write_is_copied_not_mapped(subject, tmp_path):
             assert lx.run(b"s\n").stdout == answer(data.read_bytes())
     finally:
         os.chmod(data, 0o644)
-
-
-def _rewrite_meta(path, edit):
-    """Rewrites a saved snapshot's metadata through `edit` with valid checksums: a crafted file."""
-    data = bytearray(path.read_bytes())
-    table = [list(snapfile.SECTION.unpack_from(data, snapfile.HEADER.size + i * snapfile.SECTION.size))
-             for i in range(len(snapfile.SECTIONS))]
-    offset, length = table[0][1], table[0][2]
-    meta = json.loads(data[offset:offset + length])
-    edit(meta)
-    new = json.dumps(meta).encode()
-    table[0][2], table[0][3] = len(new), zlib.crc32(new)
-    body = new + bytes(data[offset + length:table[-2][1] + table[-2][2]])
-    for entry in table[1:-1]:
-        entry[1] += len(new) - length
-    image = bytes(data[table[-1][1]:])
-    table[-1][1] = snapfile._image_offset(offset + len(body))
-    header = bytes(data[:snapfile.HEADER.size]) + b"".join(snapfile.SECTION.pack(*e) for e in table)
-    header += struct.pack("<I", zlib.crc32(header))
-    path.write_bytes(header + body + bytes(table[-1][1] - offset - len(body)) + image)
 
 
 def _retarget(meta, old, inside, host):
@@ -360,3 +340,38 @@ def test_references_are_bounded_and_the_rest_is_stored(subject, tmp_path, monkey
     assert np.array_equal(small._nonzero | snap._nonzero, small._nonzero)
     with whpfast.LinuxSandbox.from_snapshot(small) as lx:
         assert lx.run(b"s\n").stdout == answer(data.read_bytes())
+
+
+def test_discarding_anonymous_pages_frees_them_beside_live_file_mappings(tmp_path):
+    """A dynamic program (libc mapped from the host file) discarding its anonymous pages: they
+    are freed with MADV_DONTNEED and read zero, not remapped (which costs host mappings, and
+    past 64 leaves them resident) as pages under a file mapping must be."""
+    subprocess.run(["gcc", "-O1", "-o", str(tmp_path / "discard"), str(HERE / "discard.c")], check=True)
+    read = {p: p for p in SYSTEM_READ}
+    read.update(read_mapping([tmp_path / "discard"]))
+    with whpfast.LinuxSandbox([inside_path(tmp_path / "discard")], read=read, memory_size=64 * MB) as lx:
+        assert lx.run(b"s\n").stdout == b"nonzero 1048576\n"
+        assert (lx.mm.shared > 0) == MAPS_FILES and lx.mm.files is not None
+        remaps = getattr(lx._memory, "remaps", 0)
+        for command in (b"u\n", b"wA\n", b"d\n", b"wB\n", b"f\n", b"p\n"):
+            lx.run(command)
+        assert lx.run(b"d\n").stdout == b"nonzero 0\n"
+        assert getattr(lx._memory, "remaps", 0) == remaps
+
+
+def test_a_read_policy_that_no_longer_works_on_the_host_is_a_snapshot_error(subject, tmp_path):
+    """The directory the references resolve through is gone: a SnapshotError at load, not
+    some other error later."""
+    out, data, _ = subject
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    shutil.copyfile(data, gone / "data.bin")
+    read = {p: p for p in SYSTEM_READ}
+    read.update(read_mapping([out / "filemap", gone]))
+    with whpfast.LinuxSandbox([inside_path(out / "filemap"), inside_path(gone / "data.bin")], read=read,
+                              memory_size=64 * MB) as lx:
+        assert lx.run(b"s\n").stdout == answer(data.read_bytes())
+        path = lx.snapshot().save(tmp_path / "gone.snap")
+    shutil.rmtree(gone)
+    with pytest.raises(whpfast.SnapshotError, match="read policy does not work on this host"):
+        whpfast.LinuxSnapshot.load(path)

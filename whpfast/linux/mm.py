@@ -110,12 +110,14 @@ class AddressSpace:
     mappings may not reach (the page tables live above it); invalidate(offset, length, discard): the hypervisor hook
     (see the module docstring); populate(offset, length): faults host pages in ahead of use;
     overlay(fd, file offset, offset, length): maps a host file copy-on-write over guest memory
-    (GuestMemory.overlay_file), None where the backend cannot (WHP: file pages are copied)."""
+    (GuestMemory.overlay_file), None where the backend cannot (WHP: file pages are copied);
+    overlaid: the memory already holds file mappings at places not known here (a snapshot
+    file's image), so no discard may assume a range is anonymous."""
 
     POPULATE_MAX = 4 << 20      # mappings up to this size are faulted in on the host at once
 
     def __init__(self, warm, pt_base, top, invalidate, populate=lambda offset, length: None,
-                 overlay=None):
+                 overlay=None, overlaid=False):
         self.warm = warm
         self.mem = warm.mem
         self.pt_base = pt_base
@@ -124,6 +126,10 @@ class AddressSpace:
         self.populate = populate
         self.overlay = overlay
         self.shared = 0                   # host file mappings made (bounded by MAX_SHARED)
+        # Where host files are mapped over the memory (sorted, disjoint (start, end)), or None:
+        # unknown. Host state, not the program's: restores leave it as it is. A discard outside
+        # them frees the pages (MADV_DONTNEED); inside, that would bring the file's bytes back.
+        self.files = None if overlaid else []
         self.changed = []                 # (start, end) whose entries changed since the baseline
         # The mappings, sorted, as lists changed in place (a call costs one memmove, not a copy
         # of every mapping), and the brk. capture() freezes them into an MmState.
@@ -300,9 +306,31 @@ class AddressSpace:
         """Unmapped pages: zero them (keeping the invariant), make the hypervisor forget them,
         and have the next restore copy back the ones the baseline holds non-zero."""
         for v in pieces:
-            self.invalidate(v.start, v.end - v.start, True)
+            self.invalidate(v.start, v.end - v.start, True, self._anonymous(v.start, v.end))
             if self.warm.baseline is not None:
                 self.warm.mark(v.start, v.end, only=self.warm.baseline._nonzero)
+
+    def _anonymous(self, start, end):
+        """Whether no host file is mapped over any page of [start, end)."""
+        files = self.files
+        if files is None:
+            return False
+        i = bisect_left(files, (end,)) - 1          # the last range starting before end
+        return i < 0 or files[i][1] <= start
+
+    def _add_file_range(self, lo, hi):
+        files = self.files
+        if files is None:
+            return
+        i = bisect_left(files, (lo,))
+        if i and files[i - 1][1] >= lo:             # merge with the neighbours it touches
+            i -= 1
+            lo = files[i][0]
+        j = i
+        while j < len(files) and files[j][0] <= hi:
+            hi = max(hi, files[j][1])
+            j += 1
+        files[i:j] = [(lo, hi)]
 
     def drop(self, addr, length):
         """MADV_DONTNEED: anonymous private pages in the range read as zero again (file-backed
@@ -404,6 +432,7 @@ class AddressSpace:
             if hi - lo >= SHARE_MIN and self.shared < MAX_SHARED:
                 self.overlay(fd, offset + (lo - addr), lo, hi - lo)
                 self.shared += 1
+                self._add_file_range(lo, hi)
                 self.warm.mark(lo, hi)
                 out.append((lo, hi))
             lo = max(lo, k_hi)

@@ -294,9 +294,10 @@ class LinuxSandbox(Resource):
         self._memory, self._vm, self._vcpu, self._warm = memory, vm, vcpu, warm
         self._mem = warm.mem
         self.mm = AddressSpace(warm, pt_base, pt_base - PAGE,
-                               lambda offset, length, discard: impl.memory_invalidate(vcpu, memory, offset, length, discard),
+                               lambda offset, length, discard, anonymous=False:
+                                   impl.memory_invalidate(vcpu, memory, offset, length, discard, anonymous),
                                lambda offset, length: impl.memory_populate(memory, offset, length),
-                               getattr(memory, "overlay_file", None))
+                               getattr(memory, "overlay_file", None), getattr(memory, "overlaid", False))
         gdt, tss = machine._gdt_and_tss()
         store = self.mm.store
         store(machine.GDT_ADDR, gdt)

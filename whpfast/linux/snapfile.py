@@ -146,7 +146,10 @@ def _references(snapshot, mm_state, view):
             by_name.setdefault(v.name, []).append(v)
     if not by_name:
         return []
-    fs = _policy(snapshot.meta["config"])
+    try:
+        fs = _policy(snapshot.meta["config"])
+    except ValueError:          # ReadPolicyError: a read path is gone from the host since
+        return []               # (every page is stored then)
     found = []
     try:
         for inside, vmas in by_name.items():
@@ -277,7 +280,13 @@ def _resolve_refs(refs, config, bad):
     """Opens each reference's file through the snapshot's read policy and checks it is the file
     the snapshot was made with; returns the FileRefs with fd and shared set (the fds are the
     caller's to close)."""
-    fs = _policy(config)
+    if not refs:
+        return []
+    try:
+        fs = _policy(config)
+    except ValueError as e:     # ReadPolicyError
+        raise bad(f"its read policy does not work on this host ({e}), and it refers to files "
+                  f"through it") from None
     out = []
     try:
         for r in refs:
