@@ -2,6 +2,7 @@
 (and pay only for what they write), restores stay exact, discarded pages read as zero whatever
 the file holds, and the file's image is sparse and checked like every other section."""
 
+import gc
 import os
 import struct
 import subprocess
@@ -176,6 +177,7 @@ def test_sandboxes_from_one_file_share_its_pages(tmp_path):
     for name, snap in (("file", loaded), ("memory", memory_snap)):
         whpfast.LinuxSandbox.from_snapshot(snap).close()           # first-time costs out of the way
         boxes = []
+        gc.collect()            # earlier tests' sandboxes freed now, not while this measures
         before = private_bytes()
         try:
             for _ in range(6):

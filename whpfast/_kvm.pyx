@@ -870,21 +870,23 @@ def segment_base(Vcpu vcpu not None, str which, value=None):
 
 
 def memory_invalidate(Vcpu vcpu not None, Mapping memory not None, size_t offset, size_t length,
-                      bint discard):
+                      bint discard, bint anonymous=False):
     """Makes the hypervisor forget its translations of these guest pages, so page-table entries
     the host rewrote (munmap, mprotect) take effect. (The vCPU is for backends that flush the
     guest's TLB through it, as WHP does; KVM's MMU notifier flushes it for the whole VM.) KVM only notices a host write to guest page
     tables through its MMU notifier, which fires when the host mapping of the pages changes: a
     shadow-paging host (PVM) would otherwise keep using stale translations. discard=True also
     drops the pages' contents (MADV_DONTNEED: they read as zero again and stop costing memory);
-    otherwise the protection is lowered and raised again, which keeps them."""
+    otherwise the protection is lowered and raised again, which keeps them. anonymous=True: the
+    caller knows no file is mapped over these pages (overlay_file), so MADV_DONTNEED is right
+    (it frees them) even where other parts of the memory are file mappings."""
     if memory.ptr == NULL:
         raise errors.SandboxClosed("the mapping is closed")
     if offset % PAGE_SIZE or length % PAGE_SIZE or offset + length > memory.size or memory.readonly:
         raise ValueError(f"invalidate {offset:#x}+{length:#x} is unaligned or outside the memory")
     if length == 0:
         return
-    if discard and isinstance(memory, GuestMemory) and (<GuestMemory>memory).overlaid:
+    if discard and not anonymous and isinstance(memory, GuestMemory) and (<GuestMemory>memory).overlaid:
         # MADV_DONTNEED on a copy-on-write file overlay would bring the file's bytes back, not
         # zeros: a fresh anonymous mapping over the range zeroes and frees it (and fires the MMU
         # notifier all the same). Each one may split a host mapping in three, and the process's

@@ -19,6 +19,7 @@ core's one host write (whpfast/core/warm.py), which marks the pages host-dirty f
 restore (KVM's dirty log sees only the guest's own writes)."""
 
 import os
+import stat
 from bisect import bisect_left, bisect_right
 from collections import namedtuple
 
@@ -41,6 +42,10 @@ USER_MIN = 0x10000          # Linux's default vm.mmap_min_addr: the kernel area 
 MASK64 = (1 << 64) - 1
 MAX_MAPPINGS = 65530        # Linux's default vm.max_map_count: also bounds the host's work per call
 MAX_CHANGED = 4096          # ranges remembered for the next restore before "all of it" is simpler
+SHARE_MIN = 4 * PAGE        # file mappings smaller than this are copied: an mmap costs more
+MAX_SHARED = 1024           # host file mappings an address space makes over its memory (each may
+                            # split a host mapping, and vm.max_map_count is shared by every
+                            # sandbox of the process); past that, file pages are copied
 
 # pristine: the pages hold the named file's bytes from offset, untouched (mapped from the file and
 # never writable since), so mapping the same file range again over them needs no copy.
@@ -92,6 +97,15 @@ def page_up(n):
     return (n + PAGE - 1) & ~(PAGE - 1)
 
 
+def shareable(st):
+    """Whether pages of this host file may be mapped into guest memory (MAP_PRIVATE) rather than
+    copied: only regular files no other user can write. A mapped file truncated under the
+    sandbox would make the host's own accesses (a restore's copy, the hypervisor's fault) end
+    in SIGBUS, and pages of a file changed in place change for the guest too until it writes
+    them (MAP_PRIVATE semantics); root and this process's own user can do that anyway."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
+
+
 def _efault(what="bad address"):
     return LinuxError(E.EFAULT, what)
 
@@ -100,17 +114,28 @@ class AddressSpace:
     """warm: the sandbox's WarmMemory (whpfast/core/warm.py), whose memory this is; pt_base: where
     the leaf page-table entries start (entry i maps virtual page i); top: the first address user
     mappings may not reach (the page tables live above it); invalidate(offset, length, discard): the hypervisor hook
-    (see the module docstring); populate(offset, length): faults host pages in ahead of use."""
+    (see the module docstring); populate(offset, length): faults host pages in ahead of use;
+    overlay(fd, file offset, offset, length): maps a host file copy-on-write over guest memory
+    (GuestMemory.overlay_file), None where the backend cannot (WHP: file pages are copied);
+    overlaid: the memory already holds file mappings at places not known here (a snapshot
+    file's image), so no discard may assume a range is anonymous."""
 
     POPULATE_MAX = 4 << 20      # mappings up to this size are faulted in on the host at once
 
-    def __init__(self, warm, pt_base, top, invalidate, populate=lambda offset, length: None):
+    def __init__(self, warm, pt_base, top, invalidate, populate=lambda offset, length: None,
+                 overlay=None, overlaid=False):
         self.warm = warm
         self.mem = warm.mem
         self.pt_base = pt_base
         self.top = top
         self.invalidate = invalidate
         self.populate = populate
+        self.overlay = overlay
+        self.shared = 0                   # host file mappings made (bounded by MAX_SHARED)
+        # Where host files are mapped over the memory (sorted, disjoint (start, end)), or None:
+        # unknown. Host state, not the program's: restores leave it as it is. A discard outside
+        # them frees the pages (MADV_DONTNEED); inside, that would bring the file's bytes back.
+        self.files = None if overlaid else []
         self.changed = []                 # (start, end) whose entries changed since the baseline
         # The mappings, sorted, as lists changed in place (a call costs one memmove, not a copy
         # of every mapping), and the brk. capture() freezes them into an MmState.
@@ -294,9 +319,31 @@ class AddressSpace:
         """Unmapped pages: zero them (keeping the invariant), make the hypervisor forget them,
         and have the next restore copy back the ones the baseline holds non-zero."""
         for v in pieces:
-            self.invalidate(v.start, v.end - v.start, True)
+            self.invalidate(v.start, v.end - v.start, True, self._anonymous(v.start, v.end))
             if self.warm.baseline is not None:
                 self.warm.mark(v.start, v.end, only=self.warm.baseline._nonzero)
+
+    def _anonymous(self, start, end):
+        """Whether no host file is mapped over any page of [start, end)."""
+        files = self.files
+        if files is None:
+            return False
+        i = bisect_left(files, (end,)) - 1          # the last range starting before end
+        return i < 0 or files[i][1] <= start
+
+    def _add_file_range(self, lo, hi):
+        files = self.files
+        if files is None:
+            return
+        i = bisect_left(files, (lo,))
+        if i and files[i - 1][1] >= lo:             # merge with the neighbours it touches
+            i -= 1
+            lo = files[i][0]
+        j = i
+        while j < len(files) and files[j][0] <= hi:
+            hi = max(hi, files[j][1])
+            j += 1
+        files[i:j] = [(lo, hi)]
 
     def drop(self, addr, length):
         """MADV_DONTNEED: anonymous private pages in the range read as zero again (file-backed
@@ -339,11 +386,12 @@ class AddressSpace:
                              offset=offset, pristine=False)[0]
 
     def map_file(self, addr, length, prot, *, fixed=False, noreplace=False, name=b"", offset=0,
-                 pristine=True):
+                 pristine=True, host=None):
         """map() for a file's bytes: returns (address, ranges that already hold exactly those
         bytes). Those are the pages of a pristine mapping of the same file range that this one
         replaces (ld.so maps a library whole, then each segment over it): they are kept instead
-        of being dropped and copied again."""
+        of being dropped and copied again; and, for a read-only mapping of a host file (host:
+        (fd, size)), the pages mapped from the file itself (_share)."""
         if length <= 0:
             raise LinuxError(E.EINVAL, "zero-length mapping")
         length = page_up(length)
@@ -365,12 +413,43 @@ class AddressSpace:
         self._commit(plan)                        # first: it may refuse (too many mappings)
         self._discard([v for v in removed if v not in reuse])
         self._set_ptes(addr, end, prot)
-        if prot and length <= self.POPULATE_MAX:
+        kept = [(v.start, v.end) for v in reuse]
+        shared = self._share(addr, end, offset, kept, host) if pristine and host is not None else []
+        if prot and length <= self.POPULATE_MAX and not shared:
             self.populate(addr, length)
         for v in reuse:
             if v.prot & ~prot:          # a right taken away: see protect()
                 self.invalidate(v.start, v.end - v.start, False)
-        return addr, [(v.start, v.end) for v in reuse]
+        return addr, kept + shared
+
+    def _share(self, addr, end, offset, kept, host):
+        """Maps the host file copy-on-write over the fresh pages of a new read-only mapping of it
+        [addr, end) at file offset `offset` (outside the `kept` ranges), instead of copying it
+        in: the guest reads the host's page cache, shared with every process, and a write
+        (after mprotect) makes a private copy on the host. Not for small or unaligned parts,
+        files others may write (shareable), past MAX_SHARED, or where the backend cannot (WHP).
+        Pages past the end of the file stay anonymous (zero); the last partial page reads zero
+        past the end (the kernel fills it). The hypervisor's dirty log does not see this change
+        of contents: the pages are marked host-written, so a restore puts the snapshot's back.
+        Returns the ranges mapped."""
+        if self.overlay is None or offset % PAGE or self.shared >= MAX_SHARED:
+            return []
+        fd = host[0]
+        st = os.fstat(fd)                 # the size now, not as the file was looked up
+        if not shareable(st):
+            return []
+        file_end = min(end, addr + page_up(max(st.st_size - offset, 0)))
+        out, lo = [], addr
+        for k_lo, k_hi in sorted(kept) + [(file_end, file_end)]:
+            hi = min(k_lo, file_end)
+            if hi - lo >= SHARE_MIN and self.shared < MAX_SHARED:
+                self.overlay(fd, offset + (lo - addr), lo, hi - lo)
+                self.shared += 1
+                self._add_file_range(lo, hi)
+                self.warm.mark(lo, hi)
+                out.append((lo, hi))
+            lo = max(lo, k_hi)
+        return out
 
     def unmap(self, addr, length):
         if addr % PAGE or length <= 0:

@@ -91,7 +91,8 @@ class LinuxSnapshot:
 
     def __init__(self, image: Any, nonzero: Any, state: Dict[str, bytes], components: Tuple[Any, ...],
                  meta: Dict[str, Any], fs_codec: Any, path: Optional[str] = None,
-                 file: Any = None, extents: Any = None, image_offset: Optional[int] = None) -> None:
+                 file: Any = None, extents: Any = None, image_offset: Optional[int] = None,
+                 refs: Any = ()) -> None:
         self._image = image
         self._image_view = memoryview(image)
         self._nonzero = nonzero
@@ -107,6 +108,10 @@ class LinuxSnapshot:
             weakref.finalize(self, file.close)      # closed with the snapshot, never left to the GC
         self._extents = extents
         self._image_offset = image_offset
+        # ...and the host files it refers to (snapfile.FileRef, open), mapped the same way.
+        self._refs = tuple(refs)
+        for r in self._refs:
+            weakref.finalize(self, os.close, r.fd)
         self.nonzero_pages = _pages.count_bits(nonzero)
 
     def __repr__(self):
@@ -121,17 +126,11 @@ class LinuxSnapshot:
     @classmethod
     def load(cls, path: StrPath) -> "LinuxSnapshot":
         """Reads and validates a saved snapshot; SnapshotError says what is wrong."""
-        meta, state, components, image, nonzero, file, extents, offset = snapfile.load(path, FileSystem.decode)
-        try:
-            config = _check_config(meta.get("config"))
-        except (TypeError, ValueError, KeyError) as e:
-            image.close()
-            file.close()
-            raise SnapshotError(f"{path} is not a usable Linux snapshot: bad configuration ({e})") from None
-        meta["config"] = config
+        meta, state, components, image, nonzero, file, extents, offset, refs = \
+            snapfile.load(path, FileSystem.decode)          # (checks meta["config"] too)
         # _fsstate.encode is what FileSystem.encode calls: a loaded snapshot can be saved again
         return cls(image, nonzero, state, components, meta, _fsstate, path=os.fspath(path),
-                   file=file, extents=extents, image_offset=offset)
+                   file=file, extents=extents, image_offset=offset, refs=refs)
 
 
 def _check_config(config):
@@ -265,6 +264,9 @@ class LinuxSandbox(Resource):
             # cache across sandboxes made from it), an in-memory one copied.
             map_image(memory, snapshot._file, snapshot._image_offset, snapshot._extents,
                       snapshot._image_view, snapshot._nonzero)
+            if snapshot._refs and snapshot._file is not None and hasattr(memory, "overlay_file"):
+                # the referenced pages (map_image copied them with the rest where it copies)
+                snapfile.apply_refs(memory, snapshot._refs, snapshot._image_view)
         vm = backend.system().create_vm()
         undo.callback(vm.close)
         vcpu = vm.create_vcpu(0)
@@ -296,8 +298,10 @@ class LinuxSandbox(Resource):
         self._memory, self._vm, self._vcpu, self._warm = memory, vm, vcpu, warm
         self._mem = warm.mem
         self.mm = AddressSpace(warm, pt_base, pt_base - PAGE,
-                               lambda offset, length, discard: impl.memory_invalidate(vcpu, memory, offset, length, discard),
-                               lambda offset, length: impl.memory_populate(memory, offset, length))
+                               lambda offset, length, discard, anonymous=False:
+                                   impl.memory_invalidate(vcpu, memory, offset, length, discard, anonymous),
+                               lambda offset, length: impl.memory_populate(memory, offset, length),
+                               getattr(memory, "overlay_file", None), getattr(memory, "overlaid", False))
         gdt, tss = machine._gdt_and_tss()
         store = self.mm.store
         store(machine.GDT_ADDR, gdt)

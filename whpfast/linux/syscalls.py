@@ -407,7 +407,8 @@ def sys_mmap(p, addr, length, prot, flags, fd, offset, *_):
     if anonymous:
         return p.mm.map(addr, length, prot, fixed=fixed, noreplace=noreplace)
     start, kept = p.mm.map_file(addr, length, prot, fixed=fixed, noreplace=noreplace,
-                                name=name or b"", offset=offset, pristine=host is not None and bool(name))
+                                name=name or b"", offset=offset, pristine=host is not None and bool(name),
+                                host=host)
     length = (length + PAGE - 1) & ~(PAGE - 1)
     data = None if host is not None else p.fs.contents(fd)
     for lo, hi in _gaps(start, start + length, kept):
