@@ -6,7 +6,11 @@ cancels; the statistics fill; bad snapshots and kinds are typed errors."""
 
 import asyncio
 import gc
+import json
+import math
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -236,6 +240,24 @@ def test_a_cancelled_task_cancels_its_guest_and_leaks_nothing(py_path):
         assert (st.replaced, st.in_use, st.size) == (1, 0, 1)
 
 
+def test_a_late_cancel_does_not_reach_the_next_request(sdk_snapshot):
+    # A task abandoned while its call runs keeps cancelling its guest until its request is
+    # over; the request that gets the sandbox next must not be hit by those cancels.
+    async def main(pool):
+        task = asyncio.ensure_future(pool.acall("compute", 30_000_000))
+        while pool.in_use == 0:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return [await pool.acall("compute", 3_000_000) for _ in range(20)]
+
+    with whpfast.Pool(sdk_snapshot[0], size=1) as pool:
+        want = pool.call("compute", 3_000_000)
+        assert asyncio.run(asyncio.wait_for(main(pool), 60)) == [want] * 20
+        assert pool.stats().failed <= 1
+
+
 # -- closing ---------------------------------------------------------------------------------
 
 def test_close_waits_for_running_requests_and_refuses_new_ones(py_path):
@@ -306,6 +328,16 @@ def test_an_unclosed_pool_warns_and_is_freed(sdk_snapshot):
 
 
 # -- statistics and output -------------------------------------------------------------------
+
+def test_timeouts(sdk_snapshot):
+    with whpfast.Pool(sdk_snapshot[0], size=1, timeout=math.inf) as pool:    # inf: none
+        assert pool.call("add", 1, 1, timeout=math.inf) == 2
+        for bad in (0, -1, "1", True):
+            with pytest.raises(ValueError, match="timeout"):
+                pool.call("add", 1, 1, timeout=bad)
+    with pytest.raises(ValueError, match="timeout"):
+        whpfast.Pool(sdk_snapshot[0], size=1, timeout=-1)
+
 
 def test_stats_arrays_fill(sdk_snapshot):
     with whpfast.Pool(sdk_snapshot[0], size=2) as pool:
@@ -392,3 +424,22 @@ def test_bad_snapshots_and_kinds(tmp_path, sdk_snapshot, py_path):
         with pytest.raises(ValueError, match="timeout"):
             py.run("pass", timeout=0)
         assert sdk.stats().served == py.stats().served == 0
+
+
+def test_bench_smoke(tmp_path):
+    """bench/bench_pool.py --quick: every configuration measured, answers checked, JSON and npz
+    written (the figures themselves are not judged here: shared machine)."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "bench_pool.py")
+    proc = subprocess.run([sys.executable, script, "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "bench_pool.json").read_text())
+    assert set(result["throughput_per_s_median"]) == {
+        "pool1_clients1", "pool1_clients2", "pool2_clients1", "pool2_clients2", "pool2_clients4",
+        "plain_clients1", "compute_pool1_clients1", "compute_pool2_clients2"}
+    assert 0 < result["hello_kvm_run_share"] < 1
+    assert all(v > 0 for v in result["throughput_per_s_median"].values())
+    assert result["latency"]["queue_wait_pool2_clients4"]["p99_us"] > 0
+    import numpy as np
+    with np.load(tmp_path / "bench_pool.npz") as samples:
+        assert len(samples["run_time_pool2_clients2"]) == 100

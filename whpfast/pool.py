@@ -127,28 +127,40 @@ def _resolve(snapshot, kind):
     return found, snapshot
 
 
-def _positive(value, what):
+def _timeout(value, what="timeout"):
+    """A run timeout: a positive number of seconds, or None (also math.inf, or 1e9 s and more)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{what} must be a positive number of seconds or None, got {value!r}")
-    return value
+    return None if value >= 1e9 else value
+
+
+class _Request:
+    """One request holding a slot; cancelled once someone asked to stop it."""
+    __slots__ = ("cancelled",)
+
+    def __init__(self):
+        self.cancelled = False
 
 
 class _Slot:
     """One sandbox place of the pool: the sandbox (None after a replacement failed: made again
-    before its next request) and the cancel state of the request holding it."""
-    __slots__ = ("sandbox", "cancelled")
+    before its next request) and the request holding it (None while free)."""
+    __slots__ = ("sandbox", "request")
 
     def __init__(self, sandbox):
         self.sandbox = sandbox
-        self.cancelled = False
+        self.request = None
 
     def cancel(self):
-        """Stops the request holding this slot. A sandbox's cancel() acts only on a guest run
-        going on at that moment (a restore cannot be cut short), so a canceller repeats it until
-        the request is over; the flag stops an SDK request between its restore and its call."""
-        self.cancelled = True
+        """Stops the request holding this slot (with the pool's lock held, so the slot cannot
+        pass to another request meanwhile). A sandbox's cancel() acts only on a guest run going
+        on at that moment (a restore cannot be cut short), so cancellers repeat it until the
+        request is over; the flag stops an SDK request between its restore and its call."""
+        if self.request is None:
+            return
+        self.request.cancelled = True
         sb = self.sandbox
         if sb is not None:
             (sb.linux if isinstance(sb, PythonSandbox) else sb).cancel()
@@ -237,7 +249,7 @@ class Pool(Resource):
             raise ConfigError(f"max_queue must be an int >= 0 (waiting requests), got {max_queue!r}")
         if on_output is not None and not callable(on_output):
             raise TypeError("on_output must be callable (stream, text) or None")
-        self._timeout = _positive(timeout, "timeout")
+        self._timeout = _timeout(timeout)
         self.kind, self._source = _resolve(snapshot, kind)
         self._on_output = on_output
         self.size = size
@@ -350,16 +362,14 @@ class Pool(Resource):
         if queue_timeout is not None and (isinstance(queue_timeout, bool) or not isinstance(
                 queue_timeout, (int, float)) or not queue_timeout >= 0):
             raise ValueError(f"queue_timeout must be a number of seconds >= 0 or None, got {queue_timeout!r}")
-        timeout = _positive(timeout, "timeout")
+        timeout = _timeout(timeout)
         return self._timeout if timeout is None else timeout
 
     def _sync(self, op, args, timeout, queue_timeout):
         timeout = self._check(op, timeout, queue_timeout)
         queued_at = time.perf_counter()
         slot = self._enter(None, queue_timeout)
-        if slot is None:
-            raise AssertionError("unreachable: a thread request gets a slot or an exception")
-        return self._serve(slot, op, args, timeout, queued_at)
+        return self._serve(slot, _Request(), op, args, timeout, queued_at)
 
     async def _async(self, op, args, timeout, queue_timeout):
         timeout = self._check(op, timeout, queue_timeout)
@@ -393,27 +403,34 @@ class Pool(Resource):
         # The slot is ours: from here _serve (in a worker thread) always gives it back. shield():
         # a cancelled task must not cancel the worker's future before it started, which would
         # lose the slot; instead the guest is cancelled, and the worker gives the slot back.
-        work = loop.run_in_executor(self._workers(), self._serve, slot, op, args, timeout, queued_at)
+        request = slot.request = _Request()
+        try:
+            work = loop.run_in_executor(self._workers(), self._serve, slot, request, op, args,
+                                        timeout, queued_at)
+        except BaseException:
+            self._give_back(slot, None)
+            raise
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
-            if not work.done():
-                self._cancel_until_done(slot, work, loop)
+            self._cancel_until_done(slot, request, work, loop)
             raise
 
-    def _cancel_until_done(self, slot, work, loop):
+    def _cancel_until_done(self, slot, request, work, loop):
         """Cancels the guest of an abandoned request, again every _CANCEL_RETRY s while it runs
         (a cancel during its restore does not stop the run that follows)."""
         def again():
-            if not work.done():
+            with self._lock:
+                if slot.request is not request:
+                    return                  # over: the slot went on
                 slot.cancel()
-                loop.call_later(_CANCEL_RETRY, again)
+            loop.call_later(_CANCEL_RETRY, again)
         again()
 
     def _workers(self):
+        # Made at the first async request. A request that holds a slot runs even if close()
+        # began meanwhile (close waits for it), as a thread's would.
         with self._lock:
-            if self._closing:
-                raise SandboxClosed("the pool is closed")
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
                     max_workers=self.size, thread_name_prefix="whpfast-pool")
@@ -439,17 +456,23 @@ class Pool(Resource):
             me = _ThreadWaiter(self._lock)
             self._waiters.append(me)
             deadline = None if queue_timeout is None else time.monotonic() + queue_timeout
-            while me.slot is None and me.error is None:
-                if deadline is None:
-                    me.cond.wait()
-                    continue
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._waiters.remove(me)
-                    self._rejected += 1
-                    raise PoolFull(f"no sandbox became free within queue_timeout={queue_timeout} s "
-                                   f"({self.size} sandboxes busy)")
-                me.cond.wait(left)
+            try:
+                while me.slot is None and me.error is None:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        self._rejected += 1
+                        raise PoolFull(f"no sandbox became free within queue_timeout={queue_timeout} s "
+                                       f"({self.size} sandboxes busy)")
+                    me.cond.wait(left)
+            except BaseException:
+                # PoolFull, or an interrupt (KeyboardInterrupt) while waiting: leave the queue,
+                # or pass on a slot that arrived meanwhile (closed now if the pool is closing).
+                if me.slot is None:
+                    if me.error is None:
+                        self._waiters.remove(me)
+                elif not self._hand_on(me.slot) and me.slot.sandbox is not None:
+                    me.slot.sandbox.close()
+                raise
             if me.error is not None:
                 raise me.error
             return me.slot
@@ -460,16 +483,17 @@ class Pool(Resource):
         self._busy.append(slot)
         return slot
 
-    def _serve(self, slot, op, args, timeout, queued_at):
+    def _serve(self, slot, request, op, args, timeout, queued_at):
         """Runs one request on a slot it owns, and gives the slot back whatever happens."""
         started = time.perf_counter()
+        slot.request = request
         outer, _current.pool = getattr(_current, "pool", None), self
         try:
             if slot.sandbox is None:     # its replacement failed earlier: try again
                 slot.sandbox = self._make()
-            result = self._execute(slot, op, args, timeout)
+            result = self._execute(slot, request, op, args, timeout)
         except BaseException as e:
-            broken = e if slot.sandbox is not None and self._breaks(e, slot) else None
+            broken = e if slot.sandbox is not None and self._breaks(e, slot, request) else None
             self._record(started - queued_at, time.perf_counter() - started, failed=True)
             self._give_back(slot, broken)
             raise
@@ -479,11 +503,11 @@ class Pool(Resource):
         self._give_back(slot, None)
         return result
 
-    def _execute(self, slot, op, args, timeout):
+    def _execute(self, slot, request, op, args, timeout):
         sb = slot.sandbox
         if op == "call":
             sb.restore(self._source)
-            if slot.cancelled:
+            if request.cancelled:
                 raise GuestCancelled("the request was cancelled before its call started")
             return sb.call(*args, timeout=timeout)
         if op == "run":
@@ -504,13 +528,13 @@ class Pool(Resource):
                     self._on_output(stream, text)
 
     @staticmethod
-    def _breaks(error, slot):
+    def _breaks(error, slot, request):
         """Whether a request's error means its sandbox must be replaced: a fault, timeout,
         cancel, failed restore, anything that left it poisoned or closed, or an interruption
         (KeyboardInterrupt). Not: the guest code's own error (a Python exception, an SDK
         function's error result, a host function's exception) or a bad argument (TypeError,
         ValueError before the guest ran)."""
-        if slot.cancelled or slot.poisoned() or not isinstance(error, Exception):
+        if request.cancelled or slot.poisoned() or not isinstance(error, Exception):
             return True
         if isinstance(error, (GuestPythonError, GuestCallError)):
             return False
@@ -529,7 +553,6 @@ class Pool(Resource):
         (outside the lock; if that fails the slot goes on empty and its next request makes it);
         then the first waiter gets it, or it goes back to the free list. After close() the
         sandbox is closed instead."""
-        slot.cancelled = False
         if broken is not None:
             old, slot.sandbox = slot.sandbox, None
             if old is not None:
@@ -539,20 +562,26 @@ class Pool(Resource):
                     slot.sandbox = self._make()
                 except Exception:
                     pass                 # made by the slot's next request (which gets the error)
-            with self._lock:
-                self._replaced += 1
         with self._lock:
-            if not self._closing:
-                while self._waiters:
-                    if self._waiters.popleft().deliver(slot):
-                        return
-                self._busy.remove(slot)
-                self._free.append(slot)
+            self._replaced += broken is not None
+            if self._hand_on(slot) or slot.sandbox is None:
                 return
+        slot.sandbox.close()
+
+    def _hand_on(self, slot):
+        """With the lock held: the slot to the first waiter or the free list; False if the pool
+        is closing (the slot is retired and the caller closes its sandbox)."""
+        slot.request = None
+        if not self._closing:
+            while self._waiters:
+                if self._waiters.popleft().deliver(slot):
+                    return True
             self._busy.remove(slot)
-            self._idle.notify_all()
-        if slot.sandbox is not None:
-            slot.sandbox.close()
+            self._free.append(slot)
+            return True
+        self._busy.remove(slot)
+        self._idle.notify_all()
+        return False
 
     # -- closing --------------------------------------------------------------------------------
 
@@ -584,9 +613,6 @@ class Pool(Resource):
         if executor is not None:
             executor.shutdown(wait=done and not inside)
         self._closed = True
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 _current = threading.local()     # .pool: the pool whose request this thread runs (see close())
