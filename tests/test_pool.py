@@ -334,6 +334,77 @@ def test_close_cancel_stops_running_guests(sdk_snapshot, py_path):
         pool.close()
 
 
+def test_close_from_inside_a_request(sdk_snapshot):
+    # on_output runs inside the request: close() from there cannot wait for that request; the
+    # request ends normally and its sandbox is closed as it comes back.
+    def output(stream, text):
+        pool.close()
+
+    pool = whpfast.Pool(sdk_snapshot[0], size=1, on_output=output)
+    assert pool.call("hello") == "hello world"
+    assert pool.closed and pool.stats().in_use == 0
+    with pytest.raises(whpfast.SandboxClosed):
+        pool.call("add", 1, 2)
+    pool.close()
+
+
+def test_many_threads_and_tasks_at_once(sdk_snapshot):
+    # Threads and asyncio tasks mixing quick calls, timeouts (replacements), queue timeouts and
+    # cancelled tasks on a small pool: every outcome is one of the documented ones, the counts
+    # add up, and afterwards nothing is in use or queued and both sandboxes answer.
+    allowed = (whpfast.PoolFull, whpfast.GuestTimeout)
+    outcomes = []
+    lock = threading.Lock()
+
+    def note(what):
+        with lock:
+            outcomes.append(what)
+
+    def client(seed):
+        for i in range(25):
+            try:
+                if (seed + i) % 7 == 0:
+                    pool.call("spin", timeout=0.01, queue_timeout=5)
+                else:
+                    qt = (None, 0, 0.01, 1)[(seed * 3 + i) % 4]
+                    assert pool.call("add", seed, i, queue_timeout=qt) == seed + i
+                note("ok")
+            except allowed as e:
+                note(type(e).__name__)
+
+    async def tasks():
+        async def one(i):
+            try:
+                return await pool.acall("compute", 5_000_000 + i, queue_timeout=5)
+            except whpfast.PoolFull:
+                return None
+        pending = [asyncio.ensure_future(one(i)) for i in range(20)]
+        await asyncio.sleep(0.02)
+        for t in pending[::3]:
+            t.cancel()
+        return await asyncio.gather(*pending, return_exceptions=True)
+
+    with whpfast.Pool(sdk_snapshot[0], size=2, max_queue=3) as pool:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        results = asyncio.run(asyncio.wait_for(tasks(), 60))
+        for t in threads:
+            t.join(60)
+        assert len(outcomes) == 150
+        assert all(r is None or isinstance(r, (int, asyncio.CancelledError)) for r in results), results
+        st = pool.stats()
+        assert (st.in_use, st.queued, st.size) == (0, 0, 2)
+        assert st.rejected == outcomes.count("PoolFull") + results.count(None)
+        assert outcomes.count("GuestTimeout") == 21                # (seed + i) % 7 == 0
+        assert st.replaced >= 21
+        assert asyncio.run(_adds(pool)) == [2, 4]
+
+
+async def _adds(pool):
+    return await asyncio.gather(pool.acall("add", 1, 1), pool.acall("add", 2, 2))
+
+
 def test_an_unclosed_pool_warns_and_is_freed(sdk_snapshot):
     pool = whpfast.Pool(sdk_snapshot[0], size=1)
     with pytest.warns(ResourceWarning, match="unclosed"):
