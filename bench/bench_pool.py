@@ -12,7 +12,8 @@ Threads share one GIL: only the guest's run (KVM_RUN) releases it, so a request 
 mostly host-side Python (hello_world) cannot scale to 2x on 2 cores. Two figures show where that
 limit lies: the share of a hello_world request spent in KVM_RUN (timed around the run loop's
 `run_until`, in a separate pass), and the same 1 -> 2 scaling for a guest-bound request
-(`compute`: a ~2 ms loop in the guest).
+(`compute`: a ~2 ms loop in the guest). And the way around the GIL, as a baseline: two
+processes with a pool of 1 each, sending the same hello_world requests.
 
 Writes bench_pool.json (figures) and bench_pool.npz (every round's throughput, every request's
 queue wait and run time) to --out (default: the current directory; `whpfast bench` runs this
@@ -90,6 +91,47 @@ def host_scaling():
     return (2 / (max(e for _, e in two) - min(s for s, _ in two))) / (1 / (e - s))
 
 
+# One pool of 1 per process, no GIL shared: each child warms up, says so, waits for the word
+# (so that their timed loops start together), runs its share of the requests and prints its
+# start and end (monotonic).
+CHILD = """import sys, time, whpfast
+with whpfast.Pool(sys.argv[1], size=1) as pool:
+    for _ in range(50):
+        pool.run(sys.argv[3])
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t0 = time.monotonic()
+    for _ in range(int(sys.argv[2])):
+        assert pool.run(sys.argv[3]).stdout == "hello world\\n"
+    print(t0, time.monotonic())
+"""
+
+
+def processes_throughput(path, processes, count):
+    """Requests per second of `processes` processes, each with its own pool of 1, over the span
+    from the first start to the last end (their start-up and warm-up excluded)."""
+    per = count // processes
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, path, str(per), HELLO], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(path))
+             for _ in range(processes)]      # cwd: not a source tree's whpfast/ folder
+    try:
+        for p in procs:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a pool process failed to start (exit status {p.wait()})")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        spans = [tuple(map(float, p.communicate()[0].split())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if any(p.returncode for p in procs):
+        raise RuntimeError("a pool process failed")
+    return per * processes / (max(e for _, e in spans) - min(s for s, _ in spans))
+
+
 def kvm_run_share(pool, count):
     """The share of a request's wall time spent in KVM_RUN, the only part that runs without the
     GIL: the Linux personality's run loop calls core.run.run_until for every guest run; timed
@@ -135,7 +177,7 @@ def measure(requests=1000, rounds=5, log=print):
                 drive(lambda: pool.run(COMPUTE), pool.size, 10, WANT[COMPUTE])
             drive(lambda: plain.run(HELLO), 1, 100, WANT[HELLO])
             names = [c[0] for c in CONFIGS]
-            throughput = {name: [] for name in names + ["plain_clients1"]}
+            throughput = {name: [] for name in names + ["plain_clients1", "processes2_pool1"]}
             waits = {name: [] for name in names}
             runs = {name: [] for name in names}
             shares, host = [], []
@@ -151,6 +193,7 @@ def measure(requests=1000, rounds=5, log=print):
                     throughput[name].append(count / wall)
                     waits[name].append(st.queue_wait[-count:])
                     runs[name].append(st.run_time[-count:])
+                throughput["processes2_pool1"].append(processes_throughput(path, 2, requests))
                 share = kvm_run_share(pools[1], max(50, requests // 5))
                 if share is not None:
                     shares.append(share)
@@ -195,6 +238,7 @@ def summary(samples):
         "latency": latency,
         "scaling_pool2_clients2_vs_pool1_clients1": scaling,
         "pool_overhead_pool1_vs_plain": per_round("plain_clients1", "pool1_clients1"),
+        "scaling_processes2_pool1_vs_pool1_clients1": per_round("processes2_pool1", "pool1_clients1"),
         "goal.scaling_at_least_1.7x": scaling >= 1.7,
     }
 
@@ -213,6 +257,8 @@ def report(result, log=print):
     log(f"pool of 1 vs a plain PythonSandbox, 1 client: {result['pool_overhead_pool1_vs_plain']:.3f}x the time per request")
     log(f"the machine meanwhile: a pure Python loop in 2 processes vs 1: "
         f"{result['host_scaling_2_processes_vs_1']:.2f}x the work per second (2.0 on two idle cores)")
+    log(f"two processes with a pool of 1 each vs one pool of 1: "
+        f"{result['scaling_processes2_pool1_vs_pool1_clients1']:.2f}x")
     log(f"compute (~2 ms in the guest), 2 sandboxes + 2 clients vs 1 + 1: "
         f"{result['scaling_compute_pool2_clients2_vs_pool1_clients1']:.2f}x")
     if result["hello_kvm_run_share"] is not None:
