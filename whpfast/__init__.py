@@ -53,3 +53,9 @@ from .errors import GuestPythonError  # noqa: E402
 from .python import PythonResult, PythonSandbox  # noqa: E402
 
 __all__ += ["PythonSandbox", "PythonResult", "GuestPythonError"]
+
+# Pools of warm sandboxes (whpfast/pool.py)
+from .errors import PoolFull  # noqa: E402
+from .pool import Pool, PoolStats  # noqa: E402
+
+__all__ += ["Pool", "PoolStats", "PoolFull"]

@@ -40,6 +40,11 @@ class SandboxPoisoned(SandboxError):
     """An earlier call faulted, timed out or was interrupted; restore a snapshot or close it."""
 
 
+class PoolFull(WhpfastError):
+    """A Pool refused a request: every sandbox is busy and its queue is full (max_queue), or no
+    sandbox became free within the request's queue_timeout. Retry later, or make the pool larger."""
+
+
 class GuestLoadError(WhpfastError, ValueError):
     """The guest ELF cannot be loaded (malformed, or does not fit the sandbox)."""
 
