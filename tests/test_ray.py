@@ -83,6 +83,18 @@ def test_results_equal_a_sandbox_and_a_local_pool(pool, py_box, py_snap):
     assert pool.map(CODES) == through_ray         # all at once, over both actors, in order
 
 
+def test_map_in_batches_keeps_the_order(pool):
+    codes = [f"print({i} * {i})" for i in range(23)]
+    want = [whpfast.PythonResult(f"{i * i}\n", "", None) for i in range(23)]
+    assert pool.map(codes, chunksize=5) == want              # 5 tasks, the last one of 3 codes
+    assert pool.map(codes) == want
+    assert pool.map([]) == []
+    with pytest.raises(whpfast.GuestTimeout):                # an error inside a batch
+        pool.map(["print(1)", "while True: pass", "print(3)"], chunksize=3, timeout=0.5)
+    with pytest.raises(whpfast.ConfigError):
+        pool.map(codes, chunksize=0)
+
+
 def test_eval_and_isolation_between_requests(pool):
     assert ray.get(pool.submit_eval("json.loads('[1, 2]') + [3]")) == [1, 2, 3]
     assert pool.eval("{'k': (1, 2)}") == {"k": [1, 2]}

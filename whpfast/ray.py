@@ -18,6 +18,7 @@ rest on the actor). Errors from the guest come out of ray.get as Ray's RayTaskEr
 instance of the original class (`as_instanceof_cause`): `except whpfast.GuestTimeout` catches a
 timeout, and `.cause` is the original exception with its fields (GuestFault.kind, ...)."""
 
+import concurrent.futures
 import hashlib
 import itertools
 import math
@@ -38,13 +39,14 @@ except ImportError as _e:      # pragma: no cover (the test extra installs ray)
 
 import numpy as np
 
+from . import backend
 from ._typing import StrPath
 from .core.resource import Resource
 from .errors import ConfigError, PoolFull, SandboxClosed, SnapshotError
 from .linux.process import LinuxSnapshot
 from .pool import Pool, _resolve
 from .python.sandbox import PythonSandbox
-from .snapshot import Snapshot
+from .snapshot import Snapshot, write_atomic
 
 __all__ = ["RayPool"]
 
@@ -95,26 +97,15 @@ def _read_sparse(path):
 
 
 def _write_sparse(path, size, extents, data):
-    """The file rebuilt from its extents, holes left as holes: a new file, fsynced, renamed over
-    path, so a reader never sees a partial one."""
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    try:
-        with open(tmp, "xb") as f:
-            view, at = memoryview(data), 0
-            for offset, length in extents:
-                f.seek(offset)
-                f.write(view[at:at + length])
-                at += length
-            f.truncate(size)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """The file rebuilt from its extents, holes left as holes, written atomically."""
+    def fill(f):
+        view, at = memoryview(data), 0
+        for offset, length in extents:
+            f.seek(offset)
+            f.write(view[at:at + length])
+            at += length
+        f.truncate(size)
+    write_atomic(path, fill)
 
 
 def _cache_dir(cache_dir):
@@ -184,6 +175,9 @@ class _NodePool:
             path, wrote, fetched = _node_file(digest, shipped[0], cache_dir)
             self._info.update(path=path, wrote=wrote, fetched=fetched)
             self._pool = Pool(path, size=size, kind=kind, timeout=timeout)
+            # the threads of run_batch, shared by all batches: at most `size` of their requests
+            # wait in the pool's queue at once, besides the single ones (max_concurrency)
+            self._batch = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="whpfast-batch")
         except Exception as e:     # noqa: BLE001 (kept and raised by every call, see above)
             self._error = e
 
@@ -201,12 +195,18 @@ class _NodePool:
     def call(self, name, args, timeout):
         return self._live().call(name, *args, timeout=timeout)
 
+    def run_batch(self, codes, timeout):
+        """Runs a list of codes on the pool, `size` at a time; the results in order (the first
+        error in order is raised). One Ray task for many requests: Ray's own cost per task
+        (~0.8 ms here) is paid once."""
+        pool = self._live()
+        futures = [self._batch.submit(pool.run, code, timeout=timeout) for code in codes]
+        return [f.result() for f in futures]
+
     @ray.method(concurrency_group="control")
     def info(self):
         """Where this actor runs and what it did with the snapshot; its pool's stats."""
-        self._live()
-        from .backend import NAME
-        return dict(self._info, backend=NAME, stats=self._pool.stats())
+        return dict(self._info, backend=backend.NAME, stats=self._live().stats())
 
 
 # -- the driver's side ------------------------------------------------------------------------------
@@ -224,8 +224,8 @@ def _snapshot_path(snapshot, scratch):
                     f"of a saved snapshot, not {type(snapshot).__name__}")
 
 
-def _count(value, what, allow_none=True):
-    if value is None and allow_none:
+def _count(value, what):
+    if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{what} must be a positive int, got {value!r}")
@@ -237,7 +237,7 @@ class RayPool(Resource):
 
     snapshot: the path of a saved snapshot (Python or SDK), a Snapshot, a PythonSandbox or its
     snapshot. actors: how many actors (default: the cluster's CPUs // num_cpus, at least 1), or
-    per_node: that many actors on every alive node with num_cpus CPUs free (pinned to it).
+    per_node: that many actors on every alive node that has num_cpus CPUs (pinned to it).
     num_cpus: CPUs each actor reserves; size: sandboxes in each actor's Pool (default num_cpus,
     rounded up): an actor runs that many requests at once. kind, timeout: as for whpfast.Pool.
     max_queue: requests each actor may have pending (Ray's max_pending_calls); past it submit
@@ -368,9 +368,18 @@ class RayPool(Resource):
         """submit_call() and wait (see run)."""
         return self._wait("call", name, args, timeout)
 
-    def map(self, codes: Sequence[str], *, timeout: Optional[float] = None) -> List[Any]:
-        """Runs every code at once over the actors; their PythonResults in order."""
-        return ray.get([self.submit(code, timeout=timeout) for code in codes])
+    def map(self, codes: Sequence[str], *, timeout: Optional[float] = None,
+            chunksize: Optional[int] = None) -> List[Any]:
+        """Runs every code over the actors, `chunksize` codes per Ray task (default: about four
+        tasks per actor, at most 64 codes each); their PythonResults in order. A guest error
+        raises the first one in order, as ray.get of a list does."""
+        codes = list(codes)
+        if chunksize is None:
+            chunksize = max(1, min(64, math.ceil(len(codes) / (4 * max(1, len(self._actors))))))
+        _count(chunksize, "chunksize")
+        refs = [self._submit("run_batch", codes[i:i + chunksize], timeout)
+                for i in range(0, len(codes), chunksize)]
+        return [result for chunk in ray.get(refs) for result in chunk]
 
     def _wait(self, method, *args):
         try:
