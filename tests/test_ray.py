@@ -287,3 +287,14 @@ def test_actors_that_cannot_be_placed_fail_the_pool_in_time(pool, py_snap, tmp_p
         whpfast.ray.RayPool(py_snap, actors=1, num_cpus=2, start_timeout=2, cache_dir=tmp_path)
     assert time.monotonic() - started < 30
     assert pool.run("print(6)").stdout == "6\n"        # the other pool is untouched
+
+
+def test_a_shipped_copy_that_does_not_match_its_digest_is_not_written(cluster, py_snap, tmp_path):
+    size, extents, data, digest = whpfast.ray._read_sparse(py_snap)
+    data[len(data) // 2] ^= 1                           # one bit changed on its way
+    with pytest.raises(whpfast.SnapshotError, match="does not match its digest"):
+        whpfast.ray._node_file(digest, ray.put((size, extents, data)), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]   # nothing under the digest's name
+    data[len(data) // 2] ^= 1
+    path, wrote, fetched = whpfast.ray._node_file(digest, ray.put((size, extents, data)), tmp_path)
+    assert wrote and fetched and _file_sha(path) == _file_sha(py_snap)
