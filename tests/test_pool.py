@@ -510,6 +510,8 @@ def test_bad_snapshots_and_kinds(tmp_path, sdk_snapshot, py_path):
             py.call("add", 1, 2)
         with pytest.raises(ValueError, match="timeout"):
             py.run("pass", timeout=0)
+        with pytest.raises(TypeError, match="str"):
+            py.run(b"print(1)")
         assert sdk.stats().served == py.stats().served == 0
 
 

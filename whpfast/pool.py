@@ -353,13 +353,16 @@ class Pool(Resource):
         """call() for asyncio."""
         return await self._async("call", (name,) + args, timeout, queue_timeout)
 
-    def _check(self, op, timeout, queue_timeout):
+    def _check(self, op, args, timeout, queue_timeout):
         if (op == "call") != (self.kind == "sdk"):
             if op == "call":
                 raise KindError("call() is for SDK guests; this pool runs Python sandboxes: use "
                                 "run(code) or eval(expr)")
             raise KindError(f"{op}() is for Python sandboxes; this pool runs an SDK guest: use "
                             f"call(name, *args)")
+        if op != "call" and not isinstance(args[0], str):     # before it takes a sandbox
+            raise TypeError(f"{'code' if op == 'run' else 'expr'} must be a str of Python source, "
+                            f"not {type(args[0]).__name__}")
         if queue_timeout is not None and (isinstance(queue_timeout, bool) or not isinstance(
                 queue_timeout, (int, float)) or not queue_timeout >= 0):
             raise ValueError(f"queue_timeout must be a number of seconds >= 0 or None, got {queue_timeout!r}")
@@ -367,13 +370,13 @@ class Pool(Resource):
         return self._timeout if timeout is None else timeout
 
     def _sync(self, op, args, timeout, queue_timeout):
-        timeout = self._check(op, timeout, queue_timeout)
+        timeout = self._check(op, args, timeout, queue_timeout)
         queued_at = time.perf_counter()
         slot = self._enter(None, queue_timeout)
         return self._serve(slot, _Request(), op, args, timeout, queued_at)
 
     async def _async(self, op, args, timeout, queue_timeout):
-        timeout = self._check(op, timeout, queue_timeout)
+        timeout = self._check(op, args, timeout, queue_timeout)
         loop = asyncio.get_running_loop()
         queued_at = time.perf_counter()
         waiter = _AsyncWaiter(self, loop)
@@ -554,17 +557,19 @@ class Pool(Resource):
         (outside the lock; if that fails the slot goes on empty and its next request makes it);
         then the first waiter gets it, or it goes back to the free list. After close() the
         sandbox is closed instead."""
+        replaced = False
         if broken is not None:
             old, slot.sandbox = slot.sandbox, None
             if old is not None:
                 old.close()
             if not self._closing:
+                replaced = True
                 try:
                     slot.sandbox = self._make()
                 except Exception:
                     pass                 # made by the slot's next request (which gets the error)
         with self._lock:
-            self._replaced += broken is not None
+            self._replaced += replaced
             if self._hand_on(slot) or slot.sandbox is None:
                 return
         slot.sandbox.close()
