@@ -122,6 +122,9 @@ def test_the_snapshot_is_shipped_once_per_node(pool, py_snap, cluster, tmp_path)
         (i2,) = again.info()
         assert i2["path"] == path and not i2["wrote"] and not i2["fetched"]
         assert again.run('print(1)').stdout == "1\n"
+    # its close() removed the node's file; the first pool's sandboxes keep the pages they mapped
+    assert not os.path.exists(path)
+    assert pool.map(["print(7)"] * 4) == [whpfast.PythonResult("7\n", "", None)] * 4
 
 
 def test_actors_use_this_process_backend(pool):
@@ -289,7 +292,10 @@ def test_a_full_queue_is_pool_full(cluster, py_snap, tmp_path):
 def test_shutdown(cluster, py_snap, tmp_path):
     p = whpfast.ray.RayPool(py_snap, actors=1, num_cpus=0.5, cache_dir=tmp_path)
     actor = p.actors[0]
+    (info,) = p.info()
+    assert os.path.exists(info["path"])
     p.shutdown()
+    assert not os.path.exists(info["path"])            # the node's copy is removed
     p.shutdown()                                        # idempotent
     with pytest.raises(whpfast.SandboxClosed):
         p.submit("print(1)")
@@ -315,8 +321,8 @@ def test_a_shipped_copy_that_does_not_match_its_digest_is_not_written(cluster, p
     size, extents, data, digest = whpfast.ray._read_sparse(py_snap)
     data[len(data) // 2] ^= 1                           # one bit changed on its way
     with pytest.raises(whpfast.SnapshotError, match="does not match its digest"):
-        whpfast.ray._node_file(digest, ray.put((size, extents, data)), tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [".lock"]   # nothing under the digest's name
+        whpfast.ray._node_file(tmp_path, digest, ray.put((size, extents, data)))
+    assert list(tmp_path.iterdir()) == []                  # nothing under the digest's name
     data[len(data) // 2] ^= 1
-    path, wrote, fetched = whpfast.ray._node_file(digest, ray.put((size, extents, data)), tmp_path)
+    path, wrote, fetched = whpfast.ray._node_file(tmp_path, digest, ray.put((size, extents, data)))
     assert wrote and fetched and _file_sha(path) == _file_sha(py_snap)

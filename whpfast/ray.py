@@ -11,7 +11,7 @@ sparse: a 512 MiB Python guest is ~12 MiB of data). On each node the first actor
 fetches it and writes it to a content-addressed file, `<cache_dir>/<sha256>.snap` (written to a
 temporary name, fsynced, renamed; under a lock, so the actors of a node write it once); every
 actor on the node builds its Pool from that path, so all their sandboxes share the file's pages.
-An actor restarted by Ray finds the file and fetches nothing.
+An actor restarted by Ray finds the file and fetches nothing. close() removes the files.
 
 Requests go to the actors in turn (round robin; each actor runs `size` at once, Ray queues the
 rest on the actor). Errors from the guest come out of ray.get as Ray's RayTaskError made an
@@ -141,20 +141,19 @@ class _DirLock:
         self._file.close()        # closing releases the lock
 
 
-def _node_file(digest, shipped, cache_dir):
-    """The snapshot as a file on this node: (path, wrote, fetched). The first actor of a node
-    fetches it from the object store and writes it; the others (and restarted actors) find it."""
-    directory = _cache_dir(cache_dir)
+def _node_file(directory, digest, shipped):
+    """The snapshot as a file on this node: (path, wrote, fetched). Called with the directory
+    locked: the first actor of a node fetches the snapshot from the object store and writes it;
+    the others (and restarted actors) find it."""
     path = os.path.join(directory, f"{digest}.snap")
-    with _DirLock(directory):
-        if os.path.exists(path):
-            return path, False, False
-        size, extents, data = ray.get(shipped)
-        if _digest(size, extents, data) != digest:
-            raise SnapshotError("the snapshot fetched from Ray's object store does not match its "
-                                "digest; create the RayPool again")
-        _write_sparse(path, size, extents, data)
-        return path, True, True
+    if os.path.exists(path):
+        return path, False, False
+    size, extents, data = ray.get(shipped)
+    if _digest(size, extents, data) != digest:
+        raise SnapshotError("the snapshot fetched from Ray's object store does not match its "
+                            "digest; create the RayPool again")
+    _write_sparse(path, size, extents, data)
+    return path, True, True
 
 
 # -- the actor: one local Pool ----------------------------------------------------------------------
@@ -172,9 +171,13 @@ class _NodePool:
         self._info = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                       "shipped": shipped[0].hex(), "path": None, "wrote": False, "fetched": False}
         try:
-            path, wrote, fetched = _node_file(digest, shipped[0], cache_dir)
-            self._info.update(path=path, wrote=wrote, fetched=fetched)
-            self._pool = Pool(path, size=size, kind=kind, timeout=timeout)
+            directory = _cache_dir(cache_dir)
+            with _DirLock(directory):
+                path, wrote, fetched = _node_file(directory, digest, shipped[0])
+                self._info.update(path=path, wrote=wrote, fetched=fetched)
+                # opened (mapped) under the lock, so another pool's close() cannot remove the
+                # file in between; once mapped, its removal does not matter
+                self._pool = Pool(path, size=size, kind=kind, timeout=timeout)
             # the threads of run_batch, shared by all batches: at most `size` of their requests
             # wait in the pool's queue at once, besides the single ones (max_concurrency)
             self._batch = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="whpfast-batch")
@@ -202,6 +205,18 @@ class _NodePool:
         pool = self._live()
         futures = [self._batch.submit(pool.run, code, timeout=timeout) for code in codes]
         return [f.result() for f in futures]
+
+    @ray.method(concurrency_group="control")
+    def remove_file(self):
+        """Removes the node's snapshot file (at close: sandboxes that mapped it keep its pages; a
+        later actor of any pool writes it again)."""
+        path = self._info["path"]
+        if path is not None:
+            with _DirLock(os.path.dirname(path)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     @ray.method(concurrency_group="control")
     def info(self):
@@ -293,6 +308,7 @@ class RayPool(Resource):
             total = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus))
             self._places = [None] * total
         self._turn = itertools.count()
+        self._ready = False
         self._closed = False
         try:
             self._actors = [self._start(place, strict=True) for place in self._places]
@@ -304,6 +320,7 @@ class RayPool(Resource):
                     f"{len(self._actors)} actors of {num_cpus} CPUs did not start within {start_timeout} s "
                     f"(the cluster has {ray.available_resources().get('CPU', 0)} CPUs free now); use "
                     f"fewer actors or a smaller num_cpus, or a longer start_timeout") from None
+            self._ready = True
         except BaseException:
             self.close()
             raise
@@ -410,12 +427,16 @@ class RayPool(Resource):
     # -- shutdown -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Kills the actors (their sandboxes go with their processes) and drops the object store
-        copy. The node files stay: content-addressed, a later pool of the same snapshot reuses
-        them. Idempotent."""
-        self._closed = True
+        """Removes the snapshot files the actors' nodes hold, kills the actors (their sandboxes
+        go with their processes) and drops the object store copy. Idempotent."""
+        started, self._closed = not self._closed and self._ready, True
         actors, self._actors = self._actors, []
         if ray.is_initialized():
+            if started:
+                try:
+                    ray.get([a.remove_file.remote() for a in actors], timeout=30)
+                except ray.exceptions.RayError:
+                    pass        # an actor dead for good: its node keeps the file (a cache)
             for actor in actors:
                 ray.kill(actor, no_restart=True)
         self._shipped = None
