@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import whpfast
+import whpfast.ray  # noqa: F401  (the README documents it: `whpfast.ray.RayPool` must exist)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\s*$", re.S | re.M)

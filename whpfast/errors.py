@@ -10,6 +10,19 @@ from typing import Optional
 class WhpfastError(Exception):
     """Root of every whpfast exception."""
 
+    def __reduce__(self):
+        # Pickle (Ray, multiprocessing) rebuilds an exception as cls(*args), which fails for the
+        # keyword-only fields (GuestFault's kind, GuestPythonError's traceback) and garbles
+        # GuestAbort's message: rebuild from args and attributes instead, without __init__.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls, args, state):
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class HypervisorUnavailable(WhpfastError):
     """No usable hypervisor: no device, no permission, missing capability."""

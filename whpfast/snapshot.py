@@ -423,16 +423,23 @@ _loaded_lock = threading.Lock()
 
 def write_sparse(path, head, view, extents, image_offset, memory_size):
     """Writes a snapshot file (both personalities' formats): `head` (everything before the
-    image), then the image's extents at image_offset, the rest a hole, so the file is sparse. A
-    new file, fsynced, then renamed over path: a file that live sandboxes map is never written."""
+    image), then the image's extents at image_offset, the rest a hole, so the file is sparse."""
+    def fill(f):
+        f.write(head)
+        for first, count in extents:
+            f.seek(image_offset + first * PAGE)
+            f.write(view[first * PAGE:(first + count) * PAGE])
+        f.truncate(image_offset + memory_size)
+    return write_atomic(path, fill)
+
+
+def write_atomic(path, fill):
+    """A new file written by fill(file), fsynced, then renamed over path: a file that live
+    sandboxes map is never written, and nobody sees a partial one."""
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(head)
-            for first, count in extents:
-                f.seek(image_offset + first * PAGE)
-                f.write(view[first * PAGE:(first + count) * PAGE])
-            f.truncate(image_offset + memory_size)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

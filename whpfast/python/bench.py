@@ -340,9 +340,11 @@ def compare(new, old, log=print):
 
 
 def _other_benches(bench_dir, out_dir, log):
-    """The SDK, Linux and Pool benches of a source checkout, their text output kept in the report
-    (bench_pool.py also writes bench_pool.json and .npz there: it runs in out_dir)."""
-    for name in ("bench_call.py", "bench_warm.py", "bench_linux.py", "bench_vdso.py", "bench_pool.py"):
+    """The SDK, Linux, Pool and Ray benches of a source checkout, their text output kept in the
+    report (bench_pool.py and bench_ray.py also write their .json and .npz there: they run in
+    out_dir)."""
+    for name in ("bench_call.py", "bench_warm.py", "bench_linux.py", "bench_vdso.py", "bench_pool.py",
+                 "bench_ray.py"):
         script = os.path.join(bench_dir, name)
         if not os.path.exists(script):
             continue
