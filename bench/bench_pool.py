@@ -21,7 +21,6 @@ in its report directory). Figures from the development machines come from a PVM 
 (software virtualization, ~25 us per exit), on 2 cores shared with other work."""
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import time
 import numpy as np
 
 import whpfast
+from whpfast.timing import write_results
 
 HELLO = 'print("hello world")'
 COMPUTE = "x = 0\nfor i in range(30000):\n    x += i\nprint(x)"
@@ -279,11 +279,7 @@ def main(argv=None):
     samples = measure(args.requests, args.rounds)
     result = summary(samples)
     report(result)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_pool.json"), "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-    np.savez(os.path.join(args.out, "bench_pool.npz"), **samples)
-    print(f"results: {os.path.join(args.out, 'bench_pool.json')} and bench_pool.npz")
+    print(f"results: {write_results(args.out, 'bench_pool', result, samples)} and bench_pool.npz")
     return 0
 
 

@@ -19,7 +19,6 @@ one). Figures from the development machines come from a PVM
 /dev/kvm (software virtualization, ~25 us per exit), on 2 cores shared with other work."""
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 import ray
 
 import whpfast
+from whpfast.timing import write_results
 import whpfast.ray
 from bench_pool import drive     # bench/ is on the path of a script run from it
 
@@ -167,11 +167,7 @@ def main(argv=None):
     samples, info = measure(args.requests, args.rounds)
     result = summary(samples, info)
     report(result)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_ray.json"), "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-    np.savez(os.path.join(args.out, "bench_ray.npz"), **samples)
-    print(f"results: {os.path.join(args.out, 'bench_ray.json')} and bench_ray.npz")
+    print(f"results: {write_results(args.out, 'bench_ray', result, samples)} and bench_ray.npz")
     return 0
 
 

@@ -1,6 +1,8 @@
 """Timing helpers shared by the demo and bench/: wall times in ns collected into numpy arrays,
 summarised as median and percentiles."""
 
+import json
+import os
 import time
 from typing import Callable, Tuple
 
@@ -43,3 +45,14 @@ def private_bytes() -> int:
             if key in ("Private_Clean", "Private_Dirty"):
                 total += int(value.split()[0]) * 1024
     return total
+
+
+def write_results(out: str, name: str, result: dict, samples: "dict[str, npt.ArrayLike]") -> str:
+    """Writes a bench's summary as out/name.json and its raw timing arrays as out/name.npz (the
+    files `whpfast bench --compare` and plots read); returns the JSON path."""
+    os.makedirs(out, exist_ok=True)
+    json_path = os.path.join(out, f"{name}.json")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+    np.savez(os.path.join(out, f"{name}.npz"), **samples)
+    return json_path

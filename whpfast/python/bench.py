@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from ..timing import private_bytes, time_calls
+from ..timing import private_bytes, time_calls, write_results
 
 SETUP = "import numpy as np\nimport pandas as pd"
 HELLO = 'print("hello world")'
@@ -369,10 +369,7 @@ def main(argv=None):
     counts = dict(hello=30, pandas=10, forks=5, spawns=2, colds=1) if args.quick else {}
     samples, info = measure(density=args.density, **counts)
     result = summary(samples, info)
-    json_path = os.path.join(args.out, "bench_python.json")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-    np.savez(os.path.join(args.out, "bench_python.npz"), **samples)
+    json_path = write_results(args.out, "bench_python", result, samples)
     why = plot(samples, os.path.join(args.out, "bench_python.png"))
     print(why or f"plot: {os.path.join(args.out, 'bench_python.png')}")
     for goal, ok in info.items():
