@@ -2,8 +2,11 @@
 
 - the vDSO's TSC calibration is measured once per process (it is per host, not per sandbox) and
   started at import: sandboxes made one after the other all read the host's clocks, and keep
-  reading them correctly long after their start."""
+  reading them correctly long after their start;
+- the page tables written at construction do not grow with memory_size;
+- mm.find_free with its hint places every mapping exactly where the plain top-down scan would."""
 
+import random
 import subprocess
 import sys
 import time
@@ -87,3 +90,85 @@ def test_sandboxes_share_one_calibration_and_read_the_hosts_clocks(clocks_progra
     assert monos[0] < monos[1] and monos[2] < monos[3] and monos[1] < monos[2] - 250_000_000
     assert all(c < 40 for c in calls), f"clock reads made system calls: {calls}"
 
+
+HELLO_C = r"""
+#include <stdio.h>
+int main(void) { puts("hello"); return 0; }
+"""
+
+
+@pytest.fixture(scope="module")
+def hello(tmp_path_factory):
+    out = tmp_path_factory.mktemp("coldboot-hello")
+    (out / "hello.c").write_text(HELLO_C)
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(out / "hello"), str(out / "hello.c")],
+                   check=True, capture_output=True)
+    return str(out / "hello")
+
+
+def _host_written_pages(lx, start, end):
+    """Pages of [start, end) the host wrote into guest memory since construction (the warm-start
+    core's host-dirty bitmap)."""
+    host = lx._warm._host
+    return sum(bin(int(host[p >> 6]) >> (p & 63) & 1).count("1") for p in range(start // 4096, end // 4096))
+
+
+def test_construction_writes_page_tables_independent_of_memory_size(hello):
+    """The page tables a new sandbox writes are the few non-zero pages (the kernel area's and
+    the program's entries and the upper levels), not the whole leaf level: a 4 GiB sandbox
+    writes as many leaf pages as a 64 MiB one. The program runs in both (the tables are right)."""
+    written = {}
+    for size in (64 * MB, 4096 * MB):
+        with whpfast.LinuxSandbox([hello], memory_size=size) as lx:
+            pt_base = lx.mm.pt_base
+            written[size] = (_host_written_pages(lx, pt_base, size),
+                             (size - pt_base) // 4096)
+            assert lx.run(timeout=10).stdout == b"hello\n"
+    (small, small_total), (large, large_total) = written[64 * MB], written[4096 * MB]
+    assert large_total > 2000 and small < 16
+    # the 4 GiB tables' upper levels take 4 more pages of PD; the leaves written stay the same
+    assert large <= small + 8, written
+
+
+def test_find_free_matches_the_full_walk(hello):
+    """find_free (starting at its hint) returns exactly what a walk over every mapping from the
+    top returns, through random anonymous maps (placed by it), fixed maps, unmaps, protects,
+    brk moves, a moved mmap top, and resets to captured states."""
+    rng = random.Random(8)
+    with whpfast.LinuxSandbox([hello], memory_size=64 * MB) as lx:
+        mm = lx.mm
+        lo, hi = 0x400000, mm.mmap_top
+        states = [mm.capture()]
+        for step in range(1500):
+            length = rng.choice([1, 2, 3, 16, 64, 300]) * 4096
+            want = rng.choice([0, 0, 0, rng.randrange(lo, hi) & ~4095])
+            try:
+                expected = mm.py_find_free(length, want)
+            except whpfast.WhpfastError as e:
+                expected = type(e), e.errno
+            try:
+                got = mm.find_free(length, want)
+            except whpfast.WhpfastError as e:
+                got = type(e), e.errno
+            assert got == expected, (step, length, want)
+            op = rng.random()
+            if op < 0.45 and isinstance(got, int):
+                mm.map(want, length, rng.choice([1, 3]))
+            elif op < 0.6:
+                start = rng.randrange(lo, hi) & ~4095
+                mm.map(start, min(length, hi - start), 3, fixed=True)
+            elif op < 0.8 and mm.vmas:
+                v = rng.choice(mm.vmas)
+                start = rng.randrange(v.start, v.end) & ~4095
+                mm.unmap(start, rng.choice([1, 2, 8, 64]) * 4096)
+            elif op < 0.85 and mm.vmas:
+                v = rng.choice(mm.vmas)
+                mm.protect(v.start, v.end - v.start, rng.choice([0, 1, 3]))
+            elif op < 0.9:
+                mm.brk(mm.brk_start + rng.randrange(0, 64) * 4096)
+            elif op < 0.93:
+                mm.mmap_top = rng.choice([hi, hi - 64 * 4096])
+            elif op < 0.97:
+                states.append(mm.capture())
+            else:
+                mm.reset(rng.choice(states))

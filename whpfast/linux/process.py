@@ -305,7 +305,8 @@ class LinuxSandbox(Resource):
         store(machine.IDT_ADDR, machine._idt())
         store(machine.STUBS_ADDR, machine._stubs())
         store(SYSCALL_STUB, SYSCALL_STUB_CODE)
-        store(pt_base, identity_page_tables(layout).tobytes())
+        for gpa, table in identity_page_tables(layout):     # the non-zero pages only
+            store(gpa, table)
         args = machine.sregs_arguments(layout)
         args.update(cr4=CR4)
         vcpu.init_long_mode(**args)
