@@ -15,6 +15,7 @@ import pytest
 
 import whpfast
 from whpfast.linux import vdso
+from whpfast.linux.fs import inside_path, read_mapping
 
 MB = 1 << 20
 pytestmark = [pytest.mark.hypervisor,
@@ -172,3 +173,60 @@ def test_find_free_matches_the_full_walk(hello):
                 states.append(mm.capture())
             else:
                 mm.reset(rng.choice(states))
+
+
+READER_C = r"""
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+static char buf[65536];
+static const char ro[4096] = "read-only";
+int main(void) {
+    char line[512];
+    while (fgets(line, sizeof line, stdin)) {
+        line[strcspn(line, "\n")] = 0;
+        printf("before %d %d|", buf[0], buf[32768]);
+        int fd = open(line, O_RDONLY);
+        long n = read(fd, buf, sizeof buf);
+        long m = pread(fd, buf + 32768, 100, 1);
+        printf("%ld %ld %.5s %.3s|", n, m, buf, buf + 32768);
+        long bad = read(fd, (void *)0x1000, 10);
+        int e1 = errno;
+        lseek(fd, 0, SEEK_SET);
+        long rof = read(fd, (void *)ro, 10);
+        int e2 = errno;
+        long rest = read(fd, buf, 4);          /* the refused reads moved no offset */
+        long more = read(fd, buf + 8, sizeof buf - 8);
+        printf("%ld %d %ld %d %ld %.4s %ld\n", bad, e1, rof, e2, rest, buf, more);
+        close(fd);
+        fflush(stdout);
+    }
+    return 0;
+}
+"""
+
+
+def test_reads_land_in_guest_memory_checked_and_undone_by_restore(tmp_path):
+    """read/pread of a host file go straight into the guest's buffer: the bytes arrive, a bad or
+    read-only buffer is EFAULT without moving the file offset, and a restore puts the buffer
+    back (the host's write into guest memory is marked for it: the hypervisor's dirty log does
+    not see host writes)."""
+    src = tmp_path / "reader.c"
+    src.write_text(READER_C)
+    exe = tmp_path / "reader"
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(exe), str(src)], check=True, capture_output=True)
+    data = tmp_path / "data"
+    data.write_bytes(b"HELLO world" + bytes(range(256)) * 300)       # 76811 bytes
+    inside = inside_path(data)                  # /tmp is the sandbox's own: seen elsewhere
+    with whpfast.LinuxSandbox([inside_path(exe)], read=read_mapping([tmp_path]), memory_size=64 * MB) as lx:
+        assert lx.run(timeout=10).waiting
+        snap = lx.snapshot()
+        expected = (f"before 0 0|65536 100 HELLO ELL|-1 14 -1 14 4 HELL 65528\n").encode()
+        assert lx.run(f"{inside}\n".encode(), timeout=10).stdout == expected
+        lx.restore(snap)
+        assert lx.run(f"{inside}\n".encode(), timeout=10).stdout == expected
+        second = lx.run(f"{inside}\n".encode(), timeout=10).stdout
+        # without a restore the buffer holds the last run's bytes: 'H', then file[32764] (241)
+        assert second == expected.replace(b"before 0 0|", b"before 72 -15|")

@@ -208,6 +208,7 @@ def _split(path):
     return [c for c in path.split(b"/") if c]
 
 
+_host_preadv = getattr(os, "preadv", None)     # not on Windows: read, then copy
 if hasattr(os, "pread"):
     _host_pread = os.pread
 else:                       # Windows: the host fd is private to this FileSystem, so seek + read
@@ -777,6 +778,37 @@ class FileSystem:
         if offset < 0:
             _fail(EINVAL)
         return self._read_at(desc, n, offset)
+
+    def read_into(self, fd, buf):
+        """read() into a writable buffer (the guest's, in guest memory); returns the count.
+        For a host file that is one preadv into it: no bytes object in between, which for the
+        reads of a Python import (~9 KiB on average, some over 100 KiB) was an allocation and a
+        copy per call."""
+        desc = self._io_desc(fd, False)
+        n = self._read_at_into(desc, buf, desc.offset)
+        if n and desc.node.fmt == S_IFREG:
+            desc.offset += n
+            self._moved(desc)
+        return n
+
+    def pread_into(self, fd, buf, offset):
+        """pread() into a writable buffer; returns the count."""
+        desc = self._io_desc(fd, False, positional=True)
+        offset = _s64(offset)
+        if offset < 0:
+            _fail(EINVAL)
+        return self._read_at_into(desc, buf, offset)
+
+    def _read_at_into(self, desc, buf, offset):
+        node = desc.node
+        if type(node) is _HostNode and node.fmt == S_IFREG and _host_preadv is not None:
+            try:
+                return _host_preadv(self._hostfd(node), [buf[:MAX_IO]], offset)
+            except OSError as e:
+                raise from_oserror(e) from None
+        data = self._read_at(desc, len(buf), offset)
+        buf[:len(data)] = data
+        return len(data)
 
     def write(self, fd, data):
         desc = self._io_desc(fd, True)
