@@ -230,3 +230,45 @@ def test_reads_land_in_guest_memory_checked_and_undone_by_restore(tmp_path):
         second = lx.run(f"{inside}\n".encode(), timeout=10).stdout
         # without a restore the buffer holds the last run's bytes: 'H', then file[32764] (241)
         assert second == expected.replace(b"before 0 0|", b"before 72 -15|")
+
+
+def _outcome(argv, **kw):
+    try:
+        with whpfast.LinuxSandbox(argv, memory_size=64 * MB, **kw) as lx:
+            r = lx.run(timeout=5)
+            return "ran", r.stdout
+    except whpfast.GuestLoadError as e:
+        return "load error", str(e).replace(argv[0], "PROGRAM")
+    except (whpfast.GuestFault, whpfast.GuestTimeout) as e:
+        return "fault", type(e).__name__
+
+
+def test_programs_read_through_the_file_system_load_as_from_bytes(hello, tmp_path):
+    """The loader reads a program inside `read` through the sandbox's file system, headers
+    first and each segment straight into guest memory (loader.Image); one outside `read` comes
+    as bytes. Seeded byte flips in the headers give the same outcome, and the same message, both
+    ways; a file shorter than its headers say is a load error, never a short copy."""
+    import random
+    from whpfast.linux import loader
+    original = open(hello, "rb").read()
+    rng = random.Random(88)
+    outcomes = set()
+    for i in range(40):
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(0, 64 + 56 * 10)] = rng.randrange(256)
+        path = tmp_path / f"mutant{i}"
+        path.write_bytes(bytes(data))
+        through_fs = _outcome([inside_path(path)], read=read_mapping([tmp_path]))
+        from_bytes = _outcome([str(path)])
+        assert through_fs == from_bytes, (i, through_fs, from_bytes)
+        outcomes.add(through_fs[0])
+    assert "load error" in outcomes and "ran" in outcomes, outcomes
+
+    # a file that shrinks between its size and its reads (another process truncating it)
+    short = original[:len(original) // 2]
+    image = loader.Image(len(original), loader.Image.of(short).read_into)
+    elf = loader.parse(image, "shrinking")
+    with whpfast.LinuxSandbox([hello], memory_size=64 * MB) as lx:
+        with pytest.raises(whpfast.GuestLoadError, match="shorter than its size"):
+            loader.load(lx.mm, elf, image, 0x1000000, b"shrinking")

@@ -982,6 +982,16 @@ class FileSystem:
         except OSError as e:
             raise from_oserror(e) from None
 
+    def regular_size(self, fd):
+        """The size of the regular file open at fd (for the loader, which then reads it with
+        pread_into); ENODEV for anything that is not a regular file."""
+        desc = self._desc(fd)
+        if desc.flags & O_PATH:
+            _fail(EBADF)
+        if desc.node.fmt != S_IFREG:
+            _fail(ENODEV)
+        return self._size(desc)
+
     def contents(self, fd):
         """The whole contents of the regular file open at fd (for mmap of /tmp and synthesized
         files); ENODEV for anything that is not a regular file."""
