@@ -272,3 +272,66 @@ def test_programs_read_through_the_file_system_load_as_from_bytes(hello, tmp_pat
     with whpfast.LinuxSandbox([hello], memory_size=64 * MB) as lx:
         with pytest.raises(whpfast.GuestLoadError, match="shorter than its size"):
             loader.load(lx.mm, elf, image, 0x1000000, b"shrinking")
+
+
+def _listed(fs_obj, path):
+    import struct
+    from whpfast.linux.fs import AT_FDCWD, O_DIRECTORY
+    fd = fs_obj.openat(AT_FDCWD, path, O_DIRECTORY, 0)
+    names, buf = [], fs_obj.getdents64(fd, 1 << 16)
+    pos = 0
+    while pos < len(buf):
+        ino, _, reclen, dtype = struct.unpack_from("<QqHB", buf, pos)
+        names.append((buf[pos + 19:pos + reclen].split(b"\0")[0], ino, dtype))
+        pos += reclen
+    fs_obj.close(fd)
+    return names
+
+
+def test_directory_listings_shared_across_sandboxes_follow_changes(tmp_path):
+    """A host directory's listing is shared by the file systems of later sandboxes while the
+    directory's mtime, inode and device are unchanged; an entry created, removed or renamed
+    since shows at once; a directory changed within the last _RACY_NS is never shared (its
+    mtime could stay the same through another change)."""
+    import os
+    from whpfast.linux import fs as fs_mod
+    root = tmp_path / "lib"
+    root.mkdir()
+    for name in ("a", "b"):
+        (root / name).write_bytes(b"x")
+    (root / "sub").mkdir()
+    os.symlink("a", root / "link")
+    host = os.fsencode(root)
+    old = time.time_ns() - 10 * 10**9
+    os.utime(root, ns=(old, old))
+
+    def fresh():
+        return fs_mod.FileSystem({"/lib": str(root)})
+
+    def expected():
+        out = [(b".", None, 4), (b"..", None, 4)]
+        for e in sorted(os.scandir(root), key=lambda e: e.name):
+            dtype = 10 if e.is_symlink() else 4 if e.is_dir(follow_symlinks=False) else 8
+            out.append((os.fsencode(e.name), e.inode(), dtype))
+        return out
+
+    def check(listing):
+        assert [(n, d) for n, _, d in listing] == [(n, d) for n, _, d in expected()]
+        assert [i for _, i, _ in listing[2:]] == [i for _, i, _ in expected()[2:]]
+
+    check(_listed(fresh(), b"/lib"))
+    assert fs_mod._SHARED_LISTINGS[host][0][0] == old, "an old directory's listing is shared"
+    shared = fs_mod._SHARED_LISTINGS[host]
+    check(_listed(fresh(), b"/lib"))
+    assert fs_mod._SHARED_LISTINGS[host] is shared, "reused, not listed again"
+
+    (root / "c").write_bytes(b"new")                  # mtime now: seen, and not shared (racy)
+    check(_listed(fresh(), b"/lib"))
+    assert fs_mod._SHARED_LISTINGS[host] is shared
+    os.rename(root / "c", root / "d")
+    (root / "a").unlink()
+    check(_listed(fresh(), b"/lib"))
+    assert b"d" in [n for n, _, _ in _listed(fresh(), b"/lib")]
+    os.utime(root, ns=(old + 1, old + 1))             # old again, another mtime: shared again
+    check(_listed(fresh(), b"/lib"))
+    assert fs_mod._SHARED_LISTINGS[host][0][0] == old + 1

@@ -12,7 +12,9 @@ FIFOs, sockets) under a read root are never opened.
 
 Host look-ups (lstat, readlink, directory listings) are cached per FileSystem for its lifetime:
 the read roots are taken as unchanging while a sandbox lives, which keeps CPython's thousands of
-stat/open calls cheap and a restore free of host calls.
+stat/open calls cheap and a restore free of host calls. Directory listings are also shared by
+the file systems of the whole process while the directory's mtime says it has not changed (see
+_host_entries): a host file changed between two sandboxes is seen by the second.
 
 Warm start: `capture()` returns an immutable `FsState` (fd table with offsets and flags, cwd,
 umask, the /tmp tree with its contents); `reset(state)` puts exactly that back. /tmp file contents
@@ -215,6 +217,50 @@ else:                       # Windows: the host fd is private to this FileSystem
     def _host_pread(fd, n, offset):
         os.lseek(fd, offset, 0)
         return os.read(fd, n)
+
+
+# Host directory listings shared by every FileSystem of the process, {host path: ((mtime_ns,
+# ino, dev), {name: (ino, d_type)})}: a cold boot lists the same large directories as the last one
+# did (python3 -c 'print(1)': /usr/lib/python3.11 and others, ~0.3-0.5 ms each, a fifth of its
+# host time). An entry is used only while the directory's mtime, inode and device are unchanged
+# (creating, removing or renaming an entry changes the mtime), and stored only when that mtime is
+# more than _RACY_NS old when it is read: a change within the file system's timestamp
+# granularity (ext4: a jiffy) after the listing could otherwise keep the same mtime ("racy
+# git"). Bounded in directories and entries.
+_SHARED_LISTINGS = {}
+_SHARED_LISTINGS_ENTRIES = [0]
+_SHARED_LISTINGS_MAX = 1 << 18      # entries, all directories together
+_RACY_NS = 2 * 10**9
+
+
+def _host_entries(host):
+    """{name: (ino, d_type)} of the host directory at `host` (not to be modified)."""
+    try:
+        st = os.lstat(host)
+        key = (st.st_mtime_ns, st.st_ino, st.st_dev)
+        hit = _SHARED_LISTINGS.get(host)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        entries = {}
+        with os.scandir(host) as it:
+            for e in it:
+                if e.is_symlink():
+                    dtype = 10
+                elif e.is_dir(follow_symlinks=False):
+                    dtype = 4
+                elif e.is_file(follow_symlinks=False):
+                    dtype = 8
+                else:                   # rare: a device, FIFO or socket
+                    dtype = _DT.get(e.stat(follow_symlinks=False).st_mode & S_IFMT, 0)
+                entries[os.fsencode(e.name)] = (e.inode(), dtype)
+    except OSError as e:
+        raise from_oserror(e) from None
+    if time.time_ns() - st.st_mtime_ns > _RACY_NS \
+            and _SHARED_LISTINGS_ENTRIES[0] + len(entries) <= _SHARED_LISTINGS_MAX:
+        old = _SHARED_LISTINGS.get(host)
+        _SHARED_LISTINGS[host] = (key, entries)
+        _SHARED_LISTINGS_ENTRIES[0] += len(entries) - (len(old[1]) if old else 0)
+    return entries
 
 
 # ----------------------------------------------------------------------------------- the class
@@ -924,22 +970,7 @@ class FileSystem:
         cached = self._listings.get(d.path)
         if cached is not None:
             return cached
-        entries = {}
-        if type(d) is _HostNode:
-            try:
-                with os.scandir(d.host) as it:
-                    for e in it:
-                        if e.is_symlink():
-                            dtype = 10
-                        elif e.is_dir(follow_symlinks=False):
-                            dtype = 4
-                        elif e.is_file(follow_symlinks=False):
-                            dtype = 8
-                        else:                   # rare: a device, FIFO or socket
-                            dtype = _DT.get(e.stat(follow_symlinks=False).st_mode & S_IFMT, 0)
-                        entries[os.fsencode(e.name)] = (e.inode(), dtype)
-            except OSError as e:
-                raise from_oserror(e) from None
+        entries = dict(_host_entries(d.host)) if type(d) is _HostNode else {}
         for name, node in self._overlay.get(d.path, {}).items():
             entries[name] = (node.ino, _DT.get(node.fmt, 0))
         listing = dots + [(n, ino, dt) for n, (ino, dt) in sorted(entries.items())]
