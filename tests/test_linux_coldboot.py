@@ -4,7 +4,9 @@
   started at import: sandboxes made one after the other all read the host's clocks, and keep
   reading them correctly long after their start;
 - the page tables written at construction do not grow with memory_size;
-- mm.find_free with its hint places every mapping exactly where the plain top-down scan would."""
+- mm.find_free (its walk in C) places every mapping exactly where the Python walk would;
+- reads land straight in guest memory, programs load straight from their files, directory
+  listings are shared across sandboxes while unchanged."""
 
 import random
 import subprocess
@@ -131,33 +133,59 @@ def test_construction_writes_page_tables_independent_of_memory_size(hello):
     assert large <= small + 8, written
 
 
+def _reference_find_free(mm, length, hint=0):
+    """AddressSpace.find_free as it was: a Python walk over every mapping from the top."""
+    from whpfast.linux.errno import LinuxError
+    from whpfast.linux.mm import USER_MIN
+    if hint and hint % 4096 == 0 and USER_MIN <= hint and hint + length <= mm.mmap_top \
+            and not mm.mapped(hint, hint + length):
+        return hint
+    ceiling = mm.mmap_top
+    for v in reversed(mm.vmas):
+        if v.start >= ceiling:
+            continue
+        if v.end <= ceiling - length:
+            return ceiling - length
+        ceiling = min(ceiling, v.start)
+    if ceiling - length >= max(USER_MIN, mm._brk_floor()):
+        return ceiling - length
+    raise LinuxError(12, "no room")
+
+
 def test_find_free_matches_the_full_walk(hello):
-    """find_free (starting at its hint) returns exactly what a walk over every mapping from the
-    top returns, through random anonymous maps (placed by it), fixed maps, unmaps, protects,
-    brk moves, a moved mmap top, and resets to captured states."""
+    """find_free (its walk in C, _linux.top_gap) returns exactly what the Python walk over every
+    mapping from the top returns, through random anonymous maps (placed by it), fixed maps,
+    unmaps, protects, brk moves, a moved mmap top, resets to captured states, and lengths
+    larger than the address space; top_gap refuses arguments outside its contract."""
+    from whpfast import _linux
+    from whpfast.linux import mm as mm_mod
     rng = random.Random(8)
     with whpfast.LinuxSandbox([hello], memory_size=64 * MB) as lx:
         mm = lx.mm
         lo, hi = 0x400000, mm.mmap_top
         states = [mm.capture()]
         for step in range(1500):
-            length = rng.choice([1, 2, 3, 16, 64, 300]) * 4096
+            length = rng.choice([1, 2, 3, 16, 64, 300, 1 << 20, 1 << 40,      # pages
+                                 hi // 4096 - rng.randrange(1, 4000)]) * 4096   # the walk ends below it
             want = rng.choice([0, 0, 0, rng.randrange(lo, hi) & ~4095])
             try:
-                expected = mm.py_find_free(length, want)
+                expected = _reference_find_free(mm, length, want)
             except whpfast.WhpfastError as e:
-                expected = type(e), e.errno
+                expected = ("error", e.errno)
             try:
                 got = mm.find_free(length, want)
             except whpfast.WhpfastError as e:
-                got = type(e), e.errno
+                got = ("error", e.errno)
             assert got == expected, (step, length, want)
+            if length <= mm.mmap_top:
+                assert _linux.top_gap(mm.vmas, mm.mmap_top, length) == \
+                    mm_mod.py_top_gap(mm.vmas, mm.mmap_top, length)
             op = rng.random()
-            if op < 0.45 and isinstance(got, int):
+            if op < 0.45 and isinstance(got, int) and got + length <= hi:
                 mm.map(want, length, rng.choice([1, 3]))
             elif op < 0.6:
                 start = rng.randrange(lo, hi) & ~4095
-                mm.map(start, min(length, hi - start), 3, fixed=True)
+                mm.map(start, min(4096 * 64, hi - start), 3, fixed=True)
             elif op < 0.8 and mm.vmas:
                 v = rng.choice(mm.vmas)
                 start = rng.randrange(v.start, v.end) & ~4095
@@ -173,6 +201,9 @@ def test_find_free_matches_the_full_walk(hello):
                 states.append(mm.capture())
             else:
                 mm.reset(rng.choice(states))
+        for ceiling, length in ((4096, 0), (4096, 8192), (-1, 4096), (1 << 64, 4096), (4096, -4096)):
+            with pytest.raises(ValueError):
+                _linux.top_gap(mm.vmas, ceiling, length)
 
 
 READER_C = r"""

@@ -98,6 +98,26 @@ def identity_page_tables(layout):
     return out
 
 
+def py_top_gap(vmas, ceiling, length):
+    """The top-down search of find_free over the sorted mappings: (c, True) when the gap below
+    ceiling c fits length (the first such from the top), else (c, False) with c where the walk
+    stopped: the lowest mapping's start, or the first below length (nothing fits below it). In
+    C: _linux.top_gap (the Python walk cost ~25 us of each mmap once `import pandas` had ~500
+    mappings; 0 < length <= ceiling)."""
+    for v in reversed(vmas):
+        if v.start >= ceiling:
+            continue
+        if ceiling < length:
+            break
+        if v.end <= ceiling - length:
+            return ceiling, True
+        ceiling = v.start
+    return ceiling, False
+
+
+top_gap = py_top_gap if PURE_PYTHON else _linux.top_gap
+
+
 def page_up(n):
     return (n + PAGE - 1) & ~(PAGE - 1)
 
@@ -128,10 +148,6 @@ class AddressSpace:
         self.brk_start = self.brk_now = 0
         self._frozen = None               # the MmState they equal, if unchanged since
         self.mmap_top = top
-        # find_free's hint: (mmap_top, F) where every page of [F, mmap_top) is mapped, so the
-        # top-down search may start at F instead of walking every mapping below the top (with
-        # ~1000 mappings, as `import pandas` makes, the walk cost ~50 us per mmap); None: unknown.
-        self._full_from = None
 
     # -- capture / reset -----------------------------------------------------------------------
 
@@ -144,7 +160,6 @@ class AddressSpace:
         """Back to a captured state; free when nothing changed since it was captured or reset."""
         if state is not self._frozen:
             self.vmas, self.starts = list(state.vmas), list(state.starts)
-            self._full_from = None
             self.brk_start, self.brk_now = state.brk_start, state.brk
             self._frozen = state
 
@@ -301,10 +316,6 @@ class AddressSpace:
         lo, hi, merged = plan
         if len(self.vmas) - (hi - lo) + len(merged) > MAX_MAPPINGS:
             raise LinuxError(E.ENOMEM, f"more than {MAX_MAPPINGS} mappings (Linux's vm.max_map_count)")
-        full = self._full_from
-        if full is not None and hi > lo and self.vmas[hi - 1].end > full[1] and \
-                sum(v.end - v.start for v in merged) < sum(v.end - v.start for v in self.vmas[lo:hi]):
-            self._full_from = None          # pages unmapped: there may be a gap above the hint
         self.vmas[lo:hi] = merged
         self.starts[lo:hi] = [v.start for v in merged]
         self._frozen = None
@@ -337,40 +348,10 @@ class AddressSpace:
         if hint and hint % PAGE == 0 and USER_MIN <= hint and hint + length <= self.mmap_top \
                 and not self.mapped(hint, hint + length):
             return hint
-        top = self.mmap_top
-        full = self._full_from
-        ceiling = full[1] if full is not None and full[0] == top else top
-        vmas = self.vmas
-        i = bisect_left(self.starts, ceiling) - 1       # the last mapping starting below it
-        full = ceiling                                  # every page of [full, top) is mapped
-        while i >= 0:
-            v = vmas[i]
-            if v.end <= ceiling - length:
-                break
-            if v.end >= full:
-                full = v.start                          # no gap down to here
-            ceiling = min(ceiling, v.start)
-            i -= 1
-        self._full_from = (top, full)
-        if i < 0 and ceiling - length < max(USER_MIN, self._brk_floor()):
-            raise LinuxError(E.ENOMEM, f"no free range of {length:#x} bytes left in the address space")
-        return ceiling - length
-
-    def py_find_free(self, length, hint=0):
-        """find_free as a walk over every mapping from the top, without the hint: the reference
-        the tests compare find_free against."""
-        if hint and hint % PAGE == 0 and USER_MIN <= hint and hint + length <= self.mmap_top \
-                and not self.mapped(hint, hint + length):
-            return hint
-        ceiling = self.mmap_top
-        for v in reversed(self.vmas):
-            if v.start >= ceiling:
-                continue
-            if v.end <= ceiling - length:
+        if 0 < length <= self.mmap_top:
+            ceiling, found = top_gap(self.vmas, self.mmap_top, length)
+            if found or ceiling - length >= max(USER_MIN, self._brk_floor()):
                 return ceiling - length
-            ceiling = min(ceiling, v.start)
-        if ceiling - length >= max(USER_MIN, self._brk_floor()):
-            return ceiling - length
         raise LinuxError(E.ENOMEM, f"no free range of {length:#x} bytes left in the address space")
 
     def _brk_floor(self):

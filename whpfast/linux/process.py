@@ -15,6 +15,7 @@ state go back through the warm-start core Sandbox uses too (whpfast/core/warm.py
 for guest writes, its host-dirty bitmap for the host's, fed by mm.fill/mm.store, the hot set)."""
 
 import errno
+import functools
 import os
 import struct
 import threading
@@ -153,7 +154,9 @@ def _check_config(config):
     return {k: config[k] for k in ("read", "exe", "cwd", "stack_size", "tmp_size")}
 
 
+@functools.lru_cache(maxsize=None)
 def _host_auxv(key):
+    """The host's auxv value for key (AT_HWCAP*): per host, so read once per process."""
     import ctypes
     libc = ctypes.CDLL(None)
     libc.getauxval.restype = ctypes.c_ulong
