@@ -382,7 +382,13 @@ class LinuxSandbox(Resource):
         fs = self.fs
         fd = fs.openat(syscalls.AT_FDCWD, path, os.O_RDONLY, 0)
         files.callback(fs.close, fd)
-        return loader.Image(fs.regular_size(fd), lambda buf, offset: fs.pread_into(fd, buf, offset))
+
+        def read_into(buf, offset):
+            try:
+                return fs.pread_into(fd, buf, offset)
+            except LinuxError as e:         # e.g. ESTALE: replaced on the host meanwhile
+                raise GuestLoadError(f"cannot read {os.fsdecode(path)} to load it ({e})") from None
+        return loader.Image(fs.regular_size(fd), read_into)
 
     def _program_image(self, exe, files):
         """argv[0] as the program sees it: through the sandbox's file system (a `read` mapping
