@@ -8,7 +8,9 @@
    back through sync regs), timed inside the guest with the vDSO clock, against a bare CPL3 `out`
    exit through the same backend (bench_call.raw_vm), timed from the host.
 2. Cold boot of Debian's /usr/bin/python3 -c 'print(1)' / 'import numpy' / 'import pandas' in a
-   fresh LinuxSandbox (construct + run to exit) against the same command run natively.
+   fresh LinuxSandbox (construct + run to exit + close) against the same command run natively
+   (subprocess.run: fork, exec, run, wait); the constructor's share is printed too. Every exit
+   costs ~26 us on PVM (case 1's bare exit): the exits alone bound the ratio from below.
 3. Warm start: restore a python3 parked in read(0) + answer one line of stdin, against a bare
    Sandbox.call("add", 2, 3) of the SDK personality.
 4. Density: N sandboxes made from one saved snapshot of that python3 (pandas imported), each
@@ -83,11 +85,12 @@ def measure(kind, arg):
     if kind == "cold":
         t0 = time.perf_counter_ns()
         with whpfast.LinuxSandbox(["/usr/bin/python3", "-c", arg], read=READ) as lx:
+            setup = time.perf_counter_ns() - t0
             r = lx.run(timeout=600)
             exits = lx.syscall_count
         elapsed = time.perf_counter_ns() - t0
         assert r.exit_code == 0, r
-        return np.array([elapsed, exits], dtype=np.int64)
+        return np.array([elapsed, exits, setup], dtype=np.int64)
     calls, modules = arg
     lx = whpfast.LinuxSandbox(["/usr/bin/python3", "-c", DRIVER, *modules], read=READ)
     assert lx.run(timeout=600).waiting
@@ -185,13 +188,14 @@ def cold_boot(repeats, compare):
     vdso.calibrate()
     for code in ("print(1)", "import numpy", "import pandas"):
         argv = ["/usr/bin/python3", "-c", code]
-        native, guest, py, exits = [], [], [], 0
+        native, guest, py, setups, exits = [], [], [], [], 0
         for _ in range(repeats):               # interleaved: native, C, Python
             t0 = time.perf_counter_ns()
             subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
             native.append(time.perf_counter_ns() - t0)
-            elapsed, exits = measure("cold", code)
+            elapsed, exits, setup = measure("cold", code)
             guest.append(elapsed)
+            setups.append(setup)
             if compare:
                 py.append(in_python("cold", code)[0])
         g, n = np.median(guest) / 1e6, np.median(native) / 1e6
@@ -199,7 +203,7 @@ def cold_boot(repeats, compare):
         if compare:
             p = np.median(py) / 1e6
             line += f"   Python {p:8.1f} ms ({p / n:5.2f}x; C / Python {g / p:.2f}x)"
-        print(line + f"   ({exits} system calls)")
+        print(line + f"   ({exits} system calls; of C: constructor {np.median(setups) / 1e6:.1f} ms)")
 
 
 def warm_start(calls, modules, compare):

@@ -10,6 +10,7 @@
   number ENOSYS counted), with the calls whose answer is a constant served without a Python call.
 - `serve`: the exit loop (run, check the exit is exactly the syscall stub's `out`, dispatch,
   write the return), leaving on the first exit that is not a system call.
+- `top_gap`: the walk of AddressSpace.find_free over the mappings (every anonymous mmap).
 
 Backend-neutral: it reaches the vCPU only through the backend's Python-level functions
 (syscall_regs/syscall_return), so the KVM and the WHP backend share it. WHPFAST_PURE_PYTHON=1
@@ -214,6 +215,29 @@ def read_u64s(mm, addr, count):
     _check(mm, a, 8 * n, False)
     words = <const uint64_t *>(_base(mm) + a)     # x86-64: little-endian, unaligned loads fine
     return [words[i] for i in range(n)]
+
+
+def top_gap(list vmas not None, ceiling, length):
+    """mm.py_top_gap in C (AddressSpace.find_free's walk): the mappings from the highest down,
+    (c, True) for the first gap below ceiling c that fits length, else (c, False) with c where
+    the walk stopped. 0 < length <= ceiling < 2**64."""
+    cdef uint64_t c, n, v_start, v_end
+    cdef Py_ssize_t i
+    cdef object v
+    if not _u64(ceiling, &c) or not _u64(length, &n) or n == 0 or n > c:
+        raise ValueError(f"top_gap needs 0 < length <= ceiling < 2**64, got {length!r}, {ceiling!r}")
+    for i in range(PyList_GET_SIZE(vmas) - 1, -1, -1):
+        v = <object>PyList_GET_ITEM(vmas, i)
+        v_start = _field(v, 0)
+        if v_start >= c:
+            continue
+        if c < n:                   # (unsigned: c - n would wrap) no gap below fits any more
+            break
+        v_end = _field(v, 1)
+        if v_end <= c - n:
+            return c, True
+        c = v_start
+    return c, False
 
 
 cdef class Dispatcher:

@@ -12,7 +12,9 @@ FIFOs, sockets) under a read root are never opened.
 
 Host look-ups (lstat, readlink, directory listings) are cached per FileSystem for its lifetime:
 the read roots are taken as unchanging while a sandbox lives, which keeps CPython's thousands of
-stat/open calls cheap and a restore free of host calls.
+stat/open calls cheap and a restore free of host calls. Directory listings are also shared by
+the file systems of the whole process while the directory's mtime says it has not changed (see
+_host_entries): a host file changed between two sandboxes is seen by the second.
 
 Warm start: `capture()` returns an immutable `FsState` (fd table with offsets and flags, cwd,
 umask, the /tmp tree with its contents); `reset(state)` puts exactly that back. /tmp file contents
@@ -208,12 +210,57 @@ def _split(path):
     return [c for c in path.split(b"/") if c]
 
 
+_host_preadv = getattr(os, "preadv", None)     # not on Windows: read, then copy
 if hasattr(os, "pread"):
     _host_pread = os.pread
 else:                       # Windows: the host fd is private to this FileSystem, so seek + read
     def _host_pread(fd, n, offset):
         os.lseek(fd, offset, 0)
         return os.read(fd, n)
+
+
+# Host directory listings shared by every FileSystem of the process, {host path: ((mtime_ns,
+# ino, dev), {name: (ino, d_type)})}: a cold boot lists the same large directories as the last one
+# did (python3 -c 'print(1)': /usr/lib/python3.11 and others, ~0.3-0.5 ms each, a fifth of its
+# host time). An entry is used only while the directory's mtime, inode and device are unchanged
+# (creating, removing or renaming an entry changes the mtime), and stored only when that mtime is
+# more than _RACY_NS old when it is read: a change within the file system's timestamp
+# granularity (ext4: a jiffy) after the listing could otherwise keep the same mtime ("racy
+# git"). Bounded in directories and entries.
+_SHARED_LISTINGS = {}
+_SHARED_LISTINGS_ENTRIES = [0]
+_SHARED_LISTINGS_MAX = 1 << 18      # entries, all directories together
+_RACY_NS = 2 * 10**9
+
+
+def _host_entries(host):
+    """{name: (ino, d_type)} of the host directory at `host` (not to be modified)."""
+    try:
+        st = os.lstat(host)
+        key = (st.st_mtime_ns, st.st_ino, st.st_dev)
+        hit = _SHARED_LISTINGS.get(host)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        entries = {}
+        with os.scandir(host) as it:
+            for e in it:
+                if e.is_symlink():
+                    dtype = 10
+                elif e.is_dir(follow_symlinks=False):
+                    dtype = 4
+                elif e.is_file(follow_symlinks=False):
+                    dtype = 8
+                else:                   # rare: a device, FIFO or socket
+                    dtype = _DT.get(e.stat(follow_symlinks=False).st_mode & S_IFMT, 0)
+                entries[os.fsencode(e.name)] = (e.inode(), dtype)
+    except OSError as e:
+        raise from_oserror(e) from None
+    if time.time_ns() - st.st_mtime_ns > _RACY_NS \
+            and _SHARED_LISTINGS_ENTRIES[0] + len(entries) <= _SHARED_LISTINGS_MAX:
+        old = _SHARED_LISTINGS.get(host)
+        _SHARED_LISTINGS[host] = (key, entries)
+        _SHARED_LISTINGS_ENTRIES[0] += len(entries) - (len(old[1]) if old else 0)
+    return entries
 
 
 # ----------------------------------------------------------------------------------- the class
@@ -778,6 +825,37 @@ class FileSystem:
             _fail(EINVAL)
         return self._read_at(desc, n, offset)
 
+    def read_into(self, fd, buf):
+        """read() into a writable buffer (the guest's, in guest memory); returns the count.
+        For a host file that is one preadv into it: no bytes object in between, which for the
+        reads of a Python import (~9 KiB on average, some over 100 KiB) was an allocation and a
+        copy per call."""
+        desc = self._io_desc(fd, False)
+        n = self._read_at_into(desc, buf, desc.offset)
+        if n and desc.node.fmt == S_IFREG:
+            desc.offset += n
+            self._moved(desc)
+        return n
+
+    def pread_into(self, fd, buf, offset):
+        """pread() into a writable buffer; returns the count."""
+        desc = self._io_desc(fd, False, positional=True)
+        offset = _s64(offset)
+        if offset < 0:
+            _fail(EINVAL)
+        return self._read_at_into(desc, buf, offset)
+
+    def _read_at_into(self, desc, buf, offset):
+        node = desc.node
+        if type(node) is _HostNode and node.fmt == S_IFREG and _host_preadv is not None:
+            try:
+                return _host_preadv(self._hostfd(node), [buf[:MAX_IO]], offset)
+            except OSError as e:
+                raise from_oserror(e) from None
+        data = self._read_at(desc, len(buf), offset)
+        buf[:len(data)] = data
+        return len(data)
+
     def write(self, fd, data):
         desc = self._io_desc(fd, True)
         node = desc.node
@@ -892,22 +970,7 @@ class FileSystem:
         cached = self._listings.get(d.path)
         if cached is not None:
             return cached
-        entries = {}
-        if type(d) is _HostNode:
-            try:
-                with os.scandir(d.host) as it:
-                    for e in it:
-                        if e.is_symlink():
-                            dtype = 10
-                        elif e.is_dir(follow_symlinks=False):
-                            dtype = 4
-                        elif e.is_file(follow_symlinks=False):
-                            dtype = 8
-                        else:                   # rare: a device, FIFO or socket
-                            dtype = _DT.get(e.stat(follow_symlinks=False).st_mode & S_IFMT, 0)
-                        entries[os.fsencode(e.name)] = (e.inode(), dtype)
-            except OSError as e:
-                raise from_oserror(e) from None
+        entries = dict(_host_entries(d.host)) if type(d) is _HostNode else {}
         for name, node in self._overlay.get(d.path, {}).items():
             entries[name] = (node.ino, _DT.get(node.fmt, 0))
         listing = dots + [(n, ino, dt) for n, (ino, dt) in sorted(entries.items())]
@@ -949,6 +1012,16 @@ class FileSystem:
             return self._hostfd(node), node.st.st_size
         except OSError as e:
             raise from_oserror(e) from None
+
+    def regular_size(self, fd):
+        """The size of the regular file open at fd (for the loader, which then reads it with
+        pread_into); ENODEV for anything that is not a regular file."""
+        desc = self._desc(fd)
+        if desc.flags & O_PATH:
+            _fail(EBADF)
+        if desc.node.fmt != S_IFREG:
+            _fail(ENODEV)
+        return self._size(desc)
 
     def contents(self, fd):
         """The whole contents of the regular file open at fd (for mmap of /tmp and synthesized

@@ -50,30 +50,73 @@ class ElfFile:
         return lo, page_up(max(s.vaddr + s.memsz for s in self.segments))
 
 
+class Image:
+    """An ELF file as the loader reads it: its size, and reads at an offset into a buffer.
+    parse() reads only the headers through it and load() reads each segment straight into guest
+    memory, so a program is never held whole in host memory (python3: 7 MB read into a bytes
+    object and then copied, every cold boot). read_into(buf, offset) fills buf from offset and
+    returns the count (short only at the end of the file); Image.of(bytes) for bytes."""
+
+    def __init__(self, size, read_into):
+        self.size = size
+        self._read_into = read_into
+
+    @classmethod
+    def of(cls, data):
+        view = memoryview(data).cast("B")
+
+        def read_into(buf, offset):
+            part = view[offset:offset + len(buf)]
+            buf[:len(part)] = part
+            return len(part)
+        return cls(len(view), read_into)
+
+    def read_into(self, buf, offset):
+        done = 0
+        while done < len(buf):
+            n = self._read_into(buf[done:], offset + done)
+            if n <= 0:
+                break
+            done += n
+        return done
+
+    def read(self, offset, n):
+        """Up to n bytes from offset (fewer at the end of the file)."""
+        buf = bytearray(max(0, min(n, self.size - offset)))
+        return bytes(buf[:self.read_into(memoryview(buf), offset)])
+
+
 def parse(data, name):
-    """Checks and decodes the headers of an ELF image (bytes)."""
+    """Checks and decodes the headers of an ELF file (an Image, or bytes)."""
     def fail(why):
         raise GuestLoadError(f"{name} cannot be run: {why}")
 
-    if len(data) < EHDR.size or data[:4] != b"\x7fELF":
+    image = data if isinstance(data, Image) else Image.of(data)
+    size = image.size
+    head = image.read(0, EHDR.size)
+    if len(head) < EHDR.size or head[:4] != b"\x7fELF":
         fail("not an ELF file")
     ident, etype, machine, _version, entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum, \
-        *_ = EHDR.unpack_from(data)
+        *_ = EHDR.unpack_from(head)
     if ident[4] != 2 or ident[5] != 1:
         fail("not a 64-bit little-endian ELF")
     if machine != EM_X86_64:
         fail(f"built for machine {machine}, not x86-64 ({EM_X86_64})")
     if etype not in (ET_EXEC, ET_DYN):
         fail(f"ELF type {etype} is neither an executable nor a shared object")
-    if phentsize != PHDR.size or not 0 < phnum <= MAX_PHNUM or phoff + phnum * PHDR.size > len(data):
+    if phentsize != PHDR.size or not 0 < phnum <= MAX_PHNUM or phoff + phnum * PHDR.size > size:
         fail(f"bad program header table ({phnum} entries of {phentsize} bytes at {phoff:#x})")
+    table = image.read(phoff, phnum * PHDR.size)
+    if len(table) != phnum * PHDR.size:
+        fail("the file is shorter than its size (it changed while it was read)")
     segments, interp, phdr = [], b"", -1
     for i in range(phnum):
-        ptype, flags, offset, vaddr, _paddr, filesz, memsz, _align = PHDR.unpack_from(data, phoff + i * PHDR.size)
+        ptype, flags, offset, vaddr, _paddr, filesz, memsz, _align = PHDR.unpack_from(table, i * PHDR.size)
         if ptype == PT_INTERP:
-            if filesz < 2 or filesz > 4096 or offset + filesz > len(data) or data[offset + filesz - 1] != 0:
+            raw = image.read(offset, filesz) if 2 <= filesz <= 4096 and offset + filesz <= size else b""
+            if not raw or len(raw) != filesz or raw[-1] != 0:
                 fail("bad PT_INTERP")
-            interp = bytes(data[offset:offset + filesz - 1])
+            interp = raw[:-1]
             if b"\0" in interp:
                 fail("bad PT_INTERP")
         elif ptype == PT_PHDR:
@@ -81,7 +124,7 @@ def parse(data, name):
         elif ptype == PT_LOAD:
             if memsz == 0:
                 continue
-            if filesz > memsz or offset + filesz > len(data) or (vaddr - offset) % PAGE \
+            if filesz > memsz or offset + filesz > size or (vaddr - offset) % PAGE \
                     or vaddr + memsz > 1 << 47:
                 fail(f"segment {i} is inconsistent (vaddr {vaddr:#x}, offset {offset:#x}, "
                      f"filesz {filesz:#x}, memsz {memsz:#x})")
@@ -118,15 +161,21 @@ def place(mm, elf, *, main):
 
 
 def load(mm, elf, data, bias, name):
-    """Maps every PT_LOAD segment at bias and copies its file bytes in (as a private file
-    mapping would show them); the rest of each segment is zero. Returns the end of the image."""
+    """Maps every PT_LOAD segment at bias and reads its file bytes in (as a private file mapping
+    would show them); the rest of each segment is zero. data: the Image (or bytes) parse() read.
+    Returns the end of the image."""
+    image = data if isinstance(data, Image) else Image.of(data)
     end = 0
     for s in elf.segments:
         start = (s.vaddr + bias) & ~(PAGE - 1)
         stop = page_up(s.vaddr + bias + s.memsz)
         file_start = s.offset - (s.vaddr + bias - start)
         mm.map(start, stop - start, s.prot, fixed=True, name=name, offset=file_start)
-        mm.store(start, data[file_start:s.offset + s.filesz])
+        want = s.offset + s.filesz - file_start
+        got = mm.fill(start, want, lambda view: image.read_into(view, file_start))
+        if want > 0 and got != want:
+            raise GuestLoadError(f"{elf.name} cannot be run: the file is shorter than its size "
+                                 f"(it changed while it was read)")
         end = max(end, s.vaddr + bias + s.memsz)
     return end
 

@@ -15,6 +15,7 @@ state go back through the warm-start core Sandbox uses too (whpfast/core/warm.py
 for guest writes, its host-dirty bitmap for the host's, fed by mm.fill/mm.store, the hot set)."""
 
 import errno
+import functools
 import os
 import struct
 import threading
@@ -152,7 +153,9 @@ def _check_config(config):
     return {k: config[k] for k in ("read", "exe", "cwd", "stack_size", "tmp_size")}
 
 
+@functools.lru_cache(maxsize=None)
 def _host_auxv(key):
+    """The host's auxv value for key (AT_HWCAP*): per host, so read once per process."""
     import ctypes
     libc = ctypes.CDLL(None)
     libc.getauxval.restype = ctypes.c_ulong
@@ -197,13 +200,14 @@ class LinuxSandbox(Resource):
         self._setup(memory_size, on_output)
         with ExitStack() as undo:
             undo.callback(self._close_parts)
-            data = self._read_program(exe)
-            elf = loader.parse(data, exe)
-            try:
-                self._exec(elf, data, exe, argv, envp)
-            except LinuxError as e:
-                raise GuestLoadError(f"{exe} does not fit the sandbox ({e}); give it a larger "
-                                     f"memory_size") from None
+            with ExitStack() as files:          # the program's and interpreter's fds
+                image = self._program_image(exe, files)
+                elf = loader.parse(image, exe)
+                try:
+                    self._exec(elf, image, exe, argv, envp, files)
+                except LinuxError as e:
+                    raise GuestLoadError(f"{exe} does not fit the sandbox ({e}); give it a larger "
+                                         f"memory_size") from None
             undo.pop_all()
         self._closed = False
 
@@ -309,7 +313,8 @@ class LinuxSandbox(Resource):
         store(machine.IDT_ADDR, machine._idt())
         store(machine.STUBS_ADDR, machine._stubs())
         store(SYSCALL_STUB, SYSCALL_STUB_CODE)
-        store(pt_base, identity_page_tables(layout).tobytes())
+        for gpa, table in identity_page_tables(layout):     # the non-zero pages only
+            store(gpa, table)
         args = machine.sregs_arguments(layout)
         args.update(cr4=CR4)
         vcpu.init_long_mode(**args)
@@ -321,13 +326,13 @@ class LinuxSandbox(Resource):
                 if xcr0 == XCR0_CHOICES[-1]:
                     raise
 
-    def _exec(self, elf, data, exe, argv, envp):
+    def _exec(self, elf, data, exe, argv, envp, files):
         mm = self.mm
         stack_top = mm.top - PAGE
         stack_bottom = stack_top - self.stack_size
         interp = interp_data = None
         if elf.interp:
-            interp_data = self._read_interpreter(exe, elf.interp)
+            interp_data = self._interpreter_image(exe, elf.interp, files)
             interp = loader.parse(interp_data, elf.interp.decode("utf-8", "replace"))
             if interp.interp:
                 raise GuestLoadError(f"the interpreter {elf.interp.decode()} itself names an interpreter")
@@ -375,30 +380,35 @@ class LinuxSandbox(Resource):
                 return len(view)
             self.mm.fill(where[0], where[1] - where[0], write)
 
-    def _read_program(self, exe):
+    def _fs_image(self, path, files):
+        """A loader.Image of the regular file at path in the sandbox's file system, read through
+        an fd that `files` (an ExitStack) closes; LinuxError when it cannot be."""
+        fs = self.fs
+        fd = fs.openat(syscalls.AT_FDCWD, path, os.O_RDONLY, 0)
+        files.callback(fs.close, fd)
+
+        def read_into(buf, offset):
+            try:
+                return fs.pread_into(fd, buf, offset)
+            except LinuxError as e:         # e.g. ESTALE: replaced on the host meanwhile
+                raise GuestLoadError(f"cannot read {os.fsdecode(path)} to load it ({e})") from None
+        return loader.Image(fs.regular_size(fd), read_into)
+
+    def _program_image(self, exe, files):
         """argv[0] as the program sees it: through the sandbox's file system (a `read` mapping
         such as {"/": rootfs} decides where it comes from). With `read` a list of host paths (seen
         at the same paths), a program outside them is read from the host: the caller named it."""
         try:
-            fd = self.fs.openat(syscalls.AT_FDCWD, os.fsencode(exe), os.O_RDONLY, 0)
-            try:
-                return self.fs.contents(fd)
-            finally:
-                self.fs.close(fd)
+            return self._fs_image(os.fsencode(exe), files)
         except LinuxError as e:
             if isinstance(self._config["read"], dict):
                 raise GuestLoadError(f"the program {exe} is not readable inside the sandbox "
                                      f"({os.strerror(e.errno)}): the read= mapping must show it") from None
-        return read_program(exe)
+        return loader.Image.of(read_program(exe))
 
-    def _read_interpreter(self, exe, path):
-        fs = self.fs
+    def _interpreter_image(self, exe, path, files):
         try:
-            fd = fs.openat(syscalls.AT_FDCWD, path, os.O_RDONLY, 0)
-            try:
-                return fs.contents(fd)
-            finally:
-                fs.close(fd)
+            return self._fs_image(path, files)
         except LinuxError as e:
             raise GuestLoadError(
                 f"{exe} is dynamically linked: its interpreter {path.decode('utf-8', 'replace')} is not "
