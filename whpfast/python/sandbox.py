@@ -14,6 +14,7 @@ restored before it runs again."""
 
 import hashlib
 import json
+import json.encoder
 import os
 import struct
 import sys
@@ -31,6 +32,7 @@ from ..core.resource import Resource
 from ..linux.fs import inside_path, read_mapping
 from ..linux.process import LinuxSandbox, LinuxSnapshot
 
+_encode_str = json.encoder.encode_basestring_ascii     # json.dumps's (ensure_ascii) str encoder
 DRIVER = (Path(__file__).with_name("driver.py")).read_text()
 DRIVER_DIGEST = hashlib.sha256(DRIVER.encode()).hexdigest()
 MAGIC = b"\x00whpfast-py-ans\x00"           # driver.py's answer header: MAGIC, length (u64 LE)
@@ -266,8 +268,7 @@ class PythonSandbox(Resource):
 
     def _request(self, op, code, timeout):
         """Sends one request to the parked driver and returns (PythonResult, value)."""
-        payload = json.dumps({"op": op, "code": code, "seed": os.urandom(32).hex(),
-                              "cap": OUTPUT_LIMIT}).encode()
+        payload = _encode_request(op, code, os.urandom(32).hex())
         self._stale = True                       # until a clean answer says otherwise
         self._budget.used = 0
         try:
@@ -288,6 +289,14 @@ class PythonSandbox(Resource):
         result = PythonResult(r.stdout.decode("utf-8", "replace") + answer["stdout"],
                               raw_err + answer["stderr"], answer["error"])
         return result, answer["value"]
+
+
+def _encode_request(op, code, seed):
+    """json.dumps({"op": op, "code": code, "seed": seed, "cap": OUTPUT_LIMIT}).encode(), the same
+    bytes without the encoder's per-call set-up (~3-6 us of a ~220 us request, GIL held): op
+    and seed are ours (a name, hex digits); code goes through the C function json.dumps uses
+    for a str (ensure_ascii)."""
+    return f'{{"op": "{op}", "code": {_encode_str(code)}, "seed": "{seed}", "cap": {OUTPUT_LIMIT}}}'.encode()
 
 
 def _read_answer(lx):
