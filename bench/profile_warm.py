@@ -24,6 +24,10 @@ from whpfast.linux import process, syscalls
 from whpfast.python import sandbox as py_sandbox
 
 HELLO = 'print("hello world")'
+# Spans that run (almost) entirely without the GIL in this tree: KVM_RUN, the page copies, the
+# restore's ioctls. (Before the warmpath branch only the first two: pass --nogil to say so.)
+NOGIL = ("run_until (KVM_RUN, no GIL)", "_pages.restore (no GIL)", "get_dirty_log",
+         "clear_dirty_log", "load_state")
 
 
 class Spans:
@@ -83,6 +87,9 @@ def install(sb, spans):
     patch(lx.mm, "reset", "mm.reset")
     patch(lx.fs, "reset", "fs.reset")
     patch(lx, "_refresh_vdso", "_refresh_vdso")
+    patch(lx, "_vvar", "_vvar")
+    if getattr(process, "_linux", None) is not None and hasattr(process._linux, "refresh_vdso"):
+        patch(process._linux, "refresh_vdso", "_linux.refresh_vdso")
     patch(process.cpu, "check", "cpu.check")
     patch(sb, "_request", "_request")
     patch(py_sandbox.json, "dumps", "json.dumps")
@@ -104,6 +111,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=2000, help="requests per pass")
     parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--nogil", default=";".join(NOGIL),
+                        help="the spans that run without the GIL (separated by ;, default: this "
+                             "tree's)")
     args = parser.parse_args()
     print(f"hypervisor: {whpfast.hypervisor()} (development machines: PVM /dev/kvm)")
     with whpfast.PythonSandbox(warmup=HELLO) as sb:
@@ -130,6 +140,12 @@ def main():
             calls = len(a) / args.n
             print(f"{'  ' * spans.depth[name] + name:<44} {calls:6.2f} {np.median(a) / 1e3:10.2f} "
                   f"{per_request / 1e3:10.2f}")
+        total = np.array(spans.ns["request (PythonSandbox._call)"], dtype=np.int64)
+        released = sum(np.array(spans.ns[n], dtype=np.int64).sum() for n in args.nogil.split(";")
+                       if n in spans.ns) / args.n
+        held = total.mean() - released
+        print(f"GIL held per request (mean, wrapped): {held / 1e3:.1f} us of {total.mean() / 1e3:.1f} us "
+              f"({held / total.mean():.0%}); released in: {args.nogil}")
         print("last_restore:", sb.linux.last_restore)
         if args.cprofile:
             prof = cProfile.Profile()

@@ -127,3 +127,46 @@ def test_restores_in_two_threads_at_once_stay_exact():
     finally:
         for b in boxes:
             b.close()
+
+
+def test_answers_on_both_sides_of_the_first_read(sb):
+    """_read_answer takes a small answer with its header in one read, a larger one in two: the
+    lengths around that boundary all come back whole."""
+    overhead = len(json.dumps({"stdout": "", "stderr": "", "error": None, "value": ""}))
+    first = py_sandbox.FIRST_READ - py_sandbox.HEADER.size - overhead
+    for n in list(range(first - 3, first + 4)) + [0, 100_000]:
+        assert sb.eval(f"'x' * {n}") == "x" * n
+
+
+UNMAP_VVAR = """
+import ctypes, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+line = [l for l in open('/proc/self/maps') if '[vvar]' in l][0]
+ADDR, END = (int(x, 16) for x in line.split()[0].split('-'))
+assert libc.munmap(ADDR, END - ADDR) == 0
+assert libc.mmap(ADDR, END - ADDR, 3, 0x32, -1, 0) == ADDR
+ctypes.memset(ADDR, 0x5A, END - ADDR)
+print(ctypes.string_at(ADDR, 4) == b'ZZZZ')
+"""
+
+
+def test_a_vvar_replaced_during_a_run_is_back_and_fresh_after_the_restore(sb):
+    """The data area's place is remembered per captured mapping state: a run that unmaps it and
+    maps its own memory there changes the mappings, the restore puts the snapshot's back, and
+    the refresh after it finds the data area and writes it (not the run's memory)."""
+    lx = sb.linux
+    for _ in range(2):
+        r = sb.run(UNMAP_VVAR)
+        assert (r.stdout, r.error) == ("True\n", None)
+        assert lx._vvar() is None                       # the run's mappings: no [vvar]
+        before = vdso.host_clocks()
+        lx.restore(sb.snapshot)
+        after = vdso.host_clocks()
+        assert lx._vvar() is not None
+        _, (seq, mode, tsc_base, mult, shift, coarse, real, mono, raw_ns, boot) = _data_area(lx)
+        assert seq % 2 == 0 and before.monotonic_ns <= mono <= after.monotonic_ns
+        assert before.tsc <= tsc_base <= after.tsc
+        assert abs(sb.eval("time.time()", fresh=False) - time.time()) < 0.5

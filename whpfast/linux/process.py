@@ -706,9 +706,10 @@ class LinuxSandbox(Resource):
         stats = self._warm.restore(snapshot, self._captured_ranges)
         # Translations the hypervisor built from page tables that have just been put back.
         changed = [(USER_MIN, mm.top)] if full else mm.changed
-        mm.changed = []
-        for start, end in _merge(changed):
-            impl.memory_invalidate(self._vcpu, self._memory, start, end - start, False)
+        if changed:
+            mm.changed = []
+            for start, end in _merge(changed):
+                impl.memory_invalidate(self._vcpu, self._memory, start, end - start, False)
         mm_state, fs_state, self.proc, self._io = snapshot._components
         mm.reset(mm_state)
         self.fs.reset(fs_state)
@@ -721,17 +722,27 @@ class LinuxSandbox(Resource):
     def _vvar(self):
         """(start, end) of the [vvar] mapping, or None. Every restore refreshes it: a walk over all
         mappings cost ~0.5 ms of a pandas sandbox's ~1 ms restore, so once found it is looked up
-        by address (binary search), and found again by a walk only if it moved or vanished."""
-        mm, at = self.mm, getattr(self, "_vvar_at", None)
+        by address (binary search), and found again by a walk only if it moved or vanished. And
+        while the mappings are those of one captured state (mm._frozen: a restore to the
+        baseline puts the same state object back; any change of a mapping clears it), the
+        answer found for that state is reused."""
+        mm = self.mm
+        state = mm._frozen
+        if state is not None and state is getattr(self, "_vvar_state", None):
+            return self._vvar_found
+        found, at = None, getattr(self, "_vvar_at", None)
         if at is not None:
             i, j = mm._span(at, at + 1)
             if i < j and mm.vmas[i].name == b"[vvar]":
-                return mm.vmas[i].start, mm.vmas[i].end
-        for v in mm.vmas:
-            if v.name == b"[vvar]":
-                self._vvar_at = v.start
-                return v.start, v.end
-        return None
+                found = mm.vmas[i].start, mm.vmas[i].end
+        if found is None:
+            for v in mm.vmas:
+                if v.name == b"[vvar]":
+                    self._vvar_at = v.start
+                    found = v.start, v.end
+                    break
+        self._vvar_state, self._vvar_found = state, found
+        return found
 
     # -- for cooperating programs ------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ DRIVER = (Path(__file__).with_name("driver.py")).read_text()
 DRIVER_DIGEST = hashlib.sha256(DRIVER.encode()).hexdigest()
 MAGIC = b"\x00whpfast-py-ans\x00"           # driver.py's answer header: MAGIC, length (u64 LE)
 HEADER = struct.Struct("<16sQ")
+FIRST_READ = 4096                            # bytes of the answer buffer _read_answer reads at once
 ANSWER_LIMIT = 16 << 20                      # bytes of answer JSON accepted (= driver.py's, = MAX_IO)
 DEFAULT_MEMORY_SIZE = 512 << 20
 OUTPUT_LIMIT = 1 << 20                       # characters of stdout / stderr kept per run
@@ -310,13 +311,19 @@ def _read_answer(lx):
         raise bad("no answer: the guest is not parked in a read of stdin")
     address, length = where
     try:
-        magic, size = HEADER.unpack(lx.mm.read(address, HEADER.size)) if length >= HEADER.size else (b"", 0)
+        # The header and, for a small answer (the usual one), the body too in one checked read
+        # of the buffer's start; a larger body in a second read once its length is checked.
+        head = lx.mm.read(address, min(length, FIRST_READ)) if length >= HEADER.size else b""
+        magic, size = HEADER.unpack_from(head) if head else (b"", 0)
         if magic != MAGIC:
             raise bad("no answer header: the guest waits for input it was not sent (did the code read stdin?)")
         if size > length - HEADER.size or size > ANSWER_LIMIT:
             raise bad(f"its length {size} exceeds its buffer of {length} bytes or the "
                       f"{ANSWER_LIMIT >> 20} MiB limit")
-        body = lx.mm.read(address + HEADER.size, size)
+        if HEADER.size + size <= len(head):
+            body = head[HEADER.size:HEADER.size + size]
+        else:
+            body = lx.mm.read(address + HEADER.size, size)
     except LinuxError:
         raise bad("its buffer is not readable guest memory") from None
     try:
