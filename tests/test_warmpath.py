@@ -170,3 +170,30 @@ def test_a_vvar_replaced_during_a_run_is_back_and_fresh_after_the_restore(sb):
         assert seq % 2 == 0 and before.monotonic_ns <= mono <= after.monotonic_ns
         assert before.tsc <= tsc_base <= after.tsc
         assert abs(sb.eval("time.time()", fresh=False) - time.time()) < 0.5
+
+
+def test_host_writes_are_marked_and_undone_by_the_next_restore(sb):
+    """A host write into guest memory (what a system call's answer does) marks its pages in C:
+    the bit, and its word in the list the restore reads; the restore then puts the snapshot's
+    bytes back. Once within one page, once across two pages of one bitmap word, once across
+    two words."""
+    lx = sb.linux
+    warm = lx._warm
+    stack = next(v for v in lx.mm.vmas if v.name == b"[stack]")
+    image = sb.snapshot._image_view
+    word_start = -(-stack.start // (64 * 4096)) * 64 * 4096     # a bitmap word's first page
+    spots = [(stack.start + 100, 16), (stack.start + 4096 - 8, 16)]
+    if stack.start < word_start - 4096 and word_start + 4096 <= stack.end:
+        spots.append((word_start - 8, 16))
+    for addr, n in spots:
+        lx.restore(sb.snapshot)
+        pages = range(addr // 4096, (addr + n - 1) // 4096 + 1)
+        assert not any(int(warm._host[p >> 6]) >> (p & 63) & 1 for p in pages)
+        lx.mm.write(addr, b"\xab" * n)
+        for page in pages:
+            assert int(warm._host[page >> 6]) >> (page & 63) & 1
+            assert page >> 6 in warm._host_words
+        assert lx.mm.read(addr, n) == b"\xab" * n
+        lx.restore(sb.snapshot)
+        assert lx.mm.read(addr, n) == bytes(image[addr:addr + n]) != b"\xab" * n
+        assert lx.last_restore["host_pages"] >= 1

@@ -96,14 +96,22 @@ cdef uint8_t *_base(object mm) except NULL:
 
 cdef int _mark(object warm, uint64_t start, uint64_t end) except -1:
     """The pages of [start, end) were written by the host: set in the warm-start core's
-    host-dirty bitmap unless they already are (WarmMemory.mark does the general case)."""
+    host-dirty bitmap. Pages of one bitmap word (every system call's write, the vDSO refresh)
+    here, as WarmMemory.mark does it: the bits, and the word in its list of words with bits;
+    the general case there."""
     cdef uint64_t p0 = start // PAGE, p1 = (end + PAGE - 1) // PAGE, mask
     cdef uint64_t[::1] host
+    if end <= start:
+        return 0
     if p1 - 1 >> 6 == p0 >> 6:
         host = warm._host
+        if p0 >> 6 >= <uint64_t>host.shape[0]:
+            raise ValueError(f"host write at {start:#x} is outside the guest memory's bitmap")
         mask = ((<uint64_t>1 << (p1 - p0)) - 1 if p1 - p0 < 64 else MASK64) << (p0 & 63)
-        if host[p0 >> 6] & mask == mask:
-            return 0                        # already marked (and its word already listed)
+        if host[p0 >> 6] & mask != mask:
+            host[p0 >> 6] |= mask
+            warm._host_words.add(<Py_ssize_t>(p0 >> 6))
+        return 0
     warm.mark(start, end)
     return 0
 
