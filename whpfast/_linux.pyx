@@ -21,7 +21,7 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
-from libc.stdint cimport uint8_t, uint64_t, uintptr_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memchr, memcpy
 
 from .linux import errno as _errno
@@ -97,14 +97,22 @@ cdef uint8_t *_base(object mm) except NULL:
 
 cdef int _mark(object warm, uint64_t start, uint64_t end) except -1:
     """The pages of [start, end) were written by the host: set in the warm-start core's
-    host-dirty bitmap unless they already are (WarmMemory.mark does the general case)."""
+    host-dirty bitmap. Pages of one bitmap word (every system call's write, the vDSO refresh)
+    here, as WarmMemory.mark does it: the bits, and the word in its list of words with bits;
+    the general case there."""
     cdef uint64_t p0 = start // PAGE, p1 = (end + PAGE - 1) // PAGE, mask
     cdef uint64_t[::1] host
+    if end <= start:
+        return 0
     if p1 - 1 >> 6 == p0 >> 6:
         host = warm._host
+        if p0 >> 6 >= <uint64_t>host.shape[0]:
+            raise ValueError(f"host write at {start:#x} is outside the guest memory's bitmap")
         mask = ((<uint64_t>1 << (p1 - p0)) - 1 if p1 - p0 < 64 else MASK64) << (p0 & 63)
-        if host[p0 >> 6] & mask == mask:
-            return 0                        # already marked (and its word already listed)
+        if host[p0 >> 6] & mask != mask:
+            host[p0 >> 6] |= mask
+            warm._host_words.add(<Py_ssize_t>(p0 >> 6))
+        return 0
     warm.mark(start, end)
     return 0
 
@@ -305,3 +313,56 @@ def serve(p, vcpu, bint pending, run_until, deadline, dispatch, syscall_regs, sy
         else:
             result = dispatch(p, regs[0], regs[1:7])
         syscall_return(vcpu, result & MASK64, user_cs, user_ds)
+
+
+# -- the vDSO data area, refreshed on every restore ------------------------------------------------
+
+cdef extern from "linux/vdso/vdso_data.h":
+    cdef struct whpfast_vdso_data:
+        uint32_t seq
+        uint32_t mode
+        uint64_t tsc_base
+        uint64_t mult
+        uint32_t shift
+        uint32_t coarse_res_ns
+        uint64_t base_ns[4]
+
+cdef struct clock_sample:          # struct whpfast_clock_sample of linux/vdso/host_clock.c
+    uint64_t tsc
+    uint64_t gap
+    int64_t realtime_ns, monotonic_ns, raw_ns, boottime_ns
+
+ctypedef void (*clock_sample_fn)(clock_sample *out, int tries) noexcept nogil
+
+
+def refresh_vdso(mm, uint64_t addr, uintptr_t sample_fn, uint32_t mode, uint64_t mult,
+                 uint32_t shift, uint32_t coarse_res_ns, uint64_t tsc_offset):
+    """vdso.refresh of the data area at guest address addr, in C (it runs on every restore;
+    through Python it cost ~7-25 us of GIL-held time per request): pairs the host's TSC with
+    its clocks now through sample_fn (host_clock.c's whpfast_clock_sample, the address of the
+    very function vdso.host_clocks calls) and writes struct whpfast_vdso_data there under its
+    seqlock, with mode, mult, shift and coarse_res_ns as vdso.write_data computes them. A host
+    write: the page is marked for the next restore."""
+    cdef uint64_t size = PyLong_AsUnsignedLongLong(mm.warm.size)
+    cdef clock_sample s
+    cdef volatile whpfast_vdso_data *d
+    cdef uint32_t seq
+    if sample_fn == 0 or addr % 8 or addr > size or size - addr < sizeof(whpfast_vdso_data):
+        raise ValueError(f"the vDSO data area at {addr:#x} is outside the guest memory or misaligned")
+    (<clock_sample_fn>sample_fn)(&s, 4)
+    d = <volatile whpfast_vdso_data *>(_base(mm) + addr)
+    seq = d.seq | 1                            # odd: readers retry
+    d.seq = seq
+    # Every store goes through `d` (volatile: the compiler keeps their order) and x86 makes
+    # stores visible in program order, so a reader never takes a torn body for a valid one.
+    d.mode = mode
+    d.tsc_base = s.tsc + tsc_offset
+    d.mult = mult
+    d.shift = shift
+    d.coarse_res_ns = coarse_res_ns
+    d.base_ns[0] = <uint64_t>s.realtime_ns
+    d.base_ns[1] = <uint64_t>s.monotonic_ns
+    d.base_ns[2] = <uint64_t>s.raw_ns
+    d.base_ns[3] = <uint64_t>s.boottime_ns
+    d.seq = seq + 1                            # even again, a new generation
+    _mark(mm.warm, addr, addr + sizeof(whpfast_vdso_data))

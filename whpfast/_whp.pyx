@@ -163,10 +163,14 @@ cdef class Vm:
 
     def get_dirty_log(self, uint32_t slot, unsigned char[::1] bitmap not None):
         """Fills bitmap with the pages the guest wrote, and clears and re-arms them (one call)."""
+        cdef WHV_PARTITION_HANDLE p = self._handle()
+        cdef uint64_t gpa, size
+        cdef HRESULT hr
         gpa, size = self.slots[slot]
-        _check_hr(WHvQueryGpaRangeDirtyBitmap(self._handle(), gpa, size, <uint64_t *>&bitmap[0],
-                                              <uint32_t>bitmap.shape[0]),
-                  f"WHvQueryGpaRangeDirtyBitmap slot {slot}")
+        with nogil:         # only C data: other threads' sandboxes run meanwhile
+            hr = WHvQueryGpaRangeDirtyBitmap(p, gpa, size, <uint64_t *>&bitmap[0], <uint32_t>bitmap.shape[0])
+        if hr < 0:
+            _check_hr(hr, f"WHvQueryGpaRangeDirtyBitmap slot {slot}")
 
     def clear_dirty_log(self, uint32_t slot, uint64_t first_page, uint32_t num_pages, bitmap):
         """Nothing to do: reading the dirty bitmap already cleared it."""
@@ -463,7 +467,9 @@ cdef class Vcpu(CancelState):
         cdef bytes regs = state.get("registers")
         cdef bytes xsave = state.get("xsave")
         cdef const WHV_REGISTER_VALUE *values
-        cdef uint32_t i
+        cdef uint32_t i, n
+        cdef char *area
+        cdef HRESULT hr
         if not isinstance(regs, bytes) or len(regs) != REGISTERS_SIZE:
             got = len(regs) if isinstance(regs, bytes) else type(regs).__name__
             raise errors.SnapshotError(f"vCPU state part 'registers' must be {REGISTERS_SIZE} bytes on "
@@ -476,8 +482,10 @@ cdef class Vcpu(CancelState):
         for i in range(N_STATE):
             self._queue(STATE_NAMES[i], <WHV_REGISTER_VALUE *>&values[i])
         if fpu or full:
-            _check_hr(WHvSetVirtualProcessorXsaveState(self.partition, self.index, <char *>xsave,
-                                                       len(xsave)), "WHvSetVirtualProcessorXsaveState")
+            area, n = <char *>xsave, len(xsave)     # `xsave` is held by this frame
+            with nogil:
+                hr = WHvSetVirtualProcessorXsaveState(self.partition, self.index, area, n)
+            _check_hr(hr, "WHvSetVirtualProcessorXsaveState")
             self.api_calls += 1
             return 2
         return 1

@@ -59,6 +59,7 @@ class WarmMemory:
         self.pages = self.size // PAGE
         words = (self.pages + 63) // 64
         self._dirty = np.zeros(words, dtype=np.uint64)      # dirty log, then pages to restore
+        self._dirty_bytes = self._dirty.view(np.uint8)      # ...as the hypervisor's calls take it
         self._host = np.zeros(words, dtype=np.uint64)       # pages the host wrote since the baseline
         self._host_words = set()                             # ...the words of _host with bits
         self._hot = np.zeros(words, dtype=np.uint64)        # pages left writable (see plan_hot)
@@ -195,7 +196,7 @@ class WarmMemory:
     def _restore(self, snapshot, ranges, t0):
         vm, dirty = self.vm, self._dirty
         self._start_logging()
-        vm.get_dirty_log(0, dirty.view(np.uint8))
+        vm.get_dirty_log(0, self._dirty_bytes)
         calls = 1
         full = snapshot is not self.baseline
         if full:

@@ -14,6 +14,7 @@ file system, signal table, pending input); restore() puts all of them back. Memo
 state go back through the warm-start core Sandbox uses too (whpfast/core/warm.py: the dirty log
 for guest writes, its host-dirty bitmap for the host's, fed by mm.fill/mm.store, the hot set)."""
 
+import ctypes
 import errno
 import functools
 import os
@@ -372,13 +373,18 @@ class LinuxSandbox(Resource):
     def _refresh_vdso(self):
         """Pairs the guest's TSC with the host's clocks now, in the vDSO's data area (a new VM,
         or a restored snapshot whose pairing is stale). A host write: marked for the next
+        restore. In C (_linux.refresh_vdso) unless WHPFAST_PURE_PYTHON=1: it runs on every
         restore."""
         where = self._vvar()
-        if where is not None:
+        if where is None:
+            return
+        if PURE_PYTHON:
             def write(view):
                 vdso.refresh(view, 0)
                 return len(view)
             self.mm.fill(where[0], where[1] - where[0], write)
+        else:
+            _linux.refresh_vdso(self.mm, where[0], *_vdso_parameters(), 0)
 
     def _fs_image(self, path, files):
         """A loader.Image of the regular file at path in the sandbox's file system, read through
@@ -486,11 +492,13 @@ class LinuxSandbox(Resource):
         with self._lock:
             self._check_ready()
             io = self._io
-            self._io = io._replace(input=io.input + bytes(input), eof=io.eof or eof)
+            # (IoState(...) rather than _replace(): this path runs per request, holding the GIL)
+            self._io = IoState(io.input + bytes(input), io.eof or eof, io.waiting, io.exit_code)
             self._stdout, self._stderr = bytearray(), bytearray()
             self._deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
             self._timeout = timeout
-            self._wake.clear()
+            if self._wake.is_set():
+                self._wake.clear()
             # Opens the run for cancel() (a cancel() from before it is forgotten); end_call()
             # closes it, so a late cancel() cannot poison the next run.
             self._vcpu.begin_call()
@@ -513,15 +521,17 @@ class LinuxSandbox(Resource):
 
     def _loop(self):
         vcpu = self._vcpu
-        pending = self._io.waiting       # the vCPU sits at a system call not answered yet
-        self._io = self._io._replace(waiting=False)
+        io = self._io
+        pending = io.waiting             # the vCPU sits at a system call not answered yet
+        self._io = IoState(io.input, io.eof, False, io.exit_code)
         self._warm.ran = True
         try:
             kind = _serve(self, vcpu, pending, run_until, self._deadline, syscalls.dispatch,
                           impl.syscall_regs, impl.syscall_return, impl.EXIT_IO, SYSCALL_PORT,
                           machine.USER_CS, machine.USER_DS)
         except syscalls.Park:
-            self._io = self._io._replace(waiting=True)
+            io = self._io
+            self._io = IoState(io.input, io.eof, True, io.exit_code)
             return self._result(None, True)
         except syscalls.ProgramExit as e:
             self._io = self._io._replace(exit_code=e.status)
@@ -545,8 +555,8 @@ class LinuxSandbox(Resource):
         if n == 0:
             return b""
         if io.input:
-            data, rest = io.input[:n], io.input[n:]
-            self._io = io._replace(input=rest)
+            data = io.input[:n]
+            self._io = IoState(io.input[n:], io.eof, io.waiting, io.exit_code)
             return data
         if io.eof:
             return b""
@@ -705,9 +715,10 @@ class LinuxSandbox(Resource):
         stats = self._warm.restore(snapshot, self._captured_ranges)
         # Translations the hypervisor built from page tables that have just been put back.
         changed = [(USER_MIN, mm.top)] if full else mm.changed
-        mm.changed = []
-        for start, end in _merge(changed):
-            impl.memory_invalidate(self._vcpu, self._memory, start, end - start, False)
+        if changed:
+            mm.changed = []
+            for start, end in _merge(changed):
+                impl.memory_invalidate(self._vcpu, self._memory, start, end - start, False)
         mm_state, fs_state, self.proc, self._io = snapshot._components
         mm.reset(mm_state)
         self.fs.reset(fs_state)
@@ -720,17 +731,27 @@ class LinuxSandbox(Resource):
     def _vvar(self):
         """(start, end) of the [vvar] mapping, or None. Every restore refreshes it: a walk over all
         mappings cost ~0.5 ms of a pandas sandbox's ~1 ms restore, so once found it is looked up
-        by address (binary search), and found again by a walk only if it moved or vanished."""
-        mm, at = self.mm, getattr(self, "_vvar_at", None)
+        by address (binary search), and found again by a walk only if it moved or vanished. And
+        while the mappings are those of one captured state (mm._frozen: a restore to the
+        baseline puts the same state object back; any change of a mapping clears it), the
+        answer found for that state is reused."""
+        mm = self.mm
+        state = mm._frozen
+        if state is not None and state is getattr(self, "_vvar_state", None):
+            return self._vvar_found
+        found, at = None, getattr(self, "_vvar_at", None)
         if at is not None:
             i, j = mm._span(at, at + 1)
             if i < j and mm.vmas[i].name == b"[vvar]":
-                return mm.vmas[i].start, mm.vmas[i].end
-        for v in mm.vmas:
-            if v.name == b"[vvar]":
-                self._vvar_at = v.start
-                return v.start, v.end
-        return None
+                found = mm.vmas[i].start, mm.vmas[i].end
+        if found is None:
+            for v in mm.vmas:
+                if v.name == b"[vvar]":
+                    self._vvar_at = v.start
+                    found = v.start, v.end
+                    break
+        self._vvar_state, self._vvar_found = state, found
+        return found
 
     # -- for cooperating programs ------------------------------------------------------------------
 
@@ -746,6 +767,20 @@ class LinuxSandbox(Resource):
             if nr != syscalls.NUMBERS["read"] or fd != 0:
                 return None
             return buf, min(count, syscalls.MAX_IO)
+
+
+@functools.lru_cache(maxsize=None)
+def _vdso_parameters():
+    """(clock sample function's address, mode, mult, shift, coarse resolution) for
+    _linux.refresh_vdso, once per process (the calibration is too): the fields vdso.refresh
+    would write, taken from a scratch area vdso.write_data fills (so it checks them, and the
+    formulas stay in one place)."""
+    cal = vdso.calibrate()
+    scratch = bytearray(vdso.DATA_SIZE)
+    vdso.write_data(scratch, 0, tsc_hz=cal.tsc_hz if cal.invariant else None, tsc_base=0,
+                    monotonic_base_ns=0, realtime_base_ns=0, raw_base_ns=0, boottime_base_ns=0)
+    mode, _, mult, shift, coarse = vdso._BODY.unpack_from(scratch, vdso._SEQ.size)[:5]
+    return ctypes.cast(vdso._helper(), ctypes.c_void_p).value, mode, mult, shift, coarse
 
 
 def _py_serve(p, vcpu, pending, run_until, deadline, dispatch, syscall_regs, syscall_return,
