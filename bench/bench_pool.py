@@ -20,7 +20,6 @@ queue wait and run time) to --out (default: the current directory; `whpfast benc
 in its report directory). Figures from the development machines come from a PVM /dev/kvm
 (software virtualization, ~25 us per exit), on 2 cores shared with other work."""
 
-import argparse
 import os
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import time
 import numpy as np
 
 import whpfast
-from whpfast.timing import write_results
+from whpfast.timing import rounds_cli
 
 HELLO = 'print("hello world")'
 COMPUTE = "x = 0\nfor i in range(30000):\n    x += i\nprint(x)"
@@ -267,20 +266,16 @@ def report(result, log=print):
             f"{result['hello_scaling_ceiling_2_threads']:.2f}x")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=1000, help="requests per configuration and round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=".", help="directory for bench_pool.json and bench_pool.npz")
-    parser.add_argument("--quick", action="store_true", help="a smoke run (100 requests, 1 round)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.requests, args.rounds = 100, 1
-    samples = measure(args.requests, args.rounds)
+def run(requests, rounds):
+    samples = measure(requests, rounds)
     result = summary(samples)
     report(result)
-    print(f"results: {write_results(args.out, 'bench_pool', result, samples)} and bench_pool.npz")
-    return 0
+    return result, samples
+
+
+def main(argv=None):
+    return rounds_cli(argv, __doc__.splitlines()[0], "bench_pool", requests=1000, quick=100,
+                      what="configuration", run=run)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ directory on its workers' path, where a source checkout's whpfast/ would shadow 
 one). Figures from the development machines come from a PVM
 /dev/kvm (software virtualization, ~25 us per exit), on 2 cores shared with other work."""
 
-import argparse
 import os
 import shutil
 import sys
@@ -29,7 +28,7 @@ import numpy as np
 import ray
 
 import whpfast
-from whpfast.timing import write_results
+from whpfast.timing import rounds_cli
 import whpfast.ray
 from bench_pool import drive     # bench/ is on the path of a script run from it
 
@@ -155,20 +154,16 @@ def report(result):
           f"{info['rss_driver_and_ray_bytes'] / 2**30:.2f} GiB resident; backend {info['backend']}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=300, help="requests per path and round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=".", help="directory for bench_ray.json and bench_ray.npz")
-    parser.add_argument("--quick", action="store_true", help="a smoke run (50 requests, 1 round)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.requests, args.rounds = 50, 1
-    samples, info = measure(args.requests, args.rounds)
+def run(requests, rounds):
+    samples, info = measure(requests, rounds)
     result = summary(samples, info)
     report(result)
-    print(f"results: {write_results(args.out, 'bench_ray', result, samples)} and bench_ray.npz")
-    return 0
+    return result, samples
+
+
+def main(argv=None):
+    return rounds_cli(argv, __doc__.splitlines()[0], "bench_ray", requests=300, quick=50,
+                      what="path", run=run)
 
 
 if __name__ == "__main__":

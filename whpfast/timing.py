@@ -4,7 +4,7 @@ summarised as median and percentiles."""
 import json
 import os
 import time
-from typing import Callable, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -56,3 +56,23 @@ def write_results(out: str, name: str, result: dict, samples: "dict[str, npt.Arr
         json.dump(result, f, indent=2, sort_keys=True)
     np.savez(os.path.join(out, f"{name}.npz"), **samples)
     return json_path
+
+
+def rounds_cli(argv: Optional[List[str]], description: str, name: str, *, requests: int, quick: int,
+               what: str, run: Callable[[int, int], Tuple[dict, "dict[str, npt.ArrayLike]"]]) -> int:
+    """The command line of a bench measured in interleaved rounds (bench_pool, bench_ray):
+    --requests per `what` and round, --rounds, --out, --quick (`quick` requests, 1 round).
+    run(requests, rounds) measures, prints its report and returns (summary, timing arrays),
+    which are written with write_results."""
+    import argparse
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--requests", type=int, default=requests, help=f"requests per {what} and round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=".", help=f"directory for {name}.json and {name}.npz")
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run ({quick} requests, 1 round)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.rounds = quick, 1
+    result, samples = run(args.requests, args.rounds)
+    print(f"results: {write_results(args.out, name, result, samples)} and {name}.npz")
+    return 0
