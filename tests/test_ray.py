@@ -299,8 +299,13 @@ def test_shutdown(cluster, py_snap, tmp_path):
     p.shutdown()                                        # idempotent
     with pytest.raises(whpfast.SandboxClosed):
         p.submit("print(1)")
+    # ray.kill is asynchronous: a call made right after it may still be served. The actor must
+    # be gone soon, though (and stay gone: no_restart).
+    deadline = time.monotonic() + 60
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(actor.info.remote())
+        while time.monotonic() < deadline:
+            ray.get(actor.info.remote(), timeout=30)
+            time.sleep(0.1)
 
 
 def test_without_ray_the_import_says_what_to_install():
