@@ -675,15 +675,9 @@ cdef class Vcpu(CancelState):
         _check_size(state, "sregs", sizeof(kvm_sregs))
         _check_size(state, "events", sizeof(kvm_vcpu_events))
         _check_size(state, "xsave", self.xsave_size)
-        if (<size_t>image.shape[0] < n_pages * PAGE_SIZE or <size_t>score.shape[0] < n_pages
-                or n_pages == 0 or mem.shape[0] % PAGE_SIZE):
-            raise ValueError("restore_warm: memory, snapshot image and scores of different sizes")
-        for words in (dirty.shape[0], nonzero.shape[0], host.shape[0], hot.shape[0],
-                      scored.shape[0], reprotect.shape[0], touched.shape[0]):
-            if <size_t>words < n_words:
-                raise ValueError(f"restore_warm: a bitmap of {words} words for {n_pages} pages")
-        if n_touched > n_words:
-            raise ValueError("restore_warm: n_touched beyond the bitmap")
+        _check_warm_sizes(mem.shape[0], image.shape[0], score.shape[0],
+                          (dirty.shape[0], nonzero.shape[0], host.shape[0], hot.shape[0],
+                           scored.shape[0], reprotect.shape[0], touched.shape[0]), n_touched)
         xsave = state["xsave"]       # held by this frame while the GIL is released
         xsave_area = xsave
         self._retire_pending()      # nothing of the last exit may complete after this state

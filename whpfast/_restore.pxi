@@ -32,6 +32,21 @@ DEF LEASE_MIN = 64
 DEF LEASE_SPREAD = 64
 
 
+cdef int _check_warm_sizes(size_t mem_size, size_t image_size, size_t score_size, tuple words,
+                           size_t n_touched) except -1:
+    """The buffer checks of a backend's Vcpu.restore_warm (memory, snapshot image, one score
+    byte per page, and the words of each bitmap), before it drops the GIL."""
+    cdef size_t n_pages = mem_size // RESTORE_PAGE, n_words = (n_pages + 63) // 64
+    if (n_pages == 0 or mem_size % RESTORE_PAGE or image_size < mem_size or score_size < n_pages):
+        raise ValueError("restore_warm: memory, snapshot image and scores of different sizes")
+    for w in words:
+        if <size_t>w < n_words:
+            raise ValueError(f"restore_warm: a bitmap of {w} words for {n_pages} pages")
+    if n_touched > n_words:
+        raise ValueError("restore_warm: n_touched beyond the bitmap")
+    return 0
+
+
 cdef inline size_t _next_word(const uint64_t *bitmap, size_t w, size_t n) noexcept nogil:
     """The first index >= w whose word is non-zero, or n. Skips four clean words at a time:
     bitmaps are mostly zero, and a 1 GiB sandbox's has 4096 words."""

@@ -1,0 +1,127 @@
+"""The warm restore in one GIL-free stretch (the backend's Vcpu.restore_warm, see
+whpfast/core/warm.py): taken for every restore to the baseline and for no other, equal step by
+step to the stepwise path it replaces (the same pages copied and zeroed, the same hot set and
+re-protect plan, the same hypervisor calls), exact, and refusing buffers of other sizes
+without harming the sandbox. Runs on KVM and on the WHP backend over tests/whv."""
+
+import numpy as np
+import pytest
+
+import whpfast
+from whpfast.errors import GuestTimeout, SandboxPoisoned, SnapshotError
+
+pytestmark = pytest.mark.hypervisor
+
+
+def exact(sb, snap):
+    return np.array_equal(np.frombuffer(sb._mem, np.uint64), np.frombuffer(snap._image_view, np.uint64))
+
+
+class Spy:
+    """Stands in for a backend Vcpu (a cdef object, whose methods cannot be replaced): counts
+    restore_warm and load_state calls; stepwise=True hides restore_warm, so WarmMemory takes the
+    stepwise path it had before restore_warm existed."""
+
+    def __init__(self, vcpu, stepwise=False):
+        self._vcpu, self._stepwise = vcpu, stepwise
+        self.calls = {"restore_warm": 0, "load_state": 0}
+
+    def __getattr__(self, name):
+        if name == "restore_warm" and self._stepwise:
+            raise AttributeError(name)
+        real = getattr(self._vcpu, name)
+        if name in self.calls:
+            def counted(*args, **kwargs):
+                self.calls[name] += 1
+                return real(*args, **kwargs)
+            return counted
+        return real
+
+
+@pytest.fixture
+def pair(testkit):
+    with whpfast.Sandbox(testkit, memory_size=16 << 20) as a, \
+            whpfast.Sandbox(testkit, memory_size=16 << 20) as b:
+        yield a, b
+
+
+def test_only_restores_to_the_baseline_take_the_one_stretch(pair):
+    sb, _ = pair
+    spy = sb._warm.vcpu = Spy(sb._warm.vcpu)
+    snap = sb.snapshot()
+    sb.call("touch", 0, 20, 7)
+    sb.restore(snap)
+    assert spy.calls == {"restore_warm": 1, "load_state": 0}
+    assert exact(sb, snap) and sb.call("checksum") == 0
+    other = sb.snapshot()                   # another snapshot: a full restore, stepwise
+    sb.restore(snap)
+    assert spy.calls == {"restore_warm": 1, "load_state": 1} and sb.last_restore.full
+    sb.restore(other)
+    sb.restore(snap)
+    assert spy.calls["load_state"] == 3
+    with pytest.raises(GuestTimeout):       # after a timeout every register group is reset
+        sb.call("spin", timeout=0.05)
+    with pytest.raises(SandboxPoisoned):
+        sb.call("checksum")
+    sb.restore(snap)
+    assert spy.calls == {"restore_warm": 1, "load_state": 4}
+    assert exact(sb, snap) and sb.call("checksum") == 0
+    sb.restore(snap)
+    assert spy.calls == {"restore_warm": 2, "load_state": 4}
+    assert exact(sb, snap)
+
+
+def test_one_stretch_equals_the_stepwise_restore(pair):
+    """Two sandboxes, the same calls: one restores through restore_warm, the other stepwise.
+    Every restore's figures, the hot set, the scores and the re-protect plan stay equal, through
+    promotions (pages written every cycle), demotions and host writes (call arguments)."""
+    warm, step = pair
+    warm._warm.vcpu = Spy(warm._warm.vcpu)
+    step._warm.vcpu = Spy(step._warm.vcpu, stepwise=True)
+    snaps = [warm.snapshot(), step.snapshot()]
+    for i in range(40):
+        first, count = (0, 150) if i < 25 else (200 + i, 3)
+        for sb, snap in zip(pair, snaps):
+            assert sb.call("touch", first, count, i + 1) == count
+            sb.restore(snap)
+            assert exact(sb, snap)
+        a, b = warm.last_restore, step.last_restore
+        assert (a.pages_copied, a.pages_zeroed, a.dirty_pages, a.host_pages, a.hypervisor_calls,
+                a.register_calls, a.full) == \
+            (b.pages_copied, b.pages_zeroed, b.dirty_pages, b.host_pages, b.hypervisor_calls,
+             b.register_calls, b.full), f"cycle {i}"
+        wa, wb = warm._warm, step._warm
+        assert wa.hot_count == wb.hot_count and wa._n_touched == wb._n_touched
+        for name in ("_hot", "_score", "_scored", "_reprotect", "_host"):
+            assert np.array_equal(getattr(wa, name), getattr(wb, name)), (name, i)
+    assert warm._warm.vcpu.calls["restore_warm"] == 40 and step._warm.vcpu.calls["restore_warm"] == 0
+    if warm._vm.manual_protect:
+        assert 0 < warm._warm.hot_count      # the hot set was exercised, not only re-protection
+    assert warm.call("checksum") == 0 and step.call("checksum") == 0
+
+
+def test_restore_warm_refuses_buffers_of_other_sizes(pair):
+    """Called with a short bitmap, a short image or a truncated state part, restore_warm
+    raises before it touches anything, and the sandbox restores and runs as before."""
+    sb, _ = pair
+    snap = sb.snapshot()
+    sb.call("touch", 0, 10, 3)
+    w = sb._warm
+    args = [w.mem, snap._image_view, w._dirty, snap._nonzero, w._host, w._hot, w._score,
+            w._scored, w._reprotect, w._touched, w._n_touched, w.hot_limit, w.hot_count, 1,
+            snap._state, True]
+    for i, bad in ((2, w._dirty[:1]), (1, snap._image_view[:4096]), (6, w._score[:10]),
+                   (10, len(w._touched) + 1)):
+        wrong = list(args)
+        wrong[i] = bad
+        with pytest.raises(ValueError, match="restore_warm"):
+            w.vcpu.restore_warm(*wrong)
+    state = dict(snap._state)
+    state["xsave"] = state["xsave"][:100]
+    with pytest.raises(SnapshotError, match="xsave"):
+        w.vcpu.restore_warm(*args[:14], state, True)
+    sb.restore(snap)
+    assert exact(sb, snap) and sb.call("checksum") == 0
+    assert sb.call("touch", 0, 10, 3) == 10
+    sb.restore(snap)
+    assert exact(sb, snap) and sb.call("checksum") == 0
