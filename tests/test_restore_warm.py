@@ -125,3 +125,39 @@ def test_restore_warm_refuses_buffers_of_other_sizes(pair):
     assert sb.call("touch", 0, 10, 3) == 10
     sb.restore(snap)
     assert exact(sb, snap) and sb.call("checksum") == 0
+
+
+def test_a_hypervisor_call_failing_inside_the_stretch_poisons_and_a_full_restore_heals(pair):
+    """An XSAVE area of the right size that the hypervisor refuses (XSTATE_BV naming every
+    state component, most of which this processor lacks) makes the last call of the GIL-free stretch fail after the page work: a typed error,
+    the sandbox poisoned, nothing of the failed plan left behind, and the next restore (a full
+    one) exact. The other sandbox is untouched."""
+    sb, other = pair
+    snap, other_snap = sb.snapshot(), other.snapshot()
+    for _ in range(3):                       # a hot set and a re-protect plan exist
+        sb.call("touch", 0, 40, 9)
+        sb.restore(snap)
+    good = snap._state["xsave"]
+    bad = bytearray(good)
+    bad[512:520] = b"\xff" * 8             # XSTATE_BV, in the XSAVE header
+    spy = sb._warm.vcpu = Spy(sb._warm.vcpu)
+    sb.call("touch", 100, 10, 5)            # pages not hot: the failed plan re-protects them
+    snap._state["xsave"] = bytes(bad)
+    try:
+        with pytest.raises(whpfast.WhpfastError, match="XSAVE|Xsave") as failed:
+            sb.restore(snap)
+    finally:
+        snap._state["xsave"] = good
+    assert spy.calls["restore_warm"] == 1
+    with pytest.raises(SandboxPoisoned):
+        sb.call("checksum")
+    assert sb._warm.needs_full_reset and sb._warm.baseline is None
+    assert not sb._warm._reprotect.any(), failed.value
+    sb.restore(snap)
+    assert sb.last_restore.full and exact(sb, snap)
+    assert sb.call("checksum") == 0
+    sb.restore(snap)
+    assert spy.calls["restore_warm"] == 2 and exact(sb, snap)
+    assert other.call("touch", 0, 5, 1) == 5
+    other.restore(other_snap)
+    assert exact(other, other_snap) and other.call("checksum") == 0
