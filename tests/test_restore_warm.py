@@ -74,18 +74,22 @@ def test_only_restores_to_the_baseline_take_the_one_stretch(pair):
 def test_one_stretch_equals_the_stepwise_restore(pair):
     """Two sandboxes, the same calls: one restores through restore_warm, the other stepwise.
     Every restore's figures, the hot set, the scores and the re-protect plan stay equal, through
-    promotions (pages written every cycle), demotions and host writes (call arguments)."""
+    promotions (pages written every cycle), demotions and host writes (call arguments), in
+    restores small enough to hold the GIL and large enough to release it."""
     warm, step = pair
     warm._warm.vcpu = Spy(warm._warm.vcpu)
     step._warm.vcpu = Spy(step._warm.vcpu, stepwise=True)
     snaps = [warm.snapshot(), step.snapshot()]
     for i in range(40):
-        first, count = (0, 150) if i < 25 else (200 + i, 3)
+        # 150 pages: restored holding the GIL; 700: the GIL released for the copies
+        first, count = (0, 150) if i < 20 else (0, 700) if i < 25 else (200 + i, 3)
         for sb, snap in zip(pair, snaps):
             assert sb.call("touch", first, count, i + 1) == count
             sb.restore(snap)
             assert exact(sb, snap)
         a, b = warm.last_restore, step.last_restore
+        if i < 25:      # RELEASE_PAGES is 512 (later, hot pages read as dirty for a while)
+            assert (a.dirty_pages + a.host_pages >= 512) == (i >= 20), i
         assert (a.pages_copied, a.pages_zeroed, a.dirty_pages, a.host_pages, a.hypervisor_calls,
                 a.register_calls, a.full) == \
             (b.pages_copied, b.pages_zeroed, b.dirty_pages, b.host_pages, b.hypervisor_calls,

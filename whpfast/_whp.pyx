@@ -505,12 +505,14 @@ cdef class Vcpu(CancelState):
                      uint64_t[::1] reprotect not None, unsigned int[::1] touched not None,
                      size_t n_touched, size_t hot_limit, size_t n_hot, size_t cycle,
                      dict state not None, bint fpu):
-        """A warm restore to the baseline (slot 0 = mem, see whpfast/core/warm.py) in one
-        stretch without the GIL, as _kvm's: WHvQueryGpaRangeDirtyBitmap (which also re-arms the
-        pages: no hot set here, hot_limit is 0), the host-written pages, the page copies from
-        image and WHvSetVirtualProcessorXsaveState (if fpu); the registers join the next run's
-        batch. Returns (dirty pages, host pages, copied, zeroed, hot pages, n_touched, WHv*
-        calls, register calls); on failure the caller restores in full next."""
+        """A warm restore to the baseline (slot 0 = mem, see whpfast/core/warm.py) in one C
+        sequence, as _kvm's: WHvQueryGpaRangeDirtyBitmap (which also re-arms the pages: no hot
+        set here, hot_limit is 0), the host-written pages, the page copies from image and
+        WHvSetVirtualProcessorXsaveState (if fpu); the registers join the next run's batch. The
+        GIL is released once, for the copies and the XSAVE call, and only for a restore of
+        RELEASE_PAGES pages or more (see _restore.pxi). Returns (dirty pages, host pages,
+        copied, zeroed, hot pages, n_touched, WHv* calls, register calls); on failure the
+        caller restores in full next."""
         cdef size_t n_pages = mem.shape[0] // PAGE_SIZE, n_words = (n_pages + 63) // 64
         cdef size_t n_dirty = 0, n_reprotect = 0, n_new = 0, host_pages = 0, copied = 0
         cdef size_t zeroed = 0, i
@@ -518,6 +520,7 @@ cdef class Vcpu(CancelState):
         cdef HRESULT hr = 0
         cdef const char *what = NULL
         cdef WHV_PARTITION_HANDLE p = self.vm._handle()
+        cdef PyThreadState *released = NULL
         cdef bytes xsave
         cdef char *area
         cdef uint32_t xsave_size
@@ -529,26 +532,29 @@ cdef class Vcpu(CancelState):
             raise ValueError("restore_warm: slot 0 is not this memory")
         xsave = self._queue_state(state)    # held by this frame while the GIL is released
         area, xsave_size = <char *>xsave, len(xsave)
-        with nogil:
-            hr = WHvQueryGpaRangeDirtyBitmap(p, gpa, size, <uint64_t *>&dirty[0],
-                                             <uint32_t>(dirty.shape[0] * 8))
-            if hr < 0:
-                what = "WHvQueryGpaRangeDirtyBitmap slot 0"
-            else:
-                n_new = _plan_hot(&dirty[0], &hot[0], &score[0], &scored[0], &reprotect[0],
-                                  &touched[0], n_words, n_pages, n_touched, hot_limit, &n_hot,
-                                  cycle, &n_dirty, &n_reprotect)
-                host_pages = _absorb_all(&dirty[0], &host[0], n_words)
-                _restore_pages(&mem[0], &image[0], &dirty[0], &nonzero[0], n_pages, &copied,
-                               &zeroed)
-                if fpu:
-                    hr = WHvSetVirtualProcessorXsaveState(self.partition, self.index, area,
-                                                          xsave_size)
-                    if hr < 0:
-                        what = "WHvSetVirtualProcessorXsaveState"
+        hr = WHvQueryGpaRangeDirtyBitmap(p, gpa, size, <uint64_t *>&dirty[0],
+                                         <uint32_t>(dirty.shape[0] * 8))
+        if hr < 0:
+            what = "WHvQueryGpaRangeDirtyBitmap slot 0"
+        else:
+            n_new = _plan_hot(&dirty[0], &hot[0], &score[0], &scored[0], &reprotect[0],
+                              &touched[0], n_words, n_pages, n_touched, hot_limit, &n_hot,
+                              cycle, &n_dirty, &n_reprotect)
+            host_pages = _absorb_all(&dirty[0], &host[0], n_words)
+            if n_dirty + host_pages >= RELEASE_PAGES:
+                released = PyEval_SaveThread()
+            _restore_pages(&mem[0], &image[0], &dirty[0], &nonzero[0], n_pages, &copied,
+                           &zeroed)
+            if fpu:
+                hr = WHvSetVirtualProcessorXsaveState(self.partition, self.index, area,
+                                                      xsave_size)
                 if hr < 0:
-                    for i in range(n_new):
-                        reprotect[touched[i]] = 0
+                    what = "WHvSetVirtualProcessorXsaveState"
+            if released != NULL:
+                PyEval_RestoreThread(released)
+            if hr < 0:
+                for i in range(n_new):
+                    reprotect[touched[i]] = 0
         if fpu:
             self.api_calls += 1
         if hr < 0:
