@@ -1,8 +1,8 @@
-"""The warm restore in one GIL-free stretch (the backend's Vcpu.restore_warm, see
-whpfast/core/warm.py): taken for every restore to the baseline and for no other, equal step by
-step to the stepwise path it replaces (the same pages copied and zeroed, the same hot set and
-re-protect plan, the same hypervisor calls), exact, and refusing buffers of other sizes
-without harming the sandbox. Runs on KVM and on the WHP backend over tests/whv."""
+"""The warm restore as one C call (the backend's Vcpu.restore_warm, see whpfast/core/warm.py;
+it releases the GIL only for large restores): taken for every restore to the baseline and for
+no other, equal step by step to the stepwise path it replaces (the same pages copied and
+zeroed, the same hot set and re-protect plan, the same hypervisor calls), exact, and refusing
+buffers of other sizes without harming the sandbox. Runs on KVM and on the WHP backend over tests/whv."""
 
 import numpy as np
 import pytest
@@ -45,7 +45,7 @@ def pair(testkit):
         yield a, b
 
 
-def test_only_restores_to_the_baseline_take_the_one_stretch(pair):
+def test_only_restores_to_the_baseline_take_the_c_call(pair):
     sb, _ = pair
     spy = sb._warm.vcpu = Spy(sb._warm.vcpu)
     snap = sb.snapshot()
@@ -71,7 +71,7 @@ def test_only_restores_to_the_baseline_take_the_one_stretch(pair):
     assert exact(sb, snap)
 
 
-def test_one_stretch_equals_the_stepwise_restore(pair):
+def test_the_c_call_equals_the_stepwise_restore(pair):
     """Two sandboxes, the same calls: one restores through restore_warm, the other stepwise.
     Every restore's figures, the hot set, the scores and the re-protect plan stay equal, through
     promotions (pages written every cycle), demotions and host writes (call arguments), in
@@ -131,11 +131,11 @@ def test_restore_warm_refuses_buffers_of_other_sizes(pair):
     assert exact(sb, snap) and sb.call("checksum") == 0
 
 
-def test_a_hypervisor_call_failing_inside_the_stretch_poisons_and_a_full_restore_heals(pair):
+def test_a_hypervisor_call_failing_inside_the_c_call_poisons_and_a_full_restore_heals(pair):
     """An XSAVE area of the right size that the hypervisor refuses (XSTATE_BV naming every
-    state component, most of which this processor lacks) makes the last call of the GIL-free stretch fail after the page work: a typed error,
-    the sandbox poisoned, nothing of the failed plan left behind, and the next restore (a full
-    one) exact. The other sandbox is untouched."""
+    state component, most of which this processor lacks) makes the last call of the C
+    sequence fail after the page work: a typed error, the sandbox poisoned, nothing of the
+    failed plan left behind, and the next restore (a full one) exact. The other sandbox is untouched."""
     sb, other = pair
     snap, other_snap = sb.snapshot(), other.snapshot()
     for _ in range(3):                       # a hot set and a re-protect plan exist

@@ -235,7 +235,8 @@ class WarmMemory:
     def _restore_warm(self, snapshot, t0):
         """The common case, back to the baseline: the backend's restore_warm does the whole
         sequence of _restore's non-full branch (dirty log, hot-set plan, host pages, page
-        copies, re-protect, XSAVE and registers) in one stretch without the GIL."""
+        copies, re-protect, XSAVE and registers) in one C call, which releases the GIL once
+        and only for a large restore (see whpfast/_restore.pxi)."""
         self._cycle += 1
         (guest_pages, host_pages, copied, zeroed, self.hot_count, self._n_touched, calls,
          register_calls) = self.vcpu.restore_warm(
