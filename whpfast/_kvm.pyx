@@ -44,6 +44,7 @@ cdef extern from "includes/compat.h" nogil:
 
 include "_exits.pxi"
 include "_cancel.pxi"
+include "_restore.pxi"
 
 DEF PAGE_SIZE = 4096
 
@@ -641,6 +642,91 @@ cdef class Vcpu(CancelState):
         memcpy(&r.s.regs.events, <char *>b, sizeof(kvm_vcpu_events))
         r.kvm_dirty_regs |= KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
         return ioctls
+
+    def restore_warm(self, unsigned char[::1] mem not None, const unsigned char[::1] image not None,
+                     uint64_t[::1] dirty not None, const uint64_t[::1] nonzero not None,
+                     uint64_t[::1] host not None, uint64_t[::1] hot not None,
+                     unsigned char[::1] score not None, uint64_t[::1] scored not None,
+                     uint64_t[::1] reprotect not None, unsigned int[::1] touched not None,
+                     size_t n_touched, size_t hot_limit, size_t n_hot, size_t cycle,
+                     dict state not None, bint fpu):
+        """A warm restore to the baseline (memslot 0 = mem, see whpfast/core/warm.py) in one C
+        sequence: KVM_GET_DIRTY_LOG, the hot-set plan, the host-written pages, the page copies
+        from image, KVM_CLEAR_DIRTY_LOG over the re-protected span and KVM_SET_XSAVE (if fpu),
+        then registers and events into the sync-regs area. The GIL is released once, for the
+        copies and the calls after them, and only for a restore of RELEASE_PAGES pages or more
+        (see _restore.pxi: a GIL hand-off costs more than a short stretch frees). Debug
+        registers, XCRs and MSRs are not loaded (a full restore does that, see load_state).
+        Returns (dirty pages, host pages, copied, zeroed, hot pages, n_touched, hypervisor
+        calls, register calls); on failure nothing of the plan is left in reprotect and the
+        caller restores in full next."""
+        cdef size_t n_pages = mem.shape[0] // PAGE_SIZE, n_words = (n_pages + 63) // 64
+        cdef size_t n_dirty = 0, n_reprotect = 0, n_new = 0, host_pages = 0, copied = 0
+        cdef size_t zeroed = 0, i, lo, hi
+        cdef int vm_fd = self.vm._fd(), fd = self._fd(), err = 0, calls = 1, register_calls = 0
+        cdef const char *what = NULL
+        cdef kvm_run *r = self._run()
+        cdef kvm_dirty_log log
+        cdef kvm_clear_dirty_log clear
+        cdef bint manual = self.vm.manual_protect
+        cdef PyThreadState *released = NULL
+        cdef bytes b, xsave
+        cdef const char *xsave_area
+        _check_size(state, "regs", sizeof(kvm_regs))
+        _check_size(state, "sregs", sizeof(kvm_sregs))
+        _check_size(state, "events", sizeof(kvm_vcpu_events))
+        _check_size(state, "xsave", self.xsave_size)
+        _check_warm_sizes(mem.shape[0], image.shape[0], score.shape[0],
+                          (dirty.shape[0], nonzero.shape[0], host.shape[0], hot.shape[0],
+                           scored.shape[0], reprotect.shape[0], touched.shape[0]), n_touched)
+        xsave = state["xsave"]       # held by this frame while the GIL is released
+        xsave_area = xsave
+        self._retire_pending()      # nothing of the last exit may complete after this state
+        memset(&log, 0, sizeof(log))
+        log.slot = 0
+        log.dirty_bitmap = &dirty[0]
+        if ioctl(vm_fd, KVM_GET_DIRTY_LOG, &log) < 0:
+            err, what = errno, "KVM_GET_DIRTY_LOG slot 0"
+        else:
+            n_new = _plan_hot(&dirty[0], &hot[0], &score[0], &scored[0], &reprotect[0],
+                              &touched[0], n_words, n_pages, n_touched, hot_limit, &n_hot,
+                              cycle, &n_dirty, &n_reprotect)
+            host_pages = _absorb_all(&dirty[0], &host[0], n_words)
+            if n_dirty + host_pages >= RELEASE_PAGES:
+                released = PyEval_SaveThread()
+            _restore_pages(&mem[0], &image[0], &dirty[0], &nonzero[0], n_pages, &copied,
+                           &zeroed)
+            if n_reprotect and manual:
+                # only the span of words that have bits: KVM walks what it is given
+                lo, hi = touched[0], touched[n_new - 1] + 1
+                memset(&clear, 0, sizeof(clear))
+                clear.slot = 0
+                clear.first_page = lo * 64
+                clear.num_pages = <uint32_t>(min(hi * 64, n_pages) - lo * 64)
+                clear.dirty_bitmap = &reprotect[lo]
+                calls += 1
+                if ioctl(vm_fd, KVM_CLEAR_DIRTY_LOG, &clear) < 0:
+                    err, what = errno, "KVM_CLEAR_DIRTY_LOG slot 0"
+            if not err and fpu:
+                calls += 1
+                register_calls += 1
+                if ioctl(fd, KVM_SET_XSAVE, xsave_area) < 0:
+                    err, what = errno, "KVM_SET_XSAVE"
+            if released != NULL:
+                PyEval_RestoreThread(released)
+            if err:
+                for i in range(n_new):
+                    reprotect[touched[i]] = 0
+        if err:
+            _raise_errno(err, what.decode())
+        b = state["regs"]
+        memcpy(&r.s.regs.regs, <char *>b, sizeof(kvm_regs))
+        b = state["sregs"]
+        memcpy(&r.s.regs.sregs, <char *>b, sizeof(kvm_sregs))
+        b = state["events"]
+        memcpy(&r.s.regs.events, <char *>b, sizeof(kvm_vcpu_events))
+        r.kvm_dirty_regs |= KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
+        return n_dirty, host_pages, copied, zeroed, n_hot, n_new, calls, register_calls
 
     def load_state_separately(self, dict state not None):
         """The same state through one KVM_SET_* ioctl per part, as other VMMs do (Hyperlight:

@@ -31,6 +31,7 @@ from . import errors
 
 include "_exits.pxi"
 include "_cancel.pxi"
+include "_restore.pxi"
 
 DEF PAGE_SIZE = 4096
 DEF ALLOCATION_GRANULARITY = 65536   # MapViewOfFile offsets must be multiples of this
@@ -464,12 +465,26 @@ cdef class Vcpu(CancelState):
         joins the register batch of the next run (one WHvSetVirtualProcessorRegisters, shared
         with the call's own entry registers); the XSAVE area costs one more call, made only when
         fpu or full. Returns the WHv* calls this costs."""
+        cdef bytes xsave = self._queue_state(state)
+        cdef uint32_t n
+        cdef char *area
+        cdef HRESULT hr
+        if fpu or full:
+            area, n = <char *>xsave, len(xsave)     # `xsave` is held by this frame
+            with nogil:
+                hr = WHvSetVirtualProcessorXsaveState(self.partition, self.index, area, n)
+            _check_hr(hr, "WHvSetVirtualProcessorXsaveState")
+            self.api_calls += 1
+            return 2
+        return 1
+
+    cdef bytes _queue_state(self, dict state):
+        """Checks a save_state() result, queues its registers for the next run and returns its
+        XSAVE area (load_state, restore_warm)."""
         cdef bytes regs = state.get("registers")
         cdef bytes xsave = state.get("xsave")
         cdef const WHV_REGISTER_VALUE *values
-        cdef uint32_t i, n
-        cdef char *area
-        cdef HRESULT hr
+        cdef uint32_t i
         if not isinstance(regs, bytes) or len(regs) != REGISTERS_SIZE:
             got = len(regs) if isinstance(regs, bytes) else type(regs).__name__
             raise errors.SnapshotError(f"vCPU state part 'registers' must be {REGISTERS_SIZE} bytes on "
@@ -481,14 +496,70 @@ cdef class Vcpu(CancelState):
         values = <const WHV_REGISTER_VALUE *><char *>regs
         for i in range(N_STATE):
             self._queue(STATE_NAMES[i], <WHV_REGISTER_VALUE *>&values[i])
-        if fpu or full:
-            area, n = <char *>xsave, len(xsave)     # `xsave` is held by this frame
-            with nogil:
-                hr = WHvSetVirtualProcessorXsaveState(self.partition, self.index, area, n)
-            _check_hr(hr, "WHvSetVirtualProcessorXsaveState")
+        return xsave
+
+    def restore_warm(self, unsigned char[::1] mem not None, const unsigned char[::1] image not None,
+                     uint64_t[::1] dirty not None, const uint64_t[::1] nonzero not None,
+                     uint64_t[::1] host not None, uint64_t[::1] hot not None,
+                     unsigned char[::1] score not None, uint64_t[::1] scored not None,
+                     uint64_t[::1] reprotect not None, unsigned int[::1] touched not None,
+                     size_t n_touched, size_t hot_limit, size_t n_hot, size_t cycle,
+                     dict state not None, bint fpu):
+        """A warm restore to the baseline (slot 0 = mem, see whpfast/core/warm.py) in one C
+        sequence, as _kvm's: WHvQueryGpaRangeDirtyBitmap (which also re-arms the pages: no hot
+        set here, hot_limit is 0), the host-written pages, the page copies from image and
+        WHvSetVirtualProcessorXsaveState (if fpu); the registers join the next run's batch. The
+        GIL is released once, for the copies and the XSAVE call, and only for a restore of
+        RELEASE_PAGES pages or more (see _restore.pxi). Returns (dirty pages, host pages,
+        copied, zeroed, hot pages, n_touched, WHv* calls, register calls); on failure the
+        caller restores in full next."""
+        cdef size_t n_pages = mem.shape[0] // PAGE_SIZE, n_words = (n_pages + 63) // 64
+        cdef size_t n_dirty = 0, n_reprotect = 0, n_new = 0, host_pages = 0, copied = 0
+        cdef size_t zeroed = 0, i
+        cdef uint64_t gpa, size
+        cdef HRESULT hr = 0
+        cdef const char *what = NULL
+        cdef WHV_PARTITION_HANDLE p = self.vm._handle()
+        cdef PyThreadState *released = NULL
+        cdef bytes xsave
+        cdef char *area
+        cdef uint32_t xsave_size
+        _check_warm_sizes(mem.shape[0], image.shape[0], score.shape[0],
+                          (dirty.shape[0], nonzero.shape[0], host.shape[0], hot.shape[0],
+                           scored.shape[0], reprotect.shape[0], touched.shape[0]), n_touched)
+        gpa, size = self.vm.slots[0]
+        if size != mem.shape[0]:
+            raise ValueError("restore_warm: slot 0 is not this memory")
+        xsave = self._queue_state(state)    # held by this frame while the GIL is released
+        area, xsave_size = <char *>xsave, len(xsave)
+        hr = WHvQueryGpaRangeDirtyBitmap(p, gpa, size, <uint64_t *>&dirty[0],
+                                         <uint32_t>(dirty.shape[0] * 8))
+        if hr < 0:
+            what = "WHvQueryGpaRangeDirtyBitmap slot 0"
+        else:
+            n_new = _plan_hot(&dirty[0], &hot[0], &score[0], &scored[0], &reprotect[0],
+                              &touched[0], n_words, n_pages, n_touched, hot_limit, &n_hot,
+                              cycle, &n_dirty, &n_reprotect)
+            host_pages = _absorb_all(&dirty[0], &host[0], n_words)
+            if n_dirty + host_pages >= RELEASE_PAGES:
+                released = PyEval_SaveThread()
+            _restore_pages(&mem[0], &image[0], &dirty[0], &nonzero[0], n_pages, &copied,
+                           &zeroed)
+            if fpu:
+                hr = WHvSetVirtualProcessorXsaveState(self.partition, self.index, area,
+                                                      xsave_size)
+                if hr < 0:
+                    what = "WHvSetVirtualProcessorXsaveState"
+            if released != NULL:
+                PyEval_RestoreThread(released)
+            if hr < 0:
+                for i in range(n_new):
+                    reprotect[touched[i]] = 0
+        if fpu:
             self.api_calls += 1
-            return 2
-        return 1
+        if hr < 0:
+            _check_hr(hr, what.decode())
+        return n_dirty, host_pages, copied, zeroed, n_hot, n_new, 2 + fpu, 1 + fpu
 
     def load_state_separately(self, dict state not None):
         """The same state with one WHvSetVirtualProcessorRegisters per register group plus the

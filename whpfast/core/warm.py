@@ -196,6 +196,9 @@ class WarmMemory:
     def _restore(self, snapshot, ranges, t0):
         vm, dirty = self.vm, self._dirty
         self._start_logging()
+        if (snapshot is self.baseline and not self.needs_full_reset
+                and hasattr(self.vcpu, "restore_warm")):
+            return self._restore_warm(snapshot, t0)
         vm.get_dirty_log(0, self._dirty_bytes)
         calls = 1
         full = snapshot is not self.baseline
@@ -227,6 +230,22 @@ class WarmMemory:
                                               full=self.needs_full_reset or full)
         calls += register_calls
         return RestoreStats(copied, zeroed, guest_pages, host_pages, calls, register_calls, full,
+                            time.perf_counter_ns() - t0)
+
+    def _restore_warm(self, snapshot, t0):
+        """The common case, back to the baseline: the backend's restore_warm does the whole
+        sequence of _restore's non-full branch (dirty log, hot-set plan, host pages, page
+        copies, re-protect, XSAVE and registers) in one C call, which releases the GIL once
+        and only for a large restore (see whpfast/_restore.pxi)."""
+        self._cycle += 1
+        (guest_pages, host_pages, copied, zeroed, self.hot_count, self._n_touched, calls,
+         register_calls) = self.vcpu.restore_warm(
+            self.mem, snapshot._image_view, self._dirty, snapshot._nonzero, self._host,
+            self._hot, self._score, self._scored, self._reprotect, self._touched,
+            self._n_touched, self.hot_limit, self.hot_count, self._cycle, snapshot._state,
+            self.ran)
+        self._host_words.clear()
+        return RestoreStats(copied, zeroed, guest_pages, host_pages, calls, register_calls, False,
                             time.perf_counter_ns() - t0)
 
     def _start_logging(self):
