@@ -224,12 +224,21 @@ def test_refs_can_be_awaited(pool):
     assert asyncio.run(main()) == [1, 2, 3, 4, 5, 6]
 
 
+def _wait_gone(actor):
+    """ray.kill is asynchronous: a call made right after it may still be served. The actor must
+    be gone soon, though, and stay gone (no_restart)."""
+    deadline = time.monotonic() + 60
+    with pytest.raises(ray.exceptions.RayActorError):
+        while time.monotonic() < deadline:
+            ray.get(actor.info.remote(), timeout=30)
+            time.sleep(0.1)
+
+
 def test_an_actor_killed_for_good_is_replaced(cluster, py_snap, tmp_path):
     with whpfast.ray.RayPool(py_snap, actors=2, num_cpus=0.5, cache_dir=tmp_path) as p:
         dead = p.actors[0]
         ray.kill(dead)                                  # no_restart=True: Ray will not bring it back
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(dead.info.remote())
+        _wait_gone(dead)
         assert [p.run("print(3)").stdout for _ in range(4)] == ["3\n"] * 4   # replaced on the way
         assert dead not in p.actors and len(p.actors) == 2
         assert p.replace_dead() == 0
@@ -299,13 +308,7 @@ def test_shutdown(cluster, py_snap, tmp_path):
     p.shutdown()                                        # idempotent
     with pytest.raises(whpfast.SandboxClosed):
         p.submit("print(1)")
-    # ray.kill is asynchronous: a call made right after it may still be served. The actor must
-    # be gone soon, though (and stay gone: no_restart).
-    deadline = time.monotonic() + 60
-    with pytest.raises(ray.exceptions.RayActorError):
-        while time.monotonic() < deadline:
-            ray.get(actor.info.remote(), timeout=30)
-            time.sleep(0.1)
+    _wait_gone(actor)
 
 
 def test_without_ray_the_import_says_what_to_install():
