@@ -19,7 +19,6 @@ import numpy as np
 
 import whpfast
 from whpfast import _pages
-from whpfast.core import warm as warm_mod
 from whpfast.linux import process, syscalls
 from whpfast.python import sandbox as py_sandbox
 

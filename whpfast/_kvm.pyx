@@ -231,6 +231,19 @@ cdef class Vm:
         self.close()
 
 
+cdef inline void _queue_sync_regs(kvm_run *r, dict state) except *:
+    """Queues a snapshot's general and special registers and events in the sync-regs area: they
+    reach the vCPU with the next KVM_RUN, no ioctl of their own. The callers check each part's
+    size first (_check_size)."""
+    cdef bytes b = state["regs"]
+    memcpy(&r.s.regs.regs, <char *>b, sizeof(kvm_regs))
+    b = state["sregs"]
+    memcpy(&r.s.regs.sregs, <char *>b, sizeof(kvm_sregs))
+    b = state["events"]
+    memcpy(&r.s.regs.events, <char *>b, sizeof(kvm_vcpu_events))
+    r.kvm_dirty_regs |= KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
+
+
 cdef class Vcpu(CancelState):
     """A vCPU fd and its kvm_run page. Registers reach the guest through the sync-regs area of
     kvm_run, folded into the next KVM_RUN instead of separate ioctls (each ioctl costs as much as
@@ -634,13 +647,7 @@ cdef class Vcpu(CancelState):
             if rc < 0:
                 _raise_errno(-rc, "KVM_SET_XSAVE")
             ioctls += 1
-        b = state["regs"]
-        memcpy(&r.s.regs.regs, <char *>b, sizeof(kvm_regs))
-        b = state["sregs"]
-        memcpy(&r.s.regs.sregs, <char *>b, sizeof(kvm_sregs))
-        b = state["events"]
-        memcpy(&r.s.regs.events, <char *>b, sizeof(kvm_vcpu_events))
-        r.kvm_dirty_regs |= KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
+        _queue_sync_regs(r, state)
         return ioctls
 
     def restore_warm(self, unsigned char[::1] mem not None, const unsigned char[::1] image not None,
@@ -719,13 +726,7 @@ cdef class Vcpu(CancelState):
                     reprotect[touched[i]] = 0
         if err:
             _raise_errno(err, what.decode())
-        b = state["regs"]
-        memcpy(&r.s.regs.regs, <char *>b, sizeof(kvm_regs))
-        b = state["sregs"]
-        memcpy(&r.s.regs.sregs, <char *>b, sizeof(kvm_sregs))
-        b = state["events"]
-        memcpy(&r.s.regs.events, <char *>b, sizeof(kvm_vcpu_events))
-        r.kvm_dirty_regs |= KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
+        _queue_sync_regs(r, state)
         return n_dirty, host_pages, copied, zeroed, n_hot, n_new, calls, register_calls
 
     def load_state_separately(self, dict state not None):
