@@ -813,16 +813,11 @@ class FileSystem:
     def read(self, fd, n):
         desc = self._io_desc(fd, False)
         data = self._read_at(desc, n, desc.offset)
-        if data and desc.node.fmt == S_IFREG:
-            desc.offset += len(data)
-            self._moved(desc)
+        self._advance(desc, len(data))
         return data
 
     def pread(self, fd, n, offset):
-        desc = self._io_desc(fd, False, positional=True)
-        offset = _s64(offset)
-        if offset < 0:
-            _fail(EINVAL)
+        desc, offset = self._positional(fd, offset)
         return self._read_at(desc, n, offset)
 
     def read_into(self, fd, buf):
@@ -831,19 +826,27 @@ class FileSystem:
         reads of a Python import (~9 KiB on average, some over 100 KiB) was an allocation and a
         copy per call."""
         desc = self._io_desc(fd, False)
-        n = self._read_at_into(desc, buf, desc.offset)
+        return self._advance(desc, self._read_at_into(desc, buf, desc.offset))
+
+    def pread_into(self, fd, buf, offset):
+        """pread() into a writable buffer; returns the count."""
+        desc, offset = self._positional(fd, offset)
+        return self._read_at_into(desc, buf, offset)
+
+    def _advance(self, desc, n):
+        """A read of n bytes moved the file offset (a regular file's; a device has none)."""
         if n and desc.node.fmt == S_IFREG:
             desc.offset += n
             self._moved(desc)
         return n
 
-    def pread_into(self, fd, buf, offset):
-        """pread() into a writable buffer; returns the count."""
+    def _positional(self, fd, offset):
+        """(the description, the offset) of a pread: a negative offset is EINVAL."""
         desc = self._io_desc(fd, False, positional=True)
         offset = _s64(offset)
         if offset < 0:
             _fail(EINVAL)
-        return self._read_at_into(desc, buf, offset)
+        return desc, offset
 
     def _read_at_into(self, desc, buf, offset):
         node = desc.node
