@@ -3,6 +3,8 @@ none, and the session then says so loudly. When /dev/kvm *is* usable, any skippe
 run: on the development and CI machines nothing hypervisor-related may skip."""
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +80,22 @@ def data_file(tmp_path):
     path = tmp_path / "data.img"
     path.write_bytes(bytes((i * 7 + 3) & 0xFF for i in range(10000)))
     return path
+
+
+LINUX_PROGRAMS = Path(__file__).parent / "linux"
+
+
+def build_c(out, source, *flags):
+    """Compiles a C test program with gcc -O1 into out; returns its path as a str. source is the
+    name of a file in tests/linux/, or C text (written beside out). A compiler error fails the
+    test with gcc's own message."""
+    out = Path(out)
+    if "\n" in source:
+        path = out.with_suffix(".c")
+        path.write_text(source)
+    else:
+        path = LINUX_PROGRAMS / source
+    done = subprocess.run(["gcc", "-O1", *flags, "-o", str(out), str(path)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.fail(f"gcc could not build {path}:\n{done.stderr}", pytrace=False)
+    return str(out)

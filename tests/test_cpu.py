@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import struct
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -15,11 +14,11 @@ from pathlib import Path
 import pytest
 
 import whpfast
+from conftest import build_c
 from whpfast import cpu
 from whpfast.errors import SnapshotError
 from whpfast.snapshot import HEADER, IMAGE_ALIGN
 
-HERE = Path(__file__).parent / "linux"
 MB = 1 << 20
 
 
@@ -62,8 +61,7 @@ def test_host_record_is_well_formed_and_stable():
 def test_record_holds_everything_a_guest_program_sees(tmp_path):
     """The choice cpu.py documents: on these hosts a guest's own cpuid is the host's (PVM does not
     intercept it), so the record taken from the host's instruction covers what the program saw."""
-    program = tmp_path / "cpuid"
-    subprocess.run(["gcc", "-O1", "-static", "-o", str(program), str(HERE / "cpuid.c")], check=True)
+    program = build_c(tmp_path / "cpuid", "cpuid.c", "-static")
     with whpfast.LinuxSandbox([str(program)], memory_size=32 * MB) as lx:
         result = lx.run(timeout=10)
     assert result.exit_code == 0, result
@@ -218,9 +216,7 @@ def linux_only(test):
 
 @pytest.fixture(scope="module")
 def sum_program(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cpu-programs") / "sum"
-    subprocess.run(["gcc", "-O1", "-static", "-o", str(path), str(HERE / "sum.c")], check=True)
-    return str(path)
+    return build_c(tmp_path_factory.mktemp("cpu-programs") / "sum", "sum.c", "-static")
 
 
 @pytest.fixture

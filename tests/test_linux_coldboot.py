@@ -16,6 +16,7 @@ import time
 import pytest
 
 import whpfast
+from conftest import build_c
 from whpfast.linux import vdso
 from whpfast.linux.fs import inside_path, read_mapping
 
@@ -40,11 +41,7 @@ int main(void) {
 
 @pytest.fixture(scope="module")
 def clocks_program(tmp_path_factory):
-    out = tmp_path_factory.mktemp("coldboot")
-    (out / "clocks.c").write_text(CLOCKS_C)
-    subprocess.run(["gcc", "-O1", "-static", "-o", str(out / "clocks"), str(out / "clocks.c")],
-                   check=True, capture_output=True)
-    return str(out / "clocks")
+    return build_c(tmp_path_factory.mktemp("coldboot") / "clocks", CLOCKS_C, "-static")
 
 
 def _host():
@@ -102,11 +99,7 @@ int main(void) { puts("hello"); return 0; }
 
 @pytest.fixture(scope="module")
 def hello(tmp_path_factory):
-    out = tmp_path_factory.mktemp("coldboot-hello")
-    (out / "hello.c").write_text(HELLO_C)
-    subprocess.run(["gcc", "-O1", "-static", "-o", str(out / "hello"), str(out / "hello.c")],
-                   check=True, capture_output=True)
-    return str(out / "hello")
+    return build_c(tmp_path_factory.mktemp("coldboot-hello") / "hello", HELLO_C, "-static")
 
 
 def _host_written_pages(lx, start, end):

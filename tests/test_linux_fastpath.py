@@ -8,17 +8,16 @@ import os
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import whpfast
+from conftest import build_c
 from whpfast.linux import mm as mm_module
 from whpfast.linux import process, syscalls
 from whpfast.linux.errno import LinuxError
 from whpfast.linux.mm import PAGE, USER_MIN, AddressSpace
 
-HERE = Path(__file__).parent / "linux"
 MB = 1 << 20
 pytestmark = [pytest.mark.hypervisor,
               pytest.mark.skipif(sys.platform != "linux", reason="Linux host only: the vDSO clock helper")]
@@ -53,10 +52,7 @@ with whpfast.LinuxSandbox([sys.argv[1], sys.argv[2]], read=[sys.argv[2]], memory
 
 @pytest.fixture(scope="module")
 def efault(tmp_path_factory):
-    out = tmp_path_factory.mktemp("efault") / "efault"
-    subprocess.run(["gcc", "-O1", "-static", "-o", str(out), str(HERE / "efault.c")], check=True,
-                   capture_output=True)
-    return str(out)
+    return build_c(tmp_path_factory.mktemp("efault") / "efault", "efault.c", "-static")
 
 
 def _results(stdout):

@@ -8,7 +8,6 @@ import hashlib
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -17,11 +16,11 @@ import numpy as np
 import pytest
 
 import whpfast
+from conftest import build_c
 from whpfast.linux import snapfile
 from whpfast.linux.fs import inside_path, read_mapping
 from test_linux_process import _rewrite_meta       # a crafted file: metadata edited, checksums right
 
-HERE = Path(__file__).parent / "linux"
 MB = 1 << 20
 PAGE = 4096
 SYSTEM_READ = ["/usr", "/lib", "/lib64"]
@@ -60,7 +59,7 @@ def subject(tmp_path_factory):
     """The filemap program (dynamic: libc is referenced too) with a data file it maps read-only,
     parked in read(), saved to a file."""
     out = tmp_path_factory.mktemp("filemap")
-    subprocess.run(["gcc", "-O1", "-o", str(out / "filemap"), str(HERE / "filemap.c")], check=True)
+    build_c(out / "filemap", "filemap.c")
     data = out / "data" / "data.bin"
     data.parent.mkdir()
     data.write_bytes(np.random.default_rng(7).integers(1, 256, DATA_SIZE, dtype=np.uint8).tobytes())
@@ -346,7 +345,7 @@ def test_discarding_anonymous_pages_frees_them_beside_live_file_mappings(tmp_pat
     """A dynamic program (libc mapped from the host file) discarding its anonymous pages: they
     are freed with MADV_DONTNEED and read zero, not remapped (which costs host mappings, and
     past 64 leaves them resident) as pages under a file mapping must be."""
-    subprocess.run(["gcc", "-O1", "-o", str(tmp_path / "discard"), str(HERE / "discard.c")], check=True)
+    build_c(tmp_path / "discard", "discard.c")
     read = {p: p for p in SYSTEM_READ}
     read.update(read_mapping([tmp_path / "discard"]))
     with whpfast.LinuxSandbox([inside_path(tmp_path / "discard")], read=read, memory_size=64 * MB) as lx:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import whpfast
+from conftest import build_c
 from whpfast import GuestLoadError
 from whpfast.linux.fs import ReadPolicyError, inside_path, read_mapping
 
@@ -31,10 +32,7 @@ def programs(tmp_path_factory):
     for name, source, flags in (("hello", "hello.c", ["-static"]), ("hello_pie", "hello.c", ["-static-pie"]),
                                 ("sum", "sum.c", ["-static"]), ("memory", "memory.c", ["-static"]),
                                 ("probe", "probe.c", ["-static"]), ("hostile", "hostile.c", ["-static"])):
-        path = out / name
-        subprocess.run(["gcc", "-O1", *flags, "-o", str(path), str(HERE / source)], check=True,
-                       capture_output=True)
-        built[name] = str(path)
+        built[name] = build_c(out / name, source, *flags)
     return built
 
 
@@ -333,10 +331,9 @@ def test_damaged_or_crafted_snapshot_files_are_snapshot_errors(programs, tmp_pat
 def test_sleep_is_bounded_by_the_timeout_and_woken_by_cancel(programs, tmp_path):
     import threading
     import time
-    source = tmp_path / "sleeper.c"
-    source.write_text("#include <unistd.h>\nint main(void) { sleep(100000); return 0; }\n")
-    subprocess.run(["gcc", "-O1", "-static", "-o", str(tmp_path / "sleeper"), str(source)], check=True)
-    with whpfast.LinuxSandbox([str(tmp_path / "sleeper")], memory_size=64 * MB) as lx:
+    sleeper = build_c(tmp_path / "sleeper", "#include <unistd.h>\nint main(void) { sleep(100000); return 0; }\n",
+                      "-static")
+    with whpfast.LinuxSandbox([sleeper], memory_size=64 * MB) as lx:
         snap = lx.snapshot()
         t0 = time.monotonic()
         with pytest.raises(whpfast.GuestTimeout):

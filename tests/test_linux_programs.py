@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import whpfast
+from conftest import build_c
 from whpfast.linux.fs import inside_path, read_mapping
 
 HERE = Path(__file__).parent / "linux"
@@ -26,9 +27,7 @@ pytestmark = [pytest.mark.hypervisor,
 
 
 def compile_c(tmp_path_factory, name, *flags):
-    out = tmp_path_factory.mktemp("c") / name
-    subprocess.run(["gcc", "-O1", *flags, "-o", str(out), str(HERE / f"{name}.c")], check=True)
-    return str(out)
+    return build_c(tmp_path_factory.mktemp("c") / name, f"{name}.c", *flags)
 
 
 def run(argv, **kw):

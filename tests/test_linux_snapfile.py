@@ -5,7 +5,6 @@ the file holds, and the file's image is sparse and checked like every other sect
 import gc
 import os
 import struct
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 import whpfast
+from conftest import build_c
 from whpfast.linux import snapfile
 from whpfast.timing import private_bytes
 
@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.hypervisor,
 def discard(tmp_path_factory):
     """The discard program parked in read() with its mapping full of 0xAB, saved to a file."""
     out = tmp_path_factory.mktemp("snapfile")
-    subprocess.run(["gcc", "-O1", "-static", "-o", str(out / "discard"), str(HERE / "discard.c")], check=True)
+    build_c(out / "discard", "discard.c", "-static")
     with whpfast.LinuxSandbox([str(out / "discard")], memory_size=64 * MB) as lx:
         assert lx.run(b"s\n").stdout == b"nonzero 1048576\n"
         path = lx.snapshot().save(out / "discard.snap")
