@@ -82,6 +82,20 @@ def data_file(tmp_path):
     return path
 
 
+
+@pytest.fixture(scope="module")
+def py_box():
+    """A Python sandbox with json imported, booted once per module (the pool and Ray tests)."""
+    with whpfast.PythonSandbox(setup="import json") as box:
+        yield box
+
+
+@pytest.fixture(scope="module")
+def py_snap(py_box, tmp_path_factory):
+    """py_box's warm snapshot saved to a file; its path."""
+    return py_box.save(tmp_path_factory.mktemp("snap") / "py.snap")
+
+
 LINUX_PROGRAMS = Path(__file__).parent / "linux"
 
 

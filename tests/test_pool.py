@@ -34,19 +34,6 @@ def _span(result):
 
 
 @pytest.fixture(scope="module")
-def box():
-    with whpfast.PythonSandbox(setup="import json") as sb:
-        yield sb
-
-
-@pytest.fixture(scope="module")
-def py_path(box, tmp_path_factory):
-    path = tmp_path_factory.mktemp("pool") / "py.snap"
-    box.save(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def sdk_snapshot(tmp_path_factory):
     with whpfast.Sandbox(whpfast.guests.testkit, memory_size=16 << 20) as sb:
         sb.call("touch", 0, 2, 7)           # the snapshot's own state: pages 0-1 hold 7
@@ -65,15 +52,15 @@ def _wait_until(predicate, timeout=10.0):
 
 # -- answers and isolation --------------------------------------------------------------------
 
-def test_python_pool_answers_like_a_plain_sandbox(box, py_path):
+def test_python_pool_answers_like_a_plain_sandbox(py_box, py_snap):
     code = 'import json\nprint(json.dumps({"a": [1, 2]}))\nprint("err", file=__import__("sys").stderr)'
-    want = box.run(code)
-    for source in (py_path, box, box.snapshot):
+    want = py_box.run(code)
+    for source in (py_snap, py_box, py_box.snapshot):
         with whpfast.Pool(source, size=2) as pool:
             assert pool.kind == "python" and pool.size == 2
             assert pool.run(code) == want
             assert pool.run('print("hello world")') == whpfast.PythonResult("hello world\n", "", None)
-            assert pool.eval("sorted({'b': 1, 'a': 2}.items())") == box.eval("sorted({'b': 1, 'a': 2}.items())")
+            assert pool.eval("sorted({'b': 1, 'a': 2}.items())") == py_box.eval("sorted({'b': 1, 'a': 2}.items())")
             raised = pool.run("raise ValueError('no')")            # the guest's error, not the pool's
             assert "ValueError: no" in raised.error
             with pytest.raises(whpfast.GuestPythonError, match="ZeroDivisionError"):
@@ -97,9 +84,9 @@ def test_sdk_pool_answers_like_a_plain_sandbox(sdk_snapshot):
             assert pool.stats().replaced == 0
 
 
-def test_each_request_starts_from_the_snapshot(py_path, sdk_snapshot):
+def test_each_request_starts_from_the_snapshot(py_snap, sdk_snapshot):
     # A pool of one: the same sandbox serves both requests, and the second sees nothing of the first.
-    with whpfast.Pool(py_path, size=1) as pool:
+    with whpfast.Pool(py_snap, size=1) as pool:
         assert pool.run("x = 42\nopen('/tmp/left', 'w').write('a')\nimport json\njson.secret = 1").error is None
         assert pool.eval("['x' in globals(), __import__('os').path.exists('/tmp/left'), "
                          "hasattr(__import__('json'), 'secret')]") == [False, False, False]
@@ -111,11 +98,11 @@ def test_each_request_starts_from_the_snapshot(py_path, sdk_snapshot):
 
 # -- concurrency ------------------------------------------------------------------------------
 
-def test_two_threads_keep_two_sandboxes_busy_at_once(py_path):
+def test_two_threads_keep_two_sandboxes_busy_at_once(py_snap):
     # Each guest spins 0.3 s by the clock and reports when it ran. Were the GIL held during a
     # guest run, the second guest could not start before the first ended: the intervals overlap
     # only because both guests ran at the same time (timings are not compared: shared machine).
-    with whpfast.Pool(py_path, size=2) as pool:
+    with whpfast.Pool(py_snap, size=2) as pool:
         spans = [None, None]
 
         def client(i):
@@ -132,7 +119,7 @@ def test_two_threads_keep_two_sandboxes_busy_at_once(py_path):
         assert overlap > 0.1, f"the two guests did not run at the same time: {spans}"
 
 
-def test_asyncio_gather_and_the_loop_keeps_running(py_path):
+def test_asyncio_gather_and_the_loop_keeps_running(py_snap):
     async def main(pool):
         ticks = 0
         stop = asyncio.Event()
@@ -151,7 +138,7 @@ def test_asyncio_gather_and_the_loop_keeps_running(py_path):
         await tick
         return values, ticks
 
-    with whpfast.Pool(py_path, size=2, max_queue=32) as pool:      # 25 requests at once
+    with whpfast.Pool(py_snap, size=2, max_queue=32) as pool:      # 25 requests at once
         values, ticks = asyncio.run(main(pool))
         assert values == [i * 3 for i in range(24)]
         assert ticks >= 10, f"the event loop was blocked while a guest ran ({ticks} ticks in >= 0.3 s)"
@@ -159,8 +146,8 @@ def test_asyncio_gather_and_the_loop_keeps_running(py_path):
         assert st.served == 25 and st.in_use == 0 and st.queued == 0
 
 
-def test_backpressure_pool_full(py_path):
-    with whpfast.Pool(py_path, size=1, max_queue=1) as pool:
+def test_backpressure_pool_full(py_snap):
+    with whpfast.Pool(py_snap, size=1, max_queue=1) as pool:
         results = []
         first = threading.Thread(target=lambda: results.append(pool.run("import time; time.sleep(0.6)")))
         first.start()
@@ -188,8 +175,8 @@ def test_backpressure_pool_full(py_path):
 
 # -- health ----------------------------------------------------------------------------------
 
-def test_a_timeout_replaces_the_sandbox_and_the_pool_keeps_its_size(py_path):
-    with whpfast.Pool(py_path, size=2) as pool:
+def test_a_timeout_replaces_the_sandbox_and_the_pool_keeps_its_size(py_snap):
+    with whpfast.Pool(py_snap, size=2) as pool:
         with pytest.raises(whpfast.GuestTimeout):
             pool.run("while True: pass", timeout=0.2)
         st = pool.stats()
@@ -202,8 +189,8 @@ def test_a_timeout_replaces_the_sandbox_and_the_pool_keeps_its_size(py_path):
         assert pool.stats().replaced == 2 and pool.stats().size == 2
 
 
-def test_a_guest_that_exits_or_floods_memory_does_not_break_the_pool(py_path):
-    with whpfast.Pool(py_path, size=1) as pool:
+def test_a_guest_that_exits_or_floods_memory_does_not_break_the_pool(py_snap):
+    with whpfast.Pool(py_snap, size=1) as pool:
         exited = pool.run("import os\nos._exit(3)")
         assert "exited with status 3" in exited.error
         hungry = pool.run("x = bytearray(2 << 30)")               # past memory_size: MemoryError
@@ -237,7 +224,7 @@ def test_faults_and_timeouts_replace_sdk_sandboxes(sdk_snapshot):
         assert pool.call("add", 1, 2) == 3 and pool.stats().replaced == 1
 
 
-def test_a_cancelled_task_cancels_its_guest_and_leaks_nothing(py_path):
+def test_a_cancelled_task_cancels_its_guest_and_leaks_nothing(py_snap):
     async def main(pool):
         task = asyncio.ensure_future(pool.arun("while True: pass"))   # no timeout: only cancel stops it
         while pool.in_use == 0:
@@ -248,7 +235,7 @@ def test_a_cancelled_task_cancels_its_guest_and_leaks_nothing(py_path):
             await task
         return await pool.aeval("6 * 7")
 
-    with whpfast.Pool(py_path, size=1) as pool:
+    with whpfast.Pool(py_snap, size=1) as pool:
         assert asyncio.run(asyncio.wait_for(main(pool), 30)) == 42
         st = pool.stats()
         assert (st.replaced, st.in_use, st.size) == (1, 0, 1)
@@ -274,8 +261,8 @@ def test_a_late_cancel_does_not_reach_the_next_request(sdk_snapshot):
 
 # -- closing ---------------------------------------------------------------------------------
 
-def test_close_waits_for_running_requests_and_refuses_new_ones(py_path):
-    pool = whpfast.Pool(py_path, size=1, max_queue=2)
+def test_close_waits_for_running_requests_and_refuses_new_ones(py_snap):
+    pool = whpfast.Pool(py_snap, size=1, max_queue=2)
     out = {}
 
     def running():
@@ -306,9 +293,9 @@ def test_close_waits_for_running_requests_and_refuses_new_ones(py_path):
     assert pool.closed and pool.stats().in_use == 0
 
 
-def test_close_cancel_stops_running_guests(sdk_snapshot, py_path):
+def test_close_cancel_stops_running_guests(sdk_snapshot, py_snap):
     for source, request in ((sdk_snapshot[1], lambda p: p.call("spin")),
-                            (py_path, lambda p: p.run("while True: pass"))):
+                            (py_snap, lambda p: p.run("while True: pass"))):
         pool = whpfast.Pool(source, size=2)
         errors = []
 
@@ -438,13 +425,13 @@ def test_stats_arrays_fill(sdk_snapshot):
         assert st.median(st.run_time) == st.median()
 
 
-def test_on_output(sdk_snapshot, py_path):
+def test_on_output(sdk_snapshot, py_snap):
     seen = []
     with whpfast.Pool(sdk_snapshot[0], size=1, on_output=lambda s, t: seen.append((s, t))) as pool:
         assert pool.call("hello") == "hello world"
     assert "".join(t for _, t in seen) == "hello world\n" and {s for s, _ in seen} == {"stdout"}
     seen.clear()
-    with whpfast.Pool(py_path, size=1, on_output=lambda s, t: seen.append((s, t))) as pool:
+    with whpfast.Pool(py_snap, size=1, on_output=lambda s, t: seen.append((s, t))) as pool:
         pool.run("print('out'); import sys; print('err', file=sys.stderr)")
         pool.run("pass")
     assert seen == [("stdout", "out\n"), ("stderr", "err\n")]
@@ -454,11 +441,11 @@ def test_on_output(sdk_snapshot, py_path):
 
 @pytest.mark.skipif(whpfast.backend.NAME != "kvm", reason="KVM only: the WHP backend copies a snapshot "
                     "file's image into each sandbox (no copy-on-write file mapping there)")
-def test_sandboxes_from_one_file_share_its_pages(box, py_path):
+def test_sandboxes_from_one_file_share_its_pages(py_box, py_snap):
     # From a path every sandbox maps the one loaded file copy-on-write; from the in-memory
     # snapshot each copies the image. The private memory a pool of 3 adds beside a pool of 1
     # (which loaded the file) tells the two apart.
-    image = box.snapshot.nonzero_pages * 4096
+    image = py_box.snapshot.nonzero_pages * 4096
 
     def per_sandbox(source):
         gc.collect()
@@ -467,20 +454,20 @@ def test_sandboxes_from_one_file_share_its_pages(box, py_path):
             with whpfast.Pool(source, size=3):
                 return (private_bytes() - before) / 3
 
-    shared, copied = per_sandbox(py_path), per_sandbox(box.snapshot)
+    shared, copied = per_sandbox(py_snap), per_sandbox(py_box.snapshot)
     assert copied > image / 2, (shared, copied, image)           # each copy holds the image
     assert shared < copied / 4, (shared, copied, image)
 
 
 # -- bad input -------------------------------------------------------------------------------
 
-def test_bad_snapshots_and_kinds(tmp_path, sdk_snapshot, py_path):
+def test_bad_snapshots_and_kinds(tmp_path, sdk_snapshot, py_snap):
     gc.collect()                        # earlier tests' snapshots let go of their files first
     fds = len(os.listdir("/proc/self/fd"))
     garbage = tmp_path / "garbage.snap"
     garbage.write_bytes(b"not a snapshot" * 100)
     truncated = tmp_path / "truncated.snap"
-    truncated.write_bytes(open(py_path, "rb").read(4096))
+    truncated.write_bytes(open(py_snap, "rb").read(4096))
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     for bad, match in ((tmp_path / "missing.snap", "cannot open"), (garbage, "not a whpfast snapshot"),
@@ -494,14 +481,14 @@ def test_bad_snapshots_and_kinds(tmp_path, sdk_snapshot, py_path):
         whpfast.Pool(sdk_snapshot[1], kind="python", size=1)
     assert isinstance(e.value, TypeError)
     with pytest.raises(whpfast.ConfigError, match="kind"):
-        whpfast.Pool(py_path, kind="java", size=1)
+        whpfast.Pool(py_snap, kind="java", size=1)
     for size in (0, -1, True, 1.5):
         with pytest.raises(whpfast.ConfigError, match="size"):
-            whpfast.Pool(py_path, size=size)
+            whpfast.Pool(py_snap, size=size)
     with pytest.raises(TypeError, match="sb.snapshot"):
         with whpfast.Sandbox(whpfast.guests.testkit) as sb:
             whpfast.Pool(sb)
-    with whpfast.Pool(sdk_snapshot[1], size=1) as sdk, whpfast.Pool(py_path, size=1, kind="python") as py:
+    with whpfast.Pool(sdk_snapshot[1], size=1) as sdk, whpfast.Pool(py_snap, size=1, kind="python") as py:
         with pytest.raises(TypeError, match="call"):
             sdk.run("pass")
         with pytest.raises(whpfast.ConfigError, match="call"):

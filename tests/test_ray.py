@@ -46,17 +46,6 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def py_box():
-    with whpfast.PythonSandbox(setup="import json") as box:
-        yield box
-
-
-@pytest.fixture(scope="module")
-def py_snap(py_box, tmp_path_factory):
-    return py_box.save(tmp_path_factory.mktemp("snap") / "py.snap")
-
-
-@pytest.fixture(scope="module")
 def pool(cluster, py_snap, tmp_path_factory):
     # Half a CPU each (Ray's CPUs are logical): the tests' other pools get the other one.
     with whpfast.ray.RayPool(py_snap, actors=2, num_cpus=0.5,
