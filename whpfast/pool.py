@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from ._typing import StrPath
 from .core.resource import Resource
+from .core.run import run_timeout
 from .errors import (ConfigError, GuestCallError, GuestCancelled, GuestPythonError, PoolFull,
                      SandboxClosed, SnapshotError, WhpfastError)
 from .linux import snapfile
@@ -126,15 +127,6 @@ def _resolve(snapshot, kind):
         raise KindError(f"kind={kind!r}, but the snapshot is of a{'n SDK' if found == 'sdk' else ' Python'} "
                         f"sandbox (kind {found!r})")
     return found, snapshot
-
-
-def _timeout(value, what="timeout"):
-    """A run timeout: a positive number of seconds, or None (also math.inf, or 1e9 s and more)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{what} must be a positive number of seconds or None, got {value!r}")
-    return None if value >= 1e9 else value
 
 
 class _Request:
@@ -250,7 +242,7 @@ class Pool(Resource):
             raise ConfigError(f"max_queue must be an int >= 0 (waiting requests), got {max_queue!r}")
         if on_output is not None and not callable(on_output):
             raise TypeError("on_output must be callable (stream, text) or None")
-        self._timeout = _timeout(timeout)
+        self._timeout = run_timeout(timeout)
         self.kind, self._source = _resolve(snapshot, kind)
         self._on_output = on_output
         self.size = size
@@ -366,7 +358,7 @@ class Pool(Resource):
         if queue_timeout is not None and (isinstance(queue_timeout, bool) or not isinstance(
                 queue_timeout, (int, float)) or not queue_timeout >= 0):
             raise ValueError(f"queue_timeout must be a number of seconds >= 0 or None, got {queue_timeout!r}")
-        timeout = _timeout(timeout)
+        timeout = run_timeout(timeout)
         return self._timeout if timeout is None else timeout
 
     def _sync(self, op, args, timeout, queue_timeout):

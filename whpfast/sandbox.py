@@ -10,7 +10,7 @@ from contextlib import ExitStack
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from . import abi, backend, cpu, elf, machine
-from .core.run import run_until
+from .core.run import run_timeout, run_until
 from .core.resource import Resource
 from .core.warm import PAGE, RestoreStats, WarmMemory
 from .errors import (ConfigError, GuestAbort, GuestCallError, GuestCancelled, GuestFault,
@@ -26,8 +26,6 @@ impl = backend.impl
 # messages carry 32-bit lengths.
 MAX_MEMORY_SIZE = MAX_MEMORY
 MAX_IO_BUFFER_SIZE = MAX_IO_BUFFER
-# A timeout this long (or inf) is no timeout: deadlines are int64 nanoseconds.
-MAX_TIMEOUT = 1e9
 
 
 _VECTOR_NAMES = {
@@ -378,11 +376,7 @@ class Sandbox(Resource):
         if export is None:
             raise GuestCallError(f"the guest has no function {name!r}; it exports "
                                  f"{', '.join(sorted(self._image.exports))}")
-        if timeout is not None:
-            if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-                raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-            if timeout >= MAX_TIMEOUT:       # inf included
-                timeout = None
+        timeout = run_timeout(timeout)
         deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
         self._acquire(name, deadline, call=True)
         try:

@@ -4,6 +4,19 @@ import time
 
 from .. import backend
 
+# A timeout this long (or inf) is no timeout: deadlines are int64 nanoseconds.
+MAX_TIMEOUT = 1e9
+
+
+def run_timeout(value, what="timeout"):
+    """A run timeout as given to call()/run(): a positive number of seconds, or None for none
+    (also math.inf, or MAX_TIMEOUT seconds and more). Anything else is a ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{what} must be a positive number of seconds or None, got {value!r}")
+    return None if value >= MAX_TIMEOUT else value
+
 
 def run_until(vcpu, deadline):
     """Runs vcpu to its next exit and returns the exit kind. deadline (a time.monotonic_ns()

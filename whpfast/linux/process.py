@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import _pages, abi, backend, cpu, machine
-from ..core.run import run_until
+from ..core.run import run_timeout, run_until
 from ..core.resource import Resource
 from ..elf import read_program
 from ..core.warm import BLOCK, WarmMemory
@@ -487,8 +487,7 @@ class LinuxSandbox(Resource):
         appended to what stdin still holds; eof=True makes a read with nothing left return 0."""
         if not isinstance(input, (bytes, bytearray, memoryview)):
             raise TypeError(f"input must be bytes, not {type(input).__name__}")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        timeout = run_timeout(timeout)
         with self._lock:
             self._check_ready()
             io = self._io
