@@ -8,12 +8,14 @@ interleaved with the others, and the median round is reported (the machine is sh
 drift). Per-request queue wait and run time come from Pool.stats(). The baseline: the same
 requests on one PythonSandbox called directly from one thread (no pool).
 
-Threads share one GIL: only the guest's run (KVM_RUN) releases it, so a request whose time is
-mostly host-side Python (hello_world) cannot scale to 2x on 2 cores. Two figures show where that
-limit lies: the share of a hello_world request spent in KVM_RUN (timed around the run loop's
-`run_until`, in a separate pass), and the same 1 -> 2 scaling for a guest-bound request
-(`compute`: a ~2 ms loop in the guest). And the way around the GIL, as a baseline: two
-processes with a pool of 1 each, sending the same hello_world requests.
+Threads share one GIL. A warm request releases it once, for its restore and the guest's run
+together (one backend call, Vcpu.resume_warm); the rest of the request (encoding it, the exit
+that answers, decoding the answer, the pool's own work) holds it, and runs one thread at a time.
+Two figures show where that limit lies: the share of a hello_world request spent without the
+GIL (timed around that call and any further guest run, in a separate pass), and the same 1 -> 2
+scaling for a guest-bound request (`compute`: a ~2 ms loop in the guest). And the way around
+the GIL, as a baseline: two processes with a pool of 1 each, sending the same hello_world
+requests.
 
 Writes bench_pool.json (figures) and bench_pool.npz (every round's throughput, every request's
 queue wait and run time) to --out (default: the current directory; `whpfast bench` runs this
@@ -131,32 +133,54 @@ def processes_throughput(path, processes, count):
     return per * processes / (max(e for _, e in spans) - min(s for s, _ in spans))
 
 
-def kvm_run_share(pool, count):
-    """The share of a request's wall time spent in KVM_RUN, the only part that runs without the
-    GIL: the Linux personality's run loop calls core.run.run_until for every guest run; timed
-    here by wrapping it for `count` requests (a diagnostic pass, not the throughput rounds).
-    None if the run loop no longer calls it that way."""
+class _TimedVcpu:
+    """A backend Vcpu whose GIL-free calls (run, resume_warm) add their wall time to spent[0]."""
+
+    def __init__(self, vcpu, spent):
+        self._vcpu, self._spent = vcpu, spent
+
+    def __getattr__(self, name):
+        real = getattr(self._vcpu, name)
+        if name not in ("run", "resume_warm"):
+            return real
+
+        def timed(*args):
+            t0 = time.perf_counter_ns()
+            try:
+                return real(*args)
+            finally:
+                self._spent[0] += time.perf_counter_ns() - t0
+        return timed
+
+
+def gil_free_share(pool, count):
+    """The share of a request's wall time spent without the GIL: in the backend call that
+    restores and runs a warm request (Vcpu.resume_warm) and in any further guest run
+    (core.run.run_until). Timed by wrapping both for `count` requests (a diagnostic pass, not
+    the throughput rounds)."""
+    from whpfast.core import warm
     from whpfast.linux import process
-    inner = getattr(process, "run_until", None)
-    if inner is None:
-        return None
     spent = [0]
+    inner_run, inner_resume = process.run_until, warm.WarmMemory.resume
 
-    def timed(vcpu, deadline):
-        t0 = time.perf_counter_ns()
+    def run_until(vcpu, deadline):
+        return inner_run(_TimedVcpu(vcpu, spent), deadline)
+
+    def resume(self, *args):
+        vcpu, self.vcpu = self.vcpu, _TimedVcpu(self.vcpu, spent)
         try:
-            return inner(vcpu, deadline)
+            return inner_resume(self, *args)
         finally:
-            spent[0] += time.perf_counter_ns() - t0
+            self.vcpu = vcpu
 
-    process.run_until = timed
+    process.run_until, warm.WarmMemory.resume = run_until, resume
     try:
         t0 = time.perf_counter_ns()
         for _ in range(count):
             pool.run(HELLO)
         wall = time.perf_counter_ns() - t0
     finally:
-        process.run_until = inner
+        process.run_until, warm.WarmMemory.resume = inner_run, inner_resume
     return spent[0] / wall
 
 
@@ -193,7 +217,7 @@ def measure(requests=1000, rounds=5, log=print):
                     waits[name].append(st.queue_wait[-count:])
                     runs[name].append(st.run_time[-count:])
                 throughput["processes2_pool1"].append(processes_throughput(path, 2, requests))
-                share = kvm_run_share(pools[1], max(50, requests // 5))
+                share = gil_free_share(pools[1], max(50, requests // 5))
                 if share is not None:
                     shares.append(share)
                 host.append(host_scaling())
@@ -206,7 +230,7 @@ def measure(requests=1000, rounds=5, log=print):
     samples = {f"throughput_{k}": np.array(v) for k, v in throughput.items()}
     samples.update({f"queue_wait_{k}": np.concatenate(v) for k, v in waits.items()})
     samples.update({f"run_time_{k}": np.concatenate(v) for k, v in runs.items()})
-    samples["kvm_run_share"] = np.array(shares)
+    samples["gil_free_share"] = np.array(shares)
     samples["host_scaling"] = np.array(host)
     return samples
 
@@ -221,13 +245,13 @@ def summary(samples):
     def per_round(a, b):
         return float(np.median(samples[f"throughput_{a}"] / samples[f"throughput_{b}"]))
     scaling = per_round("pool2_clients2", "pool1_clients1")
-    share = float(np.median(samples["kvm_run_share"])) if len(samples["kvm_run_share"]) else None
+    share = float(np.median(samples["gil_free_share"])) if len(samples["gil_free_share"]) else None
     return {
         "scaling_compute_pool2_clients2_vs_pool1_clients1":
             per_round("compute_pool2_clients2", "compute_pool1_clients1"),
         # With 2 threads the GIL-held part (1 - share) of every request runs one at a time:
         # throughput is at most 1 / max(1 - share, 1/2) requests per request time.
-        "hello_kvm_run_share": share,
+        "hello_gil_free_share": share,
         "host_scaling_2_processes_vs_1": float(np.median(samples["host_scaling"])),
         "hello_scaling_ceiling_2_threads": None if share is None else 1 / max(1 - share, 0.5),
         "hypervisor": whpfast.hypervisor(), "cpus": os.cpu_count(),
@@ -260,8 +284,8 @@ def report(result, log=print):
         f"{result['scaling_processes2_pool1_vs_pool1_clients1']:.2f}x")
     log(f"compute (~2 ms in the guest), 2 sandboxes + 2 clients vs 1 + 1: "
         f"{result['scaling_compute_pool2_clients2_vs_pool1_clients1']:.2f}x")
-    if result["hello_kvm_run_share"] is not None:
-        log(f"hello_world: {result['hello_kvm_run_share']:.0%} of a request in KVM_RUN (GIL released); "
+    if result["hello_gil_free_share"] is not None:
+        log(f"hello_world: {result['hello_gil_free_share']:.0%} of a request without the GIL (restore + run); "
             f"the rest holds the GIL, so 2 threads reach at most "
             f"{result['hello_scaling_ceiling_2_threads']:.2f}x")
 

@@ -28,7 +28,7 @@ HELLO = 'print("hello world")'
 # Where the backend has restore_warm, a warm restore is one C call that keeps the GIL unless it
 # restores 512 pages or more (a hello_world restore: ~150), so it counts as held.
 NOGIL = ("run_until (KVM_RUN, no GIL)", "_pages.restore (no GIL)", "get_dirty_log",
-         "clear_dirty_log", "load_state")
+         "clear_dirty_log", "load_state", "resume_warm (C: restore + KVM_RUN, no GIL)")
 
 
 class Spans:
@@ -88,9 +88,13 @@ def install(sb, spans):
     patch(lx.mm, "reset", "mm.reset")
     patch(lx.fs, "reset", "fs.reset")
     patch(lx, "_refresh_vdso", "_refresh_vdso")
+    patch(lx, "_resume_plan", "_resume_plan")
+    patch(lx, "_resume", "_resume")
+    patch(lx._warm, "resume", "WarmMemory.resume")
     patch(lx, "_vvar", "_vvar")
     if getattr(process, "_linux", None) is not None and hasattr(process._linux, "refresh_vdso"):
         patch(process._linux, "refresh_vdso", "_linux.refresh_vdso")
+        patch(process._linux, "vdso_data", "_linux.vdso_data")
     patch(process.cpu, "check", "cpu.check")
     patch(sb, "_request", "_request")
     patch(py_sandbox.json, "dumps", "json.dumps")
@@ -106,6 +110,9 @@ def install(sb, spans):
     if hasattr(real_vcpu, "restore_warm"):
         warm.vcpu.restore_warm = spans.wrap("restore_warm (C, GIL held)",
                                             real_vcpu.restore_warm)
+    if hasattr(real_vcpu, "resume_warm"):
+        warm.vcpu.resume_warm = spans.wrap("resume_warm (C: restore + KVM_RUN, no GIL)",
+                                           real_vcpu.resume_warm)
     undo.append(lambda: setattr(warm, "vm", real_vm))
     undo.append(lambda: setattr(warm, "vcpu", real_vcpu))
     return lambda: [u() for u in reversed(undo)]

@@ -513,7 +513,7 @@ def test_bench_smoke(tmp_path):
     assert set(result["throughput_per_s_median"]) == {
         "pool1_clients1", "pool1_clients2", "pool2_clients1", "pool2_clients2", "pool2_clients4",
         "plain_clients1", "compute_pool1_clients1", "compute_pool2_clients2", "processes2_pool1"}
-    assert 0 < result["hello_kvm_run_share"] < 1
+    assert 0 < result["hello_gil_free_share"] < 1
     assert all(v > 0 for v in result["throughput_per_s_median"].values())
     assert result["latency"]["queue_wait_pool2_clients4"]["p99_us"] > 0
     import numpy as np

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import whpfast
+from whpfast import backend
 from whpfast.errors import GuestTimeout, SandboxPoisoned, SnapshotError
 
 pytestmark = pytest.mark.hypervisor
@@ -105,25 +106,32 @@ def test_the_c_call_equals_the_stepwise_restore(pair):
 
 
 def test_restore_warm_refuses_buffers_of_other_sizes(pair):
-    """Called with a short bitmap, a short image or a truncated state part, restore_warm
-    raises before it touches anything, and the sandbox restores and runs as before."""
+    """The bookkeeping buffers are checked once, when their WarmPages is made: a short bitmap or
+    score array is refused there. A short snapshot image or page bitmap, a plan beyond the
+    bitmap or a truncated state part makes restore_warm raise before it touches anything, and
+    the sandbox restores and runs as before."""
     sb, _ = pair
     snap = sb.snapshot()
     sb.call("touch", 0, 10, 3)
     w = sb._warm
-    args = [w.mem, snap._image_view, w._dirty, snap._nonzero, w._host, w._hot, w._score,
-            w._scored, w._reprotect, w._touched, w._n_touched, w.hot_limit, w.hot_count, 1,
-            snap._state, True]
-    for i, bad in ((2, w._dirty[:1]), (1, snap._image_view[:4096]), (6, w._score[:10]),
-                   (10, len(w._touched) + 1)):
-        wrong = list(args)
+    buffers = [w.mem, w._dirty, w._host, w._hot, w._score, w._scored, w._reprotect, w._touched]
+    for i, bad in ((1, w._dirty[:1]), (4, w._score[:10]), (7, w._touched[:2])):
+        wrong = list(buffers)
         wrong[i] = bad
         with pytest.raises(ValueError, match="restore_warm"):
+            backend.impl.WarmPages(*wrong)
+    args = [w._pages, snap._image_view, snap._nonzero, w._n_touched, w.hot_limit, w.hot_count, 1,
+            snap._state, True]
+    for i, bad in ((1, snap._image_view[:4096]), (2, snap._nonzero[:1]),
+                   (3, len(w._touched) + 1)):
+        wrong = list(args)
+        wrong[i] = bad
+        with pytest.raises(ValueError, match="restore"):
             w.vcpu.restore_warm(*wrong)
     state = dict(snap._state)
     state["xsave"] = state["xsave"][:100]
     with pytest.raises(SnapshotError, match="xsave"):
-        w.vcpu.restore_warm(*args[:14], state, True)
+        w.vcpu.restore_warm(*args[:7], state, True)
     sb.restore(snap)
     assert exact(sb, snap) and sb.call("checksum") == 0
     assert sb.call("touch", 0, 10, 3) == 10

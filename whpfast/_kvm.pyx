@@ -45,6 +45,7 @@ cdef extern from "includes/compat.h" nogil:
 include "_exits.pxi"
 include "_cancel.pxi"
 include "_restore.pxi"
+include "_warm.pxi"
 
 DEF PAGE_SIZE = 4096
 
@@ -343,7 +344,13 @@ cdef class Vcpu(CancelState):
 
     def run(self, long long timeout_ns=-1):
         """Runs the guest until it exits; returns one of the EXIT_* kinds and leaves the details in
-        the exit attributes. timeout_ns > 0 arms a one-shot timer that kicks this thread.
+        the exit attributes. timeout_ns > 0 arms a one-shot timer that kicks this thread."""
+        return self._enter(timeout_ns, NULL)
+
+    cdef int _enter(self, long long timeout_ns, WarmRestore *warm) except -1:
+        """run(), and resume_warm's run: with warm, its restore (_warm_hv) is done first, in the
+        same release of the GIL as the first KVM_RUN; if it fails, the guest is not entered and
+        the failure is raised.
 
         Cancellation protocol: cancel() sets cancel_requested, then immediate_exit, then signals
         the thread in run() if there is one. Here running_tid is set first, and immediate_exit is
@@ -351,10 +358,13 @@ cdef class Vcpu(CancelState):
         check and KVM_RUN: either the check sees it, or KVM_RUN starts with immediate_exit set, or
         the signal interrupts it (the handler sets immediate_exit again, for a signal that lands
         just before KVM_RUN enters the guest). The timer follows the same order, with the
-        deadline in place of cancel_requested."""
+        deadline in place of cancel_requested. The checks read only C fields (volatile, after a
+        full barrier), so they are made without the GIL, after a folded-in restore: a cancel or
+        a deadline that comes during the restore still stops the run."""
         cdef kvm_run *r = self._run()
         cdef int fd = self._fd()
-        cdef int rc = 0, err = 0
+        cdef int rc = 0, err = 0, warm_err = 0
+        cdef bint entered
         cdef pid_t tid = whpfast_gettid()
         cdef long long deadline = 0
         if timeout_ns > 0:
@@ -366,17 +376,26 @@ cdef class Vcpu(CancelState):
             while True:
                 r.immediate_exit = 0
                 __sync_synchronize()
-                if self.cancel_requested:
-                    return EXIT_CANCELLED
-                # The timer's signal may have landed before immediate_exit was cleared just
-                # above (the thread was preempted after arming it): it is lost, so look at the
-                # clock too. It fires only at the deadline, so this check sees any such signal.
-                if deadline and whpfast_monotonic_ns() >= deadline:
-                    return EXIT_TIMEOUT
-                self.completion_pending = True
                 with nogil:
-                    rc = ioctl(fd, KVM_RUN, 0)
-                    err = errno
+                    if warm != NULL:
+                        warm_err = self._warm_hv(warm)
+                        warm.done_ns = whpfast_monotonic_ns()
+                    # The timer's signal may have landed before immediate_exit was cleared just
+                    # above (the thread was preempted after arming it): it is lost, so look at
+                    # the clock too. It fires only at the deadline, so this check sees any such
+                    # signal.
+                    entered = (not warm_err and not self.cancel_requested and
+                               not (deadline and whpfast_monotonic_ns() >= deadline))
+                    if entered:
+                        self.completion_pending = True
+                        rc = ioctl(fd, KVM_RUN, 0)
+                        err = errno
+                if warm != NULL:
+                    if warm_err:
+                        _raise_errno(warm_err, warm.what.decode())
+                    warm = NULL          # restored once, whatever the run does next
+                if not entered:
+                    return EXIT_CANCELLED if self.cancel_requested else EXIT_TIMEOUT
                 if rc == 0:
                     kind = self._decode(r)
                     if self.completion_pending:
@@ -650,84 +669,117 @@ cdef class Vcpu(CancelState):
         _queue_sync_regs(r, state)
         return ioctls
 
-    def restore_warm(self, unsigned char[::1] mem not None, const unsigned char[::1] image not None,
-                     uint64_t[::1] dirty not None, const uint64_t[::1] nonzero not None,
-                     uint64_t[::1] host not None, uint64_t[::1] hot not None,
-                     unsigned char[::1] score not None, uint64_t[::1] scored not None,
-                     uint64_t[::1] reprotect not None, unsigned int[::1] touched not None,
-                     size_t n_touched, size_t hot_limit, size_t n_hot, size_t cycle,
-                     dict state not None, bint fpu):
-        """A warm restore to the baseline (memslot 0 = mem, see whpfast/core/warm.py) in one C
-        sequence: KVM_GET_DIRTY_LOG, the hot-set plan, the host-written pages, the page copies
-        from image, KVM_CLEAR_DIRTY_LOG over the re-protected span and KVM_SET_XSAVE (if fpu),
-        then registers and events into the sync-regs area. The GIL is released once, for the
-        copies and the calls after them, and only for a restore of RELEASE_PAGES pages or more
-        (see _restore.pxi: a GIL hand-off costs more than a short stretch frees). Debug
-        registers, XCRs and MSRs are not loaded (a full restore does that, see load_state).
-        Returns (dirty pages, host pages, copied, zeroed, hot pages, n_touched, hypervisor
-        calls, register calls); on failure nothing of the plan is left in reprotect and the
-        caller restores in full next."""
-        cdef size_t n_pages = mem.shape[0] // PAGE_SIZE, n_words = (n_pages + 63) // 64
-        cdef size_t n_dirty = 0, n_reprotect = 0, n_new = 0, host_pages = 0, copied = 0
-        cdef size_t zeroed = 0, i, lo, hi
-        cdef int vm_fd = self.vm._fd(), fd = self._fd(), err = 0, calls = 1, register_calls = 0
-        cdef const char *what = NULL
-        cdef kvm_run *r = self._run()
-        cdef kvm_dirty_log log
-        cdef kvm_clear_dirty_log clear
-        cdef bint manual = self.vm.manual_protect
-        cdef PyThreadState *released = NULL
-        cdef bytes b, xsave
-        cdef const char *xsave_area
+    cdef int _warm_begin(self, WarmRestore *w, WarmPages pages, const unsigned char[::1] image,
+                         const uint64_t[::1] nonzero, size_t n_touched, size_t hot_limit,
+                         size_t n_hot, size_t cycle, dict state, bint fpu,
+                         tuple writes) except -1:
+        """restore_warm's and resume_warm's part that holds the GIL: the checks, w filled, the
+        last exit retired (nothing of it may complete after this state), and the snapshot's
+        registers and events queued in the sync-regs area (they go in with the next KVM_RUN)."""
         _check_size(state, "regs", sizeof(kvm_regs))
         _check_size(state, "sregs", sizeof(kvm_sregs))
         _check_size(state, "events", sizeof(kvm_vcpu_events))
         _check_size(state, "xsave", self.xsave_size)
-        _check_warm_sizes(mem.shape[0], image.shape[0], score.shape[0],
-                          (dirty.shape[0], nonzero.shape[0], host.shape[0], hot.shape[0],
-                           scored.shape[0], reprotect.shape[0], touched.shape[0]), n_touched)
-        xsave = state["xsave"]       # held by this frame while the GIL is released
-        xsave_area = xsave
-        self._retire_pending()      # nothing of the last exit may complete after this state
+        cdef kvm_run *r = self._run()
+        cdef bytes xsave = state["xsave"]     # held by the caller's state dict
+        pages.start(w, image, nonzero, n_touched, hot_limit, n_hot, cycle, fpu, writes)
+        w.xsave, w.xsave_size = xsave, len(xsave)
+        self._retire_pending()
+        _queue_sync_regs(r, state)
+        return 0
+
+    cdef int _warm_log(self, WarmRestore *w) noexcept nogil:
+        """KVM_GET_DIRTY_LOG of slot 0 into w.dirty, then the plan; 0 or an errno (w.what)."""
+        cdef kvm_dirty_log log
         memset(&log, 0, sizeof(log))
         log.slot = 0
-        log.dirty_bitmap = &dirty[0]
-        if ioctl(vm_fd, KVM_GET_DIRTY_LOG, &log) < 0:
-            err, what = errno, "KVM_GET_DIRTY_LOG slot 0"
-        else:
-            n_new = _plan_hot(&dirty[0], &hot[0], &score[0], &scored[0], &reprotect[0],
-                              &touched[0], n_words, n_pages, n_touched, hot_limit, &n_hot,
-                              cycle, &n_dirty, &n_reprotect)
-            host_pages = _absorb_all(&dirty[0], &host[0], n_words)
-            if n_dirty + host_pages >= RELEASE_PAGES:
-                released = PyEval_SaveThread()
-            _restore_pages(&mem[0], &image[0], &dirty[0], &nonzero[0], n_pages, &copied,
-                           &zeroed)
-            if n_reprotect and manual:
-                # only the span of words that have bits: KVM walks what it is given
-                lo, hi = touched[0], touched[n_new - 1] + 1
-                memset(&clear, 0, sizeof(clear))
-                clear.slot = 0
-                clear.first_page = lo * 64
-                clear.num_pages = <uint32_t>(min(hi * 64, n_pages) - lo * 64)
-                clear.dirty_bitmap = &reprotect[lo]
-                calls += 1
-                if ioctl(vm_fd, KVM_CLEAR_DIRTY_LOG, &clear) < 0:
-                    err, what = errno, "KVM_CLEAR_DIRTY_LOG slot 0"
-            if not err and fpu:
-                calls += 1
-                register_calls += 1
-                if ioctl(fd, KVM_SET_XSAVE, xsave_area) < 0:
-                    err, what = errno, "KVM_SET_XSAVE"
-            if released != NULL:
-                PyEval_RestoreThread(released)
-            if err:
-                for i in range(n_new):
-                    reprotect[touched[i]] = 0
+        log.dirty_bitmap = w.dirty
+        w.calls = 1
+        if ioctl(self.vm.fd, KVM_GET_DIRTY_LOG, &log) < 0:
+            w.what = "KVM_GET_DIRTY_LOG slot 0"
+            return errno
+        _warm_plan(w)
+        return 0
+
+    cdef int _warm_finish(self, WarmRestore *w) noexcept nogil:
+        """The copies and staged writes, KVM_CLEAR_DIRTY_LOG over the re-protected span and
+        KVM_SET_XSAVE (if w.fpu); 0 or an errno (w.what), the plan then undone."""
+        cdef kvm_clear_dirty_log clear
+        cdef size_t lo, hi
+        cdef int err = 0
+        _warm_copy(w)
+        if w.n_reprotect and self.vm.manual_protect:
+            # only the span of words that have bits: KVM walks what it is given
+            lo, hi = w.touched[0], w.touched[w.n_new - 1] + 1
+            memset(&clear, 0, sizeof(clear))
+            clear.slot = 0
+            clear.first_page = lo * 64
+            clear.num_pages = <uint32_t>(min(hi * 64, w.n_pages) - lo * 64)
+            clear.dirty_bitmap = &w.reprotect[lo]
+            w.calls += 1
+            if ioctl(self.vm.fd, KVM_CLEAR_DIRTY_LOG, &clear) < 0:
+                err, w.what = errno, "KVM_CLEAR_DIRTY_LOG slot 0"
+        if not err and w.fpu:
+            w.calls += 1
+            w.register_calls += 1
+            if ioctl(self.fd, KVM_SET_XSAVE, w.xsave) < 0:
+                err, w.what = errno, "KVM_SET_XSAVE"
         if err:
-            _raise_errno(err, what.decode())
-        _queue_sync_regs(r, state)
-        return n_dirty, host_pages, copied, zeroed, n_hot, n_new, calls, register_calls
+            _warm_failed(w)
+        return err
+
+    cdef int _warm_hv(self, WarmRestore *w) noexcept nogil:
+        cdef int err = self._warm_log(w)
+        return err if err else self._warm_finish(w)
+
+    def restore_warm(self, WarmPages pages not None, const unsigned char[::1] image not None,
+                     const uint64_t[::1] nonzero not None, size_t n_touched, size_t hot_limit,
+                     size_t n_hot, size_t cycle, dict state not None, bint fpu):
+        """A warm restore to the baseline (memslot 0 = pages' memory, see whpfast/core/warm.py)
+        in one C sequence: KVM_GET_DIRTY_LOG, the hot-set plan, the host-written pages, the page
+        copies from image, KVM_CLEAR_DIRTY_LOG over the re-protected span and KVM_SET_XSAVE (if
+        fpu), then registers and events into the sync-regs area. The GIL is released once, for
+        the copies and the calls after them, and only for a restore of RELEASE_PAGES pages or
+        more (see _restore.pxi: a GIL hand-off costs more than a short stretch frees). Debug
+        registers, XCRs and MSRs are not loaded (a full restore does that, see load_state).
+        Returns (dirty pages, host pages, copied, zeroed, hot pages, n_touched, hypervisor
+        calls, register calls); on failure nothing of the plan is left in reprotect and the
+        caller restores in full next."""
+        cdef WarmRestore w
+        cdef int err
+        self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle, state,
+                         fpu, None)
+        err = self._warm_log(&w)
+        if not err:
+            if w.n_dirty + w.host_pages >= RELEASE_PAGES:
+                with nogil:
+                    err = self._warm_finish(&w)
+            else:
+                err = self._warm_finish(&w)
+        if err:
+            _raise_errno(err, w.what.decode())
+        return _warm_result(&w)
+
+    def resume_warm(self, WarmPages pages not None, const unsigned char[::1] image not None,
+                    const uint64_t[::1] nonzero not None, size_t n_touched, size_t hot_limit,
+                    size_t n_hot, size_t cycle, dict state not None, bint fpu, tuple writes,
+                    uint64_t result, uint16_t user_cs, uint16_t user_ds,
+                    long long timeout_ns=-1):
+        """restore_warm, then the return from the system call the snapshot stopped at with
+        `result` (syscall_return), then run(timeout_ns): one C call that releases the GIL once,
+        for the restore's copies and hypervisor calls and the guest's run together. writes:
+        (guest-physical offset, bytes) pairs written into memory after the copies (the caller
+        marks them for the next restore). Returns restore_warm's tuple followed by the exit
+        kind and the restore's time in ns. On a failed restore the guest is not entered, and
+        the failure is raised as from restore_warm."""
+        cdef WarmRestore w
+        cdef long long start_ns = whpfast_monotonic_ns()
+        self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle, state,
+                         fpu, writes)
+        w.start_ns = start_ns
+        _sysret(self._run(), result, user_cs, user_ds)
+        kind = self._enter(timeout_ns, &w)
+        return _warm_result(&w) + (kind, w.done_ns - w.start_ns)
 
     def load_state_separately(self, dict state not None):
         """The same state through one KVM_SET_* ioctl per part, as other VMMs do (Hyperlight:
@@ -943,7 +995,10 @@ def syscall_return(Vcpu vcpu not None, uint64_t result, uint16_t user_cs, uint16
     """Returns from the system call of the last exit as `sysret` would: RAX = result, RIP = RCX,
     RFLAGS = R11 (user bits only). Where `syscall` entered CPL0 (hardware VMX/SVM; PVM keeps CPL3)
     the stub ran at CPL0, so CS and SS go back to the user selectors too."""
-    cdef kvm_run *r = vcpu._run()
+    _sysret(vcpu._run(), result, user_cs, user_ds)
+
+
+cdef void _sysret(kvm_run *r, uint64_t result, uint16_t user_cs, uint16_t user_ds) noexcept:
     cdef kvm_regs *g = &r.s.regs.regs
     g.rax = result
     g.rip = g.rcx

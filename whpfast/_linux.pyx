@@ -22,7 +22,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcpy, memset
 
 from .linux import errno as _errno
 from .linux.errno import LinuxError
@@ -286,12 +286,14 @@ cdef class Dispatcher:
 
 
 def serve(p, vcpu, bint pending, run_until, deadline, dispatch, syscall_regs, syscall_return,
-          int exit_io, int port, int user_cs, int user_ds):
+          int exit_io, int port, int user_cs, int user_ds, int first=-1):
     """The exit loop of LinuxSandbox.run: runs the vCPU (run_until(vcpu, deadline)) and serves
     every system call the program makes (dispatch(p, nr, args); a Dispatcher is called directly)
     until an exit that is not one: returns that exit's kind. pending: the vCPU sits at a system
-    call not answered yet. What dispatch raises (the program exits, parks on stdin, kills
-    itself, a host failure) propagates, with the vCPU still at that system call.
+    call not answered yet; first >= 0: the kind of an exit the vCPU has made already (a
+    resumed run's, see WarmMemory.resume), taken as the first run's. What dispatch raises (the
+    program exits, parks on stdin, kills itself, a host failure) propagates, with the vCPU
+    still at that system call.
 
     Only the stub's own exit is a system call: `out SYSCALL_PORT, al`. Any other use of the port
     (an IN, which KVM completes and WHP leaves undone, a wider OUT, string I/O) is an exit the
@@ -301,7 +303,10 @@ def serve(p, vcpu, bint pending, run_until, deadline, dispatch, syscall_regs, sy
     cdef object result
     while True:
         if not pending:
-            kind = run_until(vcpu, deadline)
+            if first >= 0:
+                kind, first = first, -1
+            else:
+                kind = run_until(vcpu, deadline)
             if kind != exit_io or vcpu.io_port != port or vcpu.io_direction != 1 \
                     or vcpu.io_size != 1 or vcpu.io_string:
                 return kind
@@ -335,26 +340,15 @@ cdef struct clock_sample:          # struct whpfast_clock_sample of linux/vdso/h
 ctypedef void (*clock_sample_fn)(clock_sample *out, int tries) noexcept nogil
 
 
-def refresh_vdso(mm, uint64_t addr, uintptr_t sample_fn, uint32_t mode, uint64_t mult,
-                 uint32_t shift, uint32_t coarse_res_ns, uint64_t tsc_offset):
-    """vdso.refresh of the data area at guest address addr, in C (it runs on every restore;
-    through Python it cost ~7-25 us of GIL-held time per request): pairs the host's TSC with
-    its clocks now through sample_fn (host_clock.c's whpfast_clock_sample, the address of the
-    very function vdso.host_clocks calls) and writes struct whpfast_vdso_data there under its
-    seqlock, with mode, mult, shift and coarse_res_ns as vdso.write_data computes them. A host
-    write: the page is marked for the next restore."""
-    cdef uint64_t size = PyLong_AsUnsignedLongLong(mm.warm.size)
+cdef void _vdso_body(volatile whpfast_vdso_data *d, uintptr_t sample_fn, uint32_t mode,
+                     uint64_t mult, uint32_t shift, uint32_t coarse_res_ns,
+                     uint64_t tsc_offset) noexcept:
+    """Pairs the host's TSC with its clocks now through sample_fn (host_clock.c's
+    whpfast_clock_sample, the address of the very function vdso.host_clocks calls) and writes
+    every field of d but seq, with mode, mult, shift and coarse_res_ns as vdso.write_data
+    computes them."""
     cdef clock_sample s
-    cdef volatile whpfast_vdso_data *d
-    cdef uint32_t seq
-    if sample_fn == 0 or addr % 8 or addr > size or size - addr < sizeof(whpfast_vdso_data):
-        raise ValueError(f"the vDSO data area at {addr:#x} is outside the guest memory or misaligned")
     (<clock_sample_fn>sample_fn)(&s, 4)
-    d = <volatile whpfast_vdso_data *>(_base(mm) + addr)
-    seq = d.seq | 1                            # odd: readers retry
-    d.seq = seq
-    # Every store goes through `d` (volatile: the compiler keeps their order) and x86 makes
-    # stores visible in program order, so a reader never takes a torn body for a valid one.
     d.mode = mode
     d.tsc_base = s.tsc + tsc_offset
     d.mult = mult
@@ -364,5 +358,40 @@ def refresh_vdso(mm, uint64_t addr, uintptr_t sample_fn, uint32_t mode, uint64_t
     d.base_ns[1] = <uint64_t>s.monotonic_ns
     d.base_ns[2] = <uint64_t>s.raw_ns
     d.base_ns[3] = <uint64_t>s.boottime_ns
+
+
+def refresh_vdso(mm, uint64_t addr, uintptr_t sample_fn, uint32_t mode, uint64_t mult,
+                 uint32_t shift, uint32_t coarse_res_ns, uint64_t tsc_offset):
+    """vdso.refresh of the data area at guest address addr, in C (it runs on every restore;
+    through Python it cost ~7-25 us of GIL-held time per request): struct whpfast_vdso_data
+    written there under its seqlock (_vdso_body). A host write: the page is marked for the
+    next restore."""
+    cdef uint64_t size = PyLong_AsUnsignedLongLong(mm.warm.size)
+    cdef volatile whpfast_vdso_data *d
+    cdef uint32_t seq
+    if sample_fn == 0 or addr % 8 or addr > size or size - addr < sizeof(whpfast_vdso_data):
+        raise ValueError(f"the vDSO data area at {addr:#x} is outside the guest memory or misaligned")
+    d = <volatile whpfast_vdso_data *>(_base(mm) + addr)
+    seq = d.seq | 1                            # odd: readers retry
+    d.seq = seq
+    # Every store goes through `d` (volatile: the compiler keeps their order) and x86 makes
+    # stores visible in program order, so a reader never takes a torn body for a valid one.
+    _vdso_body(d, sample_fn, mode, mult, shift, coarse_res_ns, tsc_offset)
     d.seq = seq + 1                            # even again, a new generation
     _mark(mm.warm, addr, addr + sizeof(whpfast_vdso_data))
+
+
+def vdso_data(uint32_t seq, uintptr_t sample_fn, uint32_t mode, uint64_t mult, uint32_t shift,
+              uint32_t coarse_res_ns, uint64_t tsc_offset):
+    """The bytes refresh_vdso leaves over a data area whose seq is `seq`, for a writer that
+    puts them in place while the guest is stopped (a resumed run's staged write, see
+    LinuxSandbox._resume_plan): the same body, the next even generation."""
+    cdef bytes out
+    if sample_fn == 0:
+        raise ValueError("no clock sample function")
+    out = PyBytes_FromStringAndSize(NULL, sizeof(whpfast_vdso_data))
+    memset(<char *>out, 0, sizeof(whpfast_vdso_data))      # no host bytes in any padding
+    _vdso_body(<volatile whpfast_vdso_data *><char *>out, sample_fn, mode, mult, shift,
+               coarse_res_ns, tsc_offset)
+    (<whpfast_vdso_data *><char *>out).seq = (seq | 1) + 1
+    return out

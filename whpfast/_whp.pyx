@@ -32,6 +32,7 @@ from . import errors
 include "_exits.pxi"
 include "_cancel.pxi"
 include "_restore.pxi"
+include "_warm.pxi"
 
 DEF PAGE_SIZE = 4096
 DEF ALLOCATION_GRANULARITY = 65536   # MapViewOfFile offsets must be multiples of this
@@ -201,6 +202,14 @@ cdef void _on_timer(void *parameter, BOOLEAN timer_fired) noexcept nogil:
     WHvCancelRunVirtualProcessor(ctx.partition, ctx.index, 0)
 
 
+cdef long long _clock_ns() noexcept nogil:
+    """A monotonic clock in ns (QueryPerformanceCounter), for resume_warm's restore time."""
+    cdef LARGE_INTEGER count, frequency
+    QueryPerformanceCounter(&count)
+    QueryPerformanceFrequency(&frequency)
+    return <long long>(<double>count.QuadPart * 1e9 / <double>frequency.QuadPart)
+
+
 cdef inline uint16_t _attributes(uint8_t type, bint s, int dpl, bint present, bint l, bint db, bint g):
     # WHV_X64_SEGMENT_REGISTER.Attributes: type 0-3, S 4, DPL 5-6, P 7, L 13, D/B 14, G 15
     return type | (s << 4) | (dpl << 5) | (present << 7) | (l << 13) | (db << 14) | (g << 15)
@@ -248,7 +257,7 @@ cdef class Vcpu(CancelState):
             raise errors.SandboxClosed("the virtual processor is closed")
         return 0
 
-    cdef void _queue(self, WHV_REGISTER_NAME name, WHV_REGISTER_VALUE *value) noexcept:
+    cdef void _queue(self, WHV_REGISTER_NAME name, WHV_REGISTER_VALUE *value) noexcept nogil:
         """Adds a register write to the batch; a later write of the same register replaces it."""
         cdef uint32_t i
         for i in range(self.n_pending):
@@ -297,23 +306,41 @@ cdef class Vcpu(CancelState):
                     values[j] = self.pending_values[i]
         return 0
 
-    cdef int _flush(self) except -1:
+    cdef HRESULT _flush_hr(self) noexcept nogil:
+        """Sends the queued register writes in one WHvSetVirtualProcessorRegisters; returns its
+        HRESULT (or WHvGetVirtualProcessorRegisters', see below). Without the GIL: resume_warm
+        makes it between a restore and the run."""
         cdef WHV_REGISTER_NAME cr3 = WHvX64RegisterCr3
         cdef WHV_REGISTER_VALUE value
+        cdef HRESULT hr
+        cdef uint32_t i
         if self.tlb_stale:
             # The host rewrote guest page tables (Linux personality: munmap, mprotect). Nothing
             # tells WHP so (no shadow paging: the processor walks the tables itself), but the
             # guest's TLB may still hold the old translations: setting CR3, even to its current
-            # value, flushes them as a MOV to CR3 does (no global pages, no PCIDs here).
-            self._get(&cr3, 1, &value)
+            # value (a queued one counts), flushes them as a MOV to CR3 does (no global pages,
+            # no PCIDs here).
+            hr = WHvGetVirtualProcessorRegisters(self.partition, self.index, &cr3, 1, &value)
+            self.api_calls += 1
+            if hr < 0:
+                return hr
+            for i in range(self.n_pending):
+                if self.pending_names[i] == cr3:
+                    value = self.pending_values[i]
             self._queue(cr3, &value)
             self.tlb_stale = False
         if self.n_pending:
-            _check_hr(WHvSetVirtualProcessorRegisters(self.partition, self.index, self.pending_names,
-                                                      self.n_pending, self.pending_values),
-                      "WHvSetVirtualProcessorRegisters")
+            hr = WHvSetVirtualProcessorRegisters(self.partition, self.index, self.pending_names,
+                                                 self.n_pending, self.pending_values)
             self.api_calls += 1
+            if hr < 0:
+                return hr
             self.n_pending = 0
+        return 0
+
+    cdef int _flush(self) except -1:
+        self._check_alive()
+        _check_hr(self._flush_hr(), "WHvSetVirtualProcessorRegisters")
         return 0
 
     def init_long_mode(self, *, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t efer,
@@ -353,10 +380,19 @@ cdef class Vcpu(CancelState):
 
     def run(self, long long timeout_ns=-1):
         """Runs until an exit; returns an EXIT_* kind, details in the exit attributes."""
-        cdef HRESULT hr
+        return self._enter(timeout_ns, NULL)
+
+    cdef int _enter(self, long long timeout_ns, WarmRestore *warm) except -1:
+        """run(), and resume_warm's run: with warm, its restore (_warm_hv) and the register batch
+        are done first, in the same release of the GIL as the first WHvRunVirtualProcessor; if
+        either fails, the processor is not run and the failure is raised. `running` is set
+        before, so a cancel() during the restore cancels the run that follows (WHP keeps a
+        cancel of an idle processor for its next run)."""
+        cdef HRESULT hr = 0, warm_hr = 0
         cdef HANDLE timer = NULL
         cdef DWORD ms
         cdef uint32_t reason
+        cdef bint entered
         self._check_alive()
         self.timer.fired = 0
         self.sys_valid = False
@@ -366,14 +402,30 @@ cdef class Vcpu(CancelState):
                 _raise_win32("CreateTimerQueueTimer")
         try:
             while True:
-                self._flush()
-                if self.cancel_requested:
-                    return EXIT_CANCELLED
+                if warm == NULL:
+                    self._flush()
+                    if self.cancel_requested:
+                        return EXIT_CANCELLED
                 # From here cancel() must stop the processor (see cancel()).
                 self.running = 1
                 with nogil:
-                    hr = WHvRunVirtualProcessor(self.partition, self.index, &self.exit, sizeof(self.exit))
+                    if warm != NULL:
+                        warm_hr = self._warm_hv(warm)
+                        if warm_hr >= 0:
+                            warm_hr = self._flush_hr()
+                            if warm_hr < 0:
+                                warm.what = "WHvSetVirtualProcessorRegisters"
+                        warm.done_ns = _clock_ns()
+                    entered = warm_hr >= 0 and not self.cancel_requested
+                    if entered:
+                        hr = WHvRunVirtualProcessor(self.partition, self.index, &self.exit,
+                                                    sizeof(self.exit))
                 self.running = 0
+                if warm != NULL:
+                    _check_hr(warm_hr, warm.what.decode())
+                    warm = NULL          # restored once, whatever the run does next
+                if not entered:
+                    return EXIT_CANCELLED
                 self.api_calls += 1
                 _check_hr(hr, "WHvRunVirtualProcessor")
                 reason = self.exit.ExitReason
@@ -498,68 +550,107 @@ cdef class Vcpu(CancelState):
             self._queue(STATE_NAMES[i], <WHV_REGISTER_VALUE *>&values[i])
         return xsave
 
-    def restore_warm(self, unsigned char[::1] mem not None, const unsigned char[::1] image not None,
-                     uint64_t[::1] dirty not None, const uint64_t[::1] nonzero not None,
-                     uint64_t[::1] host not None, uint64_t[::1] hot not None,
-                     unsigned char[::1] score not None, uint64_t[::1] scored not None,
-                     uint64_t[::1] reprotect not None, unsigned int[::1] touched not None,
-                     size_t n_touched, size_t hot_limit, size_t n_hot, size_t cycle,
-                     dict state not None, bint fpu):
-        """A warm restore to the baseline (slot 0 = mem, see whpfast/core/warm.py) in one C
-        sequence, as _kvm's: WHvQueryGpaRangeDirtyBitmap (which also re-arms the pages: no hot
-        set here, hot_limit is 0), the host-written pages, the page copies from image and
-        WHvSetVirtualProcessorXsaveState (if fpu); the registers join the next run's batch. The
-        GIL is released once, for the copies and the XSAVE call, and only for a restore of
-        RELEASE_PAGES pages or more (see _restore.pxi). Returns (dirty pages, host pages,
-        copied, zeroed, hot pages, n_touched, WHv* calls, register calls); on failure the
-        caller restores in full next."""
-        cdef size_t n_pages = mem.shape[0] // PAGE_SIZE, n_words = (n_pages + 63) // 64
-        cdef size_t n_dirty = 0, n_reprotect = 0, n_new = 0, host_pages = 0, copied = 0
-        cdef size_t zeroed = 0, i
+    cdef int _warm_begin(self, WarmRestore *w, WarmPages pages, const unsigned char[::1] image,
+                         const uint64_t[::1] nonzero, size_t n_touched, size_t hot_limit,
+                         size_t n_hot, size_t cycle, dict state, bint fpu,
+                         tuple writes) except -1:
+        """restore_warm's and resume_warm's part that holds the GIL: the checks, w filled and
+        the snapshot's registers queued for the next run's batch."""
         cdef uint64_t gpa, size
-        cdef HRESULT hr = 0
-        cdef const char *what = NULL
-        cdef WHV_PARTITION_HANDLE p = self.vm._handle()
-        cdef PyThreadState *released = NULL
         cdef bytes xsave
-        cdef char *area
-        cdef uint32_t xsave_size
-        _check_warm_sizes(mem.shape[0], image.shape[0], score.shape[0],
-                          (dirty.shape[0], nonzero.shape[0], host.shape[0], hot.shape[0],
-                           scored.shape[0], reprotect.shape[0], touched.shape[0]), n_touched)
+        self._check_alive()
         gpa, size = self.vm.slots[0]
-        if size != mem.shape[0]:
+        if size != pages.n_pages * PAGE_SIZE or gpa != 0:
             raise ValueError("restore_warm: slot 0 is not this memory")
-        xsave = self._queue_state(state)    # held by this frame while the GIL is released
-        area, xsave_size = <char *>xsave, len(xsave)
-        hr = WHvQueryGpaRangeDirtyBitmap(p, gpa, size, <uint64_t *>&dirty[0],
-                                         <uint32_t>(dirty.shape[0] * 8))
+        pages.start(w, image, nonzero, n_touched, hot_limit, n_hot, cycle, fpu, writes)
+        xsave = self._queue_state(state)     # checked, and held by the caller's state dict
+        w.xsave, w.xsave_size = xsave, len(xsave)
+        w.start_ns = _clock_ns()
+        return 0
+
+    cdef HRESULT _warm_log(self, WarmRestore *w) noexcept nogil:
+        """WHvQueryGpaRangeDirtyBitmap of slot 0 (gpa 0) into w.dirty (it also re-arms the
+        pages: no hot set here, hot_limit is 0), then the plan."""
+        cdef HRESULT hr = WHvQueryGpaRangeDirtyBitmap(self.partition, 0, w.n_pages * PAGE_SIZE,
+                                                      w.dirty, <uint32_t>(w.n_words * 8))
+        w.calls = 2
+        w.register_calls = 1          # the register batch of the next run
         if hr < 0:
-            what = "WHvQueryGpaRangeDirtyBitmap slot 0"
-        else:
-            n_new = _plan_hot(&dirty[0], &hot[0], &score[0], &scored[0], &reprotect[0],
-                              &touched[0], n_words, n_pages, n_touched, hot_limit, &n_hot,
-                              cycle, &n_dirty, &n_reprotect)
-            host_pages = _absorb_all(&dirty[0], &host[0], n_words)
-            if n_dirty + host_pages >= RELEASE_PAGES:
-                released = PyEval_SaveThread()
-            _restore_pages(&mem[0], &image[0], &dirty[0], &nonzero[0], n_pages, &copied,
-                           &zeroed)
-            if fpu:
-                hr = WHvSetVirtualProcessorXsaveState(self.partition, self.index, area,
-                                                      xsave_size)
-                if hr < 0:
-                    what = "WHvSetVirtualProcessorXsaveState"
-            if released != NULL:
-                PyEval_RestoreThread(released)
+            w.what = "WHvQueryGpaRangeDirtyBitmap slot 0"
+            return hr
+        _warm_plan(w)
+        return 0
+
+    cdef HRESULT _warm_finish(self, WarmRestore *w) noexcept nogil:
+        """The copies and staged writes, then WHvSetVirtualProcessorXsaveState (if w.fpu)."""
+        cdef HRESULT hr = 0
+        _warm_copy(w)
+        if w.fpu:
+            w.calls += 1
+            w.register_calls += 1
+            hr = WHvSetVirtualProcessorXsaveState(self.partition, self.index, w.xsave,
+                                                  <uint32_t>w.xsave_size)
             if hr < 0:
-                for i in range(n_new):
-                    reprotect[touched[i]] = 0
-        if fpu:
-            self.api_calls += 1
+                w.what = "WHvSetVirtualProcessorXsaveState"
+                _warm_failed(w)
+        return hr
+
+    cdef HRESULT _warm_hv(self, WarmRestore *w) noexcept nogil:
+        cdef HRESULT hr = self._warm_log(w)
+        return hr if hr < 0 else self._warm_finish(w)
+
+    def restore_warm(self, WarmPages pages not None, const unsigned char[::1] image not None,
+                     const uint64_t[::1] nonzero not None, size_t n_touched, size_t hot_limit,
+                     size_t n_hot, size_t cycle, dict state not None, bint fpu):
+        """A warm restore to the baseline (slot 0 = pages' memory, see whpfast/core/warm.py) in
+        one C sequence, as _kvm's: WHvQueryGpaRangeDirtyBitmap, the host-written pages, the page
+        copies from image and WHvSetVirtualProcessorXsaveState (if fpu); the registers join the
+        next run's batch. The GIL is released once, for the copies and the XSAVE call, and only
+        for a restore of RELEASE_PAGES pages or more (see _restore.pxi). Returns (dirty pages,
+        host pages, copied, zeroed, hot pages, n_touched, WHv* calls, register calls); on
+        failure the caller restores in full next."""
+        cdef WarmRestore w
+        cdef HRESULT hr
+        self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle, state,
+                         fpu, None)
+        hr = self._warm_log(&w)
+        if hr >= 0:
+            if w.n_dirty + w.host_pages >= RELEASE_PAGES:
+                with nogil:
+                    hr = self._warm_finish(&w)
+            else:
+                hr = self._warm_finish(&w)
+        self.api_calls += w.calls - 2       # the XSAVE call (the batch counts when it is sent)
         if hr < 0:
-            _check_hr(hr, what.decode())
-        return n_dirty, host_pages, copied, zeroed, n_hot, n_new, 2 + fpu, 1 + fpu
+            _check_hr(hr, w.what.decode())
+        return _warm_result(&w)
+
+    def resume_warm(self, WarmPages pages not None, const unsigned char[::1] image not None,
+                    const uint64_t[::1] nonzero not None, size_t n_touched, size_t hot_limit,
+                    size_t n_hot, size_t cycle, dict state not None, bint fpu, tuple writes,
+                    uint64_t result, uint16_t user_cs, uint16_t user_ds,
+                    long long timeout_ns=-1):
+        """restore_warm, then the return from the system call the snapshot stopped at with
+        `result` (syscall_return, queued in the same register batch), then run(timeout_ns): one
+        C call that releases the GIL once, for the restore, the register batch and the run.
+        writes: (guest-physical offset, bytes) pairs written into memory after the copies (the
+        caller marks them for the next restore). Returns restore_warm's tuple followed by the
+        exit kind and the restore's time in ns. On a failed restore the processor is not run,
+        and the failure is raised as from restore_warm."""
+        cdef WarmRestore w
+        cdef const WHV_REGISTER_VALUE *values
+        self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle, state,
+                         fpu, writes)
+        # the system call's registers are the snapshot's (STATE_NAMES order)
+        values = <const WHV_REGISTER_VALUE *><char *>state["registers"]
+        self.sys_rcx, self.sys_r11 = values[1].Reg64, values[11].Reg64
+        self.sys_cs, self.sys_ss = values[19].Segment.Selector, values[20].Segment.Selector
+        _sysret(self, result, user_cs, user_ds)
+        try:
+            kind = self._enter(timeout_ns, &w)
+        finally:
+            self.api_calls += w.calls - 2
+        return _warm_result(&w) + (kind, w.done_ns - w.start_ns)
 
     def load_state_separately(self, dict state not None):
         """The same state with one WHvSetVirtualProcessorRegisters per register group plus the
@@ -760,6 +851,11 @@ def syscall_return(Vcpu vcpu not None, uint64_t result, uint16_t user_cs, uint16
     past the stub's `out`)."""
     if not vcpu.sys_valid:
         syscall_regs(vcpu)
+    _sysret(vcpu, result, user_cs, user_ds)
+
+
+cdef void _sysret(Vcpu vcpu, uint64_t result, uint16_t user_cs, uint16_t user_ds) noexcept:
+    """syscall_return on the registers in vcpu.sys_* (valid)."""
     vcpu._queue64(WHvX64RegisterRax, result)
     vcpu._queue64(WHvX64RegisterRip, vcpu.sys_rcx)
     vcpu._queue64(WHvX64RegisterRflags, (vcpu.sys_r11 & USER_RFLAGS) | 0x2)

@@ -6,9 +6,11 @@ state), runs, and hands it on: to the first waiting request (FIFO) or back to th
 request that finds every sandbox busy waits in a bounded queue; past the bound it is refused with
 PoolFull. A sandbox whose request faulted, timed out, was cancelled or left it poisoned is closed
 and replaced by a new one from the snapshot before the next request gets it, so the pool keeps
-its size. Guest code runs with the GIL released (inside KVM_RUN), so N threads keep N guests
-running at once; the host-side part of a request (restore, serving its exits) holds the GIL, so
-requests that spend little time in the guest scale less (README "Pools", bench/bench_pool.py).
+its size. Guest code runs with the GIL released, so N threads keep N guests running at once. A
+warm Python request releases it once, for its restore and its run together (one backend call,
+LinuxSandbox.run(restore=...)); the rest of the request (serving its exits, the answer, the
+pool's bookkeeping) holds it, so requests that spend little time in the guest scale less
+(README "Pools", bench/bench_pool.py).
 
 One lock guards the free list, the queue and the counters; no guest run, restore or sandbox
 construction happens while it is held."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import _pages
+from .. import _pages, backend
 
 PAGE = 4096
 BLOCK = 64 * PAGE               # the memory one bitmap word covers
@@ -73,11 +73,16 @@ class WarmMemory:
         # The hot set's bound; 0 where the hypervisor re-protects every page as it reads the log
         # (WHP). The benchmark lowers it to 64 for the old fixed policy's figures.
         self.hot_limit = min(HOT_LIMIT, self.pages) if vm.manual_protect else 0
+        # The same buffers for the backend's one-call restores (restore_warm, resume_warm)
+        self._pages = backend.impl.WarmPages(self.mem, self._dirty, self._host, self._hot,
+                                             self._score, self._scored, self._reprotect,
+                                             self._touched)
         self.baseline = None        # memory == baseline's image except dirty and host pages
         self.ran = False            # the guest ran since the baseline (FPU state may differ)
         self.needs_full_reset = False   # a fault/timeout/cancel: reset every register group
 
     def close(self):
+        self._pages.close()
         self.mem.release()
 
     # -- host writes -----------------------------------------------------------------------
@@ -238,15 +243,45 @@ class WarmMemory:
         copies, re-protect, XSAVE and registers) in one C call, which releases the GIL once
         and only for a large restore (see whpfast/_restore.pxi)."""
         self._cycle += 1
+        answer = self.vcpu.restore_warm(
+            self._pages, snapshot._image_view, snapshot._nonzero, self._n_touched,
+            self.hot_limit, self.hot_count, self._cycle, snapshot._state, self.ran)
+        return self._warm_stats(answer, time.perf_counter_ns() - t0)
+
+    def _warm_stats(self, answer, ns):
         (guest_pages, host_pages, copied, zeroed, self.hot_count, self._n_touched, calls,
-         register_calls) = self.vcpu.restore_warm(
-            self.mem, snapshot._image_view, self._dirty, snapshot._nonzero, self._host,
-            self._hot, self._score, self._scored, self._reprotect, self._touched,
-            self._n_touched, self.hot_limit, self.hot_count, self._cycle, snapshot._state,
-            self.ran)
+         register_calls) = answer[:8]
         self._host_words.clear()
         return RestoreStats(copied, zeroed, guest_pages, host_pages, calls, register_calls, False,
-                            time.perf_counter_ns() - t0)
+                            ns)
+
+    def can_resume(self, snapshot):
+        """Whether resume() can take snapshot: it is the baseline, the last run ended cleanly,
+        and the backend restores and runs in one call."""
+        return (snapshot is self.baseline and not self.needs_full_reset
+                and hasattr(self.vcpu, "resume_warm"))
+
+    def resume(self, snapshot, writes, result, user_cs, user_ds, timeout_ns):
+        """A warm restore to snapshot (can_resume() must be true), then the host writes
+        ((address, bytes) pairs, marked for the next restore), the return from the system call
+        the snapshot stopped at with `result`, and the guest's run up to its next exit, in one
+        C call that releases the GIL once (the backend's resume_warm): a warm request's restore
+        and run without a second GIL hand-off between them. Returns (RestoreStats, exit kind).
+        On failure the next restore is a full one, as after a failed restore()."""
+        fpu, self.ran = self.ran, True
+        self._cycle += 1
+        try:
+            answer = self.vcpu.resume_warm(
+                self._pages, snapshot._image_view, snapshot._nonzero, self._n_touched,
+                self.hot_limit, self.hot_count, self._cycle, snapshot._state, fpu, writes,
+                result, user_cs, user_ds, timeout_ns)
+        except BaseException:
+            self.forget_baseline()      # (a full restore scans what the writes may have left)
+            raise
+        stats = self._warm_stats(answer, answer[9])     # the restore's time, not the run's
+        for addr, data in writes:
+            self.mark(addr, addr + len(data))
+        return stats, answer[8]
 
     def _start_logging(self):
         if not self._logging:

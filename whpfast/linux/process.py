@@ -115,6 +115,9 @@ class LinuxSnapshot:
         for r in self._refs:
             weakref.finalize(self, os.close, r.fd)
         self.nonzero_pages = _pages.count_bits(nonzero)
+        # (buffer, length) of the read of stdin the snapshot is parked in, False when it is not
+        # parked in one, None until a sandbox has its registers (LinuxSandbox._restore)
+        self._parked = None
 
     def __repr__(self):
         where = f" from {self.path!r}" if self.path else ""
@@ -482,17 +485,28 @@ class LinuxSandbox(Resource):
     # -- running --------------------------------------------------------------------------------
 
     def run(self, input: Union[bytes, bytearray, memoryview] = b"", *, eof: bool = False,
-            timeout: Optional[float] = None) -> RunResult:
+            timeout: Optional[float] = None, restore: Optional[LinuxSnapshot] = None) -> RunResult:
         """Runs the program until it exits or blocks reading stdin with no input left. input is
-        appended to what stdin still holds; eof=True makes a read with nothing left return 0."""
+        appended to what stdin still holds; eof=True makes a read with nothing left return 0.
+        restore: first puts the sandbox back to this snapshot, as restore() does. A warm request
+        (a snapshot parked in a read of stdin, restored to from the last restore's snapshot, and
+        input for that read) then takes one C call for the restore, the read's answer and the
+        run up to the next exit: the GIL is released once for all of it (see _resume)."""
         if not isinstance(input, (bytes, bytearray, memoryview)):
             raise TypeError(f"input must be bytes, not {type(input).__name__}")
         timeout = run_timeout(timeout)
         with self._lock:
+            resume = None
+            if restore is not None:
+                self._check_restore(restore)
+                resume = self._resume_plan(restore, bytes(input), eof)
+                if resume is None:
+                    self._restore_locked(restore)
             self._check_ready()
-            io = self._io
-            # (IoState(...) rather than _replace(): this path runs per request, holding the GIL)
-            self._io = IoState(io.input + bytes(input), io.eof or eof, io.waiting, io.exit_code)
+            if resume is None:
+                io = self._io
+                # (IoState(...) rather than _replace(): this path runs per request, holding the GIL)
+                self._io = IoState(io.input + bytes(input), io.eof or eof, io.waiting, io.exit_code)
             self._stdout, self._stderr = bytearray(), bytearray()
             self._deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
             self._timeout = timeout
@@ -502,7 +516,7 @@ class LinuxSandbox(Resource):
             # closes it, so a late cancel() cannot poison the next run.
             self._vcpu.begin_call()
             try:
-                return self._loop()
+                return self._loop(resume)
             except WhpfastError:
                 raise
             except Exception as e:
@@ -518,16 +532,21 @@ class LinuxSandbox(Resource):
             finally:
                 self._vcpu.end_call()
 
-    def _loop(self):
+    def _loop(self, resume=None):
         vcpu = self._vcpu
-        io = self._io
-        pending = io.waiting             # the vCPU sits at a system call not answered yet
-        self._io = IoState(io.input, io.eof, False, io.exit_code)
+        first = -1
+        if resume is None:
+            io = self._io
+            pending = io.waiting             # the vCPU sits at a system call not answered yet
+            self._io = IoState(io.input, io.eof, False, io.exit_code)
+        else:
+            pending = False
+            first = self._resume(*resume)
         self._warm.ran = True
         try:
             kind = _serve(self, vcpu, pending, run_until, self._deadline, syscalls.dispatch,
                           impl.syscall_regs, impl.syscall_return, impl.EXIT_IO, SYSCALL_PORT,
-                          machine.USER_CS, machine.USER_DS)
+                          machine.USER_CS, machine.USER_DS, first)
         except syscalls.Park:
             io = self._io
             self._io = IoState(io.input, io.eof, True, io.exit_code)
@@ -542,6 +561,67 @@ class LinuxSandbox(Resource):
             exc.signal = name
             raise self._poison(exc)
         raise self._poison(self._stop_error(kind))
+
+    def _resume_plan(self, snapshot, input, eof):
+        """For run(restore=snapshot): the staged work of a warm request, or None when it is not
+        one (then run() restores first, as restore() does). One when the warm-start core can
+        resume this snapshot (the restore's baseline, the last run ended cleanly), the snapshot
+        is parked in read(0, buf, count) with stdin still the console, the read has input to
+        return, and its buffer is writable: the read is then answered here exactly as sys_read
+        would answer it, with the bytes staged to be written after the restore's page copies.
+        The host-side components are put back here (the restore's part that needs no guest
+        memory); the memory and registers go back in _resume."""
+        parked = snapshot._parked
+        if PURE_PYTHON or not parked or self._poisoned or not self._warm.can_resume(snapshot):
+            return None
+        io = snapshot._components[3]
+        data = io.input + input
+        if not data or io.exit_code is not None:
+            return None
+        mm = self.mm
+        mm_state, fs_state, proc, _ = snapshot._components
+        self._forget_translations(False)
+        mm.reset(mm_state)
+        self.fs.reset(fs_state)
+        self.proc, self._io = proc, io
+        buf, count = parked
+        try:
+            if self.fs.console(0) != "stdin":
+                raise LinuxError(errno.EBADF)
+            mm.check(buf, count, write=True)
+        except LinuxError:
+            self._restore_locked(snapshot)   # sys_read answers it, after a plain restore
+            return None
+        n = min(count, len(data))
+        writes = [(buf, data[:n])]
+        where = self._vvar()
+        if where is not None:
+            seq, = struct.unpack_from("<I", snapshot._image_view, where[0])
+            writes.append((where[0], _linux.vdso_data(seq, *_vdso_parameters(), 0)))
+        self._io = IoState(data[n:], io.eof or eof, False, None)
+        return snapshot, tuple(writes), n
+
+    def _resume(self, snapshot, writes, result):
+        """The warm request's restore and the read's answer, and the run to the first exit, in
+        one call of the warm-start core (WarmMemory.resume). Returns that exit's kind. A failed
+        restore poisons the sandbox as a failed restore() does."""
+        deadline = self._deadline
+        timeout_ns = -1 if deadline is None else max(1, deadline - time.monotonic_ns())
+        self.syscall_count += 1                 # the read it answers
+        try:
+            stats, kind = self._warm.resume(snapshot, writes, result, machine.USER_CS,
+                                            machine.USER_DS, timeout_ns)
+        except BaseException as e:
+            self._poisoned = f"a restore failed half-way ({type(e).__name__}: {e})"
+            if isinstance(e, Exception) and not isinstance(e, WhpfastError):
+                raise SnapshotError(f"restore failed; the sandbox is poisoned: {e}") from e
+            raise
+        self._poisoned = None
+        self.last_restore = {"pages_copied": stats.pages_copied, "pages_zeroed": stats.pages_zeroed,
+                             "dirty_pages": stats.dirty_pages, "host_pages": stats.host_pages,
+                             "register_ioctls": stats.register_calls, "full": False,
+                             "mm_ranges": self._mm_ranges, "ns": stats.ns}
+        return kind
 
     def _result(self, exit_code, waiting):
         return RunResult(bytes(self._stdout), bytes(self._stderr), exit_code, waiting)
@@ -681,49 +761,63 @@ class LinuxSandbox(Resource):
     def restore(self, snapshot: LinuxSnapshot) -> None:
         """Puts memory, vCPU state and every host-side component back to the snapshot's and
         clears a poisoned state."""
+        with self._lock:
+            self._check_restore(snapshot)
+            self._restore_locked(snapshot)
+
+    def _check_restore(self, snapshot):
         if not isinstance(snapshot, LinuxSnapshot):
             raise TypeError(f"restore() takes a LinuxSnapshot, not {type(snapshot).__name__}")
-        with self._lock:
-            if self._closed:
-                raise SandboxClosed("the sandbox is closed")
-            if snapshot.meta["memory_size"] != self.memory_size:
-                raise SnapshotError("the snapshot is of a sandbox with another memory_size")
-            if snapshot.meta["config"] != self._config:
-                raise SnapshotError("the snapshot is of another program or read policy "
-                                    "(use LinuxSandbox.from_snapshot to start it)")
-            cpu.check(snapshot.meta["cpu"])
-            t0 = time.perf_counter_ns()
-            try:
-                stats = self._restore(snapshot)
-            except BaseException as e:
-                self._poisoned = f"a restore failed half-way ({type(e).__name__}: {e})"
-                self._warm.forget_baseline()
-                if isinstance(e, Exception) and not isinstance(e, WhpfastError):
-                    raise SnapshotError(f"restore failed; the sandbox is poisoned: {e}") from e
-                raise
-            self._refresh_vdso()
-            self._poisoned = None
-            self.last_restore = dict(stats, ns=time.perf_counter_ns() - t0)
+        if self._closed:
+            raise SandboxClosed("the sandbox is closed")
+        if snapshot.meta["memory_size"] != self.memory_size:
+            raise SnapshotError("the snapshot is of a sandbox with another memory_size")
+        if snapshot.meta["config"] != self._config:
+            raise SnapshotError("the snapshot is of another program or read policy "
+                                "(use LinuxSandbox.from_snapshot to start it)")
+        cpu.check(snapshot.meta["cpu"])
+
+    def _restore_locked(self, snapshot):
+        t0 = time.perf_counter_ns()
+        try:
+            stats = self._restore(snapshot)
+        except BaseException as e:
+            self._poisoned = f"a restore failed half-way ({type(e).__name__}: {e})"
+            self._warm.forget_baseline()
+            if isinstance(e, Exception) and not isinstance(e, WhpfastError):
+                raise SnapshotError(f"restore failed; the sandbox is poisoned: {e}") from e
+            raise
+        self._refresh_vdso()
+        self._poisoned = None
+        self.last_restore = dict(stats, ns=time.perf_counter_ns() - t0)
 
     def _restore(self, snapshot):
         """Memory and vCPU state through the warm-start core, then what only this personality
         has: stale translations and the host-side components. After a failure the core wants a
         full restore next; the caller poisons."""
-        mm = self.mm
         full = snapshot is not self._warm.baseline
         stats = self._warm.restore(snapshot, self._captured_ranges)
-        # Translations the hypervisor built from page tables that have just been put back.
+        self._forget_translations(full)
+        mm_state, fs_state, self.proc, self._io = snapshot._components
+        self.mm.reset(mm_state)
+        self.fs.reset(fs_state)
+        if snapshot._parked is None:        # the registers are the snapshot's now
+            snapshot._parked = self._parked_locked() or False
+        return {"pages_copied": stats.pages_copied, "pages_zeroed": stats.pages_zeroed,
+                "dirty_pages": stats.dirty_pages, "host_pages": stats.host_pages,
+                "register_ioctls": stats.register_calls, "full": full, "mm_ranges": self._mm_ranges}
+
+    def _forget_translations(self, full):
+        """Makes the hypervisor drop its translations of the pages whose page-table entries the
+        host changed since the baseline (all user memory if full), which a restore puts back;
+        before the guest runs again, on either side of the restore's copies."""
+        mm = self.mm
         changed = [(USER_MIN, mm.top)] if full else mm.changed
+        self._mm_ranges = len(changed)
         if changed:
             mm.changed = []
             for start, end in _merge(changed):
                 impl.memory_invalidate(self._vcpu, self._memory, start, end - start, False)
-        mm_state, fs_state, self.proc, self._io = snapshot._components
-        mm.reset(mm_state)
-        self.fs.reset(fs_state)
-        return {"pages_copied": stats.pages_copied, "pages_zeroed": stats.pages_zeroed,
-                "dirty_pages": stats.dirty_pages, "host_pages": stats.host_pages,
-                "register_ioctls": stats.register_calls, "full": full, "mm_ranges": len(changed)}
 
     # -- added by whpfast.python ---------------------------------------------------------------------
 
@@ -760,12 +854,17 @@ class LinuxSandbox(Resource):
         buffer for the host to read there (mm.read), which saves the exit of a write(2); the
         buffer's contents are the program's word, to be validated like any guest data."""
         with self._lock:
-            if self._closed or self._poisoned or not self._io.waiting:
+            if self._closed or self._poisoned:
                 return None
-            nr, fd, buf, count = impl.syscall_regs(self._vcpu)[:4]
-            if nr != syscalls.NUMBERS["read"] or fd != 0:
-                return None
-            return buf, min(count, syscalls.MAX_IO)
+            return self._parked_locked()
+
+    def _parked_locked(self):
+        if not self._io.waiting:
+            return None
+        nr, fd, buf, count = impl.syscall_regs(self._vcpu)[:4]
+        if nr != syscalls.NUMBERS["read"] or fd != 0:
+            return None
+        return buf, min(count, syscalls.MAX_IO)
 
 
 @functools.lru_cache(maxsize=None)
@@ -783,12 +882,12 @@ def _vdso_parameters():
 
 
 def _py_serve(p, vcpu, pending, run_until, deadline, dispatch, syscall_regs, syscall_return,
-              exit_io, port, user_cs, user_ds):
+              exit_io, port, user_cs, user_ds, first=-1):
     """The exit loop: _linux.serve in Python (WHPFAST_PURE_PYTHON=1), documented there. Returns
     the kind of the first exit that is not a system call."""
     while True:
         if not pending:
-            kind = run_until(vcpu, deadline)
+            kind, first = (run_until(vcpu, deadline) if first < 0 else first), -1
             if kind != exit_io or vcpu.io_port != port or vcpu.io_direction != 1 \
                     or vcpu.io_size != 1 or vcpu.io_string:
                 return kind

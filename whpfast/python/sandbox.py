@@ -259,21 +259,21 @@ class PythonSandbox(Resource):
     def _call(self, op, code, timeout, fresh):
         with self._lock:
             self._check_open()
-            if fresh:
-                self._lx.restore(self._snapshot)
-                self._stale = False
-            elif self._stale:
+            if not fresh and self._stale:
                 raise SandboxError("the previous run left the interpreter unusable (it exited, timed out "
                                    "or did not answer); run again with fresh=True")
-            return self._request(op, code, timeout)
+            return self._request(op, code, timeout, self._snapshot if fresh else None)
 
-    def _request(self, op, code, timeout):
-        """Sends one request to the parked driver and returns (PythonResult, value)."""
+    def _request(self, op, code, timeout, restore=None):
+        """Sends one request to the parked driver and returns (PythonResult, value); restore:
+        the snapshot to restore first, in the same call (LinuxSandbox.run(restore=...): one
+        GIL release for the restore and the request's run)."""
         payload = _encode_request(op, code, os.urandom(32).hex())
         self._stale = True                       # until a clean answer says otherwise
         self._budget.used = 0
         try:
-            r = self._lx.run(struct.pack("<I", len(payload)) + payload, timeout=timeout)
+            r = self._lx.run(struct.pack("<I", len(payload)) + payload, timeout=timeout,
+                             restore=restore)
         except (_OutputFlood, SandboxError) as e:
             # LinuxSandbox poisons itself and raises SandboxError from what on_output raised.
             if not isinstance(e, _OutputFlood) and not isinstance(e.__cause__, _OutputFlood):
