@@ -422,7 +422,8 @@ cdef class Vcpu(CancelState):
                                                     sizeof(self.exit))
                 self.running = 0
                 if warm != NULL:
-                    _check_hr(warm_hr, warm.what.decode())
+                    if warm_hr < 0:
+                        _check_hr(warm_hr, warm.what.decode())
                     warm = NULL          # restored once, whatever the run does next
                 if not entered:
                     return EXIT_CANCELLED
