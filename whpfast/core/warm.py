@@ -84,6 +84,7 @@ class WarmMemory:
     def close(self):
         self._pages.close()
         self.mem.release()
+        self.baseline = None        # (a snapshot whose host-side state may lead back here)
 
     # -- host writes -----------------------------------------------------------------------
 

@@ -254,7 +254,7 @@ class LinuxSandbox(Resource):
         with ExitStack() as undo:
             self._build_vm(memory_size, undo, snapshot)
             self.fs = FileSystem(config["read"], cwd=config["cwd"], exe=config["exe"],
-                                 tmp_size=config["tmp_size"], proc_maps=lambda: self.mm.maps_text(),
+                                 tmp_size=config["tmp_size"], proc_maps=self.mm.maps_text,
                                  entropy=os.urandom, uid=syscalls.UID, gid=syscalls.UID)
             undo.pop_all()
         self.proc = ProcState((bytes(32),) * 65, 0, struct.pack("<QiiQ", 0, 2, 0, 0)[:24])
