@@ -11,6 +11,8 @@ import whpfast
 from whpfast import backend
 from whpfast.errors import GuestTimeout, SandboxPoisoned, SnapshotError
 
+from conftest import VcpuSpy
+
 pytestmark = pytest.mark.hypervisor
 
 
@@ -18,25 +20,11 @@ def exact(sb, snap):
     return np.array_equal(np.frombuffer(sb._mem, np.uint64), np.frombuffer(snap._image_view, np.uint64))
 
 
-class Spy:
-    """Stands in for a backend Vcpu (a cdef object, whose methods cannot be replaced): counts
-    restore_warm and load_state calls; stepwise=True hides restore_warm, so WarmMemory takes the
-    stepwise path it had before restore_warm existed."""
-
-    def __init__(self, vcpu, stepwise=False):
-        self._vcpu, self._stepwise = vcpu, stepwise
-        self.calls = {"restore_warm": 0, "load_state": 0}
-
-    def __getattr__(self, name):
-        if name == "restore_warm" and self._stepwise:
-            raise AttributeError(name)
-        real = getattr(self._vcpu, name)
-        if name in self.calls:
-            def counted(*args, **kwargs):
-                self.calls[name] += 1
-                return real(*args, **kwargs)
-            return counted
-        return real
+def Spy(vcpu, stepwise=False):
+    """Counts restore_warm and load_state calls; stepwise=True hides restore_warm, so WarmMemory
+    takes the stepwise path it had before restore_warm existed."""
+    return VcpuSpy(vcpu, ("restore_warm", "load_state"),
+                   ("restore_warm", "resume_warm") if stepwise else ())
 
 
 @pytest.fixture

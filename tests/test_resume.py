@@ -17,7 +17,7 @@ from whpfast import backend
 from whpfast.errors import GuestCancelled, GuestFault, GuestTimeout, SandboxPoisoned
 from whpfast.linux.process import LinuxSandbox
 
-from conftest import build_c
+from conftest import VcpuSpy, build_c
 
 pytestmark = pytest.mark.hypervisor
 
@@ -62,22 +62,8 @@ int main(void) {
 INPUTS = [b"3\n", b"10\n", b"0\n", b"40\n5\n", b"1234567890123\n", b"63\n", b"7", b"\n2\n"]
 
 
-class Spy:
-    """Stands in for a backend Vcpu in a WarmMemory (a cdef object, whose methods cannot be
-    replaced) and counts its one-call restores."""
-
-    def __init__(self, vcpu):
-        self._vcpu = vcpu
-        self.calls = {"resume_warm": 0, "restore_warm": 0}
-
-    def __getattr__(self, name):
-        real = getattr(self._vcpu, name)
-        if name in self.calls:
-            def counted(*args, **kwargs):
-                self.calls[name] += 1
-                return real(*args, **kwargs)
-            return counted
-        return real
+def Spy(vcpu):
+    return VcpuSpy(vcpu, ("resume_warm", "restore_warm"))
 
 
 @pytest.fixture(scope="module")

@@ -747,15 +747,15 @@ cdef class Vcpu(CancelState):
         caller restores in full next."""
         cdef WarmRestore w
         cdef int err
+        cdef PyThreadState *released
         self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle, state,
                          fpu, None)
         err = self._warm_log(&w)
         if not err:
-            if w.n_dirty + w.host_pages >= RELEASE_PAGES:
-                with nogil:
-                    err = self._warm_finish(&w)
-            else:
-                err = self._warm_finish(&w)
+            released = PyEval_SaveThread() if _warm_release(&w) else NULL
+            err = self._warm_finish(&w)
+            if released != NULL:
+                PyEval_RestoreThread(released)
         if err:
             _raise_errno(err, w.what.decode())
         return _warm_result(&w)

@@ -115,6 +115,12 @@ cdef inline void _warm_plan(WarmRestore *w) noexcept nogil:
     w.host_pages = _absorb_all(w.dirty, w.host, w.n_words)
 
 
+cdef inline bint _warm_release(WarmRestore *w) noexcept nogil:
+    """Whether restore_warm releases the GIL for the copies and the calls after them (a
+    restore of RELEASE_PAGES pages or more, see _restore.pxi)."""
+    return w.n_dirty + w.host_pages >= RELEASE_PAGES
+
+
 cdef inline void _warm_copy(WarmRestore *w) noexcept nogil:
     """The page copies back from the image, then the staged host writes (after the copies, so
     none is undone by them; the caller marks their pages for the next restore)."""

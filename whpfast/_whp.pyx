@@ -612,15 +612,15 @@ cdef class Vcpu(CancelState):
         failure the caller restores in full next."""
         cdef WarmRestore w
         cdef HRESULT hr
+        cdef PyThreadState *released
         self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle, state,
                          fpu, None)
         hr = self._warm_log(&w)
         if hr >= 0:
-            if w.n_dirty + w.host_pages >= RELEASE_PAGES:
-                with nogil:
-                    hr = self._warm_finish(&w)
-            else:
-                hr = self._warm_finish(&w)
+            released = PyEval_SaveThread() if _warm_release(&w) else NULL
+            hr = self._warm_finish(&w)
+            if released != NULL:
+                PyEval_RestoreThread(released)
         self.api_calls += w.calls - 2       # the XSAVE call (the batch counts when it is sent)
         if hr < 0:
             _check_hr(hr, w.what.decode())

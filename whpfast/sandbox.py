@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 from . import abi, backend, cpu, elf, machine
 from .core.run import run_timeout, run_until
 from .core.resource import Resource
-from .core.warm import PAGE, RestoreStats, WarmMemory
+from .core.warm import PAGE, RestoreStats, WarmMemory, restore_failed
 from .errors import (ConfigError, GuestAbort, GuestCallError, GuestCancelled, GuestFault,
                      GuestTimeout, HostFunctionError, HypervisorError, SandboxBusy,
                      SandboxClosed, SandboxPoisoned, SnapshotError, WhpfastError)
@@ -435,10 +435,7 @@ class Sandbox(Resource):
             try:
                 stats = self._warm.restore(snapshot)
             except BaseException as e:
-                self._poisoned = f"a restore failed half-way ({type(e).__name__}: {e})"
-                if isinstance(e, Exception) and not isinstance(e, WhpfastError):
-                    raise SnapshotError(f"restore failed; the sandbox is poisoned: {e}") from e
-                raise
+                raise restore_failed(self, e)
             self._poisoned = None
             self.last_restore = stats
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _pages, backend
+from ..errors import SnapshotError, WhpfastError
 
 PAGE = 4096
 BLOCK = 64 * PAGE               # the memory one bitmap word covers
@@ -39,6 +40,19 @@ class RestoreStats:
     full: bool               # every page and register group was reset (another snapshot, or
                              # after a fault, timeout or cancel)
     ns: int                  # wall time
+
+
+def restore_failed(sandbox, error, what="a restore"):
+    """After `error` from a restore (what: or from a warm request's restore and run): poisons
+    the personality's sandbox, whose state is now half-way, and returns what to raise: the
+    error itself when it is typed (a WhpfastError) or an interruption (KeyboardInterrupt),
+    otherwise a SnapshotError caused by it."""
+    sandbox._poisoned = f"{what} failed half-way ({type(error).__name__}: {error})"
+    if isinstance(error, Exception) and not isinstance(error, WhpfastError):
+        wrapped = SnapshotError(f"restore failed; the sandbox is poisoned: {error}")
+        wrapped.__cause__ = error
+        return wrapped
+    return error
 
 
 class WarmMemory:

@@ -31,7 +31,7 @@ from .. import _pages, abi, backend, cpu, machine
 from ..core.run import run_timeout, run_until
 from ..core.resource import Resource
 from ..elf import read_program
-from ..core.warm import BLOCK, WarmMemory
+from ..core.warm import BLOCK, WarmMemory, restore_failed
 from ..errors import (GuestCancelled, GuestFault, GuestLoadError, GuestTimeout, HypervisorError,
                       SandboxClosed, SandboxError, SandboxPoisoned,
                       SnapshotError, WhpfastError)
@@ -612,10 +612,7 @@ class LinuxSandbox(Resource):
             stats, kind = self._warm.resume(snapshot, writes, result, machine.USER_CS,
                                             machine.USER_DS, timeout_ns)
         except BaseException as e:
-            self._poisoned = f"a restore failed half-way ({type(e).__name__}: {e})"
-            if isinstance(e, Exception) and not isinstance(e, WhpfastError):
-                raise SnapshotError(f"restore failed; the sandbox is poisoned: {e}") from e
-            raise
+            raise restore_failed(self, e, "a warm request's restore and run")
         self._poisoned = None
         self.last_restore = {"pages_copied": stats.pages_copied, "pages_zeroed": stats.pages_zeroed,
                              "dirty_pages": stats.dirty_pages, "host_pages": stats.host_pages,
@@ -782,11 +779,8 @@ class LinuxSandbox(Resource):
         try:
             stats = self._restore(snapshot)
         except BaseException as e:
-            self._poisoned = f"a restore failed half-way ({type(e).__name__}: {e})"
             self._warm.forget_baseline()
-            if isinstance(e, Exception) and not isinstance(e, WhpfastError):
-                raise SnapshotError(f"restore failed; the sandbox is poisoned: {e}") from e
-            raise
+            raise restore_failed(self, e)
         self._refresh_vdso()
         self._poisoned = None
         self.last_restore = dict(stats, ns=time.perf_counter_ns() - t0)
