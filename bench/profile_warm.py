@@ -91,6 +91,8 @@ def install(sb, spans):
     patch(lx, "_resume_plan", "_resume_plan")
     patch(lx, "_resume", "_resume")
     patch(lx._warm, "resume", "WarmMemory.resume")
+    patch(lx._warm, "mark", "WarmMemory.mark")
+    patch(lx._warm, "_warm_stats", "WarmMemory._warm_stats")
     patch(lx, "_vvar", "_vvar")
     if getattr(process, "_linux", None) is not None and hasattr(process._linux, "refresh_vdso"):
         patch(process._linux, "refresh_vdso", "_linux.refresh_vdso")
@@ -102,7 +104,7 @@ def install(sb, spans):
     patch(process, "run_until", "run_until (KVM_RUN, no GIL)")
     patch(syscalls, "dispatch", "dispatch")
     patch(py_sandbox, "_read_answer", "_read_answer")
-    patch(py_sandbox.json, "loads", "json.loads")
+    patch(py_sandbox, "_decode_json", "_decode_json (json)")
     warm = lx._warm
     real_vm, real_vcpu = warm.vm, warm.vcpu
     warm.vm = Proxy(real_vm, spans, ["get_dirty_log", "clear_dirty_log"])

@@ -32,7 +32,7 @@ cdef struct WarmRestore:
     bint fpu
     # the hot set's state (WarmMemory's), n_hot updated by _warm_plan
     size_t n_touched, hot_limit, n_hot, cycle
-    # host writes into guest memory after the copies: guest-physical offset, bytes
+    # host writes into guest memory after the copies: guest-physical offset, bytes (marked in host)
     int n_writes
     size_t write_at[MAX_WRITES]
     const char *write_data[MAX_WRITES]
@@ -123,11 +123,18 @@ cdef inline bint _warm_release(WarmRestore *w) noexcept nogil:
 
 cdef inline void _warm_copy(WarmRestore *w) noexcept nogil:
     """The page copies back from the image, then the staged host writes (after the copies, so
-    none is undone by them; the caller marks their pages for the next restore)."""
+    none is undone by them), their pages marked host-written for the next restore (the caller
+    adds their bitmap words to WarmMemory._host_words)."""
     cdef int i
+    cdef size_t page
     _restore_pages(w.mem, w.image, w.dirty, w.nonzero, w.n_pages, &w.copied, &w.zeroed)
     for i in range(w.n_writes):
+        if not w.write_len[i]:
+            continue
         memcpy(w.mem + w.write_at[i], w.write_data[i], w.write_len[i])
+        for page in range(w.write_at[i] // RESTORE_PAGE,
+                          (w.write_at[i] + w.write_len[i] - 1) // RESTORE_PAGE + 1):
+            w.host[page >> 6] |= (<uint64_t>1) << (page & 63)
 
 
 cdef inline void _warm_failed(WarmRestore *w) noexcept nogil:

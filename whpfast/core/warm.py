@@ -264,11 +264,15 @@ class WarmMemory:
         return self._warm_stats(answer, time.perf_counter_ns() - t0)
 
     def _warm_stats(self, answer, ns):
-        (guest_pages, host_pages, copied, zeroed, self.hot_count, self._n_touched, calls,
-         register_calls) = answer[:8]
-        self._host_words.clear()
+        self._warm_done(answer)
+        guest_pages, host_pages, copied, zeroed, _, _, calls, register_calls = answer[:8]
         return RestoreStats(copied, zeroed, guest_pages, host_pages, calls, register_calls, False,
                             ns)
+
+    def _warm_done(self, answer):
+        """The bookkeeping after a backend's one-call restore (answer: its figures)."""
+        self.hot_count, self._n_touched = answer[4], answer[5]
+        self._host_words.clear()
 
     def can_resume(self, snapshot):
         """Whether resume() can take snapshot: it is the baseline, the last run ended cleanly,
@@ -281,8 +285,11 @@ class WarmMemory:
         ((address, bytes) pairs, marked for the next restore), the return from the system call
         the snapshot stopped at with `result`, and the guest's run up to its next exit, in one
         C call that releases the GIL once (the backend's resume_warm): a warm request's restore
-        and run without a second GIL hand-off between them. Returns (RestoreStats, exit kind).
-        On failure the next restore is a full one, as after a failed restore()."""
+        and run without a second GIL hand-off between them. Returns resume_warm's answer, as
+        light as it comes (this is every warm request's path): (dirty pages, host pages, pages
+        copied, zeroed, hot pages, n_touched, hypervisor calls, register calls, the exit kind,
+        the restore's ns; see RestoreStats). On failure the next restore is a full one, as after
+        a failed restore()."""
         fpu, self.ran = self.ran, True
         self._cycle += 1
         try:
@@ -293,10 +300,12 @@ class WarmMemory:
         except BaseException:
             self.forget_baseline()      # (a full restore scans what the writes may have left)
             raise
-        stats = self._warm_stats(answer, answer[9])     # the restore's time, not the run's
+        self._warm_done(answer)
+        words = self._host_words        # the writes' pages, marked by resume_warm
         for addr, data in writes:
-            self.mark(addr, addr + len(data))
-        return stats, answer[8]
+            if data:
+                words.update(range(addr // BLOCK, (addr + len(data) - 1) // BLOCK + 1))
+        return answer
 
     def _start_logging(self):
         if not self._logging:

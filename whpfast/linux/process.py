@@ -609,15 +609,15 @@ class LinuxSandbox(Resource):
         timeout_ns = -1 if deadline is None else max(1, deadline - time.monotonic_ns())
         self.syscall_count += 1                 # the read it answers
         try:
-            stats, kind = self._warm.resume(snapshot, writes, result, machine.USER_CS,
-                                            machine.USER_DS, timeout_ns)
+            (dirty, host, copied, zeroed, _, _, _, register_calls, kind,
+             ns) = self._warm.resume(snapshot, writes, result, machine.USER_CS, machine.USER_DS,
+                                     timeout_ns)
         except BaseException as e:
             raise restore_failed(self, e, "a warm request's restore and run")
         self._poisoned = None
-        self.last_restore = {"pages_copied": stats.pages_copied, "pages_zeroed": stats.pages_zeroed,
-                             "dirty_pages": stats.dirty_pages, "host_pages": stats.host_pages,
-                             "register_ioctls": stats.register_calls, "full": False,
-                             "mm_ranges": self._mm_ranges, "ns": stats.ns}
+        self.last_restore = {"pages_copied": copied, "pages_zeroed": zeroed, "dirty_pages": dirty,
+                             "host_pages": host, "register_ioctls": register_calls, "full": False,
+                             "mm_ranges": self._mm_ranges, "ns": ns}
         return kind
 
     def _result(self, exit_code, waiting):

@@ -33,6 +33,7 @@ from ..linux.fs import inside_path, read_mapping
 from ..linux.process import LinuxSandbox, LinuxSnapshot
 
 _encode_str = json.encoder.encode_basestring_ascii     # json.dumps's (ensure_ascii) str encoder
+_decode_json = json.JSONDecoder().decode               # json.loads of a str, without its set-up
 DRIVER = (Path(__file__).with_name("driver.py")).read_text()
 DRIVER_DIGEST = hashlib.sha256(DRIVER.encode()).hexdigest()
 MAGIC = b"\x00whpfast-py-ans\x00"           # driver.py's answer header: MAGIC, length (u64 LE)
@@ -327,7 +328,7 @@ def _read_answer(lx):
     except LinuxError:
         raise bad("its buffer is not readable guest memory") from None
     try:
-        answer = json.loads(body)
+        answer = _decode_json(body.decode("ascii"))      # driver.py's json.dumps: ASCII
     except (ValueError, RecursionError) as e:
         raise bad(f"not JSON: {type(e).__name__}") from None
     if not isinstance(answer, dict) or set(answer) != {"stdout", "stderr", "error", "value"}:
