@@ -156,6 +156,25 @@ def test_what_is_not_a_warm_request_takes_the_plain_path(boxes):
     assert a.run(b"1\n", restore=other).stdout != r.stdout
 
 
+def test_a_parked_read_that_does_not_check_out_takes_the_plain_path(boxes):
+    """The staged answer is written only where sys_read would write: with the snapshot's record
+    of its parked read pointed at memory the guest cannot write (its [vvar] page, its page
+    tables, nothing), run(restore=) serves the request by restore() + run() instead, and the
+    answer is the same."""
+    snap, a, b = boxes
+    want = restore_then_run(b, snap, b"12\n")
+    parked = snap._parked
+    try:
+        for where in (a._vvar()[0], a.mm.pt_base, 0, 2 ** 47):
+            snap._parked = (where, 7)
+            assert a.run(b"12\n", restore=snap) == want
+            same_state(a, b, history=False)
+    finally:
+        snap._parked = parked
+    assert a._warm.vcpu.calls["resume_warm"] == 0
+    assert a.run(b"12\n", restore=snap) == want and a._warm.vcpu.calls["resume_warm"] == 1
+
+
 @pytest.mark.parametrize("bad", ["spin", "fault", "exit"])
 def test_a_bad_request_fails_typed_and_the_next_one_heals(boxes, bad):
     snap, a, b = boxes
