@@ -13,9 +13,9 @@ together (one backend call, Vcpu.resume_warm); the rest of the request (encoding
 that answers, decoding the answer, the pool's own work) holds it, and runs one thread at a time.
 Two figures show where that limit lies: the share of a hello_world request spent without the
 GIL (timed around that call and any further guest run, in a separate pass), and the same 1 -> 2
-scaling for a guest-bound request (`compute`: a ~2 ms loop in the guest). And the way around
-the GIL, as a baseline: two processes with a pool of 1 each, sending the same hello_world
-requests.
+scaling for a guest-bound request (`compute`: a ~2 ms loop in the guest) and for very short SDK
+calls (testkit's add: ~35 us). And the way around the GIL, as a baseline: two processes with a
+pool of 1 each, sending the same hello_world requests.
 
 Writes bench_pool.json (figures) and bench_pool.npz (every round's throughput, every request's
 queue wait and run time) to --out (default: the current directory; `whpfast bench` runs this
@@ -43,6 +43,9 @@ CONFIGS = [("pool1_clients1", HELLO, 1, 1, 1), ("pool1_clients2", HELLO, 1, 2, 1
            ("pool2_clients1", HELLO, 2, 1, 1), ("pool2_clients2", HELLO, 2, 2, 1),
            ("pool2_clients4", HELLO, 2, 4, 1),
            ("compute_pool1_clients1", COMPUTE, 1, 1, 0.2), ("compute_pool2_clients2", COMPUTE, 2, 2, 0.2)]
+# SDK pools (testkit's add(2, 3), a ~35 us call): (label, sandboxes, client threads)
+SDK_CONFIGS = [("sdk_pool1_clients1", 1, 1), ("sdk_pool2_clients2", 2, 2)]
+TESTKIT = os.path.join(os.path.dirname(whpfast.__file__), "guests", "testkit.elf")
 
 
 def drive(request, clients, count, want):
@@ -194,12 +197,17 @@ def measure(requests=1000, rounds=5, log=print):
             sb.save(path)
         pools = {size: whpfast.Pool(path, size=size, max_queue=8) for size in (1, 2)}
         plain = whpfast.PythonSandbox.from_snapshot(path)
+        with whpfast.Sandbox(TESTKIT) as kit:
+            kit_snap = kit.snapshot()
+        sdk_pools = {size: whpfast.Pool(kit_snap, size=size, max_queue=8) for size in (1, 2)}
         try:
             for pool in pools.values():              # settle: first requests fill the hot sets
                 drive(lambda: pool.run(HELLO), pool.size, 100, WANT[HELLO])
                 drive(lambda: pool.run(COMPUTE), pool.size, 10, WANT[COMPUTE])
             drive(lambda: plain.run(HELLO), 1, 100, WANT[HELLO])
-            names = [c[0] for c in CONFIGS]
+            for pool in sdk_pools.values():
+                drive(lambda: pool.call("add", 2, 3), pool.size, 200, 5)
+            names = [c[0] for c in CONFIGS] + [c[0] for c in SDK_CONFIGS]
             throughput = {name: [] for name in names + ["plain_clients1", "processes2_pool1"]}
             waits = {name: [] for name in names}
             runs = {name: [] for name in names}
@@ -216,6 +224,12 @@ def measure(requests=1000, rounds=5, log=print):
                     throughput[name].append(count / wall)
                     waits[name].append(st.queue_wait[-count:])
                     runs[name].append(st.run_time[-count:])
+                for name, size, clients in SDK_CONFIGS:
+                    pool, count = sdk_pools[size], 4 * requests
+                    wall = drive(lambda: pool.call("add", 2, 3), clients, count, 5)
+                    throughput[name].append(count / wall)
+                    waits[name].append(pool.stats().queue_wait[-count:])
+                    runs[name].append(pool.stats().run_time[-count:])
                 throughput["processes2_pool1"].append(processes_throughput(path, 2, requests))
                 share = gil_free_share(pools[1], max(50, requests // 5))
                 if share is not None:
@@ -225,7 +239,7 @@ def measure(requests=1000, rounds=5, log=print):
                     f"{name} {v[-1]:.0f}/s" for name, v in throughput.items()))
         finally:
             plain.close()
-            for pool in pools.values():
+            for pool in (*pools.values(), *sdk_pools.values()):
                 pool.close()
     samples = {f"throughput_{k}": np.array(v) for k, v in throughput.items()}
     samples.update({f"queue_wait_{k}": np.concatenate(v) for k, v in waits.items()})
@@ -262,6 +276,8 @@ def summary(samples):
         "scaling_pool2_clients2_vs_pool1_clients1": scaling,
         "pool_overhead_pool1_vs_plain": per_round("plain_clients1", "pool1_clients1"),
         "scaling_processes2_pool1_vs_pool1_clients1": per_round("processes2_pool1", "pool1_clients1"),
+        "scaling_sdk_pool2_clients2_vs_sdk_pool1_clients1": per_round("sdk_pool2_clients2",
+                                                                      "sdk_pool1_clients1"),
         "goal.scaling_at_least_1.7x": scaling >= 1.7,
     }
 
@@ -284,6 +300,9 @@ def report(result, log=print):
         f"{result['scaling_processes2_pool1_vs_pool1_clients1']:.2f}x")
     log(f"compute (~2 ms in the guest), 2 sandboxes + 2 clients vs 1 + 1: "
         f"{result['scaling_compute_pool2_clients2_vs_pool1_clients1']:.2f}x")
+    log(f"SDK add(2, 3) (~35 us calls), 2 sandboxes + 2 clients vs 1 + 1: "
+        f"{result['scaling_sdk_pool2_clients2_vs_sdk_pool1_clients1']:.2f}x (short calls: the GIL "
+        f"hand-offs cost more than the guest's run frees)")
     if result["hello_gil_free_share"] is not None:
         log(f"hello_world: {result['hello_gil_free_share']:.0%} of a request without the GIL (restore + run); "
             f"the rest holds the GIL, so 2 threads reach at most "

@@ -512,7 +512,8 @@ def test_bench_smoke(tmp_path):
     result = json.loads((tmp_path / "bench_pool.json").read_text())
     assert set(result["throughput_per_s_median"]) == {
         "pool1_clients1", "pool1_clients2", "pool2_clients1", "pool2_clients2", "pool2_clients4",
-        "plain_clients1", "compute_pool1_clients1", "compute_pool2_clients2", "processes2_pool1"}
+        "plain_clients1", "compute_pool1_clients1", "compute_pool2_clients2", "processes2_pool1",
+        "sdk_pool1_clients1", "sdk_pool2_clients2"}
     assert 0 < result["hello_gil_free_share"] < 1
     assert all(v > 0 for v in result["throughput_per_s_median"].values())
     assert result["latency"]["queue_wait_pool2_clients4"]["p99_us"] > 0
