@@ -4,9 +4,11 @@
 A request is `sb.run('print("hello world")')`: restore to the warm snapshot, one request, the
 answer. This wraps the parts of that path from outside (nothing in the package changes) and
 prints, per request, the median and mean wall time of each span, inclusive, nested as they
-nest. Only KVM_RUN (the `run_until` span) runs without the GIL; every other span holds it,
-except the page copies inside `_pages.restore`. Each wrapper costs ~0.2-0.5 us, which the
-figures include (the unwrapped request's median is printed first, for comparison).
+nest. A warm request's restore and run are one backend call without the GIL (the
+`resume_warm` span); a guest run after it (`run_until`, KVM_RUN) and the page copies inside
+`_pages.restore` (a restore to another snapshot) release it too; every other span holds it.
+Each wrapper costs ~0.2-0.5 us, which the figures include (the unwrapped request's median is
+printed first, for comparison).
 With --cprofile, cProfile's view of the same requests (its overhead is larger)."""
 
 import argparse
