@@ -669,24 +669,25 @@ cdef class Vcpu(CancelState):
         _queue_sync_regs(r, state)
         return ioctls
 
-    cdef int _warm_begin(self, WarmRestore *w, WarmPages pages, const unsigned char[::1] image,
-                         const uint64_t[::1] nonzero, size_t n_touched, size_t hot_limit,
-                         size_t n_hot, size_t cycle, dict state, bint fpu,
-                         tuple writes) except -1:
+    cdef bytes _warm_begin(self, WarmRestore *w, WarmPages pages, const unsigned char[::1] image,
+                           const uint64_t[::1] nonzero, size_t n_touched, size_t hot_limit,
+                           size_t n_hot, size_t cycle, dict state, bint fpu, tuple writes):
         """restore_warm's and resume_warm's part that holds the GIL: the checks, w filled, the
         last exit retired (nothing of it may complete after this state), and the snapshot's
-        registers and events queued in the sync-regs area (they go in with the next KVM_RUN)."""
+        registers and events queued in the sync-regs area (they go in with the next KVM_RUN).
+        Returns the XSAVE area w points into: the caller holds it until w is done (the state
+        dict is the snapshot's, shared with other threads' restores)."""
         _check_size(state, "regs", sizeof(kvm_regs))
         _check_size(state, "sregs", sizeof(kvm_sregs))
         _check_size(state, "events", sizeof(kvm_vcpu_events))
         _check_size(state, "xsave", self.xsave_size)
         cdef kvm_run *r = self._run()
-        cdef bytes xsave = state["xsave"]     # held by the caller's state dict
+        cdef bytes xsave = state["xsave"]
         pages.start(w, image, nonzero, n_touched, hot_limit, n_hot, cycle, fpu, writes)
         w.xsave, w.xsave_size = xsave, len(xsave)
         self._retire_pending()
         _queue_sync_regs(r, state)
-        return 0
+        return xsave
 
     cdef int _warm_log(self, WarmRestore *w) noexcept nogil:
         """KVM_GET_DIRTY_LOG of slot 0 into w.dirty, then the plan; 0 or an errno (w.what)."""
@@ -748,8 +749,8 @@ cdef class Vcpu(CancelState):
         cdef WarmRestore w
         cdef int err
         cdef PyThreadState *released
-        self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle, state,
-                         fpu, None)
+        xsave = self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle,
+                                 state, fpu, None)     # (w points into xsave: kept to the end)
         err = self._warm_log(&w)
         if not err:
             released = PyEval_SaveThread() if _warm_release(&w) else NULL
@@ -774,8 +775,8 @@ cdef class Vcpu(CancelState):
         the failure is raised as from restore_warm."""
         cdef WarmRestore w
         cdef long long start_ns = whpfast_monotonic_ns()
-        self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle, state,
-                         fpu, writes)
+        xsave = self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle,
+                                 state, fpu, writes)   # (w points into xsave: kept to the end)
         w.start_ns = start_ns
         _sysret(self._run(), result, user_cs, user_ds)
         kind = self._enter(timeout_ns, &w)

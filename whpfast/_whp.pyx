@@ -551,12 +551,13 @@ cdef class Vcpu(CancelState):
             self._queue(STATE_NAMES[i], <WHV_REGISTER_VALUE *>&values[i])
         return xsave
 
-    cdef int _warm_begin(self, WarmRestore *w, WarmPages pages, const unsigned char[::1] image,
-                         const uint64_t[::1] nonzero, size_t n_touched, size_t hot_limit,
-                         size_t n_hot, size_t cycle, dict state, bint fpu,
-                         tuple writes) except -1:
+    cdef bytes _warm_begin(self, WarmRestore *w, WarmPages pages, const unsigned char[::1] image,
+                           const uint64_t[::1] nonzero, size_t n_touched, size_t hot_limit,
+                           size_t n_hot, size_t cycle, dict state, bint fpu, tuple writes):
         """restore_warm's and resume_warm's part that holds the GIL: the checks, w filled and
-        the snapshot's registers queued for the next run's batch."""
+        the snapshot's registers queued for the next run's batch. Returns the XSAVE area w
+        points into: the caller holds it until w is done (the state dict is the snapshot's,
+        shared with other threads' restores)."""
         cdef uint64_t gpa, size
         cdef bytes xsave
         self._check_alive()
@@ -564,10 +565,10 @@ cdef class Vcpu(CancelState):
         if size != pages.n_pages * PAGE_SIZE or gpa != 0:
             raise ValueError("restore_warm: slot 0 is not this memory")
         pages.start(w, image, nonzero, n_touched, hot_limit, n_hot, cycle, fpu, writes)
-        xsave = self._queue_state(state)     # checked, and held by the caller's state dict
+        xsave = self._queue_state(state)     # checked
         w.xsave, w.xsave_size = xsave, len(xsave)
         w.start_ns = _clock_ns()
-        return 0
+        return xsave
 
     cdef HRESULT _warm_log(self, WarmRestore *w) noexcept nogil:
         """WHvQueryGpaRangeDirtyBitmap of slot 0 (gpa 0) into w.dirty (it also re-arms the
@@ -613,8 +614,8 @@ cdef class Vcpu(CancelState):
         cdef WarmRestore w
         cdef HRESULT hr
         cdef PyThreadState *released
-        self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle, state,
-                         fpu, None)
+        xsave = self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle,
+                                 state, fpu, None)     # (w points into xsave: kept to the end)
         hr = self._warm_log(&w)
         if hr >= 0:
             released = PyEval_SaveThread() if _warm_release(&w) else NULL
@@ -640,8 +641,8 @@ cdef class Vcpu(CancelState):
         and the failure is raised as from restore_warm."""
         cdef WarmRestore w
         cdef const WHV_REGISTER_VALUE *values
-        self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle, state,
-                         fpu, writes)
+        xsave = self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle,
+                                 state, fpu, writes)   # (w points into xsave: kept to the end)
         # the system call's registers are the snapshot's (STATE_NAMES order)
         values = <const WHV_REGISTER_VALUE *><char *>state["registers"]
         self.sys_rcx, self.sys_r11 = values[1].Reg64, values[11].Reg64
