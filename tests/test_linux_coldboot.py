@@ -247,7 +247,7 @@ def test_reads_land_in_guest_memory_checked_and_undone_by_restore(tmp_path):
     with whpfast.LinuxSandbox([inside_path(exe)], read=read_mapping([tmp_path]), memory_size=64 * MB) as lx:
         assert lx.run(timeout=10).waiting
         snap = lx.snapshot()
-        expected = (f"before 0 0|65536 100 HELLO ELL|-1 14 -1 14 4 HELL 65528\n").encode()
+        expected = b"before 0 0|65536 100 HELLO ELL|-1 14 -1 14 4 HELL 65528\n"
         assert lx.run(f"{inside}\n".encode(), timeout=10).stdout == expected
         lx.restore(snap)
         assert lx.run(f"{inside}\n".encode(), timeout=10).stdout == expected
