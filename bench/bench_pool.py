@@ -215,21 +215,22 @@ def measure(requests=1000, rounds=5, log=print):
             for r in range(rounds):
                 throughput["plain_clients1"].append(
                     requests / drive(lambda: plain.run(HELLO), 1, requests, WANT[HELLO]))
-                for name, code, size, clients, part in CONFIGS:
-                    pool, count = pools[size], max(clients, int(requests * part))
+                def timed(name, pool, request, clients, count, want):
                     before = pool.stats().served
-                    wall = drive(lambda: pool.run(code), clients, count, WANT[code])
+                    wall = drive(request, clients, count, want)
                     st = pool.stats()
                     assert st.served - before == count and st.failed == 0, st
                     throughput[name].append(count / wall)
                     waits[name].append(st.queue_wait[-count:])
                     runs[name].append(st.run_time[-count:])
+
+                for name, code, size, clients, part in CONFIGS:
+                    pool = pools[size]
+                    timed(name, pool, lambda: pool.run(code), clients,
+                          max(clients, int(requests * part)), WANT[code])
                 for name, size, clients in SDK_CONFIGS:
-                    pool, count = sdk_pools[size], 4 * requests
-                    wall = drive(lambda: pool.call("add", 2, 3), clients, count, 5)
-                    throughput[name].append(count / wall)
-                    waits[name].append(pool.stats().queue_wait[-count:])
-                    runs[name].append(pool.stats().run_time[-count:])
+                    pool = sdk_pools[size]
+                    timed(name, pool, lambda: pool.call("add", 2, 3), clients, 4 * requests, 5)
                 throughput["processes2_pool1"].append(processes_throughput(path, 2, requests))
                 share = gil_free_share(pools[1], max(50, requests // 5))
                 if share is not None:

@@ -47,8 +47,8 @@ DEF LEASE_SPREAD = 64
 
 cdef int _check_warm_sizes(size_t mem_size, size_t image_size, size_t score_size, tuple words,
                            size_t n_touched) except -1:
-    """The buffer checks of a backend's Vcpu.restore_warm (memory, snapshot image, one score
-    byte per page, and the words of each bitmap), before it drops the GIL."""
+    """The buffer checks of a WarmPages (memory, snapshot image, one score byte per page, and
+    the words of each bitmap), made once, before any restore drops the GIL with them."""
     cdef size_t n_pages = mem_size // RESTORE_PAGE, n_words = (n_pages + 63) // 64
     if (n_pages == 0 or mem_size % RESTORE_PAGE or image_size < mem_size or score_size < n_pages):
         raise ValueError("restore_warm: memory, snapshot image and scores of different sizes")

@@ -615,9 +615,8 @@ class LinuxSandbox(Resource):
         except BaseException as e:
             raise restore_failed(self, e, "a warm request's restore and run")
         self._poisoned = None
-        self.last_restore = {"pages_copied": copied, "pages_zeroed": zeroed, "dirty_pages": dirty,
-                             "host_pages": host, "register_ioctls": register_calls, "full": False,
-                             "mm_ranges": self._mm_ranges, "ns": ns}
+        self.last_restore = dict(self._figures(copied, zeroed, dirty, host, register_calls, False),
+                                 ns=ns)
         return kind
 
     def _result(self, exit_code, waiting):
@@ -797,9 +796,14 @@ class LinuxSandbox(Resource):
         self.fs.reset(fs_state)
         if snapshot._parked is None:        # the registers are the snapshot's now
             snapshot._parked = self._parked_locked() or False
-        return {"pages_copied": stats.pages_copied, "pages_zeroed": stats.pages_zeroed,
-                "dirty_pages": stats.dirty_pages, "host_pages": stats.host_pages,
-                "register_ioctls": stats.register_calls, "full": full, "mm_ranges": self._mm_ranges}
+        return self._figures(stats.pages_copied, stats.pages_zeroed, stats.dirty_pages,
+                             stats.host_pages, stats.register_calls, full)
+
+    def _figures(self, copied, zeroed, dirty, host, register_calls, full):
+        """last_restore's figures (but its time) for a restore of either path."""
+        return {"pages_copied": copied, "pages_zeroed": zeroed, "dirty_pages": dirty,
+                "host_pages": host, "register_ioctls": register_calls, "full": full,
+                "mm_ranges": self._mm_ranges}
 
     def _forget_translations(self, full):
         """Makes the hypervisor drop its translations of the pages whose page-table entries the
