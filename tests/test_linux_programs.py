@@ -1,9 +1,10 @@
 """Real, unmodified Linux programs in LinuxSandbox: a dynamically linked C program through its
-PT_INTERP, Debian's busybox-static, Debian's /usr/bin/python3 and this venv's python with numpy and
+PT_INTERP, Debian's busybox (busybox-static, or the dynamic busybox with its libraries), Debian's /usr/bin/python3 and this venv's python with numpy and
 pandas, against the file system's read= policy. The heavy Python guests boot once per module and
 are warm-started (restore + one line of stdin) per test."""
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,23 @@ from whpfast.linux.fs import inside_path, read_mapping
 HERE = Path(__file__).parent / "linux"
 DRIVER = (HERE / "driver.py").read_text()
 SYSTEM_READ = ["/usr", "/lib", "/lib64", "/etc"]
-BUSYBOX = "/bin/busybox"
+BUSYBOX = "/bin/busybox"         # tests/system-packages.txt installs it (README's test command)
+
+
+def _interpreter(path):
+    """An ELF executable's PT_INTERP (its dynamic loader), or None for a static one."""
+    data = Path(path).read_bytes()
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+        if p_type == 3:
+            return data[p_offset:p_offset + p_filesz].rstrip(b"\0").decode()
+    return None
+
+
+# What Debian's dynamic busybox loads (its loader and libc), none for busybox-static.
+BUSYBOX_LIBS = ["/lib", "/lib64", "/usr/lib"] if os.path.exists(BUSYBOX) and _interpreter(BUSYBOX) else []
 VENV = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
 
 # Any backend (KVM, or WHP over tests/whv); the personality's host side is Linux-only so far
@@ -61,36 +78,36 @@ def test_vdso_serves_clocks_without_exits(tmp_path_factory):
     assert calls < 40          # 4000 clock reads; a static glibc start-up alone makes ~15 calls
 
 
-@pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="needs Debian's busybox-static (apt-get install busybox-static)")
+@pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="needs Debian's busybox: run tests/system-packages.sh")
 class TestBusybox:
     def host(self, *args):
         return subprocess.run([BUSYBOX, *args], capture_output=True, check=True).stdout
 
     def test_ls(self):
-        r = run([BUSYBOX, "ls", "-1", "/usr/lib/x86_64-linux-gnu/gconv"], read=["/usr/lib"])
+        r = run([BUSYBOX, "ls", "-1", "/usr/lib/x86_64-linux-gnu/gconv"], read=["/usr/lib", *BUSYBOX_LIBS])
         assert r.exit_code == 0 and r.stdout == self.host("ls", "-1", "/usr/lib/x86_64-linux-gnu/gconv")
 
     def test_sort_and_sha256sum(self):
         files = ["/etc/passwd", "/etc/group", "/usr/lib/os-release"]
-        r = run([BUSYBOX, "sha256sum", *files], read=["/etc", "/usr/lib"])
+        r = run([BUSYBOX, "sha256sum", *files], read=["/etc", "/usr/lib", *BUSYBOX_LIBS])
         assert r.exit_code == 0 and r.stdout == self.host("sha256sum", *files)
-        r = run([BUSYBOX, "sort", "/etc/passwd"], read=["/etc"])
+        r = run([BUSYBOX, "sort", "/etc/passwd"], read=["/etc", *BUSYBOX_LIBS])
         assert r.exit_code == 0 and r.stdout == self.host("sort", "/etc/passwd")
 
     def test_sort_reads_stdin(self):
-        with whpfast.LinuxSandbox([BUSYBOX, "sort"]) as lx:
+        with whpfast.LinuxSandbox([BUSYBOX, "sort"], read=BUSYBOX_LIBS) as lx:
             assert lx.run(b"pear\napple\n").waiting
             assert lx.run(b"fig\n", eof=True) == whpfast.RunResult(b"apple\nfig\npear\n", b"", 0, False)
 
     def test_path_outside_read_does_not_exist(self):
-        r = run([BUSYBOX, "cat", __file__], read=["/etc"])            # a real host file
+        r = run([BUSYBOX, "cat", __file__], read=["/etc", *BUSYBOX_LIBS])    # a real host file
         assert r.exit_code == 1 and b"No such file or directory" in r.stderr and r.stdout == b""
 
     def test_write_under_read_is_erofs_and_the_host_file_is_untouched(self, tmp_path):
         target = tmp_path / "file"
         target.write_text("original")
         r = run([BUSYBOX, "sh", "-c", "echo changed > /data/file; echo status $?"],
-                read={"/data": str(tmp_path), BUSYBOX: BUSYBOX})
+                read={"/data": str(tmp_path), BUSYBOX: BUSYBOX, **{p: p for p in BUSYBOX_LIBS}})
         assert b"Read-only file system" in r.stderr and r.stdout == b"status 1\n"
         assert target.read_text() == "original"
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import whpfast
+from conftest import build_c
 from whpfast.linux.fs import inside_path
 from whpfast.python import sandbox as pysandbox
 
@@ -251,11 +252,12 @@ def test_a_replaced_snapshot_file_is_loaded_again(sb, tmp_path):
 
 
 def test_snapshot_of_another_kind_is_refused(sb, tmp_path):
-    with whpfast.LinuxSandbox(["/bin/busybox", "cat"], memory_size=64 << 20) as lx:
+    program = build_c(tmp_path / "sum", "sum.c", "-static")         # a Linux program reading stdin
+    with whpfast.LinuxSandbox([program], memory_size=64 << 20) as lx:
         assert lx.run().waiting
-        lx.snapshot().save(tmp_path / "cat.snap")
+        lx.snapshot().save(tmp_path / "sum.snap")
     with pytest.raises(whpfast.SnapshotError, match="not of a PythonSandbox"):
-        whpfast.PythonSandbox.from_snapshot(tmp_path / "cat.snap")
+        whpfast.PythonSandbox.from_snapshot(tmp_path / "sum.snap")
     (tmp_path / "junk.snap").write_bytes(b"junk" * 100)
     with pytest.raises(whpfast.SnapshotError):
         whpfast.PythonSandbox.from_snapshot(tmp_path / "junk.snap")

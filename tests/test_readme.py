@@ -102,3 +102,31 @@ def test_every_sandbox_attribute_in_the_readme_exists(testkit):
     with whpfast.Sandbox(testkit) as sb:
         missing = [n for n in sorted(names) if not hasattr(sb, n) and not hasattr(whpfast.PythonSandbox, n)]
     assert not missing, f"README mentions sb.{missing}, which neither Sandbox nor PythonSandbox has"
+
+
+# -- the test command and its system packages (issue 17: CI cannot pass on what a user lacks) --
+
+def readme_test_command():
+    text = README.read_text()
+    lines = [line for line in text.splitlines() if line.rstrip().endswith("&& pytest")]
+    assert len(lines) == 1, lines
+    return lines[0].strip()
+
+
+def system_packages():
+    listing = (Path(__file__).parent / "system-packages.txt").read_text()
+    return [word for line in listing.splitlines() for word in line.split("#")[0].split()]
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    ci = (README.parent / ".ci" / "run").read_text()
+    command = readme_test_command()
+    assert command.startswith("sh tests/system-packages.sh && ")
+    assert f"( {command} ) 2>&1" in ci
+
+
+def test_readme_names_every_system_package_the_tests_need():
+    text = " ".join(README.read_text().split())
+    packages = system_packages()
+    assert {"gcc", "busybox-static|busybox", "python3-pandas"} <= set(packages)
+    assert "`" + " ".join(packages) + "`" in text

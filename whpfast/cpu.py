@@ -6,23 +6,32 @@ AVX-512 or AVX2 variants of memcpy/strlen through ifuncs and sizes its XSAVE buf
 0xD), so a snapshot taken on one CPU and resumed on a CPU without those features crashes later,
 far from the cause. Loading such a snapshot is a SnapshotError naming what is missing instead.
 
-Which cpuid is recorded: the host's own instruction (_pages.host_cpuid), on every backend. On the
-PVM hosts of this project a guest's `cpuid` is not intercepted: it returns the host's real values,
-not the VM's CPUID table (KVM_SET_CPUID2), so the host's instruction is exactly what the guest
-sees (tests/test_cpu.py checks that against a program's own cpuid in a LinuxSandbox). With
-hardware virtualization (VT-x/AMD-V KVM, WHP) a guest sees the hypervisor's table instead, which
-is built from the host's features and (for the user-mode features recorded here) a subset of
-them: comparing the host's values is then stricter than needed, never laxer.
+Which cpuid is recorded: what a guest's own `cpuid` instruction answers on this host, asked of the
+testkit guest once per process (read_guest). It is neither the host's instruction nor the table
+whpfast hands the hypervisor: on PVM hosts a user-mode guest's cpuid may or may not be
+intercepted depending on the CPU (seen: an Intel host where the guest saw the host's leaf 7, an
+AMD EPYC host where it did not see INVPCID), and with hardware virtualization (VT-x/AMD-V KVM,
+WHP) the guest sees the hypervisor's table, a subset of the host's. Recording the host's values
+would claim features a guest never saw and refuse snapshots on hosts that lack only those;
+asking a guest records exactly what a program in the snapshot could have used, and a snapshot is
+checked against what a guest on the new host would see (tests/test_cpu.py compares it with a
+Linux program's own cpuid).
 
 What is compared: the vendor string (must be equal); feature words (leaf 1 ECX/EDX, leaf 7.0
 EBX/ECX/EDX, leaf 7.1 EAX, leaf 0xD.1 EAX, leaf 0x80000001 ECX/EDX) where every bit the
 snapshot had must be set here (extra features on this host are fine); and the XSAVE layout
-(the XCR0 components the CPU supports and the XSAVE sizes of leaf 0xD.0), which must be equal:
-a program sized its save areas by them.
+(the XCR0 components the CPU supports and the XSAVE size of all of them, leaf 0xD.0 EAX/EDX and
+ECX), which must be equal: a program sized its save areas by them. Not compared: what the
+guest's own control registers decide rather than the CPU -- OSXSAVE and OSPKE (CR4 bits the
+personality sets: an SDK guest and a Linux program differ there) and the XSAVE size for the
+XCR0 the guest enabled (leaf 0xD.0 EBX, recorded as "size"), which follows from the components
+and the XCR0 whpfast sets.
 
 The record is versioned (VERSION) and, coming from a file, untrusted: parse() checks it."""
 
-from typing import Any, Dict, List, Optional, Tuple
+import struct
+import threading
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import _pages
 from .errors import SnapshotError
@@ -38,8 +47,11 @@ WORDS: Tuple[Tuple[str, int, int, int], ...] = (
 )
 # Bits that say something about the machine, not about what code may execute: the hypervisor bit
 # (set in a cloud VM, clear on bare metal) would refuse a snapshot for no reason.
-IGNORED = {"1.ecx": 1 << 31}
+# OSXSAVE (1.ecx bit 27) and OSPKE (7.0.ecx bit 4) mirror the guest's CR4, which the personality
+# sets, not the CPU.
+IGNORED = {"1.ecx": 1 << 31 | 1 << 27, "7.0.ecx": 1 << 4}
 XSAVE_FIELDS = ("components", "size", "max_size")
+XSAVE_COMPARED = ("components", "max_size")       # "size" follows the guest's XCR0 (see above)
 
 # Bit names as Linux's /proc/cpuinfo spells them, for the messages; other bits are named by
 # position ("cpuid 7.0.edx bit 12").
@@ -78,8 +90,12 @@ def bit_name(word: str, bit: int) -> str:
     return name if name != "-" else f"cpuid {word} bit {bit}"
 
 
-def read_host(cpuid=_pages.host_cpuid) -> Dict[str, Any]:
-    """This host's record: {"version", "vendor", "features": {word: bits}, "xsave": {...}}."""
+Cpuid = Callable[[int, int], Tuple[int, int, int, int]]
+
+
+def read_host(cpuid: Cpuid = _pages.host_cpuid) -> Dict[str, Any]:
+    """A record read through `cpuid(leaf, subleaf) -> (eax, ebx, ecx, edx)`, by default the host's
+    own instruction: {"version", "vendor", "features": {word: bits}, "xsave": {...}}."""
     max_leaf, b, c, d = cpuid(0, 0)
     vendor = b"".join(r.to_bytes(4, "little") for r in (b, d, c)).decode("latin-1")
     max_ext = cpuid(0x80000000, 0)[0]
@@ -95,17 +111,37 @@ def read_host(cpuid=_pages.host_cpuid) -> Dict[str, Any]:
     return {"version": VERSION, "vendor": vendor, "features": features, "xsave": xsave}
 
 
+def read_guest() -> Dict[str, Any]:
+    """The record of what a guest's cpuid answers on this host and backend: the testkit guest
+    (shipped with whpfast) is asked each leaf. Costs one small sandbox (a few ms)."""
+    from .guests import testkit
+    from .sandbox import Sandbox
+    with Sandbox(testkit, memory_size=4 << 20) as sb:
+        def ask(leaf: int, sub: int) -> Tuple[int, int, int, int]:
+            eax, ebx, ecx, edx = struct.unpack("<4I", sb.call("cpuid", leaf, sub))
+            return eax, ebx, ecx, edx
+        return read_host(ask)
+
+
 _host: Optional[Dict[str, Any]] = None
+_host_lock = threading.Lock()
+
+
+def _here() -> Dict[str, Any]:
+    global _host
+    if _host is None:
+        with _host_lock:
+            if _host is None:
+                _host = read_guest()
+    return _host
 
 
 def host() -> Dict[str, Any]:
-    """This host's record, read once per process (a fresh copy: callers may keep it in a
-    snapshot's metadata)."""
-    global _host
-    if _host is None:
-        _host = read_host()
-    return {"version": _host["version"], "vendor": _host["vendor"],
-            "features": dict(_host["features"]), "xsave": dict(_host["xsave"])}
+    """What a guest sees on this host (read_guest), read once per process; a fresh copy each
+    time: callers may keep it in a snapshot's metadata."""
+    here = _here()
+    return {"version": here["version"], "vendor": here["vendor"],
+            "features": dict(here["features"]), "xsave": dict(here["xsave"])}
 
 
 def parse(record: Any) -> Dict[str, Any]:
@@ -147,15 +183,16 @@ def missing(record: Dict[str, Any], here: Dict[str, Any]) -> List[str]:
     if lacking:
         problems.append(", ".join(lacking))
     theirs, ours = record["xsave"], here["xsave"]
-    if theirs != ours:
+    differ = [k for k in XSAVE_COMPARED if theirs[k] != ours[k]]
+    if differ:
         problems.append("XSAVE layout " + ", ".join(
-            f"{k} {theirs[k]:#x} (this host: {ours[k]:#x})" for k in XSAVE_FIELDS if theirs[k] != ours[k]))
+            f"{k} {theirs[k]:#x} (this host: {ours[k]:#x})" for k in differ))
     return problems
 
 
 def incompatibility(record: Dict[str, Any]) -> Optional[str]:
     """Why a parsed record cannot run on this host, or None."""
-    here = host() if _host is None else _host
+    here = _here()
     if record == here:
         return None
     problems = missing(record, here)

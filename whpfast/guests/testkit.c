@@ -298,6 +298,19 @@ WF_EXPORT(spin, "", 'n')
     return 0;
 }
 
+/* ---- CPU identity ----------------------------------------------------------------------------- */
+
+/* cpuid(leaf, subleaf) -> 16 bytes: EAX, EBX, ECX, EDX (little-endian) as this guest's own cpuid
+ * instruction answers them. whpfast/cpu.py records a snapshot's CPU from it: what a guest sees
+ * can differ from the host's instruction (the hypervisor may hide features). */
+WF_EXPORT(cpuid, "ii", 'b')
+{
+    static uint32_t regs[4];
+    __asm__ volatile("cpuid" : "=a"(regs[0]), "=b"(regs[1]), "=c"(regs[2]), "=d"(regs[3])
+                     : "a"((uint32_t)args[0].i), "c"((uint32_t)args[1].i));
+    return wf_ok(ret, wf_bytes(regs, sizeof regs));
+}
+
 /* ---- Faults ----------------------------------------------------------------------------------- */
 
 /* fault(kind) raises a CPU exception; the host ends the call with a fault. If execution ever gets
