@@ -64,13 +64,18 @@ def subject(tmp_path_factory):
     data.parent.mkdir()
     data.write_bytes(np.random.default_rng(7).integers(1, 256, DATA_SIZE, dtype=np.uint8).tobytes())
     os.chmod(data, 0o644)
-    read = {p: p for p in SYSTEM_READ}
-    read.update(read_mapping([out / "filemap", data.parent]))       # (under /tmp: /run/host/tmp)
-    with whpfast.LinuxSandbox([inside_path(out / "filemap"), inside_path(data)], read=read,
+    with whpfast.LinuxSandbox([inside_path(out / "filemap"), inside_path(data)], read=policy(out, data.parent),
                               memory_size=64 * MB) as lx:
         assert lx.run(b"s\n").stdout == answer(data.read_bytes())
         path = lx.snapshot().save(out / "filemap.snap")
     return out, data, Path(path)
+
+
+def policy(out, data_dir):
+    """The subject's read policy: also the grant its snapshot files are loaded under."""
+    read = {p: p for p in SYSTEM_READ}
+    read.update(read_mapping([out / "filemap", data_dir]))       # (under /tmp: /run/host/tmp)
+    return read
 
 
 def _data_runs(snap, data):
@@ -81,7 +86,7 @@ def _data_runs(snap, data):
 def test_file_pages_are_references_not_bytes_and_are_mapped_from_the_host_file(subject):
     out, data, path = subject
     before = sha(data)
-    snap = whpfast.LinuxSnapshot.load(path)
+    snap = whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
     names = {os.path.basename(r.host) for r in snap._refs}
     assert b"data.bin" in names and any(n.startswith(b"libc.so") for n in names)
     [(guest, offset, length)] = _data_runs(snap, data)
@@ -107,7 +112,7 @@ def test_a_write_into_a_shared_page_is_private_and_a_restore_puts_the_snapshots_
     in every page, and the host file never changes."""
     out, data, path = subject
     before, content = sha(data), data.read_bytes()
-    snap = whpfast.LinuxSnapshot.load(path)
+    snap = whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
     [(guest, _, length)] = _data_runs(snap, data)
     with whpfast.LinuxSandbox.from_snapshot(snap) as lx, \
             whpfast.LinuxSandbox.from_snapshot(snap) as other:
@@ -126,7 +131,7 @@ def test_a_write_into_a_shared_page_is_private_and_a_restore_puts_the_snapshots_
 def test_unmapped_then_mapped_again_pages_read_zero_then_the_file(subject):
     out, data, path = subject
     content = data.read_bytes()
-    snap = whpfast.LinuxSnapshot.load(path)
+    snap = whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
     with whpfast.LinuxSandbox.from_snapshot(snap) as lx:
         for _ in range(2):
             assert lx.run(b"u\n").stdout == answer(bytes(DATA_SIZE))
@@ -142,7 +147,7 @@ def test_a_file_others_may_write_is_copied_not_mapped(subject, tmp_path):
     os.chmod(data, 0o666)
     try:
         before = host_maps(data)        # (earlier tests' snapshots may not be collected yet)
-        snap = whpfast.LinuxSnapshot.load(path)
+        snap = whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
         [ref] = [r for r in snap._refs if r.host == os.fsencode(data)]
         assert not ref.shared
         with whpfast.LinuxSandbox.from_snapshot(snap) as lx:
@@ -180,9 +185,9 @@ def test_a_reference_to_a_file_outside_the_read_policy_is_refused(subject, tmp_p
     shutil.copyfile(path, crafted)
     _rewrite_meta(crafted, lambda m: _retarget(m, data, target, target))
     with pytest.raises(whpfast.SnapshotError, match="read policy does not let the program open"):
-        whpfast.LinuxSnapshot.load(crafted)
+        whpfast.LinuxSnapshot.load(crafted, read=policy(out, data.parent))
     with pytest.raises(whpfast.SnapshotError, match="read policy"):
-        whpfast.LinuxSandbox.from_snapshot(crafted)
+        whpfast.LinuxSandbox.from_snapshot(crafted, read=policy(out, data.parent))
 
 
 def test_a_reference_the_address_space_does_not_show_is_refused(subject, tmp_path):
@@ -204,7 +209,7 @@ def test_a_reference_the_address_space_does_not_show_is_refused(subject, tmp_pat
                     edit(f)
         _rewrite_meta(crafted, change)
         with pytest.raises(whpfast.SnapshotError, match="not a usable Linux snapshot"):
-            whpfast.LinuxSnapshot.load(crafted)
+            whpfast.LinuxSnapshot.load(crafted, read=policy(out, data.parent))
 
 
 def test_a_changed_file_is_refused_naming_it(subject, tmp_path):
@@ -215,15 +220,15 @@ def test_a_changed_file_is_refused_naming_it(subject, tmp_path):
         data.write_bytes(content[:100] + bytes([content[100] ^ 1]) + content[101:])
         os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
         with pytest.raises(whpfast.SnapshotError, match=r"data\.bin.*SHA-256 differs.*make the snapshot again"):
-            whpfast.LinuxSnapshot.load(path)
+            whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
         # Modified the ordinary way: its identity says so before any hashing.
         data.write_bytes(content)
         with pytest.raises(whpfast.SnapshotError, match=r"data\.bin.*changed since the snapshot was made"):
-            whpfast.LinuxSnapshot.load(path)
+            whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
     finally:
         data.write_bytes(content)
         os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert whpfast.LinuxSnapshot.load(path)._refs          # as it was: loads again
+    assert whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))._refs          # as it was: loads again
 
 
 def test_a_file_made_by_an_older_whpfast_is_refused_with_what_to_do(subject, tmp_path):
@@ -235,13 +240,13 @@ def test_a_file_made_by_an_older_whpfast_is_refused_with_what_to_do(subject, tmp
     old = tmp_path / "v3.snap"
     old.write_bytes(raw)
     with pytest.raises(whpfast.SnapshotError, match="made by an older whpfast.*make the snapshot again"):
-        whpfast.LinuxSnapshot.load(old)
+        whpfast.LinuxSnapshot.load(old, read=policy(out, data.parent))
 
 
 def test_a_loaded_snapshot_saves_again_with_the_same_references(subject, tmp_path):
     out, data, path = subject
-    snap = whpfast.LinuxSnapshot.load(path)
-    again = whpfast.LinuxSnapshot.load(snap.save(tmp_path / "again.snap"))
+    snap = whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
+    again = whpfast.LinuxSnapshot.load(snap.save(tmp_path / "again.snap"), read=policy(out, data.parent))
     assert [(r.host, r.runs, r.sha256) for r in again._refs] == [(r.host, r.runs, r.sha256) for r in snap._refs]
     assert np.array_equal(again._nonzero, snap._nonzero)
     with whpfast.LinuxSandbox.from_snapshot(again) as lx:
@@ -252,9 +257,7 @@ def test_a_loaded_snapshot_saves_again_with_the_same_references(subject, tmp_pat
 
 def _boot(subject):
     out, data, _ = subject
-    read = {p: p for p in SYSTEM_READ}
-    read.update(read_mapping([out / "filemap", data.parent]))
-    return whpfast.LinuxSandbox([inside_path(out / "filemap"), inside_path(data)], read=read,
+    return whpfast.LinuxSandbox([inside_path(out / "filemap"), inside_path(data)], read=policy(out, data.parent),
                                 memory_size=64 * MB)
 
 
@@ -330,11 +333,11 @@ def test_references_are_bounded_and_the_rest_is_stored(subject, tmp_path, monkey
     """Each reference run is a host mapping per sandbox: past MAX_REF_RUNS the smallest runs
     are stored as bytes instead, and the file loads and runs the same."""
     out, data, path = subject
-    snap = whpfast.LinuxSnapshot.load(path)
+    snap = whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
     runs = sorted(n for r in snap._refs for _, _, n in r.runs)
     assert len(runs) >= 2
     monkeypatch.setattr(snapfile, "MAX_REF_RUNS", 1)
-    small = whpfast.LinuxSnapshot.load(snap.save(tmp_path / "one.snap"))
+    small = whpfast.LinuxSnapshot.load(snap.save(tmp_path / "one.snap"), read=policy(out, data.parent))
     assert [n for r in small._refs for _, _, n in r.runs] == [runs[-1]]
     assert np.array_equal(small._nonzero | snap._nonzero, small._nonzero)
     with whpfast.LinuxSandbox.from_snapshot(small) as lx:
@@ -372,5 +375,5 @@ def test_a_read_policy_that_no_longer_works_on_the_host_is_a_snapshot_error(subj
         assert lx.run(b"s\n").stdout == answer(data.read_bytes())
         path = lx.snapshot().save(tmp_path / "gone.snap")
     shutil.rmtree(gone)
-    with pytest.raises(whpfast.SnapshotError, match="read policy does not work on this host"):
-        whpfast.LinuxSnapshot.load(path)
+    with pytest.raises(whpfast.SnapshotError, match=f"host path '{gone}' .* does not work on this host"):
+        whpfast.LinuxSnapshot.load(path, read=policy(out, tmp_path))     # granted, but gone

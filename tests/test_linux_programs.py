@@ -173,9 +173,9 @@ def test_python_sees_the_policy(debian_python):
 def test_python_snapshot_file_cold_starts(debian_python, tmp_path):
     lx, snap = debian_python
     path = snap.save(tmp_path / "python.snap")
-    with whpfast.LinuxSandbox.from_snapshot(path) as cold:
+    with whpfast.LinuxSandbox.from_snapshot(path, read=SYSTEM_READ) as cold:     # the caller's grant
         assert cold.run(b"print(numpy.arange(4).sum(), pandas.__name__)\n").stdout == b"6 pandas\n"
-        cold.restore(cold_snap := whpfast.LinuxSnapshot.load(path))
+        cold.restore(cold_snap := whpfast.LinuxSnapshot.load(path, read=SYSTEM_READ))
         assert cold.run(b"print(2)\n").stdout == b"2\n"
         assert cold_snap.meta["config"]["read"] == SYSTEM_READ
 

@@ -172,7 +172,7 @@ def test_sandboxes_from_one_file_share_its_pages(tmp_path):
         assert lx.run(timeout=120).waiting
         memory_snap = lx.snapshot()
     image = memory_snap.nonzero_pages * PAGE
-    loaded = whpfast.LinuxSnapshot.load(memory_snap.save(tmp_path / "numpy.snap"))
+    loaded = whpfast.LinuxSnapshot.load(memory_snap.save(tmp_path / "numpy.snap"), read=SYSTEM_READ)
     per_sandbox = {}
     for name, snap in (("file", loaded), ("memory", memory_snap)):
         whpfast.LinuxSandbox.from_snapshot(snap).close()           # first-time costs out of the way

@@ -328,6 +328,10 @@ def test_command_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "whpfast", "run-python", "--snapshot", str(snap), "-c",
                         "import sys; print('out'); sys.exit(3)"], capture_output=True, text=True, cwd=tmp_path)
     assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "")
+    # --memory is what the file may have (issue 16: the caller's arguments are the grant)
+    r = subprocess.run([sys.executable, "-m", "whpfast", "run-python", "--snapshot", str(snap), "--memory", "32",
+                        "-c", "print(1)"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "64 MiB of guest memory; the caller's memory_size= allows 32 MiB" in r.stderr
 
 
 def test_bench_report_smoke(tmp_path):

@@ -323,3 +323,14 @@ def test_a_shipped_copy_that_does_not_match_its_digest_is_not_written(cluster, p
     data[len(data) // 2] ^= 1
     path, wrote, fetched = whpfast.ray._node_file(tmp_path, digest, ray.put((size, extents, data)))
     assert wrote and fetched and _file_sha(path) == _file_sha(py_snap)
+
+
+def test_a_file_declaring_more_than_its_grant_is_refused(cluster, py_snap, tmp_path):
+    """Issue 16: the nodes load the file under the RayPool caller's grant (here the default:
+    this interpreter's files), so a file widened to read /etc fails the pool."""
+    from test_linux_process import _rewrite_meta
+    evil = tmp_path / "evil.snap"
+    evil.write_bytes(open(py_snap, "rb").read())
+    _rewrite_meta(evil, lambda meta: meta["config"]["read"].update({"/etc": "/etc"}))
+    with pytest.raises(whpfast.SnapshotError, match="'/etc'"):
+        whpfast.ray.RayPool(evil, actors=1, num_cpus=0.5, cache_dir=tmp_path / "c")

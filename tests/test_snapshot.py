@@ -54,7 +54,7 @@ def test_issue_example(testkit, data_file, tmp_path):
         assert sb.call("read_byte", 0) == 7
         assert sb.call("read_byte", 4) == 0
         snap.save(tmp_path / "warm.snap")
-    with whpfast.Sandbox.from_snapshot(tmp_path / "warm.snap") as fresh:
+    with whpfast.Sandbox.from_snapshot(tmp_path / "warm.snap", files={"initrd": data_file}) as fresh:
         assert fresh.call("read_byte", 3) == 7
         assert fresh.call("file_byte", "initrd", 5) == data_file.read_bytes()[5]
 

@@ -24,7 +24,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, List, Optional, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -230,13 +230,23 @@ class Pool(Resource):
     max_queue: requests that may wait for a sandbox (default 4 * size); a request finding the
     queue full raises PoolFull at once (unless it passes queue_timeout=). on_output(stream, text):
     SDK guests' prints as they happen (stream "stdout"); a Python request's captured stdout and
-    stderr when it ends (non-empty ones). timeout: the default run timeout of every request."""
+    stderr when it ends (non-empty ones). timeout: the default run timeout of every request.
+
+    A snapshot file is untrusted: these arguments are the authority, as for from_snapshot.
+    Python pools: python= (the interpreter it must have been made for, default this one), read=
+    (host paths beyond that interpreter's files) and memory_size=; SDK pools: files= (the host
+    file behind each of its file mappings) and memory_size=. A snapshot declaring more is refused
+    (SnapshotError). A snapshot object (a PythonSandbox, one taken in this process, or one loaded
+    with its grant) needs none of them."""
 
     def __init__(self, snapshot: Union[Snapshot, LinuxSnapshot, PythonSandbox, StrPath], *,
                  size: Optional[int] = None, kind: Optional[str] = None,
                  max_queue: Optional[int] = None,
                  on_output: Optional[Callable[[str, str], object]] = None,
-                 timeout: Optional[float] = None) -> None:
+                 timeout: Optional[float] = None, python: Optional[StrPath] = None,
+                 read: Union[StrPath, Iterable[StrPath]] = (),
+                 files: Optional[Mapping[str, StrPath]] = None,
+                 memory_size: Optional[int] = None) -> None:
         self._closed = True
         if size is None:
             size = os.cpu_count() or 1
@@ -250,6 +260,15 @@ class Pool(Resource):
             raise TypeError("on_output must be callable (stream, text) or None")
         self._timeout = run_timeout(timeout)
         self.kind, self._source = _resolve(snapshot, kind)
+        if self.kind == "sdk" and (python is not None or read):
+            raise ConfigError("python= and read= are for Python pools; an SDK pool takes files=")
+        if self.kind == "python" and files is not None:
+            raise ConfigError("files= is for SDK pools; a Python pool takes read=")
+        # The caller's grant: every SDK sandbox is checked against it; a Python pool's first one
+        # is, and the later ones start from the snapshot object it loaded, which keeps that grant.
+        given = ({"files": files, "memory_size": memory_size} if self.kind == "sdk" else
+                 {"python": python, "read": read, "memory_size": memory_size})
+        self._grant: Dict[str, Any] = {k: v for k, v in given.items() if v is not None and v != ()}
         self._on_output = on_output
         self.size = size
         self.max_queue = max_queue
@@ -282,9 +301,9 @@ class Pool(Resource):
             if self._on_output is not None:
                 on_output = self._on_output
                 on_print = lambda text: on_output("stdout", text)  # noqa: E731
-            return Sandbox.from_snapshot(self._source, on_print=on_print)
-        sb = PythonSandbox.from_snapshot(self._source)
-        self._source = sb.snapshot
+            return Sandbox.from_snapshot(self._source, on_print=on_print, **self._grant)
+        sb = PythonSandbox.from_snapshot(self._source, **self._grant)
+        self._source, self._grant = sb.snapshot, {}
         return sb
 
     # -- state ----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 try:
     import ray
@@ -165,7 +165,7 @@ class _NodePool:
     answers while every sandbox is busy. An error building the pool is kept and raised by every
     call (a typed whpfast error, not an actor that dies and restarts over and over)."""
 
-    def __init__(self, digest, shipped, kind, size, timeout, cache_dir):
+    def __init__(self, digest, shipped, kind, size, timeout, cache_dir, grant):
         self._pool: Optional[Pool] = None
         self._error: Optional[BaseException] = None
         self._info = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -177,7 +177,7 @@ class _NodePool:
                 self._info.update(path=path, wrote=wrote, fetched=fetched)
                 # opened (mapped) under the lock, so another pool's close() cannot remove the
                 # file in between; once mapped, its removal does not matter
-                self._pool = Pool(path, size=size, kind=kind, timeout=timeout)
+                self._pool = Pool(path, size=size, kind=kind, timeout=timeout, **grant)
             # the threads of run_batch, shared by all batches: at most `size` of their requests
             # wait in the pool's queue at once, besides the single ones (max_concurrency)
             self._batch = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="whpfast-batch")
@@ -239,6 +239,20 @@ def _snapshot_path(snapshot, scratch):
                     f"of a saved snapshot, not {type(snapshot).__name__}")
 
 
+def _declared_grant(snapshot):
+    """The Pool arguments that grant a snapshot object what it declares: its nodes load it from
+    a file, where it needs them. Nothing for a path (the caller's arguments are the grant)."""
+    if isinstance(snapshot, PythonSandbox):
+        snapshot = snapshot.snapshot
+    if isinstance(snapshot, LinuxSnapshot):
+        return {"python": snapshot.meta["python"]["python"], "read": dict(snapshot.meta["config"]["read"]),
+                "memory_size": snapshot.meta["memory_size"]}
+    if isinstance(snapshot, Snapshot):
+        return {"files": {f["name"]: f["path"] for f in snapshot.meta["files"]},
+                "memory_size": snapshot.meta["layout"]["memory_size"]}
+    return {}
+
+
 def _count(value, what):
     if value is None:
         return None
@@ -261,7 +275,9 @@ class RayPool(Resource):
     nodes' directory for the snapshot file (default <tmp>/whpfast-ray). start_timeout: seconds
     the actors may take to start (None: no limit); past it, as when the cluster has too few free
     CPUs for them, ConfigError. options: more ray.remote options for the actors (resources,
-    runtime_env, ...)."""
+    runtime_env, ...). python, read, files, memory_size: the grant every node's Pool holds the
+    snapshot file to (see whpfast.Pool); for a snapshot object given here (trusted: made or
+    loaded in this process) they default to what it declares."""
 
     def __init__(self, snapshot: Union[Snapshot, LinuxSnapshot, PythonSandbox, StrPath], *,
                  actors: Optional[int] = None, per_node: Optional[int] = None, num_cpus: float = 1,
@@ -269,7 +285,10 @@ class RayPool(Resource):
                  timeout: Optional[float] = None, max_queue: Optional[int] = None,
                  max_restarts: int = -1, max_task_retries: int = 1,
                  cache_dir: Optional[StrPath] = None, start_timeout: Optional[float] = 300,
-                 options: Optional[Dict[str, Any]] = None) -> None:
+                 options: Optional[Dict[str, Any]] = None, python: Optional[StrPath] = None,
+                 read: Union[StrPath, Iterable[StrPath], Mapping[str, str]] = (),
+                 files: Optional[Mapping[str, StrPath]] = None,
+                 memory_size: Optional[int] = None) -> None:
         self._closed = True
         self._lock = threading.Lock()
         self._actors: List[Any] = []
@@ -281,6 +300,10 @@ class RayPool(Resource):
             raise ConfigError(f"num_cpus must be a positive number, got {num_cpus!r}")
         self.size = _count(size, "size") or math.ceil(num_cpus)
         self.max_queue = _count(max_queue, "max_queue")
+        given = {"python": python, "read": read, "files": files, "memory_size": memory_size}
+        grant = {k: v for k, v in given.items() if v is not None and v != ()}
+        if not grant:
+            grant = _declared_grant(snapshot)
         scratch = tempfile.mkdtemp(prefix="whpfast-ray-")
         try:
             path = _snapshot_path(snapshot, scratch)
@@ -297,7 +320,7 @@ class RayPool(Resource):
                              max_task_retries=max_task_retries,
                              max_pending_calls=-1 if max_queue is None else max_queue, **(options or {}))
         self._args = (self.digest, [self._shipped], self.kind, self.size, timeout,
-                      None if cache_dir is None else os.fspath(cache_dir))
+                      None if cache_dir is None else os.fspath(cache_dir), grant)
         if per_node is not None:
             nodes = [n["NodeID"] for n in ray.nodes()
                      if n["Alive"] and n["Resources"].get("CPU", 0) >= num_cpus]

@@ -93,20 +93,36 @@ class Sandbox(Resource):
     @classmethod
     def from_snapshot(cls, snapshot: Union[Snapshot, StrPath], *,
                       files: Optional[Mapping[str, StrPath]] = None,
+                      memory_size: Optional[int] = None,
                       on_print: Optional[Callable[[str], object]] = None) -> "Sandbox":
         """A new sandbox whose memory and vCPU state are the snapshot's (a Snapshot, or the path
         of a saved one). From a file, its memory maps the file copy-on-write: sandboxes made from
-        one file share its pages and each pays only for the pages it writes. files overrides
-        where the read-only file mappings come from (default: the paths recorded at snapshot)."""
+        one file share its pages and each pays only for the pages it writes.
+
+        A snapshot file is untrusted: it declares, the arguments grant. files= names the host
+        file behind each read-only file mapping the snapshot has (the paths it recorded are
+        never mapped from a file's word); memory_size= is the most guest memory it may have
+        (default 16 MiB). A snapshot taken in this process (not loaded) may omit both: it maps
+        the paths its sandbox was given, and files= then overrides some of them."""
         if not isinstance(snapshot, Snapshot):
             snapshot = Snapshot.load(snapshot)
         meta = snapshot.meta
-        cpu.check(meta["cpu"])
         layout = machine.Layout.from_dict(meta["layout"])
+        what = f"snapshot {snapshot.path}" if snapshot.path else "the snapshot"
+        if memory_size is not None or snapshot.path is not None:
+            limit = machine.DEFAULT_MEMORY_SIZE if memory_size is None else memory_size
+            cls._check_sizes(limit, PAGE, PAGE)
+            if layout.memory_size > limit:
+                raise SnapshotError(f"{what} needs {layout.memory_size >> 20} MiB of guest memory; the "
+                                    f"caller's memory_size= allows {limit >> 20} MiB")
+        cpu.check(meta["cpu"])
         recorded = {f["name"]: f["path"] for f in meta["files"]}
-        paths = cls._check_files(dict(recorded, **(files or {})))
-        if set(paths) != set(recorded):
-            raise SnapshotError(f"the snapshot maps files {sorted(recorded)}, got {sorted(paths)}")
+        given = cls._check_files(files)
+        paths = given if snapshot.path is not None else dict(recorded, **given)
+        if set(paths) != set(recorded) or set(recorded) != {region.name for region in layout.files}:
+            raise SnapshotError(f"{what} maps files {sorted(recorded)}; files= must name the host "
+                                f"file of each (got {sorted(paths)})")
+        paths = {region.name: paths[region.name] for region in layout.files}   # the layout's order
         guest = meta["guest"]
         image = elf.GuestImage(path=guest["path"], entry=guest["entry"], segments=(), end=0,
                                digest=guest["digest"],
@@ -116,9 +132,10 @@ class Sandbox(Resource):
         with ExitStack() as undo:
             mappings = self._map_files(paths, undo)
             for region, m in zip(layout.files, mappings):
-                if m.file_size != region.file_size:
-                    raise SnapshotError(f"file {region.name!r} has {m.file_size} bytes now, "
-                                        f"{region.file_size} when the snapshot was taken")
+                if m.file_size != region.file_size:      # (its size is the caller's to know)
+                    raise SnapshotError(f"file {region.name!r} must have {region.file_size} bytes, "
+                                        f"as when the snapshot was taken; {paths[region.name]!r} has "
+                                        f"{m.file_size}")
             memory = impl.GuestMemory(layout.memory_size)
             undo.callback(memory.close)
             snapshot.map_into(memory)

@@ -39,6 +39,7 @@ from . import _fsstate, loader, syscalls, vdso
 from .._typing import StrPath
 from .errno import LinuxError
 from .fs import FileSystem
+from .grant import DEFAULT_MEMORY_SIZE, DEFAULT_TMP_SIZE, Grant
 from ..snapshot import map_image
 from . import snapfile
 from .mm import (PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, PURE_PYTHON, USER_MIN, AddressSpace,
@@ -49,7 +50,8 @@ if not PURE_PYTHON:
 
 impl = backend.impl
 MASK64 = (1 << 64) - 1
-DEFAULT_MEMORY_SIZE = 1 << 30
+# (DEFAULT_MEMORY_SIZE and DEFAULT_TMP_SIZE: grant.py, where they are what a caller grants too)
+ReadPolicy = Union[StrPath, bytes, Iterable[Union[StrPath, bytes]], Mapping[str, str]]
 DEFAULT_STACK_SIZE = 8 << 20
 MAX_OUTPUT = 256 << 20              # stdout + stderr bytes one run() collects
 
@@ -94,7 +96,7 @@ class LinuxSnapshot:
     def __init__(self, image: Any, nonzero: Any, state: Dict[str, bytes], components: Tuple[Any, ...],
                  meta: Dict[str, Any], fs_codec: Any, path: Optional[str] = None,
                  file: Any = None, extents: Any = None, image_offset: Optional[int] = None,
-                 refs: Any = ()) -> None:
+                 refs: Any = (), grant: Optional[Grant] = None) -> None:
         self._image = image
         self._image_view = memoryview(image)
         self._nonzero = nonzero
@@ -103,6 +105,9 @@ class LinuxSnapshot:
         self._fs_codec = fs_codec          # encodes the fs component (FileSystem.encode)
         self.meta = meta
         self.path = path
+        # The authority sandboxes made from it have without further arguments: the grant it was
+        # loaded under, or (None) what it declares, for a snapshot taken in this process.
+        self._grant = grant
         # A loaded snapshot: the open file its image is mapped from, where, and the image's
         # extents; sandboxes made from it map those copy-on-write (snapshot.map_image).
         self._file = file
@@ -129,13 +134,25 @@ class LinuxSnapshot:
         return snapfile.save(self, path)
 
     @classmethod
-    def load(cls, path: StrPath) -> "LinuxSnapshot":
-        """Reads and validates a saved snapshot; SnapshotError says what is wrong."""
+    def load(cls, path: StrPath, *, read: ReadPolicy = (), memory_size: Optional[int] = None,
+             tmp_size: Optional[int] = None) -> "LinuxSnapshot":
+        """Reads and validates a saved snapshot; SnapshotError says what is wrong. The file is
+        untrusted: read=, memory_size= and tmp_size= (as LinuxSandbox takes them; the defaults
+        grant no host path, 1 GiB and a 64 MiB /tmp) are what it may use, and one declaring
+        more is refused, naming it (whpfast/linux/grant.py)."""
+        return cls._load(path, Grant.of(read, memory_size, tmp_size))
+
+    @classmethod
+    def _load(cls, path: StrPath, grant: Grant) -> "LinuxSnapshot":
         meta, state, components, image, nonzero, file, extents, offset, refs = \
-            snapfile.load(path, FileSystem.decode)          # (checks meta["config"] too)
+            snapfile.load(path, FileSystem.decode, grant)   # (checks meta["config"] too)
         # _fsstate.encode is what FileSystem.encode calls: a loaded snapshot can be saved again
         return cls(image, nonzero, state, components, meta, _fsstate, path=os.fspath(path),
-                   file=file, extents=extents, image_offset=offset, refs=refs)
+                   file=file, extents=extents, image_offset=offset, refs=refs, grant=grant)
+
+    def check_grant(self, grant: Grant) -> None:
+        """SnapshotError unless `grant` covers what this snapshot declares."""
+        grant.check(self.meta["config"], self.meta["memory_size"], f"snapshot {self.path or '(in memory)'}")
 
 
 def _check_config(config):
@@ -176,11 +193,11 @@ class LinuxSandbox(Resource):
     guest's RAM and its address space. on_output(stream, data) sees stdout/stderr as written."""
 
     def __init__(self, argv: Sequence[Union[str, bytes]], *, env: Optional[Mapping[str, str]] = None,
-                 read: Union[StrPath, bytes, Iterable[Union[StrPath, bytes]], Mapping[str, str]] = (),
+                 read: ReadPolicy = (),
                  cwd: StrPath = "/", memory_size: int = DEFAULT_MEMORY_SIZE,
                  stack_size: int = DEFAULT_STACK_SIZE,
                  on_output: Optional[Callable[[str, bytes], object]] = None,
-                 tmp_size: int = 64 << 20) -> None:
+                 tmp_size: int = DEFAULT_TMP_SIZE) -> None:
         self._closed = True
         argv = [os.fsencode(a) for a in argv] if not isinstance(argv, (str, bytes)) else None
         if not argv:
@@ -216,12 +233,21 @@ class LinuxSandbox(Resource):
         self._closed = False
 
     @classmethod
-    def from_snapshot(cls, snapshot: Union["LinuxSnapshot", StrPath], *,
+    def from_snapshot(cls, snapshot: Union["LinuxSnapshot", StrPath], *, read: Optional[ReadPolicy] = None,
+                      memory_size: Optional[int] = None, tmp_size: Optional[int] = None,
                       on_output: Optional[Callable[[str, bytes], object]] = None) -> "LinuxSandbox":
         """A new sandbox in the snapshot's state (a LinuxSnapshot, or the path of a saved one),
-        with the same read policy. Its first restore target is that snapshot."""
+        with the read policy the snapshot declares. Its first restore target is that snapshot.
+
+        The caller's read=, memory_size= and tmp_size= are the authority: a snapshot declaring a
+        host path they do not grant, more memory or a larger /tmp is refused (SnapshotError).
+        From a path, omitted ones grant the least (no host path, 1 GiB, 64 MiB); a LinuxSnapshot
+        object keeps the grant it was loaded under, or, taken in this process, what it declares."""
         if not isinstance(snapshot, LinuxSnapshot):
-            snapshot = LinuxSnapshot.load(snapshot)
+            snapshot = LinuxSnapshot.load(snapshot, read=read if read is not None else (),
+                                          memory_size=memory_size, tmp_size=tmp_size)
+        elif read is not None or memory_size is not None or tmp_size is not None:
+            snapshot.check_grant(Grant.of(read if read is not None else (), memory_size, tmp_size))
         cpu.check(snapshot.meta["cpu"])
         self = cls.__new__(cls)
         self._closed = True

@@ -346,10 +346,11 @@ def _image_offset(end):
     return -(-end // IMAGE_ALIGN) * IMAGE_ALIGN
 
 
-def load(path, fs_decode):
+def load(path, fs_decode, grant):
     """Reads and checks a snapshot file; returns (meta, vcpu state, components, image, nonzero,
     file, extents, image offset, refs) with the components decoded (fs through fs_decode) and
-    meta["config"] checked. The image is the whole memory image: the file's image section
+    meta["config"] checked, and what it declares held to `grant` (grant.Grant: the caller's
+    authority) before any host file it refers to is opened. The image is the whole memory image: the file's image section
     mapped read-only, or, when the file references host files, guest-sized memory holding the
     section's extents and the referenced pages (both mapped copy-on-write where the backend can,
     see apply_refs). file is the open file it came from (the caller's to close, with the image
@@ -366,13 +367,13 @@ def load(path, fs_decode):
         raise SnapshotError(f"cannot open snapshot {path!r}: {e.strerror}") from e
     f = os.fdopen(fd, "rb")
     try:
-        return _load(f, path, bad, fs_decode)
+        return _load(f, path, bad, fs_decode, grant)
     except BaseException:
         f.close()
         raise
 
 
-def _load(f, path, bad, fs_decode):
+def _load(f, path, bad, fs_decode, grant):
     st = os.fstat(f.fileno())
     if not stat.S_ISREG(st.st_mode):
         raise bad("not a regular file")
@@ -445,6 +446,7 @@ def _load(f, path, bad, fs_decode):
     why = cpu.incompatibility(meta["cpu"])          # before anything is mapped or runs
     if why:
         raise bad(why)
+    grant.check(meta["config"], memory_size, f"snapshot {path}")
     referenced = _ref_bitmap(refs, pages)
     if np.any(stored & referenced):
         raise bad("pages are both stored and referenced")

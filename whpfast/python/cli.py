@@ -1,7 +1,8 @@
 """`whpfast run-python -c CODE [--setup CODE] [--python EXE] [--read PATH ...]`: runs CODE in a
 fresh PythonSandbox and reports like `python -c` would (its stdout and stderr, the traceback, an
 exit status of 1 when the code raised, sys.exit()'s status). With --save PATH it also writes the warm snapshot;
-with --snapshot PATH it starts from one instead of booting."""
+with --snapshot PATH it starts from one instead of booting (the file may use no more than --python,
+--read and --memory grant)."""
 
 import argparse
 import sys
@@ -24,9 +25,11 @@ def main(argv):
     from .sandbox import PythonSandbox
     try:
         if args.snapshot:
-            if args.setup or args.python or args.read:
-                parser.error("--snapshot cannot be combined with --setup, --python or --read")
-            sb = PythonSandbox.from_snapshot(args.snapshot)
+            if args.setup:
+                parser.error("--snapshot cannot be combined with --setup")
+            # the file is untrusted: --python, --read and --memory are what it may use
+            sb = PythonSandbox.from_snapshot(args.snapshot, python=args.python, read=args.read,
+                                             memory_size=args.memory << 20)
         else:
             sb = PythonSandbox(python=args.python, setup=args.setup, read=args.read,
                                memory_size=args.memory << 20)

@@ -12,6 +12,7 @@ parked read's buffer and a cap before anything is copied, then it is decoded as 
 unpickled) and its fields type-checked; anything else is a GuestCallError and the sandbox is
 restored before it runs again."""
 
+import functools
 import hashlib
 import json
 import json.encoder
@@ -23,13 +24,14 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 from ..errors import GuestCallError, GuestPythonError, SandboxClosed, SandboxError, SnapshotError
 from ..linux.errno import LinuxError
 from .._typing import StrPath
 from ..core.resource import Resource
 from ..linux.fs import inside_path, read_mapping
+from ..linux.grant import Grant
 from ..linux.process import LinuxSandbox, LinuxSnapshot
 
 _encode_str = json.encoder.encode_basestring_ascii     # json.dumps's (ensure_ascii) str encoder
@@ -62,9 +64,10 @@ _loaded = weakref.WeakValueDictionary()     # snapshot files loaded and still in
 _loaded_lock = threading.Lock()
 
 
-def _load_shared(path):
+def _load_shared(path, grant):
     """The LinuxSnapshot of a file, loaded once while any sandbox uses it: sandboxes started from
-    one path share one in-memory image (and skip the load). A file replaced since is reloaded."""
+    one path share one in-memory image (and skip the load). A file replaced since is reloaded.
+    Every caller's grant is checked, the first one's before the file's references are opened."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -73,8 +76,24 @@ def _load_shared(path):
     with _loaded_lock:
         snapshot = _loaded.get(key)
         if snapshot is None:
-            snapshot = _loaded[key] = LinuxSnapshot.load(path)
+            snapshot = _loaded[key] = LinuxSnapshot._load(path, grant)
+        else:
+            snapshot.check_grant(grant)
         return snapshot
+
+
+def _policy(python, read):
+    """The read policy of a sandbox for `python` with the caller's extra `read`: the
+    interpreter's own files where inside_path() shows them; the caller's host paths at the same
+    paths, or its {inside: host} mapping."""
+    if isinstance(read, (str, bytes, os.PathLike)):
+        read = [read]
+    policy = read_mapping(_interpreter_paths(python))
+    if isinstance(read, Mapping):
+        policy.update((os.fsdecode(k), os.fsdecode(v)) for k, v in read.items())
+    else:
+        policy.update((os.path.abspath(os.fsdecode(r)),) * 2 for r in read)
+    return policy
 
 
 class _OutputFlood(Exception):
@@ -95,24 +114,41 @@ class _OutputBudget:
             raise _OutputFlood()
 
 
+def _interpreter_prefixes(python):
+    """(prefixes, sysconfig paths) of an interpreter. This one's own when `python` is the very
+    path it runs as; any other is asked (once per path and file identity): two venvs of one base
+    Python resolve to the same binary but have their own site-packages."""
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
+        return ([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix],
+                list(sysconfig.get_paths().values()))
+    try:
+        st = os.stat(python)
+    except OSError as e:
+        raise SandboxError(f"cannot ask the interpreter {python} for its library paths "
+                           f"({e.strerror}); pass python= a working CPython") from None
+    return _ask_interpreter(python, st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _ask_interpreter(python, *identity):
+    import subprocess
+    script = ("import json, sys, sysconfig; print(json.dumps([[sys.prefix, sys.base_prefix, "
+              "sys.exec_prefix, sys.base_exec_prefix], list(sysconfig.get_paths().values())]))")
+    try:
+        out = subprocess.run([python, "-I", "-c", script], capture_output=True, check=True,
+                             timeout=60).stdout
+        prefixes, paths = json.loads(out)
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        raise SandboxError(f"cannot ask the interpreter {python} for its library paths ({e}); "
+                           f"pass python= a working CPython") from None
+    return prefixes, paths
+
+
 def _interpreter_paths(python):
     """The host paths the interpreter reads: its binary (and the one a venv's links to), its
     prefixes' lib directories (stdlib, lib-dynload, site-packages), pyvenv.cfg, its sysconfig
     paths, and the system library directories."""
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
-        prefixes = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
-        paths = list(sysconfig.get_paths().values())
-    else:
-        import subprocess
-        script = ("import json, sys, sysconfig; print(json.dumps([[sys.prefix, sys.base_prefix, "
-                  "sys.exec_prefix, sys.base_exec_prefix], list(sysconfig.get_paths().values())]))")
-        try:
-            out = subprocess.run([python, "-I", "-c", script], capture_output=True, check=True,
-                                 timeout=60).stdout
-            prefixes, paths = json.loads(out)
-        except (OSError, subprocess.SubprocessError, ValueError) as e:
-            raise SandboxError(f"cannot ask the interpreter {python} for its library paths ({e}); "
-                               f"pass python= a working CPython") from None
+    prefixes, paths = _interpreter_prefixes(python)
     found = {python, os.path.realpath(python), *LIB_DIRS, *paths}
     for p in prefixes:
         found.update((os.path.join(p, "lib"), os.path.join(p, "lib64"), os.path.join(p, "pyvenv.cfg")))
@@ -146,12 +182,8 @@ class PythonSandbox(Resource):
         _check_code(setup, "setup")
         _check_code(warmup, "warmup")
         python = os.path.abspath(python or sys.executable)
-        if isinstance(read, (str, bytes, os.PathLike)):
-            read = [read]
-        # The interpreter's own files where inside_path() shows them; the caller's `read` at the
-        # same paths inside (one under /tmp, the sandbox's own, is refused with a hint).
-        policy = read_mapping(_interpreter_paths(python))
-        policy.update((os.path.abspath(os.fsdecode(r)),) * 2 for r in read)
+        # (a `read` path under /tmp, the sandbox's own, is refused with a hint)
+        policy = _policy(python, read)
         self._init_common()
         self._lx = LinuxSandbox([inside_path(python), "-I", "-B", "-c", DRIVER], env=ENV, read=policy,
                                 memory_size=memory_size, on_output=self._budget)
@@ -184,11 +216,27 @@ class PythonSandbox(Resource):
         self._budget = _OutputBudget()
 
     @classmethod
-    def from_snapshot(cls, snapshot: Union[LinuxSnapshot, StrPath]) -> "PythonSandbox":
+    def from_snapshot(cls, snapshot: Union[LinuxSnapshot, StrPath], *, python: Optional[StrPath] = None,
+                      read: Union[StrPath, Iterable[StrPath], Mapping[str, str]] = (),
+                      memory_size: Optional[int] = None) -> "PythonSandbox":
         """A sandbox in a saved warm state (a path written by save(), or a LinuxSnapshot taken by
-        a PythonSandbox). Sandboxes started from one path share the file's loaded image."""
+        a PythonSandbox). Sandboxes started from one path share the file's loaded image.
+
+        A file is untrusted: the arguments are the authority, as for the constructor. It must
+        have been made for `python` (default: this interpreter, sys.executable), may read only
+        that interpreter's files and the caller's `read` paths, and may have at most
+        `memory_size` of memory (default 512 MiB); else SnapshotError naming what it asks for.
+        A LinuxSnapshot object without arguments keeps the grant it was loaded under (taken in
+        this process: what it declares)."""
+        asked = python is not None or memory_size is not None or bool(read)
+        grant = None
+        if asked or not isinstance(snapshot, LinuxSnapshot):
+            python = os.path.abspath(python or sys.executable)
+            grant = Grant.of(_policy(python, read), memory_size or DEFAULT_MEMORY_SIZE)
         if not isinstance(snapshot, LinuxSnapshot):
-            snapshot = _load_shared(snapshot)
+            snapshot = _load_shared(snapshot, grant)
+        elif grant is not None:
+            snapshot.check_grant(grant)
         info = snapshot.meta.get("python")
         if not isinstance(info, dict) or not isinstance(info.get("python"), str):
             raise SnapshotError(f"{snapshot.path or 'the snapshot'} is a Linux snapshot but not of a "
@@ -196,6 +244,9 @@ class PythonSandbox(Resource):
         if info.get("driver") != DRIVER_DIGEST:
             raise SnapshotError(f"{snapshot.path or 'the snapshot'} was made with another version of "
                                 f"whpfast's Python driver; make it again with this whpfast")
+        if grant is not None and info["python"] != python:
+            raise SnapshotError(f"{snapshot.path or 'the snapshot'} was made for the interpreter "
+                                f"{info['python']}, not {python}; pass python= to allow it")
         self = cls.__new__(cls)
         self._closed = True
         self._init_common()
