@@ -356,3 +356,19 @@ def test_bench_report_smoke(tmp_path):
     from whpfast.python import bench
     bench.compare(result, old, log=lines.append)
     assert len(lines) == 2 and lines[1].split()[-1] == "0.50"
+
+
+def test_another_venv_of_the_same_python_brings_its_own_site_packages(tmp_path):
+    """Issue 17 item 5: two venvs of one base Python resolve to the same binary; the sandbox must
+    still read the named venv's site-packages, not the calling one's."""
+    venv = tmp_path / "other-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    os.makedirs(site, exist_ok=True)
+    with open(os.path.join(site, "only_in_other_venv.py"), "w") as f:
+        f.write("WHERE = 'other venv'\n")
+    with whpfast.PythonSandbox(python=str(python), setup="import only_in_other_venv",
+                               memory_size=128 << 20) as box:
+        assert box.eval("only_in_other_venv.WHERE") == "other venv"
