@@ -92,9 +92,9 @@ def test_empty_mapped_file_is_a_config_error(testkit, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"memory_size": 1 << 40}, "memory_size .* at most 68719476736"),
+    ({"memory_size": 1 << 40}, "memory_size .* and 65536 MiB, got 1099511627776"),
     ({"memory_size": (64 << 30) + PAGE}, "memory_size"),
-    ({"io_buffer_size": 1 << 30}, "io_buffer_size .* at most 268435456"),
+    ({"io_buffer_size": 1 << 30}, "io_buffer_size .* and 256 MiB, got 1073741824"),
     ({"stack_size": 0}, "stack_size"),
 ])
 def test_sizes_past_the_limits_are_refused_before_allocating(testkit, kwargs, match):

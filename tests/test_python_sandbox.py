@@ -331,7 +331,29 @@ def test_command_line(tmp_path):
     # --memory is what the file may have (issue 16: the caller's arguments are the grant)
     r = subprocess.run([sys.executable, "-m", "whpfast", "run-python", "--snapshot", str(snap), "--memory", "32",
                         "-c", "print(1)"], capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode != 0 and "64 MiB of guest memory; the caller's memory_size= allows 32 MiB" in r.stderr
+    assert r.returncode == 1 and "64 MiB of guest memory; the caller's memory_size= allows 32 MiB" in r.stderr
+
+
+def test_command_line_runs_files_and_stdin_and_exits_1_for_whpfast_errors(tmp_path):
+    """Issue 17 item 10: like python, a FILE or '-' (stdin) runs; a timeout or a refused policy
+    is exit status 1 (README), a usage error 2."""
+    cmd = [sys.executable, "-m", "whpfast", "run-python", "--memory", "64"]
+    script = tmp_path / "job.py"
+    script.write_text("import sys\nprint('from a file', sys.argv[0] != '')\n")
+    r = subprocess.run(cmd + [str(script)], capture_output=True, text=True, cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (0, "from a file True\n"), r.stderr
+    r = subprocess.run(cmd + ["-"], input="print(6 * 7)\n", capture_output=True, text=True, cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (0, "42\n"), r.stderr
+    r = subprocess.run(cmd + ["-c", "while True: pass", "--timeout", "0.5"], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 1 and "GuestTimeout" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = subprocess.run(cmd + ["-c", "print(1)", "--read", "/no/such/path"], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 1 and "ReadPolicyError" in r.stderr, r.stderr
+    r = subprocess.run(cmd + ["-c", "print(1)", str(script)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr
+    r = subprocess.run(cmd + [str(tmp_path / "missing.py")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and "cannot read" in r.stderr
 
 
 def test_bench_report_smoke(tmp_path):

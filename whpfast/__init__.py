@@ -31,7 +31,7 @@ from .errors import (GuestAbort, GuestBuildError, GuestCallError, GuestCancelled
                      GuestError, GuestFault, GuestLoadError, GuestTimeout, HostFunctionError,
                      HypervisorError, HypervisorUnavailable, SandboxBusy, SandboxClosed,
                      SandboxError, SandboxPoisoned, SnapshotError, WhpfastError)
-from .errors import ConfigError  # noqa: E402
+from .errors import ConfigError, KindError, PayloadTooLarge, ReadPolicyError  # noqa: E402
 from .guestbuild import build_guest  # noqa: E402
 from .linux.process import LinuxSandbox, LinuxSnapshot, RunResult  # noqa: E402
 from .sandbox import RestoreStats, Sandbox  # noqa: E402
@@ -45,7 +45,7 @@ __all__ = [
     "WhpfastError", "HypervisorUnavailable", "HypervisorError", "SandboxError", "SandboxClosed",
     "SandboxBusy", "SandboxPoisoned", "GuestError", "GuestFault", "GuestTimeout", "GuestCancelled",
     "GuestAbort", "GuestCallError", "HostFunctionError", "GuestLoadError", "GuestBuildError", "SnapshotError",
-    "ConfigError",
+    "ConfigError", "ReadPolicyError", "KindError", "PayloadTooLarge",
 ]
 
 # Python sandboxes (whpfast/python)

@@ -28,7 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Python sandboxes (whpfast/python): `run-python` and the benchmark report `bench`.
     if argv[:1] == ["run-python"]:
         from .python.cli import main as run_python_main
-        return run_python_main(argv[1:])
+        return run_python_main(argv[1:], prog=f"{prog} run-python")
     if argv[:1] == ["bench"]:
         from .python.bench import main as bench_main
         return bench_main(argv[1:])

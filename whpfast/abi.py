@@ -4,6 +4,8 @@ wrote, validating every length and offset before reading: guest memory is untrus
 
 import struct
 
+from . import errors
+
 ABI_VERSION = 1
 INFO_ADDR = 0x1000
 IMAGE_BASE = 0x100000
@@ -155,8 +157,7 @@ def encode_value(buf, off, limit, letter, value, what):
     return end
 
 
-class PayloadTooLarge(ValueError):
-    """A value does not fit in the I/O buffer it must cross."""
+PayloadTooLarge = errors.PayloadTooLarge          # (defined with the other errors; raised here)
 
 
 def _too_big(what, limit):

@@ -67,6 +67,22 @@ class ConfigError(WhpfastError, ValueError):
     limit, a read-only "file" that is a device or a FIFO)."""
 
 
+class ReadPolicyError(ConfigError):
+    """A Linux or Python sandbox's `read=` policy (or cwd) is invalid: an inside path that is not
+    absolute or lies under /proc, /dev or /tmp, a host path that does not exist, a path mapped
+    twice."""
+
+
+class KindError(ConfigError, TypeError):
+    """A request or snapshot of the other kind: run/eval on an SDK pool, call on a Python pool,
+    kind= that does not match the snapshot. Both a ConfigError and a TypeError."""
+
+
+class PayloadTooLarge(WhpfastError, ValueError):
+    """A value does not fit in the I/O buffer it must cross (an argument, a result, a host
+    function's reply); the message names the buffer and its limit."""
+
+
 class GuestBuildError(WhpfastError):
     """The C compiler failed to build a guest."""
 

@@ -32,6 +32,7 @@ import numpy.typing as npt
 from ._typing import StrPath
 from .core.resource import Resource
 from .core.run import run_timeout
+from . import errors
 from .errors import (ConfigError, GuestCallError, GuestCancelled, GuestPythonError, PoolFull,
                      SandboxClosed, SnapshotError, WhpfastError)
 from .linux import snapfile
@@ -46,9 +47,7 @@ KINDS = ("python", "sdk")
 _CANCEL_RETRY = 0.005       # seconds between repeated cancels of a request (see _Slot.cancel)
 
 
-class KindError(ConfigError, TypeError):
-    """A request or snapshot of the other kind: run/eval on an SDK pool, call on a Python pool,
-    kind= that does not match the snapshot. Both a ConfigError and a TypeError."""
+KindError = errors.KindError                    # (defined with the other errors; raised here)
 
 
 @dataclass(frozen=True)

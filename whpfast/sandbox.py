@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 from . import abi, backend, cpu, elf, machine
 from .core.run import run_timeout, run_until
 from .core.resource import Resource
+from .core import argcheck
 from .core.warm import PAGE, RestoreStats, WarmMemory, restore_failed
 from .errors import (ConfigError, GuestAbort, GuestCallError, GuestCancelled, GuestFault,
                      GuestTimeout, HostFunctionError, HypervisorError, SandboxBusy,
@@ -150,11 +151,7 @@ class Sandbox(Resource):
         for what, value, limit in (("memory_size", memory_size, MAX_MEMORY_SIZE),
                                    ("io_buffer_size", io_buffer_size, MAX_IO_BUFFER_SIZE),
                                    ("stack_size", stack_size, MAX_MEMORY_SIZE)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{what} must be an int number of bytes, not {type(value).__name__}")
-            if not 0 < value <= limit or value % PAGE:
-                raise ConfigError(f"{what} must be a positive multiple of {PAGE} bytes of at most "
-                                  f"{limit} ({limit >> 20} MiB), got {value}")
+            argcheck.size(value, what, minimum=PAGE, maximum=limit, multiple=PAGE)
 
     @staticmethod
     def _check_files(files):

@@ -35,7 +35,8 @@ import struct
 import sys
 import time
 
-from ..errors import SnapshotError, WhpfastError
+from .. import errors
+from ..errors import SnapshotError
 from . import _fsstate
 from ._fsstate import MAX_FILE, NAME_MAX, PATH_MAX, FsState
 from .errno import (EACCES, EBADF, EBUSY, EEXIST, EFBIG, EINVAL, EIO, EISDIR, ELOOP, EMFILE,
@@ -98,8 +99,7 @@ def read_mapping(host_paths):
     return {inside_path(p): os.path.abspath(os.fsdecode(p)) for p in host_paths}
 
 
-class ReadPolicyError(WhpfastError, ValueError):
-    """The `read` policy (or cwd) given to the file system is invalid."""
+ReadPolicyError = errors.ReadPolicyError        # (defined with the other errors; raised here)
 
 
 def _fail(err, msg=None):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import _pages, abi, backend, cpu, machine
+from ..core import argcheck
 from ..core.run import run_timeout, run_until
 from ..core.resource import Resource
 from ..elf import read_program
@@ -53,6 +54,7 @@ MASK64 = (1 << 64) - 1
 # (DEFAULT_MEMORY_SIZE and DEFAULT_TMP_SIZE: grant.py, where they are what a caller grants too)
 ReadPolicy = Union[StrPath, bytes, Iterable[Union[StrPath, bytes]], Mapping[str, str]]
 DEFAULT_STACK_SIZE = 8 << 20
+MAX_MEMORY_SIZE = 64 << 30          # guest memory (2 MiB pages: a multiple of 2 MiB, 16 MiB at least)
 MAX_OUTPUT = 256 << 20              # stdout + stderr bytes one run() collects
 
 SYSCALL_PORT = 0xE4                 # one of the ports the SDK's TSS bitmap opens to CPL3
@@ -205,10 +207,10 @@ class LinuxSandbox(Resource):
         if env is None:
             env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
         envp = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in dict(env).items()]
-        if not isinstance(memory_size, int) or memory_size % (2 << 20) or not 16 << 20 <= memory_size <= 64 << 30:
-            raise ValueError(f"memory_size must be a multiple of 2 MiB between 16 MiB and 64 GiB, got {memory_size!r}")
-        if not isinstance(stack_size, int) or stack_size % PAGE or not 64 << 10 <= stack_size <= memory_size // 4:
-            raise ValueError(f"stack_size must be a multiple of {PAGE} between 64 KiB and memory_size/4")
+        argcheck.size(memory_size, "memory_size", minimum=16 << 20, maximum=MAX_MEMORY_SIZE, multiple=2 << 20)
+        argcheck.size(stack_size, "stack_size", minimum=64 << 10, maximum=memory_size // 4, multiple=PAGE)
+        argcheck.size(tmp_size, "tmp_size", minimum=PAGE, maximum=MAX_MEMORY_SIZE, multiple=PAGE)
+        read = argcheck.read_policy(read)
         if on_output is not None and not callable(on_output):
             raise TypeError("on_output must be callable or None")
         exe = os.path.abspath(os.fsdecode(argv[0]))

@@ -1,17 +1,20 @@
-"""`whpfast run-python -c CODE [--setup CODE] [--python EXE] [--read PATH ...]`: runs CODE in a
-fresh PythonSandbox and reports like `python -c` would (its stdout and stderr, the traceback, an
-exit status of 1 when the code raised, sys.exit()'s status). With --save PATH it also writes the warm snapshot;
-with --snapshot PATH it starts from one instead of booting (the file may use no more than --python,
---read and --memory grant)."""
+"""`whpfast run-python [-c CODE | FILE | -] [--setup CODE] [--python EXE] [--read PATH ...]`: runs
+CODE (or the file FILE, or stdin for `-`) in a fresh PythonSandbox and reports like `python`
+would (its stdout and stderr, the traceback, an exit status of 1 when the code raised,
+sys.exit()'s status). With --save PATH it also writes the warm snapshot; with --snapshot PATH it
+starts from one instead of booting (the file may use no more than --python, --read and --memory
+grant). Exit status 2 is a usage error; whpfast's own errors (no usable /dev/kvm, a timeout, a
+refused policy or snapshot) are one line on stderr and status 1."""
 
 import argparse
 import sys
 
 
-def main(argv):
-    parser = argparse.ArgumentParser(prog="whpfast run-python",
-                                     description="run Python code in a warm-started micro-VM")
-    parser.add_argument("-c", dest="code", required=True, help="the code to run")
+def main(argv, prog="whpfast run-python"):
+    parser = argparse.ArgumentParser(prog=prog, description="run Python code in a warm-started micro-VM")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("-c", dest="code", help="the code to run")
+    source.add_argument("file", nargs="?", help="a file of Python code to run ('-': standard input)")
     parser.add_argument("--setup", default="", help="code run once before the warm snapshot")
     parser.add_argument("--python", default=None, help="the interpreter (default: this one)")
     parser.add_argument("--read", action="append", default=[], help="another host path the guest may read")
@@ -20,13 +23,24 @@ def main(argv):
     parser.add_argument("--snapshot", help="start from this saved snapshot instead of booting")
     parser.add_argument("--save", help="also save the warm snapshot to this path")
     args = parser.parse_args(argv)
+    if args.snapshot and args.setup:
+        parser.error("--snapshot cannot be combined with --setup")
+    code = args.code
+    if code is None:
+        try:
+            if args.file == "-":
+                code = sys.stdin.read()
+            else:
+                with open(args.file, encoding="utf-8") as f:
+                    code = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"{prog}: cannot read {args.file}: {e}", file=sys.stderr)
+            return 1
 
     from ..errors import WhpfastError
     from .sandbox import PythonSandbox
     try:
         if args.snapshot:
-            if args.setup:
-                parser.error("--snapshot cannot be combined with --setup")
             # the file is untrusted: --python, --read and --memory are what it may use
             sb = PythonSandbox.from_snapshot(args.snapshot, python=args.python, read=args.read,
                                              memory_size=args.memory << 20)
@@ -36,10 +50,10 @@ def main(argv):
         with sb:
             if args.save:
                 sb.save(args.save)
-            result = sb.run(args.code, timeout=args.timeout)
+            result = sb.run(code, timeout=args.timeout)
     except WhpfastError as e:
-        print(f"whpfast: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        print(f"{prog}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     sys.stdout.write(result.stdout)
     sys.stdout.flush()
     sys.stderr.write(result.stderr)

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 from ..errors import GuestCallError, GuestPythonError, SandboxClosed, SandboxError, SnapshotError
 from ..linux.errno import LinuxError
 from .._typing import StrPath
+from ..core import argcheck
 from ..core.resource import Resource
 from ..linux.fs import inside_path, read_mapping
 from ..linux.grant import Grant
@@ -183,7 +184,7 @@ class PythonSandbox(Resource):
         _check_code(warmup, "warmup")
         python = os.path.abspath(python or sys.executable)
         # (a `read` path under /tmp, the sandbox's own, is refused with a hint)
-        policy = _policy(python, read)
+        policy = _policy(python, argcheck.read_policy(read))
         self._init_common()
         self._lx = LinuxSandbox([inside_path(python), "-I", "-B", "-c", DRIVER], env=ENV, read=policy,
                                 memory_size=memory_size, on_output=self._budget)
@@ -291,14 +292,14 @@ class PythonSandbox(Resource):
         first restores the warm snapshot, so nothing an earlier run did is visible; fresh=False
         continues in the state the previous run left."""
         _check_code(code, "code")
-        result, _ = self._call("exec", code, timeout, fresh)
+        result, _ = self._call("exec", code, timeout, argcheck.flag(fresh, "fresh"))
         return result
 
     def eval(self, expr: str, *, timeout: Optional[float] = None, fresh: bool = True) -> Any:
         """Evaluates expr and returns its value, carried as JSON (lists for tuples, str keys).
         An exception in the guest raises GuestPythonError with the guest traceback."""
         _check_code(expr, "expr")
-        result, value = self._call("eval", expr, timeout, fresh)
+        result, value = self._call("eval", expr, timeout, argcheck.flag(fresh, "fresh"))
         if result.error is not None:
             raise GuestPythonError(f"the guest raised:\n{result.error}", traceback=result.error,
                                    stdout=result.stdout, stderr=result.stderr)
