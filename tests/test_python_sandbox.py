@@ -394,3 +394,14 @@ def test_another_venv_of_the_same_python_brings_its_own_site_packages(tmp_path):
     with whpfast.PythonSandbox(python=str(python), setup="import only_in_other_venv",
                                memory_size=128 << 20) as box:
         assert box.eval("only_in_other_venv.WHERE") == "other venv"
+
+
+def test_debian_python_with_numpy_and_pandas_needs_no_extra_read():
+    """Issue 17 item 8: the default policy covers what the interpreter's own packages load --
+    numpy's BLAS through /etc/alternatives, pandas' time zones from /usr/share/zoneinfo (Debian's
+    python3-numpy and python3-pandas: tests/system-packages.txt)."""
+    job = "[float(numpy.linalg.det(numpy.eye(3) * 2)), str(pandas.Timestamp('2024-07-01', tz='Europe/Paris'))]"
+    native = subprocess.run(["/usr/bin/python3", "-c", f"import numpy, pandas; print(repr({job}))"],
+                            capture_output=True, text=True, check=True).stdout
+    with whpfast.PythonSandbox(python="/usr/bin/python3", setup="import numpy, pandas") as sb:
+        assert repr(sb.eval(job)) + "\n" == native

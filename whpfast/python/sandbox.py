@@ -48,8 +48,12 @@ OUTPUT_LIMIT = 1 << 20                       # characters of stdout / stderr kep
 RAW_OUTPUT_LIMIT = 64 << 20                  # bytes the guest may write to fd 1/2 per run
 BOOT_TIMEOUT = 300
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
-# System library directories the dynamic loader and the interpreter's extension modules need.
-LIB_DIRS = ("/lib64", "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib64")
+# System library directories the dynamic loader and the interpreter's extension modules need, and
+# what an interpreter's own packages load from outside its prefix: Debian's alternatives (numpy's
+# libblas.so.3 and liblapack.so.3 are symlinks through /etc/alternatives, which holds symlinks
+# only) and the time-zone database (zoneinfo, pandas, dateutil).
+LIB_DIRS = ("/lib64", "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib64",
+            "/etc/alternatives", "/usr/share/zoneinfo")
 
 
 @dataclass(frozen=True)
