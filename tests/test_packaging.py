@@ -141,6 +141,11 @@ def use(path: Path) -> List[object]:
     with whpfast.Sandbox(whpfast.guests.testkit, memory_size=16 << 20,
                          files={"initrd": path / "data.img"}, on_print=print) as sb:
         sb.register("double", lambda x: 2 * x)
+
+        @sb.register("triple")
+        def triple(x: int) -> int:
+            return 3 * x
+        tripled: int = triple(2)                   # the decorator keeps the function's type
         total = sb.call("add", 2, 3, timeout=1.5)
         exports: dict[str, str] = sb.exports
         snap: whpfast.Snapshot = sb.snapshot()
@@ -158,7 +163,12 @@ def use(path: Path) -> List[object]:
     fault = whpfast.GuestFault("x", kind="pagefault", vector=14)
     vector: Optional[int] = fault.vector
     version: str = whpfast.__version__
-    return [elf, total, exports, stats, why, name, vector, version, fresh.closed]
+    with whpfast.PythonSandbox(memory_size=64 << 20) as py:
+        result: whpfast.PythonResult = py.run("print(1)")
+        error: Optional[str] = result.error
+    with whpfast.LinuxSandbox(["/bin/true"]) as lx:
+        status: Optional[int] = lx.run(eof=True).exit_code
+    return [elf, total, exports, stats, why, name, vector, version, fresh.closed, tripled, error, status]
 '''
 
 

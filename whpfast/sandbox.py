@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, TypeVar, Union, overload
 
 from . import abi, backend, cpu, elf, machine
 from .core.run import run_timeout, run_until
@@ -36,6 +36,7 @@ _VECTOR_NAMES = {
     13: "#GP general protection", 14: "#PF page fault", 16: "#MF x87 error", 17: "#AC alignment check",
     18: "#MC machine check", 19: "#XM SIMD floating point", 20: "#VE virtualization", 21: "#CP control protection",
 }
+_F = TypeVar("_F", bound=Callable[..., Any])    # a host function, kept as it is by register()
 _FAULT_KINDS = {0: "divide", 6: "invalid_opcode", 13: "general_protection", 14: "pagefault"}
 
 
@@ -353,6 +354,13 @@ class Sandbox(Resource):
         return self._layout.memory_size
 
     # -- host functions ----------------------------------------------------------------------
+
+    @overload
+    def register(self, name: str) -> Callable[[_F], _F]: ...
+    @overload
+    def register(self, name: _F) -> _F: ...
+    @overload
+    def register(self, name: str, fn: _F) -> _F: ...
 
     def register(self, name: Union[str, Callable[..., Any]],
                  fn: Optional[Callable[..., Any]] = None) -> Any:

@@ -86,7 +86,7 @@ class RunResult:
     (waiting for input); waiting is True when it blocks reading stdin with no input left."""
     stdout: bytes
     stderr: bytes
-    exit_code: object
+    exit_code: Optional[int]
     waiting: bool
 
 

@@ -62,7 +62,7 @@ class PythonResult:
     traceback as text when the code raised (SystemExit included), else None."""
     stdout: str
     stderr: str
-    error: object
+    error: Optional[str]
 
 
 _loaded = weakref.WeakValueDictionary()     # snapshot files loaded and still in use, by identity
