@@ -59,10 +59,9 @@ def main(argv, prog="whpfast run-python"):
     sys.stderr.write(result.stderr)
     if result.error is None:
         return 0
-    last = result.error.rstrip("\n").rpartition("\n")[2]
-    if last == "SystemExit" or last.startswith("SystemExit: "):
+    if result.error.type == "SystemExit":
         # As `python -c` does: sys.exit(n) is the status, sys.exit("why") prints why.
-        arg = last[len("SystemExit: "):]
+        arg = result.error.message
         if arg in ("", "None"):
             return 0
         if arg.lstrip("-").isdigit():

@@ -6,7 +6,8 @@
 #     {"op": "exec" | "eval" | "warm", "code": str, "seed": hex str (host entropy), "cap": int}
 #     ("warm" executes in a throwaway copy of the globals: first-call work without new names)
 # Answer: MAGIC, the length as 8 bytes little-endian, then a JSON object
-#     {"stdout": str, "stderr": str, "error": str | None, "value": any JSON}
+#     {"stdout": str, "stderr": str, "value": any JSON,
+#      "error": None | {"type": the exception's class name, "message": its str(), "traceback": text}}
 # left at the start of the buffer of the read(0) the driver parks in: the host reads it there at
 # the parking exit, so a request costs one exit fewer than a write(1) of the answer. Whatever
 # user code writes to fd 1 and 2 directly (os.write, C code) reaches the caller as output too.
@@ -79,11 +80,20 @@ def _reseed(seed):
         np_random.seed(sys.modules["numpy"].frombuffer(seed, dtype="<u4"))
 
 
-def _error_text(exc):
+def _error(exc):
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code is _serve.__code__:
         tb = tb.tb_next                          # the driver's own frame says nothing to the user
-    return "".join(traceback.format_exception(type(exc), exc, tb))
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    try:
+        message = str(exc)
+    except BaseException:                        # a user __str__ may raise: as traceback prints it
+        message = "<exception str() failed>"
+    return _described(type(exc).__name__, message, text)
+
+
+def _described(kind, message, text):
+    return {"type": kind, "message": message, "traceback": text}
 
 
 def _serve(request, namespace):
@@ -109,7 +119,7 @@ def _serve(request, namespace):
         else:
             exec(compiled, dict(namespace) if op == "warm" else namespace)
     except BaseException as e:                   # SystemExit and KeyboardInterrupt too
-        error = _error_text(e)
+        error = _error(e)
     finally:
         sys.stdout, sys.stderr, sys.stdin = saved
     answer = {"stdout": out.getvalue(), "stderr": err.getvalue(), "error": error, "value": None}
@@ -120,8 +130,8 @@ def _serve(request, namespace):
             data = json.dumps(answer).encode()
         except (TypeError, ValueError, RecursionError) as e:
             answer["value"] = None
-            answer["error"] = (f"the value of the expression cannot be carried as JSON: "
-                               f"{type(e).__name__}: {e}\n")
+            why = f"the value of the expression cannot be carried as JSON: {type(e).__name__}: {e}"
+            answer["error"] = _described(type(e).__name__, why, why + "\n")
     if data is None:
         data = json.dumps(answer).encode()
     if len(data) > ANSWER_LIMIT:
@@ -132,8 +142,8 @@ def _serve(request, namespace):
             if len(answer[stream]) > keep:
                 answer[stream] = answer[stream][:keep] + "\n[whpfast: output truncated: the answer was too large]\n"
         answer["value"] = None
-        answer["error"] = (f"the answer is {len(data)} bytes as JSON, over the {ANSWER_LIMIT >> 20} MiB "
-                           f"limit; the value was dropped\n")
+        why = f"the answer is {len(data)} bytes as JSON, over the {ANSWER_LIMIT >> 20} MiB limit; the value was dropped"
+        answer["error"] = _described("ValueError", why, why + "\n")
         data = json.dumps(answer).encode()
     return data
 

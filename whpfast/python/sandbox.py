@@ -42,6 +42,7 @@ DRIVER_DIGEST = hashlib.sha256(DRIVER.encode()).hexdigest()
 MAGIC = b"\x00whpfast-py-ans\x00"           # driver.py's answer header: MAGIC, length (u64 LE)
 HEADER = struct.Struct("<16sQ")
 FIRST_READ = 4096                            # bytes of the answer buffer _read_answer reads at once
+ERROR_FIELDS = {"type", "message", "traceback"}     # of an answer's error (driver.py)
 ANSWER_LIMIT = 16 << 20                      # bytes of answer JSON accepted (= driver.py's, = MAX_IO)
 DEFAULT_MEMORY_SIZE = 512 << 20
 OUTPUT_LIMIT = 1 << 20                       # characters of stdout / stderr kept per run
@@ -56,13 +57,36 @@ LIB_DIRS = ("/lib64", "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/us
             "/etc/alternatives", "/usr/share/zoneinfo")
 
 
+class PythonError(str):
+    """An exception the guest's code raised, as fields: `type` (its class name, e.g.
+    "ZeroDivisionError"), `message` (its str()), `traceback` (the text Python prints). It is
+    that text too (a str): str(error), `"ZeroDivisionError" in error` and printing work as they
+    did. An error whpfast itself reports about a run (the process exited before answering) has
+    type "WhpfastError"."""
+    type: str
+    message: str
+
+    def __new__(cls, type: str, message: str, traceback: str) -> "PythonError":
+        self = super().__new__(cls, traceback)
+        self.type, self.message = type, message
+        return self
+
+    @property
+    def traceback(self) -> str:
+        return str.__str__(self)
+
+    def __reduce__(self) -> Any:              # pickles (Ray, multiprocessing) with its fields
+        return PythonError, (self.type, self.message, str.__str__(self))
+
+
 @dataclass(frozen=True)
 class PythonResult:
     """What one PythonSandbox.run() produced: the guest's stdout and stderr, and the guest
-    traceback as text when the code raised (SystemExit included), else None."""
+    traceback when the code raised (SystemExit included) as a PythonError (a str with the fields
+    type, message and traceback), else None."""
     stdout: str
     stderr: str
-    error: Optional[str]
+    error: Optional[PythonError]
 
 
 _loaded = weakref.WeakValueDictionary()     # snapshot files loaded and still in use, by identity
@@ -340,12 +364,15 @@ class PythonSandbox(Resource):
         raw_err = r.stderr.decode("utf-8", "replace")
         if r.exit_code is not None:
             out = r.stdout.decode("utf-8", "replace")
-            return PythonResult(out, raw_err, f"the Python process exited with status {r.exit_code} "
-                                              f"(os._exit or a crash) before answering\n"), None
+            why = f"the Python process exited with status {r.exit_code} (os._exit or a crash) before answering"
+            return PythonResult(out, raw_err, PythonError("WhpfastError", why, why + "\n")), None
         answer = _read_answer(self._lx)
         self._stale = False
+        error = answer["error"]
         result = PythonResult(r.stdout.decode("utf-8", "replace") + answer["stdout"],
-                              raw_err + answer["stderr"], answer["error"])
+                              raw_err + answer["stderr"],
+                              None if error is None else PythonError(error["type"], error["message"],
+                                                                     error["traceback"]))
         return result, answer["value"]
 
 
@@ -389,7 +416,9 @@ def _read_answer(lx):
         raise bad(f"not JSON: {type(e).__name__}") from None
     if not isinstance(answer, dict) or set(answer) != {"stdout", "stderr", "error", "value"}:
         raise bad("wrong fields")
+    error = answer["error"]
     if not (isinstance(answer["stdout"], str) and isinstance(answer["stderr"], str)
-            and (answer["error"] is None or isinstance(answer["error"], str))):
+            and (error is None or (isinstance(error, dict) and set(error) == ERROR_FIELDS
+                                   and all(isinstance(v, str) for v in error.values())))):
         raise bad("wrong field types")
     return answer
