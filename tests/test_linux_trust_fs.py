@@ -1,11 +1,13 @@
 """The file system's trust boundary on the host side: whoever can write inside a read root (another
 host user, not the guest) swapping directories and files for symlinks while a guest runs never
 gets the guest a host file outside `read`, and requests any guest can make never fail on the host
-with anything but a Linux errno (issue 16, item 5)."""
+with anything but a Linux errno (issue 16, items 5 and 7)."""
 
+import errno as host_errno
 import gc
 import os
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -16,7 +18,8 @@ import whpfast
 from conftest import build_c
 from whpfast.linux import errno as E
 from whpfast.linux.errno import LinuxError
-from whpfast.linux.fs import AT_FDCWD, O_DIRECTORY, O_RDONLY, FileSystem
+from whpfast.linux.fs import (AT_FDCWD, AT_SYMLINK_NOFOLLOW, O_CREAT, O_DIRECTORY, O_EXCL,
+                              O_NOFOLLOW, O_PATH, O_RDONLY, O_TRUNC, O_WRONLY, FileSystem)
 
 MB = 1 << 20
 SECRET = b"SECRET, outside every read root\n"
@@ -185,6 +188,39 @@ def _names(fs, path):
             pos += reclen
 
 
+# ------------------------------------------------------------- /proc/self/fd/N of a symlink
+
+def test_fd_link_to_a_symlink_with_o_creat_is_eloop(host):
+    """/proc/self/fd/N where N is an O_PATH | O_NOFOLLOW fd of a symlink (host or /tmp),
+    opened with O_CREAT: what Linux answers (checked on the host kernel here), never a host
+    TypeError (was: the symlink node reached the walker as a path)."""
+    root, _ = host
+    scratch = root.parent / "scratch"
+    scratch.mkdir()
+    os.symlink("t", scratch / "l")
+    fs = FileSystem({"/r": str(root)})
+    fs.symlinkat(b"/tmp/t", AT_FDCWD, b"/tmp/l")
+    cases = [O_CREAT | O_WRONLY, O_CREAT | O_RDONLY, O_CREAT | O_WRONLY | O_TRUNC,
+             O_CREAT | O_EXCL | O_WRONLY, O_CREAT | O_NOFOLLOW | O_WRONLY, O_RDONLY,
+             O_RDONLY | O_NOFOLLOW, O_RDONLY | O_DIRECTORY]
+    hfd = os.open(scratch / "l", os.O_PATH | os.O_NOFOLLOW)
+    try:
+        for flags in cases:
+            with pytest.raises(OSError) as e:
+                os.open(f"/proc/self/fd/{hfd}", flags, 0o644)   # Linux's and x86-64's flags agree
+            want = getattr(E, host_errno.errorcode[e.value.errno])
+            for link in (b"/r/d/l", b"/tmp/l"):
+                fd = fs.openat(AT_FDCWD, link, O_PATH | O_NOFOLLOW)
+                assert err(fs.openat, AT_FDCWD, b"/proc/self/fd/%d" % fd, flags, 0o644) == want, \
+                    (link, oct(flags))
+    finally:
+        os.close(hfd)
+    assert os.listdir(scratch) == ["l"]
+    assert read_all(fs, fs.openat(AT_FDCWD, b"/r/d/l", O_RDONLY)) == b"public f\n"   # still fine
+    assert err(fs.fstatat, AT_FDCWD, b"/tmp/t", AT_SYMLINK_NOFOLLOW) == E.ENOENT   # not created
+    fs.close_all()
+
+
 # ----------------------------------------------------------------------------- with a guest
 
 NDIR = 80                   # more than _DIRFD_CACHE and _HOSTFD_CACHE: fds are closed and reopened
@@ -337,3 +373,62 @@ def test_swapping_under_a_running_guest_never_leaks(tmp_path):
     assert int(stats["rounds"]) > 1 and int(stats["oks"]) > 0, out
     assert int(stats["other"]) == 0, out
     assert swaps[0] >= 3, swaps                 # the race did happen, many times over
+
+
+FDLINK_C = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    static const int flags[] = {O_CREAT | O_WRONLY, O_CREAT | O_RDONLY, O_CREAT | O_WRONLY | O_TRUNC,
+                                O_CREAT | O_EXCL | O_WRONLY, O_CREAT | O_NOFOLLOW | O_WRONLY,
+                                O_RDONLY, O_RDONLY | O_NOFOLLOW, O_RDONLY | O_DIRECTORY};
+    char path[256], buf[64];
+    for (int a = 1; a < argc - 1; a++) {           /* each a symlink; the last one a file */
+        int fd = open(argv[a], O_PATH | O_NOFOLLOW);
+        if (fd < 0) { printf("open %s: %s\n", argv[a], strerror(errno)); return 1; }
+        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        for (unsigned i = 0; i < sizeof flags / sizeof *flags; i++) {
+            int r = open(path, flags[i], 0644);
+            printf("%d:%d:%s ", a, i, r < 0 ? strerror(errno) : "opened");
+        }
+        printf("\n");
+    }
+    int fd = open(argv[argc - 1], O_RDONLY);        /* and the sandbox still serves the program */
+    ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof buf);
+    printf("then read %zd\n", n);
+    return 0;
+}
+"""
+
+
+@pytest.mark.hypervisor
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux host only")
+def test_fd_link_to_a_symlink_with_o_creat_in_a_guest(tmp_path):
+    """The same program run on the host kernel and in the sandbox prints the same errors."""
+    (tmp_path / "bin").mkdir()
+    program = build_c(tmp_path / "bin" / "fdlink", FDLINK_C, "-static")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f").write_bytes(b"public\n")
+    os.symlink("missing", root / "l")
+    os.symlink("f", root / "lf")
+    # on the host: the same program in a scratch copy (its O_CREAT could create files there)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "f").write_bytes(b"public\n")
+    os.symlink("missing", scratch / "l")
+    os.symlink("f", scratch / "lf")
+    native = subprocess.run([program, str(scratch / "l"), str(scratch / "lf"), str(scratch / "f")],
+                            capture_output=True, check=True).stdout
+    assert sorted(os.listdir(scratch)) == ["f", "l", "lf"]
+    with whpfast.LinuxSandbox(["/bin/fdlink", "/r/l", "/r/lf", "/r/f"],
+                              read={"/r": str(root), "/bin": str(tmp_path / "bin")}, memory_size=64 * MB) as lx:
+        r = lx.run(timeout=10)
+        assert lx.poisoned is None
+    assert r.exit_code == 0 and r.stdout == native, (r.stdout, native)
+    assert b"then read 7\n" in r.stdout

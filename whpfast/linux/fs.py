@@ -750,20 +750,23 @@ class FileSystem:
                 links += 1                      # O_CREAT through a symlink creates its target
                 if links > MAXSYMLINKS:
                     _fail(ELOOP)
-                path = self._link_target(node)
-                if not isinstance(path, bytes):
-                    node = path
+                target = self._link_target(node)
+                if not isinstance(target, bytes):   # a magic link: the node an fd holds
+                    if target.fmt == S_IFLNK:
+                        _fail(ELOOP)            # an O_PATH fd of a symlink: never opened
+                    node = target
                     break
+                path = target
                 if not path:
                     _fail(ENOENT)
                 d, name = self._walk_parent(AT_FDCWD, path, start=d)
         if node is None or node.fmt == S_IFLNK:
             node = self._walk(dirfd, path, follow=not flags & O_NOFOLLOW)
-        if node.fmt == S_IFLNK:
-            _fail(ELOOP)                        # O_NOFOLLOW on a symlink
         fmt = node.fmt
         if flags & O_DIRECTORY and fmt != S_IFDIR:
-            _fail(ENOTDIR)
+            _fail(ENOTDIR)                      # before ELOOP, as Linux
+        if fmt == S_IFLNK:
+            _fail(ELOOP)                        # O_NOFOLLOW on a symlink, or an fd's symlink
         writes = acc != O_RDONLY or (flags & O_TRUNC and fmt == S_IFREG)
         if fmt == S_IFDIR:
             if acc != O_RDONLY or flags & (O_CREAT | O_TRUNC):
