@@ -389,8 +389,10 @@ class FileSystem:
         try:
             self._cwd = self._walk(AT_FDCWD, os.fsencode(cwd), start=self._root)
         except LinuxError as e:
+            self.close_all()            # now, not when a collection finds the cycles above
             raise ReadPolicyError(f"cwd {cwd!r} is not inside the sandbox's file system ({e})") from None
         if self._cwd.fmt != S_IFDIR:
+            self.close_all()
             raise ReadPolicyError(f"cwd {cwd!r} is not a directory")
 
     # -- construction
