@@ -36,6 +36,7 @@ walks through a host tree both here and through os.*). Not provided, on purpose 
 links, file locks, statfs, atime updates, xattrs; /tmp files are not sparse (a hole costs its
 bytes against tmp_size); host files show the host's inode numbers, owners and times."""
 
+import errno as _host_errno
 import os
 import struct
 import sys
@@ -656,6 +657,8 @@ class FileSystem:
                 try:
                     target = os.fsencode(_readlink_at(self._dirfd(node.parent), node.name))
                 except OSError as e:
+                    if e.errno == _host_errno.EINVAL:   # no symlink now (not Linux's EINVAL)
+                        _fail(ESTALE, f"{os.fsdecode(node.host)} was replaced on the host")
                     raise from_oserror(e) from None
                 self._links[node.host] = target
             return target
