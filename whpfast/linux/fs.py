@@ -5,10 +5,17 @@ in-memory /tmp, and a few synthesized files (/proc/self/..., /dev/null, ...). Ev
 names is walked here, component by component, by ONE walker (`_walk`): ".." is taken on the
 inside path (the parent of a mount point is its inside parent, never the host's), symlink targets
 are re-interpreted inside the namespace and walked again, and /proc/self/fd/N leads to the very
-node that fd holds. A host file is only ever reached by a host path built from components that
-were each looked up with lstat (no symlink, no "..", no separator), so nothing outside `read` can
-be named, and every host file is opened read-only with O_NOFOLLOW. Host special files (devices,
-FIFOs, sockets) under a read root are never opened.
+node that fd holds. Host special files (devices, FIFOs, sockets) under a read root are never
+opened.
+
+The host kernel never resolves a path the guest influenced (see "host access" below): a read
+root is the host path the caller named, opened once when the FileSystem is made; everything
+below it is reached one component at a time from its parent directory's fd, without following
+a symlink (fstatat/openat/readlinkat with AT_SYMLINK_NOFOLLOW or O_NOFOLLOW, directories with
+O_DIRECTORY), and every fd opened must be the inode the look-up saw. So whoever can write in a
+read root (not the guest: another host user) swapping a directory or file for a symlink to
+/etc while the guest runs gets the guest an error (ENOTDIR, ELOOP, ESTALE), never a file
+outside `read`; a directory fd pins the directory the guest looked into.
 
 Host look-ups (lstat, readlink, directory listings) are cached per FileSystem for its lifetime:
 the read roots are taken as unchanging while a sandbox lives, which keeps CPython's thousands of
@@ -20,7 +27,7 @@ Warm start: `capture()` returns an immutable `FsState` (fd table with offsets an
 umask, the /tmp tree with its contents); `reset(state)` puts exactly that back. /tmp file contents
 are `bytes` shared between the live tree and every state taken from it, and become a private
 `bytearray` on the first write after a capture or reset (copy-on-write), so both are O(changes).
-Host fds are not part of any state: they live in a per-FileSystem cache keyed by host path
+Host fds are not part of any state: they live in per-FileSystem caches keyed by node or inode
 (shared between equal opens, opened lazily, released by `close_all()`). A reset back to the
 state last captured or reset to puts back only the descriptions whose offset or flags moved.
 
@@ -29,8 +36,8 @@ walks through a host tree both here and through os.*). Not provided, on purpose 
 links, file locks, statfs, atime updates, xattrs; /tmp files are not sparse (a hole costs its
 bytes against tmp_size); host files show the host's inode numbers, owners and times."""
 
+import errno as _host_errno
 import os
-import stat as _stat
 import struct
 import sys
 import time
@@ -70,6 +77,8 @@ MAX_IO = 1 << 24            # largest read served at once: a short read, as Linu
 STATX_BASIC_STATS = 0x7FF
 _INODE_COST = 256           # /tmp bytes charged per inode and per name, so metadata is capped too
 _HOSTFD_CACHE = 64          # host fds kept for files no guest fd holds open
+_DIRFD_CACHE = 64           # host fds kept for directories below the read roots (least recently
+                            # used closed first; reopened from the parent, checked, when needed)
 _CACHE_MAX = 1 << 16        # look-ups remembered per FileSystem, per kind (paths, walks, listings):
 _CACHE_PATH = 512           # bounded, and walks of longer paths are not remembered, so that a
                             # guest probing endless names costs the host tens of MiB at most
@@ -77,8 +86,14 @@ _SYN_DEV, _TMP_DEV, _PIPE_DEV = 0x13, 0x14, 0x0C     # st_dev of synthesized, /t
 _SYN_TIME = 0               # their times: fixed, so a state decoded elsewhere looks the same
 
 _WINDOWS = sys.platform == "win32"
+# A host file: read-only, never through a symlink, and never blocking or becoming a terminal
+# should a FIFO or device be put where the look-up saw a file (the inode check then refuses it).
 _HOST_OPEN = (os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
-              | getattr(os, "O_NOFOLLOW", 0))
+              | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+# A host directory to look up names in: O_PATH where there is one (no read permission needed,
+# nothing read); O_DIRECTORY | O_NOFOLLOW refuse a symlink put in its place.
+_DIR_OPEN = (getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0)
+             | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
 _RESERVED = (b"/proc", b"/dev", b"/tmp")   # always synthesized; a read entry there is refused
 HOST_VIEW = "/run/host"     # where inside_path() shows host paths that fall under _RESERVED
 
@@ -111,11 +126,13 @@ def _fail(err, msg=None):
 # else b"/a/b": no symlink, no "." or ".."), `parent` the directory ".." leads to.
 
 class _HostNode:
-    """A file, directory or symlink under a read root, with its (cached) lstat."""
-    __slots__ = ("path", "parent", "host", "st", "fmt", "ino", "packed")
+    """A file, directory or symlink under a read root, with its (cached) lstat. `name` is its
+    name in its host directory, which is `parent` (None for a read root itself); `host`, its
+    host path, is for messages and snapshot records only: the host never resolves it."""
+    __slots__ = ("path", "parent", "host", "st", "fmt", "ino", "packed", "name")
 
-    def __init__(self, path, parent, host, st):
-        self.path, self.parent, self.host, self.st = path, parent, host, st
+    def __init__(self, path, parent, host, st, name=None):
+        self.path, self.parent, self.host, self.st, self.name = path, parent, host, st, name
         self.fmt = st.st_mode & S_IFMT
         if _WINDOWS and getattr(st, "st_file_attributes", 0) & 0x400 and self.fmt != S_IFLNK:
             self.fmt = 0        # a junction or other reparse point: never entered nor opened
@@ -210,6 +227,12 @@ def _split(path):
     return [c for c in path.split(b"/") if c]
 
 
+def _file_key(node):
+    """What FileSystem._hostfds knows a host file by: its inode (on Windows its host path, as
+    st_ino can be 0 there)."""
+    return node.host if _WINDOWS else (node.st.st_dev, node.st.st_ino)
+
+
 _host_preadv = getattr(os, "preadv", None)     # not on Windows: read, then copy
 if hasattr(os, "pread"):
     _host_pread = os.pread
@@ -219,6 +242,55 @@ else:                       # Windows: the host fd is private to this FileSystem
         return os.read(fd, n)
 
 
+# ------------------------------------------------------------------------------ host access
+# The only calls that reach the host's file system below a read root. `at` is a host directory
+# as FileSystem._dirfd gives it, `name` one component the walker checked (no "/", not "." or
+# ".."): the host kernel looks `name` up in that very directory and follows no symlink.
+
+if _WINDOWS:
+    # No *at calls: `at` is the directory's host path, resolved again by each call (junctions
+    # and other reparse points are never entered, see _HostNode; a read root must not be
+    # writable by anyone the sandbox guards against).
+    def _stat_at(at, name):
+        return os.lstat(at + b"/" + name)
+
+    def _open_at(at, name, flags):
+        return os.open(at + b"/" + name, flags)
+
+    def _readlink_at(at, name):
+        return os.readlink(at + b"/" + name)
+
+    def _stat_dir(at):
+        return os.lstat(at)
+
+    def _scan_dir(at, add):
+        with os.scandir(at) as it:
+            for e in it:
+                add(e)
+else:
+    def _stat_at(at, name):
+        return os.stat(name, dir_fd=at, follow_symlinks=False)
+
+    def _open_at(at, name, flags):
+        return os.open(name, flags, dir_fd=at)
+
+    def _readlink_at(at, name):
+        return os.readlink(name, dir_fd=at)
+
+    def _stat_dir(at):
+        return os.fstat(at)
+
+    def _scan_dir(at, add):
+        # `at` is O_PATH, which cannot be read: "." opened from it is the same directory
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=at)
+        try:
+            with os.scandir(fd) as it:
+                for e in it:
+                    add(e)
+        finally:
+            os.close(fd)
+
+
 # Host directory listings shared by every FileSystem of the process, {host path: ((mtime_ns,
 # ino, dev), {name: (ino, d_type)})}: a cold boot lists the same large directories as the last one
 # did (python3 -c 'print(1)': /usr/lib/python3.11 and others, ~0.3-0.5 ms each, a fifth of its
@@ -226,33 +298,36 @@ else:                       # Windows: the host fd is private to this FileSystem
 # (creating, removing or renaming an entry changes the mtime), and stored only when that mtime is
 # more than _RACY_NS old when it is read: a change within the file system's timestamp
 # granularity (ext4: a jiffy) after the listing could otherwise keep the same mtime ("racy
-# git"). Bounded in directories and entries.
+# git"). Bounded in directories and entries. The host path is a key only: the inode and device
+# come from the directory's own fd.
 _SHARED_LISTINGS = {}
 _SHARED_LISTINGS_ENTRIES = [0]
 _SHARED_LISTINGS_MAX = 1 << 18      # entries, all directories together
 _RACY_NS = 2 * 10**9
 
 
-def _host_entries(host):
-    """{name: (ino, d_type)} of the host directory at `host` (not to be modified)."""
+def _host_entries(host, at):
+    """{name: (ino, d_type)} of the host directory `at` (see _stat_at), whose host path is
+    `host` (not to be modified)."""
     try:
-        st = os.lstat(host)
+        st = _stat_dir(at)
         key = (st.st_mtime_ns, st.st_ino, st.st_dev)
         hit = _SHARED_LISTINGS.get(host)
         if hit is not None and hit[0] == key:
             return hit[1]
         entries = {}
-        with os.scandir(host) as it:
-            for e in it:
-                if e.is_symlink():
-                    dtype = 10
-                elif e.is_dir(follow_symlinks=False):
-                    dtype = 4
-                elif e.is_file(follow_symlinks=False):
-                    dtype = 8
-                else:                   # rare: a device, FIFO or socket
-                    dtype = _DT.get(e.stat(follow_symlinks=False).st_mode & S_IFMT, 0)
-                entries[os.fsencode(e.name)] = (e.inode(), dtype)
+
+        def add(e):
+            if e.is_symlink():
+                dtype = 10
+            elif e.is_dir(follow_symlinks=False):
+                dtype = 4
+            elif e.is_file(follow_symlinks=False):
+                dtype = 8
+            else:                   # rare: a device, FIFO or socket
+                dtype = _DT.get(e.stat(follow_symlinks=False).st_mode & S_IFMT, 0)
+            entries[os.fsencode(e.name)] = (e.inode(), dtype)
+        _scan_dir(at, add)
     except OSError as e:
         raise from_oserror(e) from None
     if time.time_ns() - st.st_mtime_ns > _RACY_NS \
@@ -280,11 +355,13 @@ class FileSystem:
         self._listings = {}         # directory path -> getdents entries (non-/tmp directories)
         self._links = {}            # host path -> symlink target
         self._walks = {}            # (start path, path, follow) -> node, for walks off /tmp
-        self._hostfds = {}          # host path -> host fd (read-only)
+        self._hostfds = {}          # _file_key(node) -> host fd (read-only)
+        self._rootfds = {}          # read root directory node -> its host fd, until close_all
+        self._dirfds = {}           # other host directory node -> its fd, least recently used first
         mounts = self._parse_read(read)
         root = mounts.pop(b"", None)
         if root is not None:
-            self._root = self._host_node(b"", None, root)
+            self._root = self._host_root(b"", root)
             if self._root.fmt != S_IFDIR:
                 raise ReadPolicyError(f"read maps '/' to {os.fsdecode(root)}, which is not a directory")
         else:
@@ -292,7 +369,7 @@ class FileSystem:
         self._root.parent = self._root
         self._canon[b""] = self._root
         for inside in sorted(mounts):
-            self._place(inside, self._host_node(inside, None, mounts[inside]))
+            self._place(inside, self._host_root(inside, mounts[inside]))
         self._build_synthetic()
         self._umask = 0o022
         self._tmp_used = 0
@@ -313,8 +390,10 @@ class FileSystem:
         try:
             self._cwd = self._walk(AT_FDCWD, os.fsencode(cwd), start=self._root)
         except LinuxError as e:
+            self.close_all()            # now, not when a collection finds the cycles above
             raise ReadPolicyError(f"cwd {cwd!r} is not inside the sandbox's file system ({e})") from None
         if self._cwd.fmt != S_IFDIR:
+            self.close_all()
             raise ReadPolicyError(f"cwd {cwd!r} is not a directory")
 
     # -- construction
@@ -353,11 +432,27 @@ class FileSystem:
         self._ino += 1
         return self._ino
 
-    def _host_node(self, path, parent, host):
+    def _host_root(self, path, host):
+        """The node of a read root at inside `path`: the host path the caller named (made real
+        by _parse_read), opened here once; the inode found now is the root for the sandbox's
+        lifetime (an open after close_all must find it again, see _dirfd and _hostfd)."""
         try:
-            return _HostNode(path, parent, host, os.lstat(host))
+            if _WINDOWS:
+                st = os.lstat(host)
+            else:
+                fd = os.open(host, getattr(os, "O_PATH", os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
+                st = os.fstat(fd)
         except OSError as e:
-            raise ReadPolicyError(f"read: cannot stat {os.fsdecode(host)}: {e.strerror}") from None
+            raise ReadPolicyError(f"read: cannot open {os.fsdecode(host)}: {e.strerror}") from None
+        node = _HostNode(path, None, host, st)
+        if not _WINDOWS:
+            if node.fmt == S_IFDIR:
+                self._rootfds[node] = fd
+            else:                   # a file is opened for reading by _hostfd, checked likewise
+                os.close(fd)
+            if node.fmt == S_IFLNK:
+                raise ReadPolicyError(f"read: {os.fsdecode(host)} became a symlink while it was opened")
+        return node
 
     def _place(self, path, node):
         """Puts `node` at inside `path`, over whatever the host has there."""
@@ -374,15 +469,12 @@ class FileSystem:
         if node is None:
             head, _, name = path.rpartition(b"/")
             parent = self._ensure_dir(head)
-            host = getattr(parent, "host", None)
-            st = None
-            if host is not None:
+            if type(parent) is _HostNode:
                 try:
-                    st = os.lstat(host + b"/" + name)
-                except OSError:
+                    node = self._host_child(parent, name, path)
+                except LinuxError:
                     pass
-            if st is not None and _stat.S_ISDIR(st.st_mode):
-                node = _HostNode(path, parent, host + b"/" + name, st)
+            if node is not None and node.fmt == S_IFDIR:
                 self._canon[path] = node
             else:
                 node = _SynDir(path, None, S_IFDIR | 0o555, self._new_ino(), {})
@@ -536,13 +628,7 @@ class FileSystem:
             _fail(ENOENT)
         if type(d) is not _HostNode:
             _fail(ENOENT)
-        host = d.host + b"/" + name
-        try:
-            node = _HostNode(path, d, host, os.lstat(host))
-        except FileNotFoundError:
-            node = None
-        except OSError as e:
-            raise from_oserror(e) from None
+        node = self._host_child(d, name, path)
         if len(self._canon) < _CACHE_MAX:     # bounded: a guest may probe endless names
             self._canon[path] = node
         if node is None:
@@ -567,11 +653,14 @@ class FileSystem:
         """bytes, or the node itself for /proc/self magic links."""
         if type(node) is _HostNode:
             target = self._links.get(node.host)
-            if target is None:
+            if target is None:          # (a read root is never a symlink: see _host_root)
                 try:
-                    target = self._links[node.host] = os.fsencode(os.readlink(node.host))
+                    target = os.fsencode(_readlink_at(self._dirfd(node.parent), node.name))
                 except OSError as e:
+                    if e.errno == _host_errno.EINVAL:   # no symlink now (not Linux's EINVAL)
+                        _fail(ESTALE, f"{os.fsdecode(node.host)} was replaced on the host")
                     raise from_oserror(e) from None
+                self._links[node.host] = target
             return target
         if type(node) is _Tmp:
             return node.data
@@ -666,20 +755,23 @@ class FileSystem:
                 links += 1                      # O_CREAT through a symlink creates its target
                 if links > MAXSYMLINKS:
                     _fail(ELOOP)
-                path = self._link_target(node)
-                if not isinstance(path, bytes):
-                    node = path
+                target = self._link_target(node)
+                if not isinstance(target, bytes):   # a magic link: the node an fd holds
+                    if target.fmt == S_IFLNK:
+                        _fail(ELOOP)            # an O_PATH fd of a symlink: never opened
+                    node = target
                     break
+                path = target
                 if not path:
                     _fail(ENOENT)
                 d, name = self._walk_parent(AT_FDCWD, path, start=d)
         if node is None or node.fmt == S_IFLNK:
             node = self._walk(dirfd, path, follow=not flags & O_NOFOLLOW)
-        if node.fmt == S_IFLNK:
-            _fail(ELOOP)                        # O_NOFOLLOW on a symlink
         fmt = node.fmt
         if flags & O_DIRECTORY and fmt != S_IFDIR:
-            _fail(ENOTDIR)
+            _fail(ENOTDIR)                      # before ELOOP, as Linux
+        if fmt == S_IFLNK:
+            _fail(ELOOP)                        # O_NOFOLLOW on a symlink, or an fd's symlink
         writes = acc != O_RDONLY or (flags & O_TRUNC and fmt == S_IFREG)
         if fmt == S_IFDIR:
             if acc != O_RDONLY or flags & (O_CREAT | O_TRUNC):
@@ -973,7 +1065,7 @@ class FileSystem:
         cached = self._listings.get(d.path)
         if cached is not None:
             return cached
-        entries = dict(_host_entries(d.host)) if type(d) is _HostNode else {}
+        entries = dict(_host_entries(d.host, self._dirfd(d))) if type(d) is _HostNode else {}
         for name, node in self._overlay.get(d.path, {}).items():
             entries[name] = (node.ino, _DT.get(node.fmt, 0))
         listing = dots + [(n, ino, dt) for n, (ino, dt) in sorted(entries.items())]
@@ -983,24 +1075,83 @@ class FileSystem:
 
     # -- host files
 
+    def _host_child(self, d, name, path):
+        """The _HostNode of `name` in the host directory `d` (inside path `path`); None when
+        the host has no such name."""
+        at = self._dirfd(d)
+        try:
+            st = _stat_at(at, name)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise from_oserror(e) from None
+        return _HostNode(path, d, d.host + b"/" + name, st, name)
+
+    def _dirfd(self, node):
+        """The host directory `node` as the `at` of "host access": its fd, opened from its
+        parent's fd (parents first, as needed) without following a symlink and checked to be
+        the inode the look-up saw. Kept, as an fd pins its directory: a read root's until
+        close_all (then opened again from the path the caller named, and checked likewise),
+        others up to _DIRFD_CACHE, the least recently used closed first."""
+        if _WINDOWS:
+            return node.host
+        fd = self._rootfds.get(node)
+        if fd is not None:
+            return fd
+        dirfds = self._dirfds
+        fd = dirfds.pop(node, None)
+        if fd is not None:
+            dirfds[node] = fd                   # the most recently used now
+            return fd
+        chain = [node]                          # node and the ancestors it needs opened
+        while node.name is not None:
+            node = node.parent
+            fd = self._rootfds.get(node, dirfds.get(node))
+            if fd is not None:
+                break
+            chain.append(node)
+        try:
+            for node in reversed(chain):
+                if node.name is None:
+                    fd = os.open(node.host, _DIR_OPEN)
+                else:
+                    fd = _open_at(fd, node.name, _DIR_OPEN)
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (node.st.st_dev, node.st.st_ino):
+                    os.close(fd)
+                    _fail(ESTALE, f"{os.fsdecode(node.host)} was replaced on the host")
+                (self._rootfds if node.name is None else dirfds)[node] = fd
+        except OSError as e:
+            raise from_oserror(e) from None
+        while len(dirfds) > _DIRFD_CACHE:       # the one just opened is the newest: it stays
+            os.close(dirfds.pop(next(iter(dirfds))))
+        return fd
+
     def _hostfd(self, node):
-        fd = self._hostfds.get(node.host)
+        """A read-only host fd of the regular file `node`: opened from its directory's fd (a
+        read root file: from the path the caller named) and checked to be the inode the
+        look-up saw; shared by every node of that inode."""
+        key = _file_key(node)
+        fd = self._hostfds.get(key)
         if fd is None:
             if len(self._hostfds) >= _HOSTFD_CACHE:
                 self._evict_hostfds()
-            fd = os.open(node.host, _HOST_OPEN)
+            if node.name is None:
+                fd = os.open(node.host, _HOST_OPEN)
+            else:
+                fd = _open_at(self._dirfd(node.parent), node.name, _HOST_OPEN)
             st = os.fstat(fd)
             if not _WINDOWS and (st.st_dev, st.st_ino) != (node.st.st_dev, node.st.st_ino):
                 os.close(fd)
                 _fail(ESTALE, f"{os.fsdecode(node.host)} was replaced on the host")
-            self._hostfds[node.host] = fd
+            self._hostfds[key] = fd
         return fd
 
     def _evict_hostfds(self):
         """Closes the cached host fds that no guest fd holds open."""
-        held = {d.node.host for d, _ in self._fds.values() if type(d.node) is _HostNode}
-        for host in [h for h in self._hostfds if h not in held]:
-            os.close(self._hostfds.pop(host))
+        held = {_file_key(d.node) for d, _ in self._fds.values() if type(d.node) is _HostNode}
+        for key in [k for k in self._hostfds if k not in held]:
+            os.close(self._hostfds.pop(key))
 
     def host_file(self, fd):
         """(host fd, size) of a regular host file, for a MAP_PRIVATE mapping; None for /tmp and
@@ -1049,16 +1200,18 @@ class FileSystem:
 
     def close_all(self):
         """Releases every host fd (the sandbox is closing; later reads reopen them)."""
-        fds, self._hostfds = self._hostfds, {}
-        for fd in fds.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for name in ("_hostfds", "_dirfds", "_rootfds"):
+            fds = getattr(self, name, None)
+            if fds:
+                setattr(self, name, {})
+                for fd in fds.values():
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
 
     def __del__(self):
-        if getattr(self, "_hostfds", None):
-            self.close_all()
+        self.close_all()
 
     # -- metadata
 
