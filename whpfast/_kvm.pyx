@@ -778,6 +778,7 @@ cdef class Vcpu(CancelState):
         xsave = self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle,
                                  state, fpu, writes)   # (w points into xsave: kept to the end)
         w.start_ns = start_ns
+        _check_sysret(self._run().s.regs.regs.rcx)     # (the snapshot's: it may come from a file)
         _sysret(self._run(), result, user_cs, user_ds)
         kind = self._enter(timeout_ns, &w)
         return _warm_result(&w) + (kind, w.done_ns - w.start_ns)
@@ -976,10 +977,12 @@ def linux_setup(Vcpu vcpu not None, uint64_t xcr0, dict msrs not None):
 
 
 def syscall_regs(Vcpu vcpu not None):
-    """(rax, rdi, rsi, rdx, r10, r8, r9, rcx, r11) of the last exit: the system call number, its
-    six arguments, and where `syscall` left the return address and RFLAGS."""
+    """(rax, rdi, rsi, rdx, r10, r8, r9, rcx, r11, rip) of the last exit: the system call number,
+    its six arguments, where `syscall` left the return address and RFLAGS, and RIP as the exit
+    left it (on an OUT exit KVM reports either the OUT's address or the next instruction's:
+    PVM has stepped past it, VMX steps on the next KVM_RUN)."""
     cdef kvm_regs *g = &vcpu._run().s.regs.regs
-    return (g.rax, g.rdi, g.rsi, g.rdx, g.r10, g.r8, g.r9, g.rcx, g.r11)
+    return (g.rax, g.rdi, g.rsi, g.rdx, g.r10, g.r8, g.r9, g.rcx, g.r11, g.rip)
 
 
 def registers(Vcpu vcpu not None):
@@ -995,8 +998,24 @@ def registers(Vcpu vcpu not None):
 def syscall_return(Vcpu vcpu not None, uint64_t result, uint16_t user_cs, uint16_t user_ds):
     """Returns from the system call of the last exit as `sysret` would: RAX = result, RIP = RCX,
     RFLAGS = R11 (user bits only). Where `syscall` entered CPL0 (hardware VMX/SVM; PVM keeps CPL3)
-    the stub ran at CPL0, so CS and SS go back to the user selectors too."""
-    _sysret(vcpu._run(), result, user_cs, user_ds)
+    the stub ran at CPL0, so CS and SS go back to the user selectors too. GuestFault, with
+    nothing queued, when RCX is not a user address (see _check_sysret)."""
+    cdef kvm_run *r = vcpu._run()
+    _check_sysret(r.s.regs.regs.rcx)
+    _sysret(r, result, user_cs, user_ds)
+
+
+cdef int _check_sysret(uint64_t rcx) except -1:
+    """The guest chose RCX (any code may jump to the stub with any registers): a return address
+    that is not a canonical user address (bits 63..47 set) would be a RIP the hypervisor refuses
+    or, at CPL0 on hardware, a kernel address. Linux's sysret path sends such a return through
+    IRET, which faults: SIGSEGV; here a GuestFault, and the value never reaches the vCPU."""
+    if rcx >> 47:
+        raise errors.GuestFault(
+            f"the program made a system call whose return address rcx={rcx:#x} is not a canonical "
+            f"user address (sysret cannot return there; Linux sends SIGSEGV)",
+            kind="SIGSEGV", vector=13, error_code=0, rip=rcx, address=0)
+    return 0
 
 
 cdef void _sysret(kvm_run *r, uint64_t result, uint16_t user_cs, uint16_t user_ds) noexcept:

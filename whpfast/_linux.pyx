@@ -286,7 +286,7 @@ cdef class Dispatcher:
 
 
 def serve(p, vcpu, bint pending, run_until, deadline, dispatch, syscall_regs, syscall_return,
-          int exit_io, int port, int user_cs, int user_ds, int first=-1):
+          int exit_io, int port, uint64_t stub, int user_cs, int user_ds, int first=-1):
     """The exit loop of LinuxSandbox.run: runs the vCPU (run_until(vcpu, deadline)) and serves
     every system call the program makes (dispatch(p, nr, args); a Dispatcher is called directly)
     until an exit that is not one: returns that exit's kind. pending: the vCPU sits at a system
@@ -295,13 +295,19 @@ def serve(p, vcpu, bint pending, run_until, deadline, dispatch, syscall_regs, sy
     program exits, parks on stdin, kills itself, a host failure) propagates, with the vCPU
     still at that system call.
 
-    Only the stub's own exit is a system call: `out SYSCALL_PORT, al`. Any other use of the port
-    (an IN, which KVM completes and WHP leaves undone, a wider OUT, string I/O) is an exit the
-    ABI does not define, and ends the loop."""
+    Only the stub's own exit is a system call: `out SYSCALL_PORT, al` at `stub` (its 2 bytes;
+    the exit's RIP is the OUT's address or the next instruction's, depending on the hypervisor:
+    on the stub's read-only page either means the stub's OUT), with a return address (RCX) that
+    is a canonical user address. Any other use of the port (the same OUT in the program's own
+    code, an IN, which KVM completes and WHP leaves undone, a wider OUT, string I/O) or a
+    return address sysret cannot take is an exit the ABI does not define: the loop ends with
+    that exit's kind, nothing dispatched (LinuxSandbox turns it into a GuestFault)."""
     cdef Dispatcher fast = dispatch if type(dispatch) is Dispatcher else None
     cdef tuple regs
     cdef object result
+    cdef uint64_t rip
     while True:
+        regs = None
         if not pending:
             if first >= 0:
                 kind, first = first, -1
@@ -310,8 +316,14 @@ def serve(p, vcpu, bint pending, run_until, deadline, dispatch, syscall_regs, sy
             if kind != exit_io or vcpu.io_port != port or vcpu.io_direction != 1 \
                     or vcpu.io_size != 1 or vcpu.io_string:
                 return kind
+            regs = syscall_regs(vcpu)
+            rip = PyLong_AsUnsignedLongLong(<object>PyTuple_GET_ITEM(regs, 9))
+            if (rip != stub and rip != stub + 2) \
+                    or PyLong_AsUnsignedLongLong(<object>PyTuple_GET_ITEM(regs, 7)) >> 47:
+                return kind
         pending = False
-        regs = syscall_regs(vcpu)
+        if regs is None:        # (a call answered late: checked when it was made)
+            regs = syscall_regs(vcpu)
         p.syscall_count += 1
         if fast is not None:
             result = fast.serve(p, regs)

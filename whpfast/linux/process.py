@@ -546,7 +546,7 @@ class LinuxSandbox(Resource):
         try:
             kind = _serve(self, vcpu, pending, run_until, self._deadline, syscalls.dispatch,
                           impl.syscall_regs, impl.syscall_return, impl.EXIT_IO, SYSCALL_PORT,
-                          machine.USER_CS, machine.USER_DS, first)
+                          SYSCALL_STUB, machine.USER_CS, machine.USER_DS, first)
         except syscalls.Park:
             io = self._io
             self._io = IoState(io.input, io.eof, True, io.exit_code)
@@ -560,6 +560,9 @@ class LinuxSandbox(Resource):
                              f"in the sandbox)", kind="signal", rip=impl.syscall_regs(vcpu)[7])
             exc.signal = name
             raise self._poison(exc)
+        except GuestFault as e:             # syscall_return refused the return address
+            e.signal = e.kind
+            raise self._poison(e)
         raise self._poison(self._stop_error(kind))
 
     def _resume_plan(self, snapshot, input, eof):
@@ -675,6 +678,9 @@ class LinuxSandbox(Resource):
         vcpu = self._vcpu
         if kind == impl.EXIT_IO and vcpu.io_port == abi.PORT_FAULT:
             return self._fault()
+        if kind == impl.EXIT_IO and vcpu.io_port == SYSCALL_PORT and vcpu.io_direction \
+                and vcpu.io_size == 1 and not vcpu.io_string:
+            return self._bad_syscall_exit()
         if kind == impl.EXIT_IO:
             return GuestFault(f"the program used I/O port {vcpu.io_port:#x} ("
                               f"{'out' if vcpu.io_direction else 'in'}, {vcpu.io_size} bytes"
@@ -692,6 +698,26 @@ class LinuxSandbox(Resource):
             return GuestFault(f"hypervisor internal error, suberror {vcpu.internal_suberror}",
                               kind="internal_error")
         return HypervisorError(f"unexpected exit reason {vcpu.exit_reason}")
+
+    def _bad_syscall_exit(self):
+        """The system-call port's OUT that _serve did not take for a system call: from outside
+        the stub (the program's own `out`: on Linux a #GP, SIGSEGV), or a `syscall` whose return
+        address (RCX, the program's choice when it jumps to the stub itself) is not a canonical
+        user address, which Linux's sysret path answers with SIGSEGV too."""
+        regs = impl.syscall_regs(self._vcpu)
+        rcx, rip = regs[7], regs[9]
+        if rip in (SYSCALL_STUB, SYSCALL_STUB + 2):
+            detail = (f"a system call whose return address rcx={rcx:#x} is not a canonical user "
+                      f"address (sysret cannot return there)")
+            rip = rcx
+        else:
+            detail = (f"an `out` to the system-call port {SYSCALL_PORT:#x} from its own code, "
+                      f"not from the system-call stub (only `syscall` makes system calls)")
+        exc = GuestFault(f"the program was killed by SIGSEGV: {detail} at rip={rip:#x}"
+                         f"{self._where(rip)}", kind="SIGSEGV", vector=13, error_code=0,
+                         rip=rip, address=0)
+        exc.signal = "SIGSEGV"
+        return exc
 
     def _fault(self):
         vector, error_code, rip, cr2 = machine.read_fault(self._mem)
@@ -880,7 +906,7 @@ def _vdso_parameters():
 
 
 def _py_serve(p, vcpu, pending, run_until, deadline, dispatch, syscall_regs, syscall_return,
-              exit_io, port, user_cs, user_ds, first=-1):
+              exit_io, port, stub, user_cs, user_ds, first=-1):
     """The exit loop: _linux.serve in Python (WHPFAST_PURE_PYTHON=1), documented there. Returns
     the kind of the first exit that is not a system call."""
     while True:
@@ -889,8 +915,12 @@ def _py_serve(p, vcpu, pending, run_until, deadline, dispatch, syscall_regs, sys
             if kind != exit_io or vcpu.io_port != port or vcpu.io_direction != 1 \
                     or vcpu.io_size != 1 or vcpu.io_string:
                 return kind
+            regs = syscall_regs(vcpu)
+            if regs[9] not in (stub, stub + 2) or regs[7] >> 47:
+                return kind
+        else:
+            regs = syscall_regs(vcpu)
         pending = False
-        regs = syscall_regs(vcpu)
         p.syscall_count += 1
         result = dispatch(p, regs[0], regs[1:7])
         syscall_return(vcpu, result & MASK64, user_cs, user_ds)
