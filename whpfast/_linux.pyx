@@ -354,11 +354,14 @@ ctypedef void (*clock_sample_fn)(clock_sample *out, int tries) noexcept nogil
 
 cdef void _vdso_body(volatile whpfast_vdso_data *d, uintptr_t sample_fn, uint32_t mode,
                      uint64_t mult, uint32_t shift, uint32_t coarse_res_ns,
-                     uint64_t tsc_offset) noexcept:
+                     uint64_t tsc_offset, int64_t mono_off, int64_t raw_off,
+                     int64_t boot_off) noexcept:
     """Pairs the host's TSC with its clocks now through sample_fn (host_clock.c's
     whpfast_clock_sample, the address of the very function vdso.host_clocks calls) and writes
     every field of d but seq, with mode, mult, shift and coarse_res_ns as vdso.write_data
-    computes them."""
+    computes them. The guest's MONOTONIC, MONOTONIC_RAW and BOOTTIME are the host's less
+    mono_off, raw_off and boot_off (LinuxSandbox._clock_offsets: they start near zero at the
+    guest's boot); REALTIME is the host's."""
     cdef clock_sample s
     (<clock_sample_fn>sample_fn)(&s, 4)
     d.mode = mode
@@ -367,13 +370,14 @@ cdef void _vdso_body(volatile whpfast_vdso_data *d, uintptr_t sample_fn, uint32_
     d.shift = shift
     d.coarse_res_ns = coarse_res_ns
     d.base_ns[0] = <uint64_t>s.realtime_ns
-    d.base_ns[1] = <uint64_t>s.monotonic_ns
-    d.base_ns[2] = <uint64_t>s.raw_ns
-    d.base_ns[3] = <uint64_t>s.boottime_ns
+    d.base_ns[1] = <uint64_t>(s.monotonic_ns - mono_off)
+    d.base_ns[2] = <uint64_t>(s.raw_ns - raw_off)
+    d.base_ns[3] = <uint64_t>(s.boottime_ns - boot_off)
 
 
 def refresh_vdso(mm, uint64_t addr, uintptr_t sample_fn, uint32_t mode, uint64_t mult,
-                 uint32_t shift, uint32_t coarse_res_ns, uint64_t tsc_offset):
+                 uint32_t shift, uint32_t coarse_res_ns, uint64_t tsc_offset,
+                 int64_t mono_off=0, int64_t raw_off=0, int64_t boot_off=0):
     """vdso.refresh of the data area at guest address addr, in C (it runs on every restore;
     through Python it cost ~7-25 us of GIL-held time per request): struct whpfast_vdso_data
     written there under its seqlock (_vdso_body). A host write: the page is marked for the
@@ -388,13 +392,15 @@ def refresh_vdso(mm, uint64_t addr, uintptr_t sample_fn, uint32_t mode, uint64_t
     d.seq = seq
     # Every store goes through `d` (volatile: the compiler keeps their order) and x86 makes
     # stores visible in program order, so a reader never takes a torn body for a valid one.
-    _vdso_body(d, sample_fn, mode, mult, shift, coarse_res_ns, tsc_offset)
+    _vdso_body(d, sample_fn, mode, mult, shift, coarse_res_ns, tsc_offset, mono_off, raw_off,
+               boot_off)
     d.seq = seq + 1                            # even again, a new generation
     _mark(mm.warm, addr, addr + sizeof(whpfast_vdso_data))
 
 
 def vdso_data(uint32_t seq, uintptr_t sample_fn, uint32_t mode, uint64_t mult, uint32_t shift,
-              uint32_t coarse_res_ns, uint64_t tsc_offset):
+              uint32_t coarse_res_ns, uint64_t tsc_offset, int64_t mono_off=0, int64_t raw_off=0,
+              int64_t boot_off=0):
     """The bytes refresh_vdso leaves over a data area whose seq is `seq`, for a writer that
     puts them in place while the guest is stopped (a resumed run's staged write, see
     LinuxSandbox._resume_plan): the same body, the next even generation."""
@@ -404,6 +410,6 @@ def vdso_data(uint32_t seq, uintptr_t sample_fn, uint32_t mode, uint64_t mult, u
     out = PyBytes_FromStringAndSize(NULL, sizeof(whpfast_vdso_data))
     memset(<char *>out, 0, sizeof(whpfast_vdso_data))      # no host bytes in any padding
     _vdso_body(<volatile whpfast_vdso_data *><char *>out, sample_fn, mode, mult, shift,
-               coarse_res_ns, tsc_offset)
+               coarse_res_ns, tsc_offset, mono_off, raw_off, boot_off)
     (<whpfast_vdso_data *><char *>out).seq = (seq | 1) + 1
     return out

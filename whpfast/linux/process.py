@@ -260,6 +260,10 @@ class LinuxSandbox(Resource):
         self.proc = ProcState((bytes(32),) * 65, 0, struct.pack("<QiiQ", 0, 2, 0, 0)[:24])
         self._io = IoState(b"", False, False, None)
         self.mm.mmap_top = self.mm.top - PAGE - self.stack_size - 16 * PAGE
+        # The guest's MONOTONIC, MONOTONIC_RAW and BOOTTIME: the host's less these, zero now
+        # (a restore moves them: _continue_clocks). Not the host's uptime, which says how long
+        # the host has run and, across sandboxes, that they share one.
+        self._clock_offsets = _host_clocks()
         self._finish_init()
 
     # -- construction ----------------------------------------------------------------------------
@@ -373,6 +377,26 @@ class LinuxSandbox(Resource):
         self._refresh_vdso()
         return base + data_size
 
+    def guest_clock_ns(self, clock: int) -> int:
+        """The guest's CLOCK_MONOTONIC, CLOCK_MONOTONIC_RAW or CLOCK_BOOTTIME (the time module's
+        ids) now, in ns: the host's less the sandbox's offset (the system calls' clock; the
+        vDSO's data area carries the same offsets)."""
+        return time.clock_gettime_ns(clock) - self._clock_offsets[_CLOCK_INDEX[clock]]
+
+    def _guest_clocks(self):
+        return [now - off for now, off in zip(_host_clocks(), self._clock_offsets)]
+
+    def _continue_clocks(self, snapshot):
+        """The guest's clocks go on from the values the snapshot recorded (its meta["clock"]),
+        whatever the host's clocks read now: after a host reboot, in another process, on another
+        host. A snapshot file that predates the record (None) gets the host's clocks, as it did
+        when it was taken."""
+        values = snapshot.meta.get("clock")
+        if values is None:
+            self._clock_offsets = (0, 0, 0)
+        else:
+            self._clock_offsets = tuple(now - v for now, v in zip(_host_clocks(), values))
+
     def _refresh_vdso(self):
         """Pairs the guest's TSC with the host's clocks now, in the vDSO's data area (a new VM,
         or a restored snapshot whose pairing is stale). A host write: marked for the next
@@ -383,11 +407,11 @@ class LinuxSandbox(Resource):
             return
         if PURE_PYTHON:
             def write(view):
-                vdso.refresh(view, 0)
+                vdso.refresh(view, 0, clock_offsets=self._clock_offsets)
                 return len(view)
             self.mm.fill(where[0], where[1] - where[0], write)
         else:
-            _linux.refresh_vdso(self.mm, where[0], *_vdso_parameters(), 0)
+            _linux.refresh_vdso(self.mm, where[0], *_vdso_parameters(), 0, *self._clock_offsets)
 
     def _fs_image(self, path, files):
         """A loader.Image of the regular file at path in the sandbox's file system, read through
@@ -587,6 +611,7 @@ class LinuxSandbox(Resource):
         mm.reset(mm_state)
         self.fs.reset(fs_state)
         self.proc, self._io = proc, io
+        self._continue_clocks(snapshot)
         buf, count = parked
         try:
             if self.fs.console(0) != "stdin":
@@ -600,7 +625,8 @@ class LinuxSandbox(Resource):
         where = self._vvar()
         if where is not None:
             seq, = struct.unpack_from("<I", snapshot._image_view, where[0])
-            writes.append((where[0], _linux.vdso_data(seq, *_vdso_parameters(), 0)))
+            writes.append((where[0], _linux.vdso_data(seq, *_vdso_parameters(), 0,
+                                                      *self._clock_offsets)))
         self._io = IoState(data[n:], io.eof or eof, False, None)
         return snapshot, tuple(writes), n
 
@@ -758,7 +784,7 @@ class LinuxSandbox(Resource):
             nonzero, state = self._warm.capture(image, self._captured_ranges)
             snap = LinuxSnapshot(image, nonzero, state, self._components(),
                                  {"memory_size": self.memory_size, "config": self._config,
-                                  "cpu": cpu.host()}, self.fs)
+                                  "cpu": cpu.host(), "clock": self._guest_clocks()}, self.fs)
             self._warm.set_baseline(snap)
             self.mm.changed = []
             return snap
@@ -820,6 +846,7 @@ class LinuxSandbox(Resource):
         mm_state, fs_state, self.proc, self._io = snapshot._components
         self.mm.reset(mm_state)
         self.fs.reset(fs_state)
+        self._continue_clocks(snapshot)
         if snapshot._parked is None:        # the registers are the snapshot's now
             snapshot._parked = self._parked_locked() or False
         return self._figures(stats.pages_copied, stats.pages_zeroed, stats.dirty_pages,
@@ -889,6 +916,16 @@ class LinuxSandbox(Resource):
         if nr != syscalls.NUMBERS["read"] or fd != 0:
             return None
         return buf, min(count, syscalls.MAX_IO)
+
+
+_CLOCKS = (time.CLOCK_MONOTONIC, time.CLOCK_MONOTONIC_RAW, time.CLOCK_BOOTTIME)
+_CLOCK_INDEX = {c: i for i, c in enumerate(_CLOCKS)}
+
+
+def _host_clocks():
+    """The host's MONOTONIC, MONOTONIC_RAW and BOOTTIME now, in ns (the clocks the guest sees
+    moved by LinuxSandbox._clock_offsets)."""
+    return tuple(time.clock_gettime_ns(c) for c in _CLOCKS)
 
 
 @functools.lru_cache(maxsize=None)

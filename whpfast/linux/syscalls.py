@@ -615,12 +615,13 @@ def sys_getrusage(p, who, buf, *_):
 def sys_times(p, buf, *_):
     if buf:
         p.mm.write(buf, bytes(32))
-    return int(time.monotonic() * 100) & ((1 << 63) - 1)
+    return p.guest_clock_ns(time.CLOCK_MONOTONIC) // 10**7 & ((1 << 63) - 1)   # 100 Hz ticks
 
 
 @syscall("sysinfo")
 def sys_sysinfo(p, buf, *_):
-    info = struct.pack("<q3Q6QHH4xQQI", int(time.monotonic()), 0, 0, 0, p.memory_size,
+    uptime = p.guest_clock_ns(time.CLOCK_BOOTTIME) // 10**9      # the guest's, not the host's
+    info = struct.pack("<q3Q6QHH4xQQI", uptime, 0, 0, 0, p.memory_size,
                        p.memory_size // 2, 0, 0, 0, 0, 1, 0, 0, 0, 1)
     p.mm.write(buf, info.ljust(112, b"\0"))
     return 0
@@ -671,24 +672,32 @@ for _names, (_err, _why) in REFUSED.items():
 
 # -- time -----------------------------------------------------------------------------------
 
-def _clock_ns(clock):
+# The clock a guest's clock id reads (LinuxSandbox.guest_clock_ns: the host's, less the offset
+# that makes the guest's start near zero at its boot), for the ids the sandbox serves. The CPU-time
+# clocks read the guest's monotonic time: one process, always running.
+_GUEST_CLOCKS = {1: time.CLOCK_MONOTONIC, 6: time.CLOCK_MONOTONIC, 2: time.CLOCK_MONOTONIC,
+                 3: time.CLOCK_MONOTONIC, 4: time.CLOCK_MONOTONIC_RAW, 7: time.CLOCK_BOOTTIME,
+                 9: time.CLOCK_BOOTTIME}
+
+
+def _clock_ns(p, clock):
     if clock == 0 or clock == 8 or clock == 5 or clock == 11:      # REALTIME(_ALARM, _COARSE), TAI
         return time.time_ns()
-    if clock in (1, 4, 6, 7, 9, 2, 3):        # MONOTONIC(_RAW, _COARSE), BOOTTIME, CPU clocks
-        return time.monotonic_ns()
+    if clock in _GUEST_CLOCKS:                # MONOTONIC(_COARSE, _RAW), BOOTTIME(_ALARM), CPU
+        return p.guest_clock_ns(_GUEST_CLOCKS[clock])
     _fail(E.EINVAL)
 
 
 @syscall("clock_gettime")
 def sys_clock_gettime(p, clock, tp, *_):
-    ns = _clock_ns(s32(clock))
+    ns = _clock_ns(p, s32(clock))
     p.mm.write(tp, struct.pack("<qq", ns // 10**9, ns % 10**9))
     return 0
 
 
 @syscall("clock_getres")
 def sys_clock_getres(p, clock, res, *_):
-    _clock_ns(s32(clock))
+    _clock_ns(p, s32(clock))
     if res:
         p.mm.write(res, struct.pack("<qq", 0, 1))
     return 0
@@ -727,10 +736,10 @@ def sys_nanosleep(p, req, rem, *_):
 
 @syscall("clock_nanosleep")
 def sys_clock_nanosleep(p, clock, flags, req, rem, *_):
-    _clock_ns(s32(clock))
+    _clock_ns(p, s32(clock))
     if flags & 1:                              # TIMER_ABSTIME
         sec, nsec = struct.unpack("<qq", p.mm.read(req, 16))
-        p.sleep(max(0.0, sec + nsec / 1e9 - _clock_ns(s32(clock)) / 1e9))
+        p.sleep(max(0.0, sec + nsec / 1e9 - _clock_ns(p, s32(clock)) / 1e9))
         return 0
     return _sleep(p, req)
 
