@@ -2,6 +2,7 @@
 system-call port from its own code or return to an address sysret cannot take, learn the host's
 uptime from its clocks, and leave host mappings behind across restores."""
 
+import os
 import subprocess
 import sys
 import time
@@ -170,3 +171,160 @@ def test_monotonic_clocks_go_on_from_the_snapshot(clocks_program, tmp_path):
     assert done.returncode == 0, done.stderr
     mono, sys_mono = map(int, done.stdout.split())
     assert at_snapshot["mono"] <= mono <= sys_mono < at_snapshot["mono"] + 30e9
+
+
+# -- host mappings: a restore takes back what a run left, a failed mmap leaves nothing -------------
+
+# On "map N": N read-only mappings of the file argv[1], each at another file offset (no two
+# merge, on the guest's side or the host's), a page punched out of every other one and every
+# third one unmapped again; "punch N": a page out of each of the first N mappings "map" kept;
+# "bad N": N mmaps that must fail (a directory, the console, a bad fd), and one MAP_FIXED of a
+# directory over a page of "map"'s first mapping, which must stay. Then prints its own mapping
+# count (/proc/self/maps lines) and how many calls did not do what they must.
+MAPPER = r"""
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+
+static int maps(void) {
+    char buf[1 << 16];
+    int fd = open("/proc/self/maps", O_RDONLY), n, lines = 0;
+    while ((n = read(fd, buf, sizeof buf)) > 0)
+        for (int i = 0; i < n; i++)
+            lines += buf[i] == '\n';
+    close(fd);
+    return lines;
+}
+
+static char *made[4096];
+static int n_made;
+
+int main(int argc, char **argv) {
+    char cmd[64];
+    int fd = open(argv[1], O_RDONLY);
+    long size = lseek(fd, 0, SEEK_END);
+    for (;;) {
+        ssize_t n = read(0, cmd, sizeof cmd - 1);
+        if (n <= 0) return 0;
+        cmd[n] = 0;
+        int count = atoi(cmd + 4), failed = 0;
+        if (!strncmp(cmd, "map ", 4)) {
+            /* read-only file mappings, each at another file offset (no two merge), every other one unmapped again */
+            char *prev = 0;
+            for (int i = 0; i < count; i++) {
+                long off = (long)(i * 7 % ((size >> 12) - 8)) << 12;
+                char *p = mmap(0, 8 << 12, PROT_READ, MAP_PRIVATE, fd, off);
+                if (p == MAP_FAILED) { failed++; continue; }
+                if (n_made < 4096 && i % 3 != 2) made[n_made++] = p;
+                if (i % 2) munmap(p + 4096, 4096);      /* a hole punched in a shared mapping */
+                if (i % 3 == 0 && prev) munmap(prev, 8 << 12);
+                prev = p;
+            }
+        } else if (!strncmp(cmd, "punch ", 6)) {
+            count = atoi(cmd + 6);
+            for (int i = 0; i < count && i < n_made; i++)
+                if (munmap(made[i] + 2 * 4096, 4096)) failed++;
+        } else if (!strncmp(cmd, "bad ", 4)) {
+            /* mmaps that must fail and leave nothing: a directory, the console, a bad fd */
+            int dir = open("/tmp", O_RDONLY | O_DIRECTORY);
+            for (int i = 0; i < count; i++) {
+                int fds[] = {dir, 0, 1, 999};
+                void *p = mmap(0, 1 << 16, PROT_READ, MAP_PRIVATE, fds[i % 4], 0);
+                if (p != MAP_FAILED || errno != (i % 4 == 3 ? EBADF : ENODEV)) failed++;
+            }
+            if (n_made) {
+                char before = made[0][0];
+                if (mmap(made[0], 4096, PROT_READ, MAP_PRIVATE | MAP_FIXED, dir, 0) != MAP_FAILED
+                        || made[0][0] != before)
+                    failed++;
+            }
+            close(dir);
+        }
+        printf("%d %d\n", maps(), failed);
+        fflush(stdout);
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def mapper(tmp_path_factory):
+    return build_c(tmp_path_factory.mktemp("trust") / "mapper", MAPPER, "-static")
+
+
+def host_mappings():
+    with open("/proc/self/maps", "rb") as f:
+        return f.read().count(b"\n")
+
+
+SLACK = 8       # mappings this process may make meanwhile on its own (allocator arenas, threads)
+
+
+def mapping_count(out):
+    maps, failed = map(int, out.stdout.split())
+    assert out.waiting and failed == 0, out
+    return maps
+
+
+@pytest.fixture
+def mapped_file():
+    """A host file the guest may map (shareable: root's, not writable by others), >= 1 MiB."""
+    for path in ("/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6",
+                 sys.executable):
+        path = os.path.realpath(path)
+        if os.path.isfile(path) and os.path.getsize(path) >= 1 << 20:
+            return path
+    pytest.fail("no host file of 1 MiB or more to map")
+
+
+def test_a_restore_takes_back_the_host_mappings_a_run_made(mapper, mapped_file, tmp_path):
+    base = host_mappings()
+    with LinuxSandbox([mapper, mapped_file], read=[mapped_file]) as sb:
+        assert sb.run().waiting
+        mapping_count(sb.run(b"map 40"))        # the snapshot holds file mappings of its own
+        snap = sb.snapshot()
+        at_snapshot = host_mappings()
+        guest_at_snapshot = len(sb.mm.vmas)
+        assert at_snapshot - base > 20          # (the file's pages are shared, not copied)
+        for command in (b"map 400", b"punch 20", b"map 400"):
+            mapping_count(sb.run(command))
+            assert host_mappings() > at_snapshot + 100 or command.startswith(b"punch")
+            sb.restore(snap)
+            assert host_mappings() <= at_snapshot + SLACK, command
+        # the warm path (restore and the read's answer in one call) takes them back too
+        for _ in range(3):
+            mapping_count(sb.run(b"map 400", restore=snap))
+        sb.restore(snap)
+        assert host_mappings() <= at_snapshot + SLACK
+        # ...and the memory is the snapshot's all the same: the mappings read the file's bytes
+        assert mapping_count(sb.run(b"map 0")) == guest_at_snapshot
+        name = os.fsencode(mapped_file)
+        with open(mapped_file, "rb") as f:
+            file_vmas = [v for v in sb.mm.vmas if v.name == name and not v.prot & 2]
+            assert len(file_vmas) > 20
+            for v in file_vmas:
+                f.seek(v.offset)
+                assert sb.mm.read(v.start, v.end - v.start) == f.read(v.end - v.start), v
+        path = snap.save(tmp_path / "mapper.snap")
+    # sandboxes from the file: the image is mapped from it (its extents are host mappings), and
+    # what runs map or punch there comes back the same way
+    with LinuxSandbox.from_snapshot(path) as sb:
+        started = host_mappings()
+        for command in (b"punch 30", b"map 400", b"punch 30"):
+            mapping_count(sb.run(command, restore=sb._warm.baseline))
+        sb.restore(sb._warm.baseline)
+        assert host_mappings() <= started + SLACK
+
+
+def test_failed_mmaps_leave_nothing(mapper, mapped_file):
+    with LinuxSandbox([mapper, mapped_file], read=[mapped_file]) as sb:
+        assert sb.run().waiting
+        before = mapping_count(sb.run(b"map 10"))
+        vmas = list(sb.mm.vmas)
+        host = host_mappings()
+        assert mapping_count(sb.run(b"bad 200")) == before
+        assert sb.mm.vmas == vmas and host_mappings() <= host + SLACK

@@ -888,6 +888,19 @@ cdef class GuestMemory(Mapping):
             _raise_errno(errno, f"mmap of a snapshot file at offset {file_offset:#x}")
         self.overlaid = True
 
+    def anonymize(self, size_t offset, size_t length):
+        """Replaces [offset, offset+length) with fresh anonymous memory (zero), undoing what
+        overlay_file mapped there: the new mapping merges with the anonymous memory around it,
+        so the process's host mappings (vm.max_map_count, shared by every sandbox) go back to
+        what they were before the overlay. The hypervisor's MMU notifier sees the change."""
+        if self.ptr == NULL:
+            raise errors.SandboxClosed("the mapping is closed")
+        if offset % PAGE_SIZE or length % PAGE_SIZE or offset + length > self.size:
+            raise ValueError(f"anonymize {offset:#x}+{length:#x} is unaligned or outside the memory")
+        if length and mmap(self.ptr + offset, length, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED:
+            _raise_errno(errno, "mmap of fresh guest memory over a file overlay")
+
 
 cdef class FileMapping(Mapping):
     """A host file (or a page-aligned part of it) mapped private, rounded up to whole pages (the
@@ -1061,7 +1074,7 @@ def segment_base(Vcpu vcpu not None, str which, value=None):
 
 
 def memory_invalidate(Vcpu vcpu not None, Mapping memory not None, size_t offset, size_t length,
-                      bint discard, bint anonymous=False):
+                      bint discard, bint anonymous=False, bint remap=True):
     """Makes the hypervisor forget its translations of these guest pages, so page-table entries
     the host rewrote (munmap, mprotect) take effect. (The vCPU is for backends that flush the
     guest's TLB through it, as WHP does; KVM's MMU notifier flushes it for the whole VM.) KVM only notices a host write to guest page
@@ -1070,7 +1083,9 @@ def memory_invalidate(Vcpu vcpu not None, Mapping memory not None, size_t offset
     drops the pages' contents (MADV_DONTNEED: they read as zero again and stop costing memory);
     otherwise the protection is lowered and raised again, which keeps them. anonymous=True: the
     caller knows no file is mapped over these pages (overlay_file), so MADV_DONTNEED is right
-    (it frees them) even where other parts of the memory are file mappings."""
+    (it frees them) even where other parts of the memory are file mappings. remap=False: never
+    a fresh mapping over file-mapped pages (it would split a host mapping for good: the caller
+    cannot undo it, e.g. over a snapshot file's image), always zeroing in place."""
     if memory.ptr == NULL:
         raise errors.SandboxClosed("the mapping is closed")
     if offset % PAGE_SIZE or length % PAGE_SIZE or offset + length > memory.size or memory.readonly:
@@ -1083,7 +1098,7 @@ def memory_invalidate(Vcpu vcpu not None, Mapping memory not None, size_t offset
         # notifier all the same). Each one may split a host mapping in three, and the process's
         # mappings are few (vm.max_map_count, 65530, for all sandboxes): past OVERLAY_REMAPS the
         # pages are zeroed in place instead (private pages, within the guest's own memory).
-        if (<GuestMemory>memory).remaps < OVERLAY_REMAPS:
+        if remap and (<GuestMemory>memory).remaps < OVERLAY_REMAPS:
             if mmap(memory.ptr + offset, length, PROT_READ | PROT_WRITE,
                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED:
                 _raise_errno(errno, "mmap of fresh guest memory over discarded pages")

@@ -933,15 +933,15 @@ cdef int _check_range(Mapping memory, size_t offset, size_t length, str what) ex
 
 
 def memory_invalidate(Vcpu vcpu not None, Mapping memory not None, size_t offset, size_t length,
-                      bint discard, bint anonymous=False):
+                      bint discard, bint anonymous=False, bint remap=True):
     """Makes page-table entries the host rewrote (munmap, mprotect, a restore) take effect. WHP
     virtualizes paging in hardware: there are no shadow translations built from the guest's
     tables to forget (the PVM problem _kvm.pyx solves with the MMU notifier), only the guest's
     own TLB, which the next run flushes by setting CR3 (see Vcpu._flush). discard=True also
     zeroes the pages, in place: guest memory is pinned by WHvMapGpaRange, and decommitting it
     behind the mapping would leave the guest the old pages (so, unlike MADV_DONTNEED on KVM, the
-    memory stays committed). anonymous: as on KVM; nothing is ever mapped over guest memory here,
-    so it changes nothing."""
+    memory stays committed). anonymous, remap: as on KVM; nothing is ever mapped over guest
+    memory here, so they change nothing."""
     _check_range(memory, offset, length, "invalidate")
     if length == 0:
         return

@@ -257,6 +257,9 @@ class LinuxSandbox(Resource):
                                  tmp_size=config["tmp_size"], proc_maps=self.mm.maps_text,
                                  entropy=os.urandom, uid=syscalls.UID, gid=syscalls.UID)
             undo.pop_all()
+        # Per snapshot taken here, its moment's host overlays (mm.overlay_state): what a
+        # restore to it keeps (another sandbox's snapshot: none).
+        self._overlays_at = weakref.WeakKeyDictionary()
         self.proc = ProcState((bytes(32),) * 65, 0, struct.pack("<QiiQ", 0, 2, 0, 0)[:24])
         self._io = IoState(b"", False, False, None)
         self.mm.mmap_top = self.mm.top - PAGE - self.stack_size - 16 * PAGE
@@ -310,10 +313,12 @@ class LinuxSandbox(Resource):
         self._memory, self._vm, self._vcpu, self._warm = memory, vm, vcpu, warm
         self._mem = warm.mem
         self.mm = AddressSpace(warm, pt_base, pt_base - PAGE,
-                               lambda offset, length, discard, anonymous=False:
-                                   impl.memory_invalidate(vcpu, memory, offset, length, discard, anonymous),
+                               lambda offset, length, discard, anonymous=False, remap=True:
+                                   impl.memory_invalidate(vcpu, memory, offset, length, discard,
+                                                          anonymous, remap),
                                lambda offset, length: impl.memory_populate(memory, offset, length),
-                               getattr(memory, "overlay_file", None), getattr(memory, "overlaid", False))
+                               getattr(memory, "overlay_file", None), getattr(memory, "overlaid", False),
+                               getattr(memory, "anonymize", None))
         gdt, tss = machine._gdt_and_tss()
         store = self.mm.store
         store(machine.GDT_ADDR, gdt)
@@ -607,6 +612,7 @@ class LinuxSandbox(Resource):
             return None
         mm = self.mm
         mm_state, fs_state, proc, _ = snapshot._components
+        mm.revert_overlays(self._overlays_at.get(snapshot), snapshot._nonzero)
         self._forget_translations(False)
         mm.reset(mm_state)
         self.fs.reset(fs_state)
@@ -787,6 +793,7 @@ class LinuxSandbox(Resource):
                                   "cpu": cpu.host(), "clock": self._guest_clocks()}, self.fs)
             self._warm.set_baseline(snap)
             self.mm.changed = []
+            self._overlays_at[snap] = self.mm.overlay_state()
             return snap
 
     def _captured_ranges(self):
@@ -841,6 +848,8 @@ class LinuxSandbox(Resource):
         has: stale translations and the host-side components. After a failure the core wants a
         full restore next; the caller poisons."""
         full = snapshot is not self._warm.baseline
+        # first: it marks the pages it zeroes for the copies below
+        self.mm.revert_overlays(self._overlays_at.get(snapshot), snapshot._nonzero)
         stats = self._warm.restore(snapshot, self._captured_ranges)
         self._forget_translations(full)
         mm_state, fs_state, self.proc, self._io = snapshot._components

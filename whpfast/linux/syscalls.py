@@ -411,19 +411,25 @@ def sys_mmap(p, addr, length, prot, flags, fd, offset, *_):
     noreplace = bool(flags & MAP_FIXED_NOREPLACE)
     if anonymous:
         return p.mm.map(addr, length, prot, fixed=fixed, noreplace=noreplace)
+    # Whether the file can be mapped at all (ENODEV: a directory, the console) is known before
+    # anything is: a failed mmap leaves the address space as it was.
+    data = None if host is not None else p.fs.contents(fd)
     start, kept = p.mm.map_file(addr, length, prot, fixed=fixed, noreplace=noreplace,
                                 name=name or b"", offset=offset, pristine=host is not None and bool(name),
                                 host=host)
     length = (length + PAGE - 1) & ~(PAGE - 1)
-    data = None if host is not None else p.fs.contents(fd)
-    for lo, hi in _gaps(start, start + length, kept):
-        at = offset + (lo - start)
-        if host is not None:
-            host_fd, size = host
-            n = max(0, min(hi - lo, size - at))
-            p.mm.fill(lo, n, lambda view: os.preadv(host_fd, [view], at))
-        else:
-            p.mm.store(lo, data[at:at + (hi - lo)])
+    try:
+        for lo, hi in _gaps(start, start + length, kept):
+            at = offset + (lo - start)
+            if host is not None:
+                host_fd, size = host
+                n = max(0, min(hi - lo, size - at))
+                p.mm.fill(lo, n, lambda view: os.preadv(host_fd, [view], at))
+            else:
+                p.mm.store(lo, data[at:at + (hi - lo)])
+    except BaseException:
+        p.mm.unmap(start, length)       # (a read of the host file failed: nothing stays mapped)
+        raise
     return start
 
 
