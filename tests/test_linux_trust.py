@@ -12,6 +12,7 @@ import pytest
 
 import whpfast
 from whpfast import GuestFault
+from whpfast.linux import mm
 from whpfast.linux.process import SYSCALL_PORT, SYSCALL_STUB, LinuxSandbox
 
 from conftest import build_c
@@ -328,3 +329,29 @@ def test_failed_mmaps_leave_nothing(mapper, mapped_file):
         host = host_mappings()
         assert mapping_count(sb.run(b"bad 200")) == before
         assert sb.mm.vmas == vmas and host_mappings() <= host + SLACK
+
+
+def test_a_pool_keeps_to_the_processs_mapping_budget(py_box, monkeypatch):
+    """A pool reserves each sandbox's peak of host mappings (mapbudget.sandbox_peak) and refuses
+    one that would not fit in vm.max_map_count, saying how many fit; a failed pool and a closed
+    one give their reservations back."""
+    import gc
+    from whpfast.core import mapbudget
+    peak = mapbudget.sandbox_peak(py_box.snapshot)
+    assert peak == mapbudget.FIXED + 2 * (mm.MAX_SHARED + mapbudget.OVERLAY_REMAPS)
+    gc.collect()
+    before = mapbudget.reserved()
+    # room for two and a half such sandboxes
+    limit = mapbudget.process_mappings() + before + mapbudget.HEADROOM + 2 * peak + peak // 2
+    monkeypatch.setattr(mapbudget, "max_map_count", lambda: limit)
+    with pytest.raises(whpfast.MappingBudgetError, match="at most 0 more sandboxes") as info:
+        whpfast.Pool(py_box, size=3)
+    assert info.value.peak == peak and info.value.limit == limit and info.value.left < peak
+    del info                        # (its traceback holds the pool's frame, and so its sandboxes)
+    gc.collect()
+    assert mapbudget.reserved() == before
+    with whpfast.Pool(py_box, size=2) as pool:
+        assert mapbudget.reserved() == before + 2 * peak
+        assert pool.run("print(6 * 7)").stdout == "42\n"
+    gc.collect()
+    assert mapbudget.reserved() == before

@@ -30,13 +30,14 @@ import numpy as np
 import numpy.typing as npt
 
 from ._typing import StrPath
+from .core import mapbudget
 from .core.resource import Resource
 from .core.run import run_timeout
 from .errors import (ConfigError, GuestCallError, GuestCancelled, GuestPythonError, PoolFull,
                      SandboxClosed, SnapshotError, WhpfastError)
 from .linux import snapfile
 from .linux.process import LinuxSnapshot
-from .python.sandbox import PythonResult, PythonSandbox
+from .python.sandbox import PythonResult, PythonSandbox, _load_shared
 from .sandbox import Sandbox
 from .snapshot import MAGIC as SDK_MAGIC
 from .snapshot import Snapshot
@@ -273,8 +274,10 @@ class Pool(Resource):
         self._closed = False
 
     def _make(self):
-        """A new sandbox from the snapshot. The first one from a path loads the file; the loaded
-        snapshot is kept, so every later one maps the same file's pages (no second load)."""
+        """A new sandbox from the snapshot, within the process's budget of host mappings
+        (mapbudget.reserve: MappingBudgetError when it would not fit). The first one from a path
+        loads the file; the loaded snapshot is kept, so every later one maps the same file's
+        pages (no second load)."""
         if self.kind == "sdk":
             if not isinstance(self._source, Snapshot):
                 self._source = Snapshot.load(self._source)
@@ -282,8 +285,12 @@ class Pool(Resource):
             if self._on_output is not None:
                 on_output = self._on_output
                 on_print = lambda text: on_output("stdout", text)  # noqa: E731
-            return Sandbox.from_snapshot(self._source, on_print=on_print)
-        sb = PythonSandbox.from_snapshot(self._source)
+            with mapbudget.reserving(self._source) as reservation:
+                return reservation.attach(Sandbox.from_snapshot(self._source, on_print=on_print))
+        if not isinstance(self._source, LinuxSnapshot):
+            self._source = _load_shared(self._source)
+        with mapbudget.reserving(self._source) as reservation:
+            sb = reservation.attach(PythonSandbox.from_snapshot(self._source))
         self._source = sb.snapshot
         return sb
 

@@ -43,9 +43,11 @@ MASK64 = (1 << 64) - 1
 MAX_MAPPINGS = 65530        # Linux's default vm.max_map_count: also bounds the host's work per call
 MAX_CHANGED = 4096          # ranges remembered for the next restore before "all of it" is simpler
 SHARE_MIN = 4 * PAGE        # file mappings smaller than this are copied: an mmap costs more
-MAX_SHARED = 1024           # host file mappings an address space makes over its memory (each may
+MAX_SHARED = 256            # host file mappings an address space makes over its memory (each may
                             # split a host mapping, and vm.max_map_count is shared by every
-                            # sandbox of the process); past that, file pages are copied
+                            # sandbox of the process: core/mapbudget.py); past that, file pages
+                            # are copied. A restore takes a run's back, so this bounds one run's
+                            # (`import pandas, numpy` makes 99)
 
 # pristine: the pages hold the named file's bytes from offset, untouched (mapped from the file and
 # never writable since), so mapping the same file range again over them needs no copy.
