@@ -317,6 +317,9 @@ def serve(p, vcpu, bint pending, run_until, deadline, dispatch, syscall_regs, sy
                     or vcpu.io_size != 1 or vcpu.io_string:
                 return kind
             regs = syscall_regs(vcpu)
+            if PyTuple_GET_SIZE(regs) < 10:
+                raise ValueError(f"syscall_regs must give the number, six arguments, RCX, R11 "
+                                 f"and RIP, got {regs!r}")
             rip = PyLong_AsUnsignedLongLong(<object>PyTuple_GET_ITEM(regs, 9))
             if (rip != stub and rip != stub + 2) \
                     or PyLong_AsUnsignedLongLong(<object>PyTuple_GET_ITEM(regs, 7)) >> 47:
