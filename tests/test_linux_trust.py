@@ -171,7 +171,8 @@ def test_monotonic_clocks_go_on_from_the_snapshot(clocks_program, tmp_path):
                           cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     mono, sys_mono = map(int, done.stdout.split())
-    assert at_snapshot["mono"] <= mono <= sys_mono < at_snapshot["mono"] + 30e9
+    for value in (mono, sys_mono):      # (the vDSO's and the system call's, two runs apart)
+        assert at_snapshot["mono"] <= value < at_snapshot["mono"] + 30e9
 
 
 # -- host mappings: a restore takes back what a run left, a failed mmap leaves nothing -------------
