@@ -55,7 +55,7 @@ from .python import PythonError, PythonResult, PythonSandbox  # noqa: E402
 __all__ += ["PythonSandbox", "PythonResult", "PythonError", "GuestPythonError"]
 
 # Pools of warm sandboxes (whpfast/pool.py)
-from .errors import PoolFull  # noqa: E402
+from .errors import MappingBudgetError, PoolFull  # noqa: E402
 from .pool import Pool, PoolStats  # noqa: E402
 
-__all__ += ["Pool", "PoolStats", "PoolFull"]
+__all__ += ["Pool", "PoolStats", "PoolFull", "MappingBudgetError"]

@@ -778,6 +778,7 @@ cdef class Vcpu(CancelState):
         xsave = self._warm_begin(&w, pages, image, nonzero, n_touched, hot_limit, n_hot, cycle,
                                  state, fpu, writes)   # (w points into xsave: kept to the end)
         w.start_ns = start_ns
+        _check_sysret(self._run().s.regs.regs.rcx)     # (the snapshot's: it may come from a file)
         _sysret(self._run(), result, user_cs, user_ds)
         kind = self._enter(timeout_ns, &w)
         return _warm_result(&w) + (kind, w.done_ns - w.start_ns)
@@ -887,6 +888,19 @@ cdef class GuestMemory(Mapping):
             _raise_errno(errno, f"mmap of a snapshot file at offset {file_offset:#x}")
         self.overlaid = True
 
+    def anonymize(self, size_t offset, size_t length):
+        """Replaces [offset, offset+length) with fresh anonymous memory (zero), undoing what
+        overlay_file mapped there: the new mapping merges with the anonymous memory around it,
+        so the process's host mappings (vm.max_map_count, shared by every sandbox) go back to
+        what they were before the overlay. The hypervisor's MMU notifier sees the change."""
+        if self.ptr == NULL:
+            raise errors.SandboxClosed("the mapping is closed")
+        if offset % PAGE_SIZE or length % PAGE_SIZE or offset + length > self.size:
+            raise ValueError(f"anonymize {offset:#x}+{length:#x} is unaligned or outside the memory")
+        if length and mmap(self.ptr + offset, length, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED:
+            _raise_errno(errno, "mmap of fresh guest memory over a file overlay")
+
 
 cdef class FileMapping(Mapping):
     """A host file (or a page-aligned part of it) mapped private, rounded up to whole pages (the
@@ -976,10 +990,12 @@ def linux_setup(Vcpu vcpu not None, uint64_t xcr0, dict msrs not None):
 
 
 def syscall_regs(Vcpu vcpu not None):
-    """(rax, rdi, rsi, rdx, r10, r8, r9, rcx, r11) of the last exit: the system call number, its
-    six arguments, and where `syscall` left the return address and RFLAGS."""
+    """(rax, rdi, rsi, rdx, r10, r8, r9, rcx, r11, rip) of the last exit: the system call number,
+    its six arguments, where `syscall` left the return address and RFLAGS, and RIP as the exit
+    left it (on an OUT exit KVM reports either the OUT's address or the next instruction's:
+    PVM has stepped past it, VMX steps on the next KVM_RUN)."""
     cdef kvm_regs *g = &vcpu._run().s.regs.regs
-    return (g.rax, g.rdi, g.rsi, g.rdx, g.r10, g.r8, g.r9, g.rcx, g.r11)
+    return (g.rax, g.rdi, g.rsi, g.rdx, g.r10, g.r8, g.r9, g.rcx, g.r11, g.rip)
 
 
 def registers(Vcpu vcpu not None):
@@ -995,8 +1011,24 @@ def registers(Vcpu vcpu not None):
 def syscall_return(Vcpu vcpu not None, uint64_t result, uint16_t user_cs, uint16_t user_ds):
     """Returns from the system call of the last exit as `sysret` would: RAX = result, RIP = RCX,
     RFLAGS = R11 (user bits only). Where `syscall` entered CPL0 (hardware VMX/SVM; PVM keeps CPL3)
-    the stub ran at CPL0, so CS and SS go back to the user selectors too."""
-    _sysret(vcpu._run(), result, user_cs, user_ds)
+    the stub ran at CPL0, so CS and SS go back to the user selectors too. GuestFault, with
+    nothing queued, when RCX is not a user address (see _check_sysret)."""
+    cdef kvm_run *r = vcpu._run()
+    _check_sysret(r.s.regs.regs.rcx)
+    _sysret(r, result, user_cs, user_ds)
+
+
+cdef int _check_sysret(uint64_t rcx) except -1:
+    """The guest chose RCX (any code may jump to the stub with any registers): a return address
+    that is not a canonical user address (bits 63..47 set) would be a RIP the hypervisor refuses
+    or, at CPL0 on hardware, a kernel address. Linux's sysret path sends such a return through
+    IRET, which faults: SIGSEGV; here a GuestFault, and the value never reaches the vCPU."""
+    if rcx >> 47:
+        raise errors.GuestFault(
+            f"the program made a system call whose return address rcx={rcx:#x} is not a canonical "
+            f"user address (sysret cannot return there; Linux sends SIGSEGV)",
+            kind="SIGSEGV", vector=13, error_code=0, rip=rcx, address=0)
+    return 0
 
 
 cdef void _sysret(kvm_run *r, uint64_t result, uint16_t user_cs, uint16_t user_ds) noexcept:
@@ -1042,7 +1074,7 @@ def segment_base(Vcpu vcpu not None, str which, value=None):
 
 
 def memory_invalidate(Vcpu vcpu not None, Mapping memory not None, size_t offset, size_t length,
-                      bint discard, bint anonymous=False):
+                      bint discard, bint anonymous=False, bint remap=True):
     """Makes the hypervisor forget its translations of these guest pages, so page-table entries
     the host rewrote (munmap, mprotect) take effect. (The vCPU is for backends that flush the
     guest's TLB through it, as WHP does; KVM's MMU notifier flushes it for the whole VM.) KVM only notices a host write to guest page
@@ -1051,7 +1083,9 @@ def memory_invalidate(Vcpu vcpu not None, Mapping memory not None, size_t offset
     drops the pages' contents (MADV_DONTNEED: they read as zero again and stop costing memory);
     otherwise the protection is lowered and raised again, which keeps them. anonymous=True: the
     caller knows no file is mapped over these pages (overlay_file), so MADV_DONTNEED is right
-    (it frees them) even where other parts of the memory are file mappings."""
+    (it frees them) even where other parts of the memory are file mappings. remap=False: never
+    a fresh mapping over file-mapped pages (it would split a host mapping for good: the caller
+    cannot undo it, e.g. over a snapshot file's image), always zeroing in place."""
     if memory.ptr == NULL:
         raise errors.SandboxClosed("the mapping is closed")
     if offset % PAGE_SIZE or length % PAGE_SIZE or offset + length > memory.size or memory.readonly:
@@ -1064,7 +1098,7 @@ def memory_invalidate(Vcpu vcpu not None, Mapping memory not None, size_t offset
         # notifier all the same). Each one may split a host mapping in three, and the process's
         # mappings are few (vm.max_map_count, 65530, for all sandboxes): past OVERLAY_REMAPS the
         # pages are zeroed in place instead (private pages, within the guest's own memory).
-        if (<GuestMemory>memory).remaps < OVERLAY_REMAPS:
+        if remap and (<GuestMemory>memory).remaps < OVERLAY_REMAPS:
             if mmap(memory.ptr + offset, length, PROT_READ | PROT_WRITE,
                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED:
                 _raise_errno(errno, "mmap of fresh guest memory over discarded pages")

@@ -286,7 +286,7 @@ cdef class Dispatcher:
 
 
 def serve(p, vcpu, bint pending, run_until, deadline, dispatch, syscall_regs, syscall_return,
-          int exit_io, int port, int user_cs, int user_ds, int first=-1):
+          int exit_io, int port, uint64_t stub, int user_cs, int user_ds, int first=-1):
     """The exit loop of LinuxSandbox.run: runs the vCPU (run_until(vcpu, deadline)) and serves
     every system call the program makes (dispatch(p, nr, args); a Dispatcher is called directly)
     until an exit that is not one: returns that exit's kind. pending: the vCPU sits at a system
@@ -295,13 +295,19 @@ def serve(p, vcpu, bint pending, run_until, deadline, dispatch, syscall_regs, sy
     program exits, parks on stdin, kills itself, a host failure) propagates, with the vCPU
     still at that system call.
 
-    Only the stub's own exit is a system call: `out SYSCALL_PORT, al`. Any other use of the port
-    (an IN, which KVM completes and WHP leaves undone, a wider OUT, string I/O) is an exit the
-    ABI does not define, and ends the loop."""
+    Only the stub's own exit is a system call: `out SYSCALL_PORT, al` at `stub` (its 2 bytes;
+    the exit's RIP is the OUT's address or the next instruction's, depending on the hypervisor:
+    on the stub's read-only page either means the stub's OUT), with a return address (RCX) that
+    is a canonical user address. Any other use of the port (the same OUT in the program's own
+    code, an IN, which KVM completes and WHP leaves undone, a wider OUT, string I/O) or a
+    return address sysret cannot take is an exit the ABI does not define: the loop ends with
+    that exit's kind, nothing dispatched (LinuxSandbox turns it into a GuestFault)."""
     cdef Dispatcher fast = dispatch if type(dispatch) is Dispatcher else None
     cdef tuple regs
     cdef object result
+    cdef uint64_t rip
     while True:
+        regs = None
         if not pending:
             if first >= 0:
                 kind, first = first, -1
@@ -310,8 +316,17 @@ def serve(p, vcpu, bint pending, run_until, deadline, dispatch, syscall_regs, sy
             if kind != exit_io or vcpu.io_port != port or vcpu.io_direction != 1 \
                     or vcpu.io_size != 1 or vcpu.io_string:
                 return kind
+            regs = syscall_regs(vcpu)
+            if PyTuple_GET_SIZE(regs) < 10:
+                raise ValueError(f"syscall_regs must give the number, six arguments, RCX, R11 "
+                                 f"and RIP, got {regs!r}")
+            rip = PyLong_AsUnsignedLongLong(<object>PyTuple_GET_ITEM(regs, 9))
+            if (rip != stub and rip != stub + 2) \
+                    or PyLong_AsUnsignedLongLong(<object>PyTuple_GET_ITEM(regs, 7)) >> 47:
+                return kind
         pending = False
-        regs = syscall_regs(vcpu)
+        if regs is None:        # (a call answered late: checked when it was made)
+            regs = syscall_regs(vcpu)
         p.syscall_count += 1
         if fast is not None:
             result = fast.serve(p, regs)
@@ -342,11 +357,14 @@ ctypedef void (*clock_sample_fn)(clock_sample *out, int tries) noexcept nogil
 
 cdef void _vdso_body(volatile whpfast_vdso_data *d, uintptr_t sample_fn, uint32_t mode,
                      uint64_t mult, uint32_t shift, uint32_t coarse_res_ns,
-                     uint64_t tsc_offset) noexcept:
+                     uint64_t tsc_offset, int64_t mono_off, int64_t raw_off,
+                     int64_t boot_off) noexcept:
     """Pairs the host's TSC with its clocks now through sample_fn (host_clock.c's
     whpfast_clock_sample, the address of the very function vdso.host_clocks calls) and writes
     every field of d but seq, with mode, mult, shift and coarse_res_ns as vdso.write_data
-    computes them."""
+    computes them. The guest's MONOTONIC, MONOTONIC_RAW and BOOTTIME are the host's less
+    mono_off, raw_off and boot_off (LinuxSandbox._clock_offsets: they start near zero at the
+    guest's boot); REALTIME is the host's."""
     cdef clock_sample s
     (<clock_sample_fn>sample_fn)(&s, 4)
     d.mode = mode
@@ -355,13 +373,14 @@ cdef void _vdso_body(volatile whpfast_vdso_data *d, uintptr_t sample_fn, uint32_
     d.shift = shift
     d.coarse_res_ns = coarse_res_ns
     d.base_ns[0] = <uint64_t>s.realtime_ns
-    d.base_ns[1] = <uint64_t>s.monotonic_ns
-    d.base_ns[2] = <uint64_t>s.raw_ns
-    d.base_ns[3] = <uint64_t>s.boottime_ns
+    d.base_ns[1] = <uint64_t>(s.monotonic_ns - mono_off)
+    d.base_ns[2] = <uint64_t>(s.raw_ns - raw_off)
+    d.base_ns[3] = <uint64_t>(s.boottime_ns - boot_off)
 
 
 def refresh_vdso(mm, uint64_t addr, uintptr_t sample_fn, uint32_t mode, uint64_t mult,
-                 uint32_t shift, uint32_t coarse_res_ns, uint64_t tsc_offset):
+                 uint32_t shift, uint32_t coarse_res_ns, uint64_t tsc_offset,
+                 int64_t mono_off=0, int64_t raw_off=0, int64_t boot_off=0):
     """vdso.refresh of the data area at guest address addr, in C (it runs on every restore;
     through Python it cost ~7-25 us of GIL-held time per request): struct whpfast_vdso_data
     written there under its seqlock (_vdso_body). A host write: the page is marked for the
@@ -376,13 +395,15 @@ def refresh_vdso(mm, uint64_t addr, uintptr_t sample_fn, uint32_t mode, uint64_t
     d.seq = seq
     # Every store goes through `d` (volatile: the compiler keeps their order) and x86 makes
     # stores visible in program order, so a reader never takes a torn body for a valid one.
-    _vdso_body(d, sample_fn, mode, mult, shift, coarse_res_ns, tsc_offset)
+    _vdso_body(d, sample_fn, mode, mult, shift, coarse_res_ns, tsc_offset, mono_off, raw_off,
+               boot_off)
     d.seq = seq + 1                            # even again, a new generation
     _mark(mm.warm, addr, addr + sizeof(whpfast_vdso_data))
 
 
 def vdso_data(uint32_t seq, uintptr_t sample_fn, uint32_t mode, uint64_t mult, uint32_t shift,
-              uint32_t coarse_res_ns, uint64_t tsc_offset):
+              uint32_t coarse_res_ns, uint64_t tsc_offset, int64_t mono_off=0, int64_t raw_off=0,
+              int64_t boot_off=0):
     """The bytes refresh_vdso leaves over a data area whose seq is `seq`, for a writer that
     puts them in place while the guest is stopped (a resumed run's staged write, see
     LinuxSandbox._resume_plan): the same body, the next even generation."""
@@ -392,6 +413,6 @@ def vdso_data(uint32_t seq, uintptr_t sample_fn, uint32_t mode, uint64_t mult, u
     out = PyBytes_FromStringAndSize(NULL, sizeof(whpfast_vdso_data))
     memset(<char *>out, 0, sizeof(whpfast_vdso_data))      # no host bytes in any padding
     _vdso_body(<volatile whpfast_vdso_data *><char *>out, sample_fn, mode, mult, shift,
-               coarse_res_ns, tsc_offset)
+               coarse_res_ns, tsc_offset, mono_off, raw_off, boot_off)
     (<whpfast_vdso_data *><char *>out).seq = (seq | 1) + 1
     return out

@@ -647,6 +647,7 @@ cdef class Vcpu(CancelState):
         values = <const WHV_REGISTER_VALUE *><char *>state["registers"]
         self.sys_rcx, self.sys_r11 = values[1].Reg64, values[11].Reg64
         self.sys_cs, self.sys_ss = values[19].Segment.Selector, values[20].Segment.Selector
+        _check_sysret(self.sys_rcx)     # (the snapshot's: it may come from a file)
         _sysret(self, result, user_cs, user_ds)
         try:
             kind = self._enter(timeout_ns, &w)
@@ -819,16 +820,17 @@ def linux_setup(Vcpu vcpu not None, uint64_t xcr0, dict msrs not None):
 
 
 def syscall_regs(Vcpu vcpu not None):
-    """(rax, rdi, rsi, rdx, r10, r8, r9, rcx, r11) of the last exit: the system call number, its
-    six arguments, and where `syscall` left the return address and RFLAGS. One
-    WHvGetVirtualProcessorRegisters (the exit context carries only some of them)."""
+    """(rax, rdi, rsi, rdx, r10, r8, r9, rcx, r11, rip) of the last exit: the system call number,
+    its six arguments, where `syscall` left the return address and RFLAGS, and the exit
+    context's RIP (WHP stops AT the OUT). One WHvGetVirtualProcessorRegisters (the exit context
+    carries only some of them)."""
     cdef WHV_REGISTER_VALUE v[N_SYSCALL]
     vcpu._get(SYSCALL_NAMES, N_SYSCALL, v)
     vcpu.sys_rcx, vcpu.sys_r11 = v[7].Reg64, v[8].Reg64
     vcpu.sys_cs, vcpu.sys_ss = v[9].Segment.Selector, v[10].Segment.Selector
     vcpu.sys_valid = True
     return (v[0].Reg64, v[1].Reg64, v[2].Reg64, v[3].Reg64, v[4].Reg64, v[5].Reg64, v[6].Reg64,
-            v[7].Reg64, v[8].Reg64)
+            v[7].Reg64, v[8].Reg64, vcpu.exit.VpContext.Rip)
 
 
 def registers(Vcpu vcpu not None):
@@ -853,7 +855,19 @@ def syscall_return(Vcpu vcpu not None, uint64_t result, uint16_t user_cs, uint16
     past the stub's `out`)."""
     if not vcpu.sys_valid:
         syscall_regs(vcpu)
+    _check_sysret(vcpu.sys_rcx)
     _sysret(vcpu, result, user_cs, user_ds)
+
+
+cdef int _check_sysret(uint64_t rcx) except -1:
+    """As _kvm.pyx: a return address (the guest's RCX) that is not a canonical user address is a
+    GuestFault, never a RIP queued for the hypervisor."""
+    if rcx >> 47:
+        raise errors.GuestFault(
+            f"the program made a system call whose return address rcx={rcx:#x} is not a canonical "
+            f"user address (sysret cannot return there; Linux sends SIGSEGV)",
+            kind="SIGSEGV", vector=13, error_code=0, rip=rcx, address=0)
+    return 0
 
 
 cdef void _sysret(Vcpu vcpu, uint64_t result, uint16_t user_cs, uint16_t user_ds) noexcept:
@@ -919,15 +933,15 @@ cdef int _check_range(Mapping memory, size_t offset, size_t length, str what) ex
 
 
 def memory_invalidate(Vcpu vcpu not None, Mapping memory not None, size_t offset, size_t length,
-                      bint discard, bint anonymous=False):
+                      bint discard, bint anonymous=False, bint remap=True):
     """Makes page-table entries the host rewrote (munmap, mprotect, a restore) take effect. WHP
     virtualizes paging in hardware: there are no shadow translations built from the guest's
     tables to forget (the PVM problem _kvm.pyx solves with the MMU notifier), only the guest's
     own TLB, which the next run flushes by setting CR3 (see Vcpu._flush). discard=True also
     zeroes the pages, in place: guest memory is pinned by WHvMapGpaRange, and decommitting it
     behind the mapping would leave the guest the old pages (so, unlike MADV_DONTNEED on KVM, the
-    memory stays committed). anonymous: as on KVM; nothing is ever mapped over guest memory here,
-    so it changes nothing."""
+    memory stays committed). anonymous, remap: as on KVM; nothing is ever mapped over guest
+    memory here, so they change nothing."""
     _check_range(memory, offset, length, "invalidate")
     if length == 0:
         return

@@ -58,6 +58,16 @@ class PoolFull(WhpfastError):
     sandbox became free within the request's queue_timeout. Retry later, or make the pool larger."""
 
 
+class MappingBudgetError(WhpfastError):
+    """Another sandbox would not fit in this process's host mappings (vm.max_map_count, shared
+    by every sandbox of the process; whpfast/core/mapbudget.py): peak, what one sandbox may
+    need; left, what is free; limit, vm.max_map_count. Use fewer sandboxes per process."""
+
+    def __init__(self, message: str, *, peak: int, left: int, limit: int) -> None:
+        super().__init__(message)
+        self.peak, self.left, self.limit = peak, left, limit
+
+
 class GuestLoadError(WhpfastError, ValueError):
     """The guest ELF cannot be loaded (malformed, or does not fit the sandbox)."""
 

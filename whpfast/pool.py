@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._typing import StrPath
+from .core import mapbudget
 from .core.resource import Resource
 from .core.run import run_timeout
 from . import errors
@@ -37,7 +38,7 @@ from .errors import (ConfigError, GuestCallError, GuestCancelled, GuestPythonErr
                      SandboxClosed, SnapshotError, WhpfastError)
 from .linux import snapfile
 from .linux.process import LinuxSnapshot
-from .python.sandbox import PythonResult, PythonSandbox
+from .python.sandbox import PythonResult, PythonSandbox, granted_snapshot
 from .sandbox import Sandbox
 from .snapshot import MAGIC as SDK_MAGIC
 from .snapshot import Snapshot
@@ -291,8 +292,10 @@ class Pool(Resource):
         self._closed = False
 
     def _make(self):
-        """A new sandbox from the snapshot. The first one from a path loads the file; the loaded
-        snapshot is kept, so every later one maps the same file's pages (no second load)."""
+        """A new sandbox from the snapshot, within the process's budget of host mappings
+        (mapbudget.reserve: MappingBudgetError when it would not fit). The first one from a path
+        loads the file; the loaded snapshot is kept, so every later one maps the same file's
+        pages (no second load)."""
         if self.kind == "sdk":
             if not isinstance(self._source, Snapshot):
                 self._source = Snapshot.load(self._source)
@@ -300,9 +303,12 @@ class Pool(Resource):
             if self._on_output is not None:
                 on_output = self._on_output
                 on_print = lambda text: on_output("stdout", text)  # noqa: E731
-            return Sandbox.from_snapshot(self._source, on_print=on_print, **self._grant)
-        sb = PythonSandbox.from_snapshot(self._source, **self._grant)
-        self._source, self._grant = sb.snapshot, {}
+            with mapbudget.reserving(self._source) as reservation:
+                return reservation.attach(Sandbox.from_snapshot(self._source, on_print=on_print, **self._grant))
+        # the first sandbox loads the file under the caller's grant; the object keeps that grant
+        self._source, self._grant = granted_snapshot(self._source, **self._grant), {}
+        with mapbudget.reserving(self._source) as reservation:
+            sb = reservation.attach(PythonSandbox.from_snapshot(self._source))
         return sb
 
     # -- state ----------------------------------------------------------------------------------

@@ -43,9 +43,11 @@ MASK64 = (1 << 64) - 1
 MAX_MAPPINGS = 65530        # Linux's default vm.max_map_count: also bounds the host's work per call
 MAX_CHANGED = 4096          # ranges remembered for the next restore before "all of it" is simpler
 SHARE_MIN = 4 * PAGE        # file mappings smaller than this are copied: an mmap costs more
-MAX_SHARED = 1024           # host file mappings an address space makes over its memory (each may
+MAX_SHARED = 256            # host file mappings an address space makes over its memory (each may
                             # split a host mapping, and vm.max_map_count is shared by every
-                            # sandbox of the process); past that, file pages are copied
+                            # sandbox of the process: core/mapbudget.py); past that, file pages
+                            # are copied. A restore takes a run's back, so this bounds one run's
+                            # (`import pandas, numpy` makes 99)
 
 # pristine: the pages hold the named file's bytes from offset, untouched (mapped from the file and
 # never writable since), so mapping the same file range again over them needs no copy.
@@ -148,12 +150,20 @@ class AddressSpace:
     overlay(fd, file offset, offset, length): maps a host file copy-on-write over guest memory
     (GuestMemory.overlay_file), None where the backend cannot (WHP: file pages are copied);
     overlaid: the memory already holds file mappings at places not known here (a snapshot
-    file's image), so no discard may assume a range is anonymous."""
+    file's image), so no discard may assume a range is anonymous; anonymize(offset, length):
+    fresh anonymous memory over a range (GuestMemory.anonymize), which undoes overlays
+    (revert_overlays); None with overlay.
+
+    Host mappings: each overlay is a host mapping of its own in this process (and splits the
+    guest memory's), and vm.max_map_count (65530) is shared by every sandbox of the process.
+    They are host state, not the program's, but a restore must not keep what the program made:
+    revert_overlays() puts anonymous memory back over every overlay made (or split by a
+    discard) since the snapshot, so the host mappings are the snapshot's again."""
 
     POPULATE_MAX = 4 << 20      # mappings up to this size are faulted in on the host at once
 
     def __init__(self, warm, pt_base, top, invalidate, populate=lambda offset, length: None,
-                 overlay=None, overlaid=False):
+                 overlay=None, overlaid=False, anonymize=None):
         self.warm = warm
         self.mem = warm.mem
         self.pt_base = pt_base
@@ -161,7 +171,12 @@ class AddressSpace:
         self.invalidate = invalidate
         self.populate = populate
         self.overlay = overlay
+        self.anonymize = anonymize
         self.shared = 0                   # host file mappings made (bounded by MAX_SHARED)
+        # The ranges _share mapped from host files (sorted, disjoint), and those of them a
+        # discard may have split since (a fresh anonymous mapping over part of one): what
+        # revert_overlays() can undo. The image of a snapshot file is not among them.
+        self.overlays, self.split = [], []
         # Where host files are mapped over the memory (sorted, disjoint (start, end)), or None:
         # unknown. Host state, not the program's: restores leave it as it is. A discard outside
         # them frees the pages (MADV_DONTNEED); inside, that would bring the file's bytes back.
@@ -349,7 +364,12 @@ class AddressSpace:
         """Unmapped pages: zero them (keeping the invariant), make the hypervisor forget them,
         and have the next restore copy back the ones the baseline holds non-zero."""
         for v in pieces:
-            self.invalidate(v.start, v.end - v.start, True, self._anonymous(v.start, v.end))
+            if self.overlays and _overlapping(self.overlays, v.start, v.end):
+                self.split = _union(self.split, _overlapping(self.overlays, v.start, v.end))
+            # A fresh mapping over file pages (which frees them) splits a host mapping: only
+            # where revert_overlays() undoes it, never over a snapshot file's image.
+            self.invalidate(v.start, v.end - v.start, True, self._anonymous(v.start, v.end),
+                            self.files is not None)
             if self.warm.baseline is not None:
                 self.warm.mark(v.start, v.end, only=self.warm.baseline._nonzero)
 
@@ -374,6 +394,31 @@ class AddressSpace:
             hi = max(hi, files[j][1])
             j += 1
         files[i:j] = [(lo, hi)]
+
+    # -- host mappings --------------------------------------------------------------------
+
+    def overlay_state(self):
+        """What revert_overlays() needs of now (a snapshot's moment): the overlays that are
+        whole host mappings, and the count of them MAX_SHARED bounds."""
+        return tuple(_subtract(self.overlays, self.split)), self.shared
+
+    def revert_overlays(self, state, nonzero):
+        """Before a restore to a snapshot whose overlay_state() was `state` (None: not known,
+        another sandbox's snapshot): anonymous memory over every overlay made or split since,
+        its pages marked for the restore to put back (those non-zero in the snapshot's image,
+        `nonzero`; the rest are zero now, as they must be). Leaves the overlays the snapshot had
+        whole, and the host mappings no more than the snapshot's."""
+        if not self.overlays:
+            return
+        keep, shared = state if state is not None else ((), 0)
+        for lo, hi in _subtract(self.overlays, keep):
+            self.anonymize(lo, hi - lo)
+            self.warm.mark(lo, hi, only=nonzero)
+            if self.files is not None:
+                self.files = _subtract(self.files, [(lo, hi)])
+        self.overlays = _intersect(self.overlays, keep)
+        self.split = []
+        self.shared = min(self.shared, shared)
 
     def drop(self, addr, length):
         """MADV_DONTNEED: anonymous private pages in the range read as zero again (file-backed
@@ -471,6 +516,7 @@ class AddressSpace:
                 self.overlay(fd, offset + (lo - addr), lo, hi - lo)
                 self.shared += 1
                 self._add_file_range(lo, hi)
+                self.overlays = _union(self.overlays, [(lo, hi)])
                 self.warm.mark(lo, hi)
                 out.append((lo, hi))
             lo = max(lo, k_hi)
@@ -577,3 +623,49 @@ class AddressSpace:
             lines.append(f"{v.start:08x}-{v.end:08x} {perms} {v.offset:08x} 00:00 0"
                          + (f"{'':<10}{name}" if name else ""))
         return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+# -- sets of ranges: sorted lists of disjoint (start, end), few (overlays) -------------------------
+
+def _union(a, b):
+    """Overlapping ranges merged; adjacent ones stay apart (each overlay is its own host
+    mapping, kept or undone on its own)."""
+    out = []
+    for lo, hi in sorted(a + b):
+        if out and lo < out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _subtract(a, b):
+    """The parts of the ranges a outside the ranges b."""
+    out = []
+    for lo, hi in a:
+        for b_lo, b_hi in b:
+            if b_hi <= lo or b_lo >= hi:
+                continue
+            if b_lo > lo:
+                out.append((lo, b_lo))
+            lo = max(lo, b_hi)
+            if lo >= hi:
+                break
+        if lo < hi:
+            out.append((lo, hi))
+    return out
+
+
+def _intersect(a, b):
+    return _subtract(a, _subtract(a, b))
+
+
+def _overlapping(ranges, start, end):
+    """The ranges that share a page with [start, end)."""
+    i = bisect_left(ranges, (start,))
+    if i and ranges[i - 1][1] > start:
+        i -= 1
+    j = i
+    while j < len(ranges) and ranges[j][0] < end:
+        j += 1
+    return ranges[i:j]

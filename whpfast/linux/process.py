@@ -285,9 +285,16 @@ class LinuxSandbox(Resource):
                                  tmp_size=config["tmp_size"], proc_maps=self.mm.maps_text,
                                  entropy=os.urandom, uid=syscalls.UID, gid=syscalls.UID)
             undo.pop_all()
+        # Per snapshot taken here, its moment's host overlays (mm.overlay_state): what a
+        # restore to it keeps (another sandbox's snapshot: none).
+        self._overlays_at = weakref.WeakKeyDictionary()
         self.proc = ProcState((bytes(32),) * 65, 0, struct.pack("<QiiQ", 0, 2, 0, 0)[:24])
         self._io = IoState(b"", False, False, None)
         self.mm.mmap_top = self.mm.top - PAGE - self.stack_size - 16 * PAGE
+        # The guest's MONOTONIC, MONOTONIC_RAW and BOOTTIME: the host's less these, zero now
+        # (a restore moves them: _continue_clocks). Not the host's uptime, which says how long
+        # the host has run and, across sandboxes, that they share one.
+        self._clock_offsets = _host_clocks()
         self._finish_init()
 
     # -- construction ----------------------------------------------------------------------------
@@ -334,10 +341,12 @@ class LinuxSandbox(Resource):
         self._memory, self._vm, self._vcpu, self._warm = memory, vm, vcpu, warm
         self._mem = warm.mem
         self.mm = AddressSpace(warm, pt_base, pt_base - PAGE,
-                               lambda offset, length, discard, anonymous=False:
-                                   impl.memory_invalidate(vcpu, memory, offset, length, discard, anonymous),
+                               lambda offset, length, discard, anonymous=False, remap=True:
+                                   impl.memory_invalidate(vcpu, memory, offset, length, discard,
+                                                          anonymous, remap),
                                lambda offset, length: impl.memory_populate(memory, offset, length),
-                               getattr(memory, "overlay_file", None), getattr(memory, "overlaid", False))
+                               getattr(memory, "overlay_file", None), getattr(memory, "overlaid", False),
+                               getattr(memory, "anonymize", None))
         gdt, tss = machine._gdt_and_tss()
         store = self.mm.store
         store(machine.GDT_ADDR, gdt)
@@ -401,6 +410,26 @@ class LinuxSandbox(Resource):
         self._refresh_vdso()
         return base + data_size
 
+    def guest_clock_ns(self, clock: int) -> int:
+        """The guest's CLOCK_MONOTONIC, CLOCK_MONOTONIC_RAW or CLOCK_BOOTTIME (the time module's
+        ids) now, in ns: the host's less the sandbox's offset (the system calls' clock; the
+        vDSO's data area carries the same offsets)."""
+        return time.clock_gettime_ns(clock) - self._clock_offsets[_CLOCK_INDEX[clock]]
+
+    def _guest_clocks(self):
+        return [now - off for now, off in zip(_host_clocks(), self._clock_offsets)]
+
+    def _continue_clocks(self, snapshot):
+        """The guest's clocks go on from the values the snapshot recorded (its meta["clock"]),
+        whatever the host's clocks read now: after a host reboot, in another process, on another
+        host. A snapshot file that predates the record (None) gets the host's clocks, as it did
+        when it was taken."""
+        values = snapshot.meta.get("clock")
+        if values is None:
+            self._clock_offsets = (0, 0, 0)
+        else:
+            self._clock_offsets = tuple(now - v for now, v in zip(_host_clocks(), values))
+
     def _refresh_vdso(self):
         """Pairs the guest's TSC with the host's clocks now, in the vDSO's data area (a new VM,
         or a restored snapshot whose pairing is stale). A host write: marked for the next
@@ -411,11 +440,11 @@ class LinuxSandbox(Resource):
             return
         if PURE_PYTHON:
             def write(view):
-                vdso.refresh(view, 0)
+                vdso.refresh(view, 0, clock_offsets=self._clock_offsets)
                 return len(view)
             self.mm.fill(where[0], where[1] - where[0], write)
         else:
-            _linux.refresh_vdso(self.mm, where[0], *_vdso_parameters(), 0)
+            _linux.refresh_vdso(self.mm, where[0], *_vdso_parameters(), 0, *self._clock_offsets)
 
     def _fs_image(self, path, files):
         """A loader.Image of the regular file at path in the sandbox's file system, read through
@@ -574,7 +603,7 @@ class LinuxSandbox(Resource):
         try:
             kind = _serve(self, vcpu, pending, run_until, self._deadline, syscalls.dispatch,
                           impl.syscall_regs, impl.syscall_return, impl.EXIT_IO, SYSCALL_PORT,
-                          machine.USER_CS, machine.USER_DS, first)
+                          SYSCALL_STUB, machine.USER_CS, machine.USER_DS, first)
         except syscalls.Park:
             io = self._io
             self._io = IoState(io.input, io.eof, True, io.exit_code)
@@ -588,6 +617,9 @@ class LinuxSandbox(Resource):
                              f"in the sandbox)", kind="signal", rip=impl.syscall_regs(vcpu)[7])
             exc.signal = name
             raise self._poison(exc)
+        except GuestFault as e:             # syscall_return refused the return address
+            e.signal = e.kind
+            raise self._poison(e)
         raise self._poison(self._stop_error(kind))
 
     def _resume_plan(self, snapshot, input, eof):
@@ -608,10 +640,12 @@ class LinuxSandbox(Resource):
             return None
         mm = self.mm
         mm_state, fs_state, proc, _ = snapshot._components
+        mm.revert_overlays(self._overlays_at.get(snapshot), snapshot._nonzero)
         self._forget_translations(False)
         mm.reset(mm_state)
         self.fs.reset(fs_state)
         self.proc, self._io = proc, io
+        self._continue_clocks(snapshot)
         buf, count = parked
         try:
             if self.fs.console(0) != "stdin":
@@ -625,7 +659,8 @@ class LinuxSandbox(Resource):
         where = self._vvar()
         if where is not None:
             seq, = struct.unpack_from("<I", snapshot._image_view, where[0])
-            writes.append((where[0], _linux.vdso_data(seq, *_vdso_parameters(), 0)))
+            writes.append((where[0], _linux.vdso_data(seq, *_vdso_parameters(), 0,
+                                                      *self._clock_offsets)))
         self._io = IoState(data[n:], io.eof or eof, False, None)
         return snapshot, tuple(writes), n
 
@@ -703,6 +738,9 @@ class LinuxSandbox(Resource):
         vcpu = self._vcpu
         if kind == impl.EXIT_IO and vcpu.io_port == abi.PORT_FAULT:
             return self._fault()
+        if kind == impl.EXIT_IO and vcpu.io_port == SYSCALL_PORT and vcpu.io_direction \
+                and vcpu.io_size == 1 and not vcpu.io_string:
+            return self._bad_syscall_exit()
         if kind == impl.EXIT_IO:
             return GuestFault(f"the program used I/O port {vcpu.io_port:#x} ("
                               f"{'out' if vcpu.io_direction else 'in'}, {vcpu.io_size} bytes"
@@ -720,6 +758,26 @@ class LinuxSandbox(Resource):
             return GuestFault(f"hypervisor internal error, suberror {vcpu.internal_suberror}",
                               kind="internal_error")
         return HypervisorError(f"unexpected exit reason {vcpu.exit_reason}")
+
+    def _bad_syscall_exit(self):
+        """The system-call port's OUT that _serve did not take for a system call: from outside
+        the stub (the program's own `out`: on Linux a #GP, SIGSEGV), or a `syscall` whose return
+        address (RCX, the program's choice when it jumps to the stub itself) is not a canonical
+        user address, which Linux's sysret path answers with SIGSEGV too."""
+        regs = impl.syscall_regs(self._vcpu)
+        rcx, rip = regs[7], regs[9]
+        if rip in (SYSCALL_STUB, SYSCALL_STUB + 2):
+            detail = (f"a system call whose return address rcx={rcx:#x} is not a canonical user "
+                      f"address (sysret cannot return there)")
+            rip = rcx
+        else:
+            detail = (f"an `out` to the system-call port {SYSCALL_PORT:#x} from its own code, "
+                      f"not from the system-call stub (only `syscall` makes system calls)")
+        exc = GuestFault(f"the program was killed by SIGSEGV: {detail} at rip={rip:#x}"
+                         f"{self._where(rip)}", kind="SIGSEGV", vector=13, error_code=0,
+                         rip=rip, address=0)
+        exc.signal = "SIGSEGV"
+        return exc
 
     def _fault(self):
         vector, error_code, rip, cr2 = machine.read_fault(self._mem)
@@ -760,9 +818,10 @@ class LinuxSandbox(Resource):
             nonzero, state = self._warm.capture(image, self._captured_ranges)
             snap = LinuxSnapshot(image, nonzero, state, self._components(),
                                  {"memory_size": self.memory_size, "config": self._config,
-                                  "cpu": cpu.host()}, self.fs)
+                                  "cpu": cpu.host(), "clock": self._guest_clocks()}, self.fs)
             self._warm.set_baseline(snap)
             self.mm.changed = []
+            self._overlays_at[snap] = self.mm.overlay_state()
             return snap
 
     def _captured_ranges(self):
@@ -817,11 +876,14 @@ class LinuxSandbox(Resource):
         has: stale translations and the host-side components. After a failure the core wants a
         full restore next; the caller poisons."""
         full = snapshot is not self._warm.baseline
+        # first: it marks the pages it zeroes for the copies below
+        self.mm.revert_overlays(self._overlays_at.get(snapshot), snapshot._nonzero)
         stats = self._warm.restore(snapshot, self._captured_ranges)
         self._forget_translations(full)
         mm_state, fs_state, self.proc, self._io = snapshot._components
         self.mm.reset(mm_state)
         self.fs.reset(fs_state)
+        self._continue_clocks(snapshot)
         if snapshot._parked is None:        # the registers are the snapshot's now
             snapshot._parked = self._parked_locked() or False
         return self._figures(stats.pages_copied, stats.pages_zeroed, stats.dirty_pages,
@@ -893,6 +955,16 @@ class LinuxSandbox(Resource):
         return buf, min(count, syscalls.MAX_IO)
 
 
+_CLOCKS = (time.CLOCK_MONOTONIC, time.CLOCK_MONOTONIC_RAW, time.CLOCK_BOOTTIME)
+_CLOCK_INDEX = {c: i for i, c in enumerate(_CLOCKS)}
+
+
+def _host_clocks():
+    """The host's MONOTONIC, MONOTONIC_RAW and BOOTTIME now, in ns (the clocks the guest sees
+    moved by LinuxSandbox._clock_offsets)."""
+    return tuple(time.clock_gettime_ns(c) for c in _CLOCKS)
+
+
 @functools.lru_cache(maxsize=None)
 def _vdso_parameters():
     """(clock sample function's address, mode, mult, shift, coarse resolution) for
@@ -908,7 +980,7 @@ def _vdso_parameters():
 
 
 def _py_serve(p, vcpu, pending, run_until, deadline, dispatch, syscall_regs, syscall_return,
-              exit_io, port, user_cs, user_ds, first=-1):
+              exit_io, port, stub, user_cs, user_ds, first=-1):
     """The exit loop: _linux.serve in Python (WHPFAST_PURE_PYTHON=1), documented there. Returns
     the kind of the first exit that is not a system call."""
     while True:
@@ -917,8 +989,12 @@ def _py_serve(p, vcpu, pending, run_until, deadline, dispatch, syscall_regs, sys
             if kind != exit_io or vcpu.io_port != port or vcpu.io_direction != 1 \
                     or vcpu.io_size != 1 or vcpu.io_string:
                 return kind
+            regs = syscall_regs(vcpu)
+            if regs[9] not in (stub, stub + 2) or regs[7] >> 47:
+                return kind
+        else:
+            regs = syscall_regs(vcpu)
         pending = False
-        regs = syscall_regs(vcpu)
         p.syscall_count += 1
         result = dispatch(p, regs[0], regs[1:7])
         syscall_return(vcpu, result & MASK64, user_cs, user_ds)

@@ -440,6 +440,7 @@ def _load(f, path, bad, fs_decode, grant):
         state, components = _decode_meta(meta, state_bytes, memory_size, fs_bytes, fs_decode)
         from .process import _check_config      # (process imports this module)
         meta["config"] = _check_config(meta["config"])
+        meta["clock"] = _check_clock(meta.get("clock"))
         refs = _decode_refs(meta.pop("files"), memory_size, components[0])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise bad(f"metadata is inconsistent ({type(e).__name__}: {e})") from None
@@ -511,6 +512,17 @@ def _map_image_section(f, offset, memory_size, extents, stored, writable):
         image.close()
         raise
     return image
+
+
+def _check_clock(values):
+    """The guest's MONOTONIC, MONOTONIC_RAW and BOOTTIME at the snapshot, in ns (restores go on
+    from them, LinuxSandbox._continue_clocks); None in files that predate the record."""
+    if values is None:
+        return None
+    if not (isinstance(values, list) and len(values) == 3
+            and all(type(v) is int and 0 <= v < 1 << 62 for v in values)):
+        raise ValueError("the guest's clocks are invalid")
+    return values
 
 
 def _decode_meta(meta, state_bytes, memory_size, fs_bytes, fs_decode):

@@ -411,19 +411,25 @@ def sys_mmap(p, addr, length, prot, flags, fd, offset, *_):
     noreplace = bool(flags & MAP_FIXED_NOREPLACE)
     if anonymous:
         return p.mm.map(addr, length, prot, fixed=fixed, noreplace=noreplace)
+    # Whether the file can be mapped at all (ENODEV: a directory, the console) is known before
+    # anything is: a failed mmap leaves the address space as it was.
+    data = None if host is not None else p.fs.contents(fd)
     start, kept = p.mm.map_file(addr, length, prot, fixed=fixed, noreplace=noreplace,
                                 name=name or b"", offset=offset, pristine=host is not None and bool(name),
                                 host=host)
     length = (length + PAGE - 1) & ~(PAGE - 1)
-    data = None if host is not None else p.fs.contents(fd)
-    for lo, hi in _gaps(start, start + length, kept):
-        at = offset + (lo - start)
-        if host is not None:
-            host_fd, size = host
-            n = max(0, min(hi - lo, size - at))
-            p.mm.fill(lo, n, lambda view: os.preadv(host_fd, [view], at))
-        else:
-            p.mm.store(lo, data[at:at + (hi - lo)])
+    try:
+        for lo, hi in _gaps(start, start + length, kept):
+            at = offset + (lo - start)
+            if host is not None:
+                host_fd, size = host
+                n = max(0, min(hi - lo, size - at))
+                p.mm.fill(lo, n, lambda view: os.preadv(host_fd, [view], at))
+            else:
+                p.mm.store(lo, data[at:at + (hi - lo)])
+    except BaseException:
+        p.mm.unmap(start, length)       # (a read of the host file failed: nothing stays mapped)
+        raise
     return start
 
 
@@ -615,12 +621,13 @@ def sys_getrusage(p, who, buf, *_):
 def sys_times(p, buf, *_):
     if buf:
         p.mm.write(buf, bytes(32))
-    return int(time.monotonic() * 100) & ((1 << 63) - 1)
+    return p.guest_clock_ns(time.CLOCK_MONOTONIC) // 10**7 & ((1 << 63) - 1)   # 100 Hz ticks
 
 
 @syscall("sysinfo")
 def sys_sysinfo(p, buf, *_):
-    info = struct.pack("<q3Q6QHH4xQQI", int(time.monotonic()), 0, 0, 0, p.memory_size,
+    uptime = p.guest_clock_ns(time.CLOCK_BOOTTIME) // 10**9      # the guest's, not the host's
+    info = struct.pack("<q3Q6QHH4xQQI", uptime, 0, 0, 0, p.memory_size,
                        p.memory_size // 2, 0, 0, 0, 0, 1, 0, 0, 0, 1)
     p.mm.write(buf, info.ljust(112, b"\0"))
     return 0
@@ -671,24 +678,32 @@ for _names, (_err, _why) in REFUSED.items():
 
 # -- time -----------------------------------------------------------------------------------
 
-def _clock_ns(clock):
+# The clock a guest's clock id reads (LinuxSandbox.guest_clock_ns: the host's, less the offset
+# that makes the guest's start near zero at its boot), for the ids the sandbox serves. The CPU-time
+# clocks read the guest's monotonic time: one process, always running.
+_GUEST_CLOCKS = {1: time.CLOCK_MONOTONIC, 6: time.CLOCK_MONOTONIC, 2: time.CLOCK_MONOTONIC,
+                 3: time.CLOCK_MONOTONIC, 4: time.CLOCK_MONOTONIC_RAW, 7: time.CLOCK_BOOTTIME,
+                 9: time.CLOCK_BOOTTIME}
+
+
+def _clock_ns(p, clock):
     if clock == 0 or clock == 8 or clock == 5 or clock == 11:      # REALTIME(_ALARM, _COARSE), TAI
         return time.time_ns()
-    if clock in (1, 4, 6, 7, 9, 2, 3):        # MONOTONIC(_RAW, _COARSE), BOOTTIME, CPU clocks
-        return time.monotonic_ns()
+    if clock in _GUEST_CLOCKS:                # MONOTONIC(_COARSE, _RAW), BOOTTIME(_ALARM), CPU
+        return p.guest_clock_ns(_GUEST_CLOCKS[clock])
     _fail(E.EINVAL)
 
 
 @syscall("clock_gettime")
 def sys_clock_gettime(p, clock, tp, *_):
-    ns = _clock_ns(s32(clock))
+    ns = _clock_ns(p, s32(clock))
     p.mm.write(tp, struct.pack("<qq", ns // 10**9, ns % 10**9))
     return 0
 
 
 @syscall("clock_getres")
 def sys_clock_getres(p, clock, res, *_):
-    _clock_ns(s32(clock))
+    _clock_ns(p, s32(clock))
     if res:
         p.mm.write(res, struct.pack("<qq", 0, 1))
     return 0
@@ -727,10 +742,10 @@ def sys_nanosleep(p, req, rem, *_):
 
 @syscall("clock_nanosleep")
 def sys_clock_nanosleep(p, clock, flags, req, rem, *_):
-    _clock_ns(s32(clock))
+    _clock_ns(p, s32(clock))
     if flags & 1:                              # TIMER_ABSTIME
         sec, nsec = struct.unpack("<qq", p.mm.read(req, 16))
-        p.sleep(max(0.0, sec + nsec / 1e9 - _clock_ns(s32(clock)) / 1e9))
+        p.sleep(max(0.0, sec + nsec / 1e9 - _clock_ns(p, s32(clock)) / 1e9))
         return 0
     return _sleep(p, req)
 

@@ -35,10 +35,12 @@ that changes rate with the CPU frequency or stops in idle states does not measur
 it `calibrate()` says so (`Calibration.invariant` is False) and `refresh` writes the data area in
 syscall mode: every clock call is then a correct, slow exit.
 
-Known limits: the guest's clocks are the host's, so a snapshot file started after a host reboot
-(or on another host) sees CLOCK_MONOTONIC/BOOTTIME/MONOTONIC_RAW smaller than before the
-snapshot; keeping them monotonic across that would take an offset recorded with the snapshot and
-applied both here (to the bases) and by the syscall path. The host helper (`host_clock.c`) is
+The guest's MONOTONIC, MONOTONIC_RAW and BOOTTIME are the host's less per-sandbox offsets
+(`clock_offsets` here, LinuxSandbox._clock_offsets, applied by the syscall path too): they start
+near zero when the sandbox boots, so they do not show the host's uptime, and a snapshot records
+the guest's values, from which every restore (in this process, or of a saved file after a host
+reboot or on another host) continues: they never go backwards. REALTIME is the host's wall
+clock. Known limits: the host helper (`host_clock.c`) is
 built on Linux only: the personality on the Windows backend would need a QueryPerformanceCounter
 pairing instead. There is no `getrandom` in the vDSO (newer glibc looks it up; it falls back to
 the system call).
@@ -303,16 +305,19 @@ def calibrate(window_ns=20_000_000):
                        window_ns=ns, uncertainty=(first.gap + last.gap) / 2 / ticks)
 
 
-def refresh(buf, offset, *, tsc_offset=0, calibration=None):
+def refresh(buf, offset, *, tsc_offset=0, calibration=None, clock_offsets=(0, 0, 0)):
     """Writes the data area at `buf[offset:]` for a guest whose TSC is the host's plus
     `tsc_offset`: the host's clocks now, paired with the guest's TSC now. Syscall mode when the
-    TSC is not invariant. Returns the ClockSample used."""
+    TSC is not invariant. clock_offsets: (MONOTONIC, MONOTONIC_RAW, BOOTTIME) ns subtracted
+    from the host's clocks (the guest's start near zero at its boot: LinuxSandbox); REALTIME
+    is the host's. Returns the ClockSample used."""
     cal = calibration or calibrate()
     now = host_clocks()
+    mono_off, raw_off, boot_off = clock_offsets
     write_data(buf, offset, tsc_hz=cal.tsc_hz if cal.invariant else None,
                tsc_base=(now.tsc + tsc_offset) % _U64,
-               monotonic_base_ns=now.monotonic_ns, realtime_base_ns=now.realtime_ns,
-               raw_base_ns=now.raw_ns, boottime_base_ns=now.boottime_ns)
+               monotonic_base_ns=now.monotonic_ns - mono_off, realtime_base_ns=now.realtime_ns,
+               raw_base_ns=now.raw_ns - raw_off, boottime_base_ns=now.boottime_ns - boot_off)
     return now
 
 

@@ -143,6 +143,33 @@ class _OutputBudget:
             raise _OutputFlood()
 
 
+def granted_snapshot(snapshot, python=None, read=(), memory_size=None):
+    """The LinuxSnapshot of a PythonSandbox that `snapshot` (a path or a LinuxSnapshot) is,
+    held to the caller's grant (see PythonSandbox.from_snapshot): a file is loaded under it (once
+    per file while in use, _load_shared), an object is checked against it when any is given.
+    SnapshotError for a snapshot of another kind, driver or interpreter, or one asking more."""
+    asked = python is not None or memory_size is not None or bool(read)
+    grant = None
+    if asked or not isinstance(snapshot, LinuxSnapshot):
+        python = os.path.abspath(python or sys.executable)
+        grant = Grant.of(_policy(python, read), memory_size or DEFAULT_MEMORY_SIZE)
+    if not isinstance(snapshot, LinuxSnapshot):
+        snapshot = _load_shared(snapshot, grant)
+    elif grant is not None:
+        snapshot.check_grant(grant)
+    info = snapshot.meta.get("python")
+    if not isinstance(info, dict) or not isinstance(info.get("python"), str):
+        raise SnapshotError(f"{snapshot.path or 'the snapshot'} is a Linux snapshot but not of a "
+                            f"PythonSandbox; make one with PythonSandbox(...).save(path)")
+    if info.get("driver") != DRIVER_DIGEST:
+        raise SnapshotError(f"{snapshot.path or 'the snapshot'} was made with another version of "
+                            f"whpfast's Python driver; make it again with this whpfast")
+    if grant is not None and info["python"] != python:
+        raise SnapshotError(f"{snapshot.path or 'the snapshot'} was made for the interpreter "
+                            f"{info['python']}, not {python}; pass python= to allow it")
+    return snapshot
+
+
 def _interpreter_prefixes(python):
     """(prefixes, sysconfig paths) of an interpreter. This one's own when `python` is the very
     path it runs as; any other is asked (once per path and file identity): two venvs of one base
@@ -257,25 +284,8 @@ class PythonSandbox(Resource):
         `memory_size` of memory (default 512 MiB); else SnapshotError naming what it asks for.
         A LinuxSnapshot object without arguments keeps the grant it was loaded under (taken in
         this process: what it declares)."""
-        asked = python is not None or memory_size is not None or bool(read)
-        grant = None
-        if asked or not isinstance(snapshot, LinuxSnapshot):
-            python = os.path.abspath(python or sys.executable)
-            grant = Grant.of(_policy(python, read), memory_size or DEFAULT_MEMORY_SIZE)
-        if not isinstance(snapshot, LinuxSnapshot):
-            snapshot = _load_shared(snapshot, grant)
-        elif grant is not None:
-            snapshot.check_grant(grant)
-        info = snapshot.meta.get("python")
-        if not isinstance(info, dict) or not isinstance(info.get("python"), str):
-            raise SnapshotError(f"{snapshot.path or 'the snapshot'} is a Linux snapshot but not of a "
-                                f"PythonSandbox; make one with PythonSandbox(...).save(path)")
-        if info.get("driver") != DRIVER_DIGEST:
-            raise SnapshotError(f"{snapshot.path or 'the snapshot'} was made with another version of "
-                                f"whpfast's Python driver; make it again with this whpfast")
-        if grant is not None and info["python"] != python:
-            raise SnapshotError(f"{snapshot.path or 'the snapshot'} was made for the interpreter "
-                                f"{info['python']}, not {python}; pass python= to allow it")
+        snapshot = granted_snapshot(snapshot, python, read, memory_size)
+        info = snapshot.meta["python"]
         self = cls.__new__(cls)
         self._closed = True
         self._init_common()
