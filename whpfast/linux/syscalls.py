@@ -404,10 +404,7 @@ def sys_mmap(p, addr, length, prot, flags, fd, offset, *_):
         if flags & MAP_SHARED and prot & PROT_WRITE:
             _fail(E.ENODEV, "writable shared file mappings are not supported")
         host = p.fs.host_file(fd)             # EBADF for a bad fd
-        try:
-            name = p.fs.readlinkat(AT_FDCWD, b"/proc/self/fd/%d" % fd)
-        except LinuxError:
-            name = b""
+        name = p.fs.mapping_name(fd)
     noreplace = bool(flags & MAP_FIXED_NOREPLACE)
     if anonymous:
         return p.mm.map(addr, length, prot, fixed=fixed, noreplace=noreplace)
