@@ -293,3 +293,100 @@ def test_reset_refuses_descriptions_this_file_system_could_not_have_opened(tmp_p
     state = FileSystem.decode(_craft((fds + ((5000, 0, False),), descs, cwd, umask, tmp, ino)))
     with pytest.raises(SnapshotError, match="fd"):
         fs.reset(state)
+
+
+# ----------------------------------------------------------------- crafted snapshot files, loaded
+
+def _rewrite_section(path, index, edit):
+    """Rewrites section `index` (snapfile.SECTIONS) of a saved snapshot through `edit` (bytes ->
+    bytes) with valid checksums and offsets: what a crafted (not merely corrupted) file is."""
+    import struct
+    import zlib
+    from whpfast.linux import snapfile
+    data = bytearray(path.read_bytes())
+    table = [list(snapfile.SECTION.unpack_from(data, snapfile.HEADER.size + i * snapfile.SECTION.size))
+             for i in range(len(snapfile.SECTIONS))]
+    start = table[0][1]
+    body = []
+    for i, entry in enumerate(table[:-1]):
+        section = bytes(data[entry[1]:entry[1] + entry[2]])
+        if i == index:
+            section = edit(section)
+            entry[2], entry[3] = len(section), zlib.crc32(section)
+        entry[1] = start + sum(len(b) for b in body)
+        body.append(section)
+    body = b"".join(body)
+    image = bytes(data[table[-1][1]:])
+    table[-1][1] = snapfile._image_offset(start + len(body))
+    header = bytes(data[:snapfile.HEADER.size]) + b"".join(snapfile.SECTION.pack(*e) for e in table)
+    header += struct.pack("<I", zlib.crc32(header))
+    path.write_bytes(header + body + bytes(table[-1][1] - start - len(body)) + image)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A snapshot file of a program parked on stdin with /proc/self/maps open, /tmp/l a symlink."""
+    out = tmp_path_factory.mktemp("snap")
+    program = build_c(out / "parked", r'''
+#include <fcntl.h>
+#include <unistd.h>
+int main(void) {
+    char c;
+    if (open("/proc/self/maps", O_RDONLY) != 3 || symlink("/tmp", "/tmp/l")) return 1;
+    return read(0, &c, 1) == 1 ? 0 : 2;
+}
+''', "-static")
+    path = out / "good.snap"
+    with whpfast.LinuxSandbox([program], memory_size=64 * MB) as lx:
+        assert lx.run(timeout=60).waiting
+        lx.snapshot().save(path)
+    return path
+
+
+def _edit_fs(edit):
+    def rewrite(section):
+        state = list(FileSystem.decode(section))
+        edit(state)
+        return _craft(tuple(state))
+    return rewrite
+
+
+def test_crafted_fs_sections_are_snapshot_errors_at_load(saved, tmp_path):
+    from whpfast.linux.process import LinuxSnapshot
+    LinuxSnapshot.load(saved)                   # the file as saved loads
+
+    def maps_without_contents(state):
+        descs = list(state[1])
+        i = next(i for i, d in enumerate(descs) if d[0] == ("p", b"/proc/self/maps"))
+        descs[i] = descs[i][:3] + (None,)
+        state[1] = tuple(descs)
+
+    def symlink_with_nul(state):
+        tmp = list(state[4])
+        i = next(i for i, e in enumerate(tmp) if e[6] == b"l")
+        tmp[i] = tmp[i][:7] + (b"/t\0mp",)
+        state[4] = tuple(tmp)
+
+    for why, edit in {"fd on /proc/self/maps without contents": maps_without_contents,
+                      "/tmp symlink target with a NUL byte": symlink_with_nul}.items():
+        bad = tmp_path / "crafted.snap"
+        bad.write_bytes(saved.read_bytes())
+        _rewrite_section(bad, 2, _edit_fs(edit))
+        with pytest.raises(whpfast.SnapshotError, match="file-system state"):
+            LinuxSnapshot.load(bad)
+            pytest.fail(why)
+
+
+def test_a_mapping_name_past_path_max_is_a_snapshot_error(saved, tmp_path):
+    import json
+    from whpfast.linux.process import LinuxSnapshot
+
+    def long_name(section):
+        meta = json.loads(section)
+        meta["mm"]["vmas"][0][3] = (b"/" + b"n" * 5000).hex()
+        return json.dumps(meta).encode()
+    bad = tmp_path / "crafted.snap"
+    bad.write_bytes(saved.read_bytes())
+    _rewrite_section(bad, 0, long_name)
+    with pytest.raises(whpfast.SnapshotError, match="name"):
+        LinuxSnapshot.load(bad)
