@@ -390,3 +390,23 @@ def test_a_mapping_name_past_path_max_is_a_snapshot_error(saved, tmp_path):
     _rewrite_section(bad, 0, long_name)
     with pytest.raises(whpfast.SnapshotError, match="name"):
         LinuxSnapshot.load(bad)
+
+
+# ----------------------------------------------------------------------- other guest-chosen sizes
+
+def test_unknown_system_call_numbers_are_counted_in_a_bounded_table():
+    """unsupported_syscalls had one key per number the guest tried: a loop over numbers grew
+    the host without bound. Past NAMED_NR_MAX they are counted together."""
+    from whpfast.linux import syscalls
+
+    class Process:
+        unsupported_syscalls = None
+
+    p = Process()
+    for dispatch in {syscalls.dispatch, syscalls.py_dispatch}:
+        p.unsupported_syscalls = {}
+        for nr in range(5000, 25000):
+            assert dispatch(p, nr, (0,) * 6) == -E.ENOSYS
+        dispatch(p, (1 << 64) - 1, (0,) * 6)
+        dispatch(p, 1000, (0,) * 6)
+        assert p.unsupported_syscalls == {f"syscall_{syscalls.NAMED_NR_MAX}+": 20001, "syscall_1000": 1}

@@ -63,6 +63,16 @@ def _path(p, addr):
 
 
 TABLE = {}
+NAMED_NR_MAX = 4096         # unknown numbers past this are counted together (the guest picks
+                            # them: one name each would grow unsupported_syscalls without bound)
+
+
+def unsupported_name(nr):
+    """The key of unsupported_syscalls for system call nr."""
+    name = NAMES.get(nr)
+    if name is None:
+        name = f"syscall_{nr}" if 0 <= nr < NAMED_NR_MAX else f"syscall_{NAMED_NR_MAX}+"
+    return name
 
 
 def syscall(*names):
@@ -78,7 +88,7 @@ def py_dispatch(p, nr, args):
     _linux.Dispatcher (bound as `dispatch` at the end of this module)."""
     fn = TABLE.get(nr)
     if fn is None:
-        name = NAMES.get(nr, f"syscall_{nr}")
+        name = unsupported_name(nr)
         p.unsupported_syscalls[name] = p.unsupported_syscalls.get(name, 0) + 1
         return -E.ENOSYS
     try:
@@ -822,4 +832,4 @@ _legacy("chmod", "fchmodat", lambda path, mode, _: (CWD, path, mode))
 dispatch = py_dispatch
 if not PURE_PYTHON:
     from .. import _linux
-    dispatch = _linux.Dispatcher(TABLE, {NUMBERS[n]: v for n, v in CONSTANTS.items()}, NAMES)
+    dispatch = _linux.Dispatcher(TABLE, {NUMBERS[n]: v for n, v in CONSTANTS.items()}, unsupported_name)
