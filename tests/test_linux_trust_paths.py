@@ -410,3 +410,27 @@ def test_unknown_system_call_numbers_are_counted_in_a_bounded_table():
         dispatch(p, (1 << 64) - 1, (0,) * 6)
         dispatch(p, 1000, (0,) * 6)
         assert p.unsupported_syscalls == {f"syscall_{syscalls.NAMED_NR_MAX}+": 20001, "syscall_1000": 1}
+
+
+def test_mapping_names_are_shared_and_maps_text_is_bounded(monkeypatch):
+    from whpfast.linux import mm
+
+    class Space:                                # what maps_text and _intern use of one
+        vmas = []
+        _names, _names_max = {}, mm.MAX_DEAD_NAMES
+
+    space = Space()
+    name = b"/tmp/" + b"n" * 4000
+    first = mm.AddressSpace._intern(space, bytes(name))
+    assert mm.AddressSpace._intern(space, bytes(name)) is first      # one copy for every mmap
+    for i in range(3 * mm.MAX_DEAD_NAMES):                             # names of mappings gone
+        mm.AddressSpace._intern(space, b"/tmp/%d" % i)
+    assert len(space._names) <= mm.MAX_DEAD_NAMES
+    space.vmas = [mm.Vma(0x10000 + 2 * i * mm.PAGE, 0x11000 + 2 * i * mm.PAGE, 1, first, 0)
+                  for i in range(3000)]
+    monkeypatch.setattr(mm, "MAPS_TEXT_MAX", 16 << 20)
+    assert len(mm.AddressSpace.maps_text(space)) < 16 << 20            # 12 MB: served
+    space.vmas = space.vmas * 2                                         # 24 MB: refused
+    with pytest.raises(LinuxError) as info:
+        mm.AddressSpace.maps_text(space)
+    assert info.value.errno == E.ENOMEM

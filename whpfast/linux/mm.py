@@ -43,6 +43,7 @@ MASK64 = (1 << 64) - 1
 MAX_MAPPINGS = 65530        # Linux's default vm.max_map_count: also bounds the host's work per call
 MAX_CHANGED = 4096          # ranges remembered for the next restore before "all of it" is simpler
 SHARE_MIN = 4 * PAGE        # file mappings smaller than this are copied: an mmap costs more
+MAPS_TEXT_MAX = 64 << 20    # the longest /proc/self/maps served (fs._HELD_MAX holds one)
 MAX_DEAD_NAMES = 1024      # names of mappings gone that _intern may still hold (<= PATH_MAX each)
 MAX_SHARED = 1024           # host file mappings an address space makes over its memory (each may
                             # split a host mapping, and vm.max_map_count is shared by every
@@ -587,11 +588,17 @@ class AddressSpace:
 
     def maps_text(self):
         """/proc/self/maps: names as the bytes they are (Linux shows them so, a newline as
-        \\012), so a line is at most ~80 bytes more than its name (<= PATH_MAX)."""
-        lines = []
+        \\012). ENOMEM past MAPS_TEXT_MAX bytes (65530 mappings named by 4 KiB paths would
+        make 270 MB), before more is built."""
+        lines, size = [], 0
         for v in self.vmas:
             perms = ("r" if v.prot & (PROT_READ | PROT_WRITE | PROT_EXEC) else "-") + \
                 ("w" if v.prot & PROT_WRITE else "-") + ("x" if v.prot & PROT_EXEC else "-") + "p"
             line = f"{v.start:08x}-{v.end:08x} {perms} {v.offset:08x} 00:00 0".encode()
-            lines.append(line + b" " * 10 + v.name.replace(b"\n", b"\\012") if v.name else line)
+            if v.name:
+                line += b" " * 10 + v.name.replace(b"\n", b"\\012")
+            size += len(line) + 1
+            if size > MAPS_TEXT_MAX:
+                raise LinuxError(E.ENOMEM, f"/proc/self/maps would be over {MAPS_TEXT_MAX >> 20} MiB")
+            lines.append(line)
         return b"\n".join(lines) + b"\n" if lines else b""
