@@ -43,7 +43,7 @@ MASK64 = (1 << 64) - 1
 MAX_MAPPINGS = 65530        # Linux's default vm.max_map_count: also bounds the host's work per call
 MAX_CHANGED = 4096          # ranges remembered for the next restore before "all of it" is simpler
 SHARE_MIN = 4 * PAGE        # file mappings smaller than this are copied: an mmap costs more
-MAPS_TEXT_MAX = 64 << 20    # the longest /proc/self/maps served (fs._HELD_MAX holds one)
+MAPS_TEXT_MAX = 16 << 20    # the longest /proc/self/maps served (65530 mappings of a library: ~10 MB)
 MAX_DEAD_NAMES = 1024      # names of mappings gone that _intern may still hold (<= PATH_MAX each)
 MAX_SHARED = 1024           # host file mappings an address space makes over its memory (each may
                             # split a host mapping, and vm.max_map_count is shared by every
