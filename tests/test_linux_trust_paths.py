@@ -142,8 +142,8 @@ def test_renames_and_unlinked_files_stay_charged():
     fd = fs.openat(AT_FDCWD, b"/tmp/a", O_CREAT | O_RDWR, 0o600)
     assert fs.write(fd, bytes(40 << 10)) == 40 << 10
     fs.unlinkat(AT_FDCWD, b"/tmp/a", 0)
-    # the unlinked file's bytes and former path still count while the fd holds it
-    assert fs._recount() == 256 + 256 + (40 << 10) + len(b"/tmp/a")
+    # the unlinked file's inode and bytes still count while the fd holds it
+    assert fs._recount() == 256 + 256 + (40 << 10)
     tmpfile = fs.openat(AT_FDCWD, b"/tmp", 0o20200000 | O_RDWR, 0o600)
     assert fs.write(tmpfile, bytes(20 << 10)) == 20 << 10
     assert fs.write(tmpfile, bytes(8 << 10)) < 8 << 10         # short: the unlinked one counts
@@ -154,6 +154,19 @@ def test_renames_and_unlinked_files_stay_charged():
     fs.mkdirat(AT_FDCWD, b"/tmp/x", 0o700)
     fs.renameat(AT_FDCWD, b"/tmp/x", AT_FDCWD, b"/tmp/" + NAME)
     assert fs._recount() == 256 + 256 + 256 + 255
+
+
+def test_a_full_tmp_with_unlinked_files_held_restores():
+    """Former paths are not charged: an unlink never makes /tmp hold more than tmp_size, which
+    a reset to a snapshot of it would refuse."""
+    fs = deep_fs(10, tmp_size=64 << 10)
+    fds = [fs.openat(AT_FDCWD, b"%d" % i, O_CREAT | O_RDWR, 0o600) for i in range(10)]
+    fs.write(fds[0], bytes(64 << 10))                   # short: /tmp is full
+    for i in range(10):
+        fs.unlinkat(AT_FDCWD, b"%d" % i, 0)
+    state = FileSystem.decode(fs.encode(fs.capture()))
+    fs.reset(state)
+    assert fs.readlinkat(AT_FDCWD, b"/proc/self/fd/%d" % fds[3]).endswith(b"/3 (deleted)")
 
 
 def test_open_descriptions_hold_bounded_host_memory(monkeypatch):

@@ -1386,8 +1386,8 @@ class FileSystem:
         if name is None:                        # O_TMPFILE: shown as /tmp/dir/#<inode> (deleted)
             gone = self._former_path(d, b"/#%d" % (self._ino + 1), self._ino + 1)
         # one charge for all (a recount between two would forget the first): the inode, its
-        # name or former path, its contents (a symlink's target)
-        self._charge(_INODE_COST + (len(gone) if name is None else _INODE_COST + len(name)) + len(data))
+        # name, its contents (a symlink's target)
+        self._charge(_INODE_COST + (0 if name is None else _INODE_COST + len(name)) + len(data))
         node = _Tmp(self._new_ino(), fmt, mode & ~self._umask & 0o7777, data, d, name, time.time_ns(),
                     gone)
         if name is not None:
@@ -1406,9 +1406,10 @@ class FileSystem:
 
     def _former_path(self, d, tail, ino):
         """The path an unlinked or O_TMPFILE node (inode `ino`) shows: `tail` in directory `d`,
-        what readlink then gives with " (deleted)" appended. It is kept with the node and counts
-        against tmp_size (_recount) while an fd or the cwd holds it; a path too long to show
-        (PATH_MAX) becomes /tmp/#<inode>."""
+        what readlink then gives with " (deleted)" appended. It is kept with the node while an
+        fd or the cwd holds it, so less than PATH_MAX bytes (a longer one becomes /tmp/#<inode>):
+        (max_fds + 1) x PATH_MAX at most in all. Not charged to tmp_size: an unlink must not
+        make /tmp hold more than a snapshot of it may (_thaw_tmp)."""
         try:
             path = self._display(d) + tail
         except LinuxError:
@@ -1485,8 +1486,6 @@ class FileSystem:
                 continue
             seen.add(id(node))
             used += _INODE_COST
-            if node.name is None and node is not self._tmp_root:
-                used += len(node.gone)
             if node.fmt == S_IFDIR:
                 used += sum(_INODE_COST + len(name) for name in node.data)
                 stack.extend(node.data.values())
@@ -1626,8 +1625,8 @@ class FileSystem:
                                 f"({type(node).__name__.lstrip('_')}): {why}")
 
     def _thaw_tmp(self, tmp):
-        used = sum(_INODE_COST * (2 if parent >= 0 else 1) + len(name) + (len(payload) if payload else 0)
-                   for _, _, _, _, _, parent, name, payload in tmp)
+        used = sum((_INODE_COST * 2 + len(name) if parent >= 0 else _INODE_COST)
+                   + (len(payload) if payload else 0) for _, _, _, _, _, parent, name, payload in tmp)
         if used > self._tmp_size:
             raise SnapshotError(f"the snapshot's /tmp holds {used} bytes, more than this "
                                 f"sandbox's tmp_size ({self._tmp_size})")
