@@ -27,7 +27,15 @@ state last captured or reset to puts back only the descriptions whose offset or 
 Checked against the kernel itself (tests/test_linux_fs.py runs random calls on /tmp and random
 walks through a host tree both here and through os.*). Not provided, on purpose or not yet: hard
 links, file locks, statfs, atime updates, xattrs; /tmp files are not sparse (a hole costs its
-bytes against tmp_size); host files show the host's inode numbers, owners and times."""
+bytes against tmp_size); host files show the host's inode numbers, owners and times.
+
+What the guest may cost the host here is bounded: /tmp by tmp_size, charged per inode, per name
+by its length and per byte of contents or symlink target; every path shown back (getcwd,
+readlink of /proc/self/fd/N, mapping names, an unlinked file's former path) by PATH_MAX, as
+Linux bounds getcwd and readlink (a mapping of a file whose path is longer is named
+/tmp/#<inode> (path too long), where Linux would show the whole path); what open descriptions
+hold (a synthesized file's contents, a directory listing) by _HELD_MAX; look-up caches by
+_CACHE_MAX."""
 
 import os
 import stat as _stat
