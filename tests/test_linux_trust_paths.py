@@ -447,3 +447,36 @@ def test_mapping_names_are_shared_and_maps_text_is_bounded(monkeypatch):
     with pytest.raises(LinuxError) as info:
         mm.AddressSpace.maps_text(space)
     assert info.value.errno == E.ENOMEM
+
+
+@pytest.mark.hypervisor
+def test_mmap_of_a_tmp_file_copies_the_range_mapped(tmp_path):
+    """sys_mmap copies only the mapped range of a /tmp file (it copied the whole file per call):
+    the bytes at each offset, zeros past the end of the file, and ENODEV for a directory."""
+    program = build_c(tmp_path / "tmpmap", r'''
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/mman.h>
+int main(void) {
+    static unsigned char page[4096];
+    int fd = open("/tmp/f", O_CREAT | O_RDWR, 0600);
+    for (int i = 0; i < 3; i++) {
+        for (int j = 0; j < 4096; j++) page[j] = (unsigned char)(i * 7 + j);
+        if (write(fd, page, 4096) != 4096) return 1;
+    }
+    if (write(fd, "tail", 4) != 4) return 1;
+    unsigned char *m = mmap(NULL, 3 * 4096, PROT_READ, MAP_PRIVATE, fd, 4096);
+    if (m == MAP_FAILED) return 2;
+    int bad = 0;
+    for (int j = 0; j < 4096; j++) bad += m[j] != (unsigned char)(7 + j) || m[4096 + j] != (unsigned char)(14 + j);
+    printf("pages=%d tail=%.4s zero=%d\n", bad == 0, m + 2 * 4096, m[2 * 4096 + 4] == 0 && m[3 * 4096 - 1] == 0);
+    int d = open("/tmp", O_RDONLY);
+    printf("dir=%d\n", mmap(NULL, 4096, PROT_READ, MAP_PRIVATE, d, 0) == MAP_FAILED ? errno : 0);
+    return 0;
+}
+''', "-static")
+    with whpfast.LinuxSandbox([program], memory_size=64 * MB) as lx:
+        r = lx.run(timeout=60)
+    assert r.stdout == b"pages=1 tail=tail zero=1\ndir=%d\n" % E.ENODEV, r.stdout

@@ -1078,19 +1078,24 @@ class FileSystem:
             _fail(ENODEV)
         return self._size(desc)
 
-    def contents(self, fd):
-        """The whole contents of the regular file open at fd (for mmap of /tmp and synthesized
-        files); ENODEV for anything that is not a regular file."""
+    def contents(self, fd, start=0, n=None):
+        """The contents of the regular file open at fd (for mmap of /tmp and synthesized files),
+        whole or its n bytes from `start` (only those copied: an mmap of one page of a large
+        /tmp file does not copy all of it); ENODEV for anything that is not a regular file."""
         desc = self._desc(fd)
         if desc.flags & O_PATH:
             _fail(EBADF)
         node = desc.node
         if node.fmt != S_IFREG:
             _fail(ENODEV)
+        end = None if n is None else start + n
         if type(node) is _Tmp:
-            return bytes(node.data)
+            with memoryview(node.data) as view:
+                return view[start:end].tobytes()
         if type(node) is _SynFile:
-            return desc.data
+            return desc.data[start:end]
+        if start or n is not None:
+            return self.contents(fd)[start:end]
         chunks, offset = [], 0
         while True:
             chunk = self._read_at(desc, MAX_IO, offset)

@@ -422,7 +422,8 @@ def sys_mmap(p, addr, length, prot, flags, fd, offset, *_):
                                 name=name or b"", offset=offset, pristine=host is not None and bool(name),
                                 host=host)
     length = (length + PAGE - 1) & ~(PAGE - 1)
-    data = None if host is not None else p.fs.contents(fd)
+    if host is None:
+        p.fs.contents(fd, 0, 0)                 # ENODEV for what is not a regular file
     for lo, hi in _gaps(start, start + length, kept):
         at = offset + (lo - start)
         if host is not None:
@@ -430,7 +431,7 @@ def sys_mmap(p, addr, length, prot, flags, fd, offset, *_):
             n = max(0, min(hi - lo, size - at))
             p.mm.fill(lo, n, lambda view: os.preadv(host_fd, [view], at))
         else:
-            p.mm.store(lo, data[at:at + (hi - lo)])
+            p.mm.store(lo, p.fs.contents(fd, at, hi - lo))
     return start
 
 
