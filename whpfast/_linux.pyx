@@ -251,14 +251,14 @@ def top_gap(list vmas not None, ceiling, length):
 cdef class Dispatcher:
     """syscalls.dispatch: runs system call nr with the six argument registers; returns the value
     for RAX (negative errno on failure). table: {nr: handler(p, a0..a5)} (raising LinuxError);
-    constants: {nr: value} answered here without a Python call; names: {nr: name} for the
-    ENOSYS count (p.unsupported_syscalls)."""
+    constants: {nr: value} answered here without a Python call; names(nr): the key of the
+    ENOSYS count (p.unsupported_syscalls), from a bounded set whatever nr the guest picks."""
 
     cdef dict table
     cdef dict constants
-    cdef dict names
+    cdef object names
 
-    def __init__(self, dict table not None, dict constants not None, dict names not None):
+    def __init__(self, dict table not None, dict constants not None, names not None):
         self.table, self.constants, self.names = table, constants, names
 
     cdef object serve(self, object p, tuple regs):
@@ -271,7 +271,7 @@ cdef class Dispatcher:
             return <object>hit
         hit = PyDict_GetItem(self.table, nr)
         if hit == NULL:
-            name = self.names.get(nr, f"syscall_{nr}")
+            name = self.names(nr)
             p.unsupported_syscalls[name] = p.unsupported_syscalls.get(name, 0) + 1
             return -ENOSYS
         try:

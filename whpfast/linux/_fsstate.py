@@ -8,6 +8,11 @@ from stat import S_IFDIR, S_IFLNK, S_IFREG
 
 PATH_MAX, NAME_MAX = 4096, 255
 MAX_FILE = (1 << 63) - 1
+O_ACCMODE, O_RDONLY, O_PATH = 3, 0, 0o10000000
+# The synthesized regular files (fs.FileSystem._build_synthetic): a description of one holds its
+# contents as of the open, and only such a description holds contents.
+SYNTHESIZED_FILES = frozenset((b"/proc/self/maps", b"/proc/self/status",
+                               b"/sys/devices/system/cpu/online", b"/sys/devices/system/cpu/possible"))
 
 
 class FsState(NamedTuple):
@@ -108,6 +113,11 @@ def _valid_name(name):
             and b"\0" not in name and name not in (b".", b".."))
 
 
+def _valid_path(path):
+    """A path a symlink may hold or an unlinked node may show: what symlink() would accept."""
+    return type(path) is bytes and 0 < len(path) < PATH_MAX and b"\0" not in path
+
+
 def _validate(obj):
     """FsState from decoded tuples, or ValueError naming the first bad field."""
     def bad(why):
@@ -132,6 +142,8 @@ def _validate(obj):
         inos.add(ino)
         if (fmt == S_IFDIR) != (payload is None) or (payload is not None and type(payload) is not bytes):
             bad(f"/tmp entry {i}: contents do not match its type")
+        if fmt == S_IFLNK and not _valid_path(payload):
+            bad(f"/tmp entry {i}: a symlink target must be 1 to {PATH_MAX - 1} bytes without NUL")
         if i == 0 and (fmt != S_IFDIR or parent != -1):
             bad("/tmp root is not a directory")
         if parent >= 0:
@@ -140,7 +152,7 @@ def _validate(obj):
             if not _valid_name(name) or (parent, name) in names:
                 bad(f"/tmp entry {i} has a bad or repeated name")
             names.add((parent, name))
-        elif type(name) is not bytes or len(name) >= PATH_MAX or (i == 0) != (name == b""):
+        elif not (name == b"" if i == 0 else _valid_path(name)):
             bad(f"/tmp entry {i} (unlinked) has a bad former path")
 
     def ref(r, what):
@@ -154,7 +166,8 @@ def _validate(obj):
         if kind == "f" and _is_int(value, 0, (1 << 31) - 1):
             return r
         if kind == "p" and type(value) is bytes and len(value) < PATH_MAX and (
-                value == b"" or (value[:1] == b"/" and all(map(_valid_name, value[1:].split(b"/"))))):
+                value == b"" or (value[:1] == b"/" and all(map(_valid_name, value[1:].split(b"/"))))
+                and not value.startswith(b"/proc/self/fd/")):       # those are "f" references
             return r
         bad(f"{what}: bad reference {r!r}"[:200])
 
@@ -168,6 +181,16 @@ def _validate(obj):
         if not (_is_int(flags, 0, 0xFFFFFFFF) and _is_int(offset, 0, MAX_FILE)
                 and (data is None or type(data) is bytes)):
             bad(f"description {i} has a bad field")
+        # What a read, lseek or stat of it will need (fs.FileSystem._check_desc checks the rest
+        # against the file system it is put back into).
+        if (r[0] == "p" and r[1] in SYNTHESIZED_FILES) != (data is not None):
+            bad(f"description {i}: contents only, and always, for a synthesized file")
+        if not flags & O_PATH:
+            fmt = tmp[r[1]][1] if r[0] == "t" else S_IFLNK if r[0] == "f" else None
+            if flags & O_ACCMODE == O_ACCMODE or (fmt == S_IFLNK) or (
+                    fmt == S_IFDIR and flags & O_ACCMODE != O_RDONLY):
+                bad(f"description {i}: access mode {flags & O_ACCMODE} on a "
+                    f"{'symlink' if fmt == S_IFLNK else 'directory' if fmt == S_IFDIR else 'file'}")
     if type(fds) is not tuple:
         bad("fd table malformed")
     seen = set()
@@ -178,7 +201,7 @@ def _validate(obj):
             bad(f"fd entry {entry!r} is bad"[:200])
         seen.add(entry[0])
     ref(cwd, "cwd")
-    if cwd[0] == "t" and tmp[cwd[1]][1] != S_IFDIR:
+    if (cwd[0] == "t" and tmp[cwd[1]][1] != S_IFDIR) or cwd[0] in ("c", "f"):
         bad("cwd is not a directory")
     if not _is_int(umask, 0, 0o777) or not _is_int(next_ino, 0, 1 << 62):
         bad("bad umask or inode counter")

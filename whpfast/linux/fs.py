@@ -34,7 +34,15 @@ state last captured or reset to puts back only the descriptions whose offset or 
 Checked against the kernel itself (tests/test_linux_fs.py runs random calls on /tmp and random
 walks through a host tree both here and through os.*). Not provided, on purpose or not yet: hard
 links, file locks, statfs, atime updates, xattrs; /tmp files are not sparse (a hole costs its
-bytes against tmp_size); host files show the host's inode numbers, owners and times."""
+bytes against tmp_size); host files show the host's inode numbers, owners and times.
+
+What the guest may cost the host here is bounded: /tmp by tmp_size, charged per inode, per name
+by its length and per byte of contents or symlink target; every path shown back (getcwd,
+readlink of /proc/self/fd/N, mapping names, an unlinked file's former path) by PATH_MAX, as
+Linux bounds getcwd and readlink (a mapping of a file whose path is longer is named
+/tmp/#<inode> (path too long), where Linux would show the whole path); what open descriptions
+hold (a synthesized file's contents, a directory listing) by _HELD_MAX; look-up caches by
+_CACHE_MAX."""
 
 import errno as _host_errno
 import os
@@ -47,7 +55,7 @@ from ..errors import SnapshotError
 from . import _fsstate
 from ._fsstate import MAX_FILE, NAME_MAX, PATH_MAX, FsState
 from .errno import (EACCES, EBADF, EBUSY, EEXIST, EFBIG, EINVAL, EIO, EISDIR, ELOOP, EMFILE,
-                    ENAMETOOLONG, ENODEV, ENOENT, ENOSPC, ENOTDIR, ENOTEMPTY, ENOTTY, ENXIO,
+                    ENAMETOOLONG, ENODEV, ENOENT, ENOMEM, ENOSPC, ENOTDIR, ENOTEMPTY, ENOTTY, ENXIO,
                     EOPNOTSUPP, EOVERFLOW, EROFS, ESPIPE, ESTALE, EXDEV, LinuxError, from_oserror)
 
 # Linux x86-64 values (written out: the host's os.O_* differ on Windows).
@@ -75,10 +83,14 @@ _DT = {S_IFDIR: 4, S_IFREG: 8, S_IFLNK: 10, S_IFCHR: 2, S_IFIFO: 1, 0o140000: 12
 MAXSYMLINKS = 40
 MAX_IO = 1 << 24            # largest read served at once: a short read, as Linux allows
 STATX_BASIC_STATS = 0x7FF
-_INODE_COST = 256           # /tmp bytes charged per inode and per name, so metadata is capped too
+_INODE_COST = 256           # /tmp bytes charged per inode and per name (plus the name's bytes),
+                            # so metadata is capped too: a name of 255 bytes costs 511
 _HOSTFD_CACHE = 64          # host fds kept for files no guest fd holds open
 _DIRFD_CACHE = 64           # host fds kept for directories below the read roots (least recently
                             # used closed first; reopened from the parent, checked, when needed)
+_HELD_MAX = 64 << 20        # host bytes the open descriptions may hold in all (a synthesized
+_LISTING_ENTRY = 128        # file's contents as of its open, a directory's listing at about
+                            # this much per entry): past that, open or getdents64 is ENOMEM
 _CACHE_MAX = 1 << 16        # look-ups remembered per FileSystem, per kind (paths, walks, listings):
 _CACHE_PATH = 512           # bounded, and walks of longer paths are not remembered, so that a
                             # guest probing endless names costs the host tens of MiB at most
@@ -372,7 +384,8 @@ class FileSystem:
             self._place(inside, self._host_root(inside, mounts[inside]))
         self._build_synthetic()
         self._umask = 0o022
-        self._tmp_used = 0
+        self._tmp_used = _INODE_COST  # the root's inode (as _recount counts it)
+        self._held = 0              # bytes held by open descriptions (over-estimated, see _hold)
         self._tmp_frozen = None     # (FsState.tmp, {id(node): index}) of the current /tmp tree
         self._tmp_nodes = None      # the nodes behind _tmp_frozen, kept alive for their ids
         self._tmp_dirty = True
@@ -667,14 +680,23 @@ class FileSystem:
         return node.value()
 
     def _display(self, node):
-        """The path readlink shows for an fd's node (/proc/self/fd/N, /proc/self/cwd)."""
+        """The path readlink shows for an fd's node (/proc/self/fd/N, /proc/self/cwd), getcwd
+        and a mapping's name. A /tmp path can grow without bound (chdir and relative names make
+        any depth), but this one never exceeds PATH_MAX - 1 bytes: ENAMETOOLONG beyond, as
+        Linux's getcwd and readlink of /proc/self/fd/N give, and the walk up stops there."""
         if type(node) is _Tmp:
-            parts = []
+            parts, size = [], 4                 # len(b"/tmp")
             n = node
             while n is not self._tmp_root:
                 if n.name is None:
-                    return b"/".join([n.gone] + parts[::-1]) + b" (deleted)"
+                    path = b"/".join([n.gone] + parts[::-1]) + b" (deleted)"
+                    if len(path) >= PATH_MAX:
+                        _fail(ENAMETOOLONG)
+                    return path
                 parts.append(n.name)
+                size += 1 + len(n.name)
+                if size >= PATH_MAX:
+                    _fail(ENAMETOOLONG)
                 n = n.parent
             return b"/".join([b"/tmp"] + parts[::-1])
         if type(node) is _Console:
@@ -784,6 +806,7 @@ class FileSystem:
             _fail(EACCES, "host devices, FIFOs and sockets are never opened")
         elif t is _SynFile:
             data = node.value()
+            self._hold(len(data))
         elif t is _Tmp and flags & O_TRUNC and fmt == S_IFREG and node.data:
             self._tmp_resize(node, 0)
         return self._install(fd, node, flags, data)
@@ -1035,7 +1058,10 @@ class FileSystem:
             _fail(ENOTDIR)
         listing = desc.listing
         if listing is None or (desc.offset == 0 and type(desc.node) in (_Tmp, _FdDir)):
-            listing = desc.listing = self._listing(desc.node)
+            listing = self._listing(desc.node)
+            if not self._shared_listing(desc.node, listing):
+                self._hold(len(listing) * _LISTING_ENTRY)
+            desc.listing = listing
         out = []
         size = 0
         pos = desc.offset
@@ -1054,6 +1080,32 @@ class FileSystem:
             desc.offset = pos
             self._moved(desc)
         return b"".join(out)
+
+    def _hold(self, n):
+        """Charges n host bytes that an open description is about to keep (ENOMEM past
+        _HELD_MAX): without it each of max_fds fds could hold its own copy of a large
+        /proc/self/maps or /tmp directory listing. `_held` only ever overestimates (closing
+        refunds nothing), so it is recounted exactly when a request would not fit."""
+        if self._held + n > _HELD_MAX:
+            self._held = self._recount_held()
+            if self._held + n > _HELD_MAX:
+                _fail(ENOMEM, f"open files hold more than {_HELD_MAX >> 20} MiB of host memory")
+        self._held += n
+
+    def _recount_held(self):
+        held, seen = 0, set()
+        for desc, _ in self._fds.values():
+            if id(desc) not in seen:
+                seen.add(id(desc))
+                if desc.data is not None:
+                    held += len(desc.data)
+                if desc.listing is not None and not self._shared_listing(desc.node, desc.listing):
+                    held += len(desc.listing) * _LISTING_ENTRY
+        return held
+
+    def _shared_listing(self, d, listing):
+        """Whether `listing` is the one cached for d's path (shared by every description)."""
+        return type(d) is not _Tmp and listing is self._listings.get(d.path)
 
     def _listing(self, d):
         """[(name, ino, d_type)] of a directory, "." and ".." first, then sorted by name."""
@@ -1177,19 +1229,24 @@ class FileSystem:
             _fail(ENODEV)
         return self._size(desc)
 
-    def contents(self, fd):
-        """The whole contents of the regular file open at fd (for mmap of /tmp and synthesized
-        files); ENODEV for anything that is not a regular file."""
+    def contents(self, fd, start=0, n=None):
+        """The contents of the regular file open at fd (for mmap of /tmp and synthesized files),
+        whole or its n bytes from `start` (only those copied: an mmap of one page of a large
+        /tmp file does not copy all of it); ENODEV for anything that is not a regular file."""
         desc = self._desc(fd)
         if desc.flags & O_PATH:
             _fail(EBADF)
         node = desc.node
         if node.fmt != S_IFREG:
             _fail(ENODEV)
+        end = None if n is None else start + n
         if type(node) is _Tmp:
-            return bytes(node.data)
+            with memoryview(node.data) as view:
+                return view[start:end].tobytes()
         if type(node) is _SynFile:
-            return desc.data
+            return desc.data[start:end]
+        if start or n is not None:
+            return self.contents(fd)[start:end]
         chunks, offset = [], 0
         while True:
             chunk = self._read_at(desc, MAX_IO, offset)
@@ -1238,7 +1295,10 @@ class FileSystem:
             size = len(node.value())
         elif t is _SynLink:
             target = node.value()
-            size = len(target if isinstance(target, bytes) else self._display(target))
+            try:
+                size = len(target if isinstance(target, bytes) else self._display(target))
+            except LinuxError:                  # a path too long to show: readlink fails
+                size = 0
         nlink = 2 if node.fmt == S_IFDIR else 1
         dev = _PIPE_DEV if t is _Console else _SYN_DEV
         return (dev, node.ino, node.mode, nlink, self._uid, self._gid, node.rdev, size,
@@ -1298,6 +1358,20 @@ class FileSystem:
         if mode & 1 and node.fmt != S_IFDIR and not self._attrs(node)[2] & 0o111:
             _fail(EACCES)
 
+    def mapping_name(self, fd):
+        """The name /proc/self/maps shows for a mapping of the file open at fd: its path as
+        readlink of /proc/self/fd/N shows it (at most PATH_MAX - 1 bytes). Linux would show
+        a longer /tmp path in full; here it is /tmp/#<inode> (path too long), so that a
+        mapping's name never costs the host more than PATH_MAX bytes."""
+        node = self._desc(fd).node
+        try:
+            name = self._display(node)
+            if len(name) < PATH_MAX:
+                return name
+        except LinuxError:
+            pass
+        return b"/tmp/#%d (path too long)" % node.ino
+
     def readlinkat(self, dirfd, path):
         """The target of a symlink (the caller truncates it to the guest's buffer); an empty
         path reads the symlink dirfd holds (opened with O_PATH | O_NOFOLLOW)."""
@@ -1355,7 +1429,6 @@ class FileSystem:
             _fail(ENOENT)                       # "name/" can only be a directory
         if type(d) is not _Tmp:
             _fail(EROFS, "only /tmp is writable")
-        self._charge(len(target))
         self._tmp_new(d, name, S_IFLNK, 0, bytes(target)).mode = 0o777    # links ignore umask
 
     def fchmodat(self, dirfd, path, mode, flags=0):
@@ -1453,7 +1526,7 @@ class FileSystem:
                     _fail(ENOTEMPTY)
                 self._tmp_detach(nd, nn)
             else:
-                self._charge(_INODE_COST)      # the new name; the old one is refunded by recount
+                self._charge(_INODE_COST + len(nn))     # the new name; the old one is refunded by recount
             del od.data[on]
             nd.data[nn] = src
             src.parent, src.name = nd, nn
@@ -1475,11 +1548,15 @@ class FileSystem:
     def _tmp_new(self, d, name, fmt, mode, data):
         if d.name is None and d is not self._tmp_root:
             _fail(ENOENT, "the directory was removed")
-        self._charge(_INODE_COST * (2 if name is not None else 1))
-        node = _Tmp(self._new_ino(), fmt, mode & ~self._umask & 0o7777, data, d, name, time.time_ns())
-        if name is None:                        # O_TMPFILE
-            node.gone = self._display(d) + b"/#%d" % node.ino
-        else:
+        gone = None
+        if name is None:                        # O_TMPFILE: shown as /tmp/dir/#<inode> (deleted)
+            gone = self._former_path(d, b"/#%d" % (self._ino + 1), self._ino + 1)
+        # one charge for all (a recount between two would forget the first): the inode, its
+        # name, its contents (a symlink's target)
+        self._charge(_INODE_COST + (0 if name is None else _INODE_COST + len(name)) + len(data))
+        node = _Tmp(self._new_ino(), fmt, mode & ~self._umask & 0o7777, data, d, name, time.time_ns(),
+                    gone)
+        if name is not None:
             d.data[name] = node
             d.mtime = d.ctime = node.mtime
         self._tmp_dirty = True
@@ -1487,11 +1564,25 @@ class FileSystem:
 
     def _tmp_detach(self, d, name):
         node = d.data[name]
-        node.gone = self._display(node)
+        node.gone = self._former_path(d, b"/" + name, node.ino)
         del d.data[name]
         node.name = None
         d.mtime = d.ctime = node.ctime = time.time_ns()
         self._tmp_dirty = True
+
+    def _former_path(self, d, tail, ino):
+        """The path an unlinked or O_TMPFILE node (inode `ino`) shows: `tail` in directory `d`,
+        what readlink then gives with " (deleted)" appended. It is kept with the node while an
+        fd or the cwd holds it, so less than PATH_MAX bytes (a longer one becomes /tmp/#<inode>):
+        (max_fds + 1) x PATH_MAX at most in all. Not charged to tmp_size: an unlink must not
+        make /tmp hold more than a snapshot of it may (_thaw_tmp)."""
+        try:
+            path = self._display(d) + tail
+        except LinuxError:
+            path = b""
+        if not 0 < len(path) < PATH_MAX:
+            path = b"/tmp/#%d" % ino
+        return path
 
     def _tmp_write(self, node, offset, data):
         if not data:
@@ -1562,7 +1653,7 @@ class FileSystem:
             seen.add(id(node))
             used += _INODE_COST
             if node.fmt == S_IFDIR:
-                used += _INODE_COST * len(node.data)
+                used += sum(_INODE_COST + len(name) for name in node.data)
                 stack.extend(node.data.values())
             else:
                 used += len(node.data)
@@ -1663,6 +1754,10 @@ class FileSystem:
             nodes = self._tmp_nodes
             descs = [_Open(self._deref(ref, nodes), flags, offset, data, i)
                      for i, (ref, flags, offset, data) in enumerate(state.descs)]
+            for desc in descs:
+                self._check_desc(desc)
+            if state.fds and max(fd for fd, _, _ in state.fds) >= self.max_fds:
+                raise SnapshotError(f"the snapshot has an fd past this sandbox's {self.max_fds}")
             self._table_changed = True
         if self._table_changed:
             self._fds = {fd: (descs[i], cloexec) for fd, i, cloexec in state.fds}
@@ -1671,11 +1766,33 @@ class FileSystem:
             raise SnapshotError(f"the snapshot's cwd {os.fsdecode(self._display(cwd))} is not a directory")
         self._cwd, self._umask = cwd, state.umask
         self._ino = max(self._base_ino, state.next_ino)
+        self._held = _HELD_MAX                  # other descriptions now: recounted when needed
         self._settled(state, descs)
 
+    def _check_desc(self, desc):
+        """A decoded description must be one an open here could have made (decode checked what
+        it could without the file system): else a read, lseek or stat of it would fail on the
+        host instead of answering the guest."""
+        node, flags, t = desc.node, desc.flags, type(desc.node)
+        why = None
+        if (t is _SynFile) != (desc.data is not None):
+            why = "synthesized contents do not match the file"
+        elif flags & O_PATH:
+            pass
+        elif node.fmt == S_IFLNK:
+            why = "a symlink open without O_PATH"
+        elif t is _HostNode and node.fmt not in (S_IFREG, S_IFDIR):
+            why = "a host device, FIFO or socket open"
+        elif flags & O_ACCMODE != O_RDONLY and not (
+                (t is _Tmp and node.fmt == S_IFREG) or t is _Device or t is _Console):
+            why = "write access to a file that is not writable"
+        if why is not None:
+            raise SnapshotError(f"the snapshot's open file description {desc.idx} "
+                                f"({type(node).__name__.lstrip('_')}): {why}")
+
     def _thaw_tmp(self, tmp):
-        used = sum(_INODE_COST * (2 if parent >= 0 else 1) + (len(payload) if payload else 0)
-                   for _, _, _, _, _, parent, _, payload in tmp)
+        used = sum((_INODE_COST * 2 + len(name) if parent >= 0 else _INODE_COST)
+                   + (len(payload) if payload else 0) for _, _, _, _, _, parent, name, payload in tmp)
         if used > self._tmp_size:
             raise SnapshotError(f"the snapshot's /tmp holds {used} bytes, more than this "
                                 f"sandbox's tmp_size ({self._tmp_size})")

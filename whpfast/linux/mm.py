@@ -43,6 +43,8 @@ MASK64 = (1 << 64) - 1
 MAX_MAPPINGS = 65530        # Linux's default vm.max_map_count: also bounds the host's work per call
 MAX_CHANGED = 4096          # ranges remembered for the next restore before "all of it" is simpler
 SHARE_MIN = 4 * PAGE        # file mappings smaller than this are copied: an mmap costs more
+MAPS_TEXT_MAX = 16 << 20    # the longest /proc/self/maps served (65530 mappings of a library: ~10 MB)
+MAX_DEAD_NAMES = 1024      # names of mappings gone that _intern may still hold (<= PATH_MAX each)
 MAX_SHARED = 256            # host file mappings an address space makes over its memory (each may
                             # split a host mapping, and vm.max_map_count is shared by every
                             # sandbox of the process: core/mapbudget.py); past that, file pages
@@ -188,6 +190,7 @@ class AddressSpace:
         self.brk_start = self.brk_now = 0
         self._frozen = None               # the MmState they equal, if unchanged since
         self.mmap_top = top
+        self._names, self._names_max = {}, MAX_DEAD_NAMES     # see _intern
 
     # -- capture / reset -----------------------------------------------------------------------
 
@@ -477,6 +480,7 @@ class AddressSpace:
             addr = self.find_free(length, addr & ~(PAGE - 1))
         end = addr + length
         pristine = pristine and not prot & PROT_WRITE
+        name = self._intern(name)
         plan, removed = self._replace(addr, end, [Vma(addr, end, prot, name, offset, pristine)])
         reuse = [v for v in removed if pristine and v.pristine and v.name == name
                  and v.offset - v.start == offset - addr]
@@ -521,6 +525,20 @@ class AddressSpace:
                 out.append((lo, hi))
             lo = max(lo, k_hi)
         return out
+
+    def _intern(self, name):
+        """One bytes object per distinct mapping name: the many mappings of one file (and the
+        pieces mprotect splits off, which keep their VMA's name) share it, where each mmap
+        used to keep a fresh copy of the path. The table is rebuilt from the live mappings
+        once MAX_DEAD_NAMES more names were added, so names of mappings gone do not pile up:
+        names cost the host at most (mappings + MAX_DEAD_NAMES) x PATH_MAX bytes."""
+        hit = self._names.get(name)
+        if hit is None:
+            if len(self._names) >= self._names_max:
+                self._names = {v.name: v.name for v in self.vmas}
+                self._names_max = len(self._names) + MAX_DEAD_NAMES
+            hit = self._names[name] = name
+        return hit
 
     def unmap(self, addr, length):
         if addr % PAGE or length <= 0:
@@ -615,14 +633,21 @@ class AddressSpace:
     # -- /proc/self/maps ----------------------------------------------------------------------
 
     def maps_text(self):
-        lines = []
+        """/proc/self/maps: names as the bytes they are (Linux shows them so, a newline as
+        \\012). ENOMEM past MAPS_TEXT_MAX bytes (65530 mappings named by 4 KiB paths would
+        make 270 MB), before more is built."""
+        lines, size = [], 0
         for v in self.vmas:
             perms = ("r" if v.prot & (PROT_READ | PROT_WRITE | PROT_EXEC) else "-") + \
                 ("w" if v.prot & PROT_WRITE else "-") + ("x" if v.prot & PROT_EXEC else "-") + "p"
-            name = v.name.decode("utf-8", "replace")
-            lines.append(f"{v.start:08x}-{v.end:08x} {perms} {v.offset:08x} 00:00 0"
-                         + (f"{'':<10}{name}" if name else ""))
-        return ("\n".join(lines) + "\n").encode() if lines else b""
+            line = f"{v.start:08x}-{v.end:08x} {perms} {v.offset:08x} 00:00 0".encode()
+            if v.name:
+                line += b" " * 10 + v.name.replace(b"\n", b"\\012")
+            size += len(line) + 1
+            if size > MAPS_TEXT_MAX:
+                raise LinuxError(E.ENOMEM, f"/proc/self/maps would be over {MAPS_TEXT_MAX >> 20} MiB")
+            lines.append(line)
+        return b"\n".join(lines) + b"\n" if lines else b""
 
 
 # -- sets of ranges: sorted lists of disjoint (start, end), few (overlays) -------------------------

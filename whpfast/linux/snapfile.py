@@ -47,6 +47,7 @@ import numpy as np
 from .. import _pages, backend, cpu
 from ..errors import SnapshotError
 from ..snapshot import IMAGE_ALIGN, _extents, extents_crc, write_sparse
+from ._fsstate import PATH_MAX
 from .errno import LinuxError
 from .mm import PAGE, PROT_WRITE, USER_MIN, MmState, Vma, page_table_bytes, page_up, shareable
 
@@ -548,6 +549,8 @@ def _decode_meta(meta, state_bytes, memory_size, fs_bytes, fs_decode):
         for value in (start, end, prot, offset):
             if not isinstance(value, int) or value < 0:
                 raise ValueError("bad mapping field")
+        if len(name) >= 2 * PATH_MAX:           # names are paths (fs.FileSystem.mapping_name)
+            raise ValueError(f"mapping {start:#x}-{end:#x} has a name of over {PATH_MAX} bytes")
         if start % PAGE or end % PAGE or not previous_end <= start < end <= top or prot > 7:
             raise ValueError(f"mapping {start:#x}-{end:#x} is invalid")
         vmas.append(Vma(start, end, prot, bytes.fromhex(name), offset, bool(pristine)))

@@ -63,6 +63,16 @@ def _path(p, addr):
 
 
 TABLE = {}
+NAMED_NR_MAX = 4096         # unknown numbers past this are counted together (the guest picks
+                            # them: one name each would grow unsupported_syscalls without bound)
+
+
+def unsupported_name(nr):
+    """The key of unsupported_syscalls for system call nr."""
+    name = NAMES.get(nr)
+    if name is None:
+        name = f"syscall_{nr}" if 0 <= nr < NAMED_NR_MAX else f"syscall_{NAMED_NR_MAX}+"
+    return name
 
 
 def syscall(*names):
@@ -78,7 +88,7 @@ def py_dispatch(p, nr, args):
     _linux.Dispatcher (bound as `dispatch` at the end of this module)."""
     fn = TABLE.get(nr)
     if fn is None:
-        name = NAMES.get(nr, f"syscall_{nr}")
+        name = unsupported_name(nr)
         p.unsupported_syscalls[name] = p.unsupported_syscalls.get(name, 0) + 1
         return -E.ENOSYS
     try:
@@ -404,16 +414,14 @@ def sys_mmap(p, addr, length, prot, flags, fd, offset, *_):
         if flags & MAP_SHARED and prot & PROT_WRITE:
             _fail(E.ENODEV, "writable shared file mappings are not supported")
         host = p.fs.host_file(fd)             # EBADF for a bad fd
-        try:
-            name = p.fs.readlinkat(AT_FDCWD, b"/proc/self/fd/%d" % fd)
-        except LinuxError:
-            name = b""
+        name = p.fs.mapping_name(fd)
     noreplace = bool(flags & MAP_FIXED_NOREPLACE)
     if anonymous:
         return p.mm.map(addr, length, prot, fixed=fixed, noreplace=noreplace)
     # Whether the file can be mapped at all (ENODEV: a directory, the console) is known before
     # anything is: a failed mmap leaves the address space as it was.
-    data = None if host is not None else p.fs.contents(fd)
+    if host is None:
+        p.fs.contents(fd, 0, 0)                 # ENODEV for what is not a regular file
     start, kept = p.mm.map_file(addr, length, prot, fixed=fixed, noreplace=noreplace,
                                 name=name or b"", offset=offset, pristine=host is not None and bool(name),
                                 host=host)
@@ -426,7 +434,7 @@ def sys_mmap(p, addr, length, prot, flags, fd, offset, *_):
                 n = max(0, min(hi - lo, size - at))
                 p.mm.fill(lo, n, lambda view: os.preadv(host_fd, [view], at))
             else:
-                p.mm.store(lo, data[at:at + (hi - lo)])
+                p.mm.store(lo, p.fs.contents(fd, at, hi - lo))
     except BaseException:
         p.mm.unmap(start, length)       # (a read of the host file failed: nothing stays mapped)
         raise
@@ -840,4 +848,4 @@ _legacy("chmod", "fchmodat", lambda path, mode, _: (CWD, path, mode))
 dispatch = py_dispatch
 if not PURE_PYTHON:
     from .. import _linux
-    dispatch = _linux.Dispatcher(TABLE, {NUMBERS[n]: v for n, v in CONSTANTS.items()}, NAMES)
+    dispatch = _linux.Dispatcher(TABLE, {NUMBERS[n]: v for n, v in CONSTANTS.items()}, unsupported_name)
