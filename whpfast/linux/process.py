@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import _pages, abi, backend, cpu, machine
+from ..core.gate import Gate
 from ..core.run import run_timeout, run_until
 from ..core.resource import Resource
 from ..elf import read_program
@@ -426,7 +427,8 @@ class LinuxSandbox(Resource):
 
     def _finish_init(self):
         self._poisoned = None
-        self._lock = threading.Lock()
+        # One operation (run, restore, snapshot, parked_read) at a time, by core/gate.py's rules.
+        self._gate = Gate(self._free, self.cancel)
         self._wake = threading.Event()
         self._deadline = None
         self._stdout = bytearray()
@@ -438,19 +440,19 @@ class LinuxSandbox(Resource):
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Frees the VM and its memory. Idempotent; a run in another thread is cancelled first."""
-        if self._closed:
-            return
-        if not self._lock.acquire(blocking=False):
-            self.cancel()                    # also wakes a run sleeping in nanosleep
-            self._lock.acquire()
-        try:
-            if self._closed:
-                return
-            self._closed = True
-            self._close_parts()
-        finally:
-            self._lock.release()
+        """Frees the VM and its memory. Idempotent. A run in another thread is stopped (it raises
+        SandboxClosed) and close() returns once it has unwound and freed everything; if that run
+        is inside on_output, which cannot be interrupted, close() returns at once and the sandbox
+        is freed when on_output returns. From inside on_output of this sandbox, the close takes
+        effect when the run unwinds: the program does not run again and run() raises
+        SandboxClosed."""
+        if not self._closed:
+            self._gate.close()
+
+    def _free(self):
+        # (the gate's free: called once, with no operation running)
+        self._closed = True
+        self._close_parts()
 
     def _close_parts(self):
         self.fs.close_all()
@@ -461,7 +463,8 @@ class LinuxSandbox(Resource):
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """True once close() was called (the memory is freed when a running run unwinds)."""
+        return self._closed or self._gate.closing
 
     @property
     def poisoned(self) -> Optional[str]:
@@ -495,7 +498,8 @@ class LinuxSandbox(Resource):
         if not isinstance(input, (bytes, bytearray, memoryview)):
             raise TypeError(f"input must be bytes, not {type(input).__name__}")
         timeout = run_timeout(timeout)
-        with self._lock:
+        start = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
+        with self._gate.operation("run()", start):      # (waiting counts against timeout)
             resume = None
             if restore is not None:
                 self._check_restore(restore)
@@ -516,6 +520,8 @@ class LinuxSandbox(Resource):
             # closes it, so a late cancel() cannot poison the next run.
             self._vcpu.begin_call()
             try:
+                if self._gate.closing:           # a close() whose cancel came before begin_call
+                    raise SandboxClosed("the sandbox was closed while run() started")
                 return self._loop(resume)
             except WhpfastError:
                 raise
@@ -643,7 +649,10 @@ class LinuxSandbox(Resource):
             raise LinuxError(errno.EFBIG, f"more than {MAX_OUTPUT} bytes of output in one run")
         (self._stdout if stream == "stdout" else self._stderr).extend(data)
         if self._on_output is not None:
-            self._on_output(stream, bytes(data))
+            try:
+                self._gate.user_code(self._on_output, stream, bytes(data))
+            except WhpfastError as e:    # the program stopped mid-write, as for any exception
+                raise self._poison(e)
 
     def set_segment_base(self, which: str, value: Optional[int]) -> int:
         return impl.segment_base(self._vcpu, which, value)
@@ -681,6 +690,8 @@ class LinuxSandbox(Resource):
                               f"{', string' if vcpu.io_string else ''}): not a system call", kind="io")
         if kind == impl.EXIT_TIMEOUT:
             return GuestTimeout(f"the program ran past its timeout of {self._timeout} s and was stopped")
+        if kind == impl.EXIT_CANCELLED and self._gate.closing:
+            return SandboxClosed("the sandbox was closed while run() ran; the run was stopped")
         if kind == impl.EXIT_CANCELLED:
             return GuestCancelled("the run was cancelled")
         if kind == impl.EXIT_SHUTDOWN:
@@ -723,7 +734,7 @@ class LinuxSandbox(Resource):
     def snapshot(self) -> LinuxSnapshot:
         """Captures guest memory, the vCPU and every host-side component. Costs a pass over the
         mapped memory; restores cost only what changed since."""
-        with self._lock:
+        with self._gate.operation("snapshot()"):
             if self._closed:
                 raise SandboxClosed("the sandbox is closed")
             if self._poisoned:
@@ -757,7 +768,7 @@ class LinuxSandbox(Resource):
     def restore(self, snapshot: LinuxSnapshot) -> None:
         """Puts memory, vCPU state and every host-side component back to the snapshot's and
         clears a poisoned state."""
-        with self._lock:
+        with self._gate.operation("restore()"):
             self._check_restore(snapshot)
             self._restore_locked(snapshot)
 
@@ -851,8 +862,10 @@ class LinuxSandbox(Resource):
         or None when it is not parked in one. A cooperating program can leave its answer in that
         buffer for the host to read there (mm.read), which saves the exit of a write(2); the
         buffer's contents are the program's word, to be validated like any guest data."""
-        with self._lock:
-            if self._closed or self._poisoned:
+        if self.closed:
+            return None
+        with self._gate.operation("parked_read()"):
+            if self._poisoned:
                 return None
             return self._parked_locked()
 

@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-from ..errors import GuestCallError, GuestPythonError, SandboxClosed, SandboxError, SnapshotError
+from ..errors import (GuestCallError, GuestError, GuestPythonError, SandboxClosed, SandboxError,
+                      SnapshotError)
 from ..linux.errno import LinuxError
 from .._typing import StrPath
+from ..core.gate import Gate
 from ..core.resource import Resource
 from ..linux.fs import inside_path, read_mapping
 from ..linux.process import LinuxSandbox, LinuxSnapshot
@@ -179,7 +181,10 @@ class PythonSandbox(Resource):
         self._closed = False
 
     def _init_common(self):
-        self._lock = threading.Lock()
+        # One operation (run, eval, save) at a time, by core/gate.py's rules. A close() during
+        # one cancels the LinuxSandbox's run and frees it when the operation unwinds, never
+        # under it (the answer is read from its memory after the run).
+        self._gate = Gate(self._free, lambda: self._lx.cancel())
         self._stale = False          # the guest is not parked at a clean read: restore first
         self._budget = _OutputBudget()
 
@@ -208,14 +213,20 @@ class PythonSandbox(Resource):
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Frees the VM. Idempotent."""
+        """Frees the VM. Idempotent. A run in another thread is stopped (it raises SandboxClosed)
+        and close() returns once it has unwound; from inside the sandbox's own run (a signal
+        handler) the close takes effect when the run unwinds, which raises SandboxClosed."""
         if not self._closed:
-            self._closed = True
-            self._lx.close()
+            self._gate.close()
+
+    def _free(self):
+        # (the gate's free: called once, with no operation running)
+        self._closed = True
+        self._lx.close()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._closed or self._gate.closing
 
     @property
     def snapshot(self) -> LinuxSnapshot:
@@ -230,8 +241,9 @@ class PythonSandbox(Resource):
     def save(self, path: StrPath) -> str:
         """Writes the warm snapshot to path (atomically); PythonSandbox.from_snapshot(path)
         starts new sandboxes from it."""
-        self._check_open()
-        return self._snapshot.save(path)
+        with self._gate.operation("save()"):
+            self._check_open()
+            return self._snapshot.save(path)
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -254,11 +266,11 @@ class PythonSandbox(Resource):
         return value
 
     def _check_open(self):
-        if self._closed:
+        if self.closed:
             raise SandboxClosed("the Python sandbox is closed")
 
     def _call(self, op, code, timeout, fresh):
-        with self._lock:
+        with self._gate.operation("run()" if op == "exec" else "eval()"):
             self._check_open()
             if not fresh and self._stale:
                 raise SandboxError("the previous run left the interpreter unusable (it exited, timed out "
@@ -272,10 +284,17 @@ class PythonSandbox(Resource):
         payload = _encode_request(op, code, os.urandom(32).hex())
         self._stale = True                       # until a clean answer says otherwise
         self._budget.used = 0
+        closed = SandboxClosed("the Python sandbox was closed while the code ran")
         try:
+            if self._gate.closing:      # (its cancel found no run to stop)
+                raise closed
             r = self._lx.run(struct.pack("<I", len(payload)) + payload, timeout=timeout,
                              restore=restore)
-        except (_OutputFlood, SandboxError) as e:
+            if self._gate.closing:
+                raise closed
+        except (_OutputFlood, SandboxError, GuestError) as e:
+            if self._gate.closing:
+                raise closed from None
             # LinuxSandbox poisons itself and raises SandboxError from what on_output raised.
             if not isinstance(e, _OutputFlood) and not isinstance(e.__cause__, _OutputFlood):
                 raise
