@@ -33,7 +33,7 @@ from ..core.run import run_timeout, run_until
 from ..core.resource import Resource
 from ..elf import read_program
 from ..core.warm import BLOCK, WarmMemory, restore_failed
-from ..errors import (GuestCancelled, GuestFault, GuestLoadError, GuestTimeout, HypervisorError,
+from ..errors import (ConfigError, GuestCancelled, GuestFault, GuestLoadError, GuestTimeout, HypervisorError,
                       SandboxClosed, SandboxError, SandboxPoisoned,
                       SnapshotError, WhpfastError)
 from . import _fsstate, loader, syscalls, vdso
@@ -52,7 +52,12 @@ impl = backend.impl
 MASK64 = (1 << 64) - 1
 DEFAULT_MEMORY_SIZE = 1 << 30
 DEFAULT_STACK_SIZE = 8 << 20
-MAX_OUTPUT = 256 << 20              # stdout + stderr bytes one run() collects
+# Bytes of stdout, and of stderr, one run() keeps (output_limit's default): past it a write is
+# cut short, later ones fail with EFBIG, and the result is marked (OUTPUT_MARKER, truncated), so
+# a program printing without end costs the host at most this much per stream.
+OUTPUT_LIMIT = 16 << 20
+MAX_OUTPUT_LIMIT = 1 << 30
+OUTPUT_MARKER = "\n[whpfast: {stream} truncated at the output limit of {limit} bytes per run]\n"
 
 SYSCALL_PORT = 0xE4                 # one of the ports the SDK's TSS bitmap opens to CPL3
 SYSCALL_STUB = 0xA000               # user page, read + execute: out SYSCALL_PORT, al; ud2
@@ -80,11 +85,14 @@ _SIGNALS = {0: ("SIGFPE", "divide error"), 1: ("SIGTRAP", "debug trap"), 3: ("SI
 @dataclass(frozen=True)
 class RunResult:
     """What one LinuxSandbox.run() produced. exit_code is None while the program still runs
-    (waiting for input); waiting is True when it blocks reading stdin with no input left."""
+    (waiting for input); waiting is True when it blocks reading stdin with no input left;
+    truncated is True when stdout or stderr reached the run's output limit: that stream holds
+    the first output_limit bytes and then OUTPUT_MARKER."""
     stdout: bytes
     stderr: bytes
     exit_code: object
     waiting: bool
+    truncated: bool = False
 
 
 class LinuxSnapshot:
@@ -139,6 +147,12 @@ class LinuxSnapshot:
                    file=file, extents=extents, image_offset=offset, refs=refs)
 
 
+def _check_output_limit(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_OUTPUT_LIMIT:
+        raise ConfigError(f"output_limit must be an int of bytes in 0..{MAX_OUTPUT_LIMIT}, got {value!r}")
+    return value
+
+
 def _check_config(config):
     """The construction arguments a snapshot records, checked (they come from a file)."""
     if not isinstance(config, dict):
@@ -174,15 +188,18 @@ class LinuxSandbox(Resource):
     read: host paths the program may read (or {inside: host}); everything else does not exist
     for it, except a private in-memory /tmp and a few synthesized /proc, /sys and /dev files.
     env: the environment (default: PATH, HOME=/tmp, LANG=C.UTF-8). memory_size bounds both the
-    guest's RAM and its address space. on_output(stream, data) sees stdout/stderr as written."""
+    guest's RAM and its address space. on_output(stream, data) sees stdout/stderr as written.
+    output_limit: bytes of stdout, and of stderr, one run keeps (default OUTPUT_LIMIT, 16 MiB;
+    also the attribute of that name, and run()'s argument); see RunResult.truncated."""
 
     def __init__(self, argv: Sequence[Union[str, bytes]], *, env: Optional[Mapping[str, str]] = None,
                  read: Union[StrPath, bytes, Iterable[Union[StrPath, bytes]], Mapping[str, str]] = (),
                  cwd: StrPath = "/", memory_size: int = DEFAULT_MEMORY_SIZE,
                  stack_size: int = DEFAULT_STACK_SIZE,
                  on_output: Optional[Callable[[str, bytes], object]] = None,
-                 tmp_size: int = 64 << 20) -> None:
+                 tmp_size: int = 64 << 20, output_limit: int = OUTPUT_LIMIT) -> None:
         self._closed = True
+        _check_output_limit(output_limit)
         argv = [os.fsencode(a) for a in argv] if not isinstance(argv, (str, bytes)) else None
         if not argv:
             raise ValueError("argv must be a non-empty list of str or bytes (argv[0]: the program)")
@@ -214,6 +231,7 @@ class LinuxSandbox(Resource):
                     raise GuestLoadError(f"{exe} does not fit the sandbox ({e}); give it a larger "
                                          f"memory_size") from None
             undo.pop_all()
+        self.output_limit = output_limit
         self._closed = False
 
     @classmethod
@@ -433,6 +451,9 @@ class LinuxSandbox(Resource):
         self._deadline = None
         self._stdout = bytearray()
         self._stderr = bytearray()
+        self.output_limit = OUTPUT_LIMIT
+        self._output_limit = OUTPUT_LIMIT       # this run's
+        self._truncated = ()                    # the streams this run cut
         self.unsupported_syscalls = {}
         self.syscall_count = 0
         self.last_restore = None
@@ -488,16 +509,19 @@ class LinuxSandbox(Resource):
     # -- running --------------------------------------------------------------------------------
 
     def run(self, input: Union[bytes, bytearray, memoryview] = b"", *, eof: bool = False,
-            timeout: Optional[float] = None, restore: Optional[LinuxSnapshot] = None) -> RunResult:
+            timeout: Optional[float] = None, restore: Optional[LinuxSnapshot] = None,
+            output_limit: Optional[int] = None) -> RunResult:
         """Runs the program until it exits or blocks reading stdin with no input left. input is
         appended to what stdin still holds; eof=True makes a read with nothing left return 0.
         restore: first puts the sandbox back to this snapshot, as restore() does. A warm request
         (a snapshot parked in a read of stdin, restored to from the last restore's snapshot, and
         input for that read) then takes one C call for the restore, the read's answer and the
-        run up to the next exit: the GIL is released once for all of it (see _resume)."""
+        run up to the next exit: the GIL is released once for all of it (see _resume).
+        output_limit: bytes of stdout, and of stderr, this run keeps (None: self.output_limit)."""
         if not isinstance(input, (bytes, bytearray, memoryview)):
             raise TypeError(f"input must be bytes, not {type(input).__name__}")
         timeout = run_timeout(timeout)
+        limit = self.output_limit if output_limit is None else _check_output_limit(output_limit)
         start = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
         with self._gate.operation("run()", start):      # (waiting counts against timeout)
             resume = None
@@ -512,6 +536,7 @@ class LinuxSandbox(Resource):
                 # (IoState(...) rather than _replace(): this path runs per request, holding the GIL)
                 self._io = IoState(io.input + bytes(input), io.eof or eof, io.waiting, io.exit_code)
             self._stdout, self._stderr = bytearray(), bytearray()
+            self._output_limit, self._truncated = limit, ()
             self._deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
             self._timeout = timeout
             if self._wake.is_set():
@@ -626,7 +651,15 @@ class LinuxSandbox(Resource):
         return kind
 
     def _result(self, exit_code, waiting):
-        return RunResult(bytes(self._stdout), bytes(self._stderr), exit_code, waiting)
+        return RunResult(self._collected("stdout"), self._collected("stderr"), exit_code, waiting,
+                         bool(self._truncated))
+
+    def _collected(self, stream):
+        """This run's output on stream, with OUTPUT_MARKER when it was cut."""
+        data = bytes(self._stdout if stream == "stdout" else self._stderr)
+        if stream in self._truncated:
+            data += OUTPUT_MARKER.format(stream=stream, limit=self._output_limit).encode()
+        return data
 
     # services for the system call handlers
 
@@ -643,16 +676,26 @@ class LinuxSandbox(Resource):
             return b""
         raise syscalls.Park()
 
-    def output(self, stream: str, data: bytes) -> None:
-        if len(self._stdout) + len(self._stderr) + len(data) > MAX_OUTPUT:
-            # A program printing without end must not exhaust the host: its write fails.
-            raise LinuxError(errno.EFBIG, f"more than {MAX_OUTPUT} bytes of output in one run")
-        (self._stdout if stream == "stdout" else self._stderr).extend(data)
+    def output(self, stream: str, data: bytes) -> int:
+        """A write of data to stdout or stderr; returns the bytes taken. Past the run's output
+        limit on that stream the write is cut short, and one with no room left fails with
+        EFBIG (what a write past RLIMIT_FSIZE gets when SIGXFSZ is not delivered): the program
+        learns its output is lost, and the host keeps at most the limit."""
+        kept = self._stdout if stream == "stdout" else self._stderr
+        room = self._output_limit - len(kept)
+        if len(data) > room:
+            if stream not in self._truncated:
+                self._truncated += (stream,)
+            if room <= 0:
+                raise LinuxError(errno.EFBIG, f"{stream} is past the run's output limit")
+            data = data[:room]
+        kept.extend(data)
         if self._on_output is not None:
             try:
                 self._gate.user_code(self._on_output, stream, bytes(data))
             except WhpfastError as e:    # the program stopped mid-write, as for any exception
                 raise self._poison(e)
+        return len(data)
 
     def set_segment_base(self, which: str, value: Optional[int]) -> int:
         return impl.segment_base(self._vcpu, which, value)
@@ -677,7 +720,7 @@ class LinuxSandbox(Resource):
     def _poison(self, exc):
         self._poisoned = str(exc)
         self._warm.needs_full_reset = True
-        exc.stdout, exc.stderr = bytes(self._stdout), bytes(self._stderr)
+        exc.stdout, exc.stderr = self._collected("stdout"), self._collected("stderr")
         return exc
 
     def _stop_error(self, kind):

@@ -20,6 +20,7 @@ import struct
 import sys
 import sysconfig
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from ..errors import (GuestCallError, GuestError, GuestPythonError, SandboxClose
 from ..linux.errno import LinuxError
 from .._typing import StrPath
 from ..core.gate import Gate
+from ..core.run import request_timeout, run_timeout
 from ..core.resource import Resource
 from ..linux.fs import inside_path, read_mapping
 from ..linux.process import LinuxSandbox, LinuxSnapshot
@@ -44,7 +46,7 @@ FIRST_READ = 4096                            # bytes of the answer buffer _read_
 ANSWER_LIMIT = 16 << 20                      # bytes of answer JSON accepted (= driver.py's, = MAX_IO)
 DEFAULT_MEMORY_SIZE = 512 << 20
 OUTPUT_LIMIT = 1 << 20                       # characters of stdout / stderr kept per run
-RAW_OUTPUT_LIMIT = 64 << 20                  # bytes the guest may write to fd 1/2 per run
+# (bytes written to fd 1/2 directly, past sys.stdout: LinuxSandbox's output limit applies)
 BOOT_TIMEOUT = 300
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
 # System library directories the dynamic loader and the interpreter's extension modules need.
@@ -77,24 +79,6 @@ def _load_shared(path):
         if snapshot is None:
             snapshot = _loaded[key] = LinuxSnapshot.load(path)
         return snapshot
-
-
-class _OutputFlood(Exception):
-    """Raised from on_output to stop a guest that writes past RAW_OUTPUT_LIMIT."""
-
-
-class _OutputBudget:
-    """LinuxSandbox's on_output: counts the bytes a run writes to fd 1 and 2 and stops the run
-    past RAW_OUTPUT_LIMIT. Its own object, not a bound method, so that a sandbox and its
-    LinuxSandbox do not form a reference cycle."""
-
-    def __init__(self):
-        self.used = 0
-
-    def __call__(self, stream, data):
-        self.used += len(data)
-        if self.used > RAW_OUTPUT_LIMIT:
-            raise _OutputFlood()
 
 
 def _interpreter_paths(python):
@@ -156,7 +140,7 @@ class PythonSandbox(Resource):
         policy.update((os.path.abspath(os.fsdecode(r)),) * 2 for r in read)
         self._init_common()
         self._lx = LinuxSandbox([inside_path(python), "-I", "-B", "-c", DRIVER], env=ENV, read=policy,
-                                memory_size=memory_size, on_output=self._budget)
+                                memory_size=memory_size)
         try:
             first = self._lx.run(timeout=timeout)
             if not first.waiting:
@@ -186,7 +170,6 @@ class PythonSandbox(Resource):
         # under it (the answer is read from its memory after the run).
         self._gate = Gate(self._free, lambda: self._lx.cancel())
         self._stale = False          # the guest is not parked at a clean read: restore first
-        self._budget = _OutputBudget()
 
     @classmethod
     def from_snapshot(cls, snapshot: Union[LinuxSnapshot, StrPath]) -> "PythonSandbox":
@@ -204,7 +187,7 @@ class PythonSandbox(Resource):
         self = cls.__new__(cls)
         self._closed = True
         self._init_common()
-        self._lx = LinuxSandbox.from_snapshot(snapshot, on_output=self._budget)
+        self._lx = LinuxSandbox.from_snapshot(snapshot)
         self._snapshot = snapshot
         self.python = info["python"]
         self._closed = False
@@ -250,14 +233,19 @@ class PythonSandbox(Resource):
     def run(self, code: str, *, timeout: Optional[float] = None, fresh: bool = True) -> PythonResult:
         """Executes code; returns a PythonResult (stdout, stderr, error). fresh=True (default)
         first restores the warm snapshot, so nothing an earlier run did is visible; fresh=False
-        continues in the state the previous run left."""
+        continues in the state the previous run left. timeout: seconds the run may take, past it
+        GuestTimeout (a run waiting for another thread's gives up at it too); None: DEFAULT_RUN_TIMEOUT
+        (whpfast.core.run, 30 s); math.inf: none. Output written to fd 1/2 past sys.stdout is
+        kept up to LinuxSandbox's output limit per stream (then its writes fail, and a marker
+        says so)."""
         _check_code(code, "code")
         result, _ = self._call("exec", code, timeout, fresh)
         return result
 
     def eval(self, expr: str, *, timeout: Optional[float] = None, fresh: bool = True) -> Any:
         """Evaluates expr and returns its value, carried as JSON (lists for tuples, str keys).
-        An exception in the guest raises GuestPythonError with the guest traceback."""
+        An exception in the guest raises GuestPythonError with the guest traceback. timeout: as
+        for run()."""
         _check_code(expr, "expr")
         result, value = self._call("eval", expr, timeout, fresh)
         if result.error is not None:
@@ -270,7 +258,9 @@ class PythonSandbox(Resource):
             raise SandboxClosed("the Python sandbox is closed")
 
     def _call(self, op, code, timeout, fresh):
-        with self._gate.operation("run()" if op == "exec" else "eval()"):
+        timeout = request_timeout(timeout)
+        deadline = None if run_timeout(timeout) is None else time.monotonic_ns() + int(timeout * 1e9)
+        with self._gate.operation("run()" if op == "exec" else "eval()", deadline):
             self._check_open()
             if not fresh and self._stale:
                 raise SandboxError("the previous run left the interpreter unusable (it exited, timed out "
@@ -283,7 +273,6 @@ class PythonSandbox(Resource):
         GIL release for the restore and the request's run)."""
         payload = _encode_request(op, code, os.urandom(32).hex())
         self._stale = True                       # until a clean answer says otherwise
-        self._budget.used = 0
         closed = SandboxClosed("the Python sandbox was closed while the code ran")
         try:
             if self._gate.closing:      # (its cancel found no run to stop)
@@ -292,14 +281,10 @@ class PythonSandbox(Resource):
                              restore=restore)
             if self._gate.closing:
                 raise closed
-        except (_OutputFlood, SandboxError, GuestError) as e:
+        except (SandboxError, GuestError):
             if self._gate.closing:
                 raise closed from None
-            # LinuxSandbox poisons itself and raises SandboxError from what on_output raised.
-            if not isinstance(e, _OutputFlood) and not isinstance(e.__cause__, _OutputFlood):
-                raise
-            raise GuestCallError(f"the guest wrote more than {RAW_OUTPUT_LIMIT >> 20} MiB of raw output "
-                                 f"and was stopped; the next fresh run starts clean") from None
+            raise
         raw_err = r.stderr.decode("utf-8", "replace")
         if r.exit_code is not None:
             out = r.stdout.decode("utf-8", "replace")
