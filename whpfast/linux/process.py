@@ -33,8 +33,8 @@ from ..core.run import run_timeout, run_until
 from ..core.resource import Resource
 from ..elf import read_program
 from ..core.warm import BLOCK, WarmMemory, restore_failed
-from ..errors import (ConfigError, GuestCancelled, GuestFault, GuestLoadError, GuestTimeout, HypervisorError,
-                      SandboxClosed, SandboxError, SandboxPoisoned,
+from ..errors import (ConfigError, GuestCancelled, GuestFault, GuestLoadError, GuestTimeout,
+                      HypervisorError, SandboxClosed, SandboxError, SandboxPoisoned,
                       SnapshotError, WhpfastError)
 from . import _fsstate, loader, syscalls, vdso
 from .._typing import StrPath
@@ -521,7 +521,7 @@ class LinuxSandbox(Resource):
         if not isinstance(input, (bytes, bytearray, memoryview)):
             raise TypeError(f"input must be bytes, not {type(input).__name__}")
         timeout = run_timeout(timeout)
-        limit = self.output_limit if output_limit is None else _check_output_limit(output_limit)
+        limit = _check_output_limit(self.output_limit if output_limit is None else output_limit)
         start = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
         with self._gate.operation("run()", start):      # (waiting counts against timeout)
             resume = None
