@@ -175,3 +175,14 @@ def test_raw_python_output_is_bounded_by_the_linux_limit(py_box):
     assert "OSError: [Errno 27]" in r.error
     assert r.stdout == "y" * process.OUTPUT_LIMIT + marker("stdout").decode()
     assert py_box.run("print(1)").stdout == "1\n"
+
+
+def test_sdk_pool_calls_without_timeout_stop_at_the_default(testkit, short_default):
+    with whpfast.Sandbox(testkit, memory_size=16 * MB) as sb:
+        snap = sb.snapshot()
+    with whpfast.Pool(snap, size=1) as pool:
+        t0 = time.monotonic()
+        with pytest.raises(whpfast.GuestTimeout):
+            pool.call("spin")
+        assert 0.9 < time.monotonic() - t0 < 10
+        assert pool.call("add", 1, 2) == 3

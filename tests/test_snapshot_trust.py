@@ -129,3 +129,15 @@ def test_the_rule_owner_and_mode():
     assert not shareable(st(0o100644, other))                # another user owns it
     assert not shareable(st(0o100664, me)) and not shareable(st(0o100646, 0))
     assert not shareable(st(0o020644, me))                   # not a regular file
+
+
+def test_a_python_snapshot_file_made_writable_since_it_was_loaded_is_loaded_again(py_box, tmp_path):
+    """PythonSandbox shares one loaded snapshot per file; a chmod (ctime) makes it a new version,
+    so the mapping decision is made again for it."""
+    path = py_box.save(tmp_path / "py.snap")
+    os.chmod(path, 0o644)
+    with whpfast.PythonSandbox.from_snapshot(path) as first:
+        os.chmod(path, 0o666)
+        with whpfast.PythonSandbox.from_snapshot(path) as second:
+            assert second.snapshot is not first.snapshot
+            assert second.eval("1 + 1") == 2

@@ -73,7 +73,8 @@ def _load_shared(path):
         st = os.stat(path)
     except OSError as e:
         raise SnapshotError(f"cannot open snapshot {os.fspath(path)!r}: {e.strerror}") from None
-    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    # (the ctime too: a chmod decides whether the file may be mapped, see snapshot.load_image)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _loaded_lock:
         snapshot = _loaded.get(key)
         if snapshot is None:
