@@ -111,9 +111,9 @@ def test_large_values_come_back_and_too_large_ones_are_refused_cleanly(sb):
     assert sb.eval("1") == 1
 
 
-def test_raw_output_flood_is_stopped_and_the_next_run_works(sb):
-    with pytest.raises(whpfast.GuestCallError, match="raw output"):
-        sb.run("import os\nwhile True: os.write(1, b'y' * (1 << 20))", timeout=60)
+def test_raw_output_flood_is_cut_and_the_next_run_works(sb):
+    r = sb.run("import os\nwhile True: os.write(1, b'y' * (1 << 20))", timeout=60)
+    assert "File too large" in r.error and r.stdout.endswith("output limit of 16777216 bytes per run]\n")
     assert sb.run("print(1)").stdout == "1\n"
 
 
@@ -304,7 +304,7 @@ def test_close_from_another_thread_stops_a_running_loop():
     box = whpfast.PythonSandbox(memory_size=64 << 20)
     closer = threading.Timer(0.3, box.close)
     closer.start()
-    with pytest.raises(whpfast.GuestCancelled):
+    with pytest.raises(whpfast.SandboxClosed):
         box.run("while True: pass", timeout=30)
     closer.join()
     assert box.closed

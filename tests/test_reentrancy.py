@@ -29,14 +29,14 @@ def collect_cycles():
     gc.collect()
 
 
-def in_thread(fn, *args):
-    """Starts fn(*args) in a daemon thread; returns a function that waits for it (at most HANG
+def in_thread(fn, *args, **kwargs):
+    """Starts fn(*args, **kwargs) in a daemon thread; returns a function that waits for it (at most HANG
     seconds: then the test fails as a deadlock) and returns its result or raises its exception."""
     box = {}
 
     def run():
         try:
-            box["result"] = fn(*args)
+            box["result"] = fn(*args, **kwargs)
         except BaseException as e:      # re-raised in the waiting thread
             box["error"] = e
 
@@ -362,3 +362,174 @@ def test_soak_short(tmp_path):
                          timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "cycles 2000" in out.stdout and "flat" in out.stdout, out.stdout
+
+
+# -- issue 16, item 4: the same rules for LinuxSandbox and PythonSandbox -------------------------
+
+# Prints a line, then parks reading stdin; each input line: another print and park.
+TICKER_C = r"""
+#include <unistd.h>
+int main(void) {
+    char buf[256];
+    for (;;) {
+        if (write(1, "tick\n", 5) != 5) return 3;
+        if (read(0, buf, sizeof buf) <= 0) return 0;
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def ticker(tmp_path_factory):
+    from conftest import build_c
+    return build_c(tmp_path_factory.mktemp("reentrancy") / "ticker", TICKER_C, "-static")
+
+
+def linux_sandbox(ticker, on_output):
+    """A LinuxSandbox of the ticker parked after its first tick, and a snapshot of it there; its
+    on_output is on_output from then on."""
+    lx = whpfast.LinuxSandbox([ticker], memory_size=32 << 20)
+    assert lx.run(timeout=10).waiting
+    snap = lx.snapshot()
+    lx._on_output = on_output
+    return lx, snap
+
+
+@pytest.mark.parametrize("operation", ["run", "restore", "snapshot", "parked_read"])
+def test_on_output_reentering_its_linux_sandbox_raises_at_once(ticker, operation):
+    """run/restore/snapshot/parked_read of the same LinuxSandbox from its on_output: SandboxBusy
+    at once (as from an SDK host function), the run raises it and the sandbox is poisoned (the
+    program stopped mid-write); a restore makes it usable again."""
+    seen = []
+
+    def reenter(stream, data):
+        t0 = time.monotonic()
+        try:
+            {"run": lambda: lx.run(b"x\n", timeout=5), "restore": lambda: lx.restore(snap),
+             "snapshot": lx.snapshot, "parked_read": lx.parked_read}[operation]()
+        except SandboxBusy:
+            seen.append(time.monotonic() - t0)
+            raise
+
+    lx, snap = linux_sandbox(ticker, reenter)
+    error = in_thread(raises, SandboxBusy, lx.run, b"go\n", timeout=10)()
+    assert "inside a host function (or on_print, on_output" in str(error)
+    assert len(seen) == 1 and seen[0] < 1
+    raises(SandboxPoisoned, lx.run, b"again\n")
+    lx._on_output = None
+    lx.restore(snap)
+    assert lx.run(b"again\n", timeout=10).stdout == b"tick\n"
+    lx.close()
+
+
+def test_close_from_on_output_takes_effect_when_the_run_unwinds(ticker):
+    after = []
+
+    def close_me(stream, data):
+        lx.close()
+        after.append(lx.closed)         # closed at once for everyone, freed on unwind
+
+    lx, _ = linux_sandbox(ticker, close_me)
+    error = in_thread(raises, whpfast.SandboxClosed, lx.run, b"go\n", timeout=10)()
+    assert "closed while run() ran" in str(error)
+    assert after == [True] and lx.closed and lx._closed     # freed by now
+    raises(SandboxClosed, lx.run, b"x\n")
+    assert lx.parked_read() is None
+    lx.close()
+
+
+def test_another_thread_waits_for_a_linux_run_in_on_output(ticker):
+    """Only the running thread's own re-entry is refused: another thread's run waits its turn."""
+    entered, release = threading.Event(), threading.Event()
+
+    def block(stream, data):
+        entered.set()
+        release.wait(HANG)
+
+    lx, _ = linux_sandbox(ticker, block)
+    first = in_thread(lx.run, b"one\n", timeout=HANG)
+    assert entered.wait(HANG)
+    lx._on_output = None                 # (read once the first run's callback returns)
+    second = in_thread(lx.run, b"two\n", timeout=HANG)
+    time.sleep(0.2)
+    release.set()
+    assert first().stdout == second().stdout == b"tick\n"
+    lx.close()
+
+
+def test_close_from_another_thread_while_on_output_blocks(ticker):
+    """close() does not wait for on_output (which cannot be interrupted): it returns at once and
+    the run frees the sandbox when on_output returns, without running the program again."""
+    entered, release = threading.Event(), threading.Event()
+
+    def block(stream, data):
+        entered.set()
+        release.wait(HANG)
+
+    lx, _ = linux_sandbox(ticker, block)
+    run = in_thread(raises, SandboxClosed, lx.run, b"go\n", timeout=HANG)
+    assert entered.wait(HANG)
+    t0 = time.monotonic()
+    in_thread(lx.close)()
+    assert time.monotonic() - t0 < 2 and lx.closed
+    raises(SandboxClosed, lx.run, b"x\n")
+    release.set()
+    run()
+    assert lx._closed
+
+
+PY_REENTRY = r"""
+import signal, sys, time, whpfast
+from whpfast import GuestTimeout, SandboxBusy, SandboxClosed
+operation = sys.argv[1]
+box = whpfast.PythonSandbox(memory_size=64 << 20)
+seen = []
+
+def handler(signum, frame):
+    # runs in the thread that is inside box.run(): a re-entry, as from a callback
+    t0 = time.monotonic()
+    try:
+        {"run": lambda: box.run("1"), "eval": lambda: box.eval("1"),
+         "save": lambda: box.save("/nonexistent/x.snap"), "close": box.close}[operation]()
+        seen.append(("returned", time.monotonic() - t0))
+    except SandboxBusy:
+        seen.append(("busy", time.monotonic() - t0))
+
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.3)
+try:
+    box.run("while True: pass", timeout=3)
+    outcome = "ran"
+except (GuestTimeout, SandboxClosed) as e:
+    outcome = type(e).__name__
+print(operation, outcome, seen[0][0], seen[0][1] < 1, box.closed)
+if not box.closed:
+    print(box.run("print(6 * 7)").stdout.strip())
+box.close()
+"""
+
+
+@pytest.mark.parametrize("operation,expected", [
+    ("run", "run GuestTimeout busy True False\n42\n"),
+    ("eval", "eval GuestTimeout busy True False\n42\n"),
+    ("save", "save GuestTimeout busy True False\n42\n"),
+    ("close", "close SandboxClosed returned True True\n")])
+def test_python_sandbox_reentered_from_its_own_thread(operation, expected, tmp_path):
+    """PythonSandbox's run/eval/save from code running inside its own run in the same thread (a
+    signal handler: PythonSandbox has no callbacks of its own): SandboxBusy at once; close():
+    takes effect when the run unwinds (SandboxClosed). In a subprocess: a deadlock there times
+    out instead of freezing the suite."""
+    out = subprocess.run([sys.executable, "-c", PY_REENTRY, operation], capture_output=True,
+                         text=True, timeout=HANG * 3, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected
+
+
+def test_python_sandbox_close_from_another_thread_raises_sandbox_closed():
+    box = whpfast.PythonSandbox(memory_size=64 << 20)
+    run = in_thread(raises, SandboxClosed, box.run, "while True: pass", timeout=HANG)
+    time.sleep(0.3)
+    in_thread(box.close)()
+    run()
+    assert box.closed
+    raises(SandboxClosed, box.run, "1")

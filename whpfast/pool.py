@@ -32,7 +32,7 @@ import numpy.typing as npt
 from ._typing import StrPath
 from .core import mapbudget
 from .core.resource import Resource
-from .core.run import run_timeout
+from .core.run import request_timeout
 from . import errors
 from .errors import (ConfigError, GuestCallError, GuestCancelled, GuestPythonError, PoolFull,
                      SandboxClosed, SnapshotError, WhpfastError)
@@ -230,7 +230,9 @@ class Pool(Resource):
     max_queue: requests that may wait for a sandbox (default 4 * size); a request finding the
     queue full raises PoolFull at once (unless it passes queue_timeout=). on_output(stream, text):
     SDK guests' prints as they happen (stream "stdout"); a Python request's captured stdout and
-    stderr when it ends (non-empty ones). timeout: the default run timeout of every request.
+    stderr when it ends (non-empty ones). timeout: the default run timeout of every request
+    (None: DEFAULT_RUN_TIMEOUT of whpfast.core.run, 30 s; math.inf: none); a request's own
+    timeout= overrides it.
 
     A snapshot file is untrusted: these arguments are the authority, as for from_snapshot.
     Python pools: python= (the interpreter it must have been made for, default this one), read=
@@ -258,7 +260,7 @@ class Pool(Resource):
             raise ConfigError(f"max_queue must be an int >= 0 (waiting requests), got {max_queue!r}")
         if on_output is not None and not callable(on_output):
             raise TypeError("on_output must be callable (stream, text) or None")
-        self._timeout = run_timeout(timeout)
+        self._timeout = None if timeout is None else request_timeout(timeout)
         self.kind, self._source = _resolve(snapshot, kind)
         if self.kind == "sdk" and (python is not None or read):
             raise ConfigError("python= and read= are for Python pools; an SDK pool takes files=")
@@ -388,8 +390,7 @@ class Pool(Resource):
         if queue_timeout is not None and (isinstance(queue_timeout, bool) or not isinstance(
                 queue_timeout, (int, float)) or not queue_timeout >= 0):
             raise ValueError(f"queue_timeout must be a number of seconds >= 0 or None, got {queue_timeout!r}")
-        timeout = run_timeout(timeout)
-        return self._timeout if timeout is None else timeout
+        return request_timeout(self._timeout if timeout is None else timeout)
 
     def _sync(self, op, args, timeout, queue_timeout):
         timeout = self._check(op, args, timeout, queue_timeout)

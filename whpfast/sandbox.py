@@ -4,12 +4,12 @@ functions the guest can call back. Backend-neutral: it talks to whatever backend
 import os
 import stat
 import sys
-import threading
 import time
 from contextlib import ExitStack
 from typing import Any, Callable, Dict, Mapping, Optional, TypeVar, Union, overload
 
 from . import abi, backend, cpu, elf, machine
+from .core.gate import Gate, not_started as _not_started
 from .core.run import run_timeout, run_until
 from .core.resource import Resource
 from .core import argcheck
@@ -38,27 +38,6 @@ _VECTOR_NAMES = {
 }
 _F = TypeVar("_F", bound=Callable[..., Any])    # a host function, kept as it is by register()
 _FAULT_KINDS = {0: "divide", 6: "invalid_opcode", 13: "general_protection", 14: "pagefault"}
-
-
-def _not_started(what):
-    return GuestTimeout(f"{what} waited past its timeout for another thread's operation on this "
-                        f"sandbox and did not start; the sandbox is not poisoned")
-
-
-class _Operation:
-    """`with _Operation(sandbox, what)`: runs the block as the sandbox's one operation (see
-    Sandbox._acquire)."""
-    __slots__ = ("sandbox", "what")
-
-    def __init__(self, sandbox, what):
-        self.sandbox = sandbox
-        self.what = what
-
-    def __enter__(self):
-        self.sandbox._acquire(self.what)
-
-    def __exit__(self, *exc):
-        self.sandbox._release()
 
 
 class Sandbox(Resource):
@@ -214,15 +193,8 @@ class Sandbox(Resource):
         self._vcpu = vcpu
         self._on_print = on_print
         self._host_functions = {}
-        # One operation (call, restore, snapshot) at a time; others wait. _mutex guards the
-        # fields below and is held only briefly, never while the guest or user code runs (an
-        # RLock: a Python signal handler may close() while its thread holds it).
-        self._mutex = threading.RLock()
-        self._cv = threading.Condition(self._mutex)
-        self._owner = None               # ident of the thread running an operation
-        self._in_user_code = False       # ...which is inside a host function or on_print
-        self._close_pending = False      # close() was asked for while an operation ran
-        self._waiting = 0                # threads waiting on _cv (only they need a notify)
+        # One operation (call, restore, snapshot) at a time, by core/gate.py's rules.
+        self._gate = Gate(self._free, vcpu.cancel)
         self._poisoned = None
         self._host_error = None
         r = layout.region
@@ -243,24 +215,12 @@ class Sandbox(Resource):
         once and the sandbox is freed when the host function returns. From inside a host function
         of this sandbox, the close takes effect when the call unwinds: the guest does not run
         again and the call raises SandboxClosed."""
-        if self._closed:
-            return
-        with self._mutex:
-            if self._closed:
-                return
-            if self._owner is None:
-                self._free()
-                return
-            self._close_pending = True
-            self._vcpu.cancel()
-            self._cv.notify_all()        # threads waiting to operate: they raise SandboxClosed
-            if self._owner != threading.get_ident():
-                self._wait(lambda: self._closed or self._in_user_code)
+        if not self._closed:
+            self._gate.close()
 
     def _free(self):
-        # with _mutex held, and no operation running
+        # (the gate's free: called once, with no operation running)
         self._closed = True
-        self._cv.notify_all()            # threads waiting to operate: they raise SandboxClosed
         self._warm.close()
         self._vcpu.close()
         self._vm.close()
@@ -268,67 +228,25 @@ class Sandbox(Resource):
         for m in self._file_mappings:
             m.close()
 
-    def _wait(self, predicate, timeout=None):
-        # with _mutex held
-        self._waiting += 1
-        try:
-            return self._cv.wait_for(predicate, timeout)
-        finally:
-            self._waiting -= 1
-
     def _acquire(self, what, deadline=None, call=False):
         """Makes this thread the one operating on the sandbox (what: "restore()", "snapshot()",
-        or a guest function's name for call=True, which also opens the call for cancel()).
-        Another thread's operation is waited for (until deadline, a time.monotonic_ns() value:
-        then GuestTimeout). From inside a host function of this sandbox's own running call it
-        raises SandboxBusy at once: the call holds the vCPU, so waiting would deadlock."""
-        me = threading.get_ident()
-        with self._mutex:
-            if self._owner is not None or self._closed or self._close_pending:
-                self._acquire_slow(f"call({what!r})" if call else what, deadline, me)
-            self._owner = me
+        or a guest function's name for call=True, which also opens the call for cancel()); see
+        Gate.enter. From inside a host function of this sandbox's own running call it raises
+        SandboxBusy at once: the call holds the vCPU, so waiting would deadlock."""
+        self._gate.enter(f"call({what!r})" if call else what, deadline)
         if call:
             # From here cancel() stops this call; a cancel before it found no call and did
-            # nothing (nothing observable has happened yet). GIL-atomic, like cancel().
+            # nothing (nothing observable has happened yet; a close() then is seen by
+            # _check_ready). GIL-atomic, like cancel().
             self._vcpu.begin_call()
-
-    def _acquire_slow(self, what, deadline, me):
-        if self._owner == me:
-            raise SandboxBusy(
-                f"{what} was called from inside a host function (or on_print) of a call running "
-                f"on this same sandbox; a sandbox runs one operation at a time and cannot be "
-                f"re-entered. Return from the host function first, or use another sandbox")
-        if self._owner is not None and not self._closed and not self._close_pending:
-            free = lambda: self._owner is None or self._closed or self._close_pending
-            timeout = None if deadline is None else max(0, deadline - time.monotonic_ns()) / 1e9
-            if not self._wait(free, timeout):
-                raise _not_started(what)
-        if self._closed or self._close_pending:
-            raise SandboxClosed("the sandbox is closed")
 
     def _release(self):
         self._vcpu.end_call()
-        with self._mutex:
-            self._owner = None
-            self._in_user_code = False
-            if self._close_pending:
-                self._free()
-            elif self._waiting:
-                self._cv.notify_all()
+        self._gate.leave()
 
     def _user_code(self, fn, *args):
-        """Runs a host function or on_print, letting a close() in another thread return at once
-        (user code cannot be interrupted) and refusing to start after a close was requested."""
-        with self._mutex:
-            if self._close_pending:
-                raise SandboxClosed("the sandbox was closed during the call")
-            self._in_user_code = True
-            if self._waiting:
-                self._cv.notify_all()
-        try:
-            return fn(*args)
-        finally:
-            self._in_user_code = False
+        """Runs a host function or on_print (see Gate.user_code)."""
+        return self._gate.user_code(fn, *args)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("poisoned" if self._poisoned else "ready")
@@ -337,7 +255,7 @@ class Sandbox(Resource):
     @property
     def closed(self) -> bool:
         """True once close() was called (the memory is freed when a running call unwinds)."""
-        return self._closed or self._close_pending
+        return self._closed or self._gate.closing
 
     @property
     def poisoned(self) -> Optional[str]:
@@ -425,7 +343,7 @@ class Sandbox(Resource):
     def snapshot(self) -> Snapshot:
         """Captures memory and the complete vCPU state. Its cost follows the memory size (every
         page is scanned, non-zero ones copied); take snapshots once, restore them often."""
-        with _Operation(self, "snapshot()"):
+        with self._gate.operation("snapshot()"):
             self._check_ready()
             image = impl.GuestMemory(self._layout.memory_size)
             nonzero, state = self._warm.capture(image)
@@ -448,8 +366,8 @@ class Sandbox(Resource):
         over memory once. sb.last_restore tells what it did."""
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"restore() takes a Snapshot, not {type(snapshot).__name__}")
-        with _Operation(self, "restore()"):
-            if self._closed:
+        with self._gate.operation("restore()"):
+            if self.closed:
                 raise SandboxClosed("the sandbox is closed")
             why = snapshot.compatible_with(self._layout_dict, self._image.digest)
             if why:
@@ -462,7 +380,7 @@ class Sandbox(Resource):
             self.last_restore = stats
 
     def _check_ready(self):
-        if self._closed:
+        if self.closed:
             raise SandboxClosed("the sandbox is closed")
         if self._poisoned:
             raise SandboxPoisoned(f"the sandbox is poisoned by an earlier call ({self._poisoned}); "
@@ -626,7 +544,7 @@ class Sandbox(Resource):
         if kind == impl.EXIT_TIMEOUT:
             return GuestTimeout(f"{export.name}() ran past its timeout of {timeout} s (guest and host "
                                 f"function time together) and was stopped")
-        if kind == impl.EXIT_CANCELLED and self._close_pending:
+        if kind == impl.EXIT_CANCELLED and self._gate.closing:
             return SandboxClosed(f"the sandbox was closed while {export.name}() ran; the call was stopped")
         if kind == impl.EXIT_CANCELLED:
             return GuestCancelled(f"{export.name}() was cancelled")

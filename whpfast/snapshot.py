@@ -18,7 +18,8 @@ memory and are zero whatever the file holds. save() writes a new file and rename
 old one: a file that live sandboxes map is never written.
 
 Snapshot files are immutable once written: sandboxes map their pages, so a file changed in place
-changes what those sandboxes see. Loading validates a file once per version; a rewrite in place
+changes what those sandboxes see. A file that a user other than root or this process's owner can
+write is never mapped (load_image): it is read into private memory once, at load. Loading validates a file once per version; a rewrite in place
 (even with size and mtime put back) changes its ctime and the bytes before the image, either of
 which makes the next load validate it again.
 """
@@ -35,6 +36,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 import numpy as np
 
 from . import _pages, abi, backend, cpu, elf, machine
+from .core.files import shareable
 from .errors import SnapshotError
 from ._typing import StrPath
 
@@ -243,7 +245,7 @@ class Snapshot:
             raise bad("extent count disagrees with the header")
         if np.any(nonzero & ~covered):
             raise bad("the page bitmap marks non-zero pages that no extent stores")
-        image = impl.FileMapping(f.fileno(), image_off, memory_size)
+        image = load_image(f, image_off, memory_size, extents)
         with memoryview(image) as view:
             crc = extents_crc(view, extents)
         if crc != image_crc:
@@ -263,14 +265,53 @@ class Snapshot:
 _HEADER_CRC_OFFSET = HEADER.size - 8
 
 
+def load_image(file: BinaryIO, image_offset: int, memory_size: int,
+               extents: List[Tuple[int, int]], writable: bool = False) -> Any:
+    """A snapshot file's image section (at image_offset, its stored pages within extents) as
+    memory, for Snapshot.load and the Linux snapshot's load alike. A file only root and this
+    process's owner can write (core.files.shareable) is mapped: read-only as it lies, or
+    (writable) as guest-sized memory with the extents mapped over it copy-on-write where the
+    backend can (KVM). Any other file is read into private memory and never mapped, nor are
+    sandboxes' pages mapped from it (map_image): another user could truncate it, and the host's
+    next access to a mapped page past the end (a restore's copy, a fault) would be a SIGBUS that
+    kills the process and every sandbox in it."""
+    mappable = shareable(os.fstat(file.fileno()))
+    if mappable and not writable:
+        return impl.FileMapping(file.fileno(), image_offset, memory_size)
+    image = impl.GuestMemory(memory_size)
+    try:
+        if mappable and hasattr(image, "overlay_file"):
+            for first, count in extents:
+                image.overlay_file(file.fileno(), image_offset + first * PAGE, first * PAGE, count * PAGE)
+        else:
+            with memoryview(image) as view:
+                for first, count in extents:
+                    _read_into(file, view[first * PAGE:(first + count) * PAGE], image_offset + first * PAGE)
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
+def _read_into(file, view, offset):
+    file.seek(offset)
+    done = 0
+    while done < len(view):
+        n = file.readinto(view[done:])
+        if not n:
+            raise SnapshotError(f"the snapshot file ended at {offset + done} bytes while it was read "
+                                f"(truncated meanwhile?)")
+        done += n
+
+
 def map_image(memory: Any, file: Optional[BinaryIO], image_offset: Optional[int],
               extents: Optional[List[Tuple[int, int]]], image_view: Any, nonzero: Any) -> None:
     """Fills fresh (all-zero) guest memory with a snapshot image: where the image lies in an open
-    file (at image_offset, its non-zero pages within extents) and the backend can (KVM), the
-    extents are mapped copy-on-write from the file, so sandboxes made from one file share its
-    page cache; otherwise the non-zero pages are copied from image_view. Used by Sandbox and
-    LinuxSandbox alike."""
-    if file is not None and hasattr(memory, "overlay_file"):
+    file (at image_offset, its non-zero pages within extents) that may be mapped (see
+    load_image) and the backend can (KVM), the extents are mapped copy-on-write from the file,
+    so sandboxes made from one file share its page cache; otherwise the non-zero pages are
+    copied from image_view. Used by Sandbox and LinuxSandbox alike."""
+    if file is not None and hasattr(memory, "overlay_file") and shareable(os.fstat(file.fileno())):
         for first, count in extents:
             memory.overlay_file(file.fileno(), image_offset + first * PAGE, first * PAGE, count * PAGE)
     else:

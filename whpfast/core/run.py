@@ -6,6 +6,9 @@ from .. import backend
 
 # A timeout this long (or inf) is no timeout: deadlines are int64 nanoseconds.
 MAX_TIMEOUT = 1e9
+# Seconds a request of untrusted code (PythonSandbox.run/eval, a Pool's requests) may run when
+# its caller gives no timeout: bounded by default, math.inf to lift it.
+DEFAULT_RUN_TIMEOUT = 30.0
 
 
 def run_timeout(value, what="timeout"):
@@ -16,6 +19,16 @@ def run_timeout(value, what="timeout"):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{what} must be a positive number of seconds or None, got {value!r}")
     return None if value >= MAX_TIMEOUT else value
+
+
+def request_timeout(value, what="timeout"):
+    """The timeout of a request of untrusted code as given: None means DEFAULT_RUN_TIMEOUT (read
+    at each request), math.inf none at all, else a positive number of seconds (checked as
+    run_timeout checks it). Returns a number, inf for none, which run_timeout() takes."""
+    if value is None:
+        return DEFAULT_RUN_TIMEOUT
+    run_timeout(value, what)
+    return value
 
 
 def run_until(vcpu, deadline):

@@ -19,12 +19,12 @@ core's one host write (whpfast/core/warm.py), which marks the pages host-dirty f
 restore (KVM's dirty log sees only the guest's own writes)."""
 
 import os
-import stat
 from bisect import bisect_left, bisect_right
 from collections import namedtuple
 
 import numpy as np
 
+from ..core.files import shareable
 from .errno import LinuxError
 import errno as E
 
@@ -129,15 +129,6 @@ top_gap = py_top_gap if PURE_PYTHON else _linux.top_gap
 
 def page_up(n):
     return (n + PAGE - 1) & ~(PAGE - 1)
-
-
-def shareable(st):
-    """Whether pages of this host file may be mapped into guest memory (MAP_PRIVATE) rather than
-    copied: only regular files no other user can write. A mapped file truncated under the
-    sandbox would make the host's own accesses (a restore's copy, the hypervisor's fault) end
-    in SIGBUS, and pages of a file changed in place change for the guest too until it writes
-    them (MAP_PRIVATE semantics); root and this process's own user can do that anyway."""
-    return stat.S_ISREG(st.st_mode) and st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
 
 
 def _efault(what="bad address"):

@@ -29,12 +29,13 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 
 from .. import _pages, abi, backend, cpu, machine
 from ..core import argcheck
+from ..core.gate import Gate
 from ..core.run import run_timeout, run_until
 from ..core.resource import Resource
 from ..elf import read_program
 from ..core.warm import BLOCK, WarmMemory, restore_failed
-from ..errors import (GuestCancelled, GuestFault, GuestLoadError, GuestTimeout, HypervisorError,
-                      SandboxClosed, SandboxError, SandboxPoisoned,
+from ..errors import (ConfigError, GuestCancelled, GuestFault, GuestLoadError, GuestTimeout,
+                      HypervisorError, SandboxClosed, SandboxError, SandboxPoisoned,
                       SnapshotError, WhpfastError)
 from . import _fsstate, loader, syscalls, vdso
 from .._typing import StrPath
@@ -55,7 +56,12 @@ MASK64 = (1 << 64) - 1
 ReadPolicy = Union[StrPath, bytes, Iterable[Union[StrPath, bytes]], Mapping[str, str]]
 DEFAULT_STACK_SIZE = 8 << 20
 MAX_MEMORY_SIZE = 64 << 30          # guest memory (2 MiB pages: a multiple of 2 MiB, 16 MiB at least)
-MAX_OUTPUT = 256 << 20              # stdout + stderr bytes one run() collects
+# Bytes of stdout, and of stderr, one run() keeps (output_limit's default): past it a write is
+# cut short, later ones fail with EFBIG, and the result is marked (OUTPUT_MARKER, truncated), so
+# a program printing without end costs the host at most this much per stream.
+OUTPUT_LIMIT = 16 << 20
+MAX_OUTPUT_LIMIT = 1 << 30
+OUTPUT_MARKER = "\n[whpfast: {stream} truncated at the output limit of {limit} bytes per run]\n"
 
 SYSCALL_PORT = 0xE4                 # one of the ports the SDK's TSS bitmap opens to CPL3
 SYSCALL_STUB = 0xA000               # user page, read + execute: out SYSCALL_PORT, al; ud2
@@ -83,11 +89,14 @@ _SIGNALS = {0: ("SIGFPE", "divide error"), 1: ("SIGTRAP", "debug trap"), 3: ("SI
 @dataclass(frozen=True)
 class RunResult:
     """What one LinuxSandbox.run() produced. exit_code is None while the program still runs
-    (waiting for input); waiting is True when it blocks reading stdin with no input left."""
+    (waiting for input); waiting is True when it blocks reading stdin with no input left;
+    truncated is True when stdout or stderr reached the run's output limit: that stream holds
+    the first output_limit bytes and then OUTPUT_MARKER."""
     stdout: bytes
     stderr: bytes
     exit_code: Optional[int]
     waiting: bool
+    truncated: bool = False
 
 
 class LinuxSnapshot:
@@ -157,6 +166,12 @@ class LinuxSnapshot:
         grant.check(self.meta["config"], self.meta["memory_size"], f"snapshot {self.path or '(in memory)'}")
 
 
+def _check_output_limit(value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_OUTPUT_LIMIT:
+        raise ConfigError(f"output_limit must be an int of bytes in 0..{MAX_OUTPUT_LIMIT}, got {value!r}")
+    return value
+
+
 def _check_config(config):
     """The construction arguments a snapshot records, checked (they come from a file)."""
     if not isinstance(config, dict):
@@ -192,15 +207,18 @@ class LinuxSandbox(Resource):
     read: host paths the program may read (or {inside: host}); everything else does not exist
     for it, except a private in-memory /tmp and a few synthesized /proc, /sys and /dev files.
     env: the environment (default: PATH, HOME=/tmp, LANG=C.UTF-8). memory_size bounds both the
-    guest's RAM and its address space. on_output(stream, data) sees stdout/stderr as written."""
+    guest's RAM and its address space. on_output(stream, data) sees stdout/stderr as written.
+    output_limit: bytes of stdout, and of stderr, one run keeps (default OUTPUT_LIMIT, 16 MiB;
+    also the attribute of that name, and run()'s argument); see RunResult.truncated."""
 
     def __init__(self, argv: Sequence[Union[str, bytes]], *, env: Optional[Mapping[str, str]] = None,
                  read: ReadPolicy = (),
                  cwd: StrPath = "/", memory_size: int = DEFAULT_MEMORY_SIZE,
                  stack_size: int = DEFAULT_STACK_SIZE,
                  on_output: Optional[Callable[[str, bytes], object]] = None,
-                 tmp_size: int = DEFAULT_TMP_SIZE) -> None:
+                 tmp_size: int = DEFAULT_TMP_SIZE, output_limit: int = OUTPUT_LIMIT) -> None:
         self._closed = True
+        _check_output_limit(output_limit)
         argv = [os.fsencode(a) for a in argv] if not isinstance(argv, (str, bytes)) else None
         if not argv:
             raise ValueError("argv must be a non-empty list of str or bytes (argv[0]: the program)")
@@ -232,6 +250,7 @@ class LinuxSandbox(Resource):
                     raise GuestLoadError(f"{exe} does not fit the sandbox ({e}); give it a larger "
                                          f"memory_size") from None
             undo.pop_all()
+        self.output_limit = output_limit
         self._closed = False
 
     @classmethod
@@ -483,11 +502,15 @@ class LinuxSandbox(Resource):
 
     def _finish_init(self):
         self._poisoned = None
-        self._lock = threading.Lock()
+        # One operation (run, restore, snapshot, parked_read) at a time, by core/gate.py's rules.
+        self._gate = Gate(self._free, self.cancel)
         self._wake = threading.Event()
         self._deadline = None
         self._stdout = bytearray()
         self._stderr = bytearray()
+        self.output_limit = OUTPUT_LIMIT
+        self._output_limit = OUTPUT_LIMIT       # this run's
+        self._truncated = ()                    # the streams this run cut
         self.unsupported_syscalls = {}
         self.syscall_count = 0
         self.last_restore = None
@@ -495,19 +518,19 @@ class LinuxSandbox(Resource):
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Frees the VM and its memory. Idempotent; a run in another thread is cancelled first."""
-        if self._closed:
-            return
-        if not self._lock.acquire(blocking=False):
-            self.cancel()                    # also wakes a run sleeping in nanosleep
-            self._lock.acquire()
-        try:
-            if self._closed:
-                return
-            self._closed = True
-            self._close_parts()
-        finally:
-            self._lock.release()
+        """Frees the VM and its memory. Idempotent. A run in another thread is stopped (it raises
+        SandboxClosed) and close() returns once it has unwound and freed everything; if that run
+        is inside on_output, which cannot be interrupted, close() returns at once and the sandbox
+        is freed when on_output returns. From inside on_output of this sandbox, the close takes
+        effect when the run unwinds: the program does not run again and run() raises
+        SandboxClosed."""
+        if not self._closed:
+            self._gate.close()
+
+    def _free(self):
+        # (the gate's free: called once, with no operation running)
+        self._closed = True
+        self._close_parts()
 
     def _close_parts(self):
         self.fs.close_all()
@@ -518,7 +541,8 @@ class LinuxSandbox(Resource):
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """True once close() was called (the memory is freed when a running run unwinds)."""
+        return self._closed or self._gate.closing
 
     @property
     def poisoned(self) -> Optional[str]:
@@ -542,17 +566,21 @@ class LinuxSandbox(Resource):
     # -- running --------------------------------------------------------------------------------
 
     def run(self, input: Union[bytes, bytearray, memoryview] = b"", *, eof: bool = False,
-            timeout: Optional[float] = None, restore: Optional[LinuxSnapshot] = None) -> RunResult:
+            timeout: Optional[float] = None, restore: Optional[LinuxSnapshot] = None,
+            output_limit: Optional[int] = None) -> RunResult:
         """Runs the program until it exits or blocks reading stdin with no input left. input is
         appended to what stdin still holds; eof=True makes a read with nothing left return 0.
         restore: first puts the sandbox back to this snapshot, as restore() does. A warm request
         (a snapshot parked in a read of stdin, restored to from the last restore's snapshot, and
         input for that read) then takes one C call for the restore, the read's answer and the
-        run up to the next exit: the GIL is released once for all of it (see _resume)."""
+        run up to the next exit: the GIL is released once for all of it (see _resume).
+        output_limit: bytes of stdout, and of stderr, this run keeps (None: self.output_limit)."""
         if not isinstance(input, (bytes, bytearray, memoryview)):
             raise TypeError(f"input must be bytes, not {type(input).__name__}")
         timeout = run_timeout(timeout)
-        with self._lock:
+        limit = _check_output_limit(self.output_limit if output_limit is None else output_limit)
+        start = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
+        with self._gate.operation("run()", start):      # (waiting counts against timeout)
             resume = None
             if restore is not None:
                 self._check_restore(restore)
@@ -565,6 +593,7 @@ class LinuxSandbox(Resource):
                 # (IoState(...) rather than _replace(): this path runs per request, holding the GIL)
                 self._io = IoState(io.input + bytes(input), io.eof or eof, io.waiting, io.exit_code)
             self._stdout, self._stderr = bytearray(), bytearray()
+            self._output_limit, self._truncated = limit, ()
             self._deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
             self._timeout = timeout
             if self._wake.is_set():
@@ -573,6 +602,8 @@ class LinuxSandbox(Resource):
             # closes it, so a late cancel() cannot poison the next run.
             self._vcpu.begin_call()
             try:
+                if self._gate.closing:           # a close() whose cancel came before begin_call
+                    raise SandboxClosed("the sandbox was closed while run() started")
                 return self._loop(resume)
             except WhpfastError:
                 raise
@@ -683,7 +714,15 @@ class LinuxSandbox(Resource):
         return kind
 
     def _result(self, exit_code, waiting):
-        return RunResult(bytes(self._stdout), bytes(self._stderr), exit_code, waiting)
+        return RunResult(self._collected("stdout"), self._collected("stderr"), exit_code, waiting,
+                         bool(self._truncated))
+
+    def _collected(self, stream):
+        """This run's output on stream, with OUTPUT_MARKER when it was cut."""
+        data = bytes(self._stdout if stream == "stdout" else self._stderr)
+        if stream in self._truncated:
+            data += OUTPUT_MARKER.format(stream=stream, limit=self._output_limit).encode()
+        return data
 
     # services for the system call handlers
 
@@ -700,13 +739,26 @@ class LinuxSandbox(Resource):
             return b""
         raise syscalls.Park()
 
-    def output(self, stream: str, data: bytes) -> None:
-        if len(self._stdout) + len(self._stderr) + len(data) > MAX_OUTPUT:
-            # A program printing without end must not exhaust the host: its write fails.
-            raise LinuxError(errno.EFBIG, f"more than {MAX_OUTPUT} bytes of output in one run")
-        (self._stdout if stream == "stdout" else self._stderr).extend(data)
+    def output(self, stream: str, data: bytes) -> int:
+        """A write of data to stdout or stderr; returns the bytes taken. Past the run's output
+        limit on that stream the write is cut short, and one with no room left fails with
+        EFBIG (what a write past RLIMIT_FSIZE gets when SIGXFSZ is not delivered): the program
+        learns its output is lost, and the host keeps at most the limit."""
+        kept = self._stdout if stream == "stdout" else self._stderr
+        room = self._output_limit - len(kept)
+        if len(data) > room:
+            if stream not in self._truncated:
+                self._truncated += (stream,)
+            if room <= 0:
+                raise LinuxError(errno.EFBIG, f"{stream} is past the run's output limit")
+            data = data[:room]
+        kept.extend(data)
         if self._on_output is not None:
-            self._on_output(stream, bytes(data))
+            try:
+                self._gate.user_code(self._on_output, stream, bytes(data))
+            except WhpfastError as e:    # the program stopped mid-write, as for any exception
+                raise self._poison(e)
+        return len(data)
 
     def set_segment_base(self, which: str, value: Optional[int]) -> int:
         return impl.segment_base(self._vcpu, which, value)
@@ -731,7 +783,7 @@ class LinuxSandbox(Resource):
     def _poison(self, exc):
         self._poisoned = str(exc)
         self._warm.needs_full_reset = True
-        exc.stdout, exc.stderr = bytes(self._stdout), bytes(self._stderr)
+        exc.stdout, exc.stderr = self._collected("stdout"), self._collected("stderr")
         return exc
 
     def _stop_error(self, kind):
@@ -747,6 +799,8 @@ class LinuxSandbox(Resource):
                               f"{', string' if vcpu.io_string else ''}): not a system call", kind="io")
         if kind == impl.EXIT_TIMEOUT:
             return GuestTimeout(f"the program ran past its timeout of {self._timeout} s and was stopped")
+        if kind == impl.EXIT_CANCELLED and self._gate.closing:
+            return SandboxClosed("the sandbox was closed while run() ran; the run was stopped")
         if kind == impl.EXIT_CANCELLED:
             return GuestCancelled("the run was cancelled")
         if kind == impl.EXIT_SHUTDOWN:
@@ -809,7 +863,7 @@ class LinuxSandbox(Resource):
     def snapshot(self) -> LinuxSnapshot:
         """Captures guest memory, the vCPU and every host-side component. Costs a pass over the
         mapped memory; restores cost only what changed since."""
-        with self._lock:
+        with self._gate.operation("snapshot()"):
             if self._closed:
                 raise SandboxClosed("the sandbox is closed")
             if self._poisoned:
@@ -844,7 +898,7 @@ class LinuxSandbox(Resource):
     def restore(self, snapshot: LinuxSnapshot) -> None:
         """Puts memory, vCPU state and every host-side component back to the snapshot's and
         clears a poisoned state."""
-        with self._lock:
+        with self._gate.operation("restore()"):
             self._check_restore(snapshot)
             self._restore_locked(snapshot)
 
@@ -941,8 +995,10 @@ class LinuxSandbox(Resource):
         or None when it is not parked in one. A cooperating program can leave its answer in that
         buffer for the host to read there (mm.read), which saves the exit of a write(2); the
         buffer's contents are the program's word, to be validated like any guest data."""
-        with self._lock:
-            if self._closed or self._poisoned:
+        if self.closed:
+            return None
+        with self._gate.operation("parked_read()"):
+            if self._poisoned:
                 return None
             return self._parked_locked()
 

@@ -28,7 +28,9 @@ _apply_refs).
 A sandbox made from the file maps the extents copy-on-write (whpfast.snapshot.map_image, as the
 SDK's Sandbox.from_snapshot does): sandboxes made from one file share its page cache and pay only
 for the pages they write. Snapshot files are therefore immutable once written; save() writes a
-new file and renames it over the old one.
+new file and renames it over the old one. A file that a user other than root or this process's
+owner can write is never mapped (whpfast.snapshot.load_image): its image is read into private
+memory, and sandboxes copy from there.
 
 Everything read is untrusted: every length, offset, checksum and field is checked before use
 and any problem is a SnapshotError saying what is wrong."""
@@ -44,9 +46,9 @@ from collections import namedtuple
 
 import numpy as np
 
-from .. import _pages, backend, cpu
+from .. import backend, cpu
 from ..errors import SnapshotError
-from ..snapshot import IMAGE_ALIGN, _extents, extents_crc, write_sparse
+from ..snapshot import IMAGE_ALIGN, _extents, extents_crc, load_image, write_sparse
 from ._fsstate import PATH_MAX
 from .errno import LinuxError
 from .mm import PAGE, PROT_WRITE, USER_MIN, MmState, Vma, page_table_bytes, page_up, shareable
@@ -459,7 +461,7 @@ def _load(f, path, bad, fs_decode, grant):
     refs = _resolve_refs(refs, meta["config"], bad)
     image = None
     try:
-        image = _map_image_section(f, offset, memory_size, extents, stored, bool(refs))
+        image = load_image(f, offset, memory_size, extents, writable=bool(refs))
         with memoryview(image) as view:
             got = 0
             for first, count in extents:
@@ -489,30 +491,6 @@ def _load(f, path, bad, fs_decode, grant):
             os.close(r.fd)
         raise
     return meta, state, components, image, stored | referenced, f, extents, offset, refs
-
-
-def _map_image_section(f, offset, memory_size, extents, stored, writable):
-    """The image section as memory: mapped read-only as it is, or (writable, for references to
-    be put in) guest-sized memory with the extents mapped copy-on-write from the file (KVM) or
-    copied (WHP)."""
-    if not writable:
-        return backend.impl.FileMapping(f.fileno(), offset, memory_size)
-    image = backend.impl.GuestMemory(memory_size)
-    try:
-        if hasattr(image, "overlay_file"):
-            for first, count in extents:
-                image.overlay_file(f.fileno(), offset + first * PAGE, first * PAGE, count * PAGE)
-        else:
-            section = backend.impl.FileMapping(f.fileno(), offset, memory_size)
-            try:
-                with memoryview(image) as dst, memoryview(section) as src:
-                    _pages.restore(dst, src, stored, stored)
-            finally:
-                section.close()
-    except BaseException:
-        image.close()
-        raise
-    return image
 
 
 def _check_clock(values):

@@ -138,8 +138,7 @@ def sys_pread64(p, fd, buf, count, offset, *_):
 def _write_fd(p, fd, data):
     console = p.fs.console(fd)
     if console in ("stdout", "stderr"):
-        p.output(console, data)
-        return len(data)
+        return p.output(console, data)
     if console == "stdin":
         _fail(E.EBADF)
     return p.fs.write(fd, data)

@@ -21,15 +21,19 @@ import struct
 import sys
 import sysconfig
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
-from ..errors import GuestCallError, GuestPythonError, SandboxClosed, SandboxError, SnapshotError
+from ..errors import (GuestCallError, GuestError, GuestPythonError, SandboxClosed, SandboxError,
+                      SnapshotError)
 from ..linux.errno import LinuxError
 from .._typing import StrPath
 from ..core import argcheck
+from ..core.gate import Gate
+from ..core.run import request_timeout, run_timeout
 from ..core.resource import Resource
 from ..linux.fs import inside_path, read_mapping
 from ..linux.grant import Grant
@@ -46,7 +50,7 @@ ERROR_FIELDS = {"type", "message", "traceback"}     # of an answer's error (driv
 ANSWER_LIMIT = 16 << 20                      # bytes of answer JSON accepted (= driver.py's, = MAX_IO)
 DEFAULT_MEMORY_SIZE = 512 << 20
 OUTPUT_LIMIT = 1 << 20                       # characters of stdout / stderr kept per run
-RAW_OUTPUT_LIMIT = 64 << 20                  # bytes the guest may write to fd 1/2 per run
+# (bytes written to fd 1/2 directly, past sys.stdout: LinuxSandbox's output limit applies)
 BOOT_TIMEOUT = 300
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
 # System library directories the dynamic loader and the interpreter's extension modules need, and
@@ -101,7 +105,8 @@ def _load_shared(path, grant):
         st = os.stat(path)
     except OSError as e:
         raise SnapshotError(f"cannot open snapshot {os.fspath(path)!r}: {e.strerror}") from None
-    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    # (the ctime too: a chmod decides whether the file may be mapped, see snapshot.load_image)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _loaded_lock:
         snapshot = _loaded.get(key)
         if snapshot is None:
@@ -123,24 +128,6 @@ def _policy(python, read):
     else:
         policy.update((os.path.abspath(os.fsdecode(r)),) * 2 for r in read)
     return policy
-
-
-class _OutputFlood(Exception):
-    """Raised from on_output to stop a guest that writes past RAW_OUTPUT_LIMIT."""
-
-
-class _OutputBudget:
-    """LinuxSandbox's on_output: counts the bytes a run writes to fd 1 and 2 and stops the run
-    past RAW_OUTPUT_LIMIT. Its own object, not a bound method, so that a sandbox and its
-    LinuxSandbox do not form a reference cycle."""
-
-    def __init__(self):
-        self.used = 0
-
-    def __call__(self, stream, data):
-        self.used += len(data)
-        if self.used > RAW_OUTPUT_LIMIT:
-            raise _OutputFlood()
 
 
 def granted_snapshot(snapshot, python=None, read=(), memory_size=None):
@@ -242,7 +229,7 @@ class PythonSandbox(Resource):
         policy = _policy(python, argcheck.read_policy(read))
         self._init_common()
         self._lx = LinuxSandbox([inside_path(python), "-I", "-B", "-c", DRIVER], env=ENV, read=policy,
-                                memory_size=memory_size, on_output=self._budget)
+                                memory_size=memory_size)
         try:
             first = self._lx.run(timeout=timeout)
             if not first.waiting:
@@ -267,9 +254,11 @@ class PythonSandbox(Resource):
         self._closed = False
 
     def _init_common(self):
-        self._lock = threading.Lock()
+        # One operation (run, eval, save) at a time, by core/gate.py's rules. A close() during
+        # one cancels the LinuxSandbox's run and frees it when the operation unwinds, never
+        # under it (the answer is read from its memory after the run).
+        self._gate = Gate(self._free, lambda: self._lx.cancel())
         self._stale = False          # the guest is not parked at a clean read: restore first
-        self._budget = _OutputBudget()
 
     @classmethod
     def from_snapshot(cls, snapshot: Union[LinuxSnapshot, StrPath], *, python: Optional[StrPath] = None,
@@ -289,7 +278,7 @@ class PythonSandbox(Resource):
         self = cls.__new__(cls)
         self._closed = True
         self._init_common()
-        self._lx = LinuxSandbox.from_snapshot(snapshot, on_output=self._budget)
+        self._lx = LinuxSandbox.from_snapshot(snapshot)
         self._snapshot = snapshot
         self.python = info["python"]
         self._closed = False
@@ -298,14 +287,20 @@ class PythonSandbox(Resource):
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Frees the VM. Idempotent."""
+        """Frees the VM. Idempotent. A run in another thread is stopped (it raises SandboxClosed)
+        and close() returns once it has unwound; from inside the sandbox's own run (a signal
+        handler) the close takes effect when the run unwinds, which raises SandboxClosed."""
         if not self._closed:
-            self._closed = True
-            self._lx.close()
+            self._gate.close()
+
+    def _free(self):
+        # (the gate's free: called once, with no operation running)
+        self._closed = True
+        self._lx.close()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._closed or self._gate.closing
 
     @property
     def snapshot(self) -> LinuxSnapshot:
@@ -320,22 +315,28 @@ class PythonSandbox(Resource):
     def save(self, path: StrPath) -> str:
         """Writes the warm snapshot to path (atomically); PythonSandbox.from_snapshot(path)
         starts new sandboxes from it."""
-        self._check_open()
-        return self._snapshot.save(path)
+        with self._gate.operation("save()"):
+            self._check_open()
+            return self._snapshot.save(path)
 
     # -- running -----------------------------------------------------------------------------------
 
     def run(self, code: str, *, timeout: Optional[float] = None, fresh: bool = True) -> PythonResult:
         """Executes code; returns a PythonResult (stdout, stderr, error). fresh=True (default)
         first restores the warm snapshot, so nothing an earlier run did is visible; fresh=False
-        continues in the state the previous run left."""
+        continues in the state the previous run left. timeout: seconds the run may take, past it
+        GuestTimeout (a run waiting for another thread's gives up at it too); None: DEFAULT_RUN_TIMEOUT
+        (whpfast.core.run, 30 s); math.inf: none. Output written to fd 1/2 past sys.stdout is
+        kept up to LinuxSandbox's output limit per stream (then its writes fail, and a marker
+        says so)."""
         _check_code(code, "code")
         result, _ = self._call("exec", code, timeout, argcheck.flag(fresh, "fresh"))
         return result
 
     def eval(self, expr: str, *, timeout: Optional[float] = None, fresh: bool = True) -> Any:
         """Evaluates expr and returns its value, carried as JSON (lists for tuples, str keys).
-        An exception in the guest raises GuestPythonError with the guest traceback."""
+        An exception in the guest raises GuestPythonError with the guest traceback. timeout: as
+        for run()."""
         _check_code(expr, "expr")
         result, value = self._call("eval", expr, timeout, argcheck.flag(fresh, "fresh"))
         if result.error is not None:
@@ -344,11 +345,13 @@ class PythonSandbox(Resource):
         return value
 
     def _check_open(self):
-        if self._closed:
+        if self.closed:
             raise SandboxClosed("the Python sandbox is closed")
 
     def _call(self, op, code, timeout, fresh):
-        with self._lock:
+        timeout = request_timeout(timeout)
+        deadline = None if run_timeout(timeout) is None else time.monotonic_ns() + int(timeout * 1e9)
+        with self._gate.operation("run()" if op == "exec" else "eval()", deadline):
             self._check_open()
             if not fresh and self._stale:
                 raise SandboxError("the previous run left the interpreter unusable (it exited, timed out "
@@ -361,16 +364,18 @@ class PythonSandbox(Resource):
         GIL release for the restore and the request's run)."""
         payload = _encode_request(op, code, os.urandom(32).hex())
         self._stale = True                       # until a clean answer says otherwise
-        self._budget.used = 0
+        closed = SandboxClosed("the Python sandbox was closed while the code ran")
         try:
+            if self._gate.closing:      # (its cancel found no run to stop)
+                raise closed
             r = self._lx.run(struct.pack("<I", len(payload)) + payload, timeout=timeout,
                              restore=restore)
-        except (_OutputFlood, SandboxError) as e:
-            # LinuxSandbox poisons itself and raises SandboxError from what on_output raised.
-            if not isinstance(e, _OutputFlood) and not isinstance(e.__cause__, _OutputFlood):
-                raise
-            raise GuestCallError(f"the guest wrote more than {RAW_OUTPUT_LIMIT >> 20} MiB of raw output "
-                                 f"and was stopped; the next fresh run starts clean") from None
+            if self._gate.closing:
+                raise closed
+        except (SandboxError, GuestError):
+            if self._gate.closing:
+                raise closed from None
+            raise
         raw_err = r.stderr.decode("utf-8", "replace")
         if r.exit_code is not None:
             out = r.stdout.decode("utf-8", "replace")
