@@ -366,23 +366,10 @@ def test_soak_short(tmp_path):
 
 # -- issue 16, item 4: the same rules for LinuxSandbox and PythonSandbox -------------------------
 
-# Prints a line, then parks reading stdin; each input line: another print and park.
-TICKER_C = r"""
-#include <unistd.h>
-int main(void) {
-    char buf[256];
-    for (;;) {
-        if (write(1, "tick\n", 5) != 5) return 3;
-        if (read(0, buf, sizeof buf) <= 0) return 0;
-    }
-}
-"""
-
-
 @pytest.fixture(scope="module")
 def ticker(tmp_path_factory):
     from conftest import build_c
-    return build_c(tmp_path_factory.mktemp("reentrancy") / "ticker", TICKER_C, "-static")
+    return build_c(tmp_path_factory.mktemp("reentrancy") / "ticker", "ticker.c", "-static")
 
 
 def linux_sandbox(ticker, on_output):

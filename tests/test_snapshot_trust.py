@@ -59,18 +59,6 @@ else:
 print(shared, ok)
 """
 
-TICKER_C = r"""
-#include <unistd.h>
-int main(void) {
-    char buf[256];
-    for (;;) {
-        if (write(1, "tick\n", 5) != 5) return 3;
-        if (read(0, buf, sizeof buf) <= 0) return 0;
-    }
-}
-"""
-
-
 @pytest.fixture(scope="module")
 def snapshot_files(tmp_path_factory, py_box):
     """One saved snapshot of each kind; each test copies the one it needs."""
@@ -78,7 +66,7 @@ def snapshot_files(tmp_path_factory, py_box):
     files = {}
     with whpfast.Sandbox(whpfast.guests.testkit, memory_size=16 << 20) as sb:
         files["sdk"] = sb.snapshot().save(out / "sdk.snap")
-    ticker = build_c(out / "ticker", TICKER_C, "-static")
+    ticker = build_c(out / "ticker", "ticker.c", "-static")
     with whpfast.LinuxSandbox([ticker], memory_size=32 << 20) as lx:
         assert lx.run(timeout=10).waiting
         files["linux"] = lx.snapshot().save(out / "linux.snap")

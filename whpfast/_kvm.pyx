@@ -1018,19 +1018,6 @@ def syscall_return(Vcpu vcpu not None, uint64_t result, uint16_t user_cs, uint16
     _sysret(r, result, user_cs, user_ds)
 
 
-cdef int _check_sysret(uint64_t rcx) except -1:
-    """The guest chose RCX (any code may jump to the stub with any registers): a return address
-    that is not a canonical user address (bits 63..47 set) would be a RIP the hypervisor refuses
-    or, at CPL0 on hardware, a kernel address. Linux's sysret path sends such a return through
-    IRET, which faults: SIGSEGV; here a GuestFault, and the value never reaches the vCPU."""
-    if rcx >> 47:
-        raise errors.GuestFault(
-            f"the program made a system call whose return address rcx={rcx:#x} is not a canonical "
-            f"user address (sysret cannot return there; Linux sends SIGSEGV)",
-            kind="SIGSEGV", vector=13, error_code=0, rip=rcx, address=0)
-    return 0
-
-
 cdef void _sysret(kvm_run *r, uint64_t result, uint16_t user_cs, uint16_t user_ds) noexcept:
     cdef kvm_regs *g = &r.s.regs.regs
     g.rax = result

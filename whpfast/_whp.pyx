@@ -859,17 +859,6 @@ def syscall_return(Vcpu vcpu not None, uint64_t result, uint16_t user_cs, uint16
     _sysret(vcpu, result, user_cs, user_ds)
 
 
-cdef int _check_sysret(uint64_t rcx) except -1:
-    """As _kvm.pyx: a return address (the guest's RCX) that is not a canonical user address is a
-    GuestFault, never a RIP queued for the hypervisor."""
-    if rcx >> 47:
-        raise errors.GuestFault(
-            f"the program made a system call whose return address rcx={rcx:#x} is not a canonical "
-            f"user address (sysret cannot return there; Linux sends SIGSEGV)",
-            kind="SIGSEGV", vector=13, error_code=0, rip=rcx, address=0)
-    return 0
-
-
 cdef void _sysret(Vcpu vcpu, uint64_t result, uint16_t user_cs, uint16_t user_ds) noexcept:
     """syscall_return on the registers in vcpu.sys_* (valid)."""
     vcpu._queue64(WHvX64RegisterRax, result)
