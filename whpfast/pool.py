@@ -440,6 +440,9 @@ class Pool(Resource):
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
+            # Nobody awaits `work` now: its outcome (GuestCancelled, most likely) is retrieved
+            # here, or asyncio would log "Future exception was never retrieved" when it is freed.
+            work.add_done_callback(lambda done: done.cancelled() or done.exception())
             self._cancel_until_done(slot, request, work, loop)
             raise
 
