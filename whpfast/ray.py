@@ -16,7 +16,8 @@ An actor restarted by Ray finds the file and fetches nothing. close() removes th
 Requests go to the actors in turn (round robin; each actor runs `size` at once, Ray queues the
 rest on the actor). Errors from the guest come out of ray.get as Ray's RayTaskError made an
 instance of the original class (`as_instanceof_cause`): `except whpfast.GuestTimeout` catches a
-timeout, and `.cause` is the original exception with its fields (GuestFault.kind, ...)."""
+timeout, and `.cause` is the original exception with its fields (GuestFault.kind, ...). The
+blocking run/eval/call raise that original exception itself."""
 
 import concurrent.futures
 import hashlib
@@ -42,7 +43,7 @@ import numpy as np
 from . import backend
 from ._typing import StrPath
 from .core.resource import Resource
-from .errors import ConfigError, PoolFull, SandboxClosed, SnapshotError
+from .errors import ConfigError, PoolFull, SandboxClosed, SnapshotError, WhpfastError
 from .linux.process import LinuxSnapshot
 from .pool import Pool, _resolve
 from .python.sandbox import PythonSandbox
@@ -423,11 +424,18 @@ class RayPool(Resource):
 
     def _wait(self, method, *args):
         try:
-            return ray.get(self._submit(method, *args))
-        except RayActorError:
-            if not self.replace_dead():
-                raise
-            return ray.get(self._submit(method, *args))
+            try:
+                return ray.get(self._submit(method, *args))
+            except RayActorError:
+                if not self.replace_dead():
+                    raise
+                return ray.get(self._submit(method, *args))
+        except RayTaskError as e:
+            # The blocking forms raise whpfast's own error as the actor raised it, not Ray's
+            # wrapper (whose message is the actor's traceback, in terminal colours).
+            if isinstance(e.cause, WhpfastError):
+                raise e.cause from None
+            raise
 
     def replace_dead(self) -> int:
         """Starts a new actor for every one that is dead for good (killed with ray.kill, out of
