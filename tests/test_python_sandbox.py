@@ -425,3 +425,20 @@ def test_a_guest_exception_comes_back_with_fields(sb):
     assert pickle.loads(pickle.dumps(r.error)).message == "3"          # through Ray and multiprocessing
     assert sb.run("x = 1").error is None
     assert sb.run("import os; os._exit(4)").error.type == "WhpfastError"
+
+
+def test_bench_says_what_it_could_not_run(tmp_path):
+    """Issue 17 item 11: outside a source tree the other benches are not skipped silently, a bench
+    that fails makes the status 1 (naming it), and --quick reaches the benches that take it."""
+    from whpfast.python import bench
+    r = subprocess.run([sys.executable, "-m", "whpfast", "bench", "--bench-dir", str(tmp_path / "none")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 1 and "not installed with the package" in r.stderr
+    benches = tmp_path / "bench"
+    benches.mkdir()
+    (benches / "bench_call.py").write_text("import sys\nprint(sys.argv[1:])\nsys.exit(3)\n")
+    (benches / "bench_pool.py").write_text("import sys\nprint(sys.argv[1:])\n")
+    lines = []
+    failed = bench._other_benches(str(benches), str(tmp_path), lines.append, quick=True)
+    assert failed[0].startswith("bench_call.py: exit status 3") and len(failed) == len(bench.OTHER_BENCHES) - 1
+    assert any("['--quick']" in line for line in lines)

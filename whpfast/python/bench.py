@@ -339,21 +339,36 @@ def compare(new, old, log=print):
             log(f"{k:<28} {old['medians_us'][k]:12.1f} {v:12.1f} {v / old['medians_us'][k]:8.2f}")
 
 
-def _other_benches(bench_dir, out_dir, log):
-    """The SDK, Linux, Pool and Ray benches of a source checkout, their text output kept in the
-    report (bench_pool.py and bench_ray.py also write their .json and .npz there: they run in
-    out_dir)."""
-    for name in ("bench_call.py", "bench_warm.py", "bench_linux.py", "bench_vdso.py", "bench_pool.py",
-                 "bench_ray.py"):
+OTHER_BENCHES = ("bench_call.py", "bench_warm.py", "bench_linux.py", "bench_vdso.py", "bench_pool.py",
+                 "bench_ray.py")
+QUICK = {"bench_pool.py": ["--quick"], "bench_ray.py": ["--quick"],     # (their own smoke sizes)
+         "bench_call.py": ["--calls", "500", "--repeats", "2", "--n", "2000000"],
+         "bench_warm.py": ["--count", "200"],
+         "bench_linux.py": ["--calls", "200", "--repeats", "1", "--sandboxes", "4"],
+         "bench_vdso.py": ["--calls", "30"]}
+
+
+def _other_benches(bench_dir, out_dir, log, quick=False):
+    """The SDK, Linux, Pool and Ray benches of a source checkout (bench/: not installed with the
+    package), their text output kept in the report (bench_pool.py and bench_ray.py also write
+    their .json and .npz there: they run in out_dir). Returns the ones that failed or are
+    missing, each with why."""
+    failed = []
+    for name in OTHER_BENCHES:
         script = os.path.join(bench_dir, name)
         if not os.path.exists(script):
+            failed.append(f"{name}: not found in {bench_dir}")
             continue
         log(f"== {name}")
-        r = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=out_dir)
+        r = subprocess.run([sys.executable, script, *(QUICK.get(name, []) if quick else [])],
+                           capture_output=True, text=True, cwd=out_dir)
         text = r.stdout + (f"\n[exit status {r.returncode}]\n{r.stderr}" if r.returncode else "")
         with open(os.path.join(out_dir, name.replace(".py", ".txt")), "w") as f:
             f.write(text)
         log(text)
+        if r.returncode:
+            failed.append(f"{name}: exit status {r.returncode} ({(r.stderr.strip().splitlines() or ['?'])[-1]})")
+    return failed
 
 
 def main(argv=None):
@@ -365,6 +380,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
     parser.add_argument("--density", type=int, default=50, help="sandboxes for the density figure (0: skip)")
     args = parser.parse_args(argv)
+    if not args.python_only and not os.path.isdir(args.bench_dir):     # before minutes of measuring
+        print(f"whpfast bench: the SDK, Linux, Pool and Ray benches are in the source tree's bench/ "
+              f"(not installed with the package); {args.bench_dir!r} is not there: run from a "
+              f"checkout, pass --bench-dir, or --python-only for the Python benches alone",
+              file=sys.stderr)
+        return 1
     os.makedirs(args.out, exist_ok=True)
     counts = dict(hello=30, pandas=10, forks=5, spawns=2, colds=1) if args.quick else {}
     samples, info = measure(density=args.density, **counts)
@@ -379,9 +400,12 @@ def main(argv=None):
     if args.compare:
         with open(args.compare) as f:
             compare(result, json.load(f))
-    if not args.python_only and os.path.isdir(args.bench_dir):
-        _other_benches(os.path.abspath(args.bench_dir), os.path.abspath(args.out), print)
-    return 0
+    if args.python_only:
+        return 0
+    failed = _other_benches(os.path.abspath(args.bench_dir), os.path.abspath(args.out), print, args.quick)
+    for why in failed:
+        print(f"whpfast bench: FAILED {why}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def demo():
