@@ -114,7 +114,10 @@ def request(pool, kind):
         outcome = pool.run(code, timeout=timeout if timeout is not None else 10)
     except whpfast.WhpfastError as e:
         outcome = e
-    return check(outcome), outcome
+    try:
+        return check(outcome), outcome
+    except AttributeError:           # an exception where a result was due, or the other way
+        return False, outcome
 
 
 def main(argv=None):

@@ -522,3 +522,22 @@ def test_bench_smoke(tmp_path):
     import numpy as np
     with np.load(tmp_path / "bench_pool.npz") as samples:
         assert len(samples["run_time_pool2_clients2"]) == 100
+
+
+def test_replaced_sandboxes_give_their_mapping_reservation_back(py_snap):
+    """The soak found it (bench/soak_pool.py): a pool replacing sandboxes (faults, timeouts) kept
+    each old one's share of the process's mapping budget until garbage collection, and after
+    ~90 replacements could make no sandbox at all (MappingBudgetError for every request)."""
+    from whpfast.core import mapbudget
+    gc.disable()                         # as when cycles are collected late
+    try:
+        with whpfast.Pool(py_snap, size=1) as pool:
+            held = mapbudget.reserved()
+            for _ in range(3):
+                with pytest.raises(whpfast.GuestTimeout):
+                    pool.run("while True: pass", timeout=0.2)
+            assert pool.stats().replaced == 3 and mapbudget.reserved() == held
+            assert pool.run("print(1)").stdout == "1\n"
+        assert mapbudget.reserved() == held - mapbudget.sandbox_peak(pool.snapshot)
+    finally:
+        gc.enable()

@@ -284,12 +284,15 @@ class Pool(Resource):
         self._queue_wait = np.zeros(HISTORY)
         self._run_time = np.zeros(HISTORY)
         self._free: List[_Slot] = []
+        # each live sandbox's share of the process's mapping budget, given back when the pool
+        # retires it (at garbage collection otherwise: too late for a pool replacing sandboxes)
+        self._reservations: Dict[int, Any] = {}
         try:
             for _ in range(size):
                 self._free.append(_Slot(self._make()))
         except BaseException:
             for slot in self._free:
-                slot.sandbox.close()
+                self._retire(slot.sandbox)
             raise
         self._closed = False
 
@@ -306,12 +309,21 @@ class Pool(Resource):
                 on_output = self._on_output
                 on_print = lambda text: on_output("stdout", text)  # noqa: E731
             with mapbudget.reserving(self._source) as reservation:
-                return reservation.attach(Sandbox.from_snapshot(self._source, on_print=on_print, **self._grant))
-        # the first sandbox loads the file under the caller's grant; the object keeps that grant
-        self._source, self._grant = granted_snapshot(self._source, **self._grant), {}
-        with mapbudget.reserving(self._source) as reservation:
-            sb = reservation.attach(PythonSandbox.from_snapshot(self._source))
+                sb = reservation.attach(Sandbox.from_snapshot(self._source, on_print=on_print, **self._grant))
+        else:
+            # the first sandbox loads the file under the caller's grant; the object keeps it
+            self._source, self._grant = granted_snapshot(self._source, **self._grant), {}
+            with mapbudget.reserving(self._source) as reservation:
+                sb = reservation.attach(PythonSandbox.from_snapshot(self._source))
+        self._reservations[id(sb)] = reservation
         return sb
+
+    def _retire(self, sandbox):
+        """Closes a sandbox of the pool and gives its mapping reservation back."""
+        sandbox.close()
+        reservation = self._reservations.pop(id(sandbox), None)
+        if reservation is not None:
+            reservation.release()
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -496,7 +508,7 @@ class Pool(Resource):
                     if me.error is None:
                         self._waiters.remove(me)
                 elif not self._hand_on(me.slot) and me.slot.sandbox is not None:
-                    me.slot.sandbox.close()
+                    self._retire(me.slot.sandbox)
             raise
         if not got:
             with self._lock:
@@ -580,7 +592,7 @@ class Pool(Resource):
         if broken is not None:
             old, slot.sandbox = slot.sandbox, None
             if old is not None:
-                old.close()
+                self._retire(old)
             if not self._closing:
                 replaced = True
                 try:
@@ -596,7 +608,7 @@ class Pool(Resource):
             self._replaced += replaced
             if self._hand_on(slot) or slot.sandbox is None:
                 return
-        slot.sandbox.close()
+        self._retire(slot.sandbox)
 
     def _hand_on(self, slot):
         """With the lock held: the slot to the first waiter or the free list; False if the pool
@@ -630,7 +642,7 @@ class Pool(Resource):
                 w.fail(SandboxClosed("the pool was closed while this request waited for a sandbox"))
         for slot in free:
             if slot.sandbox is not None:
-                slot.sandbox.close()
+                self._retire(slot.sandbox)
         inside = getattr(_current, "pool", None) is self
         with self._lock:
             while self._busy and not inside:
