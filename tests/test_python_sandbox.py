@@ -442,3 +442,18 @@ def test_bench_says_what_it_could_not_run(tmp_path):
     failed = bench._other_benches(str(benches), str(tmp_path), lines.append, quick=True)
     assert failed[0].startswith("bench_call.py: exit status 3") and len(failed) == len(bench.OTHER_BENCHES) - 1
     assert any("['--quick']" in line for line in lines)
+
+
+def test_cancel_stops_a_run_and_the_next_fresh_run_works(sb):
+    """Issue 17 item 10: PythonSandbox.cancel(), as Sandbox and LinuxSandbox have."""
+    import threading
+    import time
+    sb.cancel()                                            # nothing running: nothing happens
+    timer = threading.Timer(0.3, sb.cancel)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(whpfast.GuestCancelled):
+        sb.run("while True: pass", timeout=30)
+    assert time.monotonic() - started < 10
+    timer.join()
+    assert sb.eval("6 * 7") == 42

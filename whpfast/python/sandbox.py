@@ -293,6 +293,12 @@ class PythonSandbox(Resource):
         if not self._closed:
             self._gate.close()
 
+    def cancel(self) -> None:
+        """Stops a run going on in another thread: it raises GuestCancelled and the next fresh
+        run starts clean (the sandbox is not closed). Does nothing when no run is going on."""
+        if not self._closed:
+            self._lx.cancel()
+
     def _free(self):
         # (the gate's free: called once, with no operation running)
         self._closed = True
