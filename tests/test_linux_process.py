@@ -480,14 +480,19 @@ def test_other_uses_of_the_syscall_port_are_refused(tmp_path, how, what):
 
 def test_argv0_is_resolved_inside_a_read_mapping(programs, tmp_path):
     """With read={"/": rootfs} (a root file system extracted to a directory, as a Windows host
-    supplies Linux files) argv[0] is the path inside it, never the host's file of that name."""
+    supplies Linux files) argv[0] is the path inside it, never the host's file of that name; a
+    program the rootfs does not have is loaded from the host path argv[0] names, as with a list
+    (one rule for both forms: issue 17 item 7)."""
     root = tmp_path / "rootfs"
     (root / "bin").mkdir(parents=True)
     shutil.copy(programs["hello"], root / "bin" / "hello")
     r = run(["/bin/hello", "x"], read={"/": str(root)})
     assert r.exit_code == 3 and r.stdout == b"hello from 2 args: [/bin/hello] [x]\n"
-    with pytest.raises(GuestLoadError, match="not readable inside the sandbox"):
-        run([programs["hello"]], read={"/": str(root)})
+    (root / "bin" / "hello").write_bytes(b"not a program")          # the rootfs's own is used
+    with pytest.raises(GuestLoadError):
+        run(["/bin/hello"], read={"/": str(root)})
+    r = run([programs["hello"]], read={"/": str(root)})            # not in the rootfs: the host's
+    assert r.exit_code == 3 and r.stdout.startswith(b"hello from 1 args")
 
 
 def test_a_program_under_tmp_is_shown_under_run_host(programs):

@@ -206,3 +206,14 @@ def test_venv_python_with_pip_numpy_and_pandas():
             assert ask(lx, snap, PANDAS_JOB) == host_answer(sys.executable, PANDAS_JOB, ["pandas"])
     finally:
         lx.close()
+
+
+def test_a_program_outside_a_dict_read_is_read_from_the_host_as_with_a_list(tmp_path_factory, tmp_path):
+    """Issue 17 item 7: one rule for both forms of read=: the program argv[0] names is loaded from
+    the host when the policy does not show it (it failed to load with a mapping before)."""
+    program = compile_c(tmp_path_factory, "sum", "-static")
+    data = tmp_path / "data"
+    data.mkdir()
+    for read in ({"/data": str(data)}, [str(SYSTEM_READ[0])]):
+        with whpfast.LinuxSandbox([program], read=read, memory_size=32 << 20) as lx:
+            assert lx.run(b"5\n").stdout == b"sum 5\n"
