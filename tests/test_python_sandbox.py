@@ -457,3 +457,16 @@ def test_cancel_stops_a_run_and_the_next_fresh_run_works(sb):
     assert time.monotonic() - started < 10
     timer.join()
     assert sb.eval("6 * 7") == 42
+
+
+def test_read_as_a_mapping_means_inside_to_host(tmp_path):
+    """Issue 17 item 6 (part): PythonSandbox(read={inside: host}) maps as LinuxSandbox does, so
+    data in a tempfile.mkdtemp() (under the host's /tmp) can be given at a path of one's choice;
+    an error names the side that is wrong."""
+    (tmp_path / "data.csv").write_text("a,b\n1,2\n")
+    with whpfast.PythonSandbox(read={"/data": str(tmp_path)}, memory_size=64 << 20) as box:
+        assert box.eval("open('/data/data.csv').read()") == "a,b\n1,2\n"
+    with pytest.raises(whpfast.ReadPolicyError, match="host path .*missing.* does not exist"):
+        whpfast.PythonSandbox(read={"/data": str(tmp_path / "missing")})
+    with pytest.raises(whpfast.ReadPolicyError, match="inside path 'data' must be absolute"):
+        whpfast.PythonSandbox(read={"data": str(tmp_path)})
