@@ -632,16 +632,19 @@ class FileSystem:
             return self._install(fd, node, O_PATH | (flags & O_CLOEXEC))
         if acc == O_ACCMODE:
             _fail(EINVAL)
-        if flags & O_TMPFILE == O_TMPFILE:
-            d = self._walk(dirfd, path)
+        if flags & O_TMPFILE & ~O_DIRECTORY:
+            # checked before the walk, as Linux does: with O_DIRECTORY, without O_CREAT, writable
+            if flags & (O_TMPFILE | O_CREAT) != O_TMPFILE or acc == O_RDONLY:
+                _fail(EINVAL)
+            d = self._walk(dirfd, path, follow=not flags & O_NOFOLLOW)
             if d.fmt != S_IFDIR:
                 _fail(ENOTDIR)
-            if acc == O_RDONLY:
-                _fail(EINVAL)
             if type(d) is not _Tmp:
                 _fail(EOPNOTSUPP, "O_TMPFILE works under /tmp only")
             node = self._tmp_new(d, None, S_IFREG, mode, bytearray())
             return self._install(fd, node, flags & ~O_TMPFILE)
+        if flags & (O_CREAT | O_DIRECTORY) == O_CREAT | O_DIRECTORY:
+            _fail(EINVAL)                       # as Linux since 6.4: it would create a file
         node = None
         if flags & O_CREAT:
             d, name = self._walk_parent(dirfd, path)
@@ -675,11 +678,11 @@ class FileSystem:
                 d, name = self._walk_parent(AT_FDCWD, path, start=d)
         if node is None or node.fmt == S_IFLNK:
             node = self._walk(dirfd, path, follow=not flags & O_NOFOLLOW)
-        if node.fmt == S_IFLNK:
-            _fail(ELOOP)                        # O_NOFOLLOW on a symlink
         fmt = node.fmt
         if flags & O_DIRECTORY and fmt != S_IFDIR:
-            _fail(ENOTDIR)
+            _fail(ENOTDIR)                      # before ELOOP, as Linux checks them
+        if fmt == S_IFLNK:
+            _fail(ELOOP)                        # O_NOFOLLOW on a symlink
         writes = acc != O_RDONLY or (flags & O_TRUNC and fmt == S_IFREG)
         if fmt == S_IFDIR:
             if acc != O_RDONLY or flags & (O_CREAT | O_TRUNC):
@@ -1186,7 +1189,7 @@ class FileSystem:
             _fail(EEXIST)
         if type(d) is not _Tmp:
             _fail(EROFS, "only /tmp is writable")
-        self._tmp_new(d, name, S_IFDIR, mode, {})
+        self._tmp_new(d, name, S_IFDIR, mode & 0o1777, {})     # mkdir(2) drops setuid and setgid
 
     def symlinkat(self, target, dirfd, path):
         if not target:
@@ -1261,8 +1264,10 @@ class FileSystem:
             _fail(EINVAL)
         od, on = self._walk_parent(olddirfd, oldpath)
         nd, nn = self._walk_parent(newdirfd, newpath)
-        if on is None or nn is None:
+        if on is None:
             _fail(EBUSY)
+        if nn is None:                          # "." or "..": Linux's order of checks
+            _fail(EEXIST if flags & RENAME_NOREPLACE else EBUSY)
         src = self._lookup(od, on)
         if src.fmt != S_IFDIR and (oldpath.endswith(b"/") or newpath.endswith(b"/")):
             _fail(ENOTDIR)
