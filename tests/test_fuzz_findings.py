@@ -13,7 +13,7 @@ from whpfast.linux import errno as E
 from whpfast.linux.errno import LinuxError
 from whpfast.linux.fs import (AT_FDCWD, AT_REMOVEDIR, AT_SYMLINK_NOFOLLOW, O_CREAT, O_DIRECTORY,
                               O_EXCL, O_NOFOLLOW, O_RDONLY, O_RDWR, O_TMPFILE, O_WRONLY,
-                              RENAME_NOREPLACE, FileSystem)
+                              RENAME_EXCHANGE, RENAME_NOREPLACE, FileSystem)
 
 __O_TMPFILE = O_TMPFILE & ~O_DIRECTORY
 
@@ -101,3 +101,23 @@ def test_a_long_name_in_a_removed_directory_is_enoent(fs):
     fs.unlinkat(AT_FDCWD, b"/tmp/w", AT_REMOVEDIR)
     assert err(fs.unlinkat, AT_FDCWD, b"c", 0) == E.ENOENT
     assert err(fs.unlinkat, AT_FDCWD, b"y" * 256, 0) == E.ENOENT
+
+
+def test_rename_checks_its_flags_before_trailing_slashes(fs):
+    """renameat2(file/, file/, RENAME_NOREPLACE): Linux finds the new name taken (EEXIST) before
+    it looks at the slashes (ENOTDIR); RENAME_EXCHANGE checks only the old name's slash against
+    the old file (the sandbox answered ENOTDIR for both)."""
+    fs.close(fs.openat(AT_FDCWD, b"b", O_CREAT | O_WRONLY, 0o644))
+    fs.close(fs.openat(AT_FDCWD, b"c", O_CREAT | O_WRONLY, 0o644))
+    assert err(fs.renameat, AT_FDCWD, b"b/", AT_FDCWD, b"b/", RENAME_NOREPLACE) == E.EEXIST
+    assert err(fs.renameat, AT_FDCWD, b"b/", AT_FDCWD, b"c", 0) == E.ENOTDIR
+    fs.mkdirat(AT_FDCWD, b"d", 0o755)
+    fs.renameat(AT_FDCWD, b"b", AT_FDCWD, b"d/", RENAME_EXCHANGE)       # d/ is a directory
+    assert stat.S_ISREG(mode(fs, b"d")) and stat.S_ISDIR(mode(fs, b"b"))
+
+
+def test_mkdir_in_a_setgid_directory_is_setgid(fs):
+    """A new directory inherits setgid from its parent on Linux; the sandbox dropped it."""
+    fs.fchmodat(AT_FDCWD, b".", 0o2755)
+    fs.mkdirat(AT_FDCWD, b"a", 0o755)
+    assert mode(fs, b"a") == stat.S_IFDIR | 0o2755

@@ -1189,7 +1189,8 @@ class FileSystem:
             _fail(EEXIST)
         if type(d) is not _Tmp:
             _fail(EROFS, "only /tmp is writable")
-        self._tmp_new(d, name, S_IFDIR, mode & 0o1777, {})     # mkdir(2) drops setuid and setgid
+        # mkdir(2) drops setuid and setgid, and a setgid parent passes its setgid on
+        self._tmp_new(d, name, S_IFDIR, mode & 0o1777 | d.mode & 0o2000, {})
 
     def symlinkat(self, target, dirfd, path):
         if not target:
@@ -1269,18 +1270,24 @@ class FileSystem:
         if nn is None:                          # "." or "..": Linux's order of checks
             _fail(EEXIST if flags & RENAME_NOREPLACE else EBUSY)
         src = self._lookup(od, on)
-        if src.fmt != S_IFDIR and (oldpath.endswith(b"/") or newpath.endswith(b"/")):
-            _fail(ENOTDIR)
         if type(od) is not _Tmp or type(nd) is not _Tmp:
+            if src.fmt != S_IFDIR and (oldpath.endswith(b"/") or newpath.endswith(b"/")):
+                _fail(ENOTDIR)
             _fail(EXDEV if (type(od) is _Tmp) != (type(nd) is _Tmp) else EROFS, "only /tmp is writable")
         if nd.name is None and nd is not self._tmp_root:
             _fail(ENOENT, "the directory was removed")
+        # Linux's order: the flags against the new name, then trailing slashes on a non-directory
         dst = nd.data.get(nn)
+        if dst is not None and flags & RENAME_NOREPLACE:
+            _fail(EEXIST)
         if flags & RENAME_EXCHANGE:
             if dst is None:
                 _fail(ENOENT)
-        elif dst is not None and flags & RENAME_NOREPLACE:
-            _fail(EEXIST)
+            if dst.fmt != S_IFDIR and newpath.endswith(b"/"):
+                _fail(ENOTDIR)
+        if src.fmt != S_IFDIR and (oldpath.endswith(b"/") or
+                                   not flags & RENAME_EXCHANGE and newpath.endswith(b"/")):
+            _fail(ENOTDIR)
         if src is dst:
             return
         # one inside the other: src above the new place is EINVAL, dst above src ENOTEMPTY
