@@ -380,6 +380,8 @@ FS_OFFSETS = [0, 1, 5, 100, 5000, -1, -5]
 FS_OPS = ["open", "write", "read", "mkdir", "unlink", "rmdir", "rename", "symlink", "readlink",
           "stat", "lstat", "pread", "pwrite", "lseek", "ftruncate", "getdents", "fstat", "close",
           "dup", "chmod", "access"]
+# Sizes stay well under the sandbox's tmp_size (1 MiB here): its /tmp has a quota and is not
+# sparse (ENOSPC, documented), the host's tmpfs is neither.
 # Deliberate differences: (operation, the sandbox's errno, the host's errno, None for success or
 # "*" for any) -> (why, the arguments it applies to). Anything else that differs is a crash.
 FS_ALLOWED = {
@@ -491,6 +493,32 @@ def fs_listing_sandbox(fs, fd):
     return names - {b".", b".."}
 
 
+def fs_listing_host(fd):
+    """The names getdents64(2) itself gives (os.listdir goes through fdopendir, whose own checks
+    come first), from offset 0 on, as fs_listing_sandbox."""
+    import ctypes
+    libc = host_libc()
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        pass
+    buf = ctypes.create_string_buffer(4096)
+    names = set()
+    while True:
+        n = libc.syscall(217, fd, buf, 4096)
+        if n < 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        if n == 0:
+            break
+        raw, pos = buf.raw[:n], 0
+        while pos < n:
+            reclen, = struct.unpack_from("<H", raw, pos + 16)
+            names.add(raw[pos + 19:pos + reclen].split(b"\0")[0])
+            pos += reclen
+    os.lseek(fd, 0, os.SEEK_SET)
+    return names - {b".", b".."}
+
+
 def fs_step(fdp, pair):
     """One operation on both sides: (name, arguments, sandbox (value, errno), host (value, errno))."""
     fs = pair.fs
@@ -586,11 +614,10 @@ def fs_step(fdp, pair):
             s = h = (True, None)                # a directory's offsets are the file system's own cookies
         return op, (*args, off, whence), s, h
     if op == "ftruncate":
-        n = fdp.PickValueInList([0, 1, 10, 3000, -1, 2 << 20])
+        n = fdp.PickValueInList([0, 1, 10, 3000, -1, 100000])     # under tmp_size (see FS_ALLOWED)
         return op, (*args, n), fs_call(lambda: fs_nonnegative(n) or fs.ftruncate(sfd, n)), fs_call(lambda: os.ftruncate(hfd, n))
     if op == "getdents":
-        return op, args, fs_call(lambda: fs_listing_sandbox(fs, sfd)), \
-            fs_call(lambda: {os.fsencode(n) for n in os.listdir(hfd)})
+        return op, args, fs_call(lambda: fs_listing_sandbox(fs, sfd)), fs_call(lambda: fs_listing_host(hfd))
     if op == "fstat":
         return op, args, fs_call(lambda: fs_stat_sandbox(fs.fstat(sfd))), fs_call(lambda: fs_stat_host(os.fstat(hfd), os.fsencode(pair.root), hfd, b""))
     if op == "close":
@@ -610,26 +637,28 @@ def fs_step(fdp, pair):
 _libc = None
 
 
-def host_renameat2(olddirfd, old, newdirfd, new, flags):
+def host_libc():
     global _libc
-    if flags == 0:
-        return os.rename(old, new, src_dir_fd=olddirfd, dst_dir_fd=newdirfd)
     if _libc is None:
         import ctypes
         _libc = ctypes.CDLL(None, use_errno=True)
-    import ctypes
-    if _libc.renameat2(olddirfd, old, newdirfd, new, flags) < 0:
+        _libc.syscall.restype = ctypes.c_long
+    return _libc
+
+
+def host_check(rc):
+    if rc < 0:
+        import ctypes
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+def host_renameat2(olddirfd, old, newdirfd, new, flags):
+    host_check(host_libc().renameat2(olddirfd, old, newdirfd, new, flags))
 
 
 def host_faccessat(dirfd, path, mode):
     """faccessat(2) itself: os.access answers False instead of giving the errno."""
-    global _libc
-    import ctypes
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.faccessat(dirfd, path, mode, 0) < 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    host_check(host_libc().faccessat(dirfd, path, mode, 0))
 
 
 def fs_tree(pair):
