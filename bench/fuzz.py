@@ -17,14 +17,17 @@ untrusted sources:
             arguments (some pointing into a scratch buffer of fuzzer bytes), warm-started from
             a snapshot parked in its read of stdin for every input; each batch must end in
             results or a documented typed error, the sandbox must heal on the next restore and
-            host RSS must stay bounded.
+            host RSS and fds must stay bounded.
 
 Every input must end in a valid result or the documented exception: SnapshotError from a load
 (from a cold start any WhpfastError, or the OSError of a file the snapshot names), MessageError
-from a decoder. Anything else propagates and libFuzzer reports it as a crash, with the input.
+from a decoder, a GuestError from a batch of system calls (the SandboxError of a host-side
+failure is reported as the untyped exception behind it); fsdiff's answers must be the host
+kernel's. Anything else propagates and libFuzzer reports it as a crash, with the input.
 
     python bench/fuzz.py snapshot -max_total_time=300     # a long run (any libFuzzer flags)
     python bench/fuzz.py result -runs=3000 -seed=1        # tests/test_fuzz.py runs these, short
+    python bench/fuzz.py syscalls corpus/ -max_len=2048   # a corpus folder keeps what was learnt
 
 Run it with the installed package (pip install '.[test]'), from anywhere. It prints what the
 inputs ended in, as JSON on a line starting with "fuzz-outcomes:", every 2^k inputs and at the
@@ -861,10 +864,13 @@ class SysGuest:
             raise AssertionError(f"the sandbox no longer answers getpid: {result!r}")
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fds = len(os.listdir("/proc/self/fd"))
         if self.rss_base is None:
-            self.rss_base = rss
+            self.rss_base, self.fds_base = rss, fds
         elif rss > self.rss_base + SYS_RSS_MARGIN:
             raise AssertionError(f"host RSS grew from {self.rss_base >> 20} MiB to {rss >> 20} MiB")
+        elif fds > self.fds_base + 100:          # FileSystem caches 64 host fds at most
+            raise AssertionError(f"the host process holds {fds} fds, {self.fds_base} at first")
         outcomes["max RSS MiB"] = max(outcomes.get("max RSS MiB", 0), rss >> 20)
 
 
@@ -924,9 +930,10 @@ def fuzz_syscalls(data):
         outcomes["results" if done and result.waiting else
                  "exit" if result.exit_code is not None else "waiting mid-batch"] += 1
         planted("syscalls")
-        for (nr, _, _), (ret,) in zip(calls, struct.iter_unpack("<q", result.stdout[:len(result.stdout) // 8 * 8])):
-            if -4095 <= ret < 0:
-                outcomes[f"errno {errno.errorcode.get(-ret, -ret)}"] += 1
+        if len(result.stdout) == 8 * len(calls) + 4:    # else the guest also wrote to stdout itself
+            for (ret,) in struct.iter_unpack("<q", result.stdout[:-4]):
+                if -4095 <= ret < 0:
+                    outcomes[f"errno {errno.errorcode.get(-ret, -ret)}"] += 1
     g.inputs += 1
     if g.inputs % 64 == 1:
         g.check_health()
