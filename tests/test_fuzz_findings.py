@@ -121,3 +121,11 @@ def test_mkdir_in_a_setgid_directory_is_setgid(fs):
     fs.fchmodat(AT_FDCWD, b".", 0o2755)
     fs.mkdirat(AT_FDCWD, b"a", 0o755)
     assert mode(fs, b"a") == stat.S_IFDIR | 0o2755
+
+
+def test_listing_a_removed_directory_is_enoent(fs):
+    """getdents64 on an fd of a directory removed since: ENOENT from Linux, where the sandbox
+    listed it (empty)."""
+    fd = fs.openat(AT_FDCWD, b".", O_RDONLY | O_DIRECTORY)
+    fs.unlinkat(AT_FDCWD, b"/tmp/w", AT_REMOVEDIR)
+    assert err(fs.getdents64, fd, 4096) == E.ENOENT

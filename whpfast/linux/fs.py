@@ -944,6 +944,9 @@ class FileSystem:
             _fail(EBADF)
         if desc.node.fmt != S_IFDIR:
             _fail(ENOTDIR)
+        node = desc.node
+        if type(node) is _Tmp and node.name is None and node is not self._tmp_root:
+            _fail(ENOENT, "the directory was removed")      # as Linux lists a removed one
         listing = desc.listing
         if listing is None or (desc.offset == 0 and type(desc.node) in (_Tmp, _FdDir)):
             listing = desc.listing = self._listing(desc.node)
