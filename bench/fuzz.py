@@ -29,6 +29,18 @@ kernel's. Anything else propagates and libFuzzer reports it as a crash, with the
     python bench/fuzz.py result -runs=3000 -seed=1        # tests/test_fuzz.py runs these, short
     python bench/fuzz.py syscalls corpus/ -max_len=2048   # a corpus folder keeps what was learnt
 
+Long runs of the two syscall-layer targets (2026-12-08, KVM, 2 cores shared with other work,
+`-max_total_time=300`, no corpus):
+  fsdiff    226,003 sequences in 301 s (~750/s), clean, after three earlier 5-minute runs had
+            stopped at a new difference (after 180,730, 195,735 and 242,742 sequences; ~1,000-
+            1,100/s); with the shorter runs while it was written it found 11 differences from
+            Linux: 8 fixed in fs.py, 3 open as strict xfails (FS_KNOWN), all in
+            tests/test_fuzz_findings.py.
+  syscalls  362,687 batches of up to 8 calls in 301 s (~1,200/s), clean: no untyped exception,
+            no poisoned sandbox after a run that returned, host RSS 77 MiB at most. Batches
+            ended in results (~98%), a GuestFault (a call that broke the program, a signal it
+            sent itself), an exit, or a read of stdin waiting for more.
+
 Run it with the installed package (pip install '.[test]'), from anywhere. It prints what the
 inputs ended in, as JSON on a line starting with "fuzz-outcomes:", every 2^k inputs and at the
 end of a -runs=N run.
