@@ -1,8 +1,9 @@
 """Short, seeded runs of the coverage-guided fuzzer (bench/fuzz.py, atheris): the snapshot loader
-with checksums fixed up so mutations reach the parser, the call-result decoder and the host-call
-decoder. Every input must end in the documented exception or a valid result; the harness turns
-anything else into a libFuzzer crash, which fails the run (and the planted bug below shows it
-does). The long run is `python bench/fuzz.py <target> -max_total_time=300` (README "Fuzzing")."""
+with checksums fixed up so mutations reach the parser, the call-result decoder, the host-call
+decoder, the Linux file system against the host kernel (fsdiff) and random system calls from a
+real guest (syscalls). Every input must end in the documented exception or a valid result (and
+for fsdiff in the host kernel's answers); the harness turns anything else into a libFuzzer
+crash, which fails the run (and the planted bugs below show it does). The long run is `python bench/fuzz.py <target> -max_total_time=300` (README "Fuzzing")."""
 
 import json
 import os
@@ -63,9 +64,29 @@ def test_snapshot_loader(tmp_path):
     assert outcomes["load: ok"] > 0 and outcomes["cold start: ok"] > 0, outcomes
 
 
-def test_harness_reports_an_undocumented_exception(tmp_path):
-    proc, _ = fuzz("result", 200, tmp_path, plant="result")
+def test_file_system_against_the_host_kernel(tmp_path):
+    proc, outcomes = fuzz("fsdiff", 2000, tmp_path)
+    check(proc, outcomes, 2000)
+    assert outcomes["sequences"] == 2000        # each ended with the two /tmp trees the same
+    # the sequences get past the errors: files and links are made, looked at, changed
+    for op in ("open", "mkdir", "symlink", "lstat", "chmod", "access"):
+        assert outcomes.get(f"{op}: ok", 0) > 0, (op, outcomes)
+
+
+@pytest.mark.hypervisor
+def test_system_calls_from_a_guest(tmp_path):
+    proc, outcomes = fuzz("syscalls", 1000, tmp_path)
+    check(proc, outcomes, 1000)
+    assert outcomes["results"] > 900, outcomes
+    assert sum(1 for k in outcomes if k.startswith("errno ")) >= 4, outcomes
+    assert outcomes["max RSS MiB"] < 1024, outcomes
+
+
+@pytest.mark.parametrize("target", ["result", "fsdiff",
+                                    pytest.param("syscalls", marks=pytest.mark.hypervisor)])
+def test_harness_reports_an_undocumented_exception(tmp_path, target):
+    proc, _ = fuzz(target, 200, tmp_path, plant=target)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
-    assert "KeyError" in output and "planted bug in the result target" in output
+    assert "KeyError" in output and f"planted bug in the {target} target" in output
     assert list(tmp_path.glob("crash-*")), "libFuzzer keeps the input that crashed"

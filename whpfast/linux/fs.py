@@ -743,16 +743,19 @@ class FileSystem:
             return self._install(fd, node, O_PATH | (flags & O_CLOEXEC))
         if acc == O_ACCMODE:
             _fail(EINVAL)
-        if flags & O_TMPFILE == O_TMPFILE:
-            d = self._walk(dirfd, path)
+        if flags & O_TMPFILE & ~O_DIRECTORY:
+            # checked before the walk, as Linux does: with O_DIRECTORY, without O_CREAT, writable
+            if flags & (O_TMPFILE | O_CREAT) != O_TMPFILE or acc == O_RDONLY:
+                _fail(EINVAL)
+            d = self._walk(dirfd, path, follow=not flags & O_NOFOLLOW)
             if d.fmt != S_IFDIR:
                 _fail(ENOTDIR)
-            if acc == O_RDONLY:
-                _fail(EINVAL)
             if type(d) is not _Tmp:
                 _fail(EOPNOTSUPP, "O_TMPFILE works under /tmp only")
             node = self._tmp_new(d, None, S_IFREG, mode, bytearray())
             return self._install(fd, node, flags & ~O_TMPFILE)
+        if flags & (O_CREAT | O_DIRECTORY) == O_CREAT | O_DIRECTORY:
+            _fail(EINVAL)                       # as Linux since 6.4: it would create a file
         node = None
         if flags & O_CREAT:
             d, name = self._walk_parent(dirfd, path)
@@ -1056,6 +1059,9 @@ class FileSystem:
             _fail(EBADF)
         if desc.node.fmt != S_IFDIR:
             _fail(ENOTDIR)
+        node = desc.node
+        if type(node) is _Tmp and node.name is None and node is not self._tmp_root:
+            _fail(ENOENT, "the directory was removed")      # as Linux lists a removed one
         listing = desc.listing
         if listing is None or (desc.offset == 0 and type(desc.node) in (_Tmp, _FdDir)):
             listing = self._listing(desc.node)
@@ -1413,7 +1419,8 @@ class FileSystem:
             _fail(EEXIST)
         if type(d) is not _Tmp:
             _fail(EROFS, "only /tmp is writable")
-        self._tmp_new(d, name, S_IFDIR, mode, {})
+        # mkdir(2) drops setuid and setgid, and a setgid parent passes its setgid on
+        self._tmp_new(d, name, S_IFDIR, mode & 0o1777 | d.mode & 0o2000, {})
 
     def symlinkat(self, target, dirfd, path):
         if not target:
@@ -1487,21 +1494,29 @@ class FileSystem:
             _fail(EINVAL)
         od, on = self._walk_parent(olddirfd, oldpath)
         nd, nn = self._walk_parent(newdirfd, newpath)
-        if on is None or nn is None:
+        if on is None:
             _fail(EBUSY)
+        if nn is None:                          # "." or "..": Linux's order of checks
+            _fail(EEXIST if flags & RENAME_NOREPLACE else EBUSY)
         src = self._lookup(od, on)
-        if src.fmt != S_IFDIR and (oldpath.endswith(b"/") or newpath.endswith(b"/")):
-            _fail(ENOTDIR)
         if type(od) is not _Tmp or type(nd) is not _Tmp:
+            if src.fmt != S_IFDIR and (oldpath.endswith(b"/") or newpath.endswith(b"/")):
+                _fail(ENOTDIR)
             _fail(EXDEV if (type(od) is _Tmp) != (type(nd) is _Tmp) else EROFS, "only /tmp is writable")
         if nd.name is None and nd is not self._tmp_root:
             _fail(ENOENT, "the directory was removed")
+        # Linux's order: the flags against the new name, then trailing slashes on a non-directory
         dst = nd.data.get(nn)
+        if dst is not None and flags & RENAME_NOREPLACE:
+            _fail(EEXIST)
         if flags & RENAME_EXCHANGE:
             if dst is None:
                 _fail(ENOENT)
-        elif dst is not None and flags & RENAME_NOREPLACE:
-            _fail(EEXIST)
+            if dst.fmt != S_IFDIR and newpath.endswith(b"/"):
+                _fail(ENOTDIR)
+        if src.fmt != S_IFDIR and (oldpath.endswith(b"/") or
+                                   not flags & RENAME_EXCHANGE and newpath.endswith(b"/")):
+            _fail(ENOTDIR)
         if src is dst:
             return
         # one inside the other: src above the new place is EINVAL, dst above src ENOTEMPTY
