@@ -13,7 +13,9 @@ from whpfast.errors import SnapshotError, WhpfastError
 from whpfast.linux import errno as E
 from whpfast.linux.errno import LinuxError, from_oserror
 from whpfast.linux.fs import (AT_EMPTY_PATH, AT_FDCWD, AT_REMOVEDIR, AT_SYMLINK_NOFOLLOW,
-                              F_DUPFD_CLOEXEC, F_GETFD, F_GETFL, F_SETFD, F_SETFL, FileSystem,
+                              F_DUPFD_CLOEXEC, F_GETFD, F_GETFL, F_GETLK, F_OFD_GETLK, F_OFD_SETLK,
+                              F_RDLCK, F_SETFD, F_SETFL, F_SETLK, F_WRLCK, LOCK_EX, LOCK_NB, LOCK_SH,
+                              MAX_LOCKS, FileSystem,
                               O_APPEND, O_CLOEXEC, O_CREAT, O_DIRECTORY, O_EXCL, O_NOFOLLOW,
                               O_NONBLOCK, O_PATH, O_RDONLY, O_RDWR, O_TMPFILE, O_TRUNC, O_WRONLY,
                               RENAME_EXCHANGE, RENAME_NOREPLACE, ReadPolicyError)
@@ -694,6 +696,73 @@ def test_decode_rejects_garbage(fs):
             pass
 
 
+def test_locks_are_captured_reset_and_decoded_exactly(fs, tree):
+    """Record locks and flock locks are file-system state: a reset puts back exactly the
+    snapshot's (taken since: gone; released since: back), also through encode/decode into a fresh
+    FileSystem; a decoded lock is taken as a request would be (conflicts, access mode, bound)."""
+    a = fs.openat(AT_FDCWD, b"/tmp/db", O_CREAT | O_RDWR, 0o644)
+    b = fs.openat(AT_FDCWD, b"/tmp/db", O_RDWR, 0)
+    host = fs.openat(AT_FDCWD, b"a.txt", O_RDONLY, 0)
+    fs.record_lock(a, F_SETLK, F_WRLCK, 0, 0, 10, 0)
+    fs.record_lock(b, F_OFD_SETLK, F_RDLCK, 0, 20, 0, 0)
+    fs.record_lock(host, F_SETLK, F_RDLCK, 0, 0, 0, 0)          # a read lock on a read root's file
+    assert err(fs.record_lock, host, F_SETLK, F_WRLCK, 0, 0, 0, 0) == E.EBADF
+    fs.flock(a, LOCK_EX)
+    probe = fs.openat(AT_FDCWD, b"/tmp/db", O_RDWR, 0)
+
+    def seen():
+        return (fs.record_lock(probe, F_OFD_GETLK, F_WRLCK, 0, 0, 0, 0),
+                fs.record_lock(probe, F_OFD_GETLK, F_WRLCK, 0, 15, 0, 0),
+                fs.record_lock(a, F_GETLK, F_WRLCK, 0, 25, 1, 0))
+
+    before = seen()
+    assert before == ((F_WRLCK, 0, 9, True), (F_RDLCK, 20, (1 << 63) - 1, False),
+                      (F_RDLCK, 20, (1 << 63) - 1, False))
+    assert err(fs.flock, probe, LOCK_SH | LOCK_NB) == E.EAGAIN
+    state = fs.capture()
+    fs.close(b)                                         # all of them go: b's last fd, a POSIX close
+    fs.flock(a, 8)
+    fs.record_lock(probe, F_OFD_SETLK, F_WRLCK, 0, 0, 0, 0)
+    assert seen() == (None, None, (F_WRLCK, 0, (1 << 63) - 1, False))   # probe's own only
+    fs.reset(state)
+    assert seen() == before and err(fs.flock, probe, LOCK_SH | LOCK_NB) == E.EAGAIN
+    fresh = FileSystem({"/data": tree / "data", "/other": tree / "other"}, tmp_size=1 << 20,
+                       exe="/data/run.sh", proc_maps=lambda: b"00400000-00401000 r-xp\n")
+    back = FileSystem.decode(fs.encode(state))
+    assert back == state and len(back.locks) == 4
+    fresh.reset(back)
+    fs = fresh
+    assert seen() == before and err(fs.flock, probe, LOCK_SH | LOCK_NB) == E.EAGAIN
+    # hostile lock records: decode or reset refuses them
+    fields = tuple(back)
+    idx = {fd: i for fd, i, _ in back.fds}
+    for locks in (((0, idx[a], 1, 5, 4),), ((3, idx[a], 1, 0, 0),), ((0, idx[a], 2, 0, 0),),
+                  ((0, 99, 1, 0, 0),), ((2, idx[a], 1, 3, 9),), ((0, idx[a], 1, -1, 0),),
+                  ((0, idx[a], 1, 0, 0),) * (MAX_LOCKS + 1), ((True, idx[a], 1, 0, 0),)):
+        with pytest.raises(ValueError):
+            FileSystem.decode(_craft(fields[:6] + (locks,)))
+    for locks, why in ((((1, idx[a], 1, 0, 0), (1, idx[b], 1, 0, 0)), "cannot be held"),
+                       (((0, idx[host], 1, 0, 0),), "access mode")):
+        with pytest.raises(SnapshotError, match=why):
+            FileSystem({"/data": tree / "data", "/other": tree / "other"}, tmp_size=1 << 20,
+                       exe="/data/run.sh").reset(FileSystem.decode(_craft(fields[:6] + (locks,))))
+    # a state written before locks existed has none
+    assert FileSystem.decode(_craft(fields[:6])).locks == ()
+
+
+def test_lock_count_is_bounded(fs):
+    a = fs.openat(AT_FDCWD, b"/tmp/f", O_CREAT | O_RDWR, 0o644)
+    for i in range(MAX_LOCKS):
+        fs.record_lock(a, F_SETLK, F_RDLCK, 0, 2 * i, 1, 0)
+    assert err(fs.record_lock, a, F_SETLK, F_RDLCK, 0, 2 * MAX_LOCKS, 1, 0) == E.ENOLCK
+    assert err(fs.flock, a, LOCK_SH) == E.ENOLCK
+    fs.record_lock(a, F_SETLK, F_RDLCK, 0, 1, 1, 0)          # merges three into one: fine
+    fs.flock(a, LOCK_SH)
+    fs.close(a)
+    b = fs.openat(AT_FDCWD, b"/tmp/f", O_RDWR, 0)
+    fs.record_lock(b, F_SETLK, F_WRLCK, 0, 0, 1, 0)            # all released with the close
+
+
 def _craft(fields):
     from whpfast.linux._fsstate import _MAGIC, _dump
     out = [_MAGIC]
@@ -703,7 +772,7 @@ def _craft(fields):
 
 def test_decode_rejects_hostile_states(fs):
     good = tuple(fs.capture())
-    fds, descs, cwd, umask, tmp, ino = good
+    fds, descs, cwd, umask, tmp, ino, _ = good
     root = tmp[0]
     child = (99, stat.S_IFREG, 0o644, 0, 0, 0, b"f", b"x")
     cases = {

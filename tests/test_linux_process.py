@@ -511,3 +511,20 @@ def test_a_program_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind)
         os.mkfifo(path)
     with pytest.raises(GuestLoadError, match="not a regular file|Is a directory"):
         run([path])
+
+
+def test_record_locks_and_flock_match_linux(tmp_path):
+    """POSIX and OFD record locks and flock, conflicts between descriptions of one file, closes
+    that release them: the same lines as the program run natively on this host. Past that, what
+    Linux would answer by waiting forever (the holder is this same, single-threaded process) is
+    EDEADLK here, and locks are bounded (ENOLCK)."""
+    program = build_c(tmp_path / "locks", "locks.c", "-static")
+    native = subprocess.run([program, str(tmp_path / "file")], capture_output=True, text=True, check=True)
+    r = run([program, "/tmp/file"])
+    assert r.exit_code == 0 and r.stdout.decode() == native.stdout
+    assert "flock ex, b's dropped=0" in native.stdout       # the program reached its end
+    r = run([program, "/tmp/file", "sandbox"])
+    extra = r.stdout.decode()[len(native.stdout):].splitlines()
+    assert extra == ["posix unlock=0", "ofd rd=0", "setlkw=-1 errno 35", "setlkw free=0",
+                     "ofd setlkw=-1 errno 35", "flock blocking=-1 errno 35",
+                     "locks until errno 37: 4094", "posix unlock all=0", "posix after=0"]

@@ -187,6 +187,42 @@ def test_reading_stdin_gets_nothing(sb):
     assert sb.run("import sys\nprint(repr(sys.stdin.read()))").stdout == "''\n"
 
 
+SQLITE = """
+import sqlite3, os
+c = sqlite3.connect('/tmp/a.db')
+c.execute('create table t(x)')
+c.executemany('insert into t values (?)', [(i,) for i in range(100)])
+c.commit()
+print(c.execute('select count(*), sum(x) from t').fetchone(), c.execute('pragma journal_mode').fetchone())
+c.execute('begin immediate')
+other = sqlite3.connect('/tmp/a.db', timeout=0)
+try:
+    other.execute('insert into t values (1)')
+except sqlite3.OperationalError as e:
+    print('second connection:', e)
+c.rollback()
+"""
+
+
+def test_sqlite_on_tmp_with_its_file_locks(sb):
+    """SQLite's rollback journal works on /tmp, and its POSIX locks keep a second connection out
+    while the first writes. WAL needs a writable shared mapping of the -shm file, which the
+    sandbox does not have: the switch is accepted, the next write fails visibly (disk I/O
+    error); with locking_mode=EXCLUSIVE (no -shm) WAL works."""
+    r = sb.run(SQLITE)
+    assert r.error is None
+    assert r.stdout == "(100, 4950) ('delete',)\nsecond connection: database is locked\n"
+    r = sb.run("import sqlite3\nc = sqlite3.connect('/tmp/w.db')\n"
+               "print(c.execute('pragma journal_mode=wal').fetchone())\n"
+               "c.execute('create table t(x)')")
+    assert "OperationalError: disk I/O error" in r.error
+    r = sb.run("import sqlite3\nc = sqlite3.connect('/tmp/x.db')\nc.execute('pragma locking_mode=exclusive')\n"
+               "print(c.execute('pragma journal_mode=wal').fetchone())\n"
+               "c.execute('create table t(x)'); c.execute('insert into t values (7)'); c.commit()\n"
+               "print(c.execute('select * from t').fetchall())")
+    assert (r.stdout, r.error) == ("('wal',)\n[(7,)]\n", None)
+
+
 def test_os_exit_is_reported_and_the_next_run_works(sb):
     r = sb.run("import os\nprint('bye', flush=True)\nos._exit(4)")
     assert "exited with status 4" in r.error

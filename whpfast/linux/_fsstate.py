@@ -9,6 +9,8 @@ from stat import S_IFDIR, S_IFLNK, S_IFREG
 PATH_MAX, NAME_MAX = 4096, 255
 MAX_FILE = (1 << 63) - 1
 O_ACCMODE, O_RDONLY, O_PATH = 3, 0, 0o10000000
+LOCK_POSIX, LOCK_OFD, LOCK_FLOCK = 0, 1, 2
+MAX_LOCKS = 4096            # fs.MAX_LOCKS: locks held at once in a sandbox
 # The synthesized regular files (fs.FileSystem._build_synthetic): a description of one holds its
 # contents as of the open, and only such a description holds contents.
 SYNTHESIZED_FILES = frozenset((b"/proc/self/maps", b"/proc/self/status",
@@ -24,6 +26,9 @@ class FsState(NamedTuple):
     tmp: tuple          # ((ino, fmt, mode, mtime, ctime, parent index or -1, name, payload), ...):
                         # the root first, every parent before its children (so no cycles)
     next_ino: int
+    locks: tuple = ()   # ((kind, description index, type, first, last), ...): kind LOCK_POSIX,
+                        # LOCK_OFD (owned by the description) or LOCK_FLOCK (first = last = 0);
+                        # type F_RDLCK 0 or F_WRLCK 1; the range inclusive, last MAX_FILE: to EOF
 
 
 def encode(state):
@@ -123,9 +128,10 @@ def _validate(obj):
     def bad(why):
         raise ValueError(f"file-system state: {why}")
 
-    if type(obj) is not tuple or len(obj) != 6:
+    if type(obj) is not tuple or len(obj) not in (6, 7):     # 6: written before locks
         bad("not a state record")
-    fds, descs, cwd, umask, tmp, next_ino = obj
+    fds, descs, cwd, umask, tmp, next_ino = obj[:6]
+    locks = obj[6] if len(obj) == 7 else ()
     if type(tmp) is not tuple or not tmp:
         bad("no /tmp tree")
     inos, names = set(), set()
@@ -205,4 +211,16 @@ def _validate(obj):
         bad("cwd is not a directory")
     if not _is_int(umask, 0, 0o777) or not _is_int(next_ino, 0, 1 << 62):
         bad("bad umask or inode counter")
-    return FsState(fds, descs, cwd, umask, tmp, next_ino)
+    # Each lock's owner is a description an fd holds; fs.FileSystem.reset takes them one by one
+    # as requests (access mode, conflicts), so here only their form and number.
+    if type(locks) is not tuple or len(locks) > MAX_LOCKS:
+        bad("locks malformed or too many")
+    in_table = {entry[1] for entry in fds}
+    for entry in locks:
+        if (type(entry) is not tuple or len(entry) != 5 or entry[0] not in (LOCK_POSIX, LOCK_OFD, LOCK_FLOCK)
+                or type(entry[0]) is not int or not _is_int(entry[1], 0, len(descs) - 1)
+                or entry[1] not in in_table or not _is_int(entry[2], 0, 1)
+                or not _is_int(entry[3], 0, MAX_FILE) or not _is_int(entry[4], entry[3], MAX_FILE)
+                or (entry[0] == LOCK_FLOCK and entry[3:] != (0, 0))):
+            bad(f"lock {entry!r} is bad"[:200])
+    return FsState(fds, descs, cwd, umask, tmp, next_ino, locks)

@@ -12,6 +12,7 @@ import struct
 import time
 
 from .errno import LinuxError
+from ._fsstate import MAX_FILE
 from ._sysnames import NAMES, NUMBERS
 from .mm import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, PURE_PYTHON
 
@@ -229,9 +230,32 @@ def sys_dup3(p, old, new, flags, *_):
     return p.fs.dup3(s32(old), s32(new), s32(flags))
 
 
+_LOCK_CMDS = (5, 6, 7, 36, 37, 38)     # F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, ..._SETLK, ..._SETLKW
+_GETLK_CMDS = (5, 36)
+_FLOCK = struct.Struct("<hh4xqqi4x")    # struct flock: type, whence, start, len, pid
+
+
 @syscall("fcntl")
 def sys_fcntl(p, fd, cmd, arg, *_):
-    return p.fs.fcntl(s32(fd), s32(cmd), arg)
+    cmd = s32(cmd)
+    if cmd not in _LOCK_CMDS:
+        return p.fs.fcntl(s32(fd), cmd, arg)
+    p.mm.check(arg, _FLOCK.size, write=cmd in _GETLK_CMDS)
+    typ, whence, start, length, pid = _FLOCK.unpack(p.mm.read(arg, _FLOCK.size))
+    found = p.fs.record_lock(s32(fd), cmd, typ, whence, start, length, pid)
+    if cmd in _GETLK_CMDS:
+        if found is None:
+            p.mm.write(arg, struct.pack("<h", 2))                       # F_UNLCK, rest unchanged
+        else:
+            typ, first, last, posix = found
+            length = 0 if last == MAX_FILE else last - first + 1
+            p.mm.write(arg, _FLOCK.pack(typ, 0, first, length, PID if posix else -1))
+    return 0
+
+
+@syscall("flock")
+def sys_flock(p, fd, op, *_):
+    return p.fs.flock(s32(fd), s32(op))
 
 
 @syscall("lseek")
@@ -384,7 +408,7 @@ def sys_poll(p, fds, nfds, timeout, *_):
     return ready
 
 
-@syscall("fadvise64", "fsync", "fdatasync", "flock", "sync", "syncfs")
+@syscall("fadvise64", "fsync", "fdatasync", "sync", "syncfs")
 def sys_nothing(p, *_):
     return 0
 
