@@ -750,6 +750,15 @@ def test_locks_are_captured_reset_and_decoded_exactly(fs, tree):
     assert FileSystem.decode(_craft(fields[:6])).locks == ()
 
 
+def test_statfs_magic_per_file_system(fs):
+    magic = {path: struct.unpack_from("<q", fs.statfs(path))[0]
+             for path in (b"/tmp", b"/proc/self", b"/sys", b"/dev/null", b"/data", b"/")}
+    assert magic == {b"/tmp": 0x01021994, b"/proc/self": 0x9FA0, b"/sys": 0x62656572,
+                     b"/dev/null": 0x01021994, b"/data": 0x794C7630, b"/": 0x794C7630}
+    assert len(fs.fstatfs(1)) == 120 and err(fs.statfs, b"/nope") == E.ENOENT
+    assert err(fs.fstatfs, 77) == E.EBADF
+
+
 def test_lock_count_is_bounded(fs):
     a = fs.openat(AT_FDCWD, b"/tmp/f", O_CREAT | O_RDWR, 0o644)
     for i in range(MAX_LOCKS):

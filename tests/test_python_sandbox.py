@@ -223,6 +223,21 @@ def test_sqlite_on_tmp_with_its_file_locks(sb):
     assert (r.stdout, r.error) == ("('wal',)\n[(7,)]\n", None)
 
 
+def test_statvfs_answers_tmp_from_its_quota_and_read_roots_as_read_only(sb):
+    from whpfast.linux.grant import DEFAULT_TMP_SIZE
+    code = ("import os\na = os.statvfs('/tmp')\nopen('/tmp/big', 'wb').write(b'x' * (1 << 20))\n"
+            "b = os.statvfs('/tmp')\nfd = os.open('/tmp/big', os.O_RDONLY)\n"
+            "print([a.f_bsize, a.f_frsize, a.f_blocks, a.f_bfree - b.f_bfree, a.f_bavail - b.f_bavail,"
+            " a.f_files, a.f_ffree > b.f_ffree, a.f_flag, a.f_namemax, os.fstatvfs(fd) == b])\n"
+            "u = os.statvfs(os.__file__)\nprint([u.f_flag, u.f_blocks, u.f_bfree, u.f_namemax])")
+    r = sb.run(code)
+    assert r.error is None
+    tmp, lib = (eval(line) for line in r.stdout.splitlines())
+    assert tmp == [4096, 4096, DEFAULT_TMP_SIZE // 4096, 256, 256, DEFAULT_TMP_SIZE // 256, True,
+                   os.ST_NOSUID | os.ST_NODEV, 255, True]
+    assert lib == [os.ST_RDONLY | os.ST_NOSUID | os.ST_NODEV, 0, 0, 255]
+
+
 def test_os_exit_is_reported_and_the_next_run_works(sb):
     r = sb.run("import os\nprint('bye', flush=True)\nos._exit(4)")
     assert "exited with status 4" in r.error

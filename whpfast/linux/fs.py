@@ -82,6 +82,11 @@ SEEK_SET, SEEK_CUR, SEEK_END, SEEK_DATA, SEEK_HOLE = 0, 1, 2, 3, 4
 
 S_IFMT, S_IFDIR, S_IFREG, S_IFLNK = 0o170000, 0o040000, 0o100000, 0o120000
 S_IFCHR, S_IFIFO = 0o020000, 0o010000
+_STATFS = struct.Struct("<qqQQQQQiiqqq32x")     # struct statfs: type, bsize, blocks, bfree,
+_STATFS_BLOCK = 4096                            # bavail, files, ffree, fsid, namelen, frsize, flags
+TMPFS_MAGIC, PROC_SUPER_MAGIC, SYSFS_MAGIC = 0x01021994, 0x9FA0, 0x62656572
+PIPEFS_MAGIC, OVERLAYFS_MAGIC = 0x50495045, 0x794C7630
+ST_RDONLY, ST_NOSUID, ST_NODEV, ST_VALID = 1, 2, 4, 0x20
 _DT = {S_IFDIR: 4, S_IFREG: 8, S_IFLNK: 10, S_IFCHR: 2, S_IFIFO: 1, 0o140000: 12, 0o060000: 6}
 
 MAXSYMLINKS = 40
@@ -1498,6 +1503,35 @@ class FileSystem:
         node = self._walk(dirfd, path, follow=not flags & AT_SYMLINK_NOFOLLOW,
                           empty=bool(flags & AT_EMPTY_PATH))
         return self._stat_bytes(node)
+
+    def statfs(self, path):
+        """struct statfs (x86-64, 120 bytes) of the file system holding path (followed)."""
+        return self._statfs_bytes(self._walk(AT_FDCWD, path))
+
+    def fstatfs(self, fd):
+        return self._statfs_bytes(self._desc(fd).node)
+
+    def _statfs_bytes(self, node):
+        # /tmp answers from its quota (inodes at the bytes each costs); the rest is read-only and
+        # has no space to give: read roots show no host numbers (the host's disk is not the
+        # guest's business), with overlayfs' magic for a view layered over host directories.
+        t = type(node)
+        blocks = free = files = ffree = 0
+        flags = ST_VALID | ST_NOSUID | ST_NODEV
+        if t is _Tmp:
+            magic = TMPFS_MAGIC
+            room = max(0, self._tmp_size - self._tmp_used)
+            blocks, free = self._tmp_size // _STATFS_BLOCK, room // _STATFS_BLOCK
+            files, ffree = self._tmp_size // _INODE_COST, room // _INODE_COST
+        elif t is _Console:
+            magic = PIPEFS_MAGIC
+        else:
+            top = (node.path or b"/").split(b"/")[1:2]
+            magic = {b"proc": PROC_SUPER_MAGIC, b"sys": SYSFS_MAGIC, b"dev": TMPFS_MAGIC}.get(
+                top[0] if top and t is not _HostNode else b"", OVERLAYFS_MAGIC)
+            flags |= ST_RDONLY
+        return _STATFS.pack(magic, _STATFS_BLOCK, blocks, free, free, files, ffree, 0, 0, NAME_MAX,
+                            _STATFS_BLOCK, flags)
 
     def statx(self, dirfd, path, flags, mask):
         """struct statx (256 bytes); every basic field is filled whatever `mask` asks."""

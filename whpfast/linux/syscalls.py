@@ -270,6 +270,20 @@ def sys_fstat(p, fd, buf, *_):
     return 0
 
 
+@syscall("statfs")
+def sys_statfs(p, path, buf, *_):
+    p.mm.check(buf, 120, write=True)
+    p.mm.write(buf, p.fs.statfs(_path(p, path)))
+    return 0
+
+
+@syscall("fstatfs")
+def sys_fstatfs(p, fd, buf, *_):
+    p.mm.check(buf, 120, write=True)
+    p.mm.write(buf, p.fs.fstatfs(s32(fd)))
+    return 0
+
+
 @syscall("newfstatat")
 def sys_newfstatat(p, dirfd, path, buf, flags, *_):
     p.mm.check(buf, 144, write=True)
