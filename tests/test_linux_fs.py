@@ -18,7 +18,8 @@ from whpfast.linux.fs import (AT_EMPTY_PATH, AT_FDCWD, AT_REMOVEDIR, AT_SYMLINK_
                               MAX_LOCKS, FileSystem,
                               O_APPEND, O_CLOEXEC, O_CREAT, O_DIRECTORY, O_EXCL, O_NOFOLLOW,
                               O_NONBLOCK, O_PATH, O_RDONLY, O_RDWR, O_TMPFILE, O_TRUNC, O_WRONLY,
-                              RENAME_EXCHANGE, RENAME_NOREPLACE, ReadPolicyError)
+                              RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT,
+                              ReadPolicyError)
 
 STAT = struct.Struct("<QQQIIIiQqqqqqqqqq24x")
 
@@ -757,6 +758,38 @@ def test_statfs_magic_per_file_system(fs):
                      b"/dev/null": 0x01021994, b"/data": 0x794C7630, b"/": 0x794C7630}
     assert len(fs.fstatfs(1)) == 120 and err(fs.statfs, b"/nope") == E.ENOENT
     assert err(fs.fstatfs, 77) == E.EBADF
+
+
+def test_utimensat_sets_tmp_times_and_snapshots_keep_them(fs, tree):
+    fd = fs.openat(AT_FDCWD, b"/tmp/f", O_CREAT | O_RDWR, 0o644)
+    times = lambda: (lambda s: (s["atime"], s["mtime"]))(statx_times(fs.fstat(fd)))
+    fs.utimensat(AT_FDCWD, b"/tmp/f", 1_500_000_000, 2_000_000_001, 0)
+    assert times() == (1_500_000_000, 2_000_000_001)
+    fs.utimensat(fd, None, UTIME_OMIT, 7, 0)                        # futimens
+    assert times() == (1_500_000_000, 7)
+    fs.utimensat(AT_FDCWD, b"/tmp/f", UTIME_NOW, UTIME_OMIT, 0)
+    assert times()[0] > 10**18 and times()[1] == 7
+    fs.write(fd, b"x")                                              # a write: mtime only
+    at = times()[0]
+    fs.utimensat(AT_FDCWD, b"/tmp/f", 11, 12, 0)
+    state = fs.capture()
+    fs.utimensat(AT_FDCWD, b"/tmp/f", 13, 14, 0)
+    fs.reset(state)
+    assert times() == (11, 12) and at > 10**18
+    back = FileSystem.decode(fs.encode(state))
+    fresh = FileSystem({"/data": tree / "data", "/other": tree / "other"}, tmp_size=1 << 20,
+                       exe="/data/run.sh", proc_maps=lambda: b"00400000-00401000 r-xp\n")
+    fresh.reset(back)
+    assert statx_times(fresh.fstat(fd))["atime"] == 11
+    assert err(fs.utimensat, AT_FDCWD, b"/data/a.txt", UTIME_NOW, UTIME_NOW, 0) == E.EROFS
+    assert fs.utimensat(AT_FDCWD, b"/data/a.txt", UTIME_OMIT, UTIME_OMIT, 0) == 0
+    assert err(fs.utimensat, fd, None, 1, 1, AT_SYMLINK_NOFOLLOW) == E.EINVAL
+    assert err(fs.utimensat, AT_FDCWD, b"/tmp/nope", 1, 1, 0) == E.ENOENT
+
+
+def statx_times(raw):
+    f = STAT.unpack(raw)
+    return {"atime": f[11] * 10**9 + f[12], "mtime": f[13] * 10**9 + f[14]}
 
 
 def test_lock_count_is_bounded(fs):

@@ -528,3 +528,47 @@ def test_record_locks_and_flock_match_linux(tmp_path):
     assert extra == ["posix unlock=0", "ofd rd=0", "setlkw=-1 errno 35", "setlkw free=0",
                      "ofd setlkw=-1 errno 35", "flock blocking=-1 errno 35",
                      "locks until errno 37: 4094", "posix unlock all=0", "posix after=0"]
+
+
+UTIMES_C = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <unistd.h>
+#include <utime.h>
+#include <errno.h>
+static void show(const char *what, int r) {
+    struct stat s; stat("/tmp/t", &s);
+    printf("%s=%d %ld.%09ld %ld.%09ld\n", what, r < 0 ? -errno : r, (long)s.st_atim.tv_sec,
+           s.st_atim.tv_nsec, (long)s.st_mtim.tv_sec, s.st_mtim.tv_nsec);
+}
+int main(void) {
+    close(open("/tmp/t", O_CREAT | O_WRONLY, 0644));
+    struct utimbuf u = {10, 20};
+    show("utime", utime("/tmp/t", &u));
+    struct timeval tv[2] = {{30, 1}, {40, 2}};
+    show("utimes", utimes("/tmp/t", tv));
+    show("futimesat", futimesat(AT_FDCWD, "/tmp/t", tv));
+    struct timespec ts[2] = {{50, 5}, {0, UTIME_OMIT}};
+    show("omit mtime", utimensat(AT_FDCWD, "/tmp/t", ts, 0));
+    struct timespec bad[2] = {{50, 1000000000}, {0, 0}};
+    show("bad nsec", utimensat(AT_FDCWD, "/tmp/t", bad, 0));
+    int fd = open("/tmp/t", O_RDONLY);
+    struct timespec ts2[2] = {{0, UTIME_OMIT}, {60, 6}};
+    show("futimens", futimens(fd, ts2));
+    printf("erofs=%d\n", utime("/", &u) < 0 ? -errno : 0);
+    return 0;
+}
+"""
+
+
+def test_utime_family_sets_tmp_times(tmp_path):
+    program = build_c(tmp_path / "utimes", UTIMES_C, "-static")
+    r = run([program])
+    assert r.stdout.decode().splitlines() == [
+        "utime=0 10.000000000 20.000000000", "utimes=0 30.000001000 40.000002000",
+        "futimesat=0 30.000001000 40.000002000", "omit mtime=0 50.000000005 40.000002000",
+        "bad nsec=-22 50.000000005 40.000002000", "futimens=0 50.000000005 60.000000006",
+        "erofs=-30"]

@@ -238,6 +238,17 @@ def test_statvfs_answers_tmp_from_its_quota_and_read_roots_as_read_only(sb):
     assert lib == [os.ST_RDONLY | os.ST_NOSUID | os.ST_NODEV, 0, 0, 255]
 
 
+def test_os_utime_sets_what_stat_shows_on_tmp_and_is_erofs_elsewhere(sb):
+    code = ("import os, time\nopen('/tmp/u', 'w').close()\n"
+            "os.utime('/tmp/u', ns=(1_000_000_123, 2_000_000_456))\ns = os.stat('/tmp/u')\n"
+            "print(s.st_atime_ns, s.st_mtime_ns)\nfd = os.open('/tmp/u', os.O_RDONLY)\n"
+            "os.utime(fd, (5, 6))\nprint(os.fstat(fd).st_atime, os.fstat(fd).st_mtime)\n"
+            "os.utime('/tmp/u')\nprint(abs(os.stat('/tmp/u').st_mtime - time.time()) < 60)\n"
+            "try:\n    os.utime(os.__file__)\nexcept OSError as e:\n    print(e.errno)")
+    r = sb.run(code)
+    assert (r.stdout, r.error) == ("1000000123 2000000456\n5.0 6.0\nTrue\n30\n", None)
+
+
 def test_os_exit_is_reported_and_the_next_run_works(sb):
     r = sb.run("import os\nprint('bye', flush=True)\nos._exit(4)")
     assert "exited with status 4" in r.error

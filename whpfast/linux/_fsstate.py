@@ -23,8 +23,8 @@ class FsState(NamedTuple):
     descs: tuple        # ((ref, flags, offset, synthesized contents or None), ...)
     cwd: tuple          # a ref: ("p", canonical path) | ("t", /tmp index) | ("c", console) | ("f", fd)
     umask: int
-    tmp: tuple          # ((ino, fmt, mode, mtime, ctime, parent index or -1, name, payload), ...):
-                        # the root first, every parent before its children (so no cycles)
+    tmp: tuple          # ((ino, fmt, mode, mtime, ctime, parent index or -1, name, payload, atime),
+                        # ...): the root first, every parent before its children (so no cycles)
     next_ino: int
     locks: tuple = ()   # ((kind, description index, type, first, last), ...): kind LOCK_POSIX,
                         # LOCK_OFD (owned by the description) or LOCK_FLOCK (first = last = 0);
@@ -134,13 +134,17 @@ def _validate(obj):
     locks = obj[6] if len(obj) == 7 else ()
     if type(tmp) is not tuple or not tmp:
         bad("no /tmp tree")
-    inos, names = set(), set()
+    inos, names, entries = set(), set(), []
     for i, entry in enumerate(tmp):
-        if type(entry) is not tuple or len(entry) != 8:
+        if type(entry) is not tuple or len(entry) not in (8, 9):
             bad(f"/tmp entry {i} malformed")
-        ino, fmt, mode, mtime, ctime, parent, name, payload = entry
+        if len(entry) == 8:                     # written before atime was kept: atime = mtime
+            entry += (entry[3],)
+        entries.append(entry)
+        ino, fmt, mode, mtime, ctime, parent, name, payload, atime = entry
         if not (_is_int(ino, 1, MAX_FILE) and fmt in (S_IFDIR, S_IFREG, S_IFLNK)
                 and _is_int(mode, 0, 0o7777) and _is_int(mtime, -MAX_FILE - 1, MAX_FILE)
+                and _is_int(atime, -MAX_FILE - 1, MAX_FILE)
                 and _is_int(ctime, -MAX_FILE - 1, MAX_FILE) and _is_int(parent, -1, i - 1)):
             bad(f"/tmp entry {i} has a bad field")
         if ino in inos:
@@ -160,6 +164,7 @@ def _validate(obj):
             names.add((parent, name))
         elif not (name == b"" if i == 0 else _valid_path(name)):
             bad(f"/tmp entry {i} (unlinked) has a bad former path")
+    tmp = tuple(entries)
 
     def ref(r, what):
         if type(r) is not tuple or len(r) != 2:

@@ -87,6 +87,7 @@ _STATFS_BLOCK = 4096                            # bavail, files, ffree, fsid, na
 TMPFS_MAGIC, PROC_SUPER_MAGIC, SYSFS_MAGIC = 0x01021994, 0x9FA0, 0x62656572
 PIPEFS_MAGIC, OVERLAYFS_MAGIC = 0x50495045, 0x794C7630
 ST_RDONLY, ST_NOSUID, ST_NODEV, ST_VALID = 1, 2, 4, 0x20
+UTIME_NOW, UTIME_OMIT = "now", "omit"     # utimensat's times besides ns
 _DT = {S_IFDIR: 4, S_IFREG: 8, S_IFLNK: 10, S_IFCHR: 2, S_IFIFO: 1, 0o140000: 12, 0o060000: 6}
 
 MAXSYMLINKS = 40
@@ -202,11 +203,12 @@ class _Tmp:
     bytes or bytearray (file; bytes while shared with a captured state), bytes (symlink).
     `name` is None once unlinked (the node lives on while an fd or the cwd holds it), and `gone`
     then holds the path it had, which readlink of /proc/self/fd/N shows."""
-    __slots__ = ("ino", "fmt", "mode", "data", "parent", "name", "mtime", "ctime", "gone")
+    __slots__ = ("ino", "fmt", "mode", "data", "parent", "name", "atime", "mtime", "ctime", "gone")
 
     def __init__(self, ino, fmt, mode, data, parent, name, now, gone=None):
         self.ino, self.fmt, self.mode, self.data = ino, fmt, mode, data
         self.parent, self.name, self.mtime, self.ctime, self.gone = parent, name, now, now, gone
+        self.atime = now            # set at creation and by utimensat only (reads: noatime)
 
 
 class _Open:
@@ -1465,7 +1467,7 @@ class FileSystem:
             if node.name is None and node is not self._tmp_root:
                 nlink = 0
             return (_TMP_DEV, node.ino, node.fmt | node.mode, nlink, self._uid, self._gid, 0, size,
-                    node.mtime, node.mtime, node.ctime)
+                    node.atime, node.mtime, node.ctime)
         size = 0
         if t is _SynFile:
             size = len(node.value())
@@ -1532,6 +1534,31 @@ class FileSystem:
             flags |= ST_RDONLY
         return _STATFS.pack(magic, _STATFS_BLOCK, blocks, free, free, files, ffree, 0, 0, NAME_MAX,
                             _STATFS_BLOCK, flags)
+
+    def utimensat(self, dirfd, path, atime, mtime, flags):
+        """Sets a /tmp file's times: each is ns, UTIME_NOW or UTIME_OMIT. path None: dirfd's
+        file (futimens). Elsewhere EROFS, as for any other change outside /tmp."""
+        if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH):
+            _fail(EINVAL)
+        if path is None:
+            if flags & AT_SYMLINK_NOFOLLOW:
+                _fail(EINVAL)
+            node = self._desc(dirfd).node
+        else:
+            node = self._walk(dirfd, path, follow=not flags & AT_SYMLINK_NOFOLLOW,
+                              empty=bool(flags & AT_EMPTY_PATH))
+        if atime == UTIME_OMIT and mtime == UTIME_OMIT:
+            return 0
+        if type(node) is not _Tmp:
+            _fail(EROFS, "only /tmp is writable")
+        now = time.time_ns()
+        if atime != UTIME_OMIT:
+            node.atime = now if atime == UTIME_NOW else max(-MAX_FILE - 1, min(MAX_FILE, atime))
+        if mtime != UTIME_OMIT:
+            node.mtime = now if mtime == UTIME_NOW else max(-MAX_FILE - 1, min(MAX_FILE, mtime))
+        node.ctime = now
+        self._tmp_dirty = True
+        return 0
 
     def statx(self, dirfd, path, flags, mask):
         """struct statx (256 bytes); every basic field is filled whatever `mask` asks."""
@@ -1962,7 +1989,7 @@ class FileSystem:
             nodes.append(node)
             entries.append((node.ino, node.fmt, node.mode, node.mtime, node.ctime, parent,
                             node.name if parent >= 0 else node.gone or b"",
-                            None if node.fmt == S_IFDIR else node.data))
+                            None if node.fmt == S_IFDIR else node.data, node.atime))
 
         stack = [(self._tmp_root, -1)]
         while stack:                            # pre-order: every parent before its children
@@ -2038,13 +2065,13 @@ class FileSystem:
 
     def _thaw_tmp(self, tmp):
         used = sum((_INODE_COST * 2 + len(name) if parent >= 0 else _INODE_COST)
-                   + (len(payload) if payload else 0) for _, _, _, _, _, parent, name, payload in tmp)
+                   + (len(payload) if payload else 0) for _, _, _, _, _, parent, name, payload, _ in tmp)
         if used > self._tmp_size:
             raise SnapshotError(f"the snapshot's /tmp holds {used} bytes, more than this "
                                 f"sandbox's tmp_size ({self._tmp_size})")
         root = self._tmp_root
         nodes = []
-        for ino, fmt, mode, mtime, ctime, parent, name, payload in tmp:
+        for ino, fmt, mode, mtime, ctime, parent, name, payload, atime in tmp:
             if nodes:
                 node = _Tmp(ino, fmt, mode, {} if fmt == S_IFDIR else payload, None, None, mtime,
                             name if parent < 0 else None)
@@ -2053,7 +2080,7 @@ class FileSystem:
                     node.parent.data[name] = node
             else:
                 node, root.data, root.mode = root, {}, mode
-            node.mtime, node.ctime = mtime, ctime
+            node.atime, node.mtime, node.ctime = atime, mtime, ctime
             nodes.append(node)
         self._tmp_frozen = (tmp, {id(n): i for i, n in enumerate(nodes)})
         self._tmp_nodes, self._tmp_used, self._tmp_dirty = nodes, used, False

@@ -14,6 +14,7 @@ import time
 from .errno import LinuxError
 from ._fsstate import MAX_FILE
 from ._sysnames import NAMES, NUMBERS
+from .fs import UTIME_NOW, UTIME_OMIT
 from .mm import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, PURE_PYTHON
 
 AT_FDCWD = -100
@@ -282,6 +283,59 @@ def sys_fstatfs(p, fd, buf, *_):
     p.mm.check(buf, 120, write=True)
     p.mm.write(buf, p.fs.fstatfs(s32(fd)))
     return 0
+
+
+_UTIME_NOW, _UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+
+
+def _utime(sec, nsec):
+    """A timespec's time for fs.utimensat: ns, or its UTIME_NOW / UTIME_OMIT."""
+    if nsec == _UTIME_NOW:
+        return UTIME_NOW
+    if nsec == _UTIME_OMIT:
+        return UTIME_OMIT
+    if not 0 <= nsec < 10**9:
+        _fail(E.EINVAL)
+    return sec * 10**9 + nsec
+
+
+def _times(p, addr, usec):
+    """(atime, mtime) from two timespecs (or timevals: usec), both now for NULL."""
+    if not addr:
+        return UTIME_NOW, UTIME_NOW
+    a_sec, a_frac, m_sec, m_frac = struct.unpack("<qqqq", p.mm.read(addr, 32))
+    if usec:
+        if not (0 <= a_frac < 10**6 and 0 <= m_frac < 10**6):
+            _fail(E.EINVAL)
+        return a_sec * 10**9 + a_frac * 1000, m_sec * 10**9 + m_frac * 1000
+    return _utime(a_sec, a_frac), _utime(m_sec, m_frac)
+
+
+@syscall("utimensat")
+def sys_utimensat(p, dirfd, path, times, flags, *_):
+    atime, mtime = _times(p, times, False)
+    return p.fs.utimensat(s32(dirfd), _path(p, path) if path else None, atime, mtime, s32(flags))
+
+
+@syscall("futimesat")
+def sys_futimesat(p, dirfd, path, times, *_):
+    atime, mtime = _times(p, times, True)
+    return p.fs.utimensat(s32(dirfd), _path(p, path) if path else None, atime, mtime, 0)
+
+
+@syscall("utimes")
+def sys_utimes(p, path, times, *_):
+    atime, mtime = _times(p, times, True)
+    return p.fs.utimensat(AT_FDCWD, _path(p, path), atime, mtime, 0)
+
+
+@syscall("utime")
+def sys_utime(p, path, times, *_):
+    if times:
+        atime, mtime = (t * 10**9 for t in struct.unpack("<qq", p.mm.read(times, 16)))
+    else:
+        atime = mtime = UTIME_NOW
+    return p.fs.utimensat(AT_FDCWD, _path(p, path), atime, mtime, 0)
 
 
 @syscall("newfstatat")
