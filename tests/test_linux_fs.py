@@ -186,18 +186,20 @@ def test_escapes_are_enoent(fs, tree):
     secret = str(tree / "outside" / "secret").encode()
     dirfd = fs.openat(AT_FDCWD, b"/data/sub", O_DIRECTORY, 0)
     for path in (b"/data/../outside/secret", b"../outside/secret", b"../../../../../outside/secret",
-                 b"sub/out", b"hostabs", b"etc", secret, str(tree / "data" / "a.txt").encode(),
+                 b"sub/out", b"hostabs", secret, str(tree / "data" / "a.txt").encode(),
                  b"/proc/self/fd/%d/../../outside/secret" % dirfd, b"/proc/self/root/etc/passwd",
-                 b"/etc/passwd", b"/data/sub/up/../../outside/secret"):
+                 b"/etc/shadow", b"/data/sub/up/../../outside/secret"):
         assert err(fs.openat, AT_FDCWD, path, 0, 0) == E.ENOENT, path
         assert err(fs.fstatat, AT_FDCWD, path, 0) == E.ENOENT, path
         assert err(fs.faccessat, AT_FDCWD, path, 0) == E.ENOENT, path
+    for path in (b"/etc/passwd", b"/proc/self/fd/%d/../../etc/passwd" % dirfd):     # the sandbox's
+        assert read_all(fs, fs.openat(AT_FDCWD, path, 0, 0)).startswith(b"root:x:0:0:root:/root:/bin/sh\n")
     assert err(fs.openat, dirfd, b"../../outside/secret", 0, 0) == E.ENOENT
     # ".." of a mount point is its inside parent: the root, which lists only what is inside
     up = fs.openat(AT_FDCWD, b"/proc/self/fd/%d/../.." % dirfd, O_DIRECTORY, 0)
     assert fs.fstat(up) == fs.fstatat(AT_FDCWD, b"/", 0) == fs.fstatat(AT_FDCWD, b"/..", 0)
     names = {n for n, _, _ in dents(fs, up)}
-    assert names == {b".", b"..", b"data", b"other", b"proc", b"dev", b"sys", b"tmp"}
+    assert names == {b".", b"..", b"data", b"other", b"proc", b"dev", b"sys", b"tmp", b"etc"}
     # /proc/self/fd/N leads to the very node the fd holds
     assert fs.fstatat(AT_FDCWD, b"/proc/self/fd/%d" % dirfd, 0) == fs.fstat(dirfd)
     assert fs.readlinkat(AT_FDCWD, b"/proc/self/fd/%d" % dirfd) == b"/data/sub"
@@ -792,6 +794,28 @@ def statx_times(raw):
     return {"atime": f[11] * 10**9 + f[12], "mtime": f[13] * 10**9 + f[14]}
 
 
+def test_user_database_is_synthesized_unless_the_policy_maps_one(tmp_path):
+    fs = FileSystem([], uid=1000, gid=1000)
+    passwd = fs.openat(AT_FDCWD, b"/etc/passwd", O_RDONLY, 0)
+    assert read_all(fs, passwd).splitlines()[-1] == b"sandbox:x:1000:1000:whpfast sandbox:/tmp:/bin/sh"
+    assert read_all(fs, fs.openat(AT_FDCWD, b"/etc/group", O_RDONLY, 0)).endswith(b"\nsandbox:x:1000:\n")
+    assert err(fs.openat, AT_FDCWD, b"/etc/passwd", O_RDWR, 0) == E.EACCES     # as /proc files
+    back = FileSystem.decode(fs.encode(fs.capture()))       # open, it is kept as its contents
+    fresh = FileSystem([], uid=1000, gid=1000)
+    fresh.reset(back)
+    assert fresh.pread(passwd, 4, 0) == b"root"
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "passwd").write_bytes(b"host:x:5:5::/:/bin/false\n")
+    mapped = FileSystem({"/etc": tmp_path / "etc"}, uid=1000, gid=1000)
+    passwd = mapped.openat(AT_FDCWD, b"/etc/passwd", O_RDONLY, 0)
+    assert read_all(mapped, passwd) == b"host:x:5:5::/:/bin/false\n"
+    assert read_all(mapped, mapped.openat(AT_FDCWD, b"/etc/group", O_RDONLY, 0)).startswith(b"root")
+    back = FileSystem.decode(mapped.encode(mapped.capture()))  # the host's open: no contents
+    again = FileSystem({"/etc": tmp_path / "etc"}, uid=1000, gid=1000)
+    again.reset(back)
+    assert again.pread(passwd, 4, 0) == b"host"
+
+
 def test_lock_count_is_bounded(fs):
     a = fs.openat(AT_FDCWD, b"/tmp/f", O_CREAT | O_RDWR, 0o644)
     for i in range(MAX_LOCKS):
@@ -968,7 +992,7 @@ def test_hostile_paths_and_numbers(fs):
     assert err(fs.fstatat, AT_FDCWD, b"/tmp/self/x", 0) == E.ELOOP
     assert fs.readlinkat(AT_FDCWD, b"/tmp/l1") == b"l0"
     # a /tmp symlink cannot leave the namespace either
-    fs.symlinkat(b"../../../../../../etc/passwd", AT_FDCWD, b"/tmp/esc")
+    fs.symlinkat(b"../../../../../../etc/shadow", AT_FDCWD, b"/tmp/esc")
     assert err(fs.openat, AT_FDCWD, b"/tmp/esc", 0, 0) == E.ENOENT
     fs.symlinkat(b"/data/sub", AT_FDCWD, b"/tmp/in")
     assert fs.fstatat(AT_FDCWD, b"/tmp/in/b.bin", 0) == fs.fstatat(AT_FDCWD, b"/data/sub/b.bin", 0)

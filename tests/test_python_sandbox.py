@@ -170,9 +170,10 @@ def test_the_guest_sees_only_the_interpreter_and_its_libraries(sb):
     # this test file is seen neither at its path nor there.
     secret = os.path.abspath(__file__)
     r = sb.run(check.format(secret=secret, secret_moved=inside_path(secret), exe=inside_path(sys.executable)))
-    # of /etc only Debian's alternatives (symlinks: numpy's BLAS), where the host has them
-    etc = ["alternatives"] if os.path.isdir("/etc/alternatives") else None
-    assert r.stdout == f"[False, False, False, True, True] {etc}\n30\n", r      # 30: EROFS
+    # of /etc only Debian's alternatives (symlinks: numpy's BLAS), where the host has them, and
+    # the sandbox's own user database
+    etc = sorted(["group", "passwd"] + (["alternatives"] if os.path.isdir("/etc/alternatives") else []))
+    assert r.stdout == f"[False, False, True, True, True] {etc}\n30\n", r      # 30: EROFS
     assert not os.path.exists(os.path.join(os.path.dirname(__import__("numpy").__file__), "planted.py"))
 
 
@@ -247,6 +248,12 @@ def test_os_utime_sets_what_stat_shows_on_tmp_and_is_erofs_elsewhere(sb):
             "try:\n    os.utime(os.__file__)\nexcept OSError as e:\n    print(e.errno)")
     r = sb.run(code)
     assert (r.stdout, r.error) == ("1000000123 2000000456\n5.0 6.0\nTrue\n30\n", None)
+
+
+def test_the_sandbox_user_has_a_name_and_the_c_utf8_locale_loads(sb):
+    code = ("import getpass, grp, locale, os, pwd\nprint(locale.setlocale(locale.LC_ALL, ''))\n"
+            "print(getpass.getuser(), pwd.getpwuid(os.getuid()).pw_dir, grp.getgrgid(os.getgid()).gr_name)")
+    assert sb.run(code) == whpfast.PythonResult("C.UTF-8\nsandbox /tmp sandbox\n", "", None)
 
 
 def test_os_exit_is_reported_and_the_next_run_works(sb):

@@ -87,6 +87,7 @@ _STATFS_BLOCK = 4096                            # bavail, files, ffree, fsid, na
 TMPFS_MAGIC, PROC_SUPER_MAGIC, SYSFS_MAGIC = 0x01021994, 0x9FA0, 0x62656572
 PIPEFS_MAGIC, OVERLAYFS_MAGIC = 0x50495045, 0x794C7630
 ST_RDONLY, ST_NOSUID, ST_NODEV, ST_VALID = 1, 2, 4, 0x20
+SANDBOX_USER = b"sandbox"    # the user name of the synthesized /etc/passwd (its uid: FileSystem's)
 UTIME_NOW, UTIME_OMIT = "now", "omit"     # utimensat's times besides ns
 _DT = {S_IFDIR: 4, S_IFREG: 8, S_IFLNK: 10, S_IFCHR: 2, S_IFIFO: 1, 0o140000: 12, 0o060000: 6}
 
@@ -538,6 +539,16 @@ class FileSystem:
             link(b"/dev/" + name, lambda fd=fd: b"/proc/self/fd/%d" % fd)
         self._tmp_root = _Tmp(self._new_ino(), S_IFDIR, 0o1777, {}, None, b"tmp", time.time_ns())
         self._place(b"/tmp", self._tmp_root)    # the one /tmp node a reset keeps (and refills)
+        # A user database naming the sandbox's identity (getpass.getuser, pwd.getpwuid, `id`),
+        # unless the read policy shows one: a caller who maps /etc gets what it mapped.
+        users = {b"/etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n%s:x:%d:%d:whpfast sandbox:/tmp:/bin/sh\n"
+                 % (SANDBOX_USER, self._uid, self._gid),
+                 b"/etc/group": b"root:x:0:\n%s:x:%d:\n" % (SANDBOX_USER, self._gid)}
+        for path, contents in users.items():
+            try:
+                self._walk(AT_FDCWD, path, start=self._root)
+            except LinuxError:
+                text(path, lambda contents=contents: contents)
 
     def _status(self):
         name = os.path.basename(self._exe or b"?")[:15]
