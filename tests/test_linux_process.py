@@ -572,3 +572,35 @@ def test_utime_family_sets_tmp_times(tmp_path):
         "futimesat=0 30.000001000 40.000002000", "omit mtime=0 50.000000005 40.000002000",
         "bad nsec=-22 50.000000005 40.000002000", "futimens=0 50.000000005 60.000000006",
         "erofs=-30"]
+
+
+TIMERS_C = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <sys/time.h>
+#include <unistd.h>
+int main(void) {
+    int fds[2];
+    int r = pipe(fds);
+    printf("pipe=%d errno %d\n", r, errno);
+    errno = 0;
+    unsigned left = alarm(5);
+    printf("alarm=%u errno %d\n", left, errno);
+    struct itimerval t = {{0, 0}, {1, 0}};
+    r = setitimer(ITIMER_REAL, &t, NULL);
+    printf("setitimer=%d errno %d\n", r, errno);
+    return 0;
+}
+"""
+
+
+def test_timers_and_pipes_fail_with_enosys(tmp_path):
+    """No signal is ever delivered, so alarm and setitimer are ENOSYS (alarm(2) cannot fail on
+    Linux: the program sees (unsigned)-1) and counted; pipes are ENOSYS too, not EMFILE."""
+    program = build_c(tmp_path / "timers", TIMERS_C, "-static")
+    with whpfast.LinuxSandbox([program], memory_size=64 * MB) as lx:
+        r = lx.run(timeout=10)
+        unsupported = dict(lx.unsupported_syscalls)
+    assert r.stdout.decode().splitlines() == ["pipe=-1 errno 38", "alarm=4294967295 errno 38",
+                                              "setitimer=-1 errno 38"]
+    assert unsupported["alarm"] == unsupported["setitimer"] == 1

@@ -256,6 +256,17 @@ def test_the_sandbox_user_has_a_name_and_the_c_utf8_locale_loads(sb):
     assert sb.run(code) == whpfast.PythonResult("C.UTF-8\nsandbox /tmp sandbox\n", "", None)
 
 
+def test_alarm_timers_and_pipes_fail_visibly(sb):
+    """No signal is delivered in the sandbox: signal.alarm raises rather than return a
+    meaningless number with no alarm to come; setitimer fails; pipes are ENOSYS, not EMFILE."""
+    code = ("import errno, os, signal\nout = []\n"
+            "for call in (lambda: signal.alarm(1), lambda: signal.setitimer(signal.ITIMER_REAL, 1.0), os.pipe):\n"
+            "    try:\n        call()\n    except OSError as e:\n"
+            "        out.append((isinstance(e, signal.ItimerError), errno.errorcode[e.errno]))\nprint(out)")
+    r = sb.run(code)
+    assert r.stdout == "[(False, 'ENOSYS'), (True, 'ENOSYS'), (False, 'ENOSYS')]\n", r
+
+
 def test_os_exit_is_reported_and_the_next_run_works(sb):
     r = sb.run("import os\nprint('bye', flush=True)\nos._exit(4)")
     assert "exited with status 4" in r.error

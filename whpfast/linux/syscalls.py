@@ -758,10 +758,16 @@ REFUSED = {
     ("execve", "execveat"): (E.EACCES, "the sandbox runs one program"),
     ("wait4", "waitid"): (E.ECHILD, "there are no child processes"),
     ("socket", "socketpair"): (E.EACCES, "no network in the sandbox"),
-    ("pipe", "pipe2"): (E.EMFILE, "pipes are not supported"),
+    ("pipe", "pipe2"): (E.ENOSYS, "pipes are not supported"),
     ("setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setsid", "setpgid",
      "setgroups"): (E.EPERM, "the sandbox's identity is fixed"),
 }
+
+
+# Not implemented, so ENOSYS and counted in unsupported_syscalls: alarm, setitimer, getitimer,
+# timer_create. No signal is ever delivered to the program, so no timer could fire: a failure says
+# so (alarm(2) cannot fail on Linux, so a C program sees (unsigned)-1 from it; PythonSandbox's
+# signal.alarm raises OSError ENOSYS, signal.setitimer signal.ItimerError).
 
 
 def _refuse(err, why):
