@@ -224,6 +224,28 @@ def test_sqlite_on_tmp_with_its_file_locks(sb):
     assert (r.stdout, r.error) == ("('wal',)\n[(7,)]\n", None)
 
 
+LOCKED = ("import fcntl, os\nheld = os.open('/tmp/held', os.O_CREAT | os.O_RDWR)\n"
+          "fcntl.flock(held, fcntl.LOCK_EX)\n"
+          "fcntl.fcntl(held, fcntl.F_OFD_SETLK, bytes(32))")  # struct flock {F_RDLCK, whole file}
+TRY_LOCK = ("import fcntl, os\nfd = os.open('/tmp/held', os.O_RDWR)\n"
+            "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n    print('free')\n"
+            "except BlockingIOError:\n    print('held')\n")
+
+
+def test_a_restore_puts_locks_back(tmp_path):
+    """Locks taken in setup are in the snapshot: each fresh run finds them held, also in a sandbox
+    started from the saved file; a run that releases one does not release it for the next."""
+    with whpfast.PythonSandbox(setup=LOCKED, memory_size=128 << 20) as box:
+        assert box.run(TRY_LOCK).stdout == "held\n"
+        assert box.run("fcntl.flock(held, fcntl.LOCK_UN)\n" + TRY_LOCK).stdout == "free\n"
+        assert box.run(TRY_LOCK).stdout == "held\n"
+        box.save(tmp_path / "locked.snap")
+    with whpfast.PythonSandbox.from_snapshot(tmp_path / "locked.snap") as box:
+        assert box.run(TRY_LOCK).stdout == "held\n"
+        assert box.run("os.close(held)\n" + TRY_LOCK).stdout == "free\n"
+        assert box.run(TRY_LOCK).stdout == "held\n"
+
+
 def test_statvfs_answers_tmp_from_its_quota_and_read_roots_as_read_only(sb):
     from whpfast.linux.grant import DEFAULT_TMP_SIZE
     code = ("import os\na = os.statvfs('/tmp')\nopen('/tmp/big', 'wb').write(b'x' * (1 << 20))\n"
