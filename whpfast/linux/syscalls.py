@@ -14,7 +14,8 @@ import time
 from .errno import LinuxError
 from ._fsstate import MAX_FILE
 from ._sysnames import NAMES, NUMBERS
-from .fs import UTIME_NOW, UTIME_OMIT
+from .fs import (F_GETLK, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW, F_SETLK, F_SETLKW, F_UNLCK,
+                 UTIME_NOW, UTIME_OMIT)
 from .mm import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, PURE_PYTHON
 
 AT_FDCWD = -100
@@ -231,8 +232,8 @@ def sys_dup3(p, old, new, flags, *_):
     return p.fs.dup3(s32(old), s32(new), s32(flags))
 
 
-_LOCK_CMDS = (5, 6, 7, 36, 37, 38)     # F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, ..._SETLK, ..._SETLKW
-_GETLK_CMDS = (5, 36)
+_LOCK_CMDS = (F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW)
+_GETLK_CMDS = (F_GETLK, F_OFD_GETLK)
 _FLOCK = struct.Struct("<hh4xqqi4x")    # struct flock: type, whence, start, len, pid
 
 
@@ -246,7 +247,7 @@ def sys_fcntl(p, fd, cmd, arg, *_):
     found = p.fs.record_lock(s32(fd), cmd, typ, whence, start, length, pid)
     if cmd in _GETLK_CMDS:
         if found is None:
-            p.mm.write(arg, struct.pack("<h", 2))                       # F_UNLCK, rest unchanged
+            p.mm.write(arg, struct.pack("<h", F_UNLCK))                 # the rest unchanged
         else:
             typ, first, last, posix = found
             length = 0 if last == MAX_FILE else last - first + 1
