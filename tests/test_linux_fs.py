@@ -13,10 +13,13 @@ from whpfast.errors import SnapshotError, WhpfastError
 from whpfast.linux import errno as E
 from whpfast.linux.errno import LinuxError, from_oserror
 from whpfast.linux.fs import (AT_EMPTY_PATH, AT_FDCWD, AT_REMOVEDIR, AT_SYMLINK_NOFOLLOW,
-                              F_DUPFD_CLOEXEC, F_GETFD, F_GETFL, F_SETFD, F_SETFL, FileSystem,
+                              F_DUPFD_CLOEXEC, F_GETFD, F_GETFL, F_GETLK, F_OFD_GETLK, F_OFD_SETLK,
+                              F_RDLCK, F_SETFD, F_SETFL, F_SETLK, F_WRLCK, LOCK_EX, LOCK_NB, LOCK_SH,
+                              MAX_LOCKS, FileSystem,
                               O_APPEND, O_CLOEXEC, O_CREAT, O_DIRECTORY, O_EXCL, O_NOFOLLOW,
                               O_NONBLOCK, O_PATH, O_RDONLY, O_RDWR, O_TMPFILE, O_TRUNC, O_WRONLY,
-                              RENAME_EXCHANGE, RENAME_NOREPLACE, ReadPolicyError)
+                              RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT,
+                              ReadPolicyError)
 
 STAT = struct.Struct("<QQQIIIiQqqqqqqqqq24x")
 
@@ -183,18 +186,20 @@ def test_escapes_are_enoent(fs, tree):
     secret = str(tree / "outside" / "secret").encode()
     dirfd = fs.openat(AT_FDCWD, b"/data/sub", O_DIRECTORY, 0)
     for path in (b"/data/../outside/secret", b"../outside/secret", b"../../../../../outside/secret",
-                 b"sub/out", b"hostabs", b"etc", secret, str(tree / "data" / "a.txt").encode(),
+                 b"sub/out", b"hostabs", secret, str(tree / "data" / "a.txt").encode(),
                  b"/proc/self/fd/%d/../../outside/secret" % dirfd, b"/proc/self/root/etc/passwd",
-                 b"/etc/passwd", b"/data/sub/up/../../outside/secret"):
+                 b"/etc/shadow", b"/data/sub/up/../../outside/secret"):
         assert err(fs.openat, AT_FDCWD, path, 0, 0) == E.ENOENT, path
         assert err(fs.fstatat, AT_FDCWD, path, 0) == E.ENOENT, path
         assert err(fs.faccessat, AT_FDCWD, path, 0) == E.ENOENT, path
+    for path in (b"/etc/passwd", b"/proc/self/fd/%d/../../etc/passwd" % dirfd):     # the sandbox's
+        assert read_all(fs, fs.openat(AT_FDCWD, path, 0, 0)).startswith(b"root:x:0:0:root:/root:/bin/sh\n")
     assert err(fs.openat, dirfd, b"../../outside/secret", 0, 0) == E.ENOENT
     # ".." of a mount point is its inside parent: the root, which lists only what is inside
     up = fs.openat(AT_FDCWD, b"/proc/self/fd/%d/../.." % dirfd, O_DIRECTORY, 0)
     assert fs.fstat(up) == fs.fstatat(AT_FDCWD, b"/", 0) == fs.fstatat(AT_FDCWD, b"/..", 0)
     names = {n for n, _, _ in dents(fs, up)}
-    assert names == {b".", b"..", b"data", b"other", b"proc", b"dev", b"sys", b"tmp"}
+    assert names == {b".", b"..", b"data", b"other", b"proc", b"dev", b"sys", b"tmp", b"etc"}
     # /proc/self/fd/N leads to the very node the fd holds
     assert fs.fstatat(AT_FDCWD, b"/proc/self/fd/%d" % dirfd, 0) == fs.fstat(dirfd)
     assert fs.readlinkat(AT_FDCWD, b"/proc/self/fd/%d" % dirfd) == b"/data/sub"
@@ -694,6 +699,136 @@ def test_decode_rejects_garbage(fs):
             pass
 
 
+def test_locks_are_captured_reset_and_decoded_exactly(fs, tree):
+    """Record locks and flock locks are file-system state: a reset puts back exactly the
+    snapshot's (taken since: gone; released since: back), also through encode/decode into a fresh
+    FileSystem; a decoded lock is taken as a request would be (conflicts, access mode, bound)."""
+    a = fs.openat(AT_FDCWD, b"/tmp/db", O_CREAT | O_RDWR, 0o644)
+    b = fs.openat(AT_FDCWD, b"/tmp/db", O_RDWR, 0)
+    host = fs.openat(AT_FDCWD, b"a.txt", O_RDONLY, 0)
+    fs.record_lock(a, F_SETLK, F_WRLCK, 0, 0, 10, 0)
+    fs.record_lock(b, F_OFD_SETLK, F_RDLCK, 0, 20, 0, 0)
+    fs.record_lock(host, F_SETLK, F_RDLCK, 0, 0, 0, 0)          # a read lock on a read root's file
+    assert err(fs.record_lock, host, F_SETLK, F_WRLCK, 0, 0, 0, 0) == E.EBADF
+    fs.flock(a, LOCK_EX)
+    probe = fs.openat(AT_FDCWD, b"/tmp/db", O_RDWR, 0)
+
+    def seen():
+        return (fs.record_lock(probe, F_OFD_GETLK, F_WRLCK, 0, 0, 0, 0),
+                fs.record_lock(probe, F_OFD_GETLK, F_WRLCK, 0, 15, 0, 0),
+                fs.record_lock(a, F_GETLK, F_WRLCK, 0, 25, 1, 0))
+
+    before = seen()
+    assert before == ((F_WRLCK, 0, 9, True), (F_RDLCK, 20, (1 << 63) - 1, False),
+                      (F_RDLCK, 20, (1 << 63) - 1, False))
+    assert err(fs.flock, probe, LOCK_SH | LOCK_NB) == E.EAGAIN
+    state = fs.capture()
+    fs.close(b)                                         # all of them go: b's last fd, a POSIX close
+    fs.flock(a, 8)
+    fs.record_lock(probe, F_OFD_SETLK, F_WRLCK, 0, 0, 0, 0)
+    assert seen() == (None, None, (F_WRLCK, 0, (1 << 63) - 1, False))   # probe's own only
+    fs.reset(state)
+    assert seen() == before and err(fs.flock, probe, LOCK_SH | LOCK_NB) == E.EAGAIN
+    fresh = FileSystem({"/data": tree / "data", "/other": tree / "other"}, tmp_size=1 << 20,
+                       exe="/data/run.sh", proc_maps=lambda: b"00400000-00401000 r-xp\n")
+    back = FileSystem.decode(fs.encode(state))
+    assert back == state and len(back.locks) == 4
+    fresh.reset(back)
+    fs = fresh
+    assert seen() == before and err(fs.flock, probe, LOCK_SH | LOCK_NB) == E.EAGAIN
+    # hostile lock records: decode or reset refuses them
+    fields = tuple(back)
+    idx = {fd: i for fd, i, _ in back.fds}
+    for locks in (((0, idx[a], 1, 5, 4),), ((3, idx[a], 1, 0, 0),), ((0, idx[a], 2, 0, 0),),
+                  ((0, 99, 1, 0, 0),), ((2, idx[a], 1, 3, 9),), ((0, idx[a], 1, -1, 0),),
+                  ((0, idx[a], 1, 0, 0),) * (MAX_LOCKS + 1), ((True, idx[a], 1, 0, 0),)):
+        with pytest.raises(ValueError):
+            FileSystem.decode(_craft(fields[:6] + (locks,)))
+    for locks, why in ((((1, idx[a], 1, 0, 0), (1, idx[b], 1, 0, 0)), "cannot be held"),
+                       (((0, idx[host], 1, 0, 0),), "access mode")):
+        with pytest.raises(SnapshotError, match=why):
+            FileSystem({"/data": tree / "data", "/other": tree / "other"}, tmp_size=1 << 20,
+                       exe="/data/run.sh").reset(FileSystem.decode(_craft(fields[:6] + (locks,))))
+    # a state written before locks existed has none
+    assert FileSystem.decode(_craft(fields[:6])).locks == ()
+
+
+def test_statfs_magic_per_file_system(fs):
+    magic = {path: struct.unpack_from("<q", fs.statfs(path))[0]
+             for path in (b"/tmp", b"/proc/self", b"/sys", b"/dev/null", b"/data", b"/")}
+    assert magic == {b"/tmp": 0x01021994, b"/proc/self": 0x9FA0, b"/sys": 0x62656572,
+                     b"/dev/null": 0x01021994, b"/data": 0x794C7630, b"/": 0x794C7630}
+    assert len(fs.fstatfs(1)) == 120 and err(fs.statfs, b"/nope") == E.ENOENT
+    assert err(fs.fstatfs, 77) == E.EBADF
+
+
+def test_utimensat_sets_tmp_times_and_snapshots_keep_them(fs, tree):
+    fd = fs.openat(AT_FDCWD, b"/tmp/f", O_CREAT | O_RDWR, 0o644)
+    times = lambda: (lambda s: (s["atime"], s["mtime"]))(statx_times(fs.fstat(fd)))
+    fs.utimensat(AT_FDCWD, b"/tmp/f", 1_500_000_000, 2_000_000_001, 0)
+    assert times() == (1_500_000_000, 2_000_000_001)
+    fs.utimensat(fd, None, UTIME_OMIT, 7, 0)                        # futimens
+    assert times() == (1_500_000_000, 7)
+    fs.utimensat(AT_FDCWD, b"/tmp/f", UTIME_NOW, UTIME_OMIT, 0)
+    assert times()[0] > 10**18 and times()[1] == 7
+    fs.write(fd, b"x")                                              # a write: mtime only
+    at = times()[0]
+    fs.utimensat(AT_FDCWD, b"/tmp/f", 11, 12, 0)
+    state = fs.capture()
+    fs.utimensat(AT_FDCWD, b"/tmp/f", 13, 14, 0)
+    fs.reset(state)
+    assert times() == (11, 12) and at > 10**18
+    back = FileSystem.decode(fs.encode(state))
+    fresh = FileSystem({"/data": tree / "data", "/other": tree / "other"}, tmp_size=1 << 20,
+                       exe="/data/run.sh", proc_maps=lambda: b"00400000-00401000 r-xp\n")
+    fresh.reset(back)
+    assert statx_times(fresh.fstat(fd))["atime"] == 11
+    assert err(fs.utimensat, AT_FDCWD, b"/data/a.txt", UTIME_NOW, UTIME_NOW, 0) == E.EROFS
+    assert fs.utimensat(AT_FDCWD, b"/data/a.txt", UTIME_OMIT, UTIME_OMIT, 0) == 0
+    assert err(fs.utimensat, fd, None, 1, 1, AT_SYMLINK_NOFOLLOW) == E.EINVAL
+    assert err(fs.utimensat, AT_FDCWD, b"/tmp/nope", 1, 1, 0) == E.ENOENT
+
+
+def statx_times(raw):
+    f = STAT.unpack(raw)
+    return {"atime": f[11] * 10**9 + f[12], "mtime": f[13] * 10**9 + f[14]}
+
+
+def test_user_database_is_synthesized_unless_the_policy_maps_one(tmp_path):
+    fs = FileSystem([], uid=1000, gid=1000)
+    passwd = fs.openat(AT_FDCWD, b"/etc/passwd", O_RDONLY, 0)
+    assert read_all(fs, passwd).splitlines()[-1] == b"sandbox:x:1000:1000:whpfast sandbox:/tmp:/bin/sh"
+    assert read_all(fs, fs.openat(AT_FDCWD, b"/etc/group", O_RDONLY, 0)).endswith(b"\nsandbox:x:1000:\n")
+    assert err(fs.openat, AT_FDCWD, b"/etc/passwd", O_RDWR, 0) == E.EACCES     # as /proc files
+    back = FileSystem.decode(fs.encode(fs.capture()))       # open, it is kept as its contents
+    fresh = FileSystem([], uid=1000, gid=1000)
+    fresh.reset(back)
+    assert fresh.pread(passwd, 4, 0) == b"root"
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "passwd").write_bytes(b"host:x:5:5::/:/bin/false\n")
+    mapped = FileSystem({"/etc": tmp_path / "etc"}, uid=1000, gid=1000)
+    passwd = mapped.openat(AT_FDCWD, b"/etc/passwd", O_RDONLY, 0)
+    assert read_all(mapped, passwd) == b"host:x:5:5::/:/bin/false\n"
+    assert read_all(mapped, mapped.openat(AT_FDCWD, b"/etc/group", O_RDONLY, 0)).startswith(b"root")
+    back = FileSystem.decode(mapped.encode(mapped.capture()))  # the host's open: no contents
+    again = FileSystem({"/etc": tmp_path / "etc"}, uid=1000, gid=1000)
+    again.reset(back)
+    assert again.pread(passwd, 4, 0) == b"host"
+
+
+def test_lock_count_is_bounded(fs):
+    a = fs.openat(AT_FDCWD, b"/tmp/f", O_CREAT | O_RDWR, 0o644)
+    for i in range(MAX_LOCKS):
+        fs.record_lock(a, F_SETLK, F_RDLCK, 0, 2 * i, 1, 0)
+    assert err(fs.record_lock, a, F_SETLK, F_RDLCK, 0, 2 * MAX_LOCKS, 1, 0) == E.ENOLCK
+    assert err(fs.flock, a, LOCK_SH) == E.ENOLCK
+    fs.record_lock(a, F_SETLK, F_RDLCK, 0, 1, 1, 0)          # merges three into one: fine
+    fs.flock(a, LOCK_SH)
+    fs.close(a)
+    b = fs.openat(AT_FDCWD, b"/tmp/f", O_RDWR, 0)
+    fs.record_lock(b, F_SETLK, F_WRLCK, 0, 0, 1, 0)            # all released with the close
+
+
 def _craft(fields):
     from whpfast.linux._fsstate import _MAGIC, _dump
     out = [_MAGIC]
@@ -703,7 +838,7 @@ def _craft(fields):
 
 def test_decode_rejects_hostile_states(fs):
     good = tuple(fs.capture())
-    fds, descs, cwd, umask, tmp, ino = good
+    fds, descs, cwd, umask, tmp, ino, _ = good
     root = tmp[0]
     child = (99, stat.S_IFREG, 0o644, 0, 0, 0, b"f", b"x")
     cases = {
@@ -857,7 +992,7 @@ def test_hostile_paths_and_numbers(fs):
     assert err(fs.fstatat, AT_FDCWD, b"/tmp/self/x", 0) == E.ELOOP
     assert fs.readlinkat(AT_FDCWD, b"/tmp/l1") == b"l0"
     # a /tmp symlink cannot leave the namespace either
-    fs.symlinkat(b"../../../../../../etc/passwd", AT_FDCWD, b"/tmp/esc")
+    fs.symlinkat(b"../../../../../../etc/shadow", AT_FDCWD, b"/tmp/esc")
     assert err(fs.openat, AT_FDCWD, b"/tmp/esc", 0, 0) == E.ENOENT
     fs.symlinkat(b"/data/sub", AT_FDCWD, b"/tmp/in")
     assert fs.fstatat(AT_FDCWD, b"/tmp/in/b.bin", 0) == fs.fstatat(AT_FDCWD, b"/data/sub/b.bin", 0)

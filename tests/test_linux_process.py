@@ -516,3 +516,96 @@ def test_a_program_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind)
         os.mkfifo(path)
     with pytest.raises(GuestLoadError, match="not a regular file|Is a directory"):
         run([path])
+
+
+def test_record_locks_and_flock_match_linux(tmp_path):
+    """POSIX and OFD record locks and flock, conflicts between descriptions of one file, closes
+    that release them: the same lines as the program run natively on this host. Past that, what
+    Linux would answer by waiting forever (the holder is this same, single-threaded process) is
+    EDEADLK here, and locks are bounded (ENOLCK)."""
+    program = build_c(tmp_path / "locks", "locks.c", "-static")
+    native = subprocess.run([program, str(tmp_path / "file")], capture_output=True, text=True, check=True)
+    r = run([program, "/tmp/file"])
+    assert r.exit_code == 0 and r.stdout.decode() == native.stdout
+    assert "flock ex, b's dropped=0" in native.stdout       # the program reached its end
+    r = run([program, "/tmp/file", "sandbox"])
+    extra = r.stdout.decode()[len(native.stdout):].splitlines()
+    assert extra == ["posix unlock=0", "ofd rd=0", "setlkw=-1 errno 35", "setlkw free=0",
+                     "ofd setlkw=-1 errno 35", "flock blocking=-1 errno 35",
+                     "locks until errno 37: 4094", "posix unlock all=0", "posix after=0"]
+
+
+UTIMES_C = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <unistd.h>
+#include <utime.h>
+#include <errno.h>
+static void show(const char *what, int r) {
+    struct stat s; stat("/tmp/t", &s);
+    printf("%s=%d %ld.%09ld %ld.%09ld\n", what, r < 0 ? -errno : r, (long)s.st_atim.tv_sec,
+           s.st_atim.tv_nsec, (long)s.st_mtim.tv_sec, s.st_mtim.tv_nsec);
+}
+int main(void) {
+    close(open("/tmp/t", O_CREAT | O_WRONLY, 0644));
+    struct utimbuf u = {10, 20};
+    show("utime", utime("/tmp/t", &u));
+    struct timeval tv[2] = {{30, 1}, {40, 2}};
+    show("utimes", utimes("/tmp/t", tv));
+    show("futimesat", futimesat(AT_FDCWD, "/tmp/t", tv));
+    struct timespec ts[2] = {{50, 5}, {0, UTIME_OMIT}};
+    show("omit mtime", utimensat(AT_FDCWD, "/tmp/t", ts, 0));
+    struct timespec bad[2] = {{50, 1000000000}, {0, 0}};
+    show("bad nsec", utimensat(AT_FDCWD, "/tmp/t", bad, 0));
+    int fd = open("/tmp/t", O_RDONLY);
+    struct timespec ts2[2] = {{0, UTIME_OMIT}, {60, 6}};
+    show("futimens", futimens(fd, ts2));
+    printf("erofs=%d\n", utime("/", &u) < 0 ? -errno : 0);
+    return 0;
+}
+"""
+
+
+def test_utime_family_sets_tmp_times(tmp_path):
+    program = build_c(tmp_path / "utimes", UTIMES_C, "-static")
+    r = run([program])
+    assert r.stdout.decode().splitlines() == [
+        "utime=0 10.000000000 20.000000000", "utimes=0 30.000001000 40.000002000",
+        "futimesat=0 30.000001000 40.000002000", "omit mtime=0 50.000000005 40.000002000",
+        "bad nsec=-22 50.000000005 40.000002000", "futimens=0 50.000000005 60.000000006",
+        "erofs=-30"]
+
+
+TIMERS_C = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <sys/time.h>
+#include <unistd.h>
+int main(void) {
+    int fds[2];
+    int r = pipe(fds);
+    printf("pipe=%d errno %d\n", r, errno);
+    errno = 0;
+    unsigned left = alarm(5);
+    printf("alarm=%u errno %d\n", left, errno);
+    struct itimerval t = {{0, 0}, {1, 0}};
+    r = setitimer(ITIMER_REAL, &t, NULL);
+    printf("setitimer=%d errno %d\n", r, errno);
+    return 0;
+}
+"""
+
+
+def test_timers_and_pipes_fail_with_enosys(tmp_path):
+    """No signal is ever delivered, so alarm and setitimer are ENOSYS (alarm(2) cannot fail on
+    Linux: the program sees (unsigned)-1) and counted; pipes are ENOSYS too, not EMFILE."""
+    program = build_c(tmp_path / "timers", TIMERS_C, "-static")
+    with whpfast.LinuxSandbox([program], memory_size=64 * MB) as lx:
+        r = lx.run(timeout=10)
+        unsupported = dict(lx.unsupported_syscalls)
+    assert r.stdout.decode().splitlines() == ["pipe=-1 errno 38", "alarm=4294967295 errno 38",
+                                              "setitimer=-1 errno 38"]
+    assert unsupported["alarm"] == unsupported["setitimer"] == 1

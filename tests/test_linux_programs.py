@@ -69,6 +69,13 @@ def test_interpreter_outside_read_is_a_load_error_naming_it(dynamic_hello):
         whpfast.LinuxSandbox([dynamic_hello], read=["/etc"])
 
 
+@pytest.mark.skipif(not os.path.exists("/usr/bin/sqlite3"), reason="needs Debian's sqlite3")
+def test_sqlite3_shell_on_tmp():
+    r = run(["/usr/bin/sqlite3", "/tmp/c.db", "create table t(x); insert into t values (1),(2); "
+             "select sum(x) from t;"], read=SYSTEM_READ)
+    assert (r.stdout, r.stderr, r.exit_code) == (b"3\n", b"", 0)
+
+
 def test_vdso_serves_clocks_without_exits(tmp_path_factory):
     program = compile_c(tmp_path_factory, "clock", "-static")
     with whpfast.LinuxSandbox([program], memory_size=64 << 20) as lx:

@@ -250,7 +250,7 @@ def _craft(fields):
 def test_decode_refuses_states_that_would_fail_on_the_host():
     fs = FileSystem([])
     good = tuple(fs.capture())
-    fds, descs, cwd, umask, tmp, ino = good
+    fds, descs, cwd, umask, tmp, ino = good[:6]
     root = tmp[0]
     link = (99, stat.S_IFLNK, 0o777, 0, 0, 0, b"l", b"target")
     d = (98, stat.S_IFDIR, 0o755, 0, 0, 0, b"d", None)
@@ -295,7 +295,7 @@ def test_reset_refuses_descriptions_this_file_system_could_not_have_opened(tmp_p
     from whpfast.errors import SnapshotError
     (tmp_path / "file").write_bytes(b"x")
     fs = FileSystem({"/data": str(tmp_path)})
-    fds, descs, cwd, umask, tmp, ino = tuple(fs.capture())
+    fds, descs, cwd, umask, tmp, ino = tuple(fs.capture())[:6]
     for why, desc in {"write access to a host file": (("p", b"/data/file"), O_WRONLY, 0, None),
                       "write access to a synthesized dir": (("p", b"/proc"), O_RDWR, 0, None)}.items():
         state = FileSystem.decode(_craft((fds + ((3, len(descs), False),), descs + (desc,), cwd,

@@ -170,9 +170,10 @@ def test_the_guest_sees_only_the_interpreter_and_its_libraries(sb):
     # this test file is seen neither at its path nor there.
     secret = os.path.abspath(__file__)
     r = sb.run(check.format(secret=secret, secret_moved=inside_path(secret), exe=inside_path(sys.executable)))
-    # of /etc only Debian's alternatives (symlinks: numpy's BLAS), where the host has them
-    etc = ["alternatives"] if os.path.isdir("/etc/alternatives") else None
-    assert r.stdout == f"[False, False, False, True, True] {etc}\n30\n", r      # 30: EROFS
+    # of /etc only Debian's alternatives (symlinks: numpy's BLAS), where the host has them, and
+    # the sandbox's own user database
+    etc = sorted(["group", "passwd"] + (["alternatives"] if os.path.isdir("/etc/alternatives") else []))
+    assert r.stdout == f"[False, False, True, True, True] {etc}\n30\n", r      # 30: EROFS
     assert not os.path.exists(os.path.join(os.path.dirname(__import__("numpy").__file__), "planted.py"))
 
 
@@ -185,6 +186,107 @@ def test_code_must_be_str(sb):
 
 def test_reading_stdin_gets_nothing(sb):
     assert sb.run("import sys\nprint(repr(sys.stdin.read()))").stdout == "''\n"
+
+
+SQLITE = """
+import sqlite3, os
+c = sqlite3.connect('/tmp/a.db')
+c.execute('create table t(x)')
+c.executemany('insert into t values (?)', [(i,) for i in range(100)])
+c.commit()
+print(c.execute('select count(*), sum(x) from t').fetchone(), c.execute('pragma journal_mode').fetchone())
+c.execute('begin immediate')
+other = sqlite3.connect('/tmp/a.db', timeout=0)
+try:
+    other.execute('insert into t values (1)')
+except sqlite3.OperationalError as e:
+    print('second connection:', e)
+c.rollback()
+"""
+
+
+def test_sqlite_on_tmp_with_its_file_locks(sb):
+    """SQLite's rollback journal works on /tmp, and its POSIX locks keep a second connection out
+    while the first writes. WAL needs a writable shared mapping of the -shm file, which the
+    sandbox does not have: the switch is accepted, the next write fails visibly (disk I/O
+    error); with locking_mode=EXCLUSIVE (no -shm) WAL works."""
+    r = sb.run(SQLITE)
+    assert r.error is None
+    assert r.stdout == "(100, 4950) ('delete',)\nsecond connection: database is locked\n"
+    r = sb.run("import sqlite3\nc = sqlite3.connect('/tmp/w.db')\n"
+               "print(c.execute('pragma journal_mode=wal').fetchone())\n"
+               "c.execute('create table t(x)')")
+    assert "OperationalError: disk I/O error" in r.error
+    r = sb.run("import sqlite3\nc = sqlite3.connect('/tmp/x.db')\nc.execute('pragma locking_mode=exclusive')\n"
+               "print(c.execute('pragma journal_mode=wal').fetchone())\n"
+               "c.execute('create table t(x)'); c.execute('insert into t values (7)'); c.commit()\n"
+               "print(c.execute('select * from t').fetchall())")
+    assert (r.stdout, r.error) == ("('wal',)\n[(7,)]\n", None)
+
+
+LOCKED = ("import fcntl, os\nheld = os.open('/tmp/held', os.O_CREAT | os.O_RDWR)\n"
+          "fcntl.flock(held, fcntl.LOCK_EX)\n"
+          "fcntl.fcntl(held, fcntl.F_OFD_SETLK, bytes(32))")  # struct flock {F_RDLCK, whole file}
+TRY_LOCK = ("import fcntl, os\nfd = os.open('/tmp/held', os.O_RDWR)\n"
+            "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n    print('free')\n"
+            "except BlockingIOError:\n    print('held')\n")
+
+
+def test_a_restore_puts_locks_back(tmp_path):
+    """Locks taken in setup are in the snapshot: each fresh run finds them held, also in a sandbox
+    started from the saved file; a run that releases one does not release it for the next."""
+    with whpfast.PythonSandbox(setup=LOCKED, memory_size=128 << 20) as box:
+        assert box.run(TRY_LOCK).stdout == "held\n"
+        assert box.run("fcntl.flock(held, fcntl.LOCK_UN)\n" + TRY_LOCK).stdout == "free\n"
+        assert box.run(TRY_LOCK).stdout == "held\n"
+        box.save(tmp_path / "locked.snap")
+    with whpfast.PythonSandbox.from_snapshot(tmp_path / "locked.snap") as box:
+        assert box.run(TRY_LOCK).stdout == "held\n"
+        assert box.run("os.close(held)\n" + TRY_LOCK).stdout == "free\n"
+        assert box.run(TRY_LOCK).stdout == "held\n"
+
+
+def test_statvfs_answers_tmp_from_its_quota_and_read_roots_as_read_only(sb):
+    from whpfast.linux.grant import DEFAULT_TMP_SIZE
+    code = ("import os\na = os.statvfs('/tmp')\nopen('/tmp/big', 'wb').write(b'x' * (1 << 20))\n"
+            "b = os.statvfs('/tmp')\nfd = os.open('/tmp/big', os.O_RDONLY)\n"
+            "print([a.f_bsize, a.f_frsize, a.f_blocks, a.f_bfree - b.f_bfree, a.f_bavail - b.f_bavail,"
+            " a.f_files, a.f_ffree > b.f_ffree, a.f_flag, a.f_namemax, os.fstatvfs(fd) == b])\n"
+            "u = os.statvfs(os.__file__)\nprint([u.f_flag, u.f_blocks, u.f_bfree, u.f_namemax])")
+    r = sb.run(code)
+    assert r.error is None
+    tmp, lib = (eval(line) for line in r.stdout.splitlines())
+    assert tmp == [4096, 4096, DEFAULT_TMP_SIZE // 4096, 256, 256, DEFAULT_TMP_SIZE // 256, True,
+                   os.ST_NOSUID | os.ST_NODEV, 255, True]
+    assert lib == [os.ST_RDONLY | os.ST_NOSUID | os.ST_NODEV, 0, 0, 255]
+
+
+def test_os_utime_sets_what_stat_shows_on_tmp_and_is_erofs_elsewhere(sb):
+    code = ("import os, time\nopen('/tmp/u', 'w').close()\n"
+            "os.utime('/tmp/u', ns=(1_000_000_123, 2_000_000_456))\ns = os.stat('/tmp/u')\n"
+            "print(s.st_atime_ns, s.st_mtime_ns)\nfd = os.open('/tmp/u', os.O_RDONLY)\n"
+            "os.utime(fd, (5, 6))\nprint(os.fstat(fd).st_atime, os.fstat(fd).st_mtime)\n"
+            "os.utime('/tmp/u')\nprint(abs(os.stat('/tmp/u').st_mtime - time.time()) < 60)\n"
+            "try:\n    os.utime(os.__file__)\nexcept OSError as e:\n    print(e.errno)")
+    r = sb.run(code)
+    assert (r.stdout, r.error) == ("1000000123 2000000456\n5.0 6.0\nTrue\n30\n", None)
+
+
+def test_the_sandbox_user_has_a_name_and_the_c_utf8_locale_loads(sb):
+    code = ("import getpass, grp, locale, os, pwd\nprint(locale.setlocale(locale.LC_ALL, ''))\n"
+            "print(getpass.getuser(), pwd.getpwuid(os.getuid()).pw_dir, grp.getgrgid(os.getgid()).gr_name)")
+    assert sb.run(code) == whpfast.PythonResult("C.UTF-8\nsandbox /tmp sandbox\n", "", None)
+
+
+def test_alarm_timers_and_pipes_fail_visibly(sb):
+    """No signal is delivered in the sandbox: signal.alarm raises rather than return a
+    meaningless number with no alarm to come; setitimer fails; pipes are ENOSYS, not EMFILE."""
+    code = ("import errno, os, signal\nout = []\n"
+            "for call in (lambda: signal.alarm(1), lambda: signal.setitimer(signal.ITIMER_REAL, 1.0), os.pipe):\n"
+            "    try:\n        call()\n    except OSError as e:\n"
+            "        out.append((isinstance(e, signal.ItimerError), errno.errorcode[e.errno]))\nprint(out)")
+    r = sb.run(code)
+    assert r.stdout == "[(False, 'ENOSYS'), (True, 'ENOSYS'), (False, 'ENOSYS')]\n", r
 
 
 def test_os_exit_is_reported_and_the_next_run_works(sb):

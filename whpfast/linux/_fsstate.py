@@ -9,10 +9,14 @@ from stat import S_IFDIR, S_IFLNK, S_IFREG
 PATH_MAX, NAME_MAX = 4096, 255
 MAX_FILE = (1 << 63) - 1
 O_ACCMODE, O_RDONLY, O_PATH = 3, 0, 0o10000000
+LOCK_POSIX, LOCK_OFD, LOCK_FLOCK = 0, 1, 2
+MAX_LOCKS = 4096            # fs.MAX_LOCKS: locks held at once in a sandbox
 # The synthesized regular files (fs.FileSystem._build_synthetic): a description of one holds its
 # contents as of the open, and only such a description holds contents.
 SYNTHESIZED_FILES = frozenset((b"/proc/self/maps", b"/proc/self/status",
                                b"/sys/devices/system/cpu/online", b"/sys/devices/system/cpu/possible"))
+# Synthesized unless the read policy shows the host's (then read from the host: no contents).
+SYNTHESIZED_UNLESS_MAPPED = frozenset((b"/etc/passwd", b"/etc/group"))
 
 
 class FsState(NamedTuple):
@@ -21,9 +25,12 @@ class FsState(NamedTuple):
     descs: tuple        # ((ref, flags, offset, synthesized contents or None), ...)
     cwd: tuple          # a ref: ("p", canonical path) | ("t", /tmp index) | ("c", console) | ("f", fd)
     umask: int
-    tmp: tuple          # ((ino, fmt, mode, mtime, ctime, parent index or -1, name, payload), ...):
-                        # the root first, every parent before its children (so no cycles)
+    tmp: tuple          # ((ino, fmt, mode, mtime, ctime, parent index or -1, name, payload, atime),
+                        # ...): the root first, every parent before its children (so no cycles)
     next_ino: int
+    locks: tuple = ()   # ((kind, description index, type, first, last), ...): kind LOCK_POSIX,
+                        # LOCK_OFD (owned by the description) or LOCK_FLOCK (first = last = 0);
+                        # type F_RDLCK 0 or F_WRLCK 1; the range inclusive, last MAX_FILE: to EOF
 
 
 def encode(state):
@@ -123,18 +130,23 @@ def _validate(obj):
     def bad(why):
         raise ValueError(f"file-system state: {why}")
 
-    if type(obj) is not tuple or len(obj) != 6:
+    if type(obj) is not tuple or len(obj) not in (6, 7):     # 6: written before locks
         bad("not a state record")
-    fds, descs, cwd, umask, tmp, next_ino = obj
+    fds, descs, cwd, umask, tmp, next_ino = obj[:6]
+    locks = obj[6] if len(obj) == 7 else ()
     if type(tmp) is not tuple or not tmp:
         bad("no /tmp tree")
-    inos, names = set(), set()
+    inos, names, entries = set(), set(), []
     for i, entry in enumerate(tmp):
-        if type(entry) is not tuple or len(entry) != 8:
+        if type(entry) is not tuple or len(entry) not in (8, 9):
             bad(f"/tmp entry {i} malformed")
-        ino, fmt, mode, mtime, ctime, parent, name, payload = entry
+        if len(entry) == 8:                     # written before atime was kept: atime = mtime
+            entry += (entry[3],)
+        entries.append(entry)
+        ino, fmt, mode, mtime, ctime, parent, name, payload, atime = entry
         if not (_is_int(ino, 1, MAX_FILE) and fmt in (S_IFDIR, S_IFREG, S_IFLNK)
                 and _is_int(mode, 0, 0o7777) and _is_int(mtime, -MAX_FILE - 1, MAX_FILE)
+                and _is_int(atime, -MAX_FILE - 1, MAX_FILE)
                 and _is_int(ctime, -MAX_FILE - 1, MAX_FILE) and _is_int(parent, -1, i - 1)):
             bad(f"/tmp entry {i} has a bad field")
         if ino in inos:
@@ -154,6 +166,7 @@ def _validate(obj):
             names.add((parent, name))
         elif not (name == b"" if i == 0 else _valid_path(name)):
             bad(f"/tmp entry {i} (unlinked) has a bad former path")
+    tmp = tuple(entries)
 
     def ref(r, what):
         if type(r) is not tuple or len(r) != 2:
@@ -183,7 +196,8 @@ def _validate(obj):
             bad(f"description {i} has a bad field")
         # What a read, lseek or stat of it will need (fs.FileSystem._check_desc checks the rest
         # against the file system it is put back into).
-        if (r[0] == "p" and r[1] in SYNTHESIZED_FILES) != (data is not None):
+        if (r[0] == "p" and r[1] in SYNTHESIZED_FILES) != (data is not None) and not (
+                r[0] == "p" and r[1] in SYNTHESIZED_UNLESS_MAPPED):
             bad(f"description {i}: contents only, and always, for a synthesized file")
         if not flags & O_PATH:
             fmt = tmp[r[1]][1] if r[0] == "t" else S_IFLNK if r[0] == "f" else None
@@ -205,4 +219,16 @@ def _validate(obj):
         bad("cwd is not a directory")
     if not _is_int(umask, 0, 0o777) or not _is_int(next_ino, 0, 1 << 62):
         bad("bad umask or inode counter")
-    return FsState(fds, descs, cwd, umask, tmp, next_ino)
+    # Each lock's owner is a description an fd holds; fs.FileSystem.reset takes them one by one
+    # as requests (access mode, conflicts), so here only their form and number.
+    if type(locks) is not tuple or len(locks) > MAX_LOCKS:
+        bad("locks malformed or too many")
+    in_table = {entry[1] for entry in fds}
+    for entry in locks:
+        if (type(entry) is not tuple or len(entry) != 5 or entry[0] not in (LOCK_POSIX, LOCK_OFD, LOCK_FLOCK)
+                or type(entry[0]) is not int or not _is_int(entry[1], 0, len(descs) - 1)
+                or entry[1] not in in_table or not _is_int(entry[2], 0, 1)
+                or not _is_int(entry[3], 0, MAX_FILE) or not _is_int(entry[4], entry[3], MAX_FILE)
+                or (entry[0] == LOCK_FLOCK and entry[3:] != (0, 0))):
+            bad(f"lock {entry!r} is bad"[:200])
+    return FsState(fds, descs, cwd, umask, tmp, next_ino, locks)

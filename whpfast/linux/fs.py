@@ -53,10 +53,11 @@ import time
 from .. import errors
 from ..errors import SnapshotError
 from . import _fsstate
-from ._fsstate import MAX_FILE, NAME_MAX, PATH_MAX, FsState
-from .errno import (EACCES, EBADF, EBUSY, EEXIST, EFBIG, EINVAL, EIO, EISDIR, ELOOP, EMFILE,
-                    ENAMETOOLONG, ENODEV, ENOENT, ENOMEM, ENOSPC, ENOTDIR, ENOTEMPTY, ENOTTY, ENXIO,
-                    EOPNOTSUPP, EOVERFLOW, EROFS, ESPIPE, ESTALE, EXDEV, LinuxError, from_oserror)
+from ._fsstate import (LOCK_FLOCK, LOCK_OFD, LOCK_POSIX, MAX_FILE, MAX_LOCKS, NAME_MAX, PATH_MAX,
+                       FsState)
+from .errno import (EACCES, EAGAIN, EBADF, EBUSY, EDEADLK, EEXIST, EFBIG, EINVAL, EIO, EISDIR,
+                    ELOOP, EMFILE, ENAMETOOLONG, ENODEV, ENOENT, ENOLCK, ENOMEM, ENOSPC, ENOTDIR,
+                    ENOTEMPTY, ENOTTY, ENXIO, EOPNOTSUPP, EOVERFLOW, EROFS, ESPIPE, ESTALE, EXDEV, LinuxError, from_oserror)
 
 # Linux x86-64 values (written out: the host's os.O_* differ on Windows).
 O_ACCMODE, O_RDONLY, O_WRONLY, O_RDWR = 3, 0, 1, 2
@@ -73,11 +74,21 @@ AT_SYMLINK_NOFOLLOW, AT_REMOVEDIR, AT_EACCESS, AT_NO_AUTOMOUNT = 0x100, 0x200, 0
 AT_EMPTY_PATH, AT_STATX_SYNC_TYPE = 0x1000, 0x6000
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC = 0, 1, 2, 3, 4, 1030
+F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW = 5, 6, 7, 36, 37, 38
+F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
+LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN = 1, 2, 4, 8     # flock operations; MAX_LOCKS bounds all locks
 FIONCLEX, FIOCLEX = 0x5450, 0x5451
 SEEK_SET, SEEK_CUR, SEEK_END, SEEK_DATA, SEEK_HOLE = 0, 1, 2, 3, 4
 
 S_IFMT, S_IFDIR, S_IFREG, S_IFLNK = 0o170000, 0o040000, 0o100000, 0o120000
 S_IFCHR, S_IFIFO = 0o020000, 0o010000
+_STATFS = struct.Struct("<qqQQQQQiiqqq32x")     # struct statfs: type, bsize, blocks, bfree,
+_STATFS_BLOCK = 4096                            # bavail, files, ffree, fsid, namelen, frsize, flags
+TMPFS_MAGIC, PROC_SUPER_MAGIC, SYSFS_MAGIC = 0x01021994, 0x9FA0, 0x62656572
+PIPEFS_MAGIC, OVERLAYFS_MAGIC = 0x50495045, 0x794C7630
+ST_RDONLY, ST_NOSUID, ST_NODEV, ST_VALID = 1, 2, 4, 0x20
+SANDBOX_USER = b"sandbox"    # the user name of the synthesized /etc/passwd (its uid: FileSystem's)
+UTIME_NOW, UTIME_OMIT = "now", "omit"     # utimensat's times besides ns
 _DT = {S_IFDIR: 4, S_IFREG: 8, S_IFLNK: 10, S_IFCHR: 2, S_IFIFO: 1, 0o140000: 12, 0o060000: 6}
 
 MAXSYMLINKS = 40
@@ -193,11 +204,12 @@ class _Tmp:
     bytes or bytearray (file; bytes while shared with a captured state), bytes (symlink).
     `name` is None once unlinked (the node lives on while an fd or the cwd holds it), and `gone`
     then holds the path it had, which readlink of /proc/self/fd/N shows."""
-    __slots__ = ("ino", "fmt", "mode", "data", "parent", "name", "mtime", "ctime", "gone")
+    __slots__ = ("ino", "fmt", "mode", "data", "parent", "name", "atime", "mtime", "ctime", "gone")
 
     def __init__(self, ino, fmt, mode, data, parent, name, now, gone=None):
         self.ino, self.fmt, self.mode, self.data = ino, fmt, mode, data
         self.parent, self.name, self.mtime, self.ctime, self.gone = parent, name, now, now, gone
+        self.atime = now            # set at creation and by utimensat only (reads: noatime)
 
 
 class _Open:
@@ -395,6 +407,10 @@ class FileSystem:
         self._live = None           # the descriptions of _last, by index
         self._last = None           # the state last captured or reset to
         self._fds = {}
+        self._ranges = {}           # _lock_key(node) -> [(owner, type, first, last), ...] by first:
+                                    # record locks; owner _PROCESS (POSIX) or a description (OFD)
+        self._flocks = {}           # _lock_key(node) -> {description: F_RDLCK or F_WRLCK}
+        self._nlocks = 0            # records in both, at most MAX_LOCKS
         self._consoles = {}
         for fd, name in enumerate(("stdin", "stdout", "stderr")):
             node = self._consoles[name] = _Console(b"", None, S_IFIFO | 0o600, self._new_ino(), name)
@@ -523,6 +539,16 @@ class FileSystem:
             link(b"/dev/" + name, lambda fd=fd: b"/proc/self/fd/%d" % fd)
         self._tmp_root = _Tmp(self._new_ino(), S_IFDIR, 0o1777, {}, None, b"tmp", time.time_ns())
         self._place(b"/tmp", self._tmp_root)    # the one /tmp node a reset keeps (and refills)
+        # A user database naming the sandbox's identity (getpass.getuser, pwd.getpwuid, `id`),
+        # unless the read policy shows one: a caller who maps /etc gets what it mapped.
+        users = {b"/etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n%s:x:%d:%d:whpfast sandbox:/tmp:/bin/sh\n"
+                 % (SANDBOX_USER, self._uid, self._gid),
+                 b"/etc/group": b"root:x:0:\n%s:x:%d:\n" % (SANDBOX_USER, self._gid)}
+        for path, contents in users.items():
+            try:
+                self._walk(AT_FDCWD, path, start=self._root)
+            except LinuxError:
+                text(path, lambda contents=contents: contents)
 
     def _status(self):
         name = os.path.basename(self._exe or b"?")[:15]
@@ -823,9 +849,12 @@ class FileSystem:
         _fail(EACCES)
 
     def close(self, fd):
-        if self._fds.pop(fd & 0xFFFFFFFF, None) is None:
+        entry = self._fds.pop(fd & 0xFFFFFFFF, None)
+        if entry is None:
             _fail(EBADF)
         self._table_changed = self._dirty = True
+        if self._nlocks:
+            self._unlock_closed(entry[0])
 
     def dup(self, fd):
         desc = self._desc(fd)
@@ -850,8 +879,11 @@ class FileSystem:
     def _dup_to(self, desc, new, cloexec):
         if not 0 <= new < self.max_fds:
             _fail(EBADF)
+        replaced = self._fds.get(new)
         self._fds[new] = (desc, cloexec)
         self._table_changed = self._dirty = True
+        if replaced is not None and self._nlocks:
+            self._unlock_closed(replaced[0])
         return new
 
     def fcntl(self, fd, cmd, arg=0):
@@ -891,6 +923,163 @@ class FileSystem:
             self._table_changed = self._dirty = True
             return 0
         _fail(ENOTTY)                           # no terminals here (TCGETS, TIOCGWINSZ, ...)
+
+
+    # -- locks
+    # One process, one thread: POSIX record locks never conflict with each other (one owner), so
+    # conflicts arise only between OFD locks of different open file descriptions, OFD and POSIX
+    # locks, and flock locks of different descriptions (flock and record locks are independent,
+    # as on Linux). A request that conflicts can only wait for this very process, which is
+    # waiting: F_SETLKW, F_OFD_SETLKW and flock without LOCK_NB fail with EDEADLK instead of
+    # hanging (Linux says EDEADLK for POSIX locks; for OFD and flock it would sleep forever).
+    # Ranges are inclusive [first, last], last MAX_FILE for "to the end of the file", as Linux.
+
+    @staticmethod
+    def _lock_key(node):
+        return _file_key(node) if type(node) is _HostNode else node
+
+    def _lock_desc(self, fd, typ):
+        desc = self._desc(fd)
+        acc = desc.flags & (O_ACCMODE | O_PATH)
+        if acc & O_PATH or (typ == F_RDLCK and acc == O_WRONLY) or (typ == F_WRLCK and acc == O_RDONLY):
+            _fail(EBADF)
+        return desc
+
+    def _lock_range(self, desc, whence, start, length):
+        if whence == 1:
+            start += desc.offset
+        elif whence == 2:
+            start += self._size(desc)
+        elif whence != 0:
+            _fail(EINVAL)
+        if length > 0:
+            last = start + length - 1
+        elif length < 0:
+            start, last = start + length, start - 1
+        else:
+            last = MAX_FILE
+        if start < 0:
+            _fail(EINVAL)
+        if last > MAX_FILE:
+            _fail(EOVERFLOW)
+        return start, last
+
+    def record_lock(self, fd, cmd, typ, whence, start, length, pid):
+        """fcntl F_GETLK, F_SETLK(W) and their F_OFD_ forms with struct flock's fields. The
+        *GETLK commands return the first conflicting lock as (type, first, last, is_posix) or
+        None (no conflict); the others, None."""
+        ofd = cmd in (F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW)
+        if typ not in (F_RDLCK, F_WRLCK, F_UNLCK) or (ofd and pid != 0):
+            _fail(EINVAL)
+        getting = cmd in (F_GETLK, F_OFD_GETLK)
+        if getting:
+            if typ == F_UNLCK:
+                _fail(EINVAL)
+            desc = self._desc(fd)
+            if desc.flags & O_PATH:
+                _fail(EBADF)
+        else:
+            desc = self._lock_desc(fd, typ)
+        first, last = self._lock_range(desc, whence, start, length)
+        owner = desc if ofd else _PROCESS
+        key = self._lock_key(desc.node)
+        held = self._ranges.get(key, ())
+        if getting:
+            for o, t, s, e in held:
+                if o is not owner and s <= last and first <= e and F_WRLCK in (t, typ):
+                    return t, s, e, o is _PROCESS
+            return None
+        self._set_range(key, owner, typ, first, last, cmd in (F_SETLKW, F_OFD_SETLKW))
+        return None
+
+    def _set_range(self, key, owner, typ, first, last, wait):
+        held = self._ranges.get(key, ())
+        if typ != F_UNLCK:
+            for o, t, s, e in held:
+                if o is not owner and s <= last and first <= e and F_WRLCK in (t, typ):
+                    _fail(EDEADLK if wait else EAGAIN)
+        kept = []
+        for rec in held:
+            o, t, s, e = rec
+            if o is not owner or e < first - 1 or s > last + 1:
+                kept.append(rec)
+            elif t == typ:                      # the same type, overlapping or adjacent: merged
+                first, last = min(first, s), max(last, e)
+            elif s <= last and first <= e:      # overlapped by another type: the rest stays
+                if s < first:
+                    kept.append((o, t, s, first - 1))
+                if e > last:
+                    kept.append((o, t, last + 1, e))
+            else:
+                kept.append(rec)
+        if typ != F_UNLCK:
+            kept.append((owner, typ, first, last))
+        count = self._nlocks + len(kept) - len(held)
+        if count > MAX_LOCKS:
+            _fail(ENOLCK, f"more than {MAX_LOCKS} locks")
+        kept.sort(key=lambda r: r[2])
+        if kept:
+            self._ranges[key] = kept
+        else:
+            self._ranges.pop(key, None)
+        self._nlocks = count
+        self._dirty = True
+
+    def flock(self, fd, op):
+        desc = self._desc(fd)
+        if desc.flags & O_PATH:
+            _fail(EBADF)
+        typ = {LOCK_SH: F_RDLCK, LOCK_EX: F_WRLCK, LOCK_UN: F_UNLCK}.get(op & ~LOCK_NB)
+        if typ is None:
+            _fail(EINVAL)
+        self._set_flock(self._lock_key(desc.node), desc, typ, not op & LOCK_NB)
+        return 0
+
+    def _set_flock(self, key, desc, typ, wait):
+        held = self._flocks.get(key, {})
+        mine = held.get(desc)
+        if mine == typ:
+            return
+        if mine is not None:            # a conversion drops the old lock first, as Linux does
+            del held[desc]
+            self._nlocks -= 1
+            self._dirty = True
+        if typ == F_UNLCK:
+            if not held:
+                self._flocks.pop(key, None)
+            return
+        if any(F_WRLCK in (t, typ) for t in held.values()):
+            if not held:
+                self._flocks.pop(key, None)
+            _fail(EDEADLK if wait else EAGAIN)
+        if self._nlocks >= MAX_LOCKS:
+            _fail(ENOLCK, f"more than {MAX_LOCKS} locks")
+        held[desc] = typ
+        self._flocks[key] = held
+        self._nlocks += 1
+        self._dirty = True
+
+    def _unlock_closed(self, desc):
+        """An fd of desc was closed: the process's POSIX locks on its file go (any fd closed
+        releases them), and desc's OFD and flock locks when this was its last fd."""
+        key = self._lock_key(desc.node)
+        ranges, flocks = self._ranges.get(key), self._flocks.get(key)
+        if ranges is None and flocks is None:
+            return
+        last_fd = not any(d is desc for d, _ in self._fds.values())
+        if ranges is not None:
+            kept = [r for r in ranges if r[0] is not _PROCESS and (r[0] is not desc or not last_fd)]
+            self._nlocks -= len(ranges) - len(kept)
+            if kept:
+                self._ranges[key] = kept
+            else:
+                del self._ranges[key]
+        if flocks is not None and last_fd and desc in flocks:
+            del flocks[desc]
+            self._nlocks -= 1
+            if not flocks:
+                del self._flocks[key]
+        self._dirty = True
 
     # -- reading and writing
 
@@ -1295,7 +1484,7 @@ class FileSystem:
             if node.name is None and node is not self._tmp_root:
                 nlink = 0
             return (_TMP_DEV, node.ino, node.fmt | node.mode, nlink, self._uid, self._gid, 0, size,
-                    node.mtime, node.mtime, node.ctime)
+                    node.atime, node.mtime, node.ctime)
         size = 0
         if t is _SynFile:
             size = len(node.value())
@@ -1333,6 +1522,60 @@ class FileSystem:
         node = self._walk(dirfd, path, follow=not flags & AT_SYMLINK_NOFOLLOW,
                           empty=bool(flags & AT_EMPTY_PATH))
         return self._stat_bytes(node)
+
+    def statfs(self, path):
+        """struct statfs (x86-64, 120 bytes) of the file system holding path (followed)."""
+        return self._statfs_bytes(self._walk(AT_FDCWD, path))
+
+    def fstatfs(self, fd):
+        return self._statfs_bytes(self._desc(fd).node)
+
+    def _statfs_bytes(self, node):
+        # /tmp answers from its quota (inodes at the bytes each costs); the rest is read-only and
+        # has no space to give: read roots show no host numbers (the host's disk is not the
+        # guest's business), with overlayfs' magic for a view layered over host directories.
+        t = type(node)
+        blocks = free = files = ffree = 0
+        flags = ST_VALID | ST_NOSUID | ST_NODEV
+        if t is _Tmp:
+            magic = TMPFS_MAGIC
+            room = max(0, self._tmp_size - self._tmp_used)
+            blocks, free = self._tmp_size // _STATFS_BLOCK, room // _STATFS_BLOCK
+            files, ffree = self._tmp_size // _INODE_COST, room // _INODE_COST
+        elif t is _Console:
+            magic = PIPEFS_MAGIC
+        else:
+            top = (node.path or b"/").split(b"/")[1:2]
+            magic = {b"proc": PROC_SUPER_MAGIC, b"sys": SYSFS_MAGIC, b"dev": TMPFS_MAGIC}.get(
+                top[0] if top and t is not _HostNode else b"", OVERLAYFS_MAGIC)
+            flags |= ST_RDONLY
+        return _STATFS.pack(magic, _STATFS_BLOCK, blocks, free, free, files, ffree, 0, 0, NAME_MAX,
+                            _STATFS_BLOCK, flags)
+
+    def utimensat(self, dirfd, path, atime, mtime, flags):
+        """Sets a /tmp file's times: each is ns, UTIME_NOW or UTIME_OMIT. path None: dirfd's
+        file (futimens). Elsewhere EROFS, as for any other change outside /tmp."""
+        if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH):
+            _fail(EINVAL)
+        if path is None:
+            if flags & AT_SYMLINK_NOFOLLOW:
+                _fail(EINVAL)
+            node = self._desc(dirfd).node
+        else:
+            node = self._walk(dirfd, path, follow=not flags & AT_SYMLINK_NOFOLLOW,
+                              empty=bool(flags & AT_EMPTY_PATH))
+        if atime == UTIME_OMIT and mtime == UTIME_OMIT:
+            return 0
+        if type(node) is not _Tmp:
+            _fail(EROFS, "only /tmp is writable")
+        now = time.time_ns()
+        if atime != UTIME_OMIT:
+            node.atime = now if atime == UTIME_NOW else max(-MAX_FILE - 1, min(MAX_FILE, atime))
+        if mtime != UTIME_OMIT:
+            node.mtime = now if mtime == UTIME_NOW else max(-MAX_FILE - 1, min(MAX_FILE, mtime))
+        node.ctime = now
+        self._tmp_dirty = True
+        return 0
 
     def statx(self, dirfd, path, flags, mask):
         """struct statx (256 bytes); every basic field is filled whatever `mask` asks."""
@@ -1690,9 +1933,48 @@ class FileSystem:
                 descs.append((self._ref(desc.node, index), desc.flags, desc.offset, desc.data))
             fds.append((fd, desc.idx, cloexec))
         state = FsState(tuple(fds), tuple(descs), self._ref(self._cwd, index), self._umask, tmp,
-                        self._ino)
+                        self._ino, self._freeze_locks(live) if self._nlocks else ())
         self._settled(state, live)
         return state
+
+    def _freeze_locks(self, live):
+        """FsState.locks: (kind, description index, type, first, last) per lock. A POSIX lock
+        names any description of its file: one is open while the lock lives (a close of any fd
+        of the file releases it)."""
+        by_key = {}
+        for desc in live:
+            by_key.setdefault(self._lock_key(desc.node), desc.idx)
+        locks = []
+        for key, ranges in self._ranges.items():
+            for owner, typ, first, last in ranges:
+                if owner is _PROCESS:
+                    locks.append((LOCK_POSIX, by_key[key], typ, first, last))
+                else:
+                    locks.append((LOCK_OFD, owner.idx, typ, first, last))
+        for held in self._flocks.values():
+            for desc, typ in held.items():
+                locks.append((LOCK_FLOCK, desc.idx, typ, 0, 0))
+        return tuple(sorted(locks))
+
+    def _thaw_locks(self, locks, descs):
+        """Takes the locks of a state, each through the checks a request gets (access mode,
+        conflicts, the bound): a decoded state is untrusted. On failure the locks stay as they were."""
+        before = self._ranges, self._flocks, self._nlocks
+        self._ranges, self._flocks, self._nlocks = {}, {}, 0
+        for kind, i, typ, first, last in locks:
+            desc = descs[i]
+            try:
+                if desc.flags & O_PATH or (typ == F_RDLCK and desc.flags & O_ACCMODE == O_WRONLY) or (
+                        typ == F_WRLCK and desc.flags & O_ACCMODE == O_RDONLY):
+                    _fail(EBADF, "the description's access mode does not allow it")
+                key = self._lock_key(desc.node)
+                if kind == LOCK_FLOCK:
+                    self._set_flock(key, desc, typ, False)
+                else:
+                    self._set_range(key, _PROCESS if kind == LOCK_POSIX else desc, typ, first, last, False)
+            except LinuxError as e:
+                self._ranges, self._flocks, self._nlocks = before
+                raise SnapshotError(f"the snapshot's lock on description {i} cannot be held: {e}") from None
 
     def _moved(self, desc):
         """desc's offset or flags changed: reset puts back only such descriptions (those of
@@ -1733,7 +2015,7 @@ class FileSystem:
             nodes.append(node)
             entries.append((node.ino, node.fmt, node.mode, node.mtime, node.ctime, parent,
                             node.name if parent >= 0 else node.gone or b"",
-                            None if node.fmt == S_IFDIR else node.data))
+                            None if node.fmt == S_IFDIR else node.data, node.atime))
 
         stack = [(self._tmp_root, -1)]
         while stack:                            # pre-order: every parent before its children
@@ -1774,6 +2056,8 @@ class FileSystem:
             if state.fds and max(fd for fd, _, _ in state.fds) >= self.max_fds:
                 raise SnapshotError(f"the snapshot has an fd past this sandbox's {self.max_fds}")
             self._table_changed = True
+        if state.locks or self._nlocks:
+            self._thaw_locks(state.locks, descs)
         if self._table_changed:
             self._fds = {fd: (descs[i], cloexec) for fd, i, cloexec in state.fds}
         cwd = self._deref(state.cwd, self._tmp_nodes)
@@ -1807,13 +2091,13 @@ class FileSystem:
 
     def _thaw_tmp(self, tmp):
         used = sum((_INODE_COST * 2 + len(name) if parent >= 0 else _INODE_COST)
-                   + (len(payload) if payload else 0) for _, _, _, _, _, parent, name, payload in tmp)
+                   + (len(payload) if payload else 0) for _, _, _, _, _, parent, name, payload, _ in tmp)
         if used > self._tmp_size:
             raise SnapshotError(f"the snapshot's /tmp holds {used} bytes, more than this "
                                 f"sandbox's tmp_size ({self._tmp_size})")
         root = self._tmp_root
         nodes = []
-        for ino, fmt, mode, mtime, ctime, parent, name, payload in tmp:
+        for ino, fmt, mode, mtime, ctime, parent, name, payload, atime in tmp:
             if nodes:
                 node = _Tmp(ino, fmt, mode, {} if fmt == S_IFDIR else payload, None, None, mtime,
                             name if parent < 0 else None)
@@ -1822,7 +2106,7 @@ class FileSystem:
                     node.parent.data[name] = node
             else:
                 node, root.data, root.mode = root, {}, mode
-            node.mtime, node.ctime = mtime, ctime
+            node.atime, node.mtime, node.ctime = atime, mtime, ctime
             nodes.append(node)
         self._tmp_frozen = (tmp, {id(n): i for i, n in enumerate(nodes)})
         self._tmp_nodes, self._tmp_used, self._tmp_dirty = nodes, used, False
@@ -1856,3 +2140,4 @@ class FileSystem:
 
 
 _UNKNOWN = object()
+_PROCESS = "process"        # the owner of POSIX record locks (descriptions own OFD locks)

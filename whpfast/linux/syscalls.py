@@ -12,7 +12,10 @@ import struct
 import time
 
 from .errno import LinuxError
+from ._fsstate import MAX_FILE
 from ._sysnames import NAMES, NUMBERS
+from .fs import (F_GETLK, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW, F_SETLK, F_SETLKW, F_UNLCK,
+                 UTIME_NOW, UTIME_OMIT)
 from .mm import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, PURE_PYTHON
 
 AT_FDCWD = -100
@@ -229,9 +232,32 @@ def sys_dup3(p, old, new, flags, *_):
     return p.fs.dup3(s32(old), s32(new), s32(flags))
 
 
+_LOCK_CMDS = (F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW)
+_GETLK_CMDS = (F_GETLK, F_OFD_GETLK)
+_FLOCK = struct.Struct("<hh4xqqi4x")    # struct flock: type, whence, start, len, pid
+
+
 @syscall("fcntl")
 def sys_fcntl(p, fd, cmd, arg, *_):
-    return p.fs.fcntl(s32(fd), s32(cmd), arg)
+    cmd = s32(cmd)
+    if cmd not in _LOCK_CMDS:
+        return p.fs.fcntl(s32(fd), cmd, arg)
+    p.mm.check(arg, _FLOCK.size, write=cmd in _GETLK_CMDS)
+    typ, whence, start, length, pid = _FLOCK.unpack(p.mm.read(arg, _FLOCK.size))
+    found = p.fs.record_lock(s32(fd), cmd, typ, whence, start, length, pid)
+    if cmd in _GETLK_CMDS:
+        if found is None:
+            p.mm.write(arg, struct.pack("<h", F_UNLCK))                 # the rest unchanged
+        else:
+            typ, first, last, posix = found
+            length = 0 if last == MAX_FILE else last - first + 1
+            p.mm.write(arg, _FLOCK.pack(typ, 0, first, length, PID if posix else -1))
+    return 0
+
+
+@syscall("flock")
+def sys_flock(p, fd, op, *_):
+    return p.fs.flock(s32(fd), s32(op))
 
 
 @syscall("lseek")
@@ -244,6 +270,73 @@ def sys_fstat(p, fd, buf, *_):
     p.mm.check(buf, 144, write=True)
     p.mm.write(buf, p.fs.fstat(s32(fd)))
     return 0
+
+
+@syscall("statfs")
+def sys_statfs(p, path, buf, *_):
+    p.mm.check(buf, 120, write=True)
+    p.mm.write(buf, p.fs.statfs(_path(p, path)))
+    return 0
+
+
+@syscall("fstatfs")
+def sys_fstatfs(p, fd, buf, *_):
+    p.mm.check(buf, 120, write=True)
+    p.mm.write(buf, p.fs.fstatfs(s32(fd)))
+    return 0
+
+
+_UTIME_NOW, _UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+
+
+def _utime(sec, nsec):
+    """A timespec's time for fs.utimensat: ns, or its UTIME_NOW / UTIME_OMIT."""
+    if nsec == _UTIME_NOW:
+        return UTIME_NOW
+    if nsec == _UTIME_OMIT:
+        return UTIME_OMIT
+    if not 0 <= nsec < 10**9:
+        _fail(E.EINVAL)
+    return sec * 10**9 + nsec
+
+
+def _times(p, addr, usec):
+    """(atime, mtime) from two timespecs (or timevals: usec), both now for NULL."""
+    if not addr:
+        return UTIME_NOW, UTIME_NOW
+    a_sec, a_frac, m_sec, m_frac = struct.unpack("<qqqq", p.mm.read(addr, 32))
+    if usec:
+        if not (0 <= a_frac < 10**6 and 0 <= m_frac < 10**6):
+            _fail(E.EINVAL)
+        return a_sec * 10**9 + a_frac * 1000, m_sec * 10**9 + m_frac * 1000
+    return _utime(a_sec, a_frac), _utime(m_sec, m_frac)
+
+
+@syscall("utimensat")
+def sys_utimensat(p, dirfd, path, times, flags, *_):
+    atime, mtime = _times(p, times, False)
+    return p.fs.utimensat(s32(dirfd), _path(p, path) if path else None, atime, mtime, s32(flags))
+
+
+@syscall("futimesat")
+def sys_futimesat(p, dirfd, path, times, *_):
+    atime, mtime = _times(p, times, True)
+    return p.fs.utimensat(s32(dirfd), _path(p, path) if path else None, atime, mtime, 0)
+
+
+@syscall("utimes")
+def sys_utimes(p, path, times, *_):
+    atime, mtime = _times(p, times, True)
+    return p.fs.utimensat(AT_FDCWD, _path(p, path), atime, mtime, 0)
+
+
+@syscall("utime")
+def sys_utime(p, path, times, *_):
+    if times:
+        atime, mtime = (t * 10**9 for t in struct.unpack("<qq", p.mm.read(times, 16)))
+    else:
+        atime = mtime = UTIME_NOW
+    return p.fs.utimensat(AT_FDCWD, _path(p, path), atime, mtime, 0)
 
 
 @syscall("newfstatat")
@@ -384,7 +477,7 @@ def sys_poll(p, fds, nfds, timeout, *_):
     return ready
 
 
-@syscall("fadvise64", "fsync", "fdatasync", "flock", "sync", "syncfs")
+@syscall("fadvise64", "fsync", "fdatasync", "sync", "syncfs")
 def sys_nothing(p, *_):
     return 0
 
@@ -666,10 +759,16 @@ REFUSED = {
     ("execve", "execveat"): (E.EACCES, "the sandbox runs one program"),
     ("wait4", "waitid"): (E.ECHILD, "there are no child processes"),
     ("socket", "socketpair"): (E.EACCES, "no network in the sandbox"),
-    ("pipe", "pipe2"): (E.EMFILE, "pipes are not supported"),
+    ("pipe", "pipe2"): (E.ENOSYS, "pipes are not supported"),
     ("setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setsid", "setpgid",
      "setgroups"): (E.EPERM, "the sandbox's identity is fixed"),
 }
+
+
+# Not implemented, so ENOSYS and counted in unsupported_syscalls: alarm, setitimer, getitimer,
+# timer_create. No signal is ever delivered to the program, so no timer could fire: a failure says
+# so (alarm(2) cannot fail on Linux, so a C program sees (unsigned)-1 from it; PythonSandbox's
+# signal.alarm raises OSError ENOSYS, signal.setitimer signal.ItimerError).
 
 
 def _refuse(err, why):

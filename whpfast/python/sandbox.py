@@ -56,9 +56,10 @@ ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"
 # System library directories the dynamic loader and the interpreter's extension modules need, and
 # what an interpreter's own packages load from outside its prefix: Debian's alternatives (numpy's
 # libblas.so.3 and liblapack.so.3 are symlinks through /etc/alternatives, which holds symlinks
-# only) and the time-zone database (zoneinfo, pandas, dateutil).
+# only), the time-zone database (zoneinfo, pandas, dateutil) and the compiled locales (glibc's
+# C.UTF-8, which ENV's LANG names, is a file there: locale.setlocale(LC_ALL, "") needs it).
 LIB_DIRS = ("/lib64", "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib64",
-            "/etc/alternatives", "/usr/share/zoneinfo")
+            "/etc/alternatives", "/usr/share/zoneinfo", "/usr/lib/locale")
 
 
 class PythonError(str):
