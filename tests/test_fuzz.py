@@ -2,7 +2,7 @@
 with checksums fixed up so mutations reach the parser, the call-result decoder and the host-call
 decoder. Every input must end in the documented exception or a valid result; the harness turns
 anything else into a libFuzzer crash, which fails the run (and the planted bug below shows it
-does). The long run is `python bench/fuzz.py <target> -max_total_time=300` (README "Fuzzing")."""
+does). The long run is `python bench/fuzz.py <target> -max_total_time=300` (docs/fuzzing.md)."""
 
 import json
 import os

@@ -111,6 +111,26 @@ def test_the_docs_build_strict(tmp_path):
     assert {(p + "/" if p else "") + "index.html" for p in pages} <= built, built
     assert "whpfast.sandbox.Sandbox" in (site / "reference" / "index.html").read_text()
 
+def slug(heading):
+    """The anchor MkDocs (its toc extension) and GitHub give a heading."""
+    return re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", heading.strip().lower()))
+
+
+def test_the_readme_links_to_pages_and_anchors_that_exist():
+    """mkdocs checks the links inside docs/; the README is outside it, so its links are checked
+    here: a relative link names a file that exists, and its #anchor a heading of that file."""
+    links = re.findall(r"\]\(([^)\s]+)\)", README.read_text())
+    local = [link for link in links if not re.match(r"\w+:", link)]
+    assert len(local) >= 10, local
+    for link in local:
+        path, _, anchor = link.partition("#")
+        target = ROOT / path if path else README
+        assert target.exists(), f"README.md links to {link}: no such file"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", FENCE.sub("", target.read_text()), re.M)
+            assert anchor in {slug(h) for h in headings}, f"README.md links to {link}: no such heading"
+
+
 def test_every_whpfast_name_in_the_readme_exists():
     text = all_text()
     dotted = {m.rstrip(".") for m in re.findall(r"\bwhpfast\.([A-Za-z_][\w.]*)", text)}
