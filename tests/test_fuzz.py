@@ -3,7 +3,8 @@ with checksums fixed up so mutations reach the parser, the call-result decoder, 
 decoder, the Linux file system against the host kernel (fsdiff) and random system calls from a
 real guest (syscalls). Every input must end in the documented exception or a valid result (and
 for fsdiff in the host kernel's answers); the harness turns anything else into a libFuzzer
-crash, which fails the run (and the planted bugs below show it does). The long run is `python bench/fuzz.py <target> -max_total_time=300` (README "Fuzzing")."""
+crash, which fails the run (and the planted bugs below show it does). The long
+run is `python bench/fuzz.py <target> -max_total_time=300` (docs/fuzzing.md)."""
 
 import json
 import os

@@ -117,7 +117,7 @@ def test_bookkeeping_of_a_64_gib_sandbox_is_small(testkit):
         assert sb._layout.page_tables[1] <= 512 << 10          # was 128 MiB
         warm = sb._warm
         bitmaps = sum(getattr(warm, a).nbytes for a in ("_dirty", "_host", "_hot", "_scored", "_reprotect", "_touched"))
-        assert bitmaps <= 208 << 10 << 6                        # 208 KiB per GiB (README)
+        assert bitmaps <= 208 << 10 << 6                        # 208 KiB per GiB (docs/limits.md)
         assert warm._score.nbytes == (64 << 30) // PAGE         # 1 byte per page, resident where used
         assert sb.call("add", 2, 3) == 5
         pages = sb.call("heap_pages")

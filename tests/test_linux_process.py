@@ -18,7 +18,7 @@ from whpfast.linux.fs import ReadPolicyError, inside_path, read_mapping
 HERE = Path(__file__).parent / "linux"
 
 # Any backend (KVM, or WHP over tests/whv); the personality's host side is Linux-only so far
-# (README, "Linux programs on WHP").
+# (docs/guides/windows.md, "Linux programs on WHP").
 pytestmark = [pytest.mark.hypervisor,
               pytest.mark.skipif(sys.platform != "linux", reason="Linux host only: the vDSO clock helper")]
 

@@ -38,7 +38,7 @@ BUSYBOX_LIBS = ["/lib", "/lib64", "/usr/lib"] if os.path.exists(BUSYBOX) and _in
 VENV = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
 
 # Any backend (KVM, or WHP over tests/whv); the personality's host side is Linux-only so far
-# (README, "Linux programs on WHP").
+# (docs/guides/windows.md, "Linux programs on WHP").
 pytestmark = [pytest.mark.hypervisor,
               pytest.mark.skipif(sys.platform != "linux", reason="Linux host only: the vDSO clock helper")]
 

@@ -441,7 +441,7 @@ def test_command_line(tmp_path):
 
 def test_command_line_runs_files_and_stdin_and_exits_1_for_whpfast_errors(tmp_path):
     """Issue 17 item 10: like python, a FILE or '-' (stdin) runs; a timeout or a refused policy
-    is exit status 1 (README), a usage error 2."""
+    is exit status 1 (docs/guides/python.md), a usage error 2."""
     cmd = [sys.executable, "-m", "whpfast", "run-python", "--memory", "64"]
     script = tmp_path / "job.py"
     script.write_text("import sys\nprint('from a file', sys.argv[0] != '')\n")

@@ -1,10 +1,13 @@
-"""README.md as a newcomer reads it: every code block runs as written, in document order, in one
-empty directory (python blocks each in a fresh interpreter, C blocks saved under the name their
-first line gives, shell blocks through bash), and every whpfast name it mentions exists."""
+"""README.md and the documentation pages (docs/**/*.md) as a newcomer reads them: every code block
+runs as written, in document order, in one empty directory per page (python blocks each in a fresh
+interpreter, C blocks saved under the name their first line gives, shell blocks through bash), every
+whpfast name they mention exists, and the documentation site builds with `mkdocs build --strict`
+(broken links, anchors and API references fail)."""
 
 import builtins
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +15,15 @@ from pathlib import Path
 import pytest
 
 import whpfast
-import whpfast.ray  # noqa: F401  (the README documents it: `whpfast.ray.RayPool` must exist)
+import whpfast.ray  # noqa: F401  (the docs document it: `whpfast.ray.RayPool` must exist)
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = [README] + sorted(DOCS.rglob("*.md"))
+# The pages that document the API as a user calls it: the class names they use bare are exported.
+API_PAGES = [README] + [DOCS / name for name in (
+    "guides/sdk.md", "guides/snapshots.md", "limits.md", "trust-model.md")]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\s*$", re.S | re.M)
 # Shell blocks that set up a machine (create venvs, install, run CI scripts) are what .ci/run does
 # already, and long runs (benchmarks, fuzzing: bench/) have their own commands; every other shell
@@ -23,34 +32,44 @@ SETUP = re.compile(r"pip install|\.ci/|python3 -m venv|bench/")
 C_NAME = re.compile(r"^/\* (\w+\.c) \*/$")
 
 
-def blocks():
-    text = README.read_text()
+def rel(page):
+    return page.relative_to(ROOT).as_posix()
+
+
+def blocks(page=README):
+    text = page.read_text()
     return [(m.group(1), m.group(2), text.count("\n", 0, m.start()) + 1) for m in FENCE.finditer(text)]
 
 
-def sections_before(heading):
-    text = README.read_text()
-    return text[:text.index(heading)]
+def all_text(pages=PAGES):
+    return "\n".join(page.read_text() for page in pages)
 
 
 def test_readme_has_the_blocks_this_test_runs():
     """Guards against the extraction silently finding nothing (a changed fence style, a moved
-    file): the README has at least these blocks today."""
-    kinds = [lang for lang, _, _ in blocks()]
-    assert kinds.count("python") >= 3
-    assert kinds.count("c") >= 1
-    assert sum(1 for lang, code, _ in blocks() if lang == "sh" and not SETUP.search(code)) >= 1
-    assert set(kinds) <= {"python", "c", "sh"}, f"a block in a language this test cannot run: {kinds}"
+    file): the README and the pages have at least these blocks today."""
+    assert len(PAGES) >= 14, [rel(p) for p in PAGES]
+    kinds = [lang for lang, _, _ in blocks(README)]
+    assert kinds.count("python") >= 4                  # a quickstart per personality
+    assert kinds.count("sh") >= 2                      # the fresh-machine commands, the wheel
+    docs = [(lang, code) for page in PAGES[1:] for lang, code, _ in blocks(page)]
+    assert [lang for lang, _ in docs].count("python") >= 7
+    assert [lang for lang, _ in docs].count("c") >= 1
+    assert sum(1 for lang, code in docs if lang == "sh" and not SETUP.search(code)) >= 1
+    for page in PAGES:
+        langs = {lang for lang, _, _ in blocks(page)}
+        assert langs <= {"python", "c", "sh"}, f"{rel(page)}: a block in a language this test cannot run: {langs}"
 
 
 @pytest.mark.hypervisor
-def test_every_code_block_runs_as_written(tmp_path):
+@pytest.mark.parametrize("page", PAGES, ids=rel)
+def test_every_code_block_runs_as_written(page, tmp_path):
     env = dict(os.environ)
     # `whpfast` and `python` are the ones of the interpreter running the tests (the venv's).
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     ran = {"python": 0, "c": 0, "sh": 0}
-    for n, (lang, code, line) in enumerate(blocks()):
-        where = f"README.md line {line} ({lang} block)"
+    for n, (lang, code, line) in enumerate(blocks(page)):
+        where = f"{rel(page)} line {line} ({lang} block)"
         if lang == "c":
             first = code.splitlines()[0]
             name = C_NAME.match(first)
@@ -59,7 +78,7 @@ def test_every_code_block_runs_as_written(tmp_path):
         elif lang == "python":
             if "LinuxSandbox" in code and whpfast.backend.NAME != "kvm":
                 continue            # LinuxSandbox runs on KVM only for now (test_linux_backend)
-            script = tmp_path / f"readme_block_{n}.py"
+            script = tmp_path / f"doc_block_{n}.py"
             script.write_text(code)
             proc = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env,
                                   capture_output=True, text=True, timeout=120)
@@ -71,37 +90,74 @@ def test_every_code_block_runs_as_written(tmp_path):
                                   capture_output=True, text=True, timeout=120)
             assert proc.returncode == 0, f"{where} failed:\n{code}\n--- output ---\n{proc.stdout}{proc.stderr}"
         ran[lang] += 1
-    assert ran["python"] >= 3 and ran["c"] >= 1 and ran["sh"] >= 1, ran
-    assert (tmp_path / "shout.elf").is_file()      # the shell block built the guest
+    if page == README:
+        assert ran["python"] >= (4 if whpfast.backend.NAME == "kvm" else 3), ran
+    if page == DOCS / "guides" / "sdk.md":
+        assert ran["python"] >= 2 and ran["c"] >= 1 and ran["sh"] >= 1, ran
+        assert (tmp_path / "shout.elf").is_file()      # the shell block built the guest
+
+
+def test_the_docs_build_strict(tmp_path):
+    """`mkdocs build --strict` (mkdocs.yml: every warning fails it, broken links and anchors are
+    warnings, and mkdocstrings fails on an API reference it cannot resolve)."""
+    mkdocs = shutil.which("mkdocs", path=os.path.dirname(sys.executable)) or shutil.which("mkdocs")
+    assert mkdocs, "mkdocs is not installed: pip install '.[test]' brings it"
+    site = tmp_path / "site"
+    proc = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(site)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    built = {p.relative_to(site).as_posix() for p in site.rglob("index.html")}
+    pages = {rel(p)[len("docs/"):].removesuffix("index.md").removesuffix(".md") for p in PAGES[1:]}
+    assert {(p + "/" if p else "") + "index.html" for p in pages} <= built, built
+    assert "whpfast.sandbox.Sandbox" in (site / "reference" / "index.html").read_text()
+
+def slug(heading):
+    """The anchor MkDocs (its toc extension) and GitHub give a heading."""
+    return re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", heading.strip().lower()))
+
+
+def test_the_readme_links_to_pages_and_anchors_that_exist():
+    """mkdocs checks the links inside docs/; the README is outside it, so its links are checked
+    here: a relative link names a file that exists, and its #anchor a heading of that file."""
+    links = re.findall(r"\]\(([^)\s]+)\)", README.read_text())
+    local = [link for link in links if not re.match(r"\w+:", link)]
+    assert len(local) >= 10, local
+    for link in local:
+        path, _, anchor = link.partition("#")
+        target = ROOT / path if path else README
+        assert target.exists(), f"README.md links to {link}: no such file"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", FENCE.sub("", target.read_text()), re.M)
+            assert anchor in {slug(h) for h in headings}, f"README.md links to {link}: no such heading"
 
 
 def test_every_whpfast_name_in_the_readme_exists():
-    text = README.read_text()
+    text = all_text()
     dotted = {m.rstrip(".") for m in re.findall(r"\bwhpfast\.([A-Za-z_][\w.]*)", text)}
     assert len(dotted) >= 5
     for name in sorted(dotted):
         obj = whpfast
         for part in name.split("."):
-            assert hasattr(obj, part), f"README mentions whpfast.{name}, which does not exist"
+            assert hasattr(obj, part), f"the docs mention whpfast.{name}, which does not exist"
             obj = getattr(obj, part)
     # Class names the API sections use bare (`Snapshot.save`, `GuestFault`, ...) are exported.
-    api = sections_before("## How it works")
+    api = all_text(API_PAGES)
     bare = set(re.findall(r"`([A-Z][a-z]\w*)", api)) - set(dir(builtins))
     assert {"Snapshot", "GuestFault", "SnapshotError", "HypervisorUnavailable"} <= bare
     for name in sorted(bare):
-        assert name in whpfast.__all__, f"README uses `{name}`, which whpfast does not export"
+        assert name in whpfast.__all__, f"the docs use `{name}`, which whpfast does not export"
     for cls, attr in re.findall(r"\b(Sandbox|Snapshot)\.(\w+)", text):
-        assert hasattr(getattr(whpfast, cls), attr), f"README mentions {cls}.{attr}"
+        assert hasattr(getattr(whpfast, cls), attr), f"the docs mention {cls}.{attr}"
 
 
 @pytest.mark.hypervisor
 def test_every_sandbox_attribute_in_the_readme_exists(testkit):
-    names = set(re.findall(r"\bsb\.(\w+)", README.read_text()))
+    names = set(re.findall(r"\bsb\.(\w+)", all_text()))
     assert {"call", "register", "restore", "snapshot", "exports", "last_restore"} <= names
     # `sb` names a Sandbox, or in "Python sandboxes" a PythonSandbox
     with whpfast.Sandbox(testkit) as sb:
         missing = [n for n in sorted(names) if not hasattr(sb, n) and not hasattr(whpfast.PythonSandbox, n)]
-    assert not missing, f"README mentions sb.{missing}, which neither Sandbox nor PythonSandbox has"
+    assert not missing, f"the docs mention sb.{missing}, which neither Sandbox nor PythonSandbox has"
 
 
 # -- the test command and its system packages (issue 17: CI cannot pass on what a user lacks) --

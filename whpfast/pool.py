@@ -10,7 +10,7 @@ its size. Guest code runs with the GIL released, so N threads keep N guests runn
 warm Python request releases it once, for its restore and its run together (one backend call,
 LinuxSandbox.run(restore=...)); the rest of the request (serving its exits, the answer, the
 pool's bookkeeping) holds it, so requests that spend little time in the guest scale less
-(README "Pools", bench/bench_pool.py).
+(docs/guides/pools.md, bench/bench_pool.py).
 
 One lock guards the free list, the queue and the counters; no guest run, restore or sandbox
 construction happens while it is held."""

@@ -21,7 +21,7 @@ from .snapshot import MAX_IO_BUFFER, MAX_MEMORY, STATE_PARTS, Snapshot
 from ._typing import StrPath, Value
 
 impl = backend.impl
-# Sizes past these are refused before anything is allocated (README "Limits"), the same limits
+# Sizes past these are refused before anything is allocated (docs/limits.md), the same limits
 # snapshot files are held to. Guest memory is MAP_NORESERVE (untouched pages cost nothing), but
 # the host keeps 1 bit per page per bitmap and the page tables grow with it; an I/O buffer's
 # messages carry 32-bit lengths.
