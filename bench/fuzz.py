@@ -569,12 +569,7 @@ def fs_step(fdp, pair):
             if flags & (os.O_ACCMODE | os.O_PATH) == 3:     # FS_ALLOWED: the host would open (and create)
                 return op, args, (s[0] is not None, s[1]), (False, "not asked")
             h = fs_call(lambda: os.open(hpath, flags, mode, dir_fd=hfd))
-            if s[0] is not None and h[0] is not None:
-                pair.slots.append((s[0], h[0]))
-                return op, args, (True, None), (True, None)
-            if h[0] is not None:
-                os.close(h[0])
-            return op, args, (s[0] is not None, s[1]), (h[0] is not None, h[1])
+            return fs_new_fds(pair, op, args, s, h)
         if op == "mkdir":
             mode = fdp.PickValueInList(FS_MODES)
             return op, (path, oct(mode)), fs_call(lambda: fs.mkdirat(sfd, path, mode)), \
@@ -656,6 +651,12 @@ def fs_step(fdp, pair):
             pair.slots.remove((sfd, hfd))
         return op, args, s, h
     s, h = fs_call(lambda: fs.dup(sfd)), fs_call(lambda: os.dup(hfd))
+    return fs_new_fds(pair, op, args, s, h)
+
+
+def fs_new_fds(pair, op, args, s, h):
+    """The outcome of an operation making an fd on each side (open, dup): both made, the pair
+    is kept for later operations; else what each side answered (a lone host fd closed)."""
     if s[0] is not None and h[0] is not None:
         pair.slots.append((s[0], h[0]))
         return op, args, (True, None), (True, None)
