@@ -3,6 +3,7 @@
 import time
 
 from .. import backend
+from ..errors import ConfigError
 
 # A timeout this long (or inf) is no timeout: deadlines are int64 nanoseconds.
 MAX_TIMEOUT = 1e9
@@ -13,11 +14,15 @@ DEFAULT_RUN_TIMEOUT = 30.0
 
 def run_timeout(value, what="timeout"):
     """A run timeout as given to call()/run(): a positive number of seconds, or None for none
-    (also math.inf, or MAX_TIMEOUT seconds and more). Anything else is a ValueError."""
+    (also math.inf, or MAX_TIMEOUT seconds and more). Not a number (a str, a bool): TypeError;
+    zero, negative or NaN: ConfigError (a ValueError), as for every argument (core/argcheck.py)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{what} must be a positive number of seconds or None, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a positive number of seconds or None, not "
+                        f"{type(value).__name__} {value!r}")
+    if not value > 0:
+        raise ConfigError(f"{what} must be a positive number of seconds or None, got {value!r}")
     return None if value >= MAX_TIMEOUT else value
 
 
