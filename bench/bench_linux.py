@@ -233,7 +233,7 @@ def density(count, modules):
     label = "python3" + (f" +{','.join(modules)}" if modules else "")
     print(f"snapshot file ({label}): {st.st_size / 2**20:.1f} MiB apparent, "
           f"{st.st_blocks * 512 / 2**20:.1f} MiB allocated, image {snap.nonzero_pages * 4096 / 2**20:.1f} MiB")
-    loaded = whpfast.LinuxSnapshot.load(path)
+    loaded = whpfast.LinuxSnapshot.load(path, read=READ)             # a file grants nothing itself
     for name, source in (("from the file (mapped)", loaded), ("from memory (copied)", snap)):
         whpfast.LinuxSandbox.from_snapshot(source).close()         # first-time costs out of the way
         boxes, times = [], []
