@@ -36,9 +36,9 @@ def programs(tmp_path_factory):
     return built
 
 
-def run(argv, **kw):
+def run(argv, timeout=10, **kw):
     with whpfast.LinuxSandbox(argv, memory_size=kw.pop("memory_size", 64 * MB), **kw) as lx:
-        return lx.run(timeout=10)
+        return lx.run(timeout=timeout)
 
 
 @pytest.mark.parametrize("name", ["hello", "hello_pie"])
@@ -378,7 +378,7 @@ int main(void) {
 }
 ''')
     subprocess.run(["gcc", "-O1", "-static", "-o", str(tmp_path / "maps"), str(source)], check=True)
-    r = run([str(tmp_path / "maps")], memory_size=1024 * MB)
+    r = run([str(tmp_path / "maps")], memory_size=1024 * MB, timeout=120)    # 70,000 calls: ~2 s alone
     assert r.exit_code == 0 and 30000 < int(r.stdout) < 33000
 
 

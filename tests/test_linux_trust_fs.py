@@ -375,9 +375,17 @@ def test_swapping_under_a_running_guest_never_leaks(tmp_path):
         except BaseException as e:                  # noqa: BLE001 (reported by the test)
             problems.append(e)
 
+    read = {"/r": str(root), "/bin": str(tmp_path / "bin")}
+    # Without swaps first: the guest reads the public files through those paths (so the run
+    # below, whose first look-ups may all fall in swaps and then stay ENOENT -- a sandbox keeps
+    # what it first saw of a read root -- is not vacuous).
+    with whpfast.LinuxSandbox(["/bin/swapper", "0.05"], read=read, memory_size=64 * MB) as calm:
+        quiet = calm.run(timeout=60)
+    calm_stats = dict(kv.split("=") for kv in quiet.stdout.decode().split())
+    assert int(calm_stats["oks"]) > 0 and int(calm_stats["leaks"]) == 0, quiet
+
     thread = threading.Thread(target=swapper, daemon=True)
-    with whpfast.LinuxSandbox(["/bin/swapper", "3"], read={"/r": str(root), "/bin": str(tmp_path / "bin")},
-                              memory_size=64 * MB) as lx:
+    with whpfast.LinuxSandbox(["/bin/swapper", "3"], read=read, memory_size=64 * MB) as lx:
         thread.start()
         try:
             r = lx.run(timeout=60)
@@ -390,7 +398,7 @@ def test_swapping_under_a_running_guest_never_leaks(tmp_path):
     assert "LEAK" not in out and SECRET not in r.stdout, out[:2000]
     assert poisoned is None and r.exit_code == 0, (poisoned, r)
     stats = dict(kv.split("=") for kv in out.split())
-    assert int(stats["rounds"]) > 1 and int(stats["oks"]) > 0, out
+    assert int(stats["rounds"]) > 1, out
     assert int(stats["other"]) == 0, out
     assert swaps[0] >= 3, swaps                 # the race did happen, many times over
 
