@@ -280,7 +280,10 @@ def test_cancel_storm_from_another_thread_does_not_freeze_calls(testkit):
         stop.set()
     n = cancels()
     assert n > 1000
-    assert attempts >= 50, f"only {attempts} calls in 1 s under a storm of {n} cancels"
+    # Progress, not a rate: each time this thread takes the GIL back from the storm it waits a
+    # switch interval (5 ms), so calls that hand the GIL over more often make fewer per second
+    # (45 once on a loaded machine since the operation gate); a frozen call would make none.
+    assert attempts >= 20, f"only {attempts} calls in 1 s under a storm of {n} cancels"
     # at most one kick per call (a kick can also race a call that is just returning its result)
     assert sb._vcpu.kicks <= attempts and cancelled <= attempts
     sb.restore(snap)
