@@ -64,11 +64,6 @@ class Grant(NamedTuple):
             granted[key] = (os.path.normpath(os.path.abspath(host)), real)
         return cls(granted, memory_size or DEFAULT_MEMORY_SIZE, tmp_size or DEFAULT_TMP_SIZE)
 
-    @classmethod
-    def declared(cls, config: Dict[str, Any], memory_size: int) -> "Grant":
-        """The grant of a snapshot taken in this process: what it declares."""
-        return cls.of(config["read"], memory_size, config["tmp_size"])
-
     def check(self, config: Dict[str, Any], memory_size: int, what: str) -> None:
         """Raises SnapshotError for the first thing a snapshot's (checked) config and memory size
         declare beyond this grant."""

@@ -107,7 +107,7 @@ class LinuxSnapshot:
     def __init__(self, image: Any, nonzero: Any, state: Dict[str, bytes], components: Tuple[Any, ...],
                  meta: Dict[str, Any], fs_codec: Any, path: Optional[str] = None,
                  file: Any = None, extents: Any = None, image_offset: Optional[int] = None,
-                 refs: Any = (), grant: Optional[Grant] = None) -> None:
+                 refs: Any = ()) -> None:
         self._image = image
         self._image_view = memoryview(image)
         self._nonzero = nonzero
@@ -116,9 +116,6 @@ class LinuxSnapshot:
         self._fs_codec = fs_codec          # encodes the fs component (FileSystem.encode)
         self.meta = meta
         self.path = path
-        # The authority sandboxes made from it have without further arguments: the grant it was
-        # loaded under, or (None) what it declares, for a snapshot taken in this process.
-        self._grant = grant
         # A loaded snapshot: the open file its image is mapped from, where, and the image's
         # extents; sandboxes made from it map those copy-on-write (snapshot.map_image).
         self._file = file
@@ -159,7 +156,7 @@ class LinuxSnapshot:
             snapfile.load(path, FileSystem.decode, grant)   # (checks meta["config"] too)
         # _fsstate.encode is what FileSystem.encode calls: a loaded snapshot can be saved again
         return cls(image, nonzero, state, components, meta, _fsstate, path=os.fspath(path),
-                   file=file, extents=extents, image_offset=offset, refs=refs, grant=grant)
+                   file=file, extents=extents, image_offset=offset, refs=refs)
 
     def check_grant(self, grant: Grant) -> None:
         """SnapshotError unless `grant` covers what this snapshot declares."""
