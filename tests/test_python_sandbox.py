@@ -13,7 +13,7 @@ import pytest
 
 import whpfast
 from conftest import build_c
-from whpfast.linux.fs import inside_path
+from whpfast.python.interpreter import SYSTEM_DIRS, describe
 from whpfast.python import sandbox as pysandbox
 
 pytestmark = [pytest.mark.hypervisor]     # either backend (KVM, or WHP over tests/whv)
@@ -161,20 +161,67 @@ def test_each_run_draws_fresh_randomness(sb):
 
 def test_the_guest_sees_only_the_interpreter_and_its_libraries(sb):
     check = ("import os, sys, numpy\n"
-             "print([os.path.exists(p) for p in ({secret!r}, {secret_moved!r}, '/etc/passwd', {exe!r}, "
+             "print([os.path.exists(p) for p in ({secret!r}, '/etc/passwd', {exe!r}, sys.executable, "
              "numpy.__file__)], "
              "sorted(os.listdir('/etc')) if os.path.isdir('/etc') else None)\n"
              "try:\n    open(os.path.join(os.path.dirname(numpy.__file__), 'planted.py'), 'w')\n"
              "except OSError as e:\n    print(e.errno)")
-    # The interpreter is where inside_path() shows it (under /run/host when the venv is in /tmp);
-    # this test file is seen neither at its path nor there.
+    # This test file is not seen; the interpreter is, at the path describe() shows it (not the
+    # host's, unless that is a system path).
     secret = os.path.abspath(__file__)
-    r = sb.run(check.format(secret=secret, secret_moved=inside_path(secret), exe=inside_path(sys.executable)))
+    r = sb.run(check.format(secret=secret, exe=sys.executable))
+    shown_at_host_path = describe(sys.executable).argv0 == sys.executable
     # of /etc only Debian's alternatives (symlinks: numpy's BLAS), where the host has them, and
     # the sandbox's own user database
     etc = sorted(["group", "passwd"] + (["alternatives"] if os.path.isdir("/etc/alternatives") else []))
-    assert r.stdout == f"[False, False, True, True, True] {etc}\n30\n", r      # 30: EROFS
+    assert r.stdout == f"[False, True, {shown_at_host_path}, True, True] {etc}\n30\n", r      # 30: EROFS
     assert not os.path.exists(os.path.join(os.path.dirname(__import__("numpy").__file__), "planted.py"))
+
+
+HOST_PATHS = """
+import os, sys, traceback
+seen = [sys.prefix, sys.base_prefix, sys.executable, *sys.path, open('/proc/self/maps').read(),
+        open('/proc/self/cmdline', 'rb').read().decode('latin-1') if os.path.exists('/proc/self/cmdline') else '',
+        os.readlink('/proc/self/exe'), str(os.environ), ''.join(traceback.format_stack())]
+try:
+    import nosuchmodule
+except ImportError:
+    seen.append(traceback.format_exc())
+leaks = [h for h in HOST if any(h in s for s in seen)]
+print('LEAKS', leaks)
+"""
+
+
+def test_host_only_paths_of_the_interpreter_are_not_shown(sb):
+    """sys.prefix, sys.path, /proc/self/maps, /proc/self/exe, the environment and tracebacks name
+    neutral paths (/opt/venv, /opt/python) for an interpreter outside the system directories:
+    never the venv's, the base installation's or the user's home on the host."""
+    host = {sys.prefix, sys.base_prefix, os.path.realpath(sys.executable), os.path.expanduser("~")}
+    host = sorted(h for h in host if not h.startswith(SYSTEM_DIRS) and h != "/")
+    r = sb.run(f"HOST = {host!r}\n" + HOST_PATHS)
+    assert r.error is None, r.error
+    assert r.stdout.splitlines()[-1] == "LEAKS []", r.stdout
+    expected = describe(sys.executable)
+    assert sb.eval("__import__('sys').executable") == expected.argv0
+    if sys.prefix != sys.base_prefix:           # a venv: a venv inside too, with its site-packages
+        assert sb.eval("__import__('sys').prefix") == expected.argv0.rsplit("/bin/", 1)[0]
+        assert sb.eval("__import__('sys').prefix != __import__('sys').base_prefix") is True
+
+
+def test_site_packages_are_narrowed_to_what_setup_imported_and_packages():
+    """A sandbox shows of site-packages only what its boot and setup looked up, plus the
+    packages= it lists; a missing one says how to make it visible; packages="all" shows all."""
+    with whpfast.PythonSandbox() as plain:
+        error = plain.run("import numpy").error
+        assert error.type == "ModuleNotFoundError" and "packages=['numpy']" in error.message, error
+        assert "numpy" not in plain.eval("sorted(__import__('os').listdir(__import__('site').getsitepackages()[0]))")
+    with whpfast.PythonSandbox(packages=["numpy"]) as listed:
+        assert listed.eval("__import__('numpy').add(2, 3).item()") == 5
+        assert listed.run("import pandas").error.type == "ModuleNotFoundError"
+    with whpfast.PythonSandbox(packages="all") as everything:
+        assert everything.run("import numpy, pandas").error is None
+    with pytest.raises(TypeError, match="packages"):
+        whpfast.PythonSandbox(packages="numpy")
 
 
 def test_code_must_be_str(sb):
@@ -459,6 +506,13 @@ def test_command_line_runs_files_and_stdin_and_exits_1_for_whpfast_errors(tmp_pa
     assert r.returncode == 2 and "not allowed with argument" in r.stderr
     r = subprocess.run(cmd + [str(tmp_path / "missing.py")], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1 and "cannot read" in r.stderr
+    # installed packages: those --setup imports, --package lists, or --all-packages
+    numpy = ["-c", "import numpy; print(numpy.add(1, 2))", "--memory", "256"]
+    r = subprocess.run(cmd + numpy, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and "--package" not in r.stderr and "packages=['numpy']" in r.stderr, r.stderr
+    for more in (["--package", "numpy"], ["--all-packages"], ["--setup", "import numpy"]):
+        r = subprocess.run(cmd + numpy + more, capture_output=True, text=True, cwd=tmp_path)
+        assert (r.returncode, r.stdout) == (0, "3\n"), (more, r.stderr)
 
 
 def test_bench_report_smoke(tmp_path):

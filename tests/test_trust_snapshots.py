@@ -196,6 +196,28 @@ def test_python_file_for_another_interpreter_is_refused(python_file, tmp_path):
         whpfast.PythonSandbox.from_snapshot(other)
 
 
+def test_declared_extra_files_are_bounded_and_grant_nothing(cat, dirs, tmp_path):
+    """Made-up files (a PythonSandbox's pyvenv.cfg, empty directories over site-packages) are
+    content, not authority: a file may declare them, within their bounds, and they open nothing
+    of the host's. More than the bounds, or one under /proc, /dev or /tmp, is refused."""
+    data, secret = dirs
+    path = linux_snapshot(cat, data, tmp_path / "extra.snap")
+    _rewrite_meta(path, lambda meta: meta["config"].update(
+        extra_files={"/data/hello.txt": "made up\n", "/loot": None}))
+    with whpfast.LinuxSandbox.from_snapshot(path, read=granted(cat, data)) as lx:
+        assert lx.run(b"/data/hello.txt\n").stdout == b"made up\n"      # over the granted file
+        assert lx.run(b"/loot/key\n").stdout.startswith(b"open /loot/key: No such file")
+    for extra, why in (({f"/f{i}": "" for i in range(65)}, "at most 64"),
+                       ({"/big": "x" * (1 << 20)}, "more than"),
+                       ({"/proc/self/status": "forged"}, "outside /proc"),
+                       ({"/x": 5}, "mapping of strings")):
+        bad = tmp_path / "bad.snap"
+        bad.write_bytes(open(path, "rb").read())
+        _rewrite_meta(bad, lambda meta: meta["config"].update(extra_files=extra))
+        with pytest.raises(SnapshotError, match=why):
+            whpfast.LinuxSandbox.from_snapshot(bad, read=granted(cat, data))
+
+
 # -- item 2: SDK snapshots' files= ------------------------------------------------------------
 
 @pytest.fixture

@@ -117,6 +117,7 @@ _HOST_OPEN = (os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC"
 # nothing read); O_DIRECTORY | O_NOFOLLOW refuse a symlink put in its place.
 _DIR_OPEN = (getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0)
              | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+MAX_EXTRA_FILES, MAX_EXTRA_BYTES = 64, 1 << 20     # FileSystem(extra_files=): files, bytes
 _RESERVED = (b"/proc", b"/dev", b"/tmp")   # always synthesized; a read entry there is refused
 HOST_VIEW = "/run/host"     # where inside_path() shows host paths that fall under _RESERVED
 
@@ -368,7 +369,7 @@ class FileSystem:
     """The namespace, fd table, cwd and /tmp of one Linux process. Methods raise LinuxError."""
 
     def __init__(self, read, *, cwd="/", exe=None, tmp_size=64 << 20, proc_maps=lambda: b"",
-                 entropy=os.urandom, max_fds=1024, uid=0, gid=0):
+                 entropy=os.urandom, max_fds=1024, uid=0, gid=0, extra_files=None):
         self.max_fds = max_fds
         self._tmp_size, self._proc_maps, self._entropy = tmp_size, proc_maps, entropy
         self._uid, self._gid = uid, gid
@@ -382,6 +383,7 @@ class FileSystem:
         self._hostfds = {}          # _file_key(node) -> host fd (read-only)
         self._rootfds = {}          # read root directory node -> its host fd, until close_all
         self._dirfds = {}           # other host directory node -> its fd, least recently used first
+        self._root_names = {}       # read root's inside path -> names found in it (looked_up)
         mounts = self._parse_read(read)
         root = mounts.pop(b"", None)
         if root is not None:
@@ -392,8 +394,15 @@ class FileSystem:
             self._root = _SynDir(b"", None, S_IFDIR | 0o555, self._new_ino(), {})
         self._root.parent = self._root
         self._canon[b""] = self._root
-        for inside in sorted(mounts):
-            self._place(inside, self._host_root(inside, mounts[inside]))
+        extra = self._parse_extra_files(extra_files or {})
+        for inside in sorted({*mounts, *extra}):    # parents first: a mount in an empty directory
+            if inside in mounts and inside not in extra:
+                self._place(inside, self._host_root(inside, mounts[inside]))
+            elif extra[inside] is None:
+                self._place(inside, _SynDir(inside, None, S_IFDIR | 0o555, self._new_ino(), {}))
+            else:
+                self._place(inside, _SynFile(inside, None, S_IFREG | 0o444, self._new_ino(),
+                                             lambda data=extra[inside]: data))
         self._build_synthetic()
         self._umask = 0o022
         self._tmp_used = _INODE_COST  # the root's inode (as _recount counts it)
@@ -456,6 +465,42 @@ class FileSystem:
                 raise ReadPolicyError(f"read: {os.fsdecode(key) or '/'} is mapped twice")
             mounts[key] = real
         return mounts
+
+    @classmethod
+    def of_config(cls, config, **kwargs):
+        """The FileSystem a LinuxSandbox's recorded config (a snapshot's meta["config"]) makes:
+        its read policy, cwd, exe, /tmp quota and extra files (stored as latin-1 text)."""
+        extra = {k: None if v is None else v.encode("latin-1")
+                 for k, v in config.get("extra_files", {}).items()}
+        return cls(config["read"], cwd=config["cwd"], exe=config["exe"], tmp_size=config["tmp_size"],
+                   extra_files=extra, **kwargs)
+
+    @staticmethod
+    def _parse_extra_files(files):
+        """{inside path: contents} of `extra_files` (read-only files made up by the caller, such
+        as a PythonSandbox's pyvenv.cfg; None: an empty directory, over whatever `read` shows
+        there), checked: at most MAX_EXTRA_FILES, MAX_EXTRA_BYTES in all (a snapshot file
+        declares them too: they cost the host what they hold)."""
+        if not isinstance(files, dict) or len(files) > MAX_EXTRA_FILES:
+            raise ReadPolicyError(f"extra_files must be a mapping of at most {MAX_EXTRA_FILES} "
+                                  "{inside path: bytes}")
+        out, total = {}, 0
+        for inside, data in files.items():
+            inside = os.fsencode(inside)
+            parts = _split(inside)
+            key = b"".join(b"/" + p for p in parts)
+            if (not inside.startswith(b"/") or b"\0" in inside or b".." in parts or b"." in parts
+                    or not key or any(key == r or key.startswith(r + b"/") for r in _RESERVED)):
+                raise ReadPolicyError(f"extra_files: inside path {os.fsdecode(inside)!r} must be an "
+                                      "absolute path without '.' or '..', outside /proc, /dev and /tmp")
+            if data is not None and not isinstance(data, bytes):
+                raise TypeError(f"extra_files: the contents of {os.fsdecode(inside)} must be bytes "
+                                "(or None: an empty directory)")
+            total += len(data or b"") + len(key)
+            if total > MAX_EXTRA_BYTES:
+                raise ReadPolicyError(f"extra_files hold more than {MAX_EXTRA_BYTES} bytes")
+            out[key] = data
+        return out
 
     def _new_ino(self):
         self._ino += 1
@@ -1332,7 +1377,14 @@ class FileSystem:
             return None
         except OSError as e:
             raise from_oserror(e) from None
+        if d.name is None:                      # a read root: remembered for looked_up()
+            self._root_names.setdefault(d.path, set()).add(name)
         return _HostNode(path, d, d.host + b"/" + name, st, name)
+
+    def looked_up(self, root):
+        """The names in the read root at inside path `root` that the guest has looked up and
+        found so far (a PythonSandbox narrows its site-packages to them)."""
+        return frozenset(self._root_names.get(b"".join(b"/" + p for p in _split(os.fsencode(root))), ()))
 
     def _dirfd(self, node):
         """The host directory `node` as the `at` of "host access": its fd, opened from its

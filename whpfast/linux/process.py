@@ -158,6 +158,19 @@ class LinuxSnapshot:
         return cls(image, nonzero, state, components, meta, _fsstate, path=os.fspath(path),
                    file=file, extents=extents, image_offset=offset, refs=refs)
 
+    def with_read(self, read: ReadPolicy,
+                  extra_files: Optional[Mapping[str, Optional[bytes]]] = None) -> "LinuxSnapshot":
+        """This snapshot with another read policy: the same memory, vCPU and host-side state
+        (shared, not copied). A sandbox made from it (from_snapshot) resolves the file-system
+        state through `read`, so whatever the guest holds open must still be there; a
+        PythonSandbox narrows its policy this way before its first snapshot."""
+        if self._file is not None:
+            raise SnapshotError("with_read() takes a snapshot taken in this process, not a loaded one")
+        extra = _extra_config(FileSystem._parse_extra_files(dict(extra_files or {})))
+        config = _check_config(dict(self.meta["config"], read=_read_config(read), extra_files=extra))
+        return LinuxSnapshot(self._image, self._nonzero, self._state, self._components,
+                             dict(self.meta, config=config), None, path=None)
+
     def check_grant(self, grant: Grant) -> None:
         """SnapshotError unless `grant` covers what this snapshot declares."""
         grant.check(self.meta["config"], self.meta["memory_size"], f"snapshot {self.path or '(in memory)'}")
@@ -167,6 +180,19 @@ def _check_output_limit(value):
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_OUTPUT_LIMIT:
         raise ConfigError(f"output_limit must be an int of bytes in 0..{MAX_OUTPUT_LIMIT}, got {value!r}")
     return value
+
+
+def _read_config(read):
+    """A read policy as a config records it: a list of host paths or a {inside: host} dict, str."""
+    read = argcheck.read_policy(read)
+    if isinstance(read, Mapping):
+        return {os.fsdecode(k): os.fsdecode(v) for k, v in read.items()}
+    return [os.fsdecode(r) for r in ([read] if isinstance(read, (str, bytes, os.PathLike)) else read)]
+
+
+def _extra_config(extra):
+    """Checked extra files as a config records them: latin-1 text (JSON has no bytes), None."""
+    return {os.fsdecode(k): None if v is None else v.decode("latin-1") for k, v in extra.items()}
 
 
 def _check_config(config):
@@ -185,7 +211,18 @@ def _check_config(config):
     for key in ("stack_size", "tmp_size"):
         if not isinstance(config[key], int) or config[key] <= 0 or config[key] % PAGE:
             raise ValueError(f"{key} is invalid")
-    return {k: config[k] for k in ("read", "exe", "cwd", "stack_size", "tmp_size")}
+    extra = config.get("extra_files", {})
+    if not (isinstance(extra, dict) and all(isinstance(k, str) and (v is None or isinstance(v, str))
+                                            for k, v in extra.items())):
+        raise ValueError("extra_files must be a mapping of strings")
+    try:
+        FileSystem._parse_extra_files({k: v if v is None else v.encode("latin-1") for k, v in extra.items()})
+    except UnicodeEncodeError:
+        raise ValueError("extra_files contents must be latin-1 text (bytes)") from None
+    checked = {k: config[k] for k in ("read", "exe", "cwd", "stack_size", "tmp_size")}
+    if extra:
+        checked["extra_files"] = dict(extra)
+    return checked
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,14 +243,18 @@ class LinuxSandbox(Resource):
     env: the environment (default: PATH, HOME=/tmp, LANG=C.UTF-8). memory_size bounds both the
     guest's RAM and its address space. on_output(stream, data) sees stdout/stderr as written.
     output_limit: bytes of stdout, and of stderr, one run keeps (default OUTPUT_LIMIT, 16 MiB;
-    also the attribute of that name, and run()'s argument); see RunResult.truncated."""
+    also the attribute of that name, and run()'s argument); see RunResult.truncated.
+    extra_files: {inside path: bytes}, read-only files shown with these contents, over anything
+    `read` shows there (at most 64 files, 1 MiB in all; e.g. a configuration file); None for
+    an empty directory (read entries below it are shown in it, nothing else of the host's)."""
 
     def __init__(self, argv: Sequence[Union[str, bytes]], *, env: Optional[Mapping[str, str]] = None,
                  read: ReadPolicy = (),
                  cwd: StrPath = "/", memory_size: int = DEFAULT_MEMORY_SIZE,
                  stack_size: int = DEFAULT_STACK_SIZE,
                  on_output: Optional[Callable[[str, bytes], object]] = None,
-                 tmp_size: int = DEFAULT_TMP_SIZE, output_limit: int = OUTPUT_LIMIT) -> None:
+                 tmp_size: int = DEFAULT_TMP_SIZE, output_limit: int = OUTPUT_LIMIT,
+                 extra_files: Optional[Mapping[str, bytes]] = None) -> None:
         self._closed = True
         _check_output_limit(output_limit)
         argv = [os.fsencode(a) for a in argv] if not isinstance(argv, (str, bytes)) else None
@@ -225,16 +266,17 @@ class LinuxSandbox(Resource):
         argcheck.size(memory_size, "memory_size", minimum=16 << 20, maximum=MAX_MEMORY_SIZE, multiple=2 << 20)
         argcheck.size(stack_size, "stack_size", minimum=64 << 10, maximum=memory_size // 4, multiple=PAGE)
         argcheck.size(tmp_size, "tmp_size", minimum=PAGE, maximum=MAX_MEMORY_SIZE, multiple=PAGE)
-        read = argcheck.read_policy(read)
         if on_output is not None and not callable(on_output):
             raise TypeError("on_output must be callable or None")
         exe = os.path.abspath(os.fsdecode(argv[0]))
-        if isinstance(read, dict):
-            read = {os.fsdecode(k): os.fsdecode(v) for k, v in read.items()}
-        else:
-            read = [os.fsdecode(r) for r in ([read] if isinstance(read, (str, bytes, os.PathLike)) else read)]
+        read = _read_config(read)
+        if extra_files is not None and not isinstance(extra_files, Mapping):
+            raise TypeError(f"extra_files must be a {{inside path: bytes}} mapping, not "
+                            f"{type(extra_files).__name__}")
+        extra = FileSystem._parse_extra_files(dict(extra_files or {}))   # (TypeError, ReadPolicyError)
         self._config = _check_config({"read": read, "exe": exe, "cwd": os.fsdecode(cwd),
-                                      "stack_size": stack_size, "tmp_size": tmp_size})
+                                      "stack_size": stack_size, "tmp_size": tmp_size,
+                                      "extra_files": _extra_config(extra)})
         self._setup(memory_size, on_output)
         with ExitStack() as undo:
             undo.callback(self._close_parts)
@@ -297,9 +339,8 @@ class LinuxSandbox(Resource):
         self._on_output = on_output
         with ExitStack() as undo:
             self._build_vm(memory_size, undo, snapshot)
-            self.fs = FileSystem(config["read"], cwd=config["cwd"], exe=config["exe"],
-                                 tmp_size=config["tmp_size"], proc_maps=self.mm.maps_text,
-                                 entropy=os.urandom, uid=syscalls.UID, gid=syscalls.UID)
+            self.fs = FileSystem.of_config(config, proc_maps=self.mm.maps_text, entropy=os.urandom,
+                                           uid=syscalls.UID, gid=syscalls.UID)
             undo.pop_all()
         # Per snapshot taken here, its moment's host overlays (mm.overlay_state): what a
         # restore to it keeps (another sandbox's snapshot: none).

@@ -120,7 +120,7 @@ def _policy(config):
     """A FileSystem with the snapshot's read policy: references are resolved through it, as the
     program's own open() would be."""
     from .fs import FileSystem
-    return FileSystem(config["read"], cwd=config["cwd"], exe=config["exe"], tmp_size=config["tmp_size"])
+    return FileSystem.of_config(config)
 
 
 def _open_inside(fs, inside):

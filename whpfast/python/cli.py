@@ -1,4 +1,5 @@
-"""`whpfast run-python [-c CODE | FILE | -] [--setup CODE] [--python EXE] [--read PATH ...]`: runs
+"""`whpfast run-python [-c CODE | FILE | -] [--setup CODE] [--python EXE] [--read PATH ...]
+[--package NAME ... | --all-packages]`: runs
 CODE (or the file FILE, or stdin for `-`) in a fresh PythonSandbox and reports like `python`
 would (its stdout and stderr, the traceback, an exit status of 1 when the code raised,
 sys.exit()'s status). With --save PATH it also writes the warm snapshot; with --snapshot PATH it
@@ -18,6 +19,10 @@ def main(argv, prog="whpfast run-python"):
     parser.add_argument("--setup", default="", help="code run once before the warm snapshot")
     parser.add_argument("--python", default=None, help="the interpreter (default: this one)")
     parser.add_argument("--read", action="append", default=[], help="another host path the guest may read")
+    parser.add_argument("--package", action="append", default=None, dest="packages",
+                        help="an installed package the code may import besides those --setup imports")
+    parser.add_argument("--all-packages", action="store_const", const="all", dest="packages",
+                        help="every installed package may be imported")
     parser.add_argument("--memory", type=int, default=512, help="guest memory in MiB (default 512)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds the code may run (default 60)")
     parser.add_argument("--snapshot", help="start from this saved snapshot instead of booting")
@@ -46,7 +51,7 @@ def main(argv, prog="whpfast run-python"):
                                              memory_size=args.memory << 20)
         else:
             sb = PythonSandbox(python=args.python, setup=args.setup, read=args.read,
-                               memory_size=args.memory << 20)
+                               memory_size=args.memory << 20, packages=args.packages)
         with sb:
             if args.save:
                 sb.save(args.save)

@@ -12,14 +12,13 @@ parked read's buffer and a cap before anything is copied, then it is decoded as 
 unpickled) and its fields type-checked; anything else is a GuestCallError and the sandbox is
 restored before it runs again."""
 
-import functools
 import hashlib
 import json
 import json.encoder
 import os
+import re
 import struct
 import sys
-import sysconfig
 import threading
 import time
 import weakref
@@ -35,9 +34,9 @@ from ..core import argcheck
 from ..core.gate import Gate
 from ..core.run import request_timeout, run_timeout
 from ..core.resource import Resource
-from ..linux.fs import inside_path, read_mapping
 from ..linux.grant import Grant
 from ..linux.process import LinuxSandbox, LinuxSnapshot
+from .interpreter import _belongs, _listdir, describe
 
 _encode_str = json.encoder.encode_basestring_ascii     # json.dumps's (ensure_ascii) str encoder
 _decode_json = json.JSONDecoder().decode               # json.loads of a str, without its set-up
@@ -53,13 +52,6 @@ OUTPUT_LIMIT = 1 << 20                       # characters of stdout / stderr kep
 # (bytes written to fd 1/2 directly, past sys.stdout: LinuxSandbox's output limit applies)
 BOOT_TIMEOUT = 300
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
-# System library directories the dynamic loader and the interpreter's extension modules need, and
-# what an interpreter's own packages load from outside its prefix: Debian's alternatives (numpy's
-# libblas.so.3 and liblapack.so.3 are symlinks through /etc/alternatives, which holds symlinks
-# only), the time-zone database (zoneinfo, pandas, dateutil) and the compiled locales (glibc's
-# C.UTF-8, which ENV's LANG names, is a file there: locale.setlocale(LC_ALL, "") needs it).
-LIB_DIRS = ("/lib64", "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib64",
-            "/etc/alternatives", "/usr/share/zoneinfo", "/usr/lib/locale")
 
 
 class PythonError(str):
@@ -117,18 +109,31 @@ def _load_shared(path, grant):
         return snapshot
 
 
-def _policy(python, read):
-    """The read policy of a sandbox for `python` with the caller's extra `read`: the
-    interpreter's own files where inside_path() shows them; the caller's host paths at the same
-    paths, or its {inside: host} mapping."""
+ALL = "all"                                  # packages=ALL: every site-packages entry
+
+
+def _packages(value):
+    """packages= checked: None (what setup looks up), ALL, or an iterable of names."""
+    if value is None or value == ALL:
+        return value
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) \
+            or not all(isinstance(p, str) and p and "/" not in p for p in value):
+        raise TypeError(f"packages must be {ALL!r} or a list of package names, not {value!r}")
+    return frozenset(value)
+
+
+def _policy(interp, read, packages=None):
+    """(read policy, extra files) of a sandbox for the Interpreter `interp`: its own files
+    (site-packages whole with packages None, else only the entries of `packages`) where it shows
+    them; the caller's host paths at the same paths, or its {inside: host} mapping."""
     if isinstance(read, (str, bytes, os.PathLike)):
         read = [read]
-    policy = read_mapping(_interpreter_paths(python))
+    policy, extra = interp.policy(packages)
     if isinstance(read, Mapping):
         policy.update((os.fsdecode(k), os.fsdecode(v)) for k, v in read.items())
     else:
         policy.update((os.path.abspath(os.fsdecode(r)),) * 2 for r in read)
-    return policy
+    return policy, extra
 
 
 def granted_snapshot(snapshot, python=None, read=(), memory_size=None):
@@ -140,7 +145,7 @@ def granted_snapshot(snapshot, python=None, read=(), memory_size=None):
     grant = None
     if asked or not isinstance(snapshot, LinuxSnapshot):
         python = os.path.abspath(python or sys.executable)
-        grant = Grant.of(_policy(python, read), memory_size or DEFAULT_MEMORY_SIZE)
+        grant = Grant.of(_policy(describe(python), read)[0], memory_size or DEFAULT_MEMORY_SIZE)
     if not isinstance(snapshot, LinuxSnapshot):
         snapshot = _load_shared(snapshot, grant)
     elif grant is not None:
@@ -158,50 +163,6 @@ def granted_snapshot(snapshot, python=None, read=(), memory_size=None):
     return snapshot
 
 
-def _interpreter_prefixes(python):
-    """(prefixes, sysconfig paths) of an interpreter. This one's own when `python` is the very
-    path it runs as; any other is asked (once per path and file identity): two venvs of one base
-    Python resolve to the same binary but have their own site-packages."""
-    if os.path.abspath(python) == os.path.abspath(sys.executable):
-        return ([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix],
-                list(sysconfig.get_paths().values()))
-    try:
-        st = os.stat(python)
-    except OSError as e:
-        raise SandboxError(f"cannot ask the interpreter {python} for its library paths "
-                           f"({e.strerror}); pass python= a working CPython") from None
-    return _ask_interpreter(python, st.st_dev, st.st_ino, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _ask_interpreter(python, *identity):
-    import subprocess
-    script = ("import json, sys, sysconfig; print(json.dumps([[sys.prefix, sys.base_prefix, "
-              "sys.exec_prefix, sys.base_exec_prefix], list(sysconfig.get_paths().values())]))")
-    try:
-        out = subprocess.run([python, "-I", "-c", script], capture_output=True, check=True,
-                             timeout=60).stdout
-        prefixes, paths = json.loads(out)
-    except (OSError, subprocess.SubprocessError, ValueError) as e:
-        raise SandboxError(f"cannot ask the interpreter {python} for its library paths ({e}); "
-                           f"pass python= a working CPython") from None
-    return prefixes, paths
-
-
-def _interpreter_paths(python):
-    """The host paths the interpreter reads: its binary (and the one a venv's links to), its
-    prefixes' lib directories (stdlib, lib-dynload, site-packages), pyvenv.cfg, its sysconfig
-    paths, and the system library directories."""
-    prefixes, paths = _interpreter_prefixes(python)
-    found = {python, os.path.realpath(python), *LIB_DIRS, *paths}
-    for p in prefixes:
-        found.update((os.path.join(p, "lib"), os.path.join(p, "lib64"), os.path.join(p, "pyvenv.cfg")))
-    # /proc and /dev are the sandbox's own; an interpreter under /tmp (also the sandbox's own) is
-    # shown under /run/host by read_mapping().
-    return sorted(p for p in found if p and os.path.isabs(p) and os.path.exists(p)
-                  and not p.startswith(("/proc/", "/dev/")))
-
-
 def _check_code(code, what):
     if not isinstance(code, str):
         raise TypeError(f"{what} must be a str of Python source, not {type(code).__name__}")
@@ -212,7 +173,11 @@ class PythonSandbox(Resource):
     """A Python interpreter in a micro-VM, warm-started for every run.
 
     python: the interpreter (default: the one running, sys.executable), read with its standard
-    library and site-packages; read: more host paths the guest may read; setup: code run once
+    library, shown where whpfast.python.interpreter says (a venv or prefix outside the system
+    directories at /opt/venv or /opt/python). packages: the site-packages the guest may import
+    besides those its boot, setup and warmup imported (names such as "scipy"), or "all"
+    (whpfast.python.sandbox.ALL) for every installed one. read: more host paths the guest may
+    read (at the same paths; {inside: host} to choose); setup: code run once
     before the warm snapshot (e.g. "import pandas as pd"): its names are the globals every run
     starts from. warmup: code run once before the snapshot in a throwaway copy of those globals
     (typically the request itself), so its first-call work (lazy imports, caches, heap growth)
@@ -221,16 +186,21 @@ class PythonSandbox(Resource):
 
     def __init__(self, *, python: Optional[StrPath] = None, setup: str = "",
                  read: Union[StrPath, Iterable[StrPath]] = (), memory_size: int = DEFAULT_MEMORY_SIZE,
-                 warmup: str = "", timeout: float = BOOT_TIMEOUT) -> None:
+                 warmup: str = "", timeout: float = BOOT_TIMEOUT,
+                 packages: Union[None, str, Iterable[str]] = None) -> None:
         self._closed = True
         _check_code(setup, "setup")
         _check_code(warmup, "warmup")
+        packages = _packages(packages)
         python = os.path.abspath(python or sys.executable)
-        # (a `read` path under /tmp, the sandbox's own, is refused with a hint)
-        policy = _policy(python, argcheck.read_policy(read))
+        interp = describe(python)
+        read = argcheck.read_policy(read)
         self._init_common()
-        self._lx = LinuxSandbox([inside_path(python), "-I", "-B", "-c", DRIVER], env=ENV, read=policy,
-                                memory_size=memory_size)
+        # Booted with every site-packages entry readable; narrowed below to what boot, setup and
+        # warm-up looked up (and `packages`) before the snapshot every run starts from.
+        policy, extra = _policy(interp, read)
+        self._lx = LinuxSandbox([interp.argv0, "-I", "-B", "-c", DRIVER], env={**ENV, **interp.env},
+                                read=policy, extra_files=extra, memory_size=memory_size)
         try:
             first = self._lx.run(timeout=timeout)
             if not first.waiting:
@@ -245,14 +215,28 @@ class PythonSandbox(Resource):
                 if result.error is not None:
                     raise GuestPythonError(f"{what} raised in the guest:\n{result.error}",
                                            traceback=result.error, stdout=result.stdout, stderr=result.stderr)
-            self._snapshot = self._lx.snapshot()
-            self._snapshot.meta["python"] = {"driver": DRIVER_DIGEST, "python": python,
-                                             "setup_sha256": hashlib.sha256(setup.encode()).hexdigest()}
+            snapshot = self._lx.snapshot()
+            if packages != ALL:
+                snapshot = self._narrow(snapshot, interp, read, packages)
+            snapshot.meta["python"] = {"driver": DRIVER_DIGEST, "python": python,
+                                       "setup_sha256": hashlib.sha256(setup.encode()).hexdigest()}
+            self._snapshot = snapshot
         except BaseException:
             self._lx.close()
             raise
         self.python = python
         self._closed = False
+
+    def _narrow(self, snapshot, interp, read, packages):
+        """`snapshot` under the policy that shows, of the site-packages, only the entries the
+        guest has looked up so far and those of `packages`; self._lx is then a sandbox in it.
+        What the guest holds open stays readable (the entries it opened were looked up)."""
+        used = frozenset(os.fsdecode(n) for d in interp.site for n in self._lx.fs.looked_up(d))
+        narrowed = snapshot.with_read(*_policy(interp, read, used | (packages or frozenset())))
+        lx = LinuxSandbox.from_snapshot(narrowed)
+        self._lx.close()
+        self._lx = lx
+        return narrowed
 
     def _init_common(self):
         # One operation (run, eval, save) at a time, by core/gate.py's rules. A close() during
@@ -391,11 +375,33 @@ class PythonSandbox(Resource):
         answer = _read_answer(self._lx)
         self._stale = False
         error = answer["error"]
+        if error is not None:
+            error = PythonError(error["type"], error["message"], error["traceback"])
+            if error.type == "ModuleNotFoundError":
+                error = self._explain_missing(error)
         result = PythonResult(r.stdout.decode("utf-8", "replace") + answer["stdout"],
-                              raw_err + answer["stderr"],
-                              None if error is None else PythonError(error["type"], error["message"],
-                                                                     error["traceback"]))
+                              raw_err + answer["stderr"], error)
         return result, answer["value"]
+
+    def _explain_missing(self, error):
+        """`error` with a hint when the module it misses is installed but not shown to this
+        sandbox (its setup did not import it: see `packages`)."""
+        m = re.fullmatch(r"No module named '([^'.]+)[^']*'", error.message)
+        if m is None or self._closed:       # (while it boots, every package is visible)
+            return error
+        name, read = m.group(1), self._snapshot.meta["config"]["read"]
+        try:
+            site = describe(self.python).site
+        except SandboxError:
+            return error
+        for inside, host in site.items():
+            if inside not in read and any(_belongs(n, frozenset([name])) and f"{inside}/{n}" not in read
+                                          for n in _listdir(host)):
+                hint = (f"{name!r} is installed but not visible in this sandbox: its setup did not "
+                        f"import it. Pass PythonSandbox(packages=[{name!r}]) (or packages=\"all\") to "
+                        f"make it importable.")
+                return PythonError(error.type, f"{error.message} ({hint})", f"{error.traceback}[whpfast: {hint}]\n")
+        return error
 
 
 def _encode_request(op, code, seed):
