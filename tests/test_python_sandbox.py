@@ -166,8 +166,8 @@ def test_the_guest_sees_only_the_interpreter_and_its_libraries(sb):
              "sorted(os.listdir('/etc')) if os.path.isdir('/etc') else None)\n"
              "try:\n    open(os.path.join(os.path.dirname(numpy.__file__), 'planted.py'), 'w')\n"
              "except OSError as e:\n    print(e.errno)")
-    # The interpreter is where inside_path() shows it (under /run/host when the venv is in /tmp);
-    # this test file is seen neither at its path nor there.
+    # The interpreter is where inside_path() shows it (its own path, also when the venv is in
+    # /tmp: mounted there); this test file is not seen.
     secret = os.path.abspath(__file__)
     r = sb.run(check.format(secret=secret, secret_moved=inside_path(secret), exe=inside_path(sys.executable)))
     # of /etc only Debian's alternatives (symlinks: numpy's BLAS), where the host has them, and
