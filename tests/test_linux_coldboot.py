@@ -245,7 +245,7 @@ def test_reads_land_in_guest_memory_checked_and_undone_by_restore(tmp_path):
     subprocess.run(["gcc", "-O1", "-static", "-o", str(exe), str(src)], check=True, capture_output=True)
     data = tmp_path / "data"
     data.write_bytes(b"HELLO world" + bytes(range(256)) * 300)       # 76811 bytes
-    inside = inside_path(data)                  # /tmp is the sandbox's own: seen elsewhere
+    inside = inside_path(data)                  # (its own path: mounted in the sandbox's /tmp)
     with whpfast.LinuxSandbox([inside_path(exe)], read=read_mapping([tmp_path]), memory_size=64 * MB) as lx:
         assert lx.run(timeout=10).waiting
         snap = lx.snapshot()

@@ -74,7 +74,7 @@ def subject(tmp_path_factory):
 def policy(out, data_dir):
     """The subject's read policy: also the grant its snapshot files are loaded under."""
     read = {p: p for p in SYSTEM_READ}
-    read.update(read_mapping([out / "filemap", data_dir]))       # (under /tmp: /run/host/tmp)
+    read.update(read_mapping([out / "filemap", data_dir]))       # (under /tmp: mounted there)
     return read
 
 

@@ -914,12 +914,18 @@ def test_whole_host_root_keeps_proc_dev_tmp_synthesized(tmp_path):
 
 
 def test_read_policy_errors(tree):
-    with pytest.raises(ReadPolicyError, match="does not exist"):
+    # each message names the side that is wrong: {inside: host}, always
+    with pytest.raises(ReadPolicyError, match=r"^read: host path '.*missing' does not exist$"):
         FileSystem({"/m": tree / "missing"})
-    with pytest.raises(ReadPolicyError, match="synthesized"):
-        FileSystem([tree / "data"])                 # pytest's tmp_path is under /tmp
-    with pytest.raises(ReadPolicyError, match="synthesized"):
+    with pytest.raises(ReadPolicyError, match=r"^read: inside path '/proc/x' is under /proc or /dev"):
         FileSystem({"/proc/x": tree / "data"})
+    with pytest.raises(ReadPolicyError, match=r"^read: inside path '/dev' is under /proc or /dev"):
+        FileSystem({"/dev": tree / "data"})
+    with pytest.raises(ReadPolicyError, match=r"^read: inside path '/tmp/' is the sandbox's own /tmp"):
+        FileSystem({"/tmp/": tree / "data"})
+    with pytest.raises(ReadPolicyError, match=r"host path '/data' does not exist \(a mapping is \{inside: host\}"):
+        FileSystem({str(tree / "data"): "/data"})   # swapped: the hint says which side is which
+    FileSystem([tree / "data"]).close_all()         # pytest's tmp_path is under /tmp: mounted there
     with pytest.raises(ReadPolicyError, match="absolute"):
         FileSystem({"data": tree / "data"})
     with pytest.raises(ReadPolicyError):
@@ -935,6 +941,77 @@ def test_read_policy_errors(tree):
     assert read_all(fs, fs.openat(AT_FDCWD, b"/f/a", 0, 0)).startswith(b"hello")
     assert stat.S_ISREG(st(fs.fstatat(AT_FDCWD, b"/f/a", AT_SYMLINK_NOFOLLOW))["mode"])
     assert err(fs.openat, AT_FDCWD, b"/f/run.sh", 0, 0) == E.ENOENT
+
+
+def test_read_entries_under_tmp_are_read_only_mounts_in_the_sandbox_tmp(tree):
+    """A read entry below /tmp is a read-only bind mount over the sandbox's own /tmp, at the
+    same path (list form) or where {inside: host} says: the host tree through it, writes EROFS,
+    the mount point EBUSY to remove or move, and every state keeps it whatever the guest did."""
+    data = tree / "data"                            # under the host's /tmp (pytest's tmp_path)
+    for read, inside in (([data], os.fsencode(data)), ({"/tmp/in/here": data}, b"/tmp/in/here")):
+        fs = FileSystem(read, tmp_size=1 << 20)
+        parent = os.path.dirname(inside)
+        assert read_all(fs, fs.openat(AT_FDCWD, inside + b"/a.txt", O_RDONLY)) == (data / "a.txt").read_bytes()
+        assert read_all(fs, fs.openat(AT_FDCWD, inside + b"/sub/rel", O_RDONLY)).startswith(b"hello")
+        assert st(fs.fstatat(AT_FDCWD, inside, 0))["ino"] == os.stat(data).st_ino
+        assert [n for n, _, _ in dents(fs, fs.openat(AT_FDCWD, parent, O_DIRECTORY))][-1:] == [os.path.basename(inside)]
+        assert err(fs.openat, AT_FDCWD, inside + b"/new", O_CREAT | O_WRONLY, 0o644) == E.EROFS
+        assert err(fs.openat, AT_FDCWD, inside + b"/a.txt", O_WRONLY) == E.EROFS
+        assert err(fs.mkdirat, AT_FDCWD, inside + b"/d", 0o755) == E.EROFS
+        assert err(fs.mkdirat, AT_FDCWD, inside, 0o755) == E.EEXIST
+        assert err(fs.unlinkat, AT_FDCWD, inside + b"/a.txt", 0) == E.EROFS
+        assert err(fs.unlinkat, AT_FDCWD, inside, AT_REMOVEDIR) == E.EBUSY
+        assert err(fs.unlinkat, AT_FDCWD, inside, 0) == E.EISDIR
+        assert err(fs.renameat, AT_FDCWD, inside, AT_FDCWD, b"/tmp/moved") == E.EBUSY
+        assert err(fs.renameat, AT_FDCWD, inside + b"/a.txt", AT_FDCWD, b"/tmp/a") == E.EXDEV
+        fs.openat(AT_FDCWD, b"/tmp/f", O_CREAT | O_WRONLY, 0o644)
+        assert err(fs.renameat, AT_FDCWD, b"/tmp/f", AT_FDCWD, inside) == E.EISDIR
+        fs.mkdirat(AT_FDCWD, b"/tmp/e", 0o755)
+        assert err(fs.renameat, AT_FDCWD, b"/tmp/e", AT_FDCWD, inside) == E.EBUSY
+        assert err(fs.renameat, AT_FDCWD, b"/tmp/e", AT_FDCWD, inside, RENAME_EXCHANGE) == E.EBUSY
+        if parent != b"/tmp":
+            # its directories are ordinary /tmp ones, but stay where they are (documented)
+            assert err(fs.renameat, AT_FDCWD, parent, AT_FDCWD, b"/tmp/p2") == E.EBUSY
+            assert err(fs.renameat, AT_FDCWD, b"/tmp/e", AT_FDCWD, parent, RENAME_EXCHANGE) == E.EBUSY
+            assert err(fs.unlinkat, AT_FDCWD, parent, AT_REMOVEDIR) == E.ENOTEMPTY
+            fs.openat(AT_FDCWD, parent + b"/beside", O_CREAT | O_WRONLY, 0o644)
+        # ".." from inside the mount is the tmpfs directory it hangs in, across resets too
+        state = fs.capture()
+        fs.chdir(inside + b"/sub")
+        assert fs.getcwd() == inside + b"/sub"
+        fs.chdir(b"../..")
+        assert fs.getcwd() == parent
+        fs.reset(state)
+        fs.chdir(inside)
+        assert fs.getcwd() == inside
+        fs.chdir(b"..")
+        assert fs.getcwd() == parent
+        fs.chdir(b"/")
+        fs.unlinkat(AT_FDCWD, b"/tmp/f", 0)
+        fs.reset(fs.decode(fs.encode(state)))       # a snapshot file's state: the mount is back
+        assert read_all(fs, fs.openat(AT_FDCWD, inside + b"/sub/deep/c", O_RDONLY)) == b"c"
+        assert err(fs.unlinkat, AT_FDCWD, inside, AT_REMOVEDIR) == E.EBUSY
+        fs.close_all()
+    # a file mount; a mount below another (in the host tree); an entry naming a missing tmp dir
+    fs = FileSystem({"/tmp/f.txt": data / "a.txt", "/tmp/d": data, "/tmp/d/sub/deep/x": data / "run.sh"})
+    assert err(fs.unlinkat, AT_FDCWD, b"/tmp/f.txt", 0) == E.EBUSY
+    assert err(fs.unlinkat, AT_FDCWD, b"/tmp/f.txt", AT_REMOVEDIR) == E.ENOTDIR
+    assert read_all(fs, fs.openat(AT_FDCWD, b"/tmp/d/sub/deep/x", O_RDONLY)) == b"#!/bin/sh\n"
+    assert b"x" in [n for n, _, _ in dents(fs, fs.openat(AT_FDCWD, b"/tmp/d/sub/deep", O_DIRECTORY))]
+    # a state taken under another read policy: refused, and nothing changes
+    other, nested = FileSystem({"/tmp/g": data}), FileSystem({"/tmp/in/here": data})
+    with pytest.raises(SnapshotError, match="no directory for the read mount /tmp/in/here"):
+        nested.reset(other.capture())
+    assert read_all(nested, nested.openat(AT_FDCWD, b"/tmp/in/here/a.txt", O_RDONLY)).startswith(b"hello")
+    other.openat(AT_FDCWD, b"/tmp/f.txt", O_CREAT | O_WRONLY, 0o644)
+    with pytest.raises(SnapshotError, match="a file at the read mount /tmp/f.txt"):
+        fs.reset(other.capture())
+    assert read_all(fs, fs.openat(AT_FDCWD, b"/tmp/f.txt", O_RDONLY)).startswith(b"hello")
+    # the mount points' directories are charged to tmp_size like any other
+    with pytest.raises(ReadPolicyError, match="tmp_size"):
+        FileSystem({b"/tmp/" + b"/".join([b"d" * 200] * 10): data}, tmp_size=4096)
+    for fs in (fs, other, nested):
+        fs.close_all()
 
 
 def test_windows_host_names():

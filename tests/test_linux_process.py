@@ -498,17 +498,18 @@ def test_argv0_is_resolved_inside_a_read_mapping(programs, tmp_path):
     assert r.exit_code == 3 and r.stdout.startswith(b"hello from 1 args")
 
 
-def test_a_program_under_tmp_is_shown_under_run_host(programs):
-    """The host's /tmp is not the sandbox's: read_mapping() shows host paths there under
-    /run/host, and the program runs from there."""
+def test_a_program_under_tmp_runs_at_its_own_path(programs):
+    """A host path under /tmp is mounted at the same path in the sandbox's own /tmp (issue 17
+    item 6): read_mapping() and inside_path() are the identity, and a list works alike."""
     host = programs["hello"]
     assert host.startswith("/tmp/")            # pytest's tmp_path_factory
-    inside = inside_path(host)
-    assert inside == "/run/host" + host
-    r = run([inside], read=read_mapping([host]))
-    assert r.exit_code == 3 and r.stdout == f"hello from 1 args: [{inside}]\n".encode()
-    with pytest.raises(ReadPolicyError, match=r"/run/host/tmp/.*read_mapping"):
-        run([host], read=[host])
+    assert inside_path(host) == host and read_mapping([host]) == {host: host}
+    for read in ([host], read_mapping([host]), {"/tmp/elsewhere/hello": host}):
+        inside = next(iter(read)) if isinstance(read, dict) else host
+        r = run([inside], read=read)
+        assert r.exit_code == 3 and r.stdout == f"hello from 1 args: [{inside}]\n".encode()
+    with pytest.raises(ReadPolicyError, match=r"^read: inside path '/proc/hello' is under /proc"):
+        run([host], read={"/proc/hello": host})
 
 
 @pytest.mark.parametrize("kind", ["device", "fifo", "directory"])

@@ -203,7 +203,7 @@ def test_venv_python_with_pip_numpy_and_pandas():
         modules = ["numpy", "pandas"]
     except ImportError:
         modules = ["numpy"]
-    # A venv under /tmp (a checkout there) is shown under /run/host: /tmp is the sandbox's own.
+    # A venv under /tmp (a checkout there, as CI's) is mounted at its own path in the sandbox's /tmp.
     read = read_mapping(SYSTEM_READ + [VENV, sys.base_prefix])
     lx, snap = boot([inside_path(sys.executable)], modules, read)
     try:

@@ -79,8 +79,9 @@ class ConfigError(WhpfastError, ValueError):
 
 class ReadPolicyError(ConfigError):
     """A Linux or Python sandbox's `read=` policy (or cwd) is invalid: an inside path that is not
-    absolute or lies under /proc, /dev or /tmp, a host path that does not exist, a path mapped
-    twice."""
+    absolute, lies under /proc or /dev or is /tmp itself (below /tmp an entry is a read-only mount
+    in the sandbox's own /tmp), a host path that does not exist, a path mapped twice. The
+    message says which side of {inside: host} is wrong."""
 
 
 class KindError(ConfigError, TypeError):

@@ -1,7 +1,8 @@
 """The file system a Linux guest sees: pure Python on the host side, no guest memory access.
 
 The namespace is built from `read` (host directories and files, read-only), a size-capped
-in-memory /tmp, and a few synthesized files (/proc/self/..., /dev/null, ...). Every path the guest
+in-memory /tmp (a read entry below /tmp is a read-only bind mount in it, see _mount_tmp), and a
+few synthesized files (/proc/self/..., /dev/null, ...). Every path the guest
 names is walked here, component by component, by ONE walker (`_walk`): ".." is taken on the
 inside path (the parent of a mount point is its inside parent, never the host's), symlink targets
 are re-interpreted inside the namespace and walked again, and /proc/self/fd/N leads to the very
@@ -118,19 +119,15 @@ _HOST_OPEN = (os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC"
 _DIR_OPEN = (getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0)
              | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
 MAX_EXTRA_FILES, MAX_EXTRA_BYTES = 64, 1 << 20     # FileSystem(extra_files=): files, bytes
-_RESERVED = (b"/proc", b"/dev", b"/tmp")   # always synthesized; a read entry there is refused
-HOST_VIEW = "/run/host"     # where inside_path() shows host paths that fall under _RESERVED
+_RESERVED = (b"/proc", b"/dev")   # always synthesized: a read entry there is refused
+_TMP = b"/tmp"                  # the sandbox's tmpfs: a read entry below it is a bind mount in it
+_READ_ONLY = "read-only (read= paths are mounted read-only; /tmp is writable)"
 
 
 def inside_path(host_path):
-    """Where a `read=` mapping built with this function shows `host_path` inside: the same path,
-    except under /proc, /dev and /tmp, which are the sandbox's own, so a host path there is shown
-    under HOST_VIEW (a venv in /tmp/ci/.venv is /run/host/tmp/ci/.venv inside)."""
-    path = os.path.abspath(os.fsdecode(host_path))
-    key = os.fsencode(path)
-    if any(key == r or key.startswith(r + b"/") for r in _RESERVED):
-        return HOST_VIEW + path
-    return path
+    """Where a `read=` mapping built with read_mapping() shows `host_path` inside: the same
+    path (a host path under /tmp too: read entries there are mounted in the sandbox's /tmp)."""
+    return os.path.abspath(os.fsdecode(host_path))
 
 
 def read_mapping(host_paths):
@@ -385,6 +382,7 @@ class FileSystem:
         self._dirfds = {}           # other host directory node -> its fd, least recently used first
         self._root_names = {}       # read root's inside path -> names found in it (looked_up)
         mounts = self._parse_read(read)
+        in_tmp = {k: mounts.pop(k) for k in [k for k in mounts if k.startswith(_TMP + b"/")]}
         root = mounts.pop(b"", None)
         if root is not None:
             self._root = self._host_root(b"", root)
@@ -410,6 +408,8 @@ class FileSystem:
         self._tmp_frozen = None     # (FsState.tmp, {id(node): index}) of the current /tmp tree
         self._tmp_nodes = None      # the nodes behind _tmp_frozen, kept alive for their ids
         self._tmp_dirty = True
+        self._grafts = []           # (names below /tmp, read root): the mounts in the tmpfs tree
+        self._pinned = set()        # the tmpfs directories on the way to them (see renameat)
         self._dirty = True          # anything changed since _last (fds, offsets, cwd, umask)
         self._table_changed = True  # the fd -> description table changed since _last
         self._touched = []          # descriptions whose offset or flags changed since _last
@@ -425,6 +425,12 @@ class FileSystem:
             node = self._consoles[name] = _Console(b"", None, S_IFIFO | 0o600, self._new_ino(), name)
             self._fds[fd] = (_Open(node, (O_RDONLY, O_WRONLY, O_WRONLY)[fd]), False)
         self._base_ino = self._ino          # /tmp inodes count on from here
+        self._cwd = self._root
+        try:
+            self._mount_tmp(in_tmp)
+        except BaseException:
+            self.close_all()
+            raise
         try:
             self._cwd = self._walk(AT_FDCWD, os.fsencode(cwd), start=self._root)
         except LinuxError as e:
@@ -454,13 +460,17 @@ class FileSystem:
                 raise ReadPolicyError(f"read: inside path {os.fsdecode(inside)!r} has '.' or '..'")
             key = b"".join(b"/" + p for p in parts)
             if any(key == r or key.startswith(r + b"/") for r in _RESERVED):
-                raise ReadPolicyError(f"read: {os.fsdecode(key)} is synthesized by the sandbox "
-                                      "(/proc, /dev and /tmp cannot be mapped from the host); map "
-                                      f"the host path elsewhere, e.g. read={{{inside_path(key)!r}: "
-                                      f"{os.fsdecode(host)!r}}} (whpfast.linux.fs.read_mapping)")
+                raise ReadPolicyError(f"read: inside path {os.fsdecode(inside)!r} is under /proc or /dev, "
+                                      "which the sandbox synthesizes: choose another inside path "
+                                      f"(read={{'/data': {os.fsdecode(host)!r}}} maps inside -> host)")
+            if key == _TMP:
+                raise ReadPolicyError(f"read: inside path {os.fsdecode(inside)!r} is the sandbox's own "
+                                      "/tmp: mount below it (e.g. '/tmp/data') or elsewhere")
             real = os.path.realpath(host)
             if not os.path.exists(real):
-                raise ReadPolicyError(f"read: host path {os.fsdecode(host)!r} does not exist")
+                swapped = (" (a mapping is {inside: host}: the host path is the value)"
+                           if key and inside != host and os.path.exists(inside) else "")
+                raise ReadPolicyError(f"read: host path {os.fsdecode(host)!r} does not exist{swapped}")
             if key in mounts and mounts[key] != real:
                 raise ReadPolicyError(f"read: {os.fsdecode(key) or '/'} is mapped twice")
             mounts[key] = real
@@ -490,7 +500,7 @@ class FileSystem:
             parts = _split(inside)
             key = b"".join(b"/" + p for p in parts)
             if (not inside.startswith(b"/") or b"\0" in inside or b".." in parts or b"." in parts
-                    or not key or any(key == r or key.startswith(r + b"/") for r in _RESERVED)):
+                    or not key or any(key == r or key.startswith(r + b"/") for r in (*_RESERVED, _TMP))):
                 raise ReadPolicyError(f"extra_files: inside path {os.fsdecode(inside)!r} must be an "
                                       "absolute path without '.' or '..', outside /proc, /dev and /tmp")
             if data is not None and not isinstance(data, bytes):
@@ -556,6 +566,66 @@ class FileSystem:
         if node.fmt != S_IFDIR:
             raise ReadPolicyError(f"read: {os.fsdecode(path)} is a file, yet something is mapped below it")
         return node
+
+    def _mount_tmp(self, mounts):
+        """The read entries below /tmp, as a container's bind mounts over its tmpfs: each
+        mount point's directories are ordinary /tmp directories (made here, charged to tmp_size,
+        kept by every state: see _graft), the mount point itself the read root. An entry below
+        another one is placed in it like any nested read root."""
+        done = []
+        for inside in sorted(mounts):
+            node = self._host_root(inside, mounts[inside])
+            if any(inside.startswith(p + b"/") for p in done):
+                self._place(inside, node)
+            else:
+                parts = _split(inside)[1:]
+                if max(map(len, parts)) > NAME_MAX:
+                    raise ReadPolicyError(f"read: inside path {os.fsdecode(inside)!r} has a name "
+                                          f"longer than {NAME_MAX} bytes")
+                self._canon[inside] = node
+                self._grafts.append((parts, node))
+                try:
+                    self._graft(parts, node, make=True)
+                except LinuxError:
+                    raise ReadPolicyError(f"read: the mount points below /tmp need more than "
+                                          f"tmp_size ({self._tmp_size} bytes)") from None
+            done.append(inside)
+
+    def _graft(self, parts, node, make):
+        """Hangs the read root `node` at /tmp/<parts> in the /tmp tree: the directories on the
+        way are made when `make` (else the tree has them: _graft_cost checked it), the name is
+        charged like any other. Those directories are pinned: a rename would move the mount."""
+        d = self._tmp_root
+        for name in parts[:-1]:
+            child = d.data.get(name)
+            if child is None and make:
+                child = self._tmp_new(d, name, S_IFDIR, 0o755, {})
+            self._pinned.add(child)
+            d = child
+        if make:
+            self._charge(_INODE_COST + len(parts[-1]))
+        d.data[parts[-1]] = node
+        node.parent = d
+
+    def _graft_cost(self, tmp):
+        """The /tmp bytes the mounts add to the tree of FsState.tmp `tmp`; SnapshotError when
+        that tree has no directory where one goes or something at a mount point (every state
+        captured here has the directories and nothing else there: it was taken under another
+        read policy, or made up)."""
+        kids = {(e[5], e[6]): i for i, e in enumerate(tmp) if e[5] >= 0}
+        cost = 0
+        for parts, node in self._grafts:
+            i = 0
+            for name in parts[:-1]:
+                i = kids.get((i, name))
+                if i is None or tmp[i][1] != S_IFDIR:
+                    raise SnapshotError(f"the snapshot's /tmp has no directory for the read mount "
+                                        f"{os.fsdecode(node.path)} (taken under another read policy?)")
+            if (i, parts[-1]) in kids:
+                raise SnapshotError(f"the snapshot's /tmp has a file at the read mount "
+                                    f"{os.fsdecode(node.path)} (taken under another read policy?)")
+            cost += _INODE_COST + len(parts[-1])
+        return cost
 
     def _build_synthetic(self):
         def syn(cls, path, mode, value, rdev=0):
@@ -644,6 +714,8 @@ class FileSystem:
                 continue
             if name == b"..":
                 cur = cur.parent or self._tmp_root
+                if type(cur) is _Tmp:           # (from a mount in /tmp) changes: not cached
+                    key = None
                 continue
             child = lookup(cur, name)
             if child.fmt == S_IFLNK and (comps or follow):
@@ -842,7 +914,7 @@ class FileSystem:
                     if e.errno != ENOENT:
                         raise
                     if type(d) is not _Tmp:
-                        _fail(EROFS, f"{os.fsdecode(path)}: only /tmp is writable")
+                        _fail(EROFS, f"{os.fsdecode(path)}: {_READ_ONLY}")
                     return self._install(fd, self._tmp_new(d, name, S_IFREG, mode, bytearray()), flags)
                 if flags & O_EXCL:
                     _fail(EEXIST)
@@ -890,7 +962,7 @@ class FileSystem:
         if t is _Tmp or t is _Device or (t is _Console and node.value != "stdin"):
             return
         if t is _HostNode or t is _SynDir:
-            _fail(EROFS, "only /tmp is writable")
+            _fail(EROFS, _READ_ONLY)
         _fail(EACCES)
 
     def close(self, fd):
@@ -1351,7 +1423,7 @@ class FileSystem:
         """[(name, ino, d_type)] of a directory, "." and ".." first, then sorted by name."""
         dots = [(b".", d.ino, 4), (b"..", (d.parent or self._tmp_root).ino, 4)]
         if type(d) is _Tmp:
-            return dots + sorted((n, c.ino, _DT[c.fmt]) for n, c in d.data.items())
+            return dots + sorted((n, c.ino, _DT.get(c.fmt, 0)) for n, c in d.data.items())
         if type(d) is _FdDir:
             return dots + [(b"%d" % fd, self._fd_dir_ino(fd), 10) for fd in sorted(self._fds)]
         cached = self._listings.get(d.path)
@@ -1619,7 +1691,7 @@ class FileSystem:
         if atime == UTIME_OMIT and mtime == UTIME_OMIT:
             return 0
         if type(node) is not _Tmp:
-            _fail(EROFS, "only /tmp is writable")
+            _fail(EROFS, _READ_ONLY)
         now = time.time_ns()
         if atime != UTIME_OMIT:
             node.atime = now if atime == UTIME_NOW else max(-MAX_FILE - 1, min(MAX_FILE, atime))
@@ -1713,7 +1785,7 @@ class FileSystem:
         if name is None or self._exists(d, name):
             _fail(EEXIST)
         if type(d) is not _Tmp:
-            _fail(EROFS, "only /tmp is writable")
+            _fail(EROFS, _READ_ONLY)
         # mkdir(2) drops setuid and setgid, and a setgid parent passes its setgid on
         self._tmp_new(d, name, S_IFDIR, mode & 0o1777 | d.mode & 0o2000, {})
 
@@ -1730,7 +1802,7 @@ class FileSystem:
         if path.endswith(b"/"):
             _fail(ENOENT)                       # "name/" can only be a directory
         if type(d) is not _Tmp:
-            _fail(EROFS, "only /tmp is writable")
+            _fail(EROFS, _READ_ONLY)
         self._tmp_new(d, name, S_IFLNK, 0, bytes(target)).mode = 0o777    # links ignore umask
 
     def fchmodat(self, dirfd, path, mode, flags=0):
@@ -1746,7 +1818,7 @@ class FileSystem:
 
     def _chmod(self, node, mode):
         if type(node) is not _Tmp:
-            _fail(EROFS, "only /tmp is writable")
+            _fail(EROFS, _READ_ONLY)
         if node.fmt == S_IFLNK:
             _fail(EOPNOTSUPP)
         node.mode = mode & 0o7777
@@ -1772,16 +1844,20 @@ class FileSystem:
             _fail(EISDIR if not rmdir else EINVAL if last == [b"."] else EBUSY if not last else ENOTEMPTY)
         node = self._lookup(d, name)
         if type(d) is not _Tmp:
-            _fail(EROFS, "only /tmp is writable")
+            _fail(EROFS, _READ_ONLY)
         if rmdir:
             if node.fmt != S_IFDIR:
                 _fail(ENOTDIR)
+            if type(node) is not _Tmp:
+                _fail(EBUSY, "a read= mount point")
             if node.data:
                 _fail(ENOTEMPTY)
         elif node.fmt == S_IFDIR:
             _fail(EISDIR)
         elif path.endswith(b"/"):
             _fail(ENOTDIR)
+        elif type(node) is not _Tmp:
+            _fail(EBUSY, "a read= mount point")
         self._tmp_detach(d, name)
 
     def renameat(self, olddirfd, oldpath, newdirfd, newpath, flags=0):
@@ -1797,7 +1873,7 @@ class FileSystem:
         if type(od) is not _Tmp or type(nd) is not _Tmp:
             if src.fmt != S_IFDIR and (oldpath.endswith(b"/") or newpath.endswith(b"/")):
                 _fail(ENOTDIR)
-            _fail(EXDEV if (type(od) is _Tmp) != (type(nd) is _Tmp) else EROFS, "only /tmp is writable")
+            _fail(EXDEV if (type(od) is _Tmp) != (type(nd) is _Tmp) else EROFS, _READ_ONLY)
         if nd.name is None and nd is not self._tmp_root:
             _fail(ENOENT, "the directory was removed")
         # Linux's order: the flags against the new name, then trailing slashes on a non-directory
@@ -1823,6 +1899,11 @@ class FileSystem:
                     if n is node:
                         _fail(err, "a directory cannot move below itself")
                     n = n.parent
+        # A mount point does not move (EBUSY, as Linux), nor here a directory with a mount below
+        # it (Linux moves the mount along): a mount's inside path stays what read= says.
+        if type(src) is not _Tmp or src in self._pinned or flags & RENAME_EXCHANGE and (
+                type(dst) is not _Tmp or dst in self._pinned):
+            _fail(EBUSY, "a read= mount point, or a directory on the way to one")
         if flags & RENAME_EXCHANGE:
             od.data[on], nd.data[nn] = dst, src
             dst.parent, dst.name, src.parent, src.name = od, on, nd, nn
@@ -1832,6 +1913,8 @@ class FileSystem:
                     _fail(ENOTDIR)
                 if src.fmt != S_IFDIR and dst.fmt == S_IFDIR:
                     _fail(EISDIR)
+                if type(dst) is not _Tmp:
+                    _fail(EBUSY, "a read= mount point")
                 if dst.fmt == S_IFDIR and dst.data:
                     _fail(ENOTEMPTY)
                 self._tmp_detach(nd, nn)
@@ -1958,7 +2041,7 @@ class FileSystem:
             stack.append(self._cwd)
         while stack:
             node = stack.pop()
-            if id(node) in seen:
+            if id(node) in seen or type(node) is not _Tmp:     # (a mount: its name is counted)
                 continue
             seen.add(id(node))
             used += _INODE_COST
@@ -2075,7 +2158,8 @@ class FileSystem:
             add(node, parent)
             if node.fmt == S_IFDIR:
                 me = len(entries) - 1
-                stack.extend((node.data[name], me) for name in sorted(node.data, reverse=True))
+                stack.extend((node.data[name], me) for name in sorted(node.data, reverse=True)
+                             if type(node.data[name]) is _Tmp)     # a mount: see _graft
         held = [d.node for d, _ in self._fds.values()] + [self._cwd]
         for node in held:
             if type(node) is _Tmp and id(node) not in index:
@@ -2144,6 +2228,8 @@ class FileSystem:
     def _thaw_tmp(self, tmp):
         used = sum((_INODE_COST * 2 + len(name) if parent >= 0 else _INODE_COST)
                    + (len(payload) if payload else 0) for _, _, _, _, _, parent, name, payload, _ in tmp)
+        if self._grafts:
+            used += self._graft_cost(tmp)
         if used > self._tmp_size:
             raise SnapshotError(f"the snapshot's /tmp holds {used} bytes, more than this "
                                 f"sandbox's tmp_size ({self._tmp_size})")
@@ -2160,6 +2246,10 @@ class FileSystem:
                 node, root.data, root.mode = root, {}, mode
             node.atime, node.mtime, node.ctime = atime, mtime, ctime
             nodes.append(node)
+        if self._grafts:
+            self._pinned = set()
+            for parts, node in self._grafts:
+                self._graft(parts, node, make=False)
         self._tmp_frozen = (tmp, {id(n): i for i, n in enumerate(nodes)})
         self._tmp_nodes, self._tmp_used, self._tmp_dirty = nodes, used, False
 

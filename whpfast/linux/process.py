@@ -239,7 +239,8 @@ class LinuxSandbox(Resource):
     """Runs argv (argv[0]: the host path of an x86-64 Linux ELF) in a fresh micro-VM.
 
     read: host paths the program may read (or {inside: host}); everything else does not exist
-    for it, except a private in-memory /tmp and a few synthesized /proc, /sys and /dev files.
+    for it, except a private in-memory /tmp and a few synthesized /proc, /sys and /dev files. An
+    entry below /tmp (a tempfile.mkdtemp() directory) is a read-only bind mount in that /tmp.
     env: the environment (default: PATH, HOME=/tmp, LANG=C.UTF-8). memory_size bounds both the
     guest's RAM and its address space. on_output(stream, data) sees stdout/stderr as written.
     output_limit: bytes of stdout, and of stderr, one run keeps (default OUTPUT_LIMIT, 16 MiB;
