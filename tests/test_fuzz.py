@@ -66,14 +66,19 @@ def test_snapshot_loader(tmp_path):
 
 
 def test_file_system_against_the_host_kernel(tmp_path):
-    # (the seed decides which inputs the run makes, and a change to fs.py or the harness changes
-    # them too: if an operation below is no longer reached, another seed will reach it)
-    proc, outcomes = fuzz("fsdiff", 2000, tmp_path, seed=3)
-    check(proc, outcomes, 2000)
-    assert outcomes["sequences"] == 2000        # each ended with the two /tmp trees the same
+    reached = set()
+    # The seed decides which inputs a run makes, and so does the coverage of fs.py and the
+    # harness: a change to either moves the rare successes (chmod and access succeed a few times
+    # in 2,000 sequences). So the runs of several seeds together must reach each one; every run
+    # must find no difference.
+    for seed in (1, 2, 3, 5):
+        proc, outcomes = fuzz("fsdiff", 2000, tmp_path, seed=seed)
+        check(proc, outcomes, 2000)
+        assert outcomes["sequences"] == 2000        # each ended with the two /tmp trees the same
+        reached |= {k for k, v in outcomes.items() if k.endswith(": ok") and v > 0}
     # the sequences get past the errors: files and links are made, looked at, changed
     for op in ("open", "mkdir", "symlink", "lstat", "chmod", "access"):
-        assert outcomes.get(f"{op}: ok", 0) > 0, (op, outcomes)
+        assert f"{op}: ok" in reached, (op, sorted(reached))
 
 
 @pytest.mark.hypervisor
