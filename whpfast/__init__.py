@@ -5,8 +5,10 @@
         sb.call("add", 2, 3)
 """
 
+import importlib
 import importlib.util as _importlib_util
 import os as _os
+from typing import TYPE_CHECKING, Any, List
 
 
 def _check_built() -> None:
@@ -25,19 +27,56 @@ def _check_built() -> None:
 
 _check_built()
 
-from . import guests  # noqa: E402  (after the check above, on purpose)
-from .backend import hypervisor  # noqa: E402
-from .errors import (GuestAbort, GuestBuildError, GuestCallError, GuestCancelled,  # noqa: E402
-                     GuestError, GuestFault, GuestLoadError, GuestTimeout, HostFunctionError,
-                     HypervisorError, HypervisorUnavailable, SandboxBusy, SandboxClosed,
-                     SandboxError, SandboxPoisoned, SnapshotError, WhpfastError)
-from .errors import ConfigError, KindError, PayloadTooLarge, ReadPolicyError  # noqa: E402
-from .guestbuild import build_guest  # noqa: E402
-from .linux.process import LinuxSandbox, LinuxSnapshot, RunResult  # noqa: E402
-from .sandbox import RestoreStats, Sandbox  # noqa: E402
-from .snapshot import Snapshot  # noqa: E402
+from .errors import (ConfigError, GuestAbort, GuestBuildError, GuestCallError,  # noqa: E402
+                     GuestCancelled, GuestError, GuestFault, GuestLoadError, GuestPythonError,
+                     GuestTimeout, HostFunctionError, HypervisorError, HypervisorUnavailable,
+                     KindError, MappingBudgetError, PayloadTooLarge, PoolFull, ReadPolicyError,
+                     SandboxBusy, SandboxClosed, SandboxError, SandboxPoisoned, SnapshotError,
+                     WhpfastError)
 
 __version__ = "0.1.0"
+
+# The rest is imported when first used (PEP 562), so that `import whpfast` costs the errors
+# only: the personalities bring numpy, asyncio and the backend with them. name -> (module, the
+# attribute of it, or None for the module itself).
+_LAZY = {
+    "guests": (".guests", None), "hypervisor": (".backend", "hypervisor"),
+    "build_guest": (".guestbuild", "build_guest"),
+    "Sandbox": (".sandbox", "Sandbox"), "RestoreStats": (".sandbox", "RestoreStats"),
+    "Snapshot": (".snapshot", "Snapshot"),
+    "LinuxSandbox": (".linux.process", "LinuxSandbox"), "LinuxSnapshot": (".linux.process", "LinuxSnapshot"),
+    "RunResult": (".linux.process", "RunResult"),
+    "PythonSandbox": (".python", "PythonSandbox"), "PythonResult": (".python", "PythonResult"),
+    "PythonError": (".python", "PythonError"),
+    "Pool": (".pool", "Pool"), "PoolStats": (".pool", "PoolStats"),
+}
+
+if TYPE_CHECKING:       # what type checkers and IDEs see: the same names, eagerly
+    from . import guests
+    from .backend import hypervisor
+    from .guestbuild import build_guest
+    from .linux.process import LinuxSandbox, LinuxSnapshot, RunResult
+    from .pool import Pool, PoolStats
+    from .python import PythonError, PythonResult, PythonSandbox
+    from .sandbox import RestoreStats, Sandbox
+    from .snapshot import Snapshot
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = importlib.import_module(module, __name__)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value                 # once: later look-ups are plain attribute reads
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Sandbox", "Snapshot", "RestoreStats", "LinuxSandbox", "LinuxSnapshot", "RunResult",
@@ -46,16 +85,6 @@ __all__ = [
     "SandboxBusy", "SandboxPoisoned", "GuestError", "GuestFault", "GuestTimeout", "GuestCancelled",
     "GuestAbort", "GuestCallError", "HostFunctionError", "GuestLoadError", "GuestBuildError", "SnapshotError",
     "ConfigError", "ReadPolicyError", "KindError", "PayloadTooLarge",
+    "PythonSandbox", "PythonResult", "PythonError", "GuestPythonError",
+    "Pool", "PoolStats", "PoolFull", "MappingBudgetError",
 ]
-
-# Python sandboxes (whpfast/python)
-from .errors import GuestPythonError  # noqa: E402
-from .python import PythonError, PythonResult, PythonSandbox  # noqa: E402
-
-__all__ += ["PythonSandbox", "PythonResult", "PythonError", "GuestPythonError"]
-
-# Pools of warm sandboxes (whpfast/pool.py)
-from .errors import MappingBudgetError, PoolFull  # noqa: E402
-from .pool import Pool, PoolStats  # noqa: E402
-
-__all__ += ["Pool", "PoolStats", "PoolFull", "MappingBudgetError"]
