@@ -524,7 +524,7 @@ def test_bench_report_smoke(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr
     result = json.loads((out / "bench_python.json").read_text())
-    for name in ("hello_world", "pandas", "hello_world.fork", "pandas.pipe", "pandas.subprocess",
+    for name in ("hello_world", "pandas", "hello_world.forkserver", "pandas.forkserver", "pandas.pipe", "pandas.subprocess",
                  "pandas.cold_boot", "from_snapshot"):
         assert result["medians_us"][name] > 0
     assert result["info"]["density.private_mib_per_sandbox"] > 0
