@@ -377,3 +377,45 @@ def test_a_read_policy_that_no_longer_works_on_the_host_is_a_snapshot_error(subj
     shutil.rmtree(gone)
     with pytest.raises(whpfast.SnapshotError, match=f"host path '{gone}' .* does not work on this host"):
         whpfast.LinuxSnapshot.load(path, read=policy(out, tmp_path))     # granted, but gone
+
+
+def test_a_host_checks_a_file_once_and_still_refuses_it_changed(subject, tmp_path, monkeypatch):
+    """Issue 21 goal 7: the second load of a snapshot file on a host skips the image checksum and
+    the referenced files' SHA-256 (core/verified.py remembers them by file identity, ctime
+    included) -- and a referenced file changed since, even with its size and mtime put back, is
+    still refused: its ctime moved, so nothing remembered applies."""
+    from whpfast.core import verified
+    from whpfast.linux import snapfile
+    out, data, path = subject
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(verified, "RACY_NS", 0)             # (the files were made a moment ago)
+    digests = []
+    real_digest = snapfile._digest
+    monkeypatch.setattr(snapfile, "_digest", lambda *a: digests.append(a) or real_digest(*a))
+    whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
+    first = len(digests)
+    assert first > 0 and len(os.listdir(tmp_path / "cache" / "whpfast" / "verified")) == 1
+    whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
+    assert len(digests) == first                            # nothing hashed again
+    content, st = data.read_bytes(), os.stat(data)
+    try:
+        data.write_bytes(content[:100] + bytes([content[100] ^ 1]) + content[101:])
+        os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+        with pytest.raises(whpfast.SnapshotError, match=r"data\.bin.*SHA-256 differs"):
+            whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
+    finally:
+        data.write_bytes(content)
+        os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # Records in a directory others may write are neither believed nor made.
+    os.chmod(tmp_path / "cache" / "whpfast" / "verified", 0o777)
+    before = len(digests)
+    whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
+    assert len(digests) > before
+    # A check in the same clock tick as the file's last change is not remembered (racy).
+    monkeypatch.setattr(verified, "RACY_NS", 10 ** 18)
+    os.chmod(tmp_path / "cache" / "whpfast" / "verified", 0o700)
+    entries = len(os.listdir(tmp_path / "cache" / "whpfast" / "verified"))
+    fresh = tmp_path / "fresh.snap"
+    shutil.copyfile(path, fresh)
+    whpfast.LinuxSnapshot.load(fresh, read=policy(out, data.parent))
+    assert len(os.listdir(tmp_path / "cache" / "whpfast" / "verified")) == entries
