@@ -117,6 +117,7 @@ def in_python(kind, arg):
 def host_cost(rounds):
     from whpfast import _linux
     from whpfast.linux import syscalls
+    from whpfast.linux.task import CWD
     from whpfast.linux.mm import AddressSpace
     names = ("check", "read", "write", "view", "read_cstring", "read_u64s")
     lx = whpfast.LinuxSandbox(["/usr/bin/python3", "-c", "import sys; sys.stdin.readline()"], read=READ)
@@ -127,10 +128,10 @@ def host_cost(rounds):
     mm.write(here, b"/usr/lib/python3.11/os.py\0")
     mm.write(missing, b"/usr/lib/python3.11/no_such_module.py\0")
     nr = syscalls.NUMBERS
-    fd = syscalls.dispatch(lx, nr["openat"], (syscalls.CWD, here, 0, 0, 0, 0))
+    fd = syscalls.dispatch(lx.task, nr["openat"], (CWD, here, 0, 0, 0, 0))
     cases = {"getppid": (nr["getppid"], (0,) * 6),
-             "newfstatat (found)": (nr["newfstatat"], (syscalls.CWD, here, buf, 0, 0, 0)),
-             "newfstatat (ENOENT)": (nr["newfstatat"], (syscalls.CWD, missing, buf, 0, 0, 0)),
+             "newfstatat (found)": (nr["newfstatat"], (CWD, here, buf, 0, 0, 0)),
+             "newfstatat (ENOENT)": (nr["newfstatat"], (CWD, missing, buf, 0, 0, 0)),
              "openat + close": None,
              "fstat": (nr["fstat"], (fd, buf, 0, 0, 0, 0)),
              "ioctl TCGETS (ENOTTY)": (nr["ioctl"], (fd, 0x5401, buf, 0, 0, 0)),
@@ -146,11 +147,11 @@ def host_cost(rounds):
                 for name, case in cases.items():
                     if case is None:
                         def call():
-                            f = dispatch(lx, nr["openat"], (syscalls.CWD, here, 0, 0, 0, 0))
-                            dispatch(lx, nr["close"], (f, 0, 0, 0, 0, 0))
+                            f = dispatch(lx.task, nr["openat"], (CWD, here, 0, 0, 0, 0))
+                            dispatch(lx.task, nr["close"], (f, 0, 0, 0, 0, 0))
                     else:
                         def call(n=case[0], args=case[1]):
-                            dispatch(lx, n, args)
+                            dispatch(lx.task, n, args)
                     results[name][0 if fast else 1].append(np.median(time_calls(call, 200, warmup=20)))
             finally:
                 for n in names:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import whpfast
 from whpfast.linux import process, syscalls
-from whpfast.linux._sysnames import NAMES
+from whpfast.linux.syscalls import NAMES
 
 READ = ["/usr", "/lib", "/lib64", "/etc"]
 DRIVER = (Path(__file__).resolve().parent.parent / "tests" / "linux" / "driver.py").read_text()

@@ -192,14 +192,15 @@ def test_dispatch_and_loop_are_the_c_ones_and_answer_like_the_python_ones(space)
              (syscalls.NUMBERS["close"], (999, 0, 0, 0, 0, 0)), (syscalls.NUMBERS["lseek"], (0, 0, 0, 0, 0, 0)),
              (syscalls.NUMBERS["uname"], (base + 4 * PAGE, 0, 0, 0, 0, 0)),
              (syscalls.NUMBERS["uname"], (base, 0, 0, 0, 0, 0)), (1000, (0,) * 6), (1 << 40, (0,) * 6)]
+    task = lx.task
     for nr, args in calls:
         before = dict(lx.unsupported_syscalls)
-        fast = syscalls.dispatch(lx, nr, args)
+        fast = syscalls.dispatch(task, nr, args)
         counted = dict(lx.unsupported_syscalls)
         lx.unsupported_syscalls.clear()
         lx.unsupported_syscalls.update(before)
-        assert fast == syscalls.py_dispatch(lx, nr, args), nr
+        assert fast == syscalls.py_dispatch(task, nr, args), nr
         assert counted == lx.unsupported_syscalls, nr
     assert lx.unsupported_syscalls.get("syscall_1000") == 1
     with pytest.raises(ValueError, match="six arguments"):
-        syscalls.dispatch(lx, syscalls.NUMBERS["getppid"], (1, 2))       # a typed error, not a crash
+        syscalls.dispatch(task, syscalls.NUMBERS["getppid"], (1, 2))       # a typed error, not a crash

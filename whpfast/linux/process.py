@@ -4,10 +4,11 @@ by the host against a policy (the file system's `read=` list, no network, one th
 How a system call travels: EFER.SCE and LSTAR point `syscall` at a stub on a user page that does
 `out SYSCALL_PORT` (on the PVM hosts `syscall` stays at CPL3, so the stub must be user-executable
 and its port open in the TSS I/O bitmap); the exit leaves the registers in kvm_run's sync area,
-`syscalls.dispatch` serves the call, and the answer goes back as RAX/RIP/RFLAGS through the same
-area with the next KVM_RUN (no extra ioctl). CPU exceptions reach the SDK's CPL0 fault stubs
-(machine.py) and end the run as GuestFault in Linux terms (signal, address, RIP). The exit loop,
-the dispatch and the checked guest copies run in C (whpfast/_linux.pyx); the handlers are Python.
+`syscalls.dispatch` serves the call for the sandbox's Task (task.py: what the handlers see of it),
+and the answer goes back as RAX/RIP/RFLAGS through the same area with the next KVM_RUN (no extra
+ioctl). CPU exceptions reach the SDK's CPL0 fault stubs (machine.py) and end the run as GuestFault
+in Linux terms (signal, address, RIP). The exit loop, the dispatch and the checked guest copies
+run in C (whpfast/_linux.pyx); the handlers are Python (sys_*.py, listed in syscalls.SYSCALLS).
 
 Warm start: snapshot() = guest memory + vCPU state + every host-side component (address space,
 file system, signal table, pending input); restore() puts all of them back. Memory and vCPU
@@ -37,13 +38,15 @@ from ..core.warm import BLOCK, WarmMemory, restore_failed
 from ..errors import (ConfigError, GuestCancelled, GuestFault, GuestLoadError, GuestTimeout,
                       HypervisorError, SandboxClosed, SandboxError, SandboxPoisoned,
                       SnapshotError, WhpfastError)
-from . import _fsstate, loader, syscalls, vdso
+from . import _fsstate, loader, sys_file, syscalls, vdso
 from .._typing import StrPath
 from .errno import LinuxError
 from .fs import FileSystem
 from .grant import DEFAULT_MEMORY_SIZE, DEFAULT_TMP_SIZE, Grant
 from ..snapshot import map_image
 from . import snapfile
+from .sys_signal import SIGNAL_NAMES
+from .task import AT_FDCWD, MAX_IO, UID, Park, ProcState, ProgramExit, ProgramKilled, Task
 from .mm import (PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, PURE_PYTHON, USER_MIN, AddressSpace,
                  identity_page_tables, page_table_bytes)
 
@@ -73,7 +76,6 @@ STAR = ((machine.USER_DS - 8) << 48) | (machine.KERNEL_CS << 32)
 SFMASK = 0x47700                    # TF DF IF IOPL NT AC cleared on entry, as Linux does
 XCR0_CHOICES = (0xE7, 0x7)          # x87|SSE|AVX(|AVX-512) when the CPU has it
 
-ProcState = namedtuple("ProcState", "actions sigmask altstack")
 IoState = namedtuple("IoState", "input eof waiting exit_code")
 
 _SIGNALS = {0: ("SIGFPE", "divide error"), 1: ("SIGTRAP", "debug trap"), 3: ("SIGTRAP", "breakpoint"),
@@ -341,12 +343,18 @@ class LinuxSandbox(Resource):
         with ExitStack() as undo:
             self._build_vm(memory_size, undo, snapshot)
             self.fs = FileSystem.of_config(config, proc_maps=self.mm.maps_text, entropy=os.urandom,
-                                           uid=syscalls.UID, gid=syscalls.UID)
+                                           uid=UID, gid=UID)
             undo.pop_all()
         # Per snapshot taken here, its moment's host overlays (mm.overlay_state): what a
         # restore to it keeps (another sandbox's snapshot: none).
         self._overlays_at = weakref.WeakKeyDictionary()
-        self.proc = ProcState((bytes(32),) * 65, 0, struct.pack("<QiiQ", 0, 2, 0, 0)[:24])
+        # what the system call handlers see of the sandbox (task.py)
+        self.task = Task(self.mm, self.fs,
+                         ProcState((bytes(32),) * 65, 0, struct.pack("<QiiQ", 0, 2, 0, 0)[:24]),
+                         stack_size=self.stack_size, memory_size=memory_size,
+                         take_input=self._take_input, output=self._output,
+                         set_segment_base=self._segment_base, clock_ns=self.guest_clock_ns,
+                         sleep=self._sleep)
         self._io = IoState(b"", False, False, None)
         self.mm.mmap_top = self.mm.top - PAGE - self.stack_size - 16 * PAGE
         # The guest's MONOTONIC, MONOTONIC_RAW and BOOTTIME: the host's less these, zero now
@@ -448,8 +456,8 @@ class LinuxSandbox(Resource):
         auxv = [(loader.AT_PHDR, elf.phdr + bias if elf.phdr >= 0 else 0), (loader.AT_PHENT, 56),
                 (loader.AT_PHNUM, elf.phnum), (loader.AT_PAGESZ, PAGE), (loader.AT_BASE, base),
                 (loader.AT_FLAGS, 0), (loader.AT_ENTRY, elf.entry + bias),
-                (loader.AT_UID, syscalls.UID), (loader.AT_EUID, syscalls.UID),
-                (loader.AT_GID, syscalls.UID), (loader.AT_EGID, syscalls.UID), (loader.AT_SECURE, 0),
+                (loader.AT_UID, UID), (loader.AT_EUID, UID),
+                (loader.AT_GID, UID), (loader.AT_EGID, UID), (loader.AT_SECURE, 0),
                 (loader.AT_HWCAP, _host_auxv(loader.AT_HWCAP)), (loader.AT_HWCAP2, _host_auxv(loader.AT_HWCAP2)),
                 (loader.AT_CLKTCK, 100), (loader.AT_MINSIGSTKSZ, 4096),
                 (loader.AT_SYSINFO_EHDR, vdso_image)]
@@ -508,7 +516,7 @@ class LinuxSandbox(Resource):
         """A loader.Image of the regular file at path in the sandbox's file system, read through
         an fd that `files` (an ExitStack) closes; LinuxError when it cannot be."""
         fs = self.fs
-        fd = fs.openat(syscalls.AT_FDCWD, path, os.O_RDONLY, 0)
+        fd = fs.openat(AT_FDCWD, path, os.O_RDONLY, 0)
         files.callback(fs.close, fd)
 
         def read_into(buf, offset):
@@ -549,8 +557,6 @@ class LinuxSandbox(Resource):
         self.output_limit = OUTPUT_LIMIT
         self._output_limit = OUTPUT_LIMIT       # this run's
         self._truncated = ()                    # the streams this run cut
-        self.unsupported_syscalls = {}
-        self.syscall_count = 0
         self.last_restore = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -581,6 +587,17 @@ class LinuxSandbox(Resource):
     def closed(self) -> bool:
         """True once close() was called (the memory is freed when a running run unwinds)."""
         return self._closed or self._gate.closing
+
+    @property
+    def unsupported_syscalls(self) -> Dict[str, int]:
+        """The system calls the program made that the sandbox does not implement (answered
+        ENOSYS), counted by name; docs/compatibility.md lists which those are."""
+        return self.task.unsupported_syscalls
+
+    @property
+    def syscall_count(self) -> int:
+        """The system calls the program made so far."""
+        return self.task.syscall_count
 
     @property
     def poisoned(self) -> Optional[str]:
@@ -670,18 +687,18 @@ class LinuxSandbox(Resource):
             first = self._resume(*resume)
         self._warm.ran = True
         try:
-            kind = _serve(self, vcpu, pending, run_until, self._deadline, syscalls.dispatch,
+            kind = _serve(self.task, vcpu, pending, run_until, self._deadline, syscalls.dispatch,
                           impl.syscall_regs, impl.syscall_return, impl.EXIT_IO, SYSCALL_PORT,
                           SYSCALL_STUB, machine.USER_CS, machine.USER_DS, first)
-        except syscalls.Park:
+        except Park:
             io = self._io
             self._io = IoState(io.input, io.eof, True, io.exit_code)
             return self._result(None, True)
-        except syscalls.ProgramExit as e:
+        except ProgramExit as e:
             self._io = self._io._replace(exit_code=e.status)
             return self._result(e.status, False)
-        except syscalls.ProgramKilled as e:
-            name = syscalls.SIGNAL_NAMES.get(e.signal, f"signal {e.signal}")
+        except ProgramKilled as e:
+            name = SIGNAL_NAMES.get(e.signal, f"signal {e.signal}")
             exc = GuestFault(f"the program killed itself with {name} (signals are not delivered "
                              f"in the sandbox)", kind="signal", rip=impl.syscall_regs(vcpu)[7])
             exc.signal = name
@@ -696,8 +713,9 @@ class LinuxSandbox(Resource):
         one (then run() restores first, as restore() does). One when the warm-start core can
         resume this snapshot (the restore's baseline, the last run ended cleanly), the snapshot
         is parked in read(0, buf, count) with stdin still the console, the read has input to
-        return, and its buffer is writable: the read is then answered here exactly as sys_read
-        would answer it, with the bytes staged to be written after the restore's page copies.
+        return, and its buffer is writable: the read is then answered here by sys_read's own
+        decision (sys_file.read_stdin, which takes the bytes from the input), with the bytes
+        staged to be written after the restore's page copies.
         The host-side components are put back here (the restore's part that needs no guest
         memory); the memory and registers go back in _resume."""
         parked = snapshot._parked
@@ -713,24 +731,26 @@ class LinuxSandbox(Resource):
         self._forget_translations(False)
         mm.reset(mm_state)
         self.fs.reset(fs_state)
-        self.proc, self._io = proc, io
+        self.task.proc = proc
+        self._io = IoState(data, io.eof or eof, False, None)        # the input the read finds
         self._continue_clocks(snapshot)
+        # sys_read's decision: the bytes it reads, or (not stdin's read: a file at fd 0, a buffer
+        # no longer writable) a plain restore, after which sys_read itself answers the call
         buf, count = parked
         try:
-            if self.fs.console(0) != "stdin":
-                raise LinuxError(errno.EBADF)
-            mm.check(buf, count, write=True)
+            answer = sys_file.read_stdin(self.task, 0, buf, count)
         except LinuxError:
-            self._restore_locked(snapshot)   # sys_read answers it, after a plain restore
+            answer = None
+        if answer is None:
+            self._restore_locked(snapshot)
             return None
-        n = min(count, len(data))
-        writes = [(buf, data[:n])]
+        n = len(answer)
+        writes = [(buf, answer)]
         where = self._vvar()
         if where is not None:
             seq, = struct.unpack_from("<I", snapshot._image_view, where[0])
             writes.append((where[0], _linux.vdso_data(seq, *_vdso_parameters(), 0,
                                                       *self._clock_offsets)))
-        self._io = IoState(data[n:], io.eof or eof, False, None)
         return snapshot, tuple(writes), n
 
     def _resume(self, snapshot, writes, result):
@@ -739,7 +759,7 @@ class LinuxSandbox(Resource):
         restore poisons the sandbox as a failed restore() does."""
         deadline = self._deadline
         timeout_ns = -1 if deadline is None else max(1, deadline - time.monotonic_ns())
-        self.syscall_count += 1                 # the read it answers
+        self.task.syscall_count += 1            # the read it answers
         try:
             (dirty, host, copied, zeroed, _, _, _, register_calls, kind,
              ns) = self._warm.resume(snapshot, writes, result, machine.USER_CS, machine.USER_DS,
@@ -762,9 +782,9 @@ class LinuxSandbox(Resource):
             data += OUTPUT_MARKER.format(stream=stream, limit=self._output_limit).encode()
         return data
 
-    # services for the system call handlers
+    # services for the system call handlers (through the Task)
 
-    def take_input(self, n: int) -> bytes:
+    def _take_input(self, n: int) -> bytes:
         """Up to n bytes of stdin; b"" at end of input; Park when there is none yet."""
         io = self._io
         if n == 0:
@@ -775,9 +795,9 @@ class LinuxSandbox(Resource):
             return data
         if io.eof:
             return b""
-        raise syscalls.Park()
+        raise Park()
 
-    def output(self, stream: str, data: bytes) -> int:
+    def _output(self, stream: str, data: bytes) -> int:
         """A write of data to stdout or stderr; returns the bytes taken. Past the run's output
         limit on that stream the write is cut short, and one with no room left fails with
         EFBIG (what a write past RLIMIT_FSIZE gets when SIGXFSZ is not delivered): the program
@@ -798,10 +818,10 @@ class LinuxSandbox(Resource):
                 raise self._poison(e)
         return len(data)
 
-    def set_segment_base(self, which: str, value: Optional[int]) -> int:
+    def _segment_base(self, which: str, value: Optional[int]) -> int:
         return impl.segment_base(self._vcpu, which, value)
 
-    def sleep(self, seconds: float) -> None:
+    def _sleep(self, seconds: float) -> None:
         """nanosleep: waits on the host, until the run's deadline at most; cancel() wakes it."""
         if self._deadline is not None:
             seconds = min(seconds, max(0, (self._deadline - time.monotonic_ns()) / 1e9))
@@ -931,7 +951,7 @@ class LinuxSandbox(Resource):
         return merged
 
     def _components(self):
-        return (self.mm.capture(), self.fs.capture(), self.proc, self._io)
+        return (self.mm.capture(), self.fs.capture(), self.task.proc, self._io)
 
     def restore(self, snapshot: LinuxSnapshot) -> None:
         """Puts memory, vCPU state and every host-side component back to the snapshot's and
@@ -972,7 +992,7 @@ class LinuxSandbox(Resource):
         self.mm.revert_overlays(self._overlays_at.get(snapshot), snapshot._nonzero)
         stats = self._warm.restore(snapshot, self._captured_ranges)
         self._forget_translations(full)
-        mm_state, fs_state, self.proc, self._io = snapshot._components
+        mm_state, fs_state, self.task.proc, self._io = snapshot._components
         self.mm.reset(mm_state)
         self.fs.reset(fs_state)
         self._continue_clocks(snapshot)
@@ -1046,7 +1066,7 @@ class LinuxSandbox(Resource):
         nr, fd, buf, count = impl.syscall_regs(self._vcpu)[:4]
         if nr != syscalls.NUMBERS["read"] or fd != 0:
             return None
-        return buf, min(count, syscalls.MAX_IO)
+        return buf, min(count, MAX_IO)
 
 
 _CLOCKS = (time.CLOCK_MONOTONIC, time.CLOCK_MONOTONIC_RAW, time.CLOCK_BOOTTIME)

@@ -521,7 +521,8 @@ def _check_clock(values):
 
 
 def _decode_meta(meta, state_bytes, memory_size, fs_bytes, fs_decode):
-    from .process import IoState, ProcState      # (process imports this module)
+    from .process import IoState                 # (process imports this module)
+    from .task import ProcState
     if meta["memory_size"] != memory_size:
         raise ValueError("memory size differs from the header's")
     cpu.parse(meta["cpu"])
