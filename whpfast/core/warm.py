@@ -185,6 +185,45 @@ class WarmMemory:
         self._forget_hot()
         return nonzero, state
 
+    def changed(self):
+        """A bitmap of the pages that may differ from the baseline's image now: those the guest
+        wrote (the dirty log, and the hot set, left writable and so not logged) and those the
+        host wrote. Reading the log consumes it where the hypervisor resets bits as it reads
+        (WHP): call it only on the way to a new baseline (capture_delta)."""
+        if self.baseline is None or self.needs_full_reset:
+            raise SnapshotError("no baseline to compare with: capture the whole memory")
+        self._start_logging()
+        changed = np.zeros_like(self._dirty)
+        self.vm.get_dirty_log(0, changed.view(np.uint8))
+        changed |= self._hot
+        for w in self._host_words:
+            changed[w] |= self._host[w]
+        return changed
+
+    def capture_delta(self, image):
+        """capture() for memory that still derives from the baseline (can_capture_delta()): image
+        already holds the baseline's image (a copy-on-write clone of it), and only the pages
+        written since are copied into it. Returns (the pages copied, the vCPU state) and starts a
+        new dirty epoch as capture() does; the new snapshot's non-zero pages are the baseline's
+        plus those copied (a copied page may be zero: an over-estimate only costs a copy)."""
+        changed = self.changed()
+        dst = memoryview(image)
+        try:
+            _pages.restore(dst, self.mem, changed, changed)
+        finally:
+            dst.release()
+        state = self.vcpu.save_state()
+        dirty = self._dirty
+        dirty[:] = changed
+        # Re-protect what the log held (the hot pages too: they are forgotten below), as capture().
+        self.vm.clear_dirty_log(0, 0, self.pages, dirty.view(np.uint8))
+        self._forget_hot()
+        return changed, state
+
+    def can_capture_delta(self):
+        """Whether memory is the baseline's image but for the pages changed() reports."""
+        return self.baseline is not None and not self.needs_full_reset
+
     def set_baseline(self, snapshot):
         self.baseline = snapshot
         for w in self._host_words:
@@ -234,11 +273,20 @@ class WarmMemory:
         if full:
             # Memory may differ from this snapshot anywhere it or the old baseline is non-zero,
             # or where it was written; unknown baseline: anywhere non-zero now.
-            dirty |= snapshot._nonzero
-            if self.baseline is not None:
-                dirty |= self.baseline._nonzero
+            base = self.baseline
+            shared = getattr(snapshot, "_shared", None)
+            if base is not None and shared is not None and getattr(base, "_shared", None) is shared:
+                # Both derive from one whole capture and differ from it only at their deltas
+                # (LinuxSandbox.snapshot's incremental images): those pages, not all non-zero ones.
+                for d in (snapshot._delta, base._delta):
+                    if d is not None:
+                        dirty |= d
             else:
-                self._scan(ranges, None, dirty)
+                dirty |= snapshot._nonzero
+                if base is not None:
+                    dirty |= base._nonzero
+                else:
+                    self._scan(ranges, None, dirty)
         copied, zeroed = _pages.restore(self.mem, snapshot._image_view, dirty, snapshot._nonzero)
         if reprotect and vm.manual_protect:
             # only the span of words that have bits: KVM walks what it is given

@@ -35,6 +35,7 @@ from ..core.run import run_timeout, run_until
 from ..core.resource import Resource
 from ..elf import read_program
 from ..core.warm import BLOCK, WarmMemory, restore_failed
+from ..core import image as _image
 from ..errors import (ConfigError, GuestCancelled, GuestFault, GuestLoadError, GuestTimeout,
                       HypervisorError, SandboxClosed, SandboxError, SandboxPoisoned,
                       SnapshotError, WhpfastError)
@@ -109,7 +110,7 @@ class LinuxSnapshot:
     def __init__(self, image: Any, nonzero: Any, state: Dict[str, bytes], components: Tuple[Any, ...],
                  meta: Dict[str, Any], fs_codec: Any, path: Optional[str] = None,
                  file: Any = None, extents: Any = None, image_offset: Optional[int] = None,
-                 refs: Any = ()) -> None:
+                 refs: Any = (), shared: Any = None, delta: Any = None) -> None:
         self._image = image
         self._image_view = memoryview(image)
         self._nonzero = nonzero
@@ -127,6 +128,10 @@ class LinuxSnapshot:
         self._image_offset = image_offset
         # ...and the host files it refers to (snapfile.FileRef, open), mapped the same way.
         self._refs = tuple(refs)
+        # A snapshot taken in this process: the whole-memory image it derives from, shared
+        # copy-on-write (core/image.py SharedImage, or None), and the pages where its image
+        # differs from that one (None: none, it is that image).
+        self._shared, self._delta = shared, delta
         for r in self._refs:
             weakref.finalize(self, os.close, r.fd)
         self.nonzero_pages = _pages.count_bits(nonzero)
@@ -171,7 +176,8 @@ class LinuxSnapshot:
         extra = _extra_config(FileSystem._parse_extra_files(dict(extra_files or {})))
         config = _check_config(dict(self.meta["config"], read=_read_config(read), extra_files=extra))
         return LinuxSnapshot(self._image, self._nonzero, self._state, self._components,
-                             dict(self.meta, config=config), None, path=None)
+                             dict(self.meta, config=config), None, path=None,
+                             shared=self._shared, delta=self._delta)
 
     def check_grant(self, grant: Grant) -> None:
         """SnapshotError unless `grant` covers what this snapshot declares."""
@@ -371,8 +377,11 @@ class LinuxSandbox(Resource):
         if snapshot is not None:
             # Before the hypervisor maps the memory: a file's image copy-on-write (shared page
             # cache across sandboxes made from it), an in-memory one copied.
-            map_image(memory, snapshot._file, snapshot._image_offset, snapshot._extents,
-                      snapshot._image_view, snapshot._nonzero)
+            if snapshot._file is None:
+                _image.fill(memory, snapshot)      # shared copy-on-write where it can be
+            else:
+                map_image(memory, snapshot._file, snapshot._image_offset, snapshot._extents,
+                          snapshot._image_view, snapshot._nonzero)
             if snapshot._refs and snapshot._file is not None and hasattr(memory, "overlay_file"):
                 # the referenced pages (map_image copied them with the rest where it copies)
                 snapfile.apply_refs(memory, snapshot._refs, snapshot._image_view)
@@ -919,18 +928,45 @@ class LinuxSandbox(Resource):
     # -- snapshots ------------------------------------------------------------------------------
 
     def snapshot(self) -> LinuxSnapshot:
-        """Captures guest memory, the vCPU and every host-side component. Costs a pass over the
-        mapped memory; restores cost only what changed since."""
+        """Captures guest memory, the vCPU and every host-side component.
+
+        When the sandbox still derives from a snapshot taken or started from in this process
+        (the last one taken, restored or started from, with no fault, timeout or cancel since)
+        the capture is incremental: the new image is that snapshot's, shared copy-on-write
+        where the backend can map memory over memory (KVM), with the pages written since copied
+        in, plus the pages by which that snapshot itself differs from the last whole capture it
+        derives from. Otherwise it costs a pass over the mapped memory. Restores cost only what
+        changed since either way."""
         with self._gate.operation("snapshot()"):
             if self._closed:
                 raise SandboxClosed("the sandbox is closed")
             if self._poisoned:
                 raise SandboxPoisoned(f"cannot snapshot a poisoned sandbox ({self._poisoned})")
-            image = impl.GuestMemory(self.memory_size)
-            nonzero, state = self._warm.capture(image, self._captured_ranges)
+            warm, base = self._warm, self._warm.baseline
+            if (warm.can_capture_delta() and isinstance(base, LinuxSnapshot) and base._file is None
+                    and base.meta["memory_size"] == self.memory_size):
+                image = impl.GuestMemory(self.memory_size)
+                try:
+                    _image.fill(image, base)
+                    changed, state = warm.capture_delta(image)
+                except BaseException:
+                    image.close()
+                    warm.forget_baseline()          # the dirty log may be consumed
+                    raise
+                nonzero = base._nonzero | changed
+                shared = base._shared
+                delta = None if shared is None else (changed if base._delta is None
+                                                     else base._delta | changed)
+            else:
+                image, shared = _image.new_image(self.memory_size)
+                nonzero, state = warm.capture(image, self._captured_ranges)
+                if shared is not None:
+                    shared.seal(nonzero)
+                delta = None
             snap = LinuxSnapshot(image, nonzero, state, self._components(),
                                  {"memory_size": self.memory_size, "config": self._config,
-                                  "cpu": cpu.host(), "clock": self._guest_clocks()}, self.fs)
+                                  "cpu": cpu.host(), "clock": self._guest_clocks()}, self.fs,
+                                 shared=shared, delta=delta)
             self._warm.set_baseline(snap)
             self.mm.changed = []
             self._overlays_at[snap] = self.mm.overlay_state()

@@ -4,7 +4,9 @@ CODE (or the file FILE, or stdin for `-`) in a fresh PythonSandbox and reports l
 would (its stdout and stderr, the traceback, an exit status of 1 when the code raised,
 sys.exit()'s status). With --save PATH it also writes the warm snapshot; with --snapshot PATH it
 starts from one instead of booting (the file may use no more than --python, --read and --memory
-grant). Exit status 2 is a usage error; whpfast's own errors (no usable /dev/kvm, a timeout, a
+grant). With --state FILE the code runs as a cell of a session: against the live state saved in
+FILE (booting with --setup when FILE does not exist yet), which is then saved back to FILE
+(atomically; also after the code raised, whose state is kept; not after a timeout). Exit status 2 is a usage error; whpfast's own errors (no usable /dev/kvm, a timeout, a
 refused policy or snapshot) are one line on stderr and status 1."""
 
 import argparse
@@ -27,9 +29,17 @@ def main(argv, prog="whpfast run-python"):
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds the code may run (default 60)")
     parser.add_argument("--snapshot", help="start from this saved snapshot instead of booting")
     parser.add_argument("--save", help="also save the warm snapshot to this path")
+    parser.add_argument("--state", help="a session file: run the code against the live state saved "
+                                        "there (created on first use) and save the new state back")
     args = parser.parse_args(argv)
     if args.snapshot and args.setup:
         parser.error("--snapshot cannot be combined with --setup")
+    if args.state and (args.snapshot or args.save):
+        parser.error("--state cannot be combined with --snapshot or --save")
+    import os
+    resume = bool(args.state) and os.path.exists(args.state)
+    if resume and args.setup:
+        parser.error("--setup applies when the --state file is created; it exists already")
     code = args.code
     if code is None:
         try:
@@ -45,17 +55,19 @@ def main(argv, prog="whpfast run-python"):
     from ..errors import WhpfastError
     from .sandbox import PythonSandbox
     try:
-        if args.snapshot:
+        if args.snapshot or resume:
             # the file is untrusted: --python, --read and --memory are what it may use
-            sb = PythonSandbox.from_snapshot(args.snapshot, python=args.python, read=args.read,
-                                             memory_size=args.memory << 20)
+            sb = PythonSandbox.from_snapshot(args.snapshot or args.state, python=args.python,
+                                             read=args.read, memory_size=args.memory << 20)
         else:
             sb = PythonSandbox(python=args.python, setup=args.setup, read=args.read,
                                memory_size=args.memory << 20, packages=args.packages)
         with sb:
             if args.save:
                 sb.save(args.save)
-            result = sb.run(code, timeout=args.timeout)
+            result = sb.run(code, timeout=args.timeout, fresh=not args.state)
+            if args.state:
+                sb.checkpoint().save(args.state)
     except WhpfastError as e:
         print(f"{prog}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -310,6 +310,72 @@ class PythonSandbox(Resource):
             self._check_open()
             return self._snapshot.save(path)
 
+    # -- live state ----------------------------------------------------------------------------------
+
+    def checkpoint(self) -> LinuxSnapshot:
+        """A snapshot of the live state: what run(..., fresh=False) continues from now. It is
+        a PythonSandbox snapshot like `.snapshot`: restore() puts this sandbox back to it, its
+        save(path) writes it, and PythonSandbox.from_snapshot, Pool and RayPool start from it
+        (with this sandbox's read policy). It costs the pages written since the last checkpoint,
+        restore or start (plus those by which that one differs from the last whole capture,
+        see LinuxSandbox.snapshot), not the whole memory. SandboxError when there is no live
+        state (the last run timed out, was cancelled or exited: restore one first)."""
+        with self._gate.operation("checkpoint()"):
+            self._check_open()
+            return self._checkpoint()
+
+    def _checkpoint(self):
+        if self._stale:
+            raise SandboxError("the previous run left the interpreter unusable (it exited, timed out "
+                               "or did not answer): there is no live state to checkpoint; restore "
+                               "a checkpoint or run with fresh=True")
+        snapshot = self._lx.snapshot()
+        snapshot.meta["python"] = dict(self._snapshot.meta["python"])
+        return snapshot
+
+    def restore(self, snapshot: LinuxSnapshot) -> None:
+        """Makes `snapshot` (a checkpoint() of this sandbox or of one with the same interpreter
+        and read policy, or its `.snapshot`) the live state: the next run(..., fresh=False)
+        continues from it. Fresh runs still start from `.snapshot`."""
+        if not isinstance(snapshot, LinuxSnapshot):
+            raise TypeError(f"restore() takes a LinuxSnapshot (a checkpoint()), not {type(snapshot).__name__}")
+        with self._gate.operation("restore()"):
+            self._check_open()
+            granted_snapshot(snapshot)            # of a PythonSandbox, with this driver
+            self._lx.restore(snapshot)
+            self._stale = False
+
+    def fork(self, n: int = 1) -> "list[PythonSandbox]":
+        """n new sandboxes, each in the live state (a checkpoint() taken now), then independent:
+        what one runs is never seen by this one or another (each has its own VM; their memory
+        shares the checkpoint's pages copy-on-write where the backend can). Each has this
+        sandbox's interpreter and read policy, and its fresh runs start from this sandbox's
+        `.snapshot`. Close them (or use them as context managers) when done."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, not {n!r}")
+        with self._gate.operation("fork()"):
+            self._check_open()
+            snapshot = self._checkpoint()
+            forks = []
+            try:
+                for _ in range(n):
+                    forks.append(self._child(snapshot))
+            except BaseException:
+                for f in forks:
+                    f.close()
+                raise
+            return forks
+
+    def _child(self, live):
+        child = type(self).__new__(type(self))
+        child._closed = True
+        child._init_common()
+        child._lx = LinuxSandbox.from_snapshot(live)
+        child._snapshot = self._snapshot
+        child.python = self.python
+        child._closed = False
+        return child
+
     # -- running -----------------------------------------------------------------------------------
 
     def run(self, code: str, *, timeout: Optional[float] = None, fresh: bool = True) -> PythonResult:
@@ -346,7 +412,8 @@ class PythonSandbox(Resource):
             self._check_open()
             if not fresh and self._stale:
                 raise SandboxError("the previous run left the interpreter unusable (it exited, timed out "
-                                   "or did not answer); run again with fresh=True")
+                                   "or did not answer); run again with fresh=True, or restore() a "
+                                   "checkpoint() to continue from it")
             return self._request(op, code, timeout, self._snapshot if fresh else None)
 
     def _request(self, op, code, timeout, restore=None):
