@@ -50,9 +50,9 @@ __all__ = [
 
 # Python sandboxes (whpfast/python)
 from .errors import GuestPythonError  # noqa: E402
-from .python import PythonError, PythonResult, PythonSandbox  # noqa: E402
+from .python import Output, PythonError, PythonResult, PythonSandbox  # noqa: E402
 
-__all__ += ["PythonSandbox", "PythonResult", "PythonError", "GuestPythonError"]
+__all__ += ["PythonSandbox", "PythonResult", "PythonError", "Output", "GuestPythonError"]
 
 # Pools of warm sandboxes (whpfast/pool.py)
 from .errors import MappingBudgetError, PoolFull  # noqa: E402
