@@ -1,8 +1,8 @@
 """`whpfast run-python [-c CODE | FILE | -] [--setup CODE] [--python EXE] [--read PATH ...]
-[--package NAME ... | --all-packages]`: runs
+[--package NAME ... | --all-packages] [--stream]`: runs
 CODE (or the file FILE, or stdin for `-`) in a fresh PythonSandbox and reports like `python`
 would (its stdout and stderr, the traceback, an exit status of 1 when the code raised,
-sys.exit()'s status). With --save PATH it also writes the warm snapshot; with --snapshot PATH it
+sys.exit()'s status). With --stream the output is written as the guest writes it, not at the end. With --save PATH it also writes the warm snapshot; with --snapshot PATH it
 starts from one instead of booting (the file may use no more than --python, --read and --memory
 grant). Exit status 2 is a usage error; whpfast's own errors (no usable /dev/kvm, a timeout, a
 refused policy or snapshot) are one line on stderr and status 1."""
@@ -27,6 +27,8 @@ def main(argv, prog="whpfast run-python"):
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds the code may run (default 60)")
     parser.add_argument("--snapshot", help="start from this saved snapshot instead of booting")
     parser.add_argument("--save", help="also save the warm snapshot to this path")
+    parser.add_argument("--stream", action="store_true",
+                        help="write the output as the guest writes it (default: when the code ends)")
     args = parser.parse_args(argv)
     if args.snapshot and args.setup:
         parser.error("--snapshot cannot be combined with --setup")
@@ -55,13 +57,14 @@ def main(argv, prog="whpfast run-python"):
         with sb:
             if args.save:
                 sb.save(args.save)
-            result = sb.run(code, timeout=args.timeout)
+            result = sb.run(code, timeout=args.timeout, on_output=_write if args.stream else None)
     except WhpfastError as e:
         print(f"{prog}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    sys.stdout.write(result.stdout)
-    sys.stdout.flush()
-    sys.stderr.write(result.stderr)
+    if not args.stream:
+        sys.stdout.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.write(result.stderr)
     if result.error is None:
         return 0
     if result.error.type == "SystemExit":
@@ -75,3 +78,10 @@ def main(argv, prog="whpfast run-python"):
         return 1
     sys.stderr.write(result.error)
     return 1
+
+
+def _write(stream, text):
+    """--stream's on_output: the guest's text to our stdout or stderr, at once."""
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    out.write(text)
+    out.flush()
