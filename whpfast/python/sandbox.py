@@ -398,7 +398,7 @@ class PythonSandbox(Resource):
         text) events as the guest writes, in its order, then the PythonResult last; an error
         run() would raise is raised there. The run goes on in a worker thread. The guest's
         sys.stdout and sys.stderr are written through in batches: a line at once when the last
-        batch is at least 1 ms old, else with the next line after that, at flush()
+        batch is at least 2 ms old, else with the next line after that, at flush()
         (print(..., flush=True), tqdm), at 64 Ki characters, or at the end of the run. Bounded:
         at most STREAM_PENDING_EVENTS events (STREAM_PENDING_CHARS characters) wait for a slow
         consumer, then the guest waits, up to the run's timeout (GuestTimeout). Closing the
