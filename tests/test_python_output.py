@@ -180,7 +180,8 @@ def test_leaving_a_stream_early_cancels_its_run(sb):
         async with contextlib.aclosing(sb.stream("while True: print('spam', flush=True)",
                                                  timeout=30)) as events:
             async for event in events:
-                assert event == whpfast.Output("stdout", "spam\n")
+                # (flushes the consumer has not taken yet come merged in one event)
+                assert event.stream == "stdout" and set(event.text.splitlines()) == {"spam"}
                 break
         return time.monotonic() - t0
 
