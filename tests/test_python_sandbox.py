@@ -349,7 +349,7 @@ FORGERIES = {
     "nested past recursion": ("not JSON: RecursionError", f"B = b'[' * 200000 + b']' * 200000\n{FRAME}"),
     "truncated JSON": ("not JSON: JSONDecodeError", f"B = b'{{\"stdout\": '\n{FRAME}"),
     "wrong fields": ("wrong fields", f"B = b'[1]'\n{FRAME}"),
-    "wrong types": ("wrong field types", f"B = b'{{\"stdout\": 1, \"stderr\": \"\", \"error\": null, \"value\": 0}}'\n{FRAME}"),
+    "wrong types": ("wrong field types", f"B = b'{{\"stdout\": 1, \"stderr\": \"\", \"error\": null, \"value\": 0, \"display\": []}}'\n{FRAME}"),
     "no header": ("no answer header", "m._frame = lambda a: b'hello'"),
     "reads stdin itself": ("no answer header", "os.read(0, 10)"),
     "parks in another system call": ("not parked in a read", "os.readv(0, [bytearray(64)])"),

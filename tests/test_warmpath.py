@@ -98,10 +98,11 @@ def test_refresh_refuses_an_area_outside_guest_memory(sb):
 @pytest.mark.parametrize("code", ['print("hello world")', "", "x = '\\u00e9\\ud800'\n\t\\\\\"",
                                   "\x00\x1f\u2028 \U0001F600 \ud800"])
 @pytest.mark.parametrize("op", ["exec", "eval", "warm"])
-def test_request_encoding_is_json_dumps(op, code):
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_encoding_is_json_dumps(op, code, stream):
     seed = os.urandom(32).hex()
-    assert py_sandbox._encode_request(op, code, seed) == json.dumps(
-        {"op": op, "code": code, "seed": seed, "cap": py_sandbox.OUTPUT_LIMIT}).encode()
+    assert py_sandbox._encode_request(op, code, seed, stream) == json.dumps(
+        {"op": op, "code": code, "seed": seed, "cap": py_sandbox.OUTPUT_LIMIT, "stream": stream}).encode()
 
 
 def test_requests_with_any_characters_reach_the_guest(sb):
@@ -139,7 +140,7 @@ def test_restores_in_two_threads_at_once_stay_exact():
 def test_answers_on_both_sides_of_the_first_read(sb):
     """_read_answer takes a small answer with its header in one read, a larger one in two: the
     lengths around that boundary all come back whole."""
-    overhead = len(json.dumps({"stdout": "", "stderr": "", "error": None, "value": ""}))
+    overhead = len(json.dumps({"stdout": "", "stderr": "", "error": None, "value": "", "display": []}))
     first = py_sandbox.FIRST_READ - py_sandbox.HEADER.size - overhead
     for n in list(range(first - 3, first + 4)) + [0, 100_000]:
         assert sb.eval(f"'x' * {n}") == "x" * n

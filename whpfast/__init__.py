@@ -47,7 +47,7 @@ _LAZY = {
     "LinuxSandbox": (".linux.process", "LinuxSandbox"), "LinuxSnapshot": (".linux.process", "LinuxSnapshot"),
     "RunResult": (".linux.process", "RunResult"),
     "PythonSandbox": (".python", "PythonSandbox"), "PythonResult": (".python", "PythonResult"),
-    "PythonError": (".python", "PythonError"),
+    "PythonError": (".python", "PythonError"), "Output": (".python", "Output"),
     "Pool": (".pool", "Pool"), "PoolStats": (".pool", "PoolStats"),
 }
 
@@ -57,7 +57,7 @@ if TYPE_CHECKING:       # what type checkers and IDEs see: the same names, eager
     from .guestbuild import build_guest
     from .linux.process import LinuxSandbox, LinuxSnapshot, RunResult
     from .pool import Pool, PoolStats
-    from .python import PythonError, PythonResult, PythonSandbox
+    from .python import Output, PythonError, PythonResult, PythonSandbox
     from .sandbox import RestoreStats, Sandbox
     from .snapshot import Snapshot
 
@@ -85,6 +85,6 @@ __all__ = [
     "SandboxBusy", "SandboxPoisoned", "GuestError", "GuestFault", "GuestTimeout", "GuestCancelled",
     "GuestAbort", "GuestCallError", "HostFunctionError", "GuestLoadError", "GuestBuildError", "SnapshotError",
     "ConfigError", "ReadPolicyError", "KindError", "PayloadTooLarge",
-    "PythonSandbox", "PythonResult", "PythonError", "GuestPythonError",
+    "PythonSandbox", "PythonResult", "PythonError", "Output", "GuestPythonError",
     "Pool", "PoolStats", "PoolFull", "MappingBudgetError",
 ]

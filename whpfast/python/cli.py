@@ -1,8 +1,8 @@
 """`whpfast run-python [-c CODE | FILE | -] [--setup CODE] [--python EXE] [--read PATH ...]
-[--package NAME ... | --all-packages]`: runs
+[--package NAME ... | --all-packages] [--stream]`: runs
 CODE (or the file FILE, or stdin for `-`) in a fresh PythonSandbox and reports like `python`
 would (its stdout and stderr, the traceback, an exit status of 1 when the code raised,
-sys.exit()'s status). With --save PATH it also writes the warm snapshot; with --snapshot PATH it
+sys.exit()'s status). With --stream the output is written as the guest writes it, not at the end. With --save PATH it also writes the warm snapshot; with --snapshot PATH it
 starts from one instead of booting (the file may use no more than --python, --read and --memory
 grant). With --state FILE the code runs as a cell of a session: against the live state saved in
 FILE (booting with --setup when FILE does not exist yet), which is then saved back to FILE
@@ -31,6 +31,8 @@ def main(argv, prog="whpfast run-python"):
     parser.add_argument("--save", help="also save the warm snapshot to this path")
     parser.add_argument("--state", help="a session file: run the code against the live state saved "
                                         "there (created on first use) and save the new state back")
+    parser.add_argument("--stream", action="store_true",
+                        help="write the output as the guest writes it (default: when the code ends)")
     args = parser.parse_args(argv)
     if args.snapshot and args.setup:
         parser.error("--snapshot cannot be combined with --setup")
@@ -65,15 +67,17 @@ def main(argv, prog="whpfast run-python"):
         with sb:
             if args.save:
                 sb.save(args.save)
-            result = sb.run(code, timeout=args.timeout, fresh=not args.state)
+            result = sb.run(code, timeout=args.timeout, fresh=not args.state,
+                            on_output=_write if args.stream else None)
             if args.state:
                 sb.checkpoint().save(args.state)
     except WhpfastError as e:
         print(f"{prog}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    sys.stdout.write(result.stdout)
-    sys.stdout.flush()
-    sys.stderr.write(result.stderr)
+    if not args.stream:
+        sys.stdout.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.write(result.stderr)
     if result.error is None:
         return 0
     if result.error.type == "SystemExit":
@@ -87,3 +91,10 @@ def main(argv, prog="whpfast run-python"):
         return 1
     sys.stderr.write(result.error)
     return 1
+
+
+def _write(stream, text):
+    """--stream's on_output: the guest's text to our stdout or stderr, at once."""
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    out.write(text)
+    out.flush()

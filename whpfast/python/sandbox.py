@@ -12,6 +12,12 @@ parked read's buffer and a cap before anything is copied, then it is decoded as 
 unpickled) and its fields type-checked; anything else is a GuestCallError and the sandbox is
 restored before it runs again."""
 
+import asyncio
+import base64
+import binascii
+import codecs
+import collections
+import functools
 import hashlib
 import json
 import json.encoder
@@ -22,12 +28,13 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import (Any, AsyncIterator, Callable, Dict, Iterable, List, Mapping, Optional,
+                    Union)
 
-from ..errors import (GuestCallError, GuestError, GuestPythonError, SandboxClosed, SandboxError,
-                      SnapshotError)
+from ..errors import (GuestCallError, GuestError, GuestPythonError, GuestTimeout, SandboxClosed,
+                      SandboxError, SnapshotError)
 from ..linux.errno import LinuxError
 from .._typing import StrPath
 from ..core import argcheck
@@ -35,7 +42,7 @@ from ..core.gate import Gate
 from ..core.run import request_timeout, run_timeout
 from ..core.resource import Resource
 from ..linux.grant import Grant
-from ..linux.process import LinuxSandbox, LinuxSnapshot
+from ..linux.process import OUTPUT_MARKER, LinuxSandbox, LinuxSnapshot
 from .interpreter import _belongs, _listdir, describe
 
 _encode_str = json.encoder.encode_basestring_ascii     # json.dumps's (ensure_ascii) str encoder
@@ -46,12 +53,18 @@ MAGIC = b"\x00whpfast-py-ans\x00"           # driver.py's answer header: MAGIC, 
 HEADER = struct.Struct("<16sQ")
 FIRST_READ = 4096                            # bytes of the answer buffer _read_answer reads at once
 ERROR_FIELDS = {"type", "message", "traceback"}     # of an answer's error (driver.py)
+ANSWER_FIELDS = {"stdout", "stderr", "error", "value", "display"}
+BINARY_TYPES = frozenset(("image/png", "image/jpeg", "image/gif", "application/pdf"))  # driver.BINARY
+# stream(): output events waiting for the consumer, at most (then the guest waits for it)
+STREAM_PENDING_EVENTS = 1024
+STREAM_PENDING_CHARS = 1 << 20
 ANSWER_LIMIT = 16 << 20                      # bytes of answer JSON accepted (= driver.py's, = MAX_IO)
 DEFAULT_MEMORY_SIZE = 512 << 20
 OUTPUT_LIMIT = 1 << 20                       # characters of stdout / stderr kept per run
 # (bytes written to fd 1/2 directly, past sys.stdout: LinuxSandbox's output limit applies)
 BOOT_TIMEOUT = 300
-ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8",
+       "MPLBACKEND": "Agg"}              # matplotlib draws in memory: figures come back as PNG
 
 
 class PythonError(str):
@@ -80,10 +93,58 @@ class PythonError(str):
 class PythonResult:
     """What one PythonSandbox.run() produced: the guest's stdout and stderr, and the guest
     traceback when the code raised (SystemExit included) as a PythonError (a str with the fields
-    type, message and traceback), else None."""
+    type, message and traceback), else None. value: the repr() of the cell's last expression
+    (None when the cell does not end with one, or it is None), as Jupyter shows it. display:
+    MIME bundles as Jupyter gives them ({"text/plain": str, "text/html": str, "image/png": bytes,
+    ...}), from display() calls, the last expression's _repr_*_ methods and the matplotlib
+    figures left open, in that order."""
     stdout: str
     stderr: str
     error: Optional[PythonError]
+    value: Optional[str] = None
+    display: List[Dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One piece of a streamed run's output (PythonSandbox.stream): stream is "stdout" or
+    "stderr", text what the guest wrote there (decoded as UTF-8 across writes)."""
+    stream: str
+    text: str
+
+
+class _Listener:
+    """LinuxSandbox's on_output for one run with an on_output(stream, text) callback: decodes
+    each stream's bytes incrementally (a UTF-8 character split across writes comes whole) and
+    calls the callback. An exception from it stops the run: it is kept, the guest is cancelled,
+    and run() raises it when the run has unwound."""
+
+    def __init__(self, callback, lx):
+        self.callback, self.lx, self.error = callback, lx, None
+        self.decoders = {name: codecs.getincrementaldecoder("utf-8")("replace")
+                         for name in ("stdout", "stderr")}
+
+    def __call__(self, stream, data):
+        if self.error is None:
+            self._send(stream, self.decoders[stream].decode(data))
+
+    def _send(self, stream, text):
+        if text and self.error is None:
+            try:
+                self.callback(stream, text)
+            except Exception as e:
+                self.error = e
+                self.lx.cancel()
+
+    def finish(self, r):
+        """The end of the run r (a RunResult): what the decoders hold, and the output limit's
+        marker for a stream it cut."""
+        for stream, data in (("stdout", r.stdout), ("stderr", r.stderr)):
+            text = self.decoders[stream].decode(b"", final=True)
+            marker = OUTPUT_MARKER.format(stream=stream, limit=self.lx._output_limit)
+            if r.truncated and data.endswith(marker.encode()):
+                text += marker
+            self._send(stream, text)
 
 
 _loaded = weakref.WeakValueDictionary()     # snapshot files loaded and still in use, by identity
@@ -378,8 +439,13 @@ class PythonSandbox(Resource):
 
     # -- running -----------------------------------------------------------------------------------
 
-    def run(self, code: str, *, timeout: Optional[float] = None, fresh: bool = True) -> PythonResult:
-        """Executes code; returns a PythonResult (stdout, stderr, error). fresh=True (default)
+    def run(self, code: str, *, timeout: Optional[float] = None, fresh: bool = True,
+            on_output: Optional[Callable[[str, str], object]] = None) -> PythonResult:
+        """Executes code; returns a PythonResult (stdout, stderr, error, value, display). on_output:
+        called with (stream, text) as the guest writes stdout and stderr, in its order (see
+        stream() for the batching); the result still holds all of it. It runs in this thread
+        while the guest waits (its time counts against timeout); an exception it raises stops
+        the run, and run() raises it (the next fresh run starts clean). fresh=True (default)
         first restores the warm snapshot, so nothing an earlier run did is visible; fresh=False
         continues in the state the previous run left. timeout: seconds the run may take, past it
         GuestTimeout (a run waiting for another thread's gives up at it too); None: DEFAULT_RUN_TIMEOUT
@@ -387,8 +453,44 @@ class PythonSandbox(Resource):
         kept up to LinuxSandbox's output limit per stream (then its writes fail, and a marker
         says so)."""
         _check_code(code, "code")
-        result, _ = self._call("exec", code, timeout, argcheck.flag(fresh, "fresh"))
+        if on_output is not None and not callable(on_output):
+            raise TypeError("on_output must be callable (stream, text) or None")
+        result, _ = self._call("exec", code, timeout, argcheck.flag(fresh, "fresh"), on_output)
         return result
+
+    async def stream(self, code: str, *, timeout: Optional[float] = None,
+                     fresh: bool = True) -> AsyncIterator[Union[Output, PythonResult]]:
+        """run() for asyncio, streamed: `async for event in sb.stream(code)` gives Output(stream,
+        text) events as the guest writes, in its order, then the PythonResult last; an error
+        run() would raise is raised there. The run goes on in a worker thread. The guest's
+        sys.stdout and sys.stderr are written through in batches: a line at once when the last
+        batch is at least 2 ms old, else with the next line after that, at flush()
+        (print(..., flush=True), tqdm), at 64 Ki characters, or at the end of the run. Bounded:
+        at most STREAM_PENDING_EVENTS events (STREAM_PENDING_CHARS characters) wait for a slow
+        consumer, then the guest waits, up to the run's timeout (GuestTimeout). Closing the
+        generator early (aclose(), `async with contextlib.aclosing(...)`) cancels the run."""
+        _check_code(code, "code")
+        timeout = request_timeout(timeout)
+        loop = asyncio.get_running_loop()
+        channel = _Channel(loop, run_timeout(timeout))
+        work = loop.run_in_executor(None, functools.partial(
+            self.run, code, timeout=timeout, fresh=fresh, on_output=channel.put))
+        work.add_done_callback(lambda _: channel.finish())
+        try:
+            while True:
+                events = await channel.take()
+                if not events:
+                    break
+                for event in events:
+                    yield event
+            yield await work
+        finally:
+            if not work.done():
+                channel.close()
+                self.cancel()
+                await asyncio.wait((work,))
+            if not work.cancelled():
+                work.exception()             # (retrieved: the consumer left, it is not news)
 
     def eval(self, expr: str, *, timeout: Optional[float] = None, fresh: bool = True) -> Any:
         """Evaluates expr and returns its value, carried as JSON (lists for tuples, str keys).
@@ -405,7 +507,7 @@ class PythonSandbox(Resource):
         if self.closed:
             raise SandboxClosed("the Python sandbox is closed")
 
-    def _call(self, op, code, timeout, fresh):
+    def _call(self, op, code, timeout, fresh, on_output=None):
         timeout = request_timeout(timeout)
         deadline = None if run_timeout(timeout) is None else time.monotonic_ns() + int(timeout * 1e9)
         with self._gate.operation("run()" if op == "exec" else "eval()", deadline):
@@ -414,41 +516,58 @@ class PythonSandbox(Resource):
                 raise SandboxError("the previous run left the interpreter unusable (it exited, timed out "
                                    "or did not answer); run again with fresh=True, or restore() a "
                                    "checkpoint() to continue from it")
-            return self._request(op, code, timeout, self._snapshot if fresh else None)
+            return self._request(op, code, timeout, self._snapshot if fresh else None, on_output)
 
-    def _request(self, op, code, timeout, restore=None):
+    def _request(self, op, code, timeout, restore=None, on_output=None):
         """Sends one request to the parked driver and returns (PythonResult, value); restore:
         the snapshot to restore first, in the same call (LinuxSandbox.run(restore=...): one
-        GIL release for the restore and the request's run)."""
-        payload = _encode_request(op, code, os.urandom(32).hex())
+        GIL release for the restore and the request's run). on_output: the run streams its
+        output to it (the driver writes through to fd 1/2; none: it captures, no write exits)."""
+        payload = _encode_request(op, code, os.urandom(32).hex(), on_output is not None)
         self._stale = True                       # until a clean answer says otherwise
         closed = SandboxClosed("the Python sandbox was closed while the code ran")
+        listener = None
         try:
             if self._gate.closing:      # (its cancel found no run to stop)
                 raise closed
-            r = self._lx.run(struct.pack("<I", len(payload)) + payload, timeout=timeout,
-                             restore=restore)
+            if on_output is not None:
+                # (the LinuxSandbox's on_output for this run only: none, and no cost, otherwise)
+                listener = self._lx._on_output = _Listener(on_output, self._lx)
+            try:
+                r = self._lx.run(struct.pack("<I", len(payload)) + payload, timeout=timeout,
+                                 restore=restore)
+            finally:
+                if listener is not None:
+                    self._lx._on_output = None
+            if listener is not None:
+                listener.finish(r)
             if self._gate.closing:
                 raise closed
         except (SandboxError, GuestError):
             if self._gate.closing:
                 raise closed from None
+            if listener is not None and listener.error is not None:
+                raise listener.error from None
             raise
+        if listener is not None and listener.error is not None:
+            raise listener.error
         raw_err = r.stderr.decode("utf-8", "replace")
         if r.exit_code is not None:
             out = r.stdout.decode("utf-8", "replace")
             why = f"the Python process exited with status {r.exit_code} (os._exit or a crash) before answering"
             return PythonResult(out, raw_err, PythonError("WhpfastError", why, why + "\n")), None
-        answer = _read_answer(self._lx)
+        answer = _read_answer(self._lx, op)
         self._stale = False
         error = answer["error"]
         if error is not None:
             error = PythonError(error["type"], error["message"], error["traceback"])
             if error.type == "ModuleNotFoundError":
                 error = self._explain_missing(error)
+        value = answer["value"]
         result = PythonResult(r.stdout.decode("utf-8", "replace") + answer["stdout"],
-                              raw_err + answer["stderr"], error)
-        return result, answer["value"]
+                              raw_err + answer["stderr"], error,
+                              value if op == "exec" else None, answer["display"])
+        return result, value
 
     def _explain_missing(self, error):
         """`error` with a hint when the module it misses is installed but not shown to this
@@ -471,16 +590,87 @@ class PythonSandbox(Resource):
         return error
 
 
-def _encode_request(op, code, seed):
-    """json.dumps({"op": op, "code": code, "seed": seed, "cap": OUTPUT_LIMIT}).encode(), the same
-    bytes without the encoder's per-call set-up (~3-6 us of a ~220 us request, GIL held): op
-    and seed are ours (a name, hex digits); code goes through the C function json.dumps uses
-    for a str (ensure_ascii)."""
-    return f'{{"op": "{op}", "code": {_encode_str(code)}, "seed": "{seed}", "cap": {OUTPUT_LIMIT}}}'.encode()
+def _encode_request(op, code, seed, stream=False):
+    """json.dumps({"op": op, "code": code, "seed": seed, "cap": OUTPUT_LIMIT, "stream": stream}).encode(),
+    the same bytes without the encoder's per-call set-up (~3-6 us of a ~220 us request, GIL
+    held): op and seed are ours (a name, hex digits); code goes through the C function
+    json.dumps uses for a str (ensure_ascii)."""
+    return (f'{{"op": "{op}", "code": {_encode_str(code)}, "seed": "{seed}", "cap": {OUTPUT_LIMIT}, '
+            f'"stream": {"true" if stream else "false"}}}').encode()
 
 
-def _read_answer(lx):
-    """The driver's answer from the buffer of the read it is parked in, checked."""
+class _Channel:
+    """stream()'s events between the run's thread (put) and the event loop (take): adjacent
+    output of one stream is merged; at most STREAM_PENDING_EVENTS events or
+    STREAM_PENDING_CHARS characters wait, then put() waits for take(), until the run's timeout
+    (GuestTimeout, which stops the run) or close() (the consumer left: the run stops)."""
+
+    def __init__(self, loop, timeout):
+        self.loop, self.timeout = loop, timeout
+        self.cond = threading.Condition()
+        self.events = collections.deque()        # [stream, [text, ...]]
+        self.chars = 0
+        self.waiter = None                       # the future take() awaits
+        self.closed = self.done = False
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def put(self, stream, text):
+        with self.cond:
+            while not self.closed and (len(self.events) >= STREAM_PENDING_EVENTS
+                                       or self.chars >= STREAM_PENDING_CHARS):
+                left = None if self.deadline is None else self.deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise GuestTimeout(f"the run's output was not consumed within its timeout of "
+                                       f"{self.timeout} s")
+                self.cond.wait(left)
+            if self.closed:
+                raise SandboxError("the stream's consumer left")
+            if self.events and self.events[-1][0] == stream:
+                self.events[-1][1].append(text)
+            else:
+                self.events.append([stream, [text]])
+            self.chars += len(text)
+            waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            self.loop.call_soon_threadsafe(_wake, waiter)
+
+    def finish(self):
+        # (in the loop's thread: the run's future is done)
+        with self.cond:
+            self.done = True
+            waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            _wake(waiter)
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    async def take(self):
+        """The events waiting (at least one), or [] once the run is over and all were taken."""
+        while True:
+            with self.cond:
+                if self.events:
+                    events = [Output(stream, "".join(parts)) for stream, parts in self.events]
+                    self.events.clear()
+                    self.chars = 0
+                    self.cond.notify_all()
+                    return events
+                if self.done:
+                    return []
+                waiter = self.waiter = self.loop.create_future()
+            await waiter
+
+
+def _wake(future):
+    if not future.done():
+        future.set_result(None)
+
+
+def _read_answer(lx, op="eval"):
+    """The driver's answer from the buffer of the read it is parked in, checked (op "exec": its
+    value is a repr, a str, or None)."""
     def bad(why):
         return GuestCallError(f"the guest's answer is malformed ({why}); the interpreter's driver was "
                               f"tampered with or did not finish. The next fresh run starts clean.")
@@ -509,11 +699,35 @@ def _read_answer(lx):
         answer = _decode_json(body.decode("ascii"))      # driver.py's json.dumps: ASCII
     except (ValueError, RecursionError) as e:
         raise bad(f"not JSON: {type(e).__name__}") from None
-    if not isinstance(answer, dict) or set(answer) != {"stdout", "stderr", "error", "value"}:
+    if not isinstance(answer, dict) or set(answer) != ANSWER_FIELDS:
         raise bad("wrong fields")
     error = answer["error"]
     if not (isinstance(answer["stdout"], str) and isinstance(answer["stderr"], str)
             and (error is None or (isinstance(error, dict) and set(error) == ERROR_FIELDS
-                                   and all(isinstance(v, str) for v in error.values())))):
+                                   and all(isinstance(v, str) for v in error.values())))
+            and isinstance(answer["display"], list)
+            and (op != "exec" or answer["value"] is None or isinstance(answer["value"], str))):
         raise bad("wrong field types")
+    if answer["display"]:
+        answer["display"] = [_bundle(b, bad) for b in answer["display"]]
     return answer
+
+
+def _bundle(bundle, bad):
+    """A display bundle of the answer, checked: str MIME types to str data (application/json:
+    any JSON), binary types base64 and given back as bytes."""
+    if not isinstance(bundle, dict):
+        raise bad("a display bundle is not an object")
+    out = {}
+    for mime, data in bundle.items():
+        if mime in BINARY_TYPES:
+            if not isinstance(data, str):
+                raise bad(f"display data of {mime} is not base64 text")
+            try:
+                data = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                raise bad(f"display data of {mime} is not base64") from None
+        elif mime != "application/json" and not isinstance(data, str):
+            raise bad(f"display data of {mime} is not text")
+        out[mime] = data
+    return out
