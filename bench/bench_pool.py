@@ -38,13 +38,16 @@ HELLO = 'print("hello world")'
 COMPUTE = "x = 0\nfor i in range(30000):\n    x += i\nprint(x)"
 WANT = {HELLO: whpfast.PythonResult("hello world\n", "", None),
         COMPUTE: whpfast.PythonResult(f"{sum(range(30000))}\n", "", None)}
-# (label, code, sandboxes, client threads, requests per round as a share of --requests)
-CONFIGS = [("pool1_clients1", HELLO, 1, 1, 1), ("pool1_clients2", HELLO, 1, 2, 1),
-           ("pool2_clients1", HELLO, 2, 1, 1), ("pool2_clients2", HELLO, 2, 2, 1),
-           ("pool2_clients4", HELLO, 2, 4, 1),
-           ("compute_pool1_clients1", COMPUTE, 1, 1, 0.2), ("compute_pool2_clients2", COMPUTE, 2, 2, 0.2)]
-# SDK pools (testkit's add(2, 3), a ~35 us call): (label, sandboxes, client threads)
-SDK_CONFIGS = [("sdk_pool1_clients1", 1, 1), ("sdk_pool2_clients2", 2, 2)]
+# (label, code, sandboxes, client threads, requests per round as a share of --requests, workers)
+CONFIGS = [("pool1_clients1", HELLO, 1, 1, 1, "thread"), ("pool1_clients2", HELLO, 1, 2, 1, "thread"),
+           ("pool2_clients1", HELLO, 2, 1, 1, "thread"), ("pool2_clients2", HELLO, 2, 2, 1, "thread"),
+           ("pool2_clients4", HELLO, 2, 4, 1, "thread"),
+           ("compute_pool1_clients1", COMPUTE, 1, 1, 0.2, "thread"),
+           ("compute_pool2_clients2", COMPUTE, 2, 2, 0.2, "thread"),
+           ("proc_pool1_clients1", HELLO, 1, 1, 1, "process"), ("proc_pool2_clients2", HELLO, 2, 2, 1, "process")]
+# SDK pools (testkit's add(2, 3), a ~35 us call): (label, sandboxes, client threads, workers)
+SDK_CONFIGS = [("sdk_pool1_clients1", 1, 1, "thread"), ("sdk_pool2_clients2", 2, 2, "thread"),
+               ("sdk_proc_pool1_clients1", 1, 1, "process"), ("sdk_proc_pool2_clients2", 2, 2, "process")]
 TESTKIT = os.path.join(os.path.dirname(whpfast.__file__), "guests", "testkit.elf")
 
 
@@ -195,11 +198,13 @@ def measure(requests=1000, rounds=5, log=print):
         path = os.path.join(tmp, "hello.snap")
         with whpfast.PythonSandbox(warmup=HELLO) as sb:
             sb.save(path)
-        pools = {size: whpfast.Pool(path, size=size, max_queue=8) for size in (1, 2)}
+        pools = {(size, workers): whpfast.Pool(path, size=size, max_queue=8, workers=workers)
+                 for size in (1, 2) for workers in ("thread", "process")}
         plain = whpfast.PythonSandbox.from_snapshot(path)
         with whpfast.Sandbox(TESTKIT) as kit:
             kit_snap = kit.snapshot()
-        sdk_pools = {size: whpfast.Pool(kit_snap, size=size, max_queue=8) for size in (1, 2)}
+        sdk_pools = {(size, workers): whpfast.Pool(kit_snap, size=size, max_queue=8, workers=workers)
+                     for size in (1, 2) for workers in ("thread", "process")}
         try:
             for pool in pools.values():              # settle: first requests fill the hot sets
                 drive(lambda: pool.run(HELLO), pool.size, 100, WANT[HELLO])
@@ -224,15 +229,15 @@ def measure(requests=1000, rounds=5, log=print):
                     waits[name].append(st.queue_wait[-count:])
                     runs[name].append(st.run_time[-count:])
 
-                for name, code, size, clients, part in CONFIGS:
-                    pool = pools[size]
+                for name, code, size, clients, part, workers in CONFIGS:
+                    pool = pools[size, workers]
                     timed(name, pool, lambda: pool.run(code), clients,
                           max(clients, int(requests * part)), WANT[code])
-                for name, size, clients in SDK_CONFIGS:
-                    pool = sdk_pools[size]
+                for name, size, clients, workers in SDK_CONFIGS:
+                    pool = sdk_pools[size, workers]
                     timed(name, pool, lambda: pool.call("add", 2, 3), clients, 4 * requests, 5)
                 throughput["processes2_pool1"].append(processes_throughput(path, 2, requests))
-                share = gil_free_share(pools[1], max(50, requests // 5))
+                share = gil_free_share(pools[1, "thread"], max(50, requests // 5))
                 if share is not None:
                     shares.append(share)
                 host.append(host_scaling())
@@ -279,6 +284,14 @@ def summary(samples):
         "scaling_processes2_pool1_vs_pool1_clients1": per_round("processes2_pool1", "pool1_clients1"),
         "scaling_sdk_pool2_clients2_vs_sdk_pool1_clients1": per_round("sdk_pool2_clients2",
                                                                       "sdk_pool1_clients1"),
+        "scaling_proc_pool2_clients2_vs_proc_pool1_clients1": per_round("proc_pool2_clients2",
+                                                                        "proc_pool1_clients1"),
+        "scaling_sdk_proc_pool2_clients2_vs_sdk_proc_pool1_clients1": per_round(
+            "sdk_proc_pool2_clients2", "sdk_proc_pool1_clients1"),
+        # issue 21 goal 3: hello_world >= 1.8x and add(2, 3) >= 1.7x with 2 (either mode)
+        "goal.hello_scaling_at_least_1.8x": max(scaling, per_round("proc_pool2_clients2", "proc_pool1_clients1")) >= 1.8,
+        "goal.sdk_scaling_at_least_1.7x": max(per_round("sdk_pool2_clients2", "sdk_pool1_clients1"),
+                                              per_round("sdk_proc_pool2_clients2", "sdk_proc_pool1_clients1")) >= 1.7,
         "goal.scaling_at_least_1.7x": scaling >= 1.7,
     }
 
@@ -304,6 +317,11 @@ def report(result, log=print):
     log(f"SDK add(2, 3) (~35 us calls), 2 sandboxes + 2 clients vs 1 + 1: "
         f"{result['scaling_sdk_pool2_clients2_vs_sdk_pool1_clients1']:.2f}x (short calls: the GIL "
         f"hand-offs cost more than the guest's run frees)")
+    log(f"workers='process': hello_world 2 + 2 vs 1 + 1: "
+        f"{result['scaling_proc_pool2_clients2_vs_proc_pool1_clients1']:.2f}x; SDK add(2, 3): "
+        f"{result['scaling_sdk_proc_pool2_clients2_vs_sdk_proc_pool1_clients1']:.2f}x "
+        f"(goals: hello >= 1.8x {'OK' if result['goal.hello_scaling_at_least_1.8x'] else 'MISSED'}, "
+        f"add >= 1.7x {'OK' if result['goal.sdk_scaling_at_least_1.7x'] else 'MISSED'}, either mode)")
     if result["hello_gil_free_share"] is not None:
         log(f"hello_world: {result['hello_gil_free_share']:.0%} of a request without the GIL (restore + run); "
             f"the rest holds the GIL, so 2 threads reach at most "

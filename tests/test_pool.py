@@ -518,7 +518,8 @@ def test_bench_smoke(tmp_path):
     assert set(result["throughput_per_s_median"]) == {
         "pool1_clients1", "pool1_clients2", "pool2_clients1", "pool2_clients2", "pool2_clients4",
         "plain_clients1", "compute_pool1_clients1", "compute_pool2_clients2", "processes2_pool1",
-        "sdk_pool1_clients1", "sdk_pool2_clients2"}
+        "sdk_pool1_clients1", "sdk_pool2_clients2", "proc_pool1_clients1", "proc_pool2_clients2",
+        "sdk_proc_pool1_clients1", "sdk_proc_pool2_clients2"}
     assert 0 < result["hello_gil_free_share"] < 1
     assert all(v > 0 for v in result["throughput_per_s_median"].values())
     assert result["latency"]["queue_wait_pool2_clients4"]["p99_us"] > 0
@@ -544,3 +545,65 @@ def test_replaced_sandboxes_give_their_mapping_reservation_back(py_snap):
         assert mapbudget.reserved() == held - mapbudget.sandbox_peak(pool.snapshot)
     finally:
         gc.enable()
+
+
+# -- workers="process" (issue 21 goal 3): each sandbox in a worker process of its own ----------
+
+def test_process_workers_answer_like_threads_and_run_at_once(py_box, py_snap, sdk_snapshot):
+    """A process-backed pool gives the same answers, errors and replacements as the thread-backed
+    one; its sandboxes live in worker processes (none in this one), run at the same time, and a
+    snapshot object is saved once into a private directory that close() removes."""
+    with whpfast.Pool(py_box, size=2, workers="process") as pool:
+        scratch = pool._scratch
+        assert scratch and os.stat(scratch).st_mode & 0o077 == 0
+        assert pool.run("print(json.dumps([1]))").stdout == "[1]\n"
+        assert pool.eval("json.dumps({'a': 1})") == '{"a": 1}'
+        assert pool.run("1/0").error.type == "ZeroDivisionError"
+        with pytest.raises(whpfast.GuestPythonError, match="NameError"):
+            pool.eval("nope")
+        with pytest.raises(whpfast.GuestTimeout):
+            pool.run("while True: pass", timeout=0.3)
+        assert pool.run("print('after')").stdout == "after\n" and pool.stats().replaced == 1
+        spans = [None, None]
+
+        def client(i):
+            spans[i] = _span(pool.run(SPIN.format(seconds=0.3), timeout=30))
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        (s0, e0), (s1, e1) = spans
+        assert min(e0, e1) - max(s0, s1) > 0.1, spans
+        pids = {slot.sandbox._proc.pid for slot in pool._free}
+        assert len(pids) == 2 and os.getpid() not in pids
+    assert not os.path.exists(scratch)
+    _, path = sdk_snapshot
+    with whpfast.Pool(path, size=1, workers="process") as pool:
+        assert pool.call("add", 2, 3) == 5
+        assert pool.call("touch", 0, 64, 9) == 64
+        assert [pool.call("read_byte", p) for p in (0, 1, 2)] == [7, 7, 0]   # restored each time
+    with pytest.raises(whpfast.ConfigError, match="workers"):
+        whpfast.Pool(py_snap, size=1, workers="fork")
+
+
+def test_process_workers_cancel_and_grant(py_snap, tmp_path):
+    """A cancelled asyncio request cancels the guest in its worker; a file is loaded in the
+    worker under the caller's grant only (a widened file is refused there, as here)."""
+    async def main(pool):
+        task = asyncio.ensure_future(pool.arun(SPIN.format(seconds=30), timeout=60))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await pool.arun("print('next')")
+    with whpfast.Pool(py_snap, size=1, workers="process") as pool:
+        t0 = time.monotonic()
+        assert asyncio.run(main(pool)).stdout == "next\n"
+        assert time.monotonic() - t0 < 20
+    from test_linux_process import _rewrite_meta
+    evil = tmp_path / "evil.snap"
+    evil.write_bytes(open(py_snap, "rb").read())
+    _rewrite_meta(evil, lambda meta: meta["config"]["read"].update({"/etc": "/etc"}))
+    with pytest.raises(whpfast.SnapshotError, match="'/etc'"):
+        whpfast.Pool(evil, size=1, workers="process")

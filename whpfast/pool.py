@@ -20,7 +20,9 @@ import collections
 import concurrent.futures
 import math
 import os
+import shutil
 import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from .errors import (ConfigError, GuestCallError, GuestCancelled, GuestPythonErr
                      SandboxClosed, SnapshotError, WhpfastError)
 from .linux import snapfile
 from .linux.process import LinuxSnapshot
+from .poolworker import RemoteSandbox
 from .python.sandbox import PythonResult, PythonSandbox, granted_snapshot
 from .sandbox import Sandbox
 from .snapshot import MAGIC as SDK_MAGIC
@@ -45,6 +48,7 @@ from .snapshot import Snapshot
 
 HISTORY = 10_000            # requests whose queue wait and run time stats() keeps (a ring)
 KINDS = ("python", "sdk")
+WORKERS = ("thread", "process")
 _CANCEL_RETRY = 0.005       # seconds between repeated cancels of a request (see _Slot.cancel)
 
 
@@ -131,6 +135,33 @@ def _resolve(snapshot, kind):
     return found, snapshot
 
 
+def _snapshot_path(snapshot, scratch):
+    """A file holding the snapshot: the path given, the file a loaded snapshot came from
+    (snapshot files are immutable), or the snapshot saved into scratch."""
+    if isinstance(snapshot, (str, bytes, os.PathLike)):
+        return os.fsdecode(snapshot)
+    if isinstance(snapshot, PythonSandbox):
+        snapshot = snapshot.snapshot
+    if isinstance(snapshot, (Snapshot, LinuxSnapshot)):
+        return snapshot.path or snapshot.save(os.path.join(scratch, "snapshot.snap"))
+    raise TypeError(f"RayPool takes a whpfast.Snapshot, a PythonSandbox or its snapshot, or the path "
+                    f"of a saved snapshot, not {type(snapshot).__name__}")
+
+
+def _declared_grant(snapshot):
+    """The Pool arguments that grant a snapshot object what it declares: its nodes load it from
+    a file, where it needs them. Nothing for a path (the caller's arguments are the grant)."""
+    if isinstance(snapshot, PythonSandbox):
+        snapshot = snapshot.snapshot
+    if isinstance(snapshot, LinuxSnapshot):
+        return {"python": snapshot.meta["python"]["python"], "read": dict(snapshot.meta["config"]["read"]),
+                "memory_size": snapshot.meta["memory_size"]}
+    if isinstance(snapshot, Snapshot):
+        return {"files": {f["name"]: f["path"] for f in snapshot.meta["files"]},
+                "memory_size": snapshot.meta["layout"]["memory_size"]}
+    return {}
+
+
 class _Request:
     """One request holding a slot; cancelled once someone asked to stop it."""
     __slots__ = ("cancelled",)
@@ -158,13 +189,13 @@ class _Slot:
         self.request.cancelled = True
         sb = self.sandbox
         if sb is not None:
-            (sb.linux if isinstance(sb, PythonSandbox) else sb).cancel()
+            (sb.linux if isinstance(sb, PythonSandbox) else sb).cancel()   # (or a RemoteSandbox)
 
     def poisoned(self):
         sb = self.sandbox
         if sb is None or sb.closed:
             return True
-        return bool((sb.linux if isinstance(sb, PythonSandbox) else sb).poisoned)
+        return bool((sb.linux if isinstance(sb, PythonSandbox) else sb).poisoned)   # (or remote)
 
 
 class _ThreadWaiter:
@@ -234,6 +265,11 @@ class Pool(Resource):
     (None: DEFAULT_RUN_TIMEOUT of whpfast.core.run, 30 s; math.inf: none); a request's own
     timeout= overrides it.
 
+    workers: "thread" (default) keeps the sandboxes in this process, "process" each in a worker
+    process of its own (whpfast/poolworker.py: no GIL shared between sandboxes' host-side work;
+    a request costs a pipe round trip more; a snapshot object is saved into a private temporary
+    directory first; output reaches on_output when a request ends).
+
     A snapshot file is untrusted: these arguments are the authority, as for from_snapshot.
     Python pools: python= (the interpreter it must have been made for, default this one), read=
     (host paths beyond that interpreter's files) and memory_size=; SDK pools: files= (the host
@@ -248,8 +284,11 @@ class Pool(Resource):
                  timeout: Optional[float] = None, python: Optional[StrPath] = None,
                  read: Union[StrPath, Iterable[StrPath]] = (),
                  files: Optional[Mapping[str, StrPath]] = None,
-                 memory_size: Optional[int] = None) -> None:
+                 memory_size: Optional[int] = None, workers: str = "thread") -> None:
         self._closed = True
+        if workers not in WORKERS:
+            raise ConfigError(f"workers must be 'thread' or 'process', not {workers!r}")
+        self.workers = workers
         if size is None:
             size = os.cpu_count() or 1
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -271,6 +310,15 @@ class Pool(Resource):
         given = ({"files": files, "memory_size": memory_size} if self.kind == "sdk" else
                  {"python": python, "read": read, "memory_size": memory_size})
         self._grant: Dict[str, Any] = {k: v for k, v in given.items() if v is not None and v != ()}
+        self._scratch: Optional[str] = None
+        if workers == "process":
+            # Each worker loads a file under the caller's grant (a snapshot object: what it
+            # declares, as RayPool's nodes do); the file is saved once into a private directory.
+            if not isinstance(self._source, (str, bytes, os.PathLike)):
+                self._scratch = tempfile.mkdtemp(prefix="whpfast-pool-")
+                self._grant = {**_declared_grant(self._source), **self._grant}
+                self._source = _snapshot_path(self._source, self._scratch)
+            self._source = os.path.abspath(os.fsdecode(self._source))
         self._on_output = on_output
         self.size = size
         self.max_queue = max_queue
@@ -293,6 +341,7 @@ class Pool(Resource):
         except BaseException:
             for slot in self._free:
                 self._retire(slot.sandbox)
+            self._remove_scratch()
             raise
         self._closed = False
 
@@ -300,7 +349,10 @@ class Pool(Resource):
         """A new sandbox from the snapshot, within the process's budget of host mappings
         (mapbudget.reserve: MappingBudgetError when it would not fit). The first one from a path
         loads the file; the loaded snapshot is kept, so every later one maps the same file's
-        pages (no second load)."""
+        pages (no second load). With workers="process", a worker process that loads the file
+        (its mappings are its own, outside this process's budget)."""
+        if self.workers == "process":
+            return RemoteSandbox(self.kind, self._source, self._grant)
         if self.kind == "sdk":
             if not isinstance(self._source, Snapshot):
                 self._source = Snapshot.load(self._source)
@@ -547,6 +599,13 @@ class Pool(Resource):
 
     def _execute(self, slot, request, op, args, timeout):
         sb = slot.sandbox
+        if isinstance(sb, RemoteSandbox):
+            if request.cancelled:
+                raise GuestCancelled("the request was cancelled before it started")
+            value = sb.request(op, args, timeout)
+            if op == "run":
+                self._forward(value.stdout, value.stderr)
+            return value
         if op == "call":
             sb.restore(self._source)
             if request.cancelled:
@@ -654,7 +713,14 @@ class Pool(Resource):
             done = not self._busy
         if executor is not None:
             executor.shutdown(wait=done and not inside)
+        if done:
+            self._remove_scratch()
         self._closed = True
+
+    def _remove_scratch(self):
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
 
 _current = threading.local()     # .pool: the pool whose request this thread runs (see close())

@@ -45,7 +45,7 @@ from ._typing import StrPath
 from .core.resource import Resource
 from .errors import ConfigError, PoolFull, SandboxClosed, SnapshotError, WhpfastError
 from .linux.process import LinuxSnapshot
-from .pool import Pool, _resolve
+from .pool import Pool, _declared_grant, _resolve, _snapshot_path
 from .python.sandbox import PythonSandbox
 from .snapshot import Snapshot, write_atomic
 
@@ -226,33 +226,6 @@ class _NodePool:
 
 
 # -- the driver's side ------------------------------------------------------------------------------
-
-def _snapshot_path(snapshot, scratch):
-    """A file holding the snapshot: the path given, the file a loaded snapshot came from
-    (snapshot files are immutable), or the snapshot saved into scratch."""
-    if isinstance(snapshot, (str, bytes, os.PathLike)):
-        return os.fsdecode(snapshot)
-    if isinstance(snapshot, PythonSandbox):
-        snapshot = snapshot.snapshot
-    if isinstance(snapshot, (Snapshot, LinuxSnapshot)):
-        return snapshot.path or snapshot.save(os.path.join(scratch, "snapshot.snap"))
-    raise TypeError(f"RayPool takes a whpfast.Snapshot, a PythonSandbox or its snapshot, or the path "
-                    f"of a saved snapshot, not {type(snapshot).__name__}")
-
-
-def _declared_grant(snapshot):
-    """The Pool arguments that grant a snapshot object what it declares: its nodes load it from
-    a file, where it needs them. Nothing for a path (the caller's arguments are the grant)."""
-    if isinstance(snapshot, PythonSandbox):
-        snapshot = snapshot.snapshot
-    if isinstance(snapshot, LinuxSnapshot):
-        return {"python": snapshot.meta["python"]["python"], "read": dict(snapshot.meta["config"]["read"]),
-                "memory_size": snapshot.meta["memory_size"]}
-    if isinstance(snapshot, Snapshot):
-        return {"files": {f["name"]: f["path"] for f in snapshot.meta["files"]},
-                "memory_size": snapshot.meta["layout"]["memory_size"]}
-    return {}
-
 
 def _count(value, what):
     if value is None:
