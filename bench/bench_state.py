@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 import whpfast
+import whpfast.backend
 
 SETUP = "import numpy as np\nimport pandas as pd"
 FRAME = "df = pd.DataFrame(np.random.default_rng(1).random((131072, 10)))"      # 10 MiB of floats
@@ -93,9 +94,17 @@ def main():
         t0 = time.perf_counter_ns()
         cp = sb.checkpoint()
         cp_ms.append((time.perf_counter_ns() - t0) / 1e6)
-        pages.append(int(np.unpackbits(cp._delta.view(np.uint8)).sum()) if cp._delta is not None else -1)
+        delta = int(np.unpackbits(cp._delta.view(np.uint8)).sum()) if cp._delta is not None else -1
+        chain = getattr(cp, "_chain", None)
+        # the pages of its own layer (KVM: written since the previous checkpoint), unless the
+        # chain was flattened then (a layer with all of its delta)
+        own = int((chain.owner == len(chain.layers)).sum()) if chain is not None else delta
+        pages.append((delta, own, chain is not None and len(chain.layers) == 1))
     stats("checkpoint() after a cell writing ~1,500 pages", cp_ms)
-    print(f"  pages the checkpoint copied (its delta from the whole capture): median {int(np.median(pages))}")
+    pages = np.array(pages)
+    print(f"  its image's delta from the whole capture: median {int(np.median(pages[:, 0]))} pages; "
+          f"pages it wrote: median {int(np.median(pages[:, 1]))}; flattened {int(pages[:, 2].sum())} "
+          f"of {len(pages)} times")
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "live.snap")

@@ -59,6 +59,48 @@ def test_checkpoints_chain_and_each_keeps_its_moment(live):
         assert live.eval("(n, blob[0], blob[-1], len(blob))", fresh=False) == [i, i, i, 1 << 20]
 
 
+@pytest.mark.parametrize("bounds", [None, (3, 4, 2)])
+def test_long_chains_of_checkpoints(live, monkeypatch, tmp_path, bounds):
+    """Checkpoints past a chain's bounds (core/image.py: layers, runs a clone maps, runs of a
+    flat layer; made tiny here so that flattening and the clone's copying path run) each keep
+    their moment, through restore, from_snapshot, save and fork, in any order."""
+    from whpfast.core import image
+    flattened = []
+    if bounds:
+        for name, value in zip(("MAX_LAYERS", "MAX_RUNS", "FLAT_RUNS"), bounds):
+            monkeypatch.setattr(image, name, value)
+        flatten = image.Chain.flatten
+        monkeypatch.setattr(image.Chain, "flatten",
+                            lambda self, *args: flattened.append(1) or flatten(self, *args))
+    live.run("keep = {}\nrows = [None] * 64", fresh=False)
+    cps = []
+    for i in range(7):
+        # scattered writes (a dict, list slots, new objects) and one block of ~100 pages
+        live.run(f"keep[{i}] = str({i}) * 5000\nrows[{i} * 9 % 64] = {i}\n"
+                 f"block = np.full(50000, {i})", fresh=False)
+        cps.append(live.checkpoint())
+    want = "(sorted(keep), [r for r in rows if r is not None], int(block[0]), int(block.sum()))"
+    if bounds and cps[4]._chain is not None:        # (KVM: layered images)
+        assert flattened and len(cps[4]._chain.runs()) > image.MAX_RUNS    # clones copy some
+
+    def expect(i):
+        return [list(range(i + 1)), [r for r in sorted(range(i + 1), key=lambda r: r * 9 % 64)],
+                i, 50000 * i]
+    for i in (6, 2, 5, 0, 3):
+        live.restore(cps[i])
+        assert live.eval(want, fresh=False) == expect(i)
+    with whpfast.PythonSandbox.from_snapshot(cps[4]) as other:
+        assert other.eval(want, fresh=False) == expect(4)
+    with whpfast.PythonSandbox.from_snapshot(cps[1].save(tmp_path / "c1.snap")) as other:
+        assert other.eval(want, fresh=False) == expect(1)
+    live.restore(cps[5])
+    a, = live.fork()
+    with a:
+        a.run("keep[99] = 'a'", fresh=False)
+        assert a.eval(want, fresh=False) == [list(range(6)) + [99]] + expect(5)[1:]
+    assert live.eval(want, fresh=False) == expect(5)
+
+
 def test_fork_children_are_independent(live):
     live.run("box = {'who': 'parent'}", fresh=False)
     a, b = live.fork(2)

@@ -200,18 +200,22 @@ class WarmMemory:
             changed[w] |= self._host[w]
         return changed
 
-    def capture_delta(self, image):
+    def capture_delta(self, image, write=None):
         """capture() for memory that still derives from the baseline (can_capture_delta()): image
         already holds the baseline's image (a copy-on-write clone of it), and only the pages
-        written since are copied into it. Returns (the pages copied, the vCPU state) and starts a
-        new dirty epoch as capture() does; the new snapshot's non-zero pages are the baseline's
-        plus those copied (a copied page may be zero: an over-estimate only costs a copy)."""
+        written since are copied into it; or, with image None, write(memory view, bitmap of those
+        pages) keeps them. Returns (the pages written since, the vCPU state) and starts a new
+        dirty epoch as capture() does; the new snapshot's non-zero pages are the baseline's plus
+        those (one may be zero: an over-estimate only costs a copy)."""
         changed = self.changed()
-        dst = memoryview(image)
-        try:
-            _pages.restore(dst, self.mem, changed, changed)
-        finally:
-            dst.release()
+        if image is None:
+            write(self.mem, changed)
+        else:
+            dst = memoryview(image)
+            try:
+                _pages.restore(dst, self.mem, changed, changed)
+            finally:
+                dst.release()
         state = self.vcpu.save_state()
         dirty = self._dirty
         dirty[:] = changed

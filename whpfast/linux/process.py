@@ -110,9 +110,9 @@ class LinuxSnapshot:
     def __init__(self, image: Any, nonzero: Any, state: Dict[str, bytes], components: Tuple[Any, ...],
                  meta: Dict[str, Any], fs_codec: Any, path: Optional[str] = None,
                  file: Any = None, extents: Any = None, image_offset: Optional[int] = None,
-                 refs: Any = (), shared: Any = None, delta: Any = None) -> None:
-        self._image = image
-        self._image_view = memoryview(image)
+                 refs: Any = (), shared: Any = None, delta: Any = None, chain: Any = None) -> None:
+        self._image = image         # None: built from chain when first needed (_image_view)
+        self._view = None if image is None else memoryview(image)
         self._nonzero = nonzero
         self._state = state
         self._components = components
@@ -131,13 +131,23 @@ class LinuxSnapshot:
         # A snapshot taken in this process: the whole-memory image it derives from, shared
         # copy-on-write (core/image.py SharedImage, or None), and the pages where its image
         # differs from that one (None: none, it is that image).
-        self._shared, self._delta = shared, delta
+        # On KVM its image is that one with layers over it (core/image.py Chain, or None).
+        self._shared, self._delta, self._chain = shared, delta, chain
         for r in self._refs:
             weakref.finalize(self, os.close, r.fd)
         self.nonzero_pages = _pages.count_bits(nonzero)
         # (buffer, length) of the read of stdin the snapshot is parked in, False when it is not
         # parked in one, None until a sandbox has its registers (LinuxSandbox._restore)
         self._parked = None
+
+    @property
+    def _image_view(self):
+        """The memory image, to read (mapped from the chain's files on first use)."""
+        view = self._view
+        if view is None:
+            self._image = self._chain.image(self.meta["memory_size"])
+            view = self._view = memoryview(self._image)
+        return view
 
     def __repr__(self):
         where = f" from {self.path!r}" if self.path else ""
@@ -177,7 +187,7 @@ class LinuxSnapshot:
         config = _check_config(dict(self.meta["config"], read=_read_config(read), extra_files=extra))
         return LinuxSnapshot(self._image, self._nonzero, self._state, self._components,
                              dict(self.meta, config=config), None, path=None,
-                             shared=self._shared, delta=self._delta)
+                             shared=self._shared, delta=self._delta, chain=self._chain)
 
     def check_grant(self, grant: Grant) -> None:
         """SnapshotError unless `grant` covers what this snapshot declares."""
@@ -391,8 +401,9 @@ class LinuxSandbox(Resource):
         undo.callback(vcpu.close)
         # Dirty logging starts with the first snapshot: until then no restore needs it, and on
         # the PVM hosts it doubles the cost of a first write to a page (measured: 21 vs 12 us),
-        # which is most of a cold boot.
-        warm = WarmMemory(vm, vcpu, memory, log_dirty=False)
+        # which is most of a cold boot. From a snapshot the first restore starts it at once:
+        # on from the start, the memory slot is set once (each costs milliseconds on PVM).
+        warm = WarmMemory(vm, vcpu, memory, log_dirty=snapshot is not None)
         undo.callback(warm.close)
         pt_size = page_table_bytes(memory_size)
         pt_base = memory_size - pt_size
@@ -932,19 +943,45 @@ class LinuxSandbox(Resource):
 
         When the sandbox still derives from a snapshot taken or started from in this process
         (the last one taken, restored or started from, with no fault, timeout or cancel since)
-        the capture is incremental: the new image is that snapshot's, shared copy-on-write
-        where the backend can map memory over memory (KVM), with the pages written since copied
-        in, plus the pages by which that snapshot itself differs from the last whole capture it
-        derives from. Otherwise it costs a pass over the mapped memory. Restores cost only what
-        changed since either way."""
+        the capture is incremental: where the backend can map memory over memory (KVM) the new
+        image is that snapshot's with a layer holding the pages written since over it
+        (core/image.py Chain; a chain past its bounds is flattened, which costs the pages of its
+        layers); elsewhere a copy of that snapshot's image with those pages copied in.
+        Otherwise it costs a pass over the mapped memory. Restores cost only what changed since
+        either way."""
         with self._gate.operation("snapshot()"):
-            if self._closed:
-                raise SandboxClosed("the sandbox is closed")
-            if self._poisoned:
-                raise SandboxPoisoned(f"cannot snapshot a poisoned sandbox ({self._poisoned})")
-            warm, base = self._warm, self._warm.baseline
-            if (warm.can_capture_delta() and isinstance(base, LinuxSnapshot) and base._file is None
-                    and base.meta["memory_size"] == self.memory_size):
+            return self._snapshot()
+
+    def _snapshot_to_start_from(self):
+        """snapshot() for new sandboxes to start from at once (PythonSandbox.fork): see
+        _snapshot's compact."""
+        with self._gate.operation("snapshot()"):
+            return self._snapshot(compact=True)
+
+    def _snapshot(self, compact=False):
+        """snapshot() (in the gate). compact: new sandboxes will start from it (fork): an
+        incremental image whose layers a clone could not map all of is flattened, so that they
+        share every page instead of copying some (core/image.py)."""
+        if self._closed:
+            raise SandboxClosed("the sandbox is closed")
+        if self._poisoned:
+            raise SandboxPoisoned(f"cannot snapshot a poisoned sandbox ({self._poisoned})")
+        warm, base = self._warm, self._warm.baseline
+        if (warm.can_capture_delta() and isinstance(base, LinuxSnapshot) and base._file is None
+                and base.meta["memory_size"] == self.memory_size):
+            chain = _image.Chain.of(base, self.memory_size // PAGE)
+            if chain is not None:
+                # only the pages written since, into a layer over base's (core/image.py)
+                image, grown = None, []
+                try:
+                    changed, state = warm.capture_delta(
+                        None, lambda mem, changed: grown.append(chain.extend(mem, changed,
+                                                                             compact)))
+                except BaseException:
+                    warm.forget_baseline()          # the dirty log may be consumed
+                    raise
+                chain, = grown
+            else:
                 image = impl.GuestMemory(self.memory_size)
                 try:
                     _image.fill(image, base)
@@ -953,24 +990,24 @@ class LinuxSandbox(Resource):
                     image.close()
                     warm.forget_baseline()          # the dirty log may be consumed
                     raise
-                nonzero = base._nonzero | changed
-                shared = base._shared
-                delta = None if shared is None else (changed if base._delta is None
-                                                     else base._delta | changed)
-            else:
-                image, shared = _image.new_image(self.memory_size)
-                nonzero, state = warm.capture(image, self._captured_ranges)
-                if shared is not None:
-                    shared.seal(nonzero)
-                delta = None
-            snap = LinuxSnapshot(image, nonzero, state, self._components(),
-                                 {"memory_size": self.memory_size, "config": self._config,
-                                  "cpu": cpu.host(), "clock": self._guest_clocks()}, self.fs,
-                                 shared=shared, delta=delta)
-            self._warm.set_baseline(snap)
-            self.mm.changed = []
-            self._overlays_at[snap] = self.mm.overlay_state()
-            return snap
+            nonzero = base._nonzero | changed
+            shared = base._shared
+            delta = None if shared is None else (changed if base._delta is None
+                                                 else base._delta | changed)
+        else:
+            image, shared = _image.new_image(self.memory_size)
+            nonzero, state = warm.capture(image, self._captured_ranges)
+            if shared is not None:
+                shared.seal(nonzero)
+            delta = chain = None
+        snap = LinuxSnapshot(image, nonzero, state, self._components(),
+                             {"memory_size": self.memory_size, "config": self._config,
+                              "cpu": cpu.host(), "clock": self._guest_clocks()}, self.fs,
+                             shared=shared, delta=delta, chain=chain)
+        self._warm.set_baseline(snap)
+        self.mm.changed = []
+        self._overlays_at[snap] = self.mm.overlay_state()
+        return snap
 
     def _captured_ranges(self):
         """Whole bitmap words covering the kernel area, every mapping and the page tables:

@@ -385,12 +385,12 @@ class PythonSandbox(Resource):
             self._check_open()
             return self._checkpoint()
 
-    def _checkpoint(self):
+    def _checkpoint(self, compact=False):
         if self._stale:
             raise SandboxError("the previous run left the interpreter unusable (it exited, timed out "
                                "or did not answer): there is no live state to checkpoint; restore "
                                "a checkpoint or run with fresh=True")
-        snapshot = self._lx.snapshot()
+        snapshot = self._lx._snapshot_to_start_from() if compact else self._lx.snapshot()
         snapshot.meta["python"] = dict(self._snapshot.meta["python"])
         return snapshot
 
@@ -416,7 +416,7 @@ class PythonSandbox(Resource):
             raise ValueError(f"n must be a positive int, not {n!r}")
         with self._gate.operation("fork()"):
             self._check_open()
-            snapshot = self._checkpoint()
+            snapshot = self._checkpoint(compact=True)
             forks = []
             try:
                 for _ in range(n):
