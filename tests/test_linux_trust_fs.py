@@ -171,7 +171,7 @@ def test_directory_fds_are_bounded_and_reopened_checked(host, monkeypatch):
     """Directory fds are kept up to _DIRFD_CACHE; one closed and needed again is reopened from
     its parent and must be the directory first seen."""
     import whpfast.linux.fs as fsmod
-    monkeypatch.setattr(fsmod, "_DIRFD_CACHE", 2)
+    monkeypatch.setattr(fsmod.common, "_DIRFD_CACHE", 2)
     root, secret = host
     for i in range(6):
         (root / f"e{i}").mkdir()
