@@ -21,7 +21,7 @@ from whpfast.linux.errno import LinuxError
 from whpfast.linux.fs import (AT_FDCWD, AT_SYMLINK_NOFOLLOW, O_CREAT, O_DIRECTORY, O_EXCL,
                               O_NOFOLLOW, O_PATH, O_RDONLY, O_TRUNC, O_WRONLY, FileSystem)
 
-# The *at calls this relies on are POSIX (a Windows host resolves joined paths: see fs.py).
+# The *at calls this relies on are POSIX (a Windows host resolves joined paths: see fs/host.py).
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux host only")
 
 MB = 1 << 20

@@ -185,7 +185,7 @@ class FileSystem(Walker, FdTable, FileOps, Metadata, Locks, HostFiles, Tmpfs, Sy
         if flags & (O_CREAT | O_DIRECTORY) == O_CREAT | O_DIRECTORY:
             _fail(EINVAL)                       # as Linux since 6.4: it would create a file
         if flags & O_CREAT:
-            node, name = self._walk_create(dirfd, path, flags)
+            node, name = self._walk(dirfd, path, create=flags)
             if name is not None:
                 return self._install(fd, self._tmp_new(node, name, S_IFREG, mode, bytearray()), flags)
         else:

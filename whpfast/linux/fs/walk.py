@@ -1,5 +1,5 @@
 """Path resolution: the one walker every path the guest names goes through (`_walk`), its form
-for creating and removing (`_walk_parent`) and for open(O_CREAT) (`_walk_create`), and the
+for open(O_CREAT) too (`create`), its form for creating and removing (`_walk_parent`), and the
 mount table it walks (`_place`: read roots, synthesized nodes and extra files over the host's).
 
 ".." is taken on the inside path (the parent of a mount point is its inside parent, never the
@@ -30,10 +30,16 @@ class Walker:
             return self._cwd
         return self._desc(dirfd).node
 
-    def _walk(self, dirfd, path, *, follow=True, empty=False, start=None):
+    def _walk(self, dirfd, path, *, follow=True, empty=False, start=None, create=0):
         """The node `path` (bytes, without the guest's NUL) names, relative to `dirfd` (or
         `start`). `follow`: follow a symlink in the last component; `empty`: an empty path names
-        dirfd's own node (AT_EMPTY_PATH)."""
+        dirfd's own node (AT_EMPTY_PATH).
+
+        `create`: open(O_CREAT)'s flags, and the answer is a pair: (the node, None), or (a /tmp
+        directory, a name) to create (EROFS elsewhere). A symlink in the last component is
+        followed (unless O_NOFOLLOW) and its target is what is created, as Linux does; O_EXCL
+        refuses any existing node, a symlink too; a last component ".", ".." or one with a
+        trailing slash is EEXIST (O_EXCL) or EISDIR."""
         if len(path) >= PATH_MAX:
             _fail(ENAMETOOLONG)
         if b"\0" in path:
@@ -47,13 +53,14 @@ class Walker:
         else:
             cur = self._start(dirfd) if start is None else start
         key = None
-        if cur.cacheable:                       # a start with a canonical path
+        if cur.cacheable and not create:        # a start with a canonical path
             key = (cur.path, path, follow)
             hit = self._walks.get(key)
             if hit is not None:
                 return hit
         comps = _split(path)
-        if path[-1] == 0x2F:
+        slash = path[-1] == 0x2F
+        if slash and not create:
             comps.append(b".")                  # "name/" must be a directory: follow it, check it
         comps.reverse()
         links = 0
@@ -62,19 +69,45 @@ class Walker:
                 _fail(ENOTDIR)
             name = comps.pop()
             if name == b".":
+                if create and not comps:
+                    break
                 continue
             if name == b"..":
                 cur = cur.parent or self._tmp_root
+                if create and not comps:
+                    break
                 if not cur.cacheable:           # (from a mount in /tmp) changes: not cached
                     key = None
                 continue
-            child = cur.child(self, name)
+            if create and not comps:            # the name to open or create
+                if len(name) > NAME_MAX:
+                    _fail(ENAMETOOLONG)
+                if slash:
+                    _fail(EISDIR)
+                try:
+                    child = cur.child(self, name)
+                except LinuxError as e:
+                    if e.errno != ENOENT:
+                        raise
+                    if not cur.tmpfs:
+                        _fail(EROFS, f"{os.fsdecode(path)}: {_READ_ONLY}")
+                    return cur, name
+                if create & O_EXCL:
+                    _fail(EEXIST)
+                if child.fmt != S_IFLNK or create & O_NOFOLLOW:
+                    return child, None
+            else:
+                child = cur.child(self, name)
             if child.fmt == S_IFLNK and (comps or follow):
                 links += 1
                 if links > MAXSYMLINKS:
                     _fail(ELOOP)
                 target = child.target(self)
                 if not isinstance(target, bytes):   # a magic link: the node itself
+                    if create and not comps:
+                        if target.fmt == S_IFLNK:
+                            _fail(ELOOP)        # an O_PATH fd of a symlink: never opened
+                        return target, None
                     cur, key = target, None
                     continue
                 if not target:
@@ -83,13 +116,18 @@ class Walker:
                     cur = self._root
                 more = _split(target)
                 if target[-1] == 0x2F:
-                    more.append(b".")
+                    if create and not comps:
+                        slash = True            # O_CREAT through a symlink to "name/"
+                    else:
+                        more.append(b".")
                 more.reverse()
                 comps.extend(more)
                 continue
             if not (child.cacheable and cur.cacheable):
                 key = None                      # changes while the guest runs: not cached
             cur = child
+        if create:                              # "/", or a last "." or "..": a directory
+            _fail(EEXIST if create & O_EXCL else EISDIR)
         if key is not None and len(path) <= common._CACHE_PATH and len(self._walks) < common._CACHE_MAX:
             self._walks[key] = cur
         return cur
@@ -113,43 +151,6 @@ class Walker:
         if len(name) > NAME_MAX:
             _fail(ENAMETOOLONG)
         return parent, name
-
-    def _walk_create(self, dirfd, path, flags):
-        """open(O_CREAT)'s look-up: (the node `path` names, None), or (directory, name) to
-        create `name` in (a /tmp directory: EROFS elsewhere). A symlink in the last component
-        is followed (unless O_NOFOLLOW) and its target created, as Linux does; O_EXCL refuses
-        any existing node, a symlink too."""
-        d, name = self._walk_parent(dirfd, path)
-        links = 0
-        while True:
-            if name is None:                # ".", ".." or "/"
-                _fail(EEXIST if flags & O_EXCL else EISDIR)
-            if path.endswith(b"/"):
-                _fail(EISDIR)
-            try:
-                node = d.child(self, name)
-            except LinuxError as e:
-                if e.errno != ENOENT:
-                    raise
-                if not d.tmpfs:
-                    _fail(EROFS, f"{os.fsdecode(path)}: {_READ_ONLY}")
-                return d, name
-            if flags & O_EXCL:
-                _fail(EEXIST)
-            if node.fmt != S_IFLNK or flags & O_NOFOLLOW:
-                return node, None
-            links += 1                      # O_CREAT through a symlink creates its target
-            if links > MAXSYMLINKS:
-                _fail(ELOOP)
-            target = node.target(self)
-            if not isinstance(target, bytes):   # a magic link: the node an fd holds
-                if target.fmt == S_IFLNK:
-                    _fail(ELOOP)            # an O_PATH fd of a symlink: never opened
-                return target, None
-            path = target
-            if not path:
-                _fail(ENOENT)
-            d, name = self._walk_parent(AT_FDCWD, path, start=d)
 
     def _exists(self, d, name):
         try:
