@@ -53,16 +53,25 @@ class Walker:
         else:
             cur = self._start(dirfd) if start is None else start
         key = None
-        if cur.cacheable and not create:        # a start with a canonical path
-            key = (cur.path, path, follow)
-            hit = self._walks.get(key)
-            if hit is not None:
-                return hit
-        comps = _split(path)
         slash = path[-1] == 0x2F
-        if slash and not create:
-            comps.append(b".")                  # "name/" must be a directory: follow it, check it
-        comps.reverse()
+        if create:
+            head, _, last = path.rstrip(b"/").rpartition(b"/")
+            if head and last != b"." and last != b"..":
+                # the directory by a walk of its own, remembered as any other
+                cur, comps = self._walk(dirfd, head + b"/", start=start), [last]
+            else:
+                comps = _split(path)
+                comps.reverse()
+        else:
+            if cur.cacheable:                   # a start with a canonical path
+                key = (cur.path, path, follow)
+                hit = self._walks.get(key)
+                if hit is not None:
+                    return hit
+            comps = _split(path)
+            if slash:
+                comps.append(b".")              # "name/" must be a directory: follow it, check it
+            comps.reverse()
         links = 0
         while comps:
             if cur.fmt != S_IFDIR:
