@@ -171,6 +171,14 @@ class FileOps:
             self._moved(desc)
         return b"".join(out)
 
+    def _shared_listing(self, d, listing):
+        """Whether `listing` is the one cached for d's path (shared by every description)."""
+        return d.cacheable and listing is self._listings.get(d.path)
+
+    def _listing(self, d):
+        """[(name, ino, d_type)] of a directory, "." and ".." first, then sorted by name."""
+        return d.listing(self, [(b".", d.ino, 4), (b"..", (d.parent or self._tmp_root).ino, 4)])
+
     def host_file(self, fd):
         """(host fd, size) of a regular host file, for a MAP_PRIVATE mapping; None for /tmp and
         synthesized files. The host fd belongs to this FileSystem: map (or dup) it at once."""

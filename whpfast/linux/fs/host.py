@@ -379,14 +379,6 @@ class HostFiles:
                     except OSError:
                         pass
 
-    def _shared_listing(self, d, listing):
-        """Whether `listing` is the one cached for d's path (shared by every description)."""
-        return d.cacheable and listing is self._listings.get(d.path)
-
-    def _listing(self, d):
-        """[(name, ino, d_type)] of a directory, "." and ".." first, then sorted by name."""
-        return d.listing(self, [(b".", d.ino, 4), (b"..", (d.parent or self._tmp_root).ino, 4)])
-
     def _cached_listing(self, d, dots):
         """The listing of a directory that does not change (a host or synthesized one, with the
         nodes placed in it), remembered per path."""

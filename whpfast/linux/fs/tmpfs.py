@@ -356,7 +356,7 @@ class Tmpfs:
         (max_fds + 1) x PATH_MAX at most in all. Not charged to tmp_size: an unlink must not
         make /tmp hold more than a snapshot of it may (_thaw_tmp)."""
         try:
-            path = self._display(d) + tail
+            path = d.display(self) + tail
         except LinuxError:
             path = b""
         if not 0 < len(path) < PATH_MAX:

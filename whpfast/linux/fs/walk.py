@@ -199,10 +199,3 @@ class Walker:
         if node.fmt != S_IFDIR:
             raise ReadPolicyError(f"read: {os.fsdecode(path)} is a file, yet something is mapped below it")
         return node
-
-    def _link_target(self, node):
-        """bytes, or the node itself for /proc/self magic links."""
-        return node.target(self)
-
-    def _display(self, node):
-        return node.display(self)
