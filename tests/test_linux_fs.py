@@ -830,7 +830,7 @@ def test_lock_count_is_bounded(fs):
 
 
 def _craft(fields):
-    from whpfast.linux._fsstate import _MAGIC, _dump
+    from whpfast.linux.fs.state import _MAGIC, _dump
     out = [_MAGIC]
     _dump(fields, out)
     return b"".join(out)
@@ -1101,7 +1101,7 @@ def test_lookup_caches_are_bounded(fs, tree, monkeypatch):
     """A guest probing endless names (or long paths) cannot grow the host's caches without
     bound, and look-ups past the bound still answer right."""
     import whpfast.linux.fs as fsmod
-    monkeypatch.setattr(fsmod, "_CACHE_MAX", 64)
+    monkeypatch.setattr(fsmod.common, "_CACHE_MAX", 64)
     for i in range(500):
         assert err(fs.fstatat, AT_FDCWD, b"/data/missing%d" % i, 0) == E.ENOENT
         assert stat.S_ISREG(st(fs.fstatat(AT_FDCWD, b"sub/" + b"./" * i + b"b.bin", 0))["mode"])

@@ -21,7 +21,7 @@ from whpfast.linux.errno import LinuxError
 from whpfast.linux.fs import (AT_FDCWD, AT_SYMLINK_NOFOLLOW, O_CREAT, O_DIRECTORY, O_EXCL,
                               O_NOFOLLOW, O_PATH, O_RDONLY, O_TRUNC, O_WRONLY, FileSystem)
 
-# The *at calls this relies on are POSIX (a Windows host resolves joined paths: see fs.py).
+# The *at calls this relies on are POSIX (a Windows host resolves joined paths: see fs/host.py).
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux host only")
 
 MB = 1 << 20
@@ -171,7 +171,7 @@ def test_directory_fds_are_bounded_and_reopened_checked(host, monkeypatch):
     """Directory fds are kept up to _DIRFD_CACHE; one closed and needed again is reopened from
     its parent and must be the directory first seen."""
     import whpfast.linux.fs as fsmod
-    monkeypatch.setattr(fsmod, "_DIRFD_CACHE", 2)
+    monkeypatch.setattr(fsmod.common, "_DIRFD_CACHE", 2)
     root, secret = host
     for i in range(6):
         (root / f"e{i}").mkdir()

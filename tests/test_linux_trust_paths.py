@@ -175,7 +175,7 @@ def test_open_descriptions_hold_bounded_host_memory(monkeypatch):
     from whpfast.linux import fs as fsmod
     maps = b"x" * (1 << 20)
     fs = FileSystem([], proc_maps=lambda: maps)
-    monkeypatch.setattr(fsmod, "_HELD_MAX", 8 << 20)
+    monkeypatch.setattr(fsmod.common, "_HELD_MAX", 8 << 20)
     fds = []
     with pytest.raises(LinuxError) as info:
         for _ in range(100):
@@ -241,7 +241,7 @@ def test_a_guest_filling_tmp_with_long_names_gets_enospc_at_the_quota(deeppath):
 # ------------------------------------------------------------------------- crafted snapshot states
 
 def _craft(fields):
-    from whpfast.linux._fsstate import _MAGIC, _dump
+    from whpfast.linux.fs.state import _MAGIC, _dump
     out = [_MAGIC]
     _dump(fields, out)
     return b"".join(out)

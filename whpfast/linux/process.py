@@ -39,10 +39,11 @@ from ..core import image as _image
 from ..errors import (ConfigError, GuestCancelled, GuestFault, GuestLoadError, GuestTimeout,
                       HypervisorError, SandboxClosed, SandboxError, SandboxPoisoned,
                       SnapshotError, WhpfastError)
-from . import _fsstate, loader, sys_file, syscalls, vdso
+from . import loader, sys_file, syscalls, vdso
 from .._typing import StrPath
 from .errno import LinuxError
 from .fs import FileSystem
+from .fs import state as _fsstate
 from .grant import DEFAULT_MEMORY_SIZE, DEFAULT_TMP_SIZE, Grant
 from ..snapshot import map_image
 from . import snapfile

@@ -50,7 +50,7 @@ from ..core import verified
 from .. import backend, cpu
 from ..errors import SnapshotError
 from ..snapshot import IMAGE_ALIGN, _extents, extents_crc, load_image, write_sparse
-from ._fsstate import PATH_MAX
+from .fs.state import PATH_MAX
 from .errno import LinuxError
 from .mm import PAGE, PROT_WRITE, USER_MIN, MmState, Vma, page_table_bytes, page_up, shareable
 

@@ -6,7 +6,7 @@ import errno as E
 import os
 import struct
 
-from ._fsstate import MAX_FILE
+from .fs.state import MAX_FILE
 from .fs import (F_GETLK, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW, F_SETLK, F_SETLKW, F_UNLCK,
                  UTIME_NOW, UTIME_OMIT)
 from .task import AT_FDCWD, CWD, MAX_IO, PID, fail, read_path, s32, s64
