@@ -101,12 +101,17 @@ class Vcpu(Protocol):
 
 
 class Vm(Protocol):
+    """One virtual machine: guest memory slots with dirty logging, and its vCPUs."""
     manual_protect: bool
+    """clear_dirty_log re-protects pages (KVM's manual protect); False: reading the log does."""
 
     def set_memory(self, slot: int, gpa: int, size: int, host_address: int,
-                   readonly: bool = False, log_dirty: bool = False) -> None: ...
-    def get_dirty_log(self, slot: int, bitmap: Any) -> None: ...
-    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: Any) -> None: ...
+                   readonly: bool = False, log_dirty: bool = False) -> None:
+        """Maps host memory at a guest-physical address (a slot), optionally dirty-logged."""
+    def get_dirty_log(self, slot: int, bitmap: Any) -> None:
+        """The slot's pages written since the last call, one bit a page."""
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: Any) -> None:
+        """Write-protects the pages of bitmap again (manual_protect)."""
     def create_vcpu(self, index: int = 0) -> Vcpu: ...
     def close(self) -> None: ...
 
