@@ -19,7 +19,7 @@ from whpfast.timing import private_bytes
 
 HERE = Path(__file__).parent / "linux"
 MB = 1 << 20
-PAGE = 4096
+from whpfast.abi import PAGE
 DRIVER = (HERE / "driver.py").read_text()
 SYSTEM_READ = ["/usr", "/lib", "/lib64", "/etc"]
 
