@@ -416,7 +416,7 @@ def test_restore_clears_an_event_the_vcpu_holds(guests, event):
         vcpu = testing.vcpu(sb)
         vcpu.begin_call()
         vcpu.cancel()
-        assert vcpu.run() == backend.impl.EXIT_CANCELLED
+        assert vcpu.run() == backend.Exit.CANCELLED
         vcpu.end_call()
         assert _pending(vcpu.save_state())   # read back from the vCPU: it holds the event
         sb.restore(clean)

@@ -23,7 +23,7 @@ from whpfast.abi import PAGE
 DRIVER = (HERE / "driver.py").read_text()
 SYSTEM_READ = ["/usr", "/lib", "/lib64", "/etc"]
 
-MAPS_FILES = hasattr(whpfast.backend.impl.GuestMemory, "overlay_file")
+MAPS_FILES = whpfast.backend.capabilities.file_overlay
 
 pytestmark = [pytest.mark.hypervisor,
               pytest.mark.skipif(sys.platform != "linux", reason="Linux host only: the vDSO clock helper")]

@@ -215,7 +215,7 @@ def fill(memory, snapshot):
     and the pages that differ from it (snapshot._delta) copied, or, without one, every non-zero
     page copied. Returns the pages copied."""
     chain = getattr(snapshot, "_chain", None)
-    if chain is not None and hasattr(memory, "overlay_file"):
+    if chain is not None and backend.capabilities.file_overlay:
         chain.clone_into(memory)
         return 0
     shared, delta = snapshot._shared, snapshot._delta
