@@ -20,8 +20,9 @@ from whpfast import _pages
 from whpfast.timing import private_bytes
 from whpfast.snapshot import Snapshot
 from whpfast.timing import stats_us, summary, time_calls
+from whpfast import testing
 
-PAGE = 4096
+from whpfast.abi import PAGE
 MADV_DONTNEED = 4
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -53,22 +54,22 @@ def dirty_then_restore(sb, snap, pages, count):
 
 def full_copy_restore(sb, snap):
     """Baseline 1: copy the whole memory image back and reset every register group."""
-    dirty = sb._warm._dirty
+    dirty = testing.warm(sb)._dirty
     all_pages = np.full_like(dirty, np.uint64(0xFFFFFFFFFFFFFFFF))
-    sb._vm.get_dirty_log(0, dirty.view(np.uint8))
+    testing.vm(sb).get_dirty_log(0, dirty.view(np.uint8))
     _pages.restore(sb._mem, snap._image_view, all_pages, snap._nonzero)
-    sb._vcpu.load_state_separately(snap._state)
+    testing.load_state_separately(sb, snap._state)
 
 
 def hyperlight_restore(sb, snap):
     """Baseline 2, Hyperlight's KVM sequence: separate register ioctls, MADV_DONTNEED over all
     writable memory (pages fault back in on next use), then the snapshot's contents put back
     (Hyperlight maps its snapshot region read-only instead; here code and data share RAM)."""
-    sb._vm.get_dirty_log(0, sb._warm._dirty.view(np.uint8))
+    testing.vm(sb).get_dirty_log(0, testing.warm(sb)._dirty.view(np.uint8))
     if _libc.madvise(sb._memory.address, sb._memory.size, MADV_DONTNEED) != 0:
         raise OSError(ctypes.get_errno(), "madvise")
     _pages.restore(sb._mem, snap._image_view, snap._nonzero, snap._nonzero)
-    sb._vcpu.load_state_separately(snap._state)
+    testing.load_state_separately(sb, snap._state)
 
 
 def hot_set_cycles(sb, snap, pages, count, warmup=10):
@@ -140,10 +141,10 @@ def main(argv=None):
         for label, limit in (("capped at 64", 64), ("adaptive", None)):
             with whpfast.Sandbox(testkit, memory_size=64 << 20, **quiet) as sb:
                 if limit is not None:
-                    sb._warm.hot_limit = limit       # the same policy with the old fixed cap
+                    testing.set_hot_limit(sb, limit)   # the same policy with the old fixed cap
                 snap = sb.snapshot()
                 results[label] = hot_set_cycles(sb, snap, pages, max(50, n // 4))
-                hot = sb._warm.hot_count
+                hot = testing.warm(sb).hot_count
             restore_t, call_t = results[label]
             print(f"-- {pages} pages written per call, {label} ({hot} hot pages)")
             base = results.get("capped at 64")
@@ -179,16 +180,16 @@ def main(argv=None):
     with whpfast.Sandbox(testkit, **quiet) as sb:
         snap = sb.snapshot()
         state = snap._state
-        vcpu = sb._vcpu
+        vcpu = testing.vcpu(sb)
         batched = time_calls(lambda: (vcpu.load_state(state, fpu=True, full=False), sb.call("none")), n)
-        separate = time_calls(lambda: (vcpu.load_state_separately(state), sb.call("none")), n)
+        separate = time_calls(lambda: (testing.load_state_separately(sb, state), sb.call("none")), n)
         alone = time_calls(lambda: sb.call("none"), n)
         row("call alone", alone)
         row("batched reset + call", batched)
         row("separate ioctls + call", separate, batched)
         b, s, a = (stats_us(x)[0] for x in (batched, separate, alone))
         n_b = vcpu.load_state(state, fpu=True, full=False)
-        n_s = vcpu.load_state_separately(state)
+        n_s = testing.load_state_separately(sb, state)
         print(f"  reset cost: batched {b - a:.1f} us ({n_b} hypervisor calls), "
               f"separate {s - a:.1f} us ({n_s} calls)")
 

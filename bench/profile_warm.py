@@ -23,6 +23,7 @@ import whpfast
 from whpfast import _pages
 from whpfast.linux import process, syscalls
 from whpfast.python import sandbox as py_sandbox
+from whpfast import testing
 
 HELLO = 'print("hello world")'
 # Spans that run (almost) entirely without the GIL in this tree: KVM_RUN, the page copies, the
@@ -82,7 +83,7 @@ def install(sb, spans):
     patch(sb, "_call", "request (PythonSandbox._call)")
     patch(lx, "restore", "LinuxSandbox.restore")
     patch(lx, "_restore", "_restore")
-    patch(lx._warm, "restore", "WarmMemory.restore")
+    patch(testing.warm(lx), "restore", "WarmMemory.restore")
     patch(_pages, "plan_hot", "_pages.plan_hot")
     patch(_pages, "absorb", "_pages.absorb")
     patch(_pages, "restore", "_pages.restore (no GIL)")
@@ -92,9 +93,9 @@ def install(sb, spans):
     patch(lx, "_refresh_vdso", "_refresh_vdso")
     patch(lx, "_resume_plan", "_resume_plan")
     patch(lx, "_resume", "_resume")
-    patch(lx._warm, "resume", "WarmMemory.resume")
-    patch(lx._warm, "mark", "WarmMemory.mark")
-    patch(lx._warm, "_warm_stats", "WarmMemory._warm_stats")
+    patch(testing.warm(lx), "resume", "WarmMemory.resume")
+    patch(testing.warm(lx), "mark", "WarmMemory.mark")
+    patch(testing.warm(lx), "_warm_stats", "WarmMemory._warm_stats")
     patch(lx, "_vvar", "_vvar")
     if getattr(process, "_linux", None) is not None and hasattr(process._linux, "refresh_vdso"):
         patch(process._linux, "refresh_vdso", "_linux.refresh_vdso")
@@ -107,7 +108,7 @@ def install(sb, spans):
     patch(syscalls, "dispatch", "dispatch")
     patch(py_sandbox, "_read_answer", "_read_answer")
     patch(py_sandbox, "_decode_json", "_decode_json (json)")
-    warm = lx._warm
+    warm = testing.warm(lx)
     real_vm, real_vcpu = warm.vm, warm.vcpu
     warm.vm = Proxy(real_vm, spans, ["get_dirty_log", "clear_dirty_log"])
     warm.vcpu = Proxy(real_vcpu, spans, ["load_state"])

@@ -17,6 +17,7 @@ import threading
 import time
 
 import whpfast
+from whpfast import testing
 
 RSS_SLACK_KIB = 4096
 FAULTS = ("pagefault", "divide", "invalid_opcode")
@@ -114,14 +115,14 @@ def main(argv=None):
             for i in range(args.warmup):
                 cycle(sb, snap, canceller, i, counts)
             start = usage()
-            kicks0 = sb._vcpu.kicks
+            kicks0 = testing.vcpu(sb).kicks
             counts = dict.fromkeys(counts, 0)
             t0 = time.monotonic()
             for i in range(args.cycles):
                 cycle(sb, snap, canceller, i, counts)
             elapsed = time.monotonic() - t0
             end = usage()
-            kicks = sb._vcpu.kicks - kicks0
+            kicks = testing.vcpu(sb).kicks - kicks0
         finally:
             canceller.close()
     print(f"backend {whpfast.hypervisor()}: cycles {args.cycles} in {elapsed:.1f} s "

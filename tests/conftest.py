@@ -113,24 +113,3 @@ def build_c(out, source, *flags):
     if done.returncode:
         pytest.fail(f"gcc could not build {path}:\n{done.stderr}", pytrace=False)
     return str(out)
-
-
-class VcpuSpy:
-    """Stands in for a backend Vcpu in a WarmMemory (a cdef object, whose methods cannot be
-    replaced): counts the calls of the methods named in `counted`; those in `hide` look absent,
-    so WarmMemory takes the path it has for a backend without them."""
-
-    def __init__(self, vcpu, counted=("restore_warm", "load_state", "resume_warm"), hide=()):
-        self._vcpu, self._hide = vcpu, hide
-        self.calls = dict.fromkeys(counted, 0)
-
-    def __getattr__(self, name):
-        if name in self._hide:
-            raise AttributeError(name)
-        real = getattr(self._vcpu, name)
-        if name in self.calls:
-            def counted(*args, **kwargs):
-                self.calls[name] += 1
-                return real(*args, **kwargs)
-            return counted
-        return real

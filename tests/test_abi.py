@@ -25,7 +25,7 @@ def header_defines():
 def test_constants_match_header():
     d = header_defines()
     pairs = {
-        "WF_ABI_VERSION": abi.ABI_VERSION, "WF_INFO_ADDR": abi.INFO_ADDR, "WF_IMAGE_BASE": abi.IMAGE_BASE,
+        "WF_ABI_VERSION": abi.ABI_VERSION, "WF_PAGE_SIZE": abi.PAGE, "WF_INFO_ADDR": abi.INFO_ADDR, "WF_IMAGE_BASE": abi.IMAGE_BASE,
         "WF_PORT_RETURN": abi.PORT_RETURN, "WF_PORT_HOSTCALL": abi.PORT_HOSTCALL,
         "WF_PORT_PRINT": abi.PORT_PRINT, "WF_PORT_ABORT": abi.PORT_ABORT, "WF_PORT_FAULT": abi.PORT_FAULT,
         "WF_MAGIC_CALL": abi.MAGIC_CALL, "WF_MAGIC_RESULT": abi.MAGIC_RESULT,

@@ -21,9 +21,10 @@ import whpfast
 from whpfast import (ConfigError, GuestCallError, GuestLoadError, HostFunctionError, SnapshotError,
                      abi, elf)
 from whpfast.snapshot import HEADER, Snapshot
+from whpfast import testing
 
 pytestmark = pytest.mark.hypervisor
-PAGE = 4096
+from whpfast.abi import PAGE
 KIB64 = 64 << 10
 
 
@@ -115,7 +116,7 @@ def test_bookkeeping_of_a_64_gib_sandbox_is_small(testkit):
     with whpfast.Sandbox(testkit, memory_size=64 << 30) as sb:
         grown = rss_kib() - before
         assert sb._layout.page_tables[1] <= 512 << 10          # was 128 MiB
-        warm = sb._warm
+        warm = testing.warm(sb)
         bitmaps = sum(getattr(warm, a).nbytes for a in ("_dirty", "_host", "_hot", "_scored", "_reprotect", "_touched"))
         assert bitmaps <= 208 << 10 << 6                        # 208 KiB per GiB (docs/limits.md)
         assert warm._score.nbytes == (64 << 30) // PAGE         # 1 byte per page, resident where used

@@ -20,6 +20,7 @@ import pytest
 import whpfast
 from whpfast import GuestFault, SandboxPoisoned, SnapshotError, backend
 from whpfast.snapshot import Snapshot
+from whpfast import testing
 
 pytestmark = pytest.mark.hypervisor
 
@@ -412,10 +413,10 @@ def test_restore_clears_an_event_the_vcpu_holds(guests, event):
         clean = sb.snapshot()
         sb.restore(Snapshot(clean._image, clean._nonzero,
                             _with_event(clean._state, vector, error_code, address), clean.meta))
-        vcpu = sb._vcpu
+        vcpu = testing.vcpu(sb)
         vcpu.begin_call()
         vcpu.cancel()
-        assert vcpu.run() == backend.impl.EXIT_CANCELLED
+        assert vcpu.run() == backend.Exit.CANCELLED
         vcpu.end_call()
         assert _pending(vcpu.save_state())   # read back from the vCPU: it holds the event
         sb.restore(clean)

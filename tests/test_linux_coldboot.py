@@ -19,6 +19,7 @@ import whpfast
 from conftest import build_c
 from whpfast.linux import vdso
 from whpfast.linux.fs import inside_path, read_mapping
+from whpfast import testing
 
 MB = 1 << 20
 pytestmark = [pytest.mark.hypervisor,
@@ -107,7 +108,7 @@ def hello(tmp_path_factory):
 def _host_written_pages(lx, start, end):
     """Pages of [start, end) the host wrote into guest memory since construction (the warm-start
     core's host-dirty bitmap)."""
-    host = lx._warm._host
+    host = testing.warm(lx)._host
     return sum(bin(int(host[p >> 6]) >> (p & 63) & 1).count("1") for p in range(start // 4096, end // 4096))
 
 

@@ -17,6 +17,7 @@ from whpfast.linux import mm as mm_module
 from whpfast.linux import process, syscalls
 from whpfast.linux.errno import LinuxError
 from whpfast.linux.mm import PAGE, USER_MIN, AddressSpace
+from whpfast import testing
 
 MB = 1 << 20
 pytestmark = [pytest.mark.hypervisor,
@@ -168,7 +169,7 @@ def test_checked_writes_match_and_mark_pages_for_the_restore(space):
         if b[0] == "LinuxError":
             assert after_py == before
     snap = lx.snapshot()
-    host = lx._warm._host
+    host = testing.warm(lx)._host
     assert not host.any()
     mm.write(base + 6 * PAGE - 3, b"abcdef")                  # two pages
     for page in (base // PAGE + 5, base // PAGE + 6):

@@ -22,11 +22,11 @@ from whpfast.linux.fs import inside_path, read_mapping
 from test_linux_process import _rewrite_meta       # a crafted file: metadata edited, checksums right
 
 MB = 1 << 20
-PAGE = 4096
+from whpfast.abi import PAGE
 SYSTEM_READ = ["/usr", "/lib", "/lib64"]
 DATA_SIZE = 3 * PAGE + 100            # a last partial page: past the end of the file reads zero
 
-MAPS_FILES = hasattr(whpfast.backend.impl.GuestMemory, "overlay_file")
+MAPS_FILES = whpfast.backend.capabilities.file_overlay
 
 pytestmark = [pytest.mark.hypervisor,
               pytest.mark.skipif(sys.platform != "linux", reason="Linux host only: the vDSO clock helper")]

@@ -19,11 +19,11 @@ from whpfast.timing import private_bytes
 
 HERE = Path(__file__).parent / "linux"
 MB = 1 << 20
-PAGE = 4096
+from whpfast.abi import PAGE
 DRIVER = (HERE / "driver.py").read_text()
 SYSTEM_READ = ["/usr", "/lib", "/lib64", "/etc"]
 
-MAPS_FILES = hasattr(whpfast.backend.impl.GuestMemory, "overlay_file")
+MAPS_FILES = whpfast.backend.capabilities.file_overlay
 
 pytestmark = [pytest.mark.hypervisor,
               pytest.mark.skipif(sys.platform != "linux", reason="Linux host only: the vDSO clock helper")]

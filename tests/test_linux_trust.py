@@ -14,6 +14,7 @@ import whpfast
 from whpfast import GuestFault
 from whpfast.linux import mm
 from whpfast.linux.process import SYSCALL_PORT, SYSCALL_STUB, LinuxSandbox
+from whpfast import testing
 
 from conftest import build_c
 
@@ -319,8 +320,8 @@ def test_a_restore_takes_back_the_host_mappings_a_run_made(mapper, mapped_file, 
     with LinuxSandbox.from_snapshot(path, read=[mapped_file]) as sb:        # the caller's grant
         started = host_mappings()
         for command in (b"punch 30", b"map 400", b"punch 30"):
-            mapping_count(sb.run(command, restore=sb._warm.baseline))
-        sb.restore(sb._warm.baseline)
+            mapping_count(sb.run(command, restore=testing.warm(sb).baseline))
+        sb.restore(testing.warm(sb).baseline)
         assert host_mappings() <= started + SLACK
 
 

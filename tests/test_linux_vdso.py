@@ -18,7 +18,7 @@ import pytest
 
 from whpfast.linux import vdso
 
-PAGE = 4096
+from whpfast.abi import PAGE
 EXPORTS = ("clock_gettime", "gettimeofday", "time", "clock_getres", "getcpu")
 SERVED = {  # clock id -> the host clock it must track
     time.CLOCK_REALTIME: time.CLOCK_REALTIME,

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import whpfast
+from whpfast import testing
 from whpfast import (GuestCancelled, GuestTimeout, HostFunctionError, SandboxBusy, SandboxClosed,
                      SandboxPoisoned)
 
@@ -153,7 +154,7 @@ def test_close_from_another_thread_while_a_host_function_blocks(testkit):
     release.set()
     assert "closed while" in str(call())
     assert calls == [3]
-    assert sb._vcpu.kicks == 0                    # the guest was not running: nothing to kick
+    assert testing.vcpu(sb).kicks == 0                    # the guest was not running: nothing to kick
 
 
 def test_close_from_another_thread_stops_a_running_guest(testkit):
@@ -239,15 +240,15 @@ def test_cancel_storm_costs_one_signal(testkit):
         if i % 500 == 0:
             queued = max(queued, pending_signals())
     call()
-    assert sb._vcpu.kicks == 1
+    assert testing.vcpu(sb).kicks == 1
     # A signal per cancel queued over a thousand here (other processes of this user add few).
     assert queued < 100, f"{queued} signals queued during the storm"
     for _ in range(100_000):
         sb.cancel()
-    assert sb._vcpu.kicks == 1
+    assert testing.vcpu(sb).kicks == 1
     sb.restore(snap)
     assert sb.call("add", 1, 2) == 3             # the idle cancels did not poison this call
-    assert sb._vcpu.kicks == 1
+    assert testing.vcpu(sb).kicks == 1
     sb.close()
 
 
@@ -285,7 +286,7 @@ def test_cancel_storm_from_another_thread_does_not_freeze_calls(testkit):
     # (45 once on a loaded machine since the operation gate); a frozen call would make none.
     assert attempts >= 20, f"only {attempts} calls in 1 s under a storm of {n} cancels"
     # at most one kick per call (a kick can also race a call that is just returning its result)
-    assert sb._vcpu.kicks <= attempts and cancelled <= attempts
+    assert testing.vcpu(sb).kicks <= attempts and cancelled <= attempts
     sb.restore(snap)
     assert sb.call("add", 1, 2) == 3
     sb.close()
@@ -301,7 +302,7 @@ def test_cancel_during_a_host_function_is_not_lost(sandbox):
     sandbox.cancel()
     release.set()
     call()
-    assert sandbox._vcpu.kicks == 0
+    assert testing.vcpu(sandbox).kicks == 0
 
 
 # -- item 7: what timeout= bounds -----------------------------------------------------------------

@@ -11,7 +11,7 @@ import whpfast
 from whpfast import backend
 from whpfast.errors import GuestTimeout, SandboxPoisoned, SnapshotError
 
-from conftest import VcpuSpy
+from whpfast import testing
 
 pytestmark = pytest.mark.hypervisor
 
@@ -20,11 +20,11 @@ def exact(sb, snap):
     return np.array_equal(np.frombuffer(sb._mem, np.uint64), np.frombuffer(snap._image_view, np.uint64))
 
 
-def Spy(vcpu, stepwise=False):
-    """Counts restore_warm and load_state calls; stepwise=True hides restore_warm, so WarmMemory
-    takes the stepwise path it had before restore_warm existed."""
-    return VcpuSpy(vcpu, ("restore_warm", "load_state"),
-                   ("restore_warm", "resume_warm") if stepwise else ())
+def Spy(sb, stepwise=False):
+    """Counts sb's restore_warm and load_state calls; stepwise=True turns the one-call restore
+    off, so WarmMemory takes the stepwise path it had before restore_warm existed."""
+    testing.stepwise(sb, stepwise)
+    return testing.spy(sb, ("restore_warm", "load_state"))
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def pair(testkit):
 
 def test_only_restores_to_the_baseline_take_the_c_call(pair):
     sb, _ = pair
-    spy = sb._warm.vcpu = Spy(sb._warm.vcpu)
+    spy = Spy(sb)
     snap = sb.snapshot()
     sb.call("touch", 0, 20, 7)
     sb.restore(snap)
@@ -66,8 +66,8 @@ def test_the_c_call_equals_the_stepwise_restore(pair):
     promotions (pages written every cycle), demotions and host writes (call arguments), in
     restores small enough to hold the GIL and large enough to release it."""
     warm, step = pair
-    warm._warm.vcpu = Spy(warm._warm.vcpu)
-    step._warm.vcpu = Spy(step._warm.vcpu, stepwise=True)
+    Spy(warm)
+    Spy(step, stepwise=True)
     snaps = [warm.snapshot(), step.snapshot()]
     for i in range(40):
         # 150 pages: restored holding the GIL; 700: the GIL released for the copies
@@ -83,13 +83,13 @@ def test_the_c_call_equals_the_stepwise_restore(pair):
                 a.register_calls, a.full) == \
             (b.pages_copied, b.pages_zeroed, b.dirty_pages, b.host_pages, b.hypervisor_calls,
              b.register_calls, b.full), f"cycle {i}"
-        wa, wb = warm._warm, step._warm
+        wa, wb = testing.warm(warm), testing.warm(step)
         assert wa.hot_count == wb.hot_count and wa._n_touched == wb._n_touched
         for name in ("_hot", "_score", "_scored", "_reprotect", "_host"):
             assert np.array_equal(getattr(wa, name), getattr(wb, name)), (name, i)
-    assert warm._warm.vcpu.calls["restore_warm"] == 40 and step._warm.vcpu.calls["restore_warm"] == 0
-    if warm._vm.manual_protect:
-        assert 0 < warm._warm.hot_count      # the hot set was exercised, not only re-protection
+    assert testing.warm(warm).vcpu.calls["restore_warm"] == 40 and testing.warm(step).vcpu.calls["restore_warm"] == 0
+    if testing.vm(warm).manual_protect:
+        assert 0 < testing.warm(warm).hot_count      # the hot set was exercised, not only re-protection
     assert warm.call("checksum") == 0 and step.call("checksum") == 0
 
 
@@ -101,7 +101,7 @@ def test_restore_warm_refuses_buffers_of_other_sizes(pair):
     sb, _ = pair
     snap = sb.snapshot()
     sb.call("touch", 0, 10, 3)
-    w = sb._warm
+    w = testing.warm(sb)
     buffers = [w.mem, w._dirty, w._host, w._hot, w._score, w._scored, w._reprotect, w._touched]
     for i, bad in ((1, w._dirty[:1]), (4, w._score[:10]), (7, w._touched[:2])):
         wrong = list(buffers)
@@ -140,7 +140,7 @@ def test_a_hypervisor_call_failing_inside_the_c_call_poisons_and_a_full_restore_
     good = snap._state["xsave"]
     bad = bytearray(good)
     bad[512:520] = b"\xff" * 8             # XSTATE_BV, in the XSAVE header
-    spy = sb._warm.vcpu = Spy(sb._warm.vcpu)
+    spy = Spy(sb)
     sb.call("touch", 100, 10, 5)            # pages not hot: the failed plan re-protects them
     snap._state["xsave"] = bytes(bad)
     try:
@@ -151,8 +151,8 @@ def test_a_hypervisor_call_failing_inside_the_c_call_poisons_and_a_full_restore_
     assert spy.calls["restore_warm"] == 1
     with pytest.raises(SandboxPoisoned):
         sb.call("checksum")
-    assert sb._warm.needs_full_reset and sb._warm.baseline is None
-    assert not sb._warm._reprotect.any(), failed.value
+    assert testing.warm(sb).needs_full_reset and testing.warm(sb).baseline is None
+    assert not testing.warm(sb)._reprotect.any(), failed.value
     sb.restore(snap)
     assert sb.last_restore.full and exact(sb, snap)
     assert sb.call("checksum") == 0

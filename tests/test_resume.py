@@ -17,7 +17,8 @@ from whpfast import backend
 from whpfast.errors import GuestCancelled, GuestFault, GuestTimeout, SandboxPoisoned
 from whpfast.linux.process import LinuxSandbox
 
-from conftest import VcpuSpy, build_c
+from conftest import build_c
+from whpfast import testing
 
 pytestmark = pytest.mark.hypervisor
 
@@ -62,8 +63,8 @@ int main(void) {
 INPUTS = [b"3\n", b"10\n", b"0\n", b"40\n5\n", b"1234567890123\n", b"63\n", b"7", b"\n2\n"]
 
 
-def Spy(vcpu):
-    return VcpuSpy(vcpu, ("resume_warm", "restore_warm"))
+def Spy(sandbox):
+    return testing.spy(sandbox, ("resume_warm", "restore_warm"))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def boxes(program):
         assert boot.run().waiting
         snap = boot.snapshot()
     a, b = LinuxSandbox.from_snapshot(snap), LinuxSandbox.from_snapshot(snap)
-    a._warm.vcpu, b._warm.vcpu = Spy(a._warm.vcpu), Spy(b._warm.vcpu)
+    Spy(a), Spy(b)
     try:
         yield snap, a, b
     finally:
@@ -100,10 +101,10 @@ def same_state(a, b, history=True):
     """a and b hold the same guest memory (but the vDSO's clock data) and registers; with the
     same history of requests also the same restore bookkeeping and system call count."""
     assert np.array_equal(outside_vvar(a), outside_vvar(b))
-    assert backend.impl.registers(a._vcpu) == backend.impl.registers(b._vcpu)
+    assert testing.registers(a) == testing.registers(b)
     if not history:
         return
-    wa, wb = a._warm, b._warm
+    wa, wb = testing.warm(a), testing.warm(b)
     for name in ("_hot", "_score", "_scored", "_reprotect", "_host"):
         assert np.array_equal(getattr(wa, name), getattr(wb, name)), name
     assert (wa.hot_count, wa._n_touched, wa._host_words) == (wb.hot_count, wb._n_touched, wb._host_words)
@@ -128,8 +129,8 @@ def test_a_warm_request_is_one_call_and_equals_restore_then_run(boxes):
             assert la.pop("ns") > 0 and lb.pop("ns") > 0
             assert la == lb, data
             same_state(a, b)
-    assert a._warm.vcpu.calls == {"resume_warm": 3 * len(INPUTS), "restore_warm": 0}
-    assert b._warm.vcpu.calls == {"resume_warm": 0, "restore_warm": 3 * len(INPUTS)}
+    assert testing.warm(a).vcpu.calls == {"resume_warm": 3 * len(INPUTS), "restore_warm": 0}
+    assert testing.warm(b).vcpu.calls == {"resume_warm": 0, "restore_warm": 3 * len(INPUTS)}
     # the answers are those of a fresh start, every time
     assert a.run(b"3\n", restore=snap).stdout == a.run(b"3\n", restore=snap).stdout
     # a request after another one's exit resumes too
@@ -142,7 +143,7 @@ def test_what_is_not_a_warm_request_takes_the_plain_path(boxes):
     """No input (the read would park again), fresh=False-style runs without restore=, and
     another snapshot: restore() + run(), the same results."""
     snap, a, b = boxes
-    spy = a._warm.vcpu
+    spy = testing.warm(a).vcpu
     r = a.run(b"", restore=snap)
     assert r.waiting and r.stdout == b"" and spy.calls["resume_warm"] == 0
     assert a.run(b"4\n").stdout == restore_then_run(b, snap, b"4\n").stdout
@@ -171,8 +172,8 @@ def test_a_parked_read_that_does_not_check_out_takes_the_plain_path(boxes):
             same_state(a, b, history=False)
     finally:
         snap._parked = parked
-    assert a._warm.vcpu.calls["resume_warm"] == 0
-    assert a.run(b"12\n", restore=snap) == want and a._warm.vcpu.calls["resume_warm"] == 1
+    assert testing.warm(a).vcpu.calls["resume_warm"] == 0
+    assert a.run(b"12\n", restore=snap) == want and testing.warm(a).vcpu.calls["resume_warm"] == 1
 
 
 @pytest.mark.parametrize("bad", ["spin", "fault", "exit"])
@@ -243,9 +244,9 @@ def test_a_refused_restore_inside_the_call_poisons_and_a_full_restore_heals(boxe
             a.run(b"5\n", restore=snap)
     finally:
         snap._state["xsave"] = good
-    assert a._warm.vcpu.calls["resume_warm"] == 2
-    assert a.poisoned and a._warm.needs_full_reset
-    assert not a._warm._reprotect.any()
+    assert testing.warm(a).vcpu.calls["resume_warm"] == 2
+    assert a.poisoned and testing.warm(a).needs_full_reset
+    assert not testing.warm(a)._reprotect.any()
     for _ in range(2):
         assert a.run(b"8\n", restore=snap) == restore_then_run(b, snap, b"8\n")
         same_state(a, b, history=False)
@@ -254,7 +255,7 @@ def test_a_refused_restore_inside_the_call_poisons_and_a_full_restore_heals(boxe
 def test_staged_writes_are_checked_before_anything_is_touched(boxes):
     snap, a, b = boxes
     assert a.run(b"3\n", restore=snap) == restore_then_run(b, snap, b"3\n")
-    w = a._warm
+    w = testing.warm(a)
     size = w.size
     base = (w._pages, snap._image_view, snap._nonzero, w._n_touched, w.hot_limit, w.hot_count,
             w._cycle + 1, snap._state, True)
@@ -272,8 +273,7 @@ def test_python_requests_resume_and_see_the_time_move(py_box):
     """PythonSandbox.run (fresh) takes the one-call path after its first restore; the vDSO's
     clock data, a staged write of that call, is fresh in every request."""
     lx = py_box.linux
-    real = lx._warm.vcpu
-    spy = lx._warm.vcpu = Spy(real)
+    spy = Spy(lx)
     try:
         py_box.run("pass")
         before = spy.calls["resume_warm"]
@@ -286,4 +286,4 @@ def test_python_requests_resume_and_see_the_time_move(py_box):
         assert py_box.run("x = 1", fresh=False).error is None
         assert spy.calls["resume_warm"] == before + 3
     finally:
-        lx._warm.vcpu = real
+        testing.unspy(lx)

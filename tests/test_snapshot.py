@@ -13,9 +13,10 @@ import pytest
 import whpfast
 from whpfast import GuestFault, GuestTimeout, SandboxPoisoned, SnapshotError, backend
 from whpfast.snapshot import HEADER, Snapshot
+from whpfast import testing
 
 pytestmark = pytest.mark.hypervisor
-PAGE = 4096
+from whpfast.abi import PAGE
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only: /proc/self/pagemap")
 
 # Hypervisor calls a restore makes, by backend. KVM: the FPU ioctl (general and special registers
@@ -78,12 +79,12 @@ def test_restore_is_exact_and_repeatable(sandbox):
 
 def test_registers_restored(sandbox):
     snap = sandbox.snapshot()
-    before = sandbox._vcpu.save_state()
+    before = testing.vcpu(sandbox).save_state()
     assert sandbox.call("add_float", 1.5, 2.25) == 3.75
-    changed = sandbox._vcpu.save_state()
+    changed = testing.vcpu(sandbox).save_state()
     assert changed["xsave"] != before["xsave"]          # the call left XMM state behind
     sandbox.restore(snap)
-    after = sandbox._vcpu.save_state()
+    after = testing.vcpu(sandbox).save_state()
     assert set(after) == set(backend.impl.STATE_PARTS)
     for part in after:
         assert after[part] == snap._state[part], part
@@ -409,7 +410,7 @@ def test_hot_pages_stay_exact(sandbox):
         sandbox.call("touch", 0, 4, i + 1)
         sandbox.restore(snap)
         assert memory_equals_image(sandbox, snap)
-    assert sandbox._warm.hot_count > 0 or not sandbox._vm.manual_protect
+    assert testing.warm(sandbox).hot_count > 0 or not testing.vm(sandbox).manual_protect
     sandbox.call("touch", 100, 3, 9)          # new pages: logged as usual
     sandbox.call("touch", 0, 1, 9)            # a hot page: restored without being logged again
     sandbox.restore(snap)

@@ -101,7 +101,7 @@ def test_a_group_writable_snapshot_file_is_not_mapped_either(snapshot_files, tmp
 @pytest.mark.parametrize("kind", ["sdk", "linux", "python"])
 def test_a_snapshot_file_only_its_owner_can_write_is_still_mapped(snapshot_files, tmp_path, kind):
     shared, ok = check(snapshot_files, tmp_path, kind, 0o644, truncate=False)
-    if kind == "python" and not hasattr(whpfast.backend.impl.GuestMemory, "overlay_file"):
+    if kind == "python" and not whpfast.backend.capabilities.file_overlay:
         # WHP: a snapshot that references library files is put together in guest-sized memory,
         # its image copied from the file, whoever may write it (nothing can be mapped over
         # memory the WHv* layer pins)

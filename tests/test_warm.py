@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from whpfast import _pages
+from whpfast import testing
 
 pytestmark = pytest.mark.hypervisor
-PAGE = 4096
+from whpfast.abi import PAGE
 LEASE_MAX = _pages.LEASE[1]
 
 
@@ -20,7 +21,7 @@ def exact(sb, snap):
 def heap_pages_hot(sb, first, count):
     """How many of heap pages first..first+count-1 are in the hot set."""
     base = sb._layout.region("heap").gpa // PAGE + first
-    hot = sb._warm._hot
+    hot = testing.warm(sb)._hot
     return sum(int(hot[p >> 6] >> np.uint64(p & 63)) & 1 for p in range(base, base + count))
 
 
@@ -32,7 +33,7 @@ def sb(testkit):
 
 
 def manual_protect(sb):
-    return sb._vm.manual_protect
+    return testing.vm(sb).manual_protect
 
 
 def test_every_page_a_call_writes_gets_hot(sb):
@@ -48,7 +49,7 @@ def test_every_page_a_call_writes_gets_hot(sb):
         assert sb.last_restore.hypervisor_calls == 2
         assert sb.last_restore.pages_copied + sb.last_restore.pages_zeroed >= 300
     else:       # WHP re-protects every page as it reads the log: no hot set
-        assert sb._warm.hot_count == 0
+        assert testing.warm(sb).hot_count == 0
     assert sb.call("checksum") == 0
 
 
@@ -105,14 +106,14 @@ def test_restores_stay_exact_through_leases_and_rejoins(sb):
 def test_hot_set_is_bounded(sb):
     """A guest writing more pages than the bound gets at most hot_limit hot pages; restores stay
     exact for the rest (re-protected as usual)."""
-    sb._warm.hot_limit = min(sb._warm.hot_limit, 64)
+    testing.set_hot_limit(sb, 64)
     snap = sb.snapshot()
     for i in range(4):
         sb.call("touch", 0, 500, i + 1)
         sb.restore(snap)
         assert exact(sb, snap)
-        assert sb._warm.hot_count <= 64
-    assert sb._warm.hot_count == (64 if manual_protect(sb) else 0)
+        assert testing.warm(sb).hot_count <= 64
+    assert testing.warm(sb).hot_count == (64 if manual_protect(sb) else 0)
 
 
 def test_another_snapshot_empties_the_hot_set(sb):
@@ -122,17 +123,17 @@ def test_another_snapshot_empties_the_hot_set(sb):
         sb.restore(snap)
     sb.call("touch", 0, 30, 9)
     other = sb.snapshot()
-    assert sb._warm.hot_count == 0 and not sb._warm._scored.any()
+    assert testing.warm(sb).hot_count == 0 and not testing.warm(sb)._scored.any()
     sb.call("touch", 0, 30, 2)
     sb.restore(snap)                          # a full restore: starts over
-    assert sb.last_restore.full and sb._warm.hot_count == 0
+    assert sb.last_restore.full and testing.warm(sb).hot_count == 0
     assert exact(sb, snap) and sb.call("read_byte", 0) == 0
     sb.restore(other)
     assert sb.call("read_byte", 29) == 9
 
 
 def test_host_writes_go_through_one_checked_function(sb):
-    warm = sb._warm
+    warm = testing.warm(sb)
     snap = sb.snapshot()
     heap = sb._layout.region("heap").gpa
     with pytest.raises(ValueError, match="outside"):

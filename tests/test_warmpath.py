@@ -14,6 +14,7 @@ import whpfast
 from whpfast import _linux
 from whpfast.linux import process, vdso
 from whpfast.python import sandbox as py_sandbox
+from whpfast import testing
 
 from test_python_sandbox import REPLACE_VVAR  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -176,7 +177,7 @@ def test_host_writes_are_marked_and_undone_by_the_next_restore(sb):
     bytes back. Once within one page, once across two pages of one bitmap word, once across
     two words."""
     lx = sb.linux
-    warm = lx._warm
+    warm = testing.warm(lx)
     stack = next(v for v in lx.mm.vmas if v.name == b"[stack]")
     image = sb.snapshot._image_view
     word_start = -(-stack.start // (64 * 4096)) * 64 * 4096     # a bitmap word's first page

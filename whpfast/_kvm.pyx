@@ -47,7 +47,7 @@ include "_cancel.pxi"
 include "_restore.pxi"
 include "_warm.pxi"
 
-DEF PAGE_SIZE = 4096
+include "_page.pxi"
 
 
 cdef int _raise_errno(int err, str what, path=None, bint device=False) except -1:
@@ -813,6 +813,10 @@ cdef class Vcpu(CancelState):
 
 # The parts of save_state(), in the order snapshots store them.
 STATE_PARTS = ("regs", "sregs", "xsave", "debugregs", "events", "xcrs", "msrs")
+
+# The backend interface (whpfast/core/hypervisor.py, checked at import by whpfast.backend).
+PAGE = PAGE_SIZE
+CAPABILITIES = {"file_overlay": True, "xsave_area": True, "api_calls": False}
 
 # MSRs kept in snapshots: the syscall/sysenter entry points, the segment bases, TSC_AUX and PAT.
 # CPL3 code can write none of them, so restores after a clean call skip them.

@@ -32,7 +32,7 @@ cdef int EFAULT = _errno.EFAULT, ENAMETOOLONG = _errno.ENAMETOOLONG, ENOSYS = _e
 cdef extern from "Python.h":
     unsigned long long PyLong_AsUnsignedLongLong(object) except? -1
 
-DEF PAGE = 4096
+include "_page.pxi"
 DEF USER_MIN = 0x10000          # mm.USER_MIN: the kernel area lies below
 DEF PROT_READ = 1
 DEF PROT_WRITE = 2
@@ -100,7 +100,7 @@ cdef int _mark(object warm, uint64_t start, uint64_t end) except -1:
     host-dirty bitmap. Pages of one bitmap word (every system call's write, the vDSO refresh)
     here, as WarmMemory.mark does it: the bits, and the word in its list of words with bits;
     the general case there."""
-    cdef uint64_t p0 = start // PAGE, p1 = (end + PAGE - 1) // PAGE, mask
+    cdef uint64_t p0 = start // PAGE_SIZE, p1 = (end + PAGE_SIZE - 1) // PAGE_SIZE, mask
     cdef uint64_t[::1] host
     if end <= start:
         return 0
@@ -188,7 +188,7 @@ def read_cstring(mm, addr, limit=4096):
         raise LinuxError(ENAMETOOLONG, "string too long")
     base = _base(mm)
     while True:
-        chunk_end = (a // PAGE + 1) * PAGE
+        chunk_end = (a // PAGE_SIZE + 1) * PAGE_SIZE
         if chunk_end - a > lim - got:
             chunk_end = a + (lim - got)
         n = chunk_end - a if chunk_end > a else 1

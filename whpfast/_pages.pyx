@@ -12,7 +12,7 @@ from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
-DEF PAGE = 4096
+include "_page.pxi"
 
 include "_restore.pxi"
 
@@ -39,14 +39,14 @@ cdef extern from *:
 cdef inline bint _page_is_zero(const unsigned char *p) noexcept nogil:
     cdef const uint64_t *w = <const uint64_t *>p
     cdef int i
-    for i in range(PAGE // 8):
+    for i in range(PAGE_SIZE // 8):
         if w[i]:
             return False
     return True
 
 
 def _check(size_t n_pages, size_t size, bitmap, str what):
-    if size < n_pages * PAGE:
+    if size < n_pages * PAGE_SIZE:
         raise ValueError(f"{what} holds {size} bytes, fewer than {n_pages} pages")
     if bitmap.shape[0] * 64 < n_pages:
         raise ValueError(f"bitmap of {bitmap.shape[0]} words is too small for {n_pages} pages")
@@ -56,7 +56,7 @@ def capture(const unsigned char[::1] src not None, unsigned char[::1] dst, uint6
     """Sets the bit in nonzero of every non-zero page of src and, unless dst is None, copies the
     page to the same offset in dst (whose pages must be zero). Returns the number of non-zero
     pages."""
-    cdef size_t n_pages = src.shape[0] // PAGE, page, count = 0
+    cdef size_t n_pages = src.shape[0] // PAGE_SIZE, page, count = 0
     cdef bint copy = dst is not None
     cdef unsigned char *out = NULL
     if copy:
@@ -66,9 +66,9 @@ def capture(const unsigned char[::1] src not None, unsigned char[::1] dst, uint6
         raise ValueError("bitmap too small")
     with nogil:
         for page in range(n_pages):
-            if not _page_is_zero(&src[page * PAGE]):
+            if not _page_is_zero(&src[page * PAGE_SIZE]):
                 if copy:
-                    memcpy(out + page * PAGE, &src[page * PAGE], PAGE)
+                    memcpy(out + page * PAGE_SIZE, &src[page * PAGE_SIZE], PAGE_SIZE)
                 nonzero[page >> 6] |= (<uint64_t>1) << (page & 63)
                 count += 1
     return count
@@ -79,7 +79,7 @@ def restore(unsigned char[::1] dst not None, const unsigned char[::1] image not 
     """For every page set in dirty: copy it back from image if the image's page is non-zero,
     else zero it. In place, with memcpy/memset on dst's own pages: the physical pages the
     hypervisor maps stay the same. Returns (pages copied, pages zeroed)."""
-    cdef size_t n_pages = dst.shape[0] // PAGE
+    cdef size_t n_pages = dst.shape[0] // PAGE_SIZE
     cdef size_t copied = 0, zeroed = 0
     _check(n_pages, image.shape[0], dirty, "snapshot image")
     _check(n_pages, image.shape[0], nonzero, "snapshot image")

@@ -16,6 +16,8 @@ EXIT_HLT: int
 EXIT_UNKNOWN: int
 
 STATE_PARTS: Tuple[str, ...]
+PAGE: int
+CAPABILITIES: Dict[str, bool]
 GROUPS: Tuple[Tuple[int, int], ...]
 STATE_REGISTERS: Tuple[int, ...]
 REGISTERS_SIZE: int

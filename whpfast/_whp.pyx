@@ -34,7 +34,7 @@ include "_cancel.pxi"
 include "_restore.pxi"
 include "_warm.pxi"
 
-DEF PAGE_SIZE = 4096
+include "_page.pxi"
 DEF ALLOCATION_GRANULARITY = 65536   # MapViewOfFile offsets must be multiples of this
 DEF MAX_PENDING = 64
 DEF N_GPRS = 18
@@ -72,6 +72,10 @@ GROUPS = ((0, 18), (18, 33), (33, 39), (39, N_STATE))   # general, special, debu
 STATE_REGISTERS = tuple(_names)
 
 STATE_PARTS = ("registers", "xsave")
+
+# The backend interface (whpfast/core/hypervisor.py, checked at import by whpfast.backend).
+PAGE = PAGE_SIZE
+CAPABILITIES = {"file_overlay": False, "xsave_area": False, "api_calls": True}
 REGISTERS_SIZE = N_STATE * sizeof(WHV_REGISTER_VALUE)
 XSAVE_MAX = 16384
 

@@ -7,6 +7,7 @@ import struct
 from . import errors
 
 ABI_VERSION = 1
+PAGE = 4096                              # the guest page (x86-64); the backends' PAGE must match
 INFO_ADDR = 0x1000
 IMAGE_BASE = 0x100000
 INFO_MAGIC = 0x3154534146504857          # "WHPFAST1"

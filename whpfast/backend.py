@@ -1,6 +1,7 @@
 """Chooses the hypervisor backend once, at import: the Windows Hypervisor Platform on Windows, KVM
-elsewhere. Both modules expose the same classes (System, GuestMemory, FileMapping; Vm and Vcpu
-through them) and the same EXIT_* numbers, so the facade never asks which one it has."""
+elsewhere, and checks the module against the backend interface (whpfast/core/hypervisor.py: the
+names both implement, the exit numbers, the page size), so the facade never asks which one it
+has. What only some backends can do is in `capabilities`, not probed with hasattr."""
 
 import importlib.util
 import os
@@ -8,9 +9,10 @@ import sys
 import threading
 from typing import Any
 
+from .core.hypervisor import PAGE, Backend, Capabilities, Exit, VcpuState, check
 from .errors import HypervisorUnavailable
 
-impl: Any           # the backend module: whpfast._kvm or whpfast._whp (same classes and names)
+impl: Backend       # the backend module: whpfast._kvm or whpfast._whp (checked: same names)
 System: Any
 # WHPFAST_BACKEND=whp with WHPFAST_WHP_MODULE=<path of a _whp extension> loads the WHP backend
 # built for Linux over the KVM-backed WHv* layer of tests/whv (how CI runs it off Windows).
@@ -24,12 +26,14 @@ if NAME == "whp":
         _spec.loader.exec_module(impl)
     else:
         from . import _whp as impl
-    System = impl.WhpSystem
 elif NAME == "kvm":
     from . import _kvm as impl
-    System = impl.KvmSystem
 else:
     raise ImportError(f"WHPFAST_BACKEND={NAME!r}: the backends are 'kvm' and 'whp'")
+_SYSTEM = "WhpSystem" if NAME == "whp" else "KvmSystem"
+capabilities: Capabilities = check(impl, _SYSTEM)
+"""What this backend can do beyond the common interface (declared by it, checked at import)."""
+System = getattr(impl, _SYSTEM)
 
 _system: Any = None
 _lock = threading.Lock()
@@ -51,4 +55,5 @@ def hypervisor() -> str:
     return NAME
 
 
-__all__ = ["NAME", "impl", "system", "hypervisor", "HypervisorUnavailable"]
+__all__ = ["NAME", "PAGE", "Capabilities", "Exit", "VcpuState", "capabilities", "impl", "system",
+           "hypervisor", "HypervisorUnavailable"]

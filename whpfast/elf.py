@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from . import abi
 from .errors import GuestLoadError
 
-PAGE = 4096
+PAGE = abi.PAGE
 IMAGE_LIMIT = 1 << 30            # images live in [WF_IMAGE_BASE, 1 GiB)
 MAX_FILE_SIZE = 256 << 20
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import abi
 
-PAGE = 4096
+PAGE = abi.PAGE
 
 INFO_ADDR = abi.INFO_ADDR
 GDT_ADDR = 0x2000

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, TypeVar, Union, overl
 from . import abi, backend, cpu, elf, machine
 from .core.gate import Gate, not_started as _not_started
 from .core.run import run_timeout, run_until
+from .core.hypervisor import Exit
 from .core.resource import Resource
 from .core import argcheck
 from .core.warm import PAGE, RestoreStats, WarmMemory, restore_failed
@@ -21,6 +22,7 @@ from .snapshot import MAX_IO_BUFFER, MAX_MEMORY, STATE_PARTS, Snapshot
 from ._typing import StrPath, Value
 
 impl = backend.impl
+EXIT_IO = Exit.IO           # bound once: looking an Exit member up per exit costs ~70 ns
 # Sizes past these are refused before anything is allocated (docs/limits.md), the same limits
 # snapshot files are held to. Guest memory is MAP_NORESERVE (untouched pages cost nothing), but
 # the host keeps 1 bit per page per bitmap and the page tables grow with it; an I/O buffer's
@@ -394,7 +396,7 @@ class Sandbox(Resource):
         try:
             while True:
                 kind = run_until(vcpu, deadline)
-                if kind != impl.EXIT_IO:
+                if kind != EXIT_IO:
                     raise self._poison(self._exit_error(kind, export, timeout))
                 port, length = vcpu.io_port, vcpu.io_value
                 # Only the exits the ABI defines count: a 32-bit `out` (the CPL0 fault stub: an
@@ -541,28 +543,28 @@ class Sandbox(Resource):
 
     def _exit_error(self, kind, export, timeout):
         vcpu = self._vcpu
-        if kind == impl.EXIT_TIMEOUT:
+        if kind == Exit.TIMEOUT:
             return GuestTimeout(f"{export.name}() ran past its timeout of {timeout} s (guest and host "
                                 f"function time together) and was stopped")
-        if kind == impl.EXIT_CANCELLED and self._gate.closing:
+        if kind == Exit.CANCELLED and self._gate.closing:
             return SandboxClosed(f"the sandbox was closed while {export.name}() ran; the call was stopped")
-        if kind == impl.EXIT_CANCELLED:
+        if kind == Exit.CANCELLED:
             return GuestCancelled(f"{export.name}() was cancelled")
-        if kind == impl.EXIT_MMIO:
+        if kind == Exit.MMIO:
             return GuestFault(f"the guest {'wrote' if vcpu.mmio_is_write else 'read'} guest-physical "
                               f"{vcpu.mmio_address:#x}, which is not writable memory"
                               f"{self._describe_address(vcpu.mmio_address)}",
                               kind="mmio", address=vcpu.mmio_address)
-        if kind == impl.EXIT_SHUTDOWN:
+        if kind == Exit.SHUTDOWN:
             return GuestFault("the guest triple-faulted (a fault while delivering a fault)", kind="triple_fault")
-        if kind == impl.EXIT_HLT:
+        if kind == Exit.HLT:
             return GuestFault("the guest halted", kind="halt")
-        if kind == impl.EXIT_INTERNAL_ERROR:
+        if kind == Exit.INTERNAL_ERROR:
             hint = (": the hypervisor could not emulate an instruction (on PVM hosts SSE at CPL0 "
                     "fails this way)") if vcpu.internal_suberror == 1 else ""
             return GuestFault(f"hypervisor internal error, suberror {vcpu.internal_suberror}{hint}; "
                               f"data {[hex(d) for d in vcpu.internal_data]}", kind="internal_error")
-        if kind == impl.EXIT_FAIL_ENTRY:
+        if kind == Exit.FAIL_ENTRY:
             return HypervisorError(f"the hypervisor failed to enter the guest "
                                    f"(hardware reason {vcpu.fail_entry_reason:#x})")
         return HypervisorError(f"unexpected exit reason {vcpu.exit_reason}")

@@ -40,7 +40,7 @@ from .core.files import shareable
 from .errors import SnapshotError
 from ._typing import StrPath
 
-PAGE = 4096
+PAGE = abi.PAGE
 MAGIC = b"WHPFSNAP"
 FORMAT_VERSION = 3      # 2: the KVM vCPU state holds the whole XSAVE area (was KVM_GET_FPU's)
                         # 3: the metadata records the CPU identity ("cpu", see whpfast/cpu.py)
@@ -280,7 +280,7 @@ def load_image(file: BinaryIO, image_offset: int, memory_size: int,
         return impl.FileMapping(file.fileno(), image_offset, memory_size)
     image = impl.GuestMemory(memory_size)
     try:
-        if mappable and hasattr(image, "overlay_file"):
+        if mappable and backend.capabilities.file_overlay:
             for first, count in extents:
                 image.overlay_file(file.fileno(), image_offset + first * PAGE, first * PAGE, count * PAGE)
         else:
@@ -311,7 +311,7 @@ def map_image(memory: Any, file: Optional[BinaryIO], image_offset: Optional[int]
     load_image) and the backend can (KVM), the extents are mapped copy-on-write from the file,
     so sandboxes made from one file share its page cache; otherwise the non-zero pages are
     copied from image_view. Used by Sandbox and LinuxSandbox alike."""
-    if file is not None and hasattr(memory, "overlay_file") and shareable(os.fstat(file.fileno())):
+    if file is not None and backend.capabilities.file_overlay and shareable(os.fstat(file.fileno())):
         for first, count in extents:
             memory.overlay_file(file.fileno(), image_offset + first * PAGE, first * PAGE, count * PAGE)
     else:

@@ -9,9 +9,10 @@ import pytest
 
 import whpfast
 from whpfast import backend
+from whpfast import testing
 
 pytestmark = pytest.mark.hypervisor
-PAGE = 4096
+from whpfast.abi import PAGE
 
 
 def shim():
@@ -32,7 +33,7 @@ def test_not_stepping_rip_fails(testkit):
     printed = []
     with whpfast.Sandbox(testkit, on_print=printed.append) as sb:
         assert sb.call("hello") == "hello world"
-        sb._vcpu.step_rip = False
+        testing.vcpu(sb).step_rip = False
         with pytest.raises(whpfast.GuestTimeout):
             sb.call("hello", timeout=0.5)
     assert printed[0] == "hello world\n"
@@ -62,15 +63,15 @@ def test_one_register_call_per_run(testkit):
     with whpfast.Sandbox(testkit) as sb:
         snap = sb.snapshot()
         sb.call("none")
-        before = sb._vcpu.api_calls
+        before = testing.api_calls(sb)
         sb.restore(snap)
         sb.call("none")
         # XSAVE (restore) + one register batch + one run
-        assert sb._vcpu.api_calls - before == 3
-        before = sb._vcpu.api_calls
+        assert testing.api_calls(sb) - before == 3
+        before = testing.api_calls(sb)
         sb.call("hello")
         # batch + run, then (RIP stepped past the print's `out`) batch + run
-        assert sb._vcpu.api_calls - before == 4
+        assert testing.api_calls(sb) - before == 4
 
 
 SYSCALLS = r'''
@@ -97,9 +98,9 @@ def test_a_linux_system_call_is_one_get_one_set_one_run(tmp_path):
     used = {}
     for n in (100, 300):
         with whpfast.LinuxSandbox([str(tmp_path / "calls"), str(n)], memory_size=64 << 20) as lx:
-            before = lx._vcpu.api_calls
+            before = testing.api_calls(lx)
             assert lx.run().exit_code == 0
-            used[n] = (lx._vcpu.api_calls - before, lx.syscall_count)
+            used[n] = (testing.api_calls(lx) - before, lx.syscall_count)
     (calls_100, syscalls_100), (calls_300, syscalls_300) = used[100], used[300]
     assert syscalls_300 - syscalls_100 == 200
     assert calls_300 - calls_100 == 3 * 200
@@ -114,7 +115,7 @@ def test_a_system_call_that_entered_cpl0_returns_to_the_user_selectors():
     impl = backend.impl
     with whpfast.LinuxSandbox(["/bin/busybox", "cat"], read=["/bin"], memory_size=64 << 20) as lx:
         assert lx.run().waiting                       # parked in read(0), at the stub's `out`
-        vcpu = lx._vcpu
+        vcpu = testing.vcpu(lx)
         state = vcpu.save_state()
         regs = bytearray(state["registers"])
         for name, selector, attributes in ((0x13, machine.KERNEL_CS, 0xA09B), (0x14, machine.KERNEL_DS, 0xC093)):
@@ -122,9 +123,9 @@ def test_a_system_call_that_entered_cpl0_returns_to_the_user_selectors():
                              selector, attributes)    # flat, DPL 0
         vcpu.load_state(dict(state, registers=bytes(regs)), fpu=False, full=False)
         rcx = impl.syscall_regs(vcpu)[7]
-        assert impl.registers(vcpu)["cs"] == machine.KERNEL_CS
+        assert testing.registers(vcpu)["cs"] == machine.KERNEL_CS
         impl.syscall_return(vcpu, 0, machine.USER_CS, machine.USER_DS)
-        after = impl.registers(vcpu)
+        after = testing.registers(vcpu)
         assert (after["cs"], after["ss"], after["rip"], after["rax"]) == (machine.USER_CS, machine.USER_DS, rcx, 0)
         # and the program goes on at CPL3: its parked read is served again, with end of input
         assert lx.run(b"", eof=True).exit_code == 0

@@ -35,7 +35,7 @@ FLAT_RUNS = 64          # runs a flat layer is merged down to (gap pages written
 
 
 def supported():
-    return hasattr(os, "memfd_create") and hasattr(backend.impl.GuestMemory, "overlay_file")
+    return hasattr(os, "memfd_create") and backend.capabilities.file_overlay
 
 
 class SharedImage:
@@ -215,11 +215,11 @@ def fill(memory, snapshot):
     and the pages that differ from it (snapshot._delta) copied, or, without one, every non-zero
     page copied. Returns the pages copied."""
     chain = getattr(snapshot, "_chain", None)
-    if chain is not None and hasattr(memory, "overlay_file"):
+    if chain is not None and backend.capabilities.file_overlay:
         chain.clone_into(memory)
         return 0
     shared, delta = snapshot._shared, snapshot._delta
-    if shared is None or not hasattr(memory, "overlay_file"):
+    if shared is None or not backend.capabilities.file_overlay:
         delta = snapshot._nonzero
     else:
         shared.clone_into(memory)

@@ -2,8 +2,10 @@
 
 import time
 
-from .. import backend
+from .hypervisor import Exit
 from ..errors import ConfigError
+
+EXIT_TIMEOUT = Exit.TIMEOUT
 
 # A timeout this long (or inf) is no timeout: deadlines are int64 nanoseconds.
 MAX_TIMEOUT = 1e9
@@ -43,4 +45,4 @@ def run_until(vcpu, deadline):
     if deadline is None:
         return vcpu.run()
     remaining = deadline - time.monotonic_ns()
-    return vcpu.run(remaining) if remaining > 0 else backend.impl.EXIT_TIMEOUT
+    return vcpu.run(remaining) if remaining > 0 else EXIT_TIMEOUT

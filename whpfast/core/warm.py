@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _pages, backend
+from ..abi import PAGE
 from ..errors import SnapshotError, WhpfastError
 
-PAGE = 4096
 BLOCK = 64 * PAGE               # the memory one bitmap word covers
 MASK64 = (1 << 64) - 1
 # At most this many hot pages (64 MiB): a restore copies every one (~0.2 us each, ~3 ms for all
@@ -85,7 +85,7 @@ class WarmMemory:
         self._cycle = 0
         self.hot_count = 0
         # The hot set's bound; 0 where the hypervisor re-protects every page as it reads the log
-        # (WHP). The benchmark lowers it to 64 for the old fixed policy's figures.
+        # (WHP). (whpfast.testing.set_hot_limit lowers it, for the old fixed policy's figures.)
         self.hot_limit = min(HOT_LIMIT, self.pages) if vm.manual_protect else 0
         # The same buffers for the backend's one-call restores (restore_warm, resume_warm)
         self._pages = backend.impl.WarmPages(self.mem, self._dirty, self._host, self._hot,
@@ -94,6 +94,9 @@ class WarmMemory:
         self.baseline = None        # memory == baseline's image except dirty and host pages
         self.ran = False            # the guest ran since the baseline (FPU state may differ)
         self.needs_full_reset = False   # a fault/timeout/cancel: reset every register group
+        # Restores to the baseline go through the backend's one-call restore_warm/resume_warm
+        # (every backend has them); whpfast.testing.stepwise turns this off to compare.
+        self.one_call = True
 
     def close(self):
         self._pages.close()
@@ -259,8 +262,7 @@ class WarmMemory:
     def _restore(self, snapshot, ranges, t0):
         vm, dirty = self.vm, self._dirty
         self._start_logging()
-        if (snapshot is self.baseline and not self.needs_full_reset
-                and hasattr(self.vcpu, "restore_warm")):
+        if snapshot is self.baseline and not self.needs_full_reset and self.one_call:
             return self._restore_warm(snapshot, t0)
         vm.get_dirty_log(0, self._dirty_bytes)
         calls = 1
@@ -329,8 +331,7 @@ class WarmMemory:
     def can_resume(self, snapshot):
         """Whether resume() can take snapshot: it is the baseline, the last run ended cleanly,
         and the backend restores and runs in one call."""
-        return (snapshot is self.baseline and not self.needs_full_reset
-                and hasattr(self.vcpu, "resume_warm"))
+        return snapshot is self.baseline and not self.needs_full_reset and self.one_call
 
     def resume(self, snapshot, writes, result, user_cs, user_ds, timeout_ns):
         """A warm restore to snapshot (can_resume() must be true), then the host writes

@@ -24,6 +24,7 @@ from collections import namedtuple
 
 import numpy as np
 
+from ..abi import PAGE
 from ..core.files import shareable
 from .errno import LinuxError
 import errno as E
@@ -34,7 +35,6 @@ PURE_PYTHON = os.environ.get("WHPFAST_PURE_PYTHON") == "1"
 if not PURE_PYTHON:
     from .. import _linux
 
-PAGE = 4096
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D = 0x1, 0x2, 0x4, 0x20, 0x40
 PTE_NX = 1 << 63

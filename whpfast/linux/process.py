@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 from .. import _pages, abi, backend, cpu, machine
 from ..core import argcheck
 from ..core.gate import Gate
+from ..core.hypervisor import Exit
 from ..core.run import run_timeout, run_until
 from ..core.resource import Resource
 from ..elf import read_program
@@ -393,7 +394,7 @@ class LinuxSandbox(Resource):
             else:
                 map_image(memory, snapshot._file, snapshot._image_offset, snapshot._extents,
                           snapshot._image_view, snapshot._nonzero)
-            if snapshot._refs and snapshot._file is not None and hasattr(memory, "overlay_file"):
+            if snapshot._refs and snapshot._file is not None and backend.capabilities.file_overlay:
                 # the referenced pages (map_image copied them with the rest where it copies)
                 snapfile.apply_refs(memory, snapshot._refs, snapshot._image_view)
         vm = backend.system().create_vm()
@@ -432,8 +433,8 @@ class LinuxSandbox(Resource):
                                    impl.memory_invalidate(vcpu, memory, offset, length, discard,
                                                           anonymous, remap),
                                lambda offset, length: impl.memory_populate(memory, offset, length),
-                               getattr(memory, "overlay_file", None), getattr(memory, "overlaid", False),
-                               getattr(memory, "anonymize", None))
+                               *((memory.overlay_file, memory.overlaid, memory.anonymize)
+                                 if backend.capabilities.file_overlay else (None, False, None)))
         gdt, tss = machine._gdt_and_tss()
         store = self.mm.store
         store(machine.GDT_ADDR, gdt)
@@ -709,7 +710,7 @@ class LinuxSandbox(Resource):
         self._warm.ran = True
         try:
             kind = _serve(self.task, vcpu, pending, run_until, self._deadline, syscalls.dispatch,
-                          impl.syscall_regs, impl.syscall_return, impl.EXIT_IO, SYSCALL_PORT,
+                          impl.syscall_regs, impl.syscall_return, Exit.IO, SYSCALL_PORT,
                           SYSCALL_STUB, machine.USER_CS, machine.USER_DS, first)
         except Park:
             io = self._io
@@ -867,27 +868,27 @@ class LinuxSandbox(Resource):
 
     def _stop_error(self, kind):
         vcpu = self._vcpu
-        if kind == impl.EXIT_IO and vcpu.io_port == abi.PORT_FAULT:
+        if kind == Exit.IO and vcpu.io_port == abi.PORT_FAULT:
             return self._fault()
-        if kind == impl.EXIT_IO and vcpu.io_port == SYSCALL_PORT and vcpu.io_direction \
+        if kind == Exit.IO and vcpu.io_port == SYSCALL_PORT and vcpu.io_direction \
                 and vcpu.io_size == 1 and not vcpu.io_string:
             return self._bad_syscall_exit()
-        if kind == impl.EXIT_IO:
+        if kind == Exit.IO:
             return GuestFault(f"the program used I/O port {vcpu.io_port:#x} ("
                               f"{'out' if vcpu.io_direction else 'in'}, {vcpu.io_size} bytes"
                               f"{', string' if vcpu.io_string else ''}): not a system call", kind="io")
-        if kind == impl.EXIT_TIMEOUT:
+        if kind == Exit.TIMEOUT:
             return GuestTimeout(f"the program ran past its timeout of {self._timeout} s and was stopped")
-        if kind == impl.EXIT_CANCELLED and self._gate.closing:
+        if kind == Exit.CANCELLED and self._gate.closing:
             return SandboxClosed("the sandbox was closed while run() ran; the run was stopped")
-        if kind == impl.EXIT_CANCELLED:
+        if kind == Exit.CANCELLED:
             return GuestCancelled("the run was cancelled")
-        if kind == impl.EXIT_SHUTDOWN:
+        if kind == Exit.SHUTDOWN:
             return GuestFault("the program triple-faulted", kind="triple_fault")
-        if kind == impl.EXIT_MMIO:
+        if kind == Exit.MMIO:
             return GuestFault(f"the program touched guest-physical {vcpu.mmio_address:#x} outside its "
                               f"memory", kind="mmio", address=vcpu.mmio_address)
-        if kind == impl.EXIT_INTERNAL_ERROR:
+        if kind == Exit.INTERNAL_ERROR:
             return GuestFault(f"hypervisor internal error, suberror {vcpu.internal_suberror}",
                               kind="internal_error")
         return HypervisorError(f"unexpected exit reason {vcpu.exit_reason}")

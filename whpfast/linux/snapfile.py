@@ -329,7 +329,7 @@ def apply_refs(memory, refs, source=None):
     pages when the partition maps them, so nothing can be mapped over it: there every
     referenced page is copied. A last partial page reads zero past the end of the file either
     way (the kernel zero-fills it; a copy leaves it zero)."""
-    overlay = getattr(memory, "overlay_file", None)
+    overlay = getattr(memory, "overlay_file", None)       # GuestMemory (KVM), not FileMapping
     view = None
     try:
         for r in refs:

@@ -57,15 +57,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 try:
+    from ..abi import PAGE
     from ..errors import GuestBuildError, WhpfastError
 except ImportError:  # loaded on its own by setup.py, before the package exists
+    PAGE = 1 << 12    # whpfast.abi.PAGE, which this load cannot import (the build does not use it)
+
     class WhpfastError(Exception):
         pass
 
     class GuestBuildError(WhpfastError):
         """The C compiler failed to build the vDSO."""
 
-PAGE = 4096
 DATA_PAGES = 1                # WHPFAST_VDSO_DATA_PAGES in vdso/vdso_data.h, vdso.lds
 VDSO_DIR = Path(__file__).resolve().parent / "vdso"
 IMAGE_NAME = "linux-vdso.so.1"
