@@ -3,6 +3,7 @@ mappings that still hold the host file's bytes as references to that file (resol
 snapshot's own read policy, its identity and SHA-256 checked) and maps them copy-on-write from
 the host file when loaded; restores stay exact and the host file is never written."""
 
+import contextlib
 import gc
 import hashlib
 import os
@@ -212,22 +213,30 @@ def test_a_reference_the_address_space_does_not_show_is_refused(subject, tmp_pat
             whpfast.LinuxSnapshot.load(crafted, read=policy(out, data.parent))
 
 
-def test_a_changed_file_is_refused_naming_it(subject, tmp_path):
-    out, data, path = subject
+@contextlib.contextmanager
+def _one_byte_changed(data):
+    """`data` with byte 100 flipped and its size and modification time as they were (so only
+    the content tells); put back afterwards. Yields the original content."""
     content, st = data.read_bytes(), os.stat(data)
     try:
-        # Same size, modification time put back: only the hash can tell.
         data.write_bytes(content[:100] + bytes([content[100] ^ 1]) + content[101:])
         os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+        yield content
+    finally:
+        data.write_bytes(content)
+        os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_changed_file_is_refused_naming_it(subject, tmp_path):
+    out, data, path = subject
+    with _one_byte_changed(data) as content:
+        # Same size, modification time put back: only the hash can tell.
         with pytest.raises(whpfast.SnapshotError, match=r"data\.bin.*SHA-256 differs.*make the snapshot again"):
             whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
         # Modified the ordinary way: its identity says so before any hashing.
         data.write_bytes(content)
         with pytest.raises(whpfast.SnapshotError, match=r"data\.bin.*changed since the snapshot was made"):
             whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
-    finally:
-        data.write_bytes(content)
-        os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))._refs          # as it was: loads again
 
 
@@ -397,15 +406,9 @@ def test_a_host_checks_a_file_once_and_still_refuses_it_changed(subject, tmp_pat
     assert first > 0 and len(os.listdir(tmp_path / "cache" / "whpfast" / "verified")) == 1
     whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
     assert len(digests) == first                            # nothing hashed again
-    content, st = data.read_bytes(), os.stat(data)
-    try:
-        data.write_bytes(content[:100] + bytes([content[100] ^ 1]) + content[101:])
-        os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with _one_byte_changed(data):
         with pytest.raises(whpfast.SnapshotError, match=r"data\.bin.*SHA-256 differs"):
             whpfast.LinuxSnapshot.load(path, read=policy(out, data.parent))
-    finally:
-        data.write_bytes(content)
-        os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
     # Records in a directory others may write are neither believed nor made.
     os.chmod(tmp_path / "cache" / "whpfast" / "verified", 0o777)
     before = len(digests)

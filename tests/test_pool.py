@@ -103,20 +103,24 @@ def test_two_threads_keep_two_sandboxes_busy_at_once(py_snap):
     # guest run, the second guest could not start before the first ended: the intervals overlap
     # only because both guests ran at the same time (timings are not compared: shared machine).
     with whpfast.Pool(py_snap, size=2) as pool:
-        spans = [None, None]
+        _two_guests_run_at_once(pool)
 
-        def client(i):
-            spans[i] = _span(pool.run(SPIN.format(seconds=0.3), timeout=30))
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        (s0, e0), (s1, e1) = spans
-        assert e0 - s0 >= 0.3 and e1 - s1 >= 0.3
-        overlap = min(e0, e1) - max(s0, s1)
-        assert overlap > 0.1, f"the two guests did not run at the same time: {spans}"
+def _two_guests_run_at_once(pool):
+    spans = [None, None]
+
+    def client(i):
+        spans[i] = _span(pool.run(SPIN.format(seconds=0.3), timeout=30))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (s0, e0), (s1, e1) = spans
+    assert e0 - s0 >= 0.3 and e1 - s1 >= 0.3
+    overlap = min(e0, e1) - max(s0, s1)
+    assert overlap > 0.1, f"the two guests did not run at the same time: {spans}"
 
 
 def test_asyncio_gather_and_the_loop_keeps_running(py_snap):
@@ -564,17 +568,7 @@ def test_process_workers_answer_like_threads_and_run_at_once(py_box, py_snap, sd
         with pytest.raises(whpfast.GuestTimeout):
             pool.run("while True: pass", timeout=0.3)
         assert pool.run("print('after')").stdout == "after\n" and pool.stats().replaced == 1
-        spans = [None, None]
-
-        def client(i):
-            spans[i] = _span(pool.run(SPIN.format(seconds=0.3), timeout=30))
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        (s0, e0), (s1, e1) = spans
-        assert min(e0, e1) - max(s0, s1) > 0.1, spans
+        _two_guests_run_at_once(pool)
         pids = {slot.sandbox._proc.pid for slot in pool._free}
         assert len(pids) == 2 and os.getpid() not in pids
     assert not os.path.exists(scratch)

@@ -94,11 +94,12 @@ while True:
 """
 
 
-class _ForkServer:
-    """A forkserver process with `setup` imported; ask(code) is one request (FORKSERVER)."""
+class _Server:
+    """A process running `script` (WORKER or FORKSERVER) with args, which answers a request (a
+    length line, then the code) with a length line and the output; ask(code) is one request."""
 
-    def __init__(self, setup):
-        self.proc = subprocess.Popen([sys.executable, "-c", FORKSERVER, setup], stdin=subprocess.PIPE,
+    def __init__(self, script, *args):
+        self.proc = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE)
 
     def ask(self, code):
@@ -115,7 +116,7 @@ class _ForkServer:
 
 def _forkserver_samples(setup, code, count, want):
     """Requests to a forkserver with `setup` imported, timed from here as a client would."""
-    server = _ForkServer(setup)
+    server = _Server(FORKSERVER, setup)
     try:
         def once():
             got = server.ask(code)
@@ -132,23 +133,6 @@ def _native(code):
     with contextlib.redirect_stdout(buf):
         exec(code, ns)
     return buf.getvalue()
-
-
-class _Worker:
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE)
-
-    def ask(self, code):
-        data = code.encode()
-        self.proc.stdin.write(b"%d\n" % len(data) + data)
-        self.proc.stdin.flush()
-        n = int(self.proc.stdout.readline())
-        return self.proc.stdout.read(n).decode()
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait()
 
 
 def _subprocess(code):
@@ -266,7 +250,7 @@ def measure(*, hello=300, pandas=60, forks=100, spawns=5, colds=2, density=50, l
     log("== baselines in the same run")
     samples["hello_world.native"] = time_calls(lambda: check("native", _native(HELLO), expected_hello), hello)
     samples["pandas.native"] = time_calls(lambda: check("native", _native(PANDAS_JOB), expected_pandas), pandas)
-    worker = _Worker()
+    worker = _Server(WORKER)
     try:
         samples["hello_world.pipe"] = time_calls(lambda: check("pipe", worker.ask(HELLO), expected_hello), hello)
         samples["pandas.pipe"] = time_calls(lambda: check("pipe", worker.ask(PANDAS_JOB), expected_pandas), pandas)
