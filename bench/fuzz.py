@@ -71,7 +71,9 @@ with atheris.instrument_imports(include=["whpfast"]):
     from whpfast.linux.errno import LinuxError
     from whpfast.linux.process import LinuxSandbox
     from whpfast.linux.syscalls import TABLE as SYSCALL_TABLE
-    from whpfast.snapshot import HEADER, IMAGE_ALIGN, PAGE, Snapshot
+    from whpfast.core import container
+    from whpfast.core.container import PAGE
+    from whpfast.snapshot import Snapshot
 
 TARGETS = {}
 outcomes = collections.Counter()
@@ -98,59 +100,33 @@ class Base:
         with whpfast.Sandbox(whpfast.guests.testkit, memory_size=4 << 20) as sb:
             sb.call("touch", 0, 3, 0x5A)
             sb.snapshot().save(path)
-        data = open(path, "rb").read()
-        fields = HEADER.unpack_from(data, 0)
-        self.fields = list(fields)
-        meta_off, meta_len, state_off, state_len, bitmap_off, bitmap_len, image_off = \
-            fields[7], fields[8], fields[9], fields[10], fields[11], fields[12], fields[13]
-        self.memory_size = fields[5]
-        self.meta_bytes = data[meta_off:meta_off + meta_len]
+        self.data = open(path, "rb").read()
+        sections = container.sections_of(self.data)
+        self.meta_bytes = sections["sdk"]
         self.meta = json.loads(self.meta_bytes)
-        self.state = data[state_off:state_off + state_len]
-        self.bitmap = data[bitmap_off:bitmap_off + bitmap_len]
-        self.image = data[image_off:image_off + self.memory_size]
-        self.extents = [tuple(e) for e in self.meta["extents"]]
+        self.state = sections["vcpu"]
+        self.bitmap = sections["pages"]
         self.workdir = workdir
         self.n = 0
 
-    def write(self, meta_bytes, state, header_edit=None):
-        """A complete snapshot file around these sections, every checksum right; returns its path."""
-        extents = self.extents
-        try:
-            claimed = json.loads(meta_bytes)["extents"]
-            extents = [(int(a), int(b)) for a, b in claimed]
-        except Exception:
-            pass
-        image_crc = 0
-        for first, count in extents:
-            lo, hi = max(0, first) * PAGE, min(self.memory_size, max(0, first + count) * PAGE)
-            image_crc = zlib.crc32(self.image[lo:max(lo, hi)], image_crc)
-        meta_off = HEADER.size
-        state_off = meta_off + len(meta_bytes)
-        bitmap_off = state_off + len(state)
-        image_off = -(-(bitmap_off + len(self.bitmap)) // IMAGE_ALIGN) * IMAGE_ALIGN
-        fields = list(self.fields)
-        fields[7:14] = [meta_off, len(meta_bytes), state_off, len(state), bitmap_off,
-                        len(self.bitmap), image_off]
-        fields[15] = len(extents)
-        fields[17:21] = [zlib.crc32(meta_bytes), zlib.crc32(state), zlib.crc32(self.bitmap), image_crc]
+    def write(self, meta_bytes, state, header_edit=None, bitmap=None):
+        """A complete snapshot file around these sections, every checksum right (header_edit:
+        (HEADER field index, value) set after); returns its path."""
+        changes = {"sdk": meta_bytes, "vcpu": state}
+        if bitmap is not None:
+            changes["pages"] = bitmap
+        data = bytearray(container.rebuild(self.data, changes))
         if header_edit is not None:
+            fields = list(container.HEADER.unpack_from(data))
+            size = fields[4]                # the header and table, its CRC last
             index, value = header_edit
             fields[index] = value
-        fields[21] = 0
-        try:
-            header = bytearray(HEADER.pack(*fields))
-        except struct.error:
-            header = bytearray(HEADER.pack(*self.fields))
-        struct.pack_into("<I", header, HEADER.size - 8, zlib.crc32(header))
+            container.HEADER.pack_into(data, 0, *fields)
+            struct.pack_into("<I", data, size - 4, zlib.crc32(data[:size - 4]))
         self.n += 1
         tmp = os.path.join(self.workdir, f"in-{self.n}.snap")
         with open(tmp, "wb") as f:
-            f.write(bytes(header) + meta_bytes + state + self.bitmap)
-            for first, count in self.extents:
-                f.seek(image_off + first * PAGE)
-                f.write(self.image[first * PAGE:(first + count) * PAGE])
-            f.truncate(image_off + self.memory_size)
+            f.write(data)
         path = os.path.join(self.workdir, "input.snap")
         os.replace(tmp, path)           # a new file each time, as save() makes them
         return path
@@ -250,7 +226,7 @@ def fuzz_snapshot(data):
     fdp = atheris.FuzzedDataProvider(data)
     mode = fdp.ConsumeIntInRange(0, 9)
     state = base.state
-    header_edit = None
+    header_edit = bitmap = None
     if mode <= 6:                             # structured edits of the real metadata
         meta = base.meta
         for _ in range(fdp.ConsumeIntInRange(1, 3)):
@@ -266,13 +242,21 @@ def fuzz_snapshot(data):
         meta_bytes = bytes(text)
     elif mode == 8:                           # raw bytes
         meta_bytes = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 2048))
-    else:                                     # a header field
+    elif fdp.ConsumeBool():                   # a header field
         meta_bytes = base.meta_bytes
-        index = fdp.ConsumeIntInRange(1, 20)
-        header_edit = (index, fdp.ConsumeIntInRange(0, (1 << 32) - 1 if index < 5 or index > 16 else (1 << 64) - 1))
+        index = fdp.ConsumeIntInRange(1, len(container.HEADER.unpack_from(base.data)) - 1)
+        bits = {1: 16, 2: 16, 5: 64}.get(index, 32)     # the field's width
+        header_edit = (index, fdp.ConsumeBytes(8).ljust(8, b"\0") if index == 3      # the kind
+                       else fdp.ConsumeIntInRange(0, (1 << bits) - 1))
+    else:                                     # page bitmap bits flipped (pages called stored or zero)
+        meta_bytes = base.meta_bytes
+        bitmap = bytearray(base.bitmap)
+        for _ in range(fdp.ConsumeIntInRange(1, 8)):
+            bit = fdp.ConsumeIntInRange(0, len(bitmap) * 8 - 1)
+            bitmap[bit // 8] ^= 1 << bit % 8
     if not meta_bytes:
         meta_bytes = b" "
-    path = base.write(meta_bytes, state, header_edit)
+    path = base.write(meta_bytes, state, header_edit, bitmap)
     try:
         snap = Snapshot.load(path)
     except whpfast.SnapshotError:

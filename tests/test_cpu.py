@@ -7,9 +7,7 @@ are SnapshotError."""
 import copy
 import json
 import os
-import struct
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import whpfast
 from conftest import build_c
 from whpfast import cpu
 from whpfast.errors import SnapshotError
-from whpfast.snapshot import HEADER, IMAGE_ALIGN
+from whpfast.core import container
 
 MB = 1 << 20
 
@@ -148,26 +146,11 @@ def rewrite_sdk_meta(path, edit):
     """Rewrites a saved Sandbox snapshot's metadata through `edit` (in place), every offset and checksum
     fixed up: a crafted file, not a corrupted one."""
     data = Path(path).read_bytes()
-    fields = list(HEADER.unpack_from(data))
-    meta_off, meta_len, state_off, state_len, bitmap_off, bitmap_len, image_off = fields[7:14]
-    meta = json.loads(data[meta_off:meta_off + meta_len])
+    meta = json.loads(container.sections_of(data)["sdk"])
     edit(meta)
     meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-    state = data[state_off:state_off + state_len]
-    bitmap = data[bitmap_off:bitmap_off + bitmap_len]
-    image = data[image_off:]
-    new_state_off = HEADER.size + len(meta_bytes)
-    new_bitmap_off = new_state_off + len(state)
-    new_image_off = -(-(new_bitmap_off + len(bitmap)) // IMAGE_ALIGN) * IMAGE_ALIGN
-    fields[7:14] = [HEADER.size, len(meta_bytes), new_state_off, len(state), new_bitmap_off,
-                    len(bitmap), new_image_off]
-    fields[17] = zlib.crc32(meta_bytes)
-    fields[21] = 0
-    header = bytearray(HEADER.pack(*fields))
-    struct.pack_into("<I", header, HEADER.size - 8, zlib.crc32(header))
-    body = bytes(header) + meta_bytes + state + bitmap
     os.unlink(path)                                # a new file: Snapshot.load caches by inode
-    Path(path).write_bytes(body + bytes(new_image_off - len(body)) + image)
+    Path(path).write_bytes(container.rebuild(data, {"sdk": meta_bytes}))
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import re
 import struct
 import threading
 import warnings
-import zlib
 
 import numpy as np
 import pytest
@@ -20,8 +19,9 @@ import pytest
 import whpfast
 from whpfast import (ConfigError, GuestCallError, GuestLoadError, HostFunctionError, SnapshotError,
                      abi, elf)
-from whpfast.snapshot import HEADER, Snapshot
 from whpfast import testing
+from whpfast.core import container
+from whpfast.snapshot import Snapshot
 
 pytestmark = pytest.mark.hypervisor
 from whpfast.abi import PAGE
@@ -237,19 +237,11 @@ def good_snapshot(tmp_path_factory):
 
 def rebuild(data, meta_bytes):
     """The file with new metadata and every checksum and offset fixed up."""
-    f = list(HEADER.unpack_from(data, 0))
-    meta_off, meta_len, state_off, state_len, bitmap_off, bitmap_len, image_off = f[7:14]
-    state = data[state_off:state_off + state_len]
-    bitmap = data[bitmap_off:bitmap_off + bitmap_len]
-    image = data[image_off:]
-    new_image_off = -(-(HEADER.size + len(meta_bytes) + len(state) + len(bitmap)) // 65536) * 65536
-    f[7:14] = [HEADER.size, len(meta_bytes), HEADER.size + len(meta_bytes), len(state),
-               HEADER.size + len(meta_bytes) + len(state), len(bitmap), new_image_off]
-    f[17], f[21] = zlib.crc32(meta_bytes), 0
-    header = bytearray(HEADER.pack(*f))
-    struct.pack_into("<I", header, HEADER.size - 8, zlib.crc32(header))
-    body = bytes(header) + meta_bytes + state + bitmap
-    return body + bytes(new_image_off - len(body)) + image
+    return container.rebuild(data, {"sdk": meta_bytes})
+
+
+def meta_of(data):
+    return container.sections_of(data)["sdk"]
 
 
 def mutated(meta, change):
@@ -273,8 +265,7 @@ MUTATIONS = {
     "huge int": lambda m: m["layout"].__setitem__("cr3", 1 << 80),
     "negative address": lambda m: region(m, "input").__setitem__(1, -4096),
     "flag is an int": lambda m: region(m, "heap").__setitem__(3, 1),
-    "extents hold a str": lambda m: m["extents"][0].__setitem__(0, "0"),
-    "extents nested": lambda m: m["extents"].__setitem__(0, [[0, 1]]),
+    "extents (not metadata since the container)": lambda m: m.__setitem__("extents", [["0", 1]]),
     "state sizes not ints": lambda m: m["state_sizes"].__setitem__(0, "x"),
     "state sizes wrong count": lambda m: m["state_sizes"].append(0),
     "state part of the wrong size": lambda m: m["state_sizes"].__setitem__(slice(0, 2), [m["state_sizes"][0] - 8, m["state_sizes"][1] + 8]),
@@ -305,7 +296,7 @@ MUTATIONS = {
 
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
 def test_lying_metadata_is_a_snapshot_error(tmp_path, good_snapshot, name):
-    meta = json.loads(good_snapshot[HEADER.size:HEADER.size + HEADER.unpack_from(good_snapshot, 0)[8]])
+    meta = json.loads(meta_of(good_snapshot))
     path = tmp_path / "bad.snap"
     path.write_bytes(rebuild(good_snapshot, mutated(meta, MUTATIONS[name])))
     # a state part of the wrong size is refused by the backend, when the state is loaded
@@ -325,9 +316,8 @@ def test_metadata_that_is_not_an_object_is_a_snapshot_error(tmp_path, good_snaps
 
 def test_rebuild_keeps_a_good_file_good(tmp_path, good_snapshot):
     """The mutations above reach the metadata checks: the same rewrite without a change loads."""
-    meta_len = HEADER.unpack_from(good_snapshot, 0)[8]
     path = tmp_path / "same.snap"
-    path.write_bytes(rebuild(good_snapshot, good_snapshot[HEADER.size:HEADER.size + meta_len]))
+    path.write_bytes(rebuild(good_snapshot, meta_of(good_snapshot)))
     with whpfast.Sandbox.from_snapshot(Snapshot.load(path)) as sb:
         assert sb.call("read_byte", 2) == 0x5A
 
@@ -340,7 +330,7 @@ def test_file_changed_in_place_is_validated_again(tmp_path, good_snapshot):
     first = Snapshot.load(path)
     assert Snapshot.load(path) is first                      # the cache works
     st = os.stat(path)
-    meta_off = HEADER.unpack_from(good_snapshot, 0)[7]
+    meta_off = container.SECTION.unpack_from(good_snapshot, container.HEADER.size)[1]
     with open(path, "r+b") as f:
         f.seek(meta_off + 5)
         byte = f.read(1)

@@ -241,15 +241,20 @@ def test_a_changed_file_is_refused_naming_it(subject, tmp_path):
 
 
 def test_a_file_made_by_an_older_whpfast_is_refused_with_what_to_do(subject, tmp_path):
+    """A file of the format before the snapshot container (magic WHPFLNX1), and a container file
+    of an older major, are refused saying to make them again."""
     out, data, path = subject
     raw = bytearray(path.read_bytes())
-    struct.pack_into("<I", raw, 8, 3)
-    size = struct.unpack_from("<I", raw, 12)[0]
-    struct.pack_into("<I", raw, size - 4, zlib.crc32(raw[:size - 4]))
-    old = tmp_path / "v3.snap"
-    old.write_bytes(raw)
-    with pytest.raises(whpfast.SnapshotError, match="made by an older whpfast.*make the snapshot again"):
-        whpfast.LinuxSnapshot.load(old, read=policy(out, data.parent))
+    older_major = bytearray(raw)
+    struct.pack_into("<H", older_major, 8, 0)
+    size = struct.unpack_from("<I", raw, 20)[0]
+    struct.pack_into("<I", older_major, size - 4, zlib.crc32(older_major[:size - 4]))
+    for name, old_bytes in (("v4.snap", b"WHPFLNX1" + struct.pack("<I", 4) + raw[12:]),
+                            ("major0.snap", older_major)):
+        old = tmp_path / name
+        old.write_bytes(old_bytes)
+        with pytest.raises(whpfast.SnapshotError, match="made by an older whpfast.*make it again"):
+            whpfast.LinuxSnapshot.load(old, read=policy(out, data.parent))
 
 
 def test_a_loaded_snapshot_saves_again_with_the_same_references(subject, tmp_path):

@@ -282,28 +282,19 @@ def test_snapshot_file_round_trip_and_cold_start(programs, tmp_path):
 
 
 def _rewrite_meta(path, edit):
-    """Rewrites a saved snapshot's metadata through `edit` with valid checksums: what a crafted
-    (not merely corrupted) file looks like."""
+    """Rewrites a saved snapshot's JSON components through `edit` with valid checksums: what a
+    crafted (not merely corrupted) file looks like. edit() sees them as one dict: the "linux"
+    component's keys, and "mm", "proc", "io" and "files" (a key it drops drops that section)."""
     import json
-    import struct
-    import zlib
-    from whpfast.linux import snapfile
-    data = bytearray(path.read_bytes())
-    table = [list(snapfile.SECTION.unpack_from(data, snapfile.HEADER.size + i * snapfile.SECTION.size))
-             for i in range(len(snapfile.SECTIONS))]
-    offset, length = table[0][1], table[0][2]
-    meta = json.loads(data[offset:offset + length])
+    from whpfast.core import container
+    data = path.read_bytes()
+    sections = container.sections_of(data)
+    own = ("mm", "proc", "io", "files")
+    meta = dict(json.loads(sections["linux"]), **{k: json.loads(sections[k]) for k in own})
     edit(meta)
-    new = json.dumps(meta).encode()
-    table[0][2], table[0][3] = len(new), zlib.crc32(new)
-    body = new + bytes(data[offset + length:table[-2][1] + table[-2][2]])    # up to the bitmap's end
-    for entry in table[1:-1]:
-        entry[1] += len(new) - length
-    image = bytes(data[table[-1][1]:])
-    table[-1][1] = snapfile._image_offset(offset + len(body))      # the image stays 64 KiB aligned
-    header = bytes(data[:snapfile.HEADER.size]) + b"".join(snapfile.SECTION.pack(*e) for e in table)
-    header += struct.pack("<I", zlib.crc32(header))
-    path.write_bytes(header + body + bytes(table[-1][1] - offset - len(body)) + image)
+    changes = {k: json.dumps(meta.pop(k)).encode() if k in meta else None for k in own}
+    changes["linux"] = json.dumps(meta).encode()
+    path.write_bytes(container.rebuild(data, changes))
 
 
 def test_damaged_or_crafted_snapshot_files_are_snapshot_errors(programs, tmp_path):

@@ -4,9 +4,7 @@ the file holds, and the file's image is sparse and checked like every other sect
 
 import gc
 import os
-import struct
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 
 import whpfast
 from conftest import build_c
+from whpfast.core import container
 from whpfast.linux import snapfile
 from whpfast.timing import private_bytes
 
@@ -100,7 +99,7 @@ def test_the_image_is_sparse_and_its_holes_never_reach_a_guest(discard, tmp_path
     snap = whpfast.LinuxSnapshot.load(discard)
     st = os.stat(discard)
     image_offset = snap._image_offset
-    assert image_offset % snapfile.IMAGE_ALIGN == 0 and st.st_size == image_offset + 64 * MB
+    assert image_offset % container.IMAGE_ALIGN == 0 and st.st_size == image_offset + 64 * MB
     assert st.st_blocks * 512 < snap.nonzero_pages * PAGE + 1 * MB           # holes take no space
     # Junk written into a hole (no checksum covers holes): the guest still sees zeros there.
     covered = np.zeros(64 * MB // PAGE, dtype=bool)
@@ -121,18 +120,10 @@ def _refit_image(path, edit):
     """Edits the image bytes of a saved snapshot through edit(bytearray, image offset) and puts
     every checksum right again: a crafted file, not a corrupt one."""
     data = bytearray(path.read_bytes())
-    table = [list(snapfile.SECTION.unpack_from(data, snapfile.HEADER.size + i * snapfile.SECTION.size))
-             for i in range(len(snapfile.SECTIONS))]
-    offset = table[-1][1]
+    offset = container.SECTION.unpack_from(data, container.HEADER.size + container.SECTION.size
+                                           * (len(container.sections_of(data)) - 1))[1]
     edit(data, offset)
-    nonzero = np.frombuffer(bytes(data[table[3][1]:table[3][1] + table[3][2]]), dtype=np.uint64)
-    crc = 0
-    for first, count in snapfile._extents(nonzero, table[-1][2] // PAGE, snapfile.MAX_EXTENTS):
-        crc = zlib.crc32(data[offset + first * PAGE:offset + (first + count) * PAGE], crc)
-    table[-1][3] = crc
-    header = bytes(data[:snapfile.HEADER.size]) + b"".join(snapfile.SECTION.pack(*e) for e in table)
-    data[:len(header) + 4] = header + struct.pack("<I", zlib.crc32(header))
-    path.write_bytes(data)
+    path.write_bytes(container.rebuild(bytes(data), {}))
 
 
 def test_crafted_data_in_a_zero_page_inside_an_extent_is_refused(discard, tmp_path, monkeypatch):

@@ -310,30 +310,12 @@ def test_reset_refuses_descriptions_this_file_system_could_not_have_opened(tmp_p
 
 # ----------------------------------------------------------------- crafted snapshot files, loaded
 
-def _rewrite_section(path, index, edit):
-    """Rewrites section `index` (snapfile.SECTIONS) of a saved snapshot through `edit` (bytes ->
+def _rewrite_section(path, name, edit):
+    """Rewrites section `name` (snapfile.COMPONENTS) of a saved snapshot through `edit` (bytes ->
     bytes) with valid checksums and offsets: what a crafted (not merely corrupted) file is."""
-    import struct
-    import zlib
-    from whpfast.linux import snapfile
-    data = bytearray(path.read_bytes())
-    table = [list(snapfile.SECTION.unpack_from(data, snapfile.HEADER.size + i * snapfile.SECTION.size))
-             for i in range(len(snapfile.SECTIONS))]
-    start = table[0][1]
-    body = []
-    for i, entry in enumerate(table[:-1]):
-        section = bytes(data[entry[1]:entry[1] + entry[2]])
-        if i == index:
-            section = edit(section)
-            entry[2], entry[3] = len(section), zlib.crc32(section)
-        entry[1] = start + sum(len(b) for b in body)
-        body.append(section)
-    body = b"".join(body)
-    image = bytes(data[table[-1][1]:])
-    table[-1][1] = snapfile._image_offset(start + len(body))
-    header = bytes(data[:snapfile.HEADER.size]) + b"".join(snapfile.SECTION.pack(*e) for e in table)
-    header += struct.pack("<I", zlib.crc32(header))
-    path.write_bytes(header + body + bytes(table[-1][1] - start - len(body)) + image)
+    from whpfast.core import container
+    data = path.read_bytes()
+    path.write_bytes(container.rebuild(data, {name: edit(container.sections_of(data)[name])}))
 
 
 @pytest.fixture(scope="module")
@@ -384,7 +366,7 @@ def test_crafted_fs_sections_are_snapshot_errors_at_load(saved, tmp_path):
                       "/tmp symlink target with a NUL byte": symlink_with_nul}.items():
         bad = tmp_path / "crafted.snap"
         bad.write_bytes(saved.read_bytes())
-        _rewrite_section(bad, 2, _edit_fs(edit))
+        _rewrite_section(bad, "fs", _edit_fs(edit))
         with pytest.raises(whpfast.SnapshotError, match="file-system state"):
             LinuxSnapshot.load(bad)
             pytest.fail(why)
@@ -395,12 +377,12 @@ def test_a_mapping_name_past_path_max_is_a_snapshot_error(saved, tmp_path):
     from whpfast.linux.process import LinuxSnapshot
 
     def long_name(section):
-        meta = json.loads(section)
-        meta["mm"]["vmas"][0][3] = (b"/" + b"n" * 5000).hex()
-        return json.dumps(meta).encode()
+        mm = json.loads(section)
+        mm["vmas"][0][3] = (b"/" + b"n" * 5000).hex()
+        return json.dumps(mm).encode()
     bad = tmp_path / "crafted.snap"
     bad.write_bytes(saved.read_bytes())
-    _rewrite_section(bad, 0, long_name)
+    _rewrite_section(bad, "mm", long_name)
     with pytest.raises(whpfast.SnapshotError, match="name"):
         LinuxSnapshot.load(bad)
 

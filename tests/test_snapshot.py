@@ -12,8 +12,9 @@ import pytest
 
 import whpfast
 from whpfast import GuestFault, GuestTimeout, SandboxPoisoned, SnapshotError, backend
-from whpfast.snapshot import HEADER, Snapshot
 from whpfast import testing
+from whpfast.core.container import HEADER, SECTION
+from whpfast.snapshot import Snapshot
 
 pytestmark = pytest.mark.hypervisor
 from whpfast.abi import PAGE
@@ -306,15 +307,24 @@ def header_fields(data):
     return list(HEADER.unpack_from(data, 0))
 
 
+def sections(data):
+    """{name: (offset, length)} of the container's section table."""
+    out = {}
+    for i in range(header_fields(data)[6]):
+        name, offset, length, *_ = SECTION.unpack_from(data, HEADER.size + i * SECTION.size)
+        out[name.rstrip(b"\0").decode()] = (offset, length)
+    return out
+
+
 def with_field(data, index, value, fix_crc=True):
     fields = header_fields(data)
+    header_size = fields[4]
     fields[index] = value
-    raw = bytearray(HEADER.pack(*fields))
+    raw = bytearray(HEADER.pack(*fields) + data[HEADER.size:header_size])
     if fix_crc:
-        struct.pack_into("<I", raw, HEADER.size - 8, 0)
         import zlib
-        struct.pack_into("<I", raw, HEADER.size - 8, zlib.crc32(raw))
-    return bytes(raw) + data[HEADER.size:]
+        struct.pack_into("<I", raw, header_size - 4, zlib.crc32(raw[:header_size - 4]))
+    return bytes(raw) + data[header_size:]
 
 
 def test_good_file_loads(tmp_path, snapshot_bytes):
@@ -323,7 +333,7 @@ def test_good_file_loads(tmp_path, snapshot_bytes):
         assert sb.call("read_byte", 2) == 0x5A
 
 
-@pytest.mark.parametrize("index", range(len(HEADER.unpack(bytes(HEADER.size))) - 1))
+@pytest.mark.parametrize("index", range(len(HEADER.unpack(bytes(HEADER.size)))))
 @pytest.mark.parametrize("fix_crc", [False, True])
 def test_every_header_field(tmp_path, snapshot_bytes, index, fix_crc):
     """Each header field changed (with and without a recomputed header checksum) is refused."""
@@ -332,8 +342,8 @@ def test_every_header_field(tmp_path, snapshot_bytes, index, fix_crc):
     if isinstance(original, bytes):
         bad_values = [b"WHPFSNAQ", b"\0" * 8]
     else:
-        wide = 5 <= index <= 16                     # the 64-bit fields
-        bad_values = [original + 1, original ^ ((1 << 40) if wide else 0x80000000), 0]
+        bits = {1: 16, 2: 16, 5: 64}.get(index, 32)        # the field's width (HEADER)
+        bad_values = [original + 1, original ^ ((1 << 40) if bits == 64 else 1 << (bits - 1)), 0]
     for value in bad_values:
         if value == original:
             continue
@@ -357,16 +367,14 @@ def test_truncation_everywhere(tmp_path, snapshot_bytes):
 
 
 def test_flipped_bytes_in_every_section(tmp_path, snapshot_bytes):
-    fields = dict(zip(["magic", "version", "arch", "header_size", "flags", "memory_size", "pages",
-                       "meta_off", "meta_len", "state_off", "state_len", "bitmap_off", "bitmap_len",
-                       "image_off", "image_len", "extents"], header_fields(snapshot_bytes)))
+    table = sections(snapshot_bytes)
     snap = Snapshot.load(write(tmp_path, snapshot_bytes, "ref.snap"))
     first_extent = snap._extents[0][0]
     offsets = []
-    for name in ("meta", "state", "bitmap"):
-        off, length = fields[f"{name}_off"], fields[f"{name}_len"]
+    for name in ("sdk", "vcpu", "pages"):
+        off, length = table[name]
         offsets += [off, off + length // 2, off + length - 1]
-    offsets += [fields["image_off"] + first_extent * PAGE + 10]           # inside stored memory
+    offsets += [table["image"][0] + first_extent * PAGE + 10]           # inside stored memory
     for n, offset in enumerate(offsets):
         data = bytearray(snapshot_bytes)
         data[offset] ^= 0x04
@@ -376,8 +384,7 @@ def test_flipped_bytes_in_every_section(tmp_path, snapshot_bytes):
 
 def test_bytes_outside_extents_never_reach_the_guest(tmp_path, snapshot_bytes):
     """A hole page that became non-zero on disk is not read: the guest sees zero there."""
-    fields = header_fields(snapshot_bytes)
-    image_off, pages = fields[13], fields[6]
+    image_off, pages = sections(snapshot_bytes)["image"][0], header_fields(snapshot_bytes)[5] // PAGE
     snap = Snapshot.load(write(tmp_path, snapshot_bytes, "ref2.snap"))
     covered = set()
     for first, count in snap._extents:

@@ -38,12 +38,11 @@ from .core.run import request_timeout
 from . import errors
 from .errors import (ConfigError, GuestCallError, GuestCancelled, GuestPythonError, PoolFull,
                      SandboxClosed, SnapshotError, WhpfastError)
-from .linux import snapfile
 from .linux.process import LinuxSnapshot
 from .poolworker import RemoteSandbox
 from .python.sandbox import PythonResult, PythonSandbox, granted_snapshot
 from .sandbox import Sandbox
-from .snapshot import MAGIC as SDK_MAGIC
+from .core import container
 from .snapshot import Snapshot
 
 HISTORY = 10_000            # requests whose queue wait and run time stats() keeps (a ring)
@@ -92,7 +91,7 @@ class PoolStats:
 
 
 def _file_kind(path):
-    """"sdk" or "python" from a snapshot file's magic (whpfast/snapshot.py, linux/snapfile.py).
+    """"sdk" or "python" from a snapshot file's header (whpfast/core/container.py: its kind).
     Opened without blocking (a FIFO) and checked to be a regular file first."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -102,15 +101,14 @@ def _file_kind(path):
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise SnapshotError(f"snapshot {os.fspath(path)!r} is not a regular file")
-        magic = os.pread(fd, 8, 0)
+        head = os.pread(fd, container.HEADER.size, 0)
     finally:
         os.close(fd)
-    if magic == SDK_MAGIC:
-        return "sdk"
-    if magic == snapfile.MAGIC:
-        return "python"
-    raise SnapshotError(f"{os.fspath(path)!r} is not a whpfast snapshot (magic {magic!r}); save one "
-                        f"with Snapshot.save() or PythonSandbox.save()")
+    try:
+        return {"sdk": "sdk", "linux": "python"}[container.kind_of(head)]
+    except SnapshotError as e:
+        raise SnapshotError(f"{os.fspath(path)!r}: {e}; save one with Snapshot.save() or "
+                            f"PythonSandbox.save()") from None
 
 
 def _resolve(snapshot, kind):

@@ -47,7 +47,8 @@ from .errors import ConfigError, PoolFull, SandboxClosed, SnapshotError, Whpfast
 from .linux.process import LinuxSnapshot
 from .pool import Pool, _declared_grant, _resolve, _snapshot_path
 from .python.sandbox import PythonSandbox
-from .snapshot import Snapshot, write_atomic
+from .core.container import write_atomic
+from .snapshot import Snapshot
 
 __all__ = ["RayPool"]
 

@@ -181,7 +181,7 @@ class Sandbox(Resource):
         if snapshot is None:
             vcpu.init_long_mode(**machine.sregs_arguments(layout))
         else:
-            vcpu.load_state(snapshot._state, fpu=True, full=True)
+            vcpu.load_state(snapshot.vcpu_state, fpu=True, full=True)
         undo.pop_all()
         self._image = image
         self._layout = layout

@@ -1,53 +1,36 @@
 """Snapshots: a sandbox's memory and complete vCPU state at one moment, in memory or on disk.
 
-Disk format (all integers little-endian):
-
-    offset 0     header, 144 bytes (HEADER below), with a CRC-32 of itself
-    144          metadata: JSON (guest identity and exports, memory layout, files, extents)
-    ...          vCPU state: the backend's raw register structs, concatenated
-    ...          non-zero page bitmap: one bit per page, uint64 words
-    image_offset (64 KiB aligned) the memory image, memory_size bytes. Only the extents (runs of
-                 non-zero pages) are written; everything else is a hole, so the file is sparse.
-
-Every section has a CRC-32, and the image's CRC covers the bytes of all extents. Loading checks
-every field, length and checksum before anything is mapped into a guest: corruption becomes a
-SnapshotError that says what is wrong. A sandbox cold-started from a file maps the extents
-MAP_PRIVATE straight from it (copy-on-write), so sandboxes made from one file share its page cache
-and pay privately only for the pages they write; pages outside the extents come from anonymous
-memory and are zero whatever the file holds. save() writes a new file and renames it over the
-old one: a file that live sandboxes map is never written.
+On disk a snapshot is a container file (whpfast/core/container.py: header, section table with
+a CRC-32 and size cap per section, the sparse page-aligned image) of kind "sdk" with two
+components: "sdk" (JSON metadata: backend, guest ABI, CPU identity, the guest's identity and
+exports, the memory layout, files, the vCPU state part sizes) and "vcpu" (the backend's raw
+register structs, concatenated). Loading checks every field, length and checksum before
+anything is mapped into a guest: corruption becomes a SnapshotError that says what is wrong.
+A sandbox cold-started from a file maps the extents MAP_PRIVATE straight from it
+(copy-on-write), so sandboxes made from one file share its page cache and pay privately only
+for the pages they write; pages outside the extents come from anonymous memory and are zero
+whatever the file holds. save() writes a new file and renames it over the old one: a file that
+live sandboxes map is never written.
 
 Snapshot files are immutable once written: sandboxes map their pages, so a file changed in place
 changes what those sandboxes see. A file that a user other than root or this process's owner can
-write is never mapped (load_image): it is read into private memory once, at load. Loading validates a file once per version; a rewrite in place
-(even with size and mtime put back) changes its ctime and the bytes before the image, either of
-which makes the next load validate it again.
+write is never mapped (container.load_image): it is read into private memory once, at load.
+Loading validates a file once per version (container.Cache).
 """
 
-import json
 import os
-import stat
-import struct
-import threading
 import weakref
-import zlib
 from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from . import _pages, abi, backend, cpu, elf, machine
-from .core.files import shareable
+from .core import container
+from .core.container import PAGE, BytesComponent, ImageAccessors, JsonComponent, map_image
 from .errors import SnapshotError
 from ._typing import StrPath
 
-PAGE = abi.PAGE
-MAGIC = b"WHPFSNAP"
-FORMAT_VERSION = 3      # 2: the KVM vCPU state holds the whole XSAVE area (was KVM_GET_FPU's)
-                        # 3: the metadata records the CPU identity ("cpu", see whpfast/cpu.py)
-ARCH_X86_64 = 1
-HEADER = struct.Struct("<8sIIII 12Q 5I 4x")
-assert HEADER.size == 144
-MAX_MEMORY = 64 << 30
+MAX_MEMORY = container.MAX_MEMORY
 MAX_META = 1 << 20
 MAX_STATE = 1 << 16
 MAX_EXTENTS = 4096
@@ -56,17 +39,12 @@ MAX_REGIONS = 64
 MAX_PATH = 4096
 MAX_IO_BUFFER = 256 << 20
 MAX_TOP = machine.MAX_TOP       # RAM and file mappings: what the page tables can map
-IMAGE_ALIGN = 65536     # Windows maps file views only at multiples of its allocation granularity
 
 impl = backend.impl
 STATE_PARTS = impl.STATE_PARTS
 
 
-def words_for(pages):
-    return (pages + 63) // 64
-
-
-class Snapshot:
+class Snapshot(ImageAccessors):
     """A sandbox's memory and complete vCPU state. Restore it any number of times, into the
     sandbox that took it or into sandboxes made from it (Sandbox.from_snapshot)."""
 
@@ -109,150 +87,50 @@ class Snapshot:
 
     def save(self, path: StrPath) -> str:
         """Writes the snapshot to path atomically: a new file, fsynced, then renamed over path."""
-        path = os.fspath(path)
-        extents = _extents(self._nonzero, self.memory_size // PAGE)
-        meta = dict(self.meta, extents=extents)
-        meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-        state_bytes = b"".join(self._state[p] for p in STATE_PARTS)
-        bitmap_bytes = self._nonzero.tobytes()
-        meta_off = HEADER.size
-        state_off = meta_off + len(meta_bytes)
-        bitmap_off = state_off + len(state_bytes)
-        image_off = -(-(bitmap_off + len(bitmap_bytes)) // IMAGE_ALIGN) * IMAGE_ALIGN
-        view = self._image_view
-        image_crc = extents_crc(view, extents)
-        fields = [MAGIC, FORMAT_VERSION, ARCH_X86_64, HEADER.size, 0,
-                  self.memory_size, self.memory_size // PAGE,
-                  meta_off, len(meta_bytes), state_off, len(state_bytes), bitmap_off, len(bitmap_bytes),
-                  image_off, self.memory_size, len(extents), 0,
-                  zlib.crc32(meta_bytes), zlib.crc32(state_bytes), zlib.crc32(bitmap_bytes), image_crc, 0]
-        header = bytearray(HEADER.pack(*fields))
-        struct.pack_into("<I", header, _HEADER_CRC_OFFSET, zlib.crc32(header))
-        return write_sparse(path, bytes(header) + meta_bytes + state_bytes + bitmap_bytes, view,
-                            extents, image_off, self.memory_size)
+        return container.write(os.fspath(path), "sdk", self.memory_size,
+                               [(META, self.meta), (VCPU, b"".join(self._state[p] for p in STATE_PARTS))],
+                               self._image_view, self._nonzero, MAX_EXTENTS)
 
     @classmethod
     def load(cls, path: StrPath) -> "Snapshot":
         """Reads and validates a snapshot file; raises SnapshotError on any problem. Loading the
         same unchanged file again returns the same Snapshot (validated once, mapped once)."""
         path = os.fspath(path)
+        f = container.open_file(path)
         try:
-            # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore it)
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-                         | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
-        except OSError as e:
-            raise SnapshotError(f"cannot open snapshot {path!r}: {e.strerror}") from e
-        f = os.fdopen(fd, "rb", buffering=0)
-        try:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise SnapshotError(f"snapshot {path!r} is not a regular file")
-            # What an in-place rewrite cannot keep: the ctime (a utime() that puts the mtime back
-            # sets it), and the bytes before the image, compared on every hit.
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            with _loaded_lock:
-                snap = _loaded.get(key)
-                if snap is not None and os.pread(f.fileno(), len(snap._prefix), 0) != snap._prefix:
-                    snap = None
-                if snap is None:
-                    snap = cls._load(f, path)
-                    _loaded[key] = snap
-                    return snap
-            f.close()
-            return snap
+            snap = _loaded.get(f, lambda: cls._load(f, path), lambda snap: snap._prefix)
         except BaseException:
             f.close()
             raise
+        if snap._file is not f:
+            f.close()
+        return snap
 
     @classmethod
     def _load(cls, f, path):
         def bad(why):
             return SnapshotError(f"snapshot {path!r} is unusable: {why}")
 
-        file_size = os.fstat(f.fileno()).st_size
-        raw = os.pread(f.fileno(), HEADER.size, 0)
-        if len(raw) < HEADER.size:
-            raise bad(f"truncated: {file_size} bytes, the header alone needs {HEADER.size}")
-        (magic, version, arch, header_size, flags, memory_size, pages, meta_off, meta_len,
-         state_off, state_len, bitmap_off, bitmap_len, image_off, image_len, n_extents, _reserved,
-         meta_crc, state_crc, bitmap_crc, image_crc, header_crc) = HEADER.unpack(raw)
-        if magic != MAGIC:
-            raise bad(f"not a whpfast snapshot (magic {magic!r})")
-        if version != FORMAT_VERSION:
-            raise bad(f"format version {version}; this whpfast reads version {FORMAT_VERSION}")
-        zeroed = bytearray(raw)
-        struct.pack_into("<I", zeroed, _HEADER_CRC_OFFSET, 0)
-        if zlib.crc32(zeroed) != header_crc:
-            raise bad("header checksum mismatch (the header is corrupt)")
-        if arch != ARCH_X86_64:
-            raise bad(f"architecture {arch}, this machine is x86-64 ({ARCH_X86_64})")
-        if header_size != HEADER.size or flags != 0 or _reserved != 0:
-            raise bad(f"header size {header_size} / flags {flags:#x} / reserved {_reserved:#x} unsupported")
-        if not (1 << 20) <= memory_size <= MAX_MEMORY or memory_size % PAGE:
-            raise bad(f"memory size {memory_size} is absurd (must be a multiple of {PAGE} in 1 MiB..64 GiB)")
-        if pages != memory_size // PAGE or image_len != memory_size:
-            raise bad("page count or image length disagrees with the memory size")
-        if not 0 < n_extents <= MAX_EXTENTS:
-            raise bad(f"{n_extents} extents (limit {MAX_EXTENTS})")
-        sections = [("metadata", meta_off, meta_len, MAX_META), ("vCPU state", state_off, state_len, MAX_STATE),
-                    ("page bitmap", bitmap_off, bitmap_len, words_for(pages) * 8)]
-        end = HEADER.size
-        for name, off, length, limit in sections:
-            if off != end or not 0 < length <= limit:
-                raise bad(f"{name} at {off} ({length} bytes) is out of place or too large")
-            end = off + length
-        if bitmap_len != words_for(pages) * 8:
-            raise bad(f"page bitmap has {bitmap_len} bytes, expected {words_for(pages) * 8}")
-        if image_off % IMAGE_ALIGN or image_off < end or image_off >= end + IMAGE_ALIGN:
-            raise bad(f"image offset {image_off} is not the first 64 KiB boundary after the sections")
-        if file_size != image_off + memory_size:
-            raise bad(f"truncated or padded: {file_size} bytes, expected {image_off + memory_size}")
-
-        def section(off, length, crc, name):
-            data = os.pread(f.fileno(), length, off)
-            if len(data) != length:
-                raise bad(f"{name} could not be read")
-            if zlib.crc32(data) != crc:
-                raise bad(f"{name} checksum mismatch")
-            return data
-
-        meta_bytes = section(meta_off, meta_len, meta_crc, "metadata")
-        state_bytes = section(state_off, state_len, state_crc, "vCPU state")
-        bitmap_bytes = section(bitmap_off, bitmap_len, bitmap_crc, "page bitmap")
+        box = container.read(f, path, "sdk", (META, VCPU), MAX_EXTENTS, bad)
         try:
-            meta = json.loads(meta_bytes)
-        except (ValueError, RecursionError) as e:      # RecursionError: nesting too deep
-            raise bad(f"metadata is not JSON: {str(e)[:200]}") from None
-        try:
-            check_meta(meta, memory_size, state_len)
-            extents = [tuple(e) for e in meta["extents"]]
+            state_bytes = box.decode(VCPU)
+            meta = box.decode(META, (box.memory_size, len(state_bytes)))
             state = _split_state(state_bytes, meta["state_sizes"])
         except ValueError as e:
             raise bad(f"metadata is inconsistent: {e}") from None
         why = cpu.incompatibility(meta["cpu"])      # before anything is mapped or runs
         if why:
             raise bad(why)
-        nonzero = np.frombuffer(bytearray(bitmap_bytes), dtype=np.uint64)
-        covered = np.zeros(words_for(pages) * 64, dtype=bool)
-        last = 0
-        for first, count in extents:
-            if first < last or count <= 0 or first + count > pages:
-                raise bad("extents are unordered, overlapping or outside the image")
-            last = first + count
-            covered[first:last] = True
-        covered = np.packbits(covered, bitorder="little").view(np.uint64)
-        if len(extents) != n_extents:
-            raise bad("extent count disagrees with the header")
-        if np.any(nonzero & ~covered):
-            raise bad("the page bitmap marks non-zero pages that no extent stores")
-        image = load_image(f, image_off, memory_size, extents)
-        with memoryview(image) as view:
-            crc = extents_crc(view, extents)
-        if crc != image_crc:
+        image = container.load_image(f, box.image_offset, box.memory_size, box.extents)
+        try:
+            with memoryview(image) as view:
+                container.check_image(view, box, bad)
+        except BaseException:
             image.close()
-            raise bad("memory image checksum mismatch (the image is corrupt)")
-        snap = cls(image, nonzero, state, meta, path=path, file=f, extents=extents, image_offset=image_off)
-        snap._prefix = os.pread(f.fileno(), bitmap_off + bitmap_len, 0)
+            raise
+        snap = cls(image, box.stored, state, meta, path=path, file=f, extents=box.extents,
+                   image_offset=box.image_offset)
+        snap._prefix = box.prefix
         return snap
 
     def map_into(self, memory: Any) -> None:
@@ -260,62 +138,6 @@ class Snapshot:
         file's extents when it came from a file (and the backend can: KVM), else copies of the
         non-zero pages."""
         map_image(memory, self._file, self._image_offset, self._extents, self._image_view, self._nonzero)
-
-
-_HEADER_CRC_OFFSET = HEADER.size - 8
-
-
-def load_image(file: BinaryIO, image_offset: int, memory_size: int,
-               extents: List[Tuple[int, int]], writable: bool = False) -> Any:
-    """A snapshot file's image section (at image_offset, its stored pages within extents) as
-    memory, for Snapshot.load and the Linux snapshot's load alike. A file only root and this
-    process's owner can write (core.files.shareable) is mapped: read-only as it lies, or
-    (writable) as guest-sized memory with the extents mapped over it copy-on-write where the
-    backend can (KVM). Any other file is read into private memory and never mapped, nor are
-    sandboxes' pages mapped from it (map_image): another user could truncate it, and the host's
-    next access to a mapped page past the end (a restore's copy, a fault) would be a SIGBUS that
-    kills the process and every sandbox in it."""
-    mappable = shareable(os.fstat(file.fileno()))
-    if mappable and not writable:
-        return impl.FileMapping(file.fileno(), image_offset, memory_size)
-    image = impl.GuestMemory(memory_size)
-    try:
-        if mappable and backend.capabilities.file_overlay:
-            for first, count in extents:
-                image.overlay_file(file.fileno(), image_offset + first * PAGE, first * PAGE, count * PAGE)
-        else:
-            with memoryview(image) as view:
-                for first, count in extents:
-                    _read_into(file, view[first * PAGE:(first + count) * PAGE], image_offset + first * PAGE)
-    except BaseException:
-        image.close()
-        raise
-    return image
-
-
-def _read_into(file, view, offset):
-    file.seek(offset)
-    done = 0
-    while done < len(view):
-        n = file.readinto(view[done:])
-        if not n:
-            raise SnapshotError(f"the snapshot file ended at {offset + done} bytes while it was read "
-                                f"(truncated meanwhile?)")
-        done += n
-
-
-def map_image(memory: Any, file: Optional[BinaryIO], image_offset: Optional[int],
-              extents: Optional[List[Tuple[int, int]]], image_view: Any, nonzero: Any) -> None:
-    """Fills fresh (all-zero) guest memory with a snapshot image: where the image lies in an open
-    file (at image_offset, its non-zero pages within extents) that may be mapped (see
-    load_image) and the backend can (KVM), the extents are mapped copy-on-write from the file,
-    so sandboxes made from one file share its page cache; otherwise the non-zero pages are
-    copied from image_view. Used by Sandbox and LinuxSandbox alike."""
-    if file is not None and backend.capabilities.file_overlay and shareable(os.fstat(file.fileno())):
-        for first, count in extents:
-            memory.overlay_file(file.fileno(), image_offset + first * PAGE, first * PAGE, count * PAGE)
-    else:
-        _pages.restore(memoryview(memory), image_view, nonzero, nonzero)
 
 
 # -- metadata validation: the JSON of a snapshot file is untrusted input ----------------------
@@ -366,7 +188,7 @@ def _dict(value, what, keys):
 def check_meta(meta, memory_size, state_len):
     """Checks a snapshot's metadata against what Sandbox.snapshot() writes; raises ValueError
     saying what is wrong."""
-    _dict(meta, "metadata", ("backend", "abi", "cpu", "guest", "layout", "files", "state_sizes", "extents"))
+    _dict(meta, "metadata", ("backend", "abi", "cpu", "guest", "layout", "files", "state_sizes"))
     if meta["backend"] != backend.NAME:
         raise ValueError(f"taken with the {meta['backend']!r} backend, this is {backend.NAME!r}")
     if meta["abi"] != abi.ABI_VERSION or type(meta["abi"]) is not int:
@@ -454,51 +276,17 @@ def check_meta(meta, memory_size, state_len):
     if sum(state_sizes) != state_len:
         raise ValueError("vCPU state sizes disagree with its length")
 
-    extents = _list(meta["extents"], "extents", max_len=MAX_EXTENTS)
-    for i, extent in enumerate(extents):
-        for v in _list(extent, f"extent #{i}", 2):
-            _int(v, f"extent #{i}", 0, memory_size // PAGE + 1)
-_loaded = weakref.WeakValueDictionary()    # (dev, inode, size, mtime) -> Snapshot
-_loaded_lock = threading.Lock()
+    return meta
 
 
-def write_sparse(path, head, view, extents, image_offset, memory_size):
-    """Writes a snapshot file (both personalities' formats): `head` (everything before the
-    image), then the image's extents at image_offset, the rest a hole, so the file is sparse."""
-    def fill(f):
-        f.write(head)
-        for first, count in extents:
-            f.seek(image_offset + first * PAGE)
-            f.write(view[first * PAGE:(first + count) * PAGE])
-        f.truncate(image_offset + memory_size)
-    return write_atomic(path, fill)
+def _check_meta(meta, version, context):
+    memory_size, state_len = context
+    return check_meta(meta, memory_size, state_len)
 
 
-def write_atomic(path, fill):
-    """A new file written by fill(file), fsynced, then renamed over path: a file that live
-    sandboxes map is never written, and nobody sees a partial one."""
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    try:
-        with open(tmp, "wb") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
-def extents_crc(view, extents):
-    """CRC-32 of the image bytes the extents cover, in order: what the file stores."""
-    crc = 0
-    for first, count in extents:
-        crc = zlib.crc32(view[first * PAGE:(first + count) * PAGE], crc)
-    return crc
+META = JsonComponent("sdk", _check_meta, max_size=MAX_META)
+VCPU = BytesComponent("vcpu", MAX_STATE)
+_loaded = container.Cache()
 
 
 def _split_state(data, sizes):
@@ -509,24 +297,3 @@ def _split_state(data, sizes):
         state[part] = bytes(data[off:off + size])
         off += size
     return state
-
-
-def _extents(nonzero, pages, max_extents=MAX_EXTENTS):
-    """Runs of non-zero pages, merged across the smallest gaps until at most max_extents remain
-    (gap pages are stored as zeros: a few more bytes on disk for far fewer mappings)."""
-    bits = np.unpackbits(nonzero.view(np.uint8), bitorder="little")[:pages].astype(np.int8)
-    if not bits.any():
-        return [(0, 1)]        # an all-zero image: one page, so the file has one extent
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], bits, [0]))))
-    runs = [[int(a), int(b - a)] for a, b in zip(edges[::2], edges[1::2])]
-    gap = 1
-    while len(runs) > max_extents:
-        merged = [runs[0]]
-        for first, count in runs[1:]:
-            prev = merged[-1]
-            if first - (prev[0] + prev[1]) <= gap:
-                prev[1] = first + count - prev[0]
-            else:
-                merged.append([first, count])
-        runs, gap = merged, gap * 2
-    return [tuple(r) for r in runs]

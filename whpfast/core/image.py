@@ -26,7 +26,7 @@ import weakref
 import numpy as np
 
 from .. import _pages, backend
-from ..snapshot import PAGE, _extents
+from .container import PAGE, extents as _extents
 
 MAX_EXTENTS = 1024      # host mappings per clone: gaps between runs of pages are mapped too
 MAX_LAYERS = 16         # layers of a chain after its flat one before the next snapshot flattens it

@@ -55,9 +55,9 @@ def sandbox_peak(snapshot: Any) -> int:
     from ..linux import mm
     from ..linux.process import LinuxSnapshot
     peak = FIXED
-    if getattr(snapshot, "_file", None) is not None:
-        runs = sum(len(r.runs) for r in getattr(snapshot, "_refs", ()))
-        peak += 2 * (len(snapshot._extents or ()) + runs)
+    if snapshot.file is not None:
+        runs = sum(len(r.runs) for r in getattr(snapshot, "refs", ()))
+        peak += 2 * (len(snapshot.extents or ()) + runs)
     if isinstance(snapshot, LinuxSnapshot):
         peak += 2 * (mm.MAX_SHARED + OVERLAY_REMAPS)
     return peak

@@ -23,7 +23,6 @@ import struct
 import threading
 import time
 import weakref
-from collections import namedtuple
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
@@ -44,10 +43,10 @@ from . import loader, sys_file, syscalls, vdso
 from .._typing import StrPath
 from .errno import LinuxError
 from .fs import FileSystem
-from .fs import state as _fsstate
 from .grant import DEFAULT_MEMORY_SIZE, DEFAULT_TMP_SIZE, Grant
-from ..snapshot import map_image
+from ..core.container import ImageAccessors, map_image
 from . import snapfile
+from .state import IoState, LinuxState, check_config, extra_config, read_config
 from .sys_signal import SIGNAL_NAMES
 from .task import AT_FDCWD, MAX_IO, UID, Park, ProcState, ProgramExit, ProgramKilled, Task
 from .mm import (PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, PURE_PYTHON, USER_MIN, AddressSpace,
@@ -79,8 +78,6 @@ STAR = ((machine.USER_DS - 8) << 48) | (machine.KERNEL_CS << 32)
 SFMASK = 0x47700                    # TF DF IF IOPL NT AC cleared on entry, as Linux does
 XCR0_CHOICES = (0xE7, 0x7)          # x87|SSE|AVX(|AVX-512) when the CPU has it
 
-IoState = namedtuple("IoState", "input eof waiting exit_code")
-
 _SIGNALS = {0: ("SIGFPE", "divide error"), 1: ("SIGTRAP", "debug trap"), 3: ("SIGTRAP", "breakpoint"),
             4: ("SIGSEGV", "overflow"), 5: ("SIGSEGV", "bound range"), 6: ("SIGILL", "invalid opcode"),
             7: ("SIGSEGV", "device not available"), 8: ("SIGSEGV", "double fault"),
@@ -104,25 +101,24 @@ class RunResult:
     truncated: bool = False
 
 
-class LinuxSnapshot:
+class LinuxSnapshot(ImageAccessors):
     """Guest memory, vCPU state and every host-side component of a LinuxSandbox at one moment.
     Restore it any number of times, save() it, or start new sandboxes from it
     (LinuxSandbox.from_snapshot)."""
 
-    def __init__(self, image: Any, nonzero: Any, state: Dict[str, bytes], components: Tuple[Any, ...],
-                 meta: Dict[str, Any], fs_codec: Any, path: Optional[str] = None,
+    def __init__(self, image: Any, nonzero: Any, vcpu_state: Dict[str, bytes], state: LinuxState,
+                 meta: Dict[str, Any], path: Optional[str] = None,
                  file: Any = None, extents: Any = None, image_offset: Optional[int] = None,
                  refs: Any = (), shared: Any = None, delta: Any = None, chain: Any = None) -> None:
         self._image = image         # None: built from chain when first needed (_image_view)
         self._view = None if image is None else memoryview(image)
         self._nonzero = nonzero
-        self._state = state
-        self._components = components
-        self._fs_codec = fs_codec          # encodes the fs component (FileSystem.encode)
+        self._state = vcpu_state
+        self.state = LinuxState(*state)     # the host-side components (linux/state.py)
         self.meta = meta
         self.path = path
         # A loaded snapshot: the open file its image is mapped from, where, and the image's
-        # extents; sandboxes made from it map those copy-on-write (snapshot.map_image).
+        # extents; sandboxes made from it map those copy-on-write (container.map_image).
         self._file = file
         if file is not None:
             weakref.finalize(self, file.close)      # closed with the snapshot, never left to the GC
@@ -156,6 +152,15 @@ class LinuxSnapshot:
         return (f"<whpfast.LinuxSnapshot{where} of {self.meta['config']['exe']!r}, "
                 f"{self.meta['memory_size'] >> 20} MiB, {self.nonzero_pages} non-zero pages>")
 
+    # -- public accessors (and ImageAccessors') -------------------------------------------------
+
+    @property
+    def refs(self) -> Tuple[Any, ...]:
+        """A loaded snapshot's referenced host files (snapfile.FileRef, open)."""
+        return self._refs
+
+    # -- disk ------------------------------------------------------------------------------------
+
     def save(self, path: StrPath) -> str:
         """Writes the snapshot to path atomically (a new file, then renamed over path)."""
         return snapfile.save(self, path)
@@ -171,11 +176,9 @@ class LinuxSnapshot:
 
     @classmethod
     def _load(cls, path: StrPath, grant: Grant) -> "LinuxSnapshot":
-        meta, state, components, image, nonzero, file, extents, offset, refs = \
-            snapfile.load(path, FileSystem.decode, grant)   # (checks meta["config"] too)
-        # _fsstate.encode is what FileSystem.encode calls: a loaded snapshot can be saved again
-        return cls(image, nonzero, state, components, meta, _fsstate, path=os.fspath(path),
-                   file=file, extents=extents, image_offset=offset, refs=refs)
+        got = snapfile.load(path, grant)
+        return cls(got.image, got.nonzero, got.vcpu_state, got.state, got.meta, path=os.fspath(path),
+                   file=got.file, extents=got.extents, image_offset=got.image_offset, refs=got.refs)
 
     def with_read(self, read: ReadPolicy,
                   extra_files: Optional[Mapping[str, Optional[bytes]]] = None) -> "LinuxSnapshot":
@@ -185,10 +188,10 @@ class LinuxSnapshot:
         PythonSandbox narrows its policy this way before its first snapshot."""
         if self._file is not None:
             raise SnapshotError("with_read() takes a snapshot taken in this process, not a loaded one")
-        extra = _extra_config(FileSystem._parse_extra_files(dict(extra_files or {})))
-        config = _check_config(dict(self.meta["config"], read=_read_config(read), extra_files=extra))
-        return LinuxSnapshot(self._image, self._nonzero, self._state, self._components,
-                             dict(self.meta, config=config), None, path=None,
+        extra = extra_config(FileSystem._parse_extra_files(dict(extra_files or {})))
+        config = check_config(dict(self.meta["config"], read=read_config(read), extra_files=extra))
+        return LinuxSnapshot(self._image, self._nonzero, self._state, self.state,
+                             dict(self.meta, config=config), path=None,
                              shared=self._shared, delta=self._delta, chain=self._chain)
 
     def check_grant(self, grant: Grant) -> None:
@@ -200,49 +203,6 @@ def _check_output_limit(value):
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_OUTPUT_LIMIT:
         raise ConfigError(f"output_limit must be an int of bytes in 0..{MAX_OUTPUT_LIMIT}, got {value!r}")
     return value
-
-
-def _read_config(read):
-    """A read policy as a config records it: a list of host paths or a {inside: host} dict, str."""
-    read = argcheck.read_policy(read)
-    if isinstance(read, Mapping):
-        return {os.fsdecode(k): os.fsdecode(v) for k, v in read.items()}
-    return [os.fsdecode(r) for r in ([read] if isinstance(read, (str, bytes, os.PathLike)) else read)]
-
-
-def _extra_config(extra):
-    """Checked extra files as a config records them: latin-1 text (JSON has no bytes), None."""
-    return {os.fsdecode(k): None if v is None else v.decode("latin-1") for k, v in extra.items()}
-
-
-def _check_config(config):
-    """The construction arguments a snapshot records, checked (they come from a file)."""
-    if not isinstance(config, dict):
-        raise TypeError("not a mapping")
-    read = config["read"]
-    if isinstance(read, dict):
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in read.items()):
-            raise ValueError("read policy entries must be strings")
-    elif not (isinstance(read, list) and all(isinstance(r, str) for r in read)):
-        raise ValueError("read policy must be a list or a mapping of strings")
-    for key in ("exe", "cwd"):
-        if not isinstance(config[key], str):
-            raise ValueError(f"{key} must be a string")
-    for key in ("stack_size", "tmp_size"):
-        if not isinstance(config[key], int) or config[key] <= 0 or config[key] % PAGE:
-            raise ValueError(f"{key} is invalid")
-    extra = config.get("extra_files", {})
-    if not (isinstance(extra, dict) and all(isinstance(k, str) and (v is None or isinstance(v, str))
-                                            for k, v in extra.items())):
-        raise ValueError("extra_files must be a mapping of strings")
-    try:
-        FileSystem._parse_extra_files({k: v if v is None else v.encode("latin-1") for k, v in extra.items()})
-    except UnicodeEncodeError:
-        raise ValueError("extra_files contents must be latin-1 text (bytes)") from None
-    checked = {k: config[k] for k in ("read", "exe", "cwd", "stack_size", "tmp_size")}
-    if extra:
-        checked["extra_files"] = dict(extra)
-    return checked
 
 
 @functools.lru_cache(maxsize=None)
@@ -290,14 +250,14 @@ class LinuxSandbox(Resource):
         if on_output is not None and not callable(on_output):
             raise TypeError("on_output must be callable or None")
         exe = os.path.abspath(os.fsdecode(argv[0]))
-        read = _read_config(read)
+        read = read_config(read)
         if extra_files is not None and not isinstance(extra_files, Mapping):
             raise TypeError(f"extra_files must be a {{inside path: bytes}} mapping, not "
                             f"{type(extra_files).__name__}")
         extra = FileSystem._parse_extra_files(dict(extra_files or {}))   # (TypeError, ReadPolicyError)
-        self._config = _check_config({"read": read, "exe": exe, "cwd": os.fsdecode(cwd),
+        self._config = check_config({"read": read, "exe": exe, "cwd": os.fsdecode(cwd),
                                       "stack_size": stack_size, "tmp_size": tmp_size,
-                                      "extra_files": _extra_config(extra)})
+                                      "extra_files": extra_config(extra)})
         self._setup(memory_size, on_output)
         with ExitStack() as undo:
             undo.callback(self._close_parts)
@@ -346,8 +306,6 @@ class LinuxSandbox(Resource):
             self._close_parts()
             raise
         self._refresh_vdso()
-        if snapshot._fs_codec is None:
-            snapshot._fs_codec = self.fs
         self._closed = False
         return self
 
@@ -396,7 +354,7 @@ class LinuxSandbox(Resource):
                           snapshot._image_view, snapshot._nonzero)
             if snapshot._refs and snapshot._file is not None and backend.capabilities.file_overlay:
                 # the referenced pages (map_image copied them with the rest where it copies)
-                snapfile.apply_refs(memory, snapshot._refs, snapshot._image_view)
+                snapfile.apply_refs(memory, snapshot.refs, snapshot.image)
         vm = backend.system().create_vm()
         undo.callback(vm.close)
         vcpu = vm.create_vcpu(0)
@@ -743,12 +701,12 @@ class LinuxSandbox(Resource):
         parked = snapshot._parked
         if PURE_PYTHON or not parked or self._poisoned or not self._warm.can_resume(snapshot):
             return None
-        io = snapshot._components[3]
+        io = snapshot.state.io
         data = io.input + input
         if not data or io.exit_code is not None:
             return None
         mm = self.mm
-        mm_state, fs_state, proc, _ = snapshot._components
+        mm_state, fs_state, proc, _ = snapshot.state
         mm.revert_overlays(self._overlays_at.get(snapshot), snapshot._nonzero)
         self._forget_translations(False)
         mm.reset(mm_state)
@@ -1004,7 +962,7 @@ class LinuxSandbox(Resource):
             delta = chain = None
         snap = LinuxSnapshot(image, nonzero, state, self._components(),
                              {"memory_size": self.memory_size, "config": self._config,
-                              "cpu": cpu.host(), "clock": self._guest_clocks()}, self.fs,
+                              "cpu": cpu.host(), "clock": self._guest_clocks()},
                              shared=shared, delta=delta, chain=chain)
         self._warm.set_baseline(snap)
         self.mm.changed = []
@@ -1026,7 +984,7 @@ class LinuxSandbox(Resource):
         return merged
 
     def _components(self):
-        return (self.mm.capture(), self.fs.capture(), self.task.proc, self._io)
+        return LinuxState(self.mm.capture(), self.fs.capture(), self.task.proc, self._io)
 
     def restore(self, snapshot: LinuxSnapshot) -> None:
         """Puts memory, vCPU state and every host-side component back to the snapshot's and
@@ -1067,7 +1025,7 @@ class LinuxSandbox(Resource):
         self.mm.revert_overlays(self._overlays_at.get(snapshot), snapshot._nonzero)
         stats = self._warm.restore(snapshot, self._captured_ranges)
         self._forget_translations(full)
-        mm_state, fs_state, self.task.proc, self._io = snapshot._components
+        mm_state, fs_state, self.task.proc, self._io = snapshot.state
         self.mm.reset(mm_state)
         self.fs.reset(fs_state)
         self._continue_clocks(snapshot)

@@ -1,17 +1,7 @@
-"""LinuxSnapshot on disk: a small format of its own, so the SDK's snapshot format stays as it is.
-
-    offset 0   header: magic, version, memory size, then a table of sections, each (name, offset,
-               length, CRC-32); the header carries a CRC-32 of itself
-    ...        "meta"   JSON: how to rebuild the sandbox (argv, read policy, sizes), the address
-                        space, the signal table, pending input, the vCPU state part sizes
-               "vcpu"   the backend's raw register structs, concatenated
-               "fs"     FileSystem.encode() of the file system's state
-               "bitmap" the image's non-zero pages, uint64 words
-    (64 KiB    "image"  the memory image, memory_size bytes at the first 64 KiB boundary after the
-    aligned)            bitmap. Only its extents (runs of non-zero pages, merged across small gaps:
-                        snapshot._extents of the bitmap, so the file need not list them) are
-                        written; the rest is a hole, so the file is sparse. Its CRC-32 covers the
-                        extents' bytes in order.
+"""LinuxSnapshot on disk: a snapshot container file (whpfast/core/container.py: header, section
+table with CRCs and size caps, the sparse page-aligned image) of kind "linux", whose sections are
+the components in COMPONENTS (whpfast/linux/state.py says what each holds) and "files" (FILES,
+here): the host files whose pages the image references instead of storing them.
 
 Pages of read-only file mappings (a program's libraries: most of a warm Python sandbox) are
 not stored when they still hold exactly the host file's bytes: "meta" lists them as references,
@@ -25,43 +15,34 @@ copy-on-write from the host file (MAP_PRIVATE over the guest memory: every proce
 host's page cache copy), or copies them where that is not possible or not safe (see
 _apply_refs).
 
-A sandbox made from the file maps the extents copy-on-write (whpfast.snapshot.map_image, as the
-SDK's Sandbox.from_snapshot does): sandboxes made from one file share its page cache and pay only
+A sandbox made from the file maps the extents copy-on-write (container.map_image, as the SDK's
+Sandbox.from_snapshot does): sandboxes made from one file share its page cache and pay only
 for the pages they write. Snapshot files are therefore immutable once written; save() writes a
 new file and renames it over the old one. A file that a user other than root or this process's
-owner can write is never mapped (whpfast.snapshot.load_image): its image is read into private
+owner can write is never mapped (container.load_image): its image is read into private
 memory, and sandboxes copy from there.
 
 Everything read is untrusted: every length, offset, checksum and field is checked before use
 and any problem is a SnapshotError saying what is wrong."""
 
 import hashlib
-import json
 import os
-import stat
-import struct
-import zlib
 from bisect import bisect_right
 from collections import namedtuple
+from dataclasses import dataclass
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from ..core import verified
+from ..core import container, verified
 from .. import backend, cpu
 from ..errors import SnapshotError
-from ..snapshot import IMAGE_ALIGN, _extents, extents_crc, load_image, write_sparse
-from .fs.state import PATH_MAX
-from .errno import LinuxError
-from .mm import PAGE, PROT_WRITE, USER_MIN, MmState, Vma, page_table_bytes, page_up, shareable
+from .errno import ENODEV, LinuxError
+from .fs import AT_FDCWD, O_RDONLY, FileSystem
+from .grant import Grant
+from .mm import PAGE, PROT_WRITE, USER_MIN, page_up, shareable
+from .state import FS, IO, META, MM, PROC, VCPU, LinuxState, split_vcpu, user_top
 
-MAGIC = b"WHPFLNX1"
-VERSION = 4            # 2: the image, page aligned and sparse (was packed); 3: "meta" records
-                       # the CPU identity (whpfast/cpu.py); 4: file pages stored as references
-HEADER = struct.Struct("<8sIIQI")          # magic, version, header size, memory size, sections
-SECTION = struct.Struct("<8sQQI4x")
-SECTIONS = ("meta", "vcpu", "fs", "bitmap", "image")
-MAX_META = 64 << 20
-MAX_MEMORY = 64 << 30
 # Each extent is one host mapping per sandbox made from the file (vm.max_map_count is 65530):
 # fewer, larger extents let many sandboxes share one file, at the cost of a few zero pages stored.
 MAX_EXTENTS = 512
@@ -77,50 +58,45 @@ FileRef = namedtuple("FileRef", "inside host dev ino size mtime_ns sha256 runs f
                      defaults=(None, False))
 
 
+@dataclass(frozen=True)
+class SnapshotFile:
+    """What load() read of a snapshot file, checked: meta (memory size, config, CPU, clocks),
+    vcpu_state (by part), state (LinuxState), image (the whole memory image: the file's image
+    section mapped read-only, or, when the file references host files, guest-sized memory
+    holding the section's extents and the referenced pages, both mapped copy-on-write where the
+    backend can, see apply_refs), nonzero (its non-zero pages), file (the open file, the
+    caller's to close, with the image and the refs' fds), extents (the stored pages' runs),
+    image_offset (where the image lies in file) and refs (the FileRefs, resolved and open)."""
+    meta: Dict[str, Any]
+    vcpu_state: Dict[str, bytes]
+    state: LinuxState
+    image: Any
+    nonzero: Any
+    file: Any
+    extents: Any
+    image_offset: int
+    refs: Tuple[Any, ...]
+
+
 def save(snapshot, path):
-    path = os.fspath(path)
-    meta = dict(snapshot.meta)
-    mm_state, fs_state, proc, io = snapshot._components
-    fs_bytes = snapshot._fs_codec.encode(fs_state)
-    meta["mm"] = {"vmas": [[v.start, v.end, v.prot, v.name.hex(), v.offset, v.pristine] for v in mm_state.vmas],
-                  "brk_start": mm_state.brk_start, "brk": mm_state.brk}
-    meta["proc"] = {"actions": [a.hex() for a in proc.actions], "sigmask": proc.sigmask,
-                    "altstack": proc.altstack.hex()}
-    meta["io"] = {"input": io.input.hex(), "eof": io.eof, "waiting": io.waiting, "exit_code": io.exit_code}
+    """Writes a LinuxSnapshot (its public accessors: meta, state, vcpu_state, image, nonzero)
+    to path atomically."""
     parts = backend.impl.STATE_PARTS
-    meta["vcpu_parts"] = [[p, len(snapshot._state[p])] for p in parts]
+    vcpu = snapshot.vcpu_state
     memory_size = snapshot.meta["memory_size"]
-    view = snapshot._image_view
-    refs = _references(snapshot, mm_state, view)
-    meta["files"] = [{"inside": r.inside.hex(), "host": r.host.hex(), "dev": r.dev, "ino": r.ino,
-                      "size": r.size, "mtime_ns": r.mtime_ns, "sha256": r.sha256,
-                      "runs": [list(run) for run in r.runs]} for r in refs]
-    stored = snapshot._nonzero & ~_ref_bitmap(refs, memory_size // PAGE)   # the rest: references
-    extents = _extents(stored, memory_size // PAGE, MAX_EXTENTS)
-    sections = {
-        "meta": json.dumps(meta, sort_keys=True).encode(),
-        "vcpu": b"".join(snapshot._state[p] for p in parts),
-        "fs": fs_bytes,
-        "bitmap": stored.tobytes(),
-    }
-    image_crc = extents_crc(view, extents)
-    header_size = HEADER.size + SECTION.size * len(SECTIONS) + 4
-    table, offset = [], header_size
-    for name in SECTIONS[:-1]:
-        table.append(SECTION.pack(name.encode(), offset, len(sections[name]), zlib.crc32(sections[name])))
-        offset += len(sections[name])
-    image_offset = _image_offset(offset)
-    table.append(SECTION.pack(b"image", image_offset, memory_size, image_crc))
-    header = HEADER.pack(MAGIC, VERSION, header_size, memory_size, len(SECTIONS)) + b"".join(table)
-    header += struct.pack("<I", zlib.crc32(header))
-    return write_sparse(path, header + b"".join(sections[name] for name in SECTIONS[:-1]), view,
-                        extents, image_offset, memory_size)
+    view = snapshot.image
+    state = snapshot.state
+    refs = _references(snapshot, state.mm, view)
+    stored = snapshot.nonzero & ~_ref_bitmap(refs, memory_size // PAGE)   # the rest: references
+    meta = dict(snapshot.meta, vcpu_parts=[[p, len(vcpu[p])] for p in parts])
+    sections = [(META, meta), (VCPU, b"".join(vcpu[p] for p in parts)), (MM, state.mm),
+                (PROC, state.proc), (IO, state.io), (FS, state.fs), (FILES, refs)]
+    return container.write(os.fspath(path), "linux", memory_size, sections, view, stored, MAX_EXTENTS)
 
 
 def _policy(config):
     """A FileSystem with the snapshot's read policy: references are resolved through it, as the
     program's own open() would be."""
-    from .fs import FileSystem
     return FileSystem.of_config(config)
 
 
@@ -128,8 +104,6 @@ def _open_inside(fs, inside):
     """(host fd, host path, fstat) of the regular host file the program would get by opening
     `inside` read-only; the fd is the caller's to close. LinuxError when it could not open it
     (or it is no host file: /tmp, a synthesized file)."""
-    from .fs import AT_FDCWD, O_RDONLY
-    from .errno import ENODEV
     fd = fs.openat(AT_FDCWD, inside, O_RDONLY)
     try:
         host = fs.host_file(fd)
@@ -230,13 +204,19 @@ def _ref_bitmap(refs, pages):
     return np.packbits(bits, bitorder="little").view(np.uint64)
 
 
+def _dump_refs(refs):
+    return [{"inside": r.inside.hex(), "host": r.host.hex(), "dev": r.dev, "ino": r.ino,
+             "size": r.size, "mtime_ns": r.mtime_ns, "sha256": r.sha256,
+             "runs": [list(run) for run in r.runs]} for r in refs]
+
+
 def _decode_refs(files, memory_size, mm_state):
     """The FileRefs of a file's "meta", every field checked: runs inside user memory, in order,
     not overlapping, within the file's pages, and each lying in read-only mappings of that very
     file at those offsets (what the program sees there is that file, as the address space says)."""
     if not isinstance(files, list) or len(files) > MAX_REF_RUNS:
         raise ValueError("file references are invalid")
-    top = memory_size - page_table_bytes(memory_size) - PAGE
+    top = user_top(memory_size)
     refs, total, spans = [], 0, []
     for f in files:
         inside, host = bytes.fromhex(f["inside"]), bytes.fromhex(f["host"])
@@ -349,146 +329,69 @@ def apply_refs(memory, refs, source=None):
             view.release()
 
 
-def _image_offset(end):
-    """Where the image starts: the first 64 KiB boundary after the sections (Windows maps file
-    views only there; on Linux any page would do)."""
-    return -(-end // IMAGE_ALIGN) * IMAGE_ALIGN
+FILES = container.JsonComponent("files", lambda value, version, context: _decode_refs(value, *context),
+                                max_size=64 << 20, dump=_dump_refs)
+# The sections of a Linux snapshot file, in order (then the container's "pages" and "image").
+COMPONENTS = (META, VCPU, MM, PROC, IO, FS, FILES)
 
 
-def load(path, fs_decode, grant):
-    """Reads and checks a snapshot file; returns (meta, vcpu state, components, image, nonzero,
-    file, extents, image offset, refs) with the components decoded (fs through fs_decode) and
-    meta["config"] checked, and what it declares held to `grant` (grant.Grant: the caller's
-    authority) before any host file it refers to is opened. The image is the whole memory image: the file's image section
-    mapped read-only, or, when the file references host files, guest-sized memory holding the
-    section's extents and the referenced pages (both mapped copy-on-write where the backend can,
-    see apply_refs). file is the open file it came from (the caller's to close, with the image
-    and the refs' fds), extents the stored pages' runs, refs the FileRefs, resolved and open."""
+def load(path: Any, grant: Grant) -> SnapshotFile:
+    """Reads and checks a snapshot file: every component decoded and checked, what it declares
+    held to `grant` (grant.Grant: the caller's authority) before any host file it refers to is
+    opened, the image and the referenced files checked (see SnapshotFile)."""
     path = os.fspath(path)
 
     def bad(why):
         return SnapshotError(f"{path} is not a usable Linux snapshot: {why}")
 
+    f = container.open_file(path)
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore it)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as e:
-        raise SnapshotError(f"cannot open snapshot {path!r}: {e.strerror}") from e
-    f = os.fdopen(fd, "rb")
-    try:
-        return _load(f, path, bad, fs_decode, grant)
+        return _load(f, path, bad, grant)
     except BaseException:
         f.close()
         raise
 
 
-def _load(f, path, bad, fs_decode, grant):
-    st = os.fstat(f.fileno())
-    if not stat.S_ISREG(st.st_mode):
-        raise bad("not a regular file")
-    size = st.st_size
-    head = f.read(HEADER.size)
-    if len(head) != HEADER.size:
-        raise bad("too short")
-    magic, version, header_size, memory_size, n = HEADER.unpack(head)
-    if magic != MAGIC:
-        raise bad("wrong magic (not a whpfast Linux snapshot)")
-    if version != VERSION:
-        raise bad(f"format version {version}: made by "
-                  f"{'an older' if version < VERSION else 'a newer'} whpfast, which this one "
-                  f"(version {VERSION}) does not read; make the snapshot again with this one")
-    if n != len(SECTIONS) or header_size != HEADER.size + SECTION.size * n + 4:
-        raise bad("wrong section count")
-    if memory_size % (2 << 20) or not 16 << 20 <= memory_size <= MAX_MEMORY:
+def _load(f, path, bad, grant):
+    box = container.read(f, path, "linux", COMPONENTS, MAX_EXTENTS, bad)
+    memory_size = box.memory_size
+    if memory_size % (2 << 20) or not 16 << 20 <= memory_size:
         raise bad(f"memory size {memory_size:#x} is invalid")
-    rest = f.read(header_size - HEADER.size)
-    if len(rest) != header_size - HEADER.size:
-        raise bad("truncated header")
-    if zlib.crc32(head + rest[:-4]) != struct.unpack("<I", rest[-4:])[0]:
-        raise bad("header checksum mismatch")
-    table = {}
-    expected = header_size
-    for i, name in enumerate(SECTIONS):
-        raw_name, offset, length, crc = SECTION.unpack_from(rest, i * SECTION.size)
-        if name == "image":
-            expected = _image_offset(expected)
-            if length != memory_size:
-                raise bad(f"the image has {length} bytes, memory {memory_size}")
-        if raw_name.rstrip(b"\0") != name.encode() or offset != expected or offset + length > size:
-            raise bad(f"section {name!r} is misplaced or truncated")
-        table[name] = (offset, length, crc)
-        expected = offset + length
-    if expected != size:
-        raise bad("trailing or missing bytes")
-
-    def section(name, limit):
-        offset, length, crc = table[name]
-        if length > limit:
-            raise bad(f"section {name!r} is too large")
-        f.seek(offset)
-        data = f.read(length)
-        if len(data) != length or zlib.crc32(data) != crc:
-            raise bad(f"section {name!r} checksum mismatch")
-        return data
-
-    pages = memory_size // PAGE
-    words = (pages + 63) // 64
     try:
-        meta = json.loads(section("meta", MAX_META))
-    except (ValueError, RecursionError) as e:       # RecursionError: nesting too deep
-        raise bad(f"metadata is not JSON ({str(e)[:200]})") from None
-    state_bytes = section("vcpu", 1 << 20)
-    fs_bytes = section("fs", 1 << 30)
-    bitmap = section("bitmap", words * 8)
-    if len(bitmap) != words * 8:
-        raise bad("page bitmap has the wrong size")
-    stored = np.frombuffer(bitmap, dtype=np.uint64).copy()
-    if pages % 64 and int(stored[-1]) >> (pages % 64):
-        raise bad("page bitmap marks pages past the end of memory")
-    try:
-        state, components = _decode_meta(meta, state_bytes, memory_size, fs_bytes, fs_decode)
-        from .process import _check_config      # (process imports this module)
-        meta["config"] = _check_config(meta["config"])
-        meta["clock"] = _check_clock(meta.get("clock"))
-        refs = _decode_refs(meta.pop("files"), memory_size, components[0])
+        meta = box.decode(META, memory_size)
+        state = split_vcpu(box.decode(VCPU), meta.pop("vcpu_parts"))
+        mm_state = box.decode(MM, memory_size)
+        components = LinuxState(mm_state, box.decode(FS), box.decode(PROC), box.decode(IO))
+        refs = box.decode(FILES, (memory_size, mm_state))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise bad(f"metadata is inconsistent ({type(e).__name__}: {e})") from None
     why = cpu.incompatibility(meta["cpu"])          # before anything is mapped or runs
     if why:
         raise bad(why)
     grant.check(meta["config"], memory_size, f"snapshot {path}")
+    pages = memory_size // PAGE
+    stored = box.stored
     referenced = _ref_bitmap(refs, pages)
     if np.any(stored & referenced):
         raise bad("pages are both stored and referenced")
     # The extents follow from the bitmap (they cover every stored page by construction); pages
     # outside them come from anonymous memory, zero whatever the file's holes hold.
-    extents = _extents(stored, pages, MAX_EXTENTS)
-    offset, _, crc = table["image"]
+    extents = box.extents
     refs = _resolve_refs(refs, meta["config"], bad)
     image = None
+    st = box.stat
     try:
-        image = load_image(f, offset, memory_size, extents, writable=bool(refs))
+        image = container.load_image(f, box.image_offset, memory_size, extents, writable=bool(refs))
         # The image's checks and the referenced files' hashes, unless this host made them before
         # for this very file and these very references (core/verified.py: identities, ctimes
         # included, unchanged: so are their bytes).
         identities = tuple(_identity(os.fstat(r.fd)) for r in refs)
-        record = f"crc {crc:08x} " + hashlib.sha256(repr([(r.runs, r.sha256) for r in refs]).encode()).hexdigest()
+        record = (f"crc {box.image_crc:08x} "
+                  + hashlib.sha256(repr([(r.runs, r.sha256) for r in refs]).encode()).hexdigest())
         checked = verified.known("snapshot", st, identities) == record
         if not checked:
             with memoryview(image) as view:
-                got = 0
-                for first, count in extents:
-                    got = zlib.crc32(view[first * PAGE:(first + count) * PAGE], got)
-                if got != crc:
-                    raise bad("page data checksum mismatch")
-                # Zero pages inside an extent (a merged gap) are mapped from the file too: they
-                # must be zero there, as the bitmap says (restores zero them; a guest must never
-                # see the file's bytes there instead).
-                bits = np.unpackbits(stored.view(np.uint8), bitorder="little")
-                for first, count in extents:
-                    for page in (np.flatnonzero(bits[first:first + count] == 0) + first).tolist():
-                        if np.frombuffer(view, np.uint64, PAGE // 8, page * PAGE).any():
-                            raise bad(f"page {page} is marked zero but holds data")
+                container.check_image(view, box, bad)
         apply_refs(image, refs)
         if not checked:
             with memoryview(image) as view:
@@ -506,66 +409,5 @@ def _load(f, path, bad, fs_decode, grant):
         for r in refs:
             os.close(r.fd)
         raise
-    return meta, state, components, image, stored | referenced, f, extents, offset, refs
-
-
-def _check_clock(values):
-    """The guest's MONOTONIC, MONOTONIC_RAW and BOOTTIME at the snapshot, in ns (restores go on
-    from them, LinuxSandbox._continue_clocks); None in files that predate the record."""
-    if values is None:
-        return None
-    if not (isinstance(values, list) and len(values) == 3
-            and all(type(v) is int and 0 <= v < 1 << 62 for v in values)):
-        raise ValueError("the guest's clocks are invalid")
-    return values
-
-
-def _decode_meta(meta, state_bytes, memory_size, fs_bytes, fs_decode):
-    from .process import IoState                 # (process imports this module)
-    from .task import ProcState
-    if meta["memory_size"] != memory_size:
-        raise ValueError("memory size differs from the header's")
-    cpu.parse(meta["cpu"])
-    parts = backend.impl.STATE_PARTS
-    names = [p for p, _ in meta["vcpu_parts"]]
-    if names != list(parts):
-        raise ValueError(f"vCPU state parts {names} are not this backend's {list(parts)}")
-    state, at = {}, 0
-    for part, length in meta["vcpu_parts"]:
-        if not isinstance(length, int) or length < 0:
-            raise ValueError("bad vCPU part length")
-        state[part] = state_bytes[at:at + length]
-        at += length
-    if at != len(state_bytes):
-        raise ValueError("vCPU state length mismatch")
-    top = memory_size - page_table_bytes(memory_size) - PAGE
-    vmas, previous_end = [], USER_MIN
-    for start, end, prot, name, offset, pristine in meta["mm"]["vmas"]:
-        for value in (start, end, prot, offset):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError("bad mapping field")
-        if len(name) >= 2 * PATH_MAX:           # names are paths (fs.FileSystem.mapping_name)
-            raise ValueError(f"mapping {start:#x}-{end:#x} has a name of over {PATH_MAX} bytes")
-        if start % PAGE or end % PAGE or not previous_end <= start < end <= top or prot > 7:
-            raise ValueError(f"mapping {start:#x}-{end:#x} is invalid")
-        vmas.append(Vma(start, end, prot, bytes.fromhex(name), offset, bool(pristine)))
-        previous_end = end
-    brk_start, brk = meta["mm"]["brk_start"], meta["mm"]["brk"]
-    if not (isinstance(brk_start, int) and isinstance(brk, int) and USER_MIN <= brk_start <= brk <= top):
-        raise ValueError("brk is invalid")
-    mm_state = MmState(tuple(vmas), tuple(v.start for v in vmas), brk_start, brk)
-    p = meta["proc"]
-    actions = tuple(bytes.fromhex(a) for a in p["actions"])
-    if len(actions) != 65 or any(len(a) != 32 for a in actions):
-        raise ValueError("signal table is invalid")
-    altstack = bytes.fromhex(p["altstack"])
-    if len(altstack) != 24 or not isinstance(p["sigmask"], int):
-        raise ValueError("signal state is invalid")
-    proc = ProcState(actions, p["sigmask"] & ((1 << 64) - 1), altstack)
-    io = meta["io"]
-    exit_code = io["exit_code"]
-    if exit_code is not None and not (isinstance(exit_code, int) and 0 <= exit_code <= 255):
-        raise ValueError("exit code is invalid")
-    io_state = IoState(bytes.fromhex(io["input"]), bool(io["eof"]), bool(io["waiting"]), exit_code)
-    fs_state = fs_decode(fs_bytes)
-    return state, (mm_state, fs_state, proc, io_state)
+    return SnapshotFile(meta, state, components, image, stored | referenced, f, extents,
+                        box.image_offset, tuple(refs))

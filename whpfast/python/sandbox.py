@@ -159,7 +159,7 @@ def _load_shared(path, grant):
         st = os.stat(path)
     except OSError as e:
         raise SnapshotError(f"cannot open snapshot {os.fspath(path)!r}: {e.strerror}") from None
-    # (the ctime too: a chmod decides whether the file may be mapped, see snapshot.load_image)
+    # (the ctime too: a chmod decides whether the file may be mapped, see core/container.load_image)
     key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _loaded_lock:
         snapshot = _loaded.get(key)
