@@ -382,6 +382,12 @@ class PythonSandbox(Resource):
         self._cpu_used = cpu_used
 
     @property
+    def files(self) -> "Files":
+        """The files of the live state: sb.files.write(path, data), read(path), list(dir),
+        remove(path) (see Files)."""
+        return self._files
+
+    @property
     def output_limit(self) -> int:
         """Characters of stdout, and of stderr, one run keeps."""
         return self._output_limit
@@ -422,7 +428,7 @@ class PythonSandbox(Resource):
         self._stale = False          # the guest is not parked at a clean read: restore first
         self._running = None         # the _Call of the run going on (arun's cancel finds it)
         self._running_lock = threading.Lock()
-        self.files = Files(self)
+        self._files = Files(self)
 
     @classmethod
     def from_snapshot(cls, snapshot: Union[LinuxSnapshot, StrPath], *, python: Optional[StrPath] = None,
@@ -536,7 +542,8 @@ class PythonSandbox(Resource):
         what one runs is never seen by this one or another (each has its own VM; their memory
         shares the checkpoint's pages copy-on-write where the backend can). Each has this
         sandbox's interpreter and read policy, and its fresh runs start from this sandbox's
-        `.snapshot`. Close them (or use them as context managers) when done."""
+        `.snapshot`; its limits (output_limit, cpu_time, cpu_time_total) with the CPU time it
+        used so far. Close them (or use them as context managers) when done."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, not {n!r}")
         with self._gate.operation("fork()"):
