@@ -348,8 +348,8 @@ class PythonSandbox(Resource):
             if not first.waiting:
                 raise SandboxError(f"the interpreter {python} did not start the driver (exit status "
                                    f"{first.exit_code}): {first.stderr.decode('utf-8', 'replace')[-2000:]}")
-            result, _ = self._request("warm", _CHDIR.format(cwd=cwd, make=cwd == "/tmp" or cwd.startswith("/tmp/")),
-                                      timeout)
+            in_tmp = cwd == "/tmp" or cwd.startswith("/tmp/")
+            result, _ = self._request("warm", _CHDIR.format(cwd=cwd, make=in_tmp), timeout)
             if result.error is not None:
                 raise ConfigError(f"cwd {cwd!r} cannot be the working directory: {result.error.message}")
             # setup, then the user's warm-up, then one request of each kind (the driver's own
