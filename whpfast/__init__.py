@@ -28,7 +28,8 @@ def _check_built() -> None:
 _check_built()
 
 from .errors import (ConfigError, GuestAbort, GuestBuildError, GuestCallError,  # noqa: E402
-                     GuestCancelled, GuestError, GuestFault, GuestLoadError, GuestPythonError,
+                     GuestCancelled, GuestCpuLimit, GuestError, GuestFault, GuestLoadError,
+                     GuestPythonError,
                      GuestTimeout, HostFunctionError, HypervisorError, HypervisorUnavailable,
                      KindError, MappingBudgetError, PayloadTooLarge, PoolFull, ReadPolicyError,
                      SandboxBusy, SandboxClosed, SandboxError, SandboxPoisoned, SnapshotError,
@@ -82,7 +83,8 @@ __all__ = [
     "Sandbox", "Snapshot", "RestoreStats", "LinuxSandbox", "LinuxSnapshot", "RunResult",
     "build_guest", "guests", "hypervisor", "__version__",
     "WhpfastError", "HypervisorUnavailable", "HypervisorError", "SandboxError", "SandboxClosed",
-    "SandboxBusy", "SandboxPoisoned", "GuestError", "GuestFault", "GuestTimeout", "GuestCancelled",
+    "SandboxBusy", "SandboxPoisoned", "GuestError", "GuestFault", "GuestTimeout", "GuestCpuLimit",
+    "GuestCancelled",
     "GuestAbort", "GuestCallError", "HostFunctionError", "GuestLoadError", "GuestBuildError", "SnapshotError",
     "ConfigError", "ReadPolicyError", "KindError", "PayloadTooLarge",
     "PythonSandbox", "PythonResult", "PythonError", "Output", "GuestPythonError",

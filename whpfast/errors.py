@@ -120,6 +120,11 @@ class GuestTimeout(GuestError):
     """The call ran past its timeout and was stopped."""
 
 
+class GuestCpuLimit(GuestTimeout):
+    """The call used up its CPU time (a run's cpu_time, or what is left of a PythonSandbox's
+    cpu_time_total) and was stopped; it is a GuestTimeout, and the sandbox is left as after one."""
+
+
 class GuestCancelled(GuestError):
     """The call was stopped by Sandbox.cancel()."""
 

@@ -36,7 +36,7 @@ from ..core.resource import Resource
 from ..elf import read_program
 from ..core.warm import BLOCK, WarmMemory, restore_failed
 from ..core import image as _image
-from ..errors import (ConfigError, GuestCancelled, GuestFault, GuestLoadError, GuestTimeout,
+from ..errors import (ConfigError, GuestCancelled, GuestCpuLimit, GuestFault, GuestLoadError, GuestTimeout,
                       HypervisorError, SandboxClosed, SandboxError, SandboxPoisoned,
                       SnapshotError, WhpfastError)
 from . import loader, sys_file, syscalls, vdso
@@ -67,6 +67,10 @@ MAX_MEMORY_SIZE = 64 << 30          # guest memory (2 MiB pages: a multiple of 2
 OUTPUT_LIMIT = 16 << 20
 MAX_OUTPUT_LIMIT = 1 << 30
 OUTPUT_MARKER = "\n[whpfast: {stream} truncated at the output limit of {limit} bytes per run]\n"
+# run(cpu_time=): the vCPU runs to a wall-clock deadline no later than the CPU time left (this
+# thread's CPU time never grows faster than the clock), then the CPU time is read; while some is
+# left it runs on, for CPU_SLICE_NS at least (a run may overshoot its CPU time by that much).
+CPU_SLICE_NS = 2_000_000
 
 SYSCALL_PORT = 0xE4                 # one of the ports the SDK's TSS bitmap opens to CPL3
 SYSCALL_STUB = 0xA000               # user page, read + execute: out SYSCALL_PORT, al; ud2
@@ -532,6 +536,10 @@ class LinuxSandbox(Resource):
         self._gate = Gate(self._free, self.cancel)
         self._wake = threading.Event()
         self._deadline = None
+        self._run_deadline = None               # this run's: _deadline, or earlier for cpu_time
+        self._cpu_budget = None                 # ns of this thread's CPU time this run may use
+        self._cpu_start = 0
+        self.last_cpu_time = None
         self._stdout = bytearray()
         self._stderr = bytearray()
         self.output_limit = OUTPUT_LIMIT
@@ -602,20 +610,30 @@ class LinuxSandbox(Resource):
 
     def run(self, input: Union[bytes, bytearray, memoryview] = b"", *, eof: bool = False,
             timeout: Optional[float] = None, restore: Optional[LinuxSnapshot] = None,
-            output_limit: Optional[int] = None) -> RunResult:
+            output_limit: Optional[int] = None, cpu_time: Optional[float] = None) -> RunResult:
         """Runs the program until it exits or blocks reading stdin with no input left. input is
         appended to what stdin still holds; eof=True makes a read with nothing left return 0.
         restore: first puts the sandbox back to this snapshot, as restore() does. A warm request
         (a snapshot parked in a read of stdin, restored to from the last restore's snapshot, and
         input for that read) then takes one C call for the restore, the read's answer and the
         run up to the next exit: the GIL is released once for all of it (see _resume).
-        output_limit: bytes of stdout, and of stderr, this run keeps (None: self.output_limit)."""
+        output_limit: bytes of stdout, and of stderr, this run keeps (None: self.output_limit).
+        cpu_time: seconds of CPU time the run may use (None: no limit but the timeout), past it
+        GuestCpuLimit (a GuestTimeout; the sandbox is poisoned as by a timeout). It is the CPU
+        time of the thread that runs it: the guest's own (KVM accounts it to that thread) and
+        the host's work serving its system calls and restoring it, not the time it waits
+        (sleeps, a busy machine, a slow stream consumer); on_output's time counts too. It is
+        checked at the wall-clock deadline it implies, so a run may exceed it by CPU_SLICE_NS.
+        last_cpu_time: the seconds of CPU time the last run with a cpu_time used."""
         if not isinstance(input, (bytes, bytearray, memoryview)):
             raise TypeError(f"input must be bytes, not {type(input).__name__}")
         timeout = run_timeout(timeout)
+        cpu_budget = run_timeout(cpu_time, "cpu_time")
+        cpu_budget = None if cpu_budget is None else int(cpu_budget * 1e9)
         limit = _check_output_limit(self.output_limit if output_limit is None else output_limit)
         start = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
         with self._gate.operation("run()", start):      # (waiting counts against timeout)
+            self.last_cpu_time = None
             resume = None
             if restore is not None:
                 self._check_restore(restore)
@@ -631,6 +649,10 @@ class LinuxSandbox(Resource):
             self._output_limit, self._truncated = limit, ()
             self._deadline = None if timeout is None else time.monotonic_ns() + int(timeout * 1e9)
             self._timeout = timeout
+            self._cpu_budget = cpu_budget
+            if cpu_budget is not None:
+                self._cpu_start = time.thread_time_ns()
+            self._run_deadline = self._cpu_deadline(0)
             if self._wake.is_set():
                 self._wake.clear()
             # Opens the run for cancel() (a cancel() from before it is forgotten); end_call()
@@ -654,6 +676,17 @@ class LinuxSandbox(Resource):
                 raise
             finally:
                 self._vcpu.end_call()
+                if cpu_budget is not None:
+                    self.last_cpu_time = (time.thread_time_ns() - self._cpu_start) / 1e9
+
+    def _cpu_deadline(self, used):
+        """The deadline the vCPU runs to next: the run's, or sooner when the CPU time left (of
+        the run's cpu_time, `used` ns used) runs out before it at the latest."""
+        deadline, budget = self._deadline, self._cpu_budget
+        if budget is None:
+            return deadline
+        cpu_end = time.monotonic_ns() + max(budget - used, CPU_SLICE_NS)
+        return cpu_end if deadline is None else min(deadline, cpu_end)
 
     def _loop(self, resume=None):
         vcpu = self._vcpu
@@ -667,9 +700,20 @@ class LinuxSandbox(Resource):
             first = self._resume(*resume)
         self._warm.ran = True
         try:
-            kind = _serve(self.task, vcpu, pending, run_until, self._deadline, syscalls.dispatch,
-                          impl.syscall_regs, impl.syscall_return, Exit.IO, SYSCALL_PORT,
-                          SYSCALL_STUB, machine.USER_CS, machine.USER_DS, first)
+            while True:
+                kind = _serve(self.task, vcpu, pending, run_until, self._run_deadline, syscalls.dispatch,
+                              impl.syscall_regs, impl.syscall_return, Exit.IO, SYSCALL_PORT,
+                              SYSCALL_STUB, machine.USER_CS, machine.USER_DS, first)
+                if kind != Exit.TIMEOUT or self._cpu_budget is None or self._run_deadline == self._deadline:
+                    break
+                # The CPU-time deadline, not the run's: the vCPU stopped between instructions
+                # (or was not entered) and goes on while CPU time is left.
+                used = time.thread_time_ns() - self._cpu_start
+                if used >= self._cpu_budget:
+                    kind = None
+                    break
+                self._run_deadline = self._cpu_deadline(used)
+                pending, first = False, -1
         except Park:
             io = self._io
             self._io = IoState(io.input, io.eof, True, io.exit_code)
@@ -737,7 +781,7 @@ class LinuxSandbox(Resource):
         """The warm request's restore and the read's answer, and the run to the first exit, in
         one call of the warm-start core (WarmMemory.resume). Returns that exit's kind. A failed
         restore poisons the sandbox as a failed restore() does."""
-        deadline = self._deadline
+        deadline = self._run_deadline
         timeout_ns = -1 if deadline is None else max(1, deadline - time.monotonic_ns())
         self.task.syscall_count += 1            # the read it answers
         try:
@@ -835,6 +879,9 @@ class LinuxSandbox(Resource):
             return GuestFault(f"the program used I/O port {vcpu.io_port:#x} ("
                               f"{'out' if vcpu.io_direction else 'in'}, {vcpu.io_size} bytes"
                               f"{', string' if vcpu.io_string else ''}): not a system call", kind="io")
+        if kind is None:
+            return GuestCpuLimit(f"the program used its CPU time of {self._cpu_budget / 1e9:g} s and "
+                                 f"was stopped")
         if kind == Exit.TIMEOUT:
             return GuestTimeout(f"the program ran past its timeout of {self._timeout} s and was stopped")
         if kind == Exit.CANCELLED and self._gate.closing:

@@ -5,6 +5,9 @@
 # Request (stdin):  4-byte little-endian length, then a JSON object
 #     {"op": "exec" | "eval" | "warm", "code": str, "seed": hex str (host entropy), "cap": int,
 #      "stream": bool}
+#     or a file request of sb.files (see _file): {"op": "file", "action": "write" | "read" |
+#      "list" | "remove", "path": str, ...}, answered with its value (an OSError as
+#      {"errno": int, "strerror": str}); it touches neither the namespace nor the generators
 #     ("warm" executes in a throwaway copy of the globals: first-call work without new names;
 #      "stream": sys.stdout/sys.stderr write through to fd 1/2 in batches, see _Out, instead of
 #      being captured into the answer)
@@ -407,6 +410,78 @@ def _serve(request, namespace):
     return data
 
 
+def _file_write(request):
+    # The chunks go to a part file beside the target, renamed over it at the last one: a failed
+    # write (ENOSPC past tmp_size, EROFS) leaves the target as it was.
+    path = request["path"]
+    head, name = os.path.split(path)
+    if not name:
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
+    part = os.path.join(head, f".{name}.whpfast-part")
+    try:
+        if request["first"] and head:
+            os.makedirs(head, exist_ok=True)
+        with open(part, "wb" if request["first"] else "ab") as f:
+            f.write(base64.b64decode(request["data"]))
+        if request["last"]:
+            os.replace(part, path)
+    except BaseException:
+        try:
+            os.unlink(part)
+        except OSError:
+            pass
+        raise
+
+
+def _file_read(request):
+    with open(request["path"], "rb") as f:
+        if request["offset"]:
+            f.seek(request["offset"])
+        return base64.b64encode(f.read(request["size"])).decode("ascii")
+
+
+def _file_list(request):
+    out = []
+    with os.scandir(request["path"]) as entries:
+        for e in entries:
+            st = e.stat(follow_symlinks=False)
+            kind = ("link" if e.is_symlink() else "dir" if e.is_dir(follow_symlinks=False)
+                    else "file" if e.is_file(follow_symlinks=False) else "other")
+            out.append([e.name, st.st_size, kind])
+    return out
+
+
+def _file_remove(request):
+    path = request["path"]
+    if os.path.isdir(path) and not os.path.islink(path):
+        if request["recursive"]:
+            import shutil
+            shutil.rmtree(path)
+        else:
+            os.rmdir(path)
+    else:
+        os.unlink(path)
+
+
+_FILE_ACTIONS = {"write": _file_write, "read": _file_read, "list": _file_list, "remove": _file_remove}
+
+
+def _file(request):
+    value = error = None
+    try:
+        value = _FILE_ACTIONS[request["action"]](request)
+    except OSError as e:
+        value = {"errno": e.errno or errno.EIO, "strerror": e.strerror or str(e)}
+    except BaseException as e:
+        error = _described(type(e).__name__, str(e), "")
+    data = json.dumps({"stdout": "", "stderr": "", "error": error, "value": value, "display": []}).encode()
+    if len(data) > ANSWER_LIMIT:
+        why = f"the answer is {len(data)} bytes as JSON, over the {ANSWER_LIMIT >> 20} MiB limit"
+        data = json.dumps({"stdout": "", "stderr": "", "error": _described("ValueError", why, ""),
+                           "value": None, "display": []}).encode()
+    return data
+
+
 def _frame(answer):
     return MAGIC + len(answer).to_bytes(8, "little") + answer
 
@@ -442,7 +517,7 @@ def main():
         size = int.from_bytes(pending[:4], "little")
         request = json.loads(pending[4:4 + size])
         del pending[:4 + size]
-        answer = _serve(request, namespace)
+        answer = _file(request) if request["op"] == "file" else _serve(request, namespace)
 
 
 main()

@@ -33,16 +33,16 @@ from pathlib import Path
 from typing import (Any, AsyncIterator, Callable, Dict, Iterable, List, Mapping, Optional,
                     Union)
 
-from ..errors import (GuestCallError, GuestError, GuestPythonError, GuestTimeout, SandboxClosed,
-                      SandboxError, SnapshotError)
+from ..errors import (ConfigError, GuestCallError, GuestCancelled, GuestCpuLimit, GuestError,
+                      GuestPythonError, GuestTimeout, SandboxClosed, SandboxError, SnapshotError)
 from ..linux.errno import LinuxError
 from .._typing import StrPath
 from ..core import argcheck
 from ..core.gate import Gate
 from ..core.run import request_timeout, run_timeout
 from ..core.resource import Resource
-from ..linux.grant import Grant
-from ..linux.process import OUTPUT_MARKER, LinuxSandbox, LinuxSnapshot
+from ..linux.grant import DEFAULT_TMP_SIZE, Grant
+from ..linux.process import MAX_OUTPUT_LIMIT, OUTPUT_MARKER, LinuxSandbox, LinuxSnapshot
 from .interpreter import _belongs, _listdir, describe
 
 _encode_str = json.encoder.encode_basestring_ascii     # json.dumps's (ensure_ascii) str encoder
@@ -61,10 +61,67 @@ STREAM_PENDING_CHARS = 1 << 20
 ANSWER_LIMIT = 16 << 20                      # bytes of answer JSON accepted (= driver.py's, = MAX_IO)
 DEFAULT_MEMORY_SIZE = 512 << 20
 OUTPUT_LIMIT = 1 << 20                       # characters of stdout / stderr kept per run
-# (bytes written to fd 1/2 directly, past sys.stdout: LinuxSandbox's output limit applies)
+# Bytes written to fd 1/2 directly (past sys.stdout), per stream and run: LinuxSandbox's output
+# limit, RAW_OUTPUT_FACTOR x output_limit (16 MiB by default; at least 4x: a streamed run's
+# characters, in UTF-8, always fit).
+RAW_OUTPUT_FACTOR = 16
+MAX_OUTPUT_CHARS = 16 << 20                  # output_limit at most (the answer is 16 MiB at most)
+DEFAULT_CWD = "/tmp/work"                    # the working directory: made at boot, in /tmp
 BOOT_TIMEOUT = 300
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8",
        "MPLBACKEND": "Agg"}              # matplotlib draws in memory: figures come back as PNG
+
+
+def _env(env, layout):
+    """ENV with the caller's env= over it, checked: str names (no "=", no NUL) to str values (no
+    NUL); never a variable the interpreter's layout sets (LD_LIBRARY_PATH for a moved prefix)."""
+    if env is None:
+        return {**ENV, **layout}
+    if not isinstance(env, Mapping):
+        raise TypeError(f"env must be a mapping of str to str, not {type(env).__name__}")
+    for k, v in env.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"env must map str to str, got {k!r}: {v!r}")
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise ConfigError(f"env: {k!r} is not a valid environment variable (a name without "
+                              f"'=' or NUL, a value without NUL)")
+        if k in layout:
+            raise ConfigError(f"env cannot set {k}: the interpreter's layout in the sandbox needs "
+                              f"{k}={layout[k]}")
+    return {**ENV, **env, **layout}
+
+
+def _cwd(cwd):
+    if isinstance(cwd, os.PathLike):
+        cwd = os.fspath(cwd)
+    if not isinstance(cwd, str):
+        raise TypeError(f"cwd must be a str path, not {type(cwd).__name__}")
+    if not cwd.startswith("/") or "\0" in cwd:
+        raise ConfigError(f"cwd must be an absolute path inside the sandbox, got {cwd!r}")
+    return os.path.normpath(cwd)
+
+
+def _output_limit(value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"output_limit must be an int number of characters, not {value!r}")
+    if not 0 <= value <= MAX_OUTPUT_CHARS:
+        raise ConfigError(f"output_limit must be between 0 and {MAX_OUTPUT_CHARS} characters, got {value}")
+    return value
+
+
+_CANCEL_RETRY = 0.005        # seconds between repeated cancels of an abandoned arun/aeval
+# The working directory, set at boot by a "warm" request (its names do not stay)
+_CHDIR = "import os as _os\nif {make}: _os.makedirs({cwd!r}, exist_ok=True)\n_os.chdir({cwd!r})"
+FILE_CHUNK = 4 << 20         # bytes of a file per request of sb.files (base64 in JSON: ~5.6 MB)
+READ_LIMIT = 1 << 30         # files.read(): bytes at most unless max_size= says otherwise
+
+
+class _Call:
+    """One arun/aeval: abandoned once its awaiting task was cancelled."""
+    __slots__ = ("abandoned",)
+
+    def __init__(self):
+        self.abandoned = False
 
 
 class PythonError(str):
@@ -197,16 +254,17 @@ def _policy(interp, read, packages=None):
     return policy, extra
 
 
-def granted_snapshot(snapshot, python=None, read=(), memory_size=None):
+def granted_snapshot(snapshot, python=None, read=(), memory_size=None, tmp_size=None):
     """The LinuxSnapshot of a PythonSandbox that `snapshot` (a path or a LinuxSnapshot) is,
     held to the caller's grant (see PythonSandbox.from_snapshot): a file is loaded under it (once
     per file while in use, _load_shared), an object is checked against it when any is given.
     SnapshotError for a snapshot of another kind, driver or interpreter, or one asking more."""
-    asked = python is not None or memory_size is not None or bool(read)
+    asked = python is not None or memory_size is not None or tmp_size is not None or bool(read)
     grant = None
     if asked or not isinstance(snapshot, LinuxSnapshot):
         python = os.path.abspath(python or sys.executable)
-        grant = Grant.of(_policy(describe(python), read)[0], memory_size or DEFAULT_MEMORY_SIZE)
+        grant = Grant.of(_policy(describe(python), read)[0], memory_size or DEFAULT_MEMORY_SIZE,
+                         tmp_size)
     if not isinstance(snapshot, LinuxSnapshot):
         snapshot = _load_shared(snapshot, grant)
     elif grant is not None:
@@ -242,13 +300,31 @@ class PythonSandbox(Resource):
     before the warm snapshot (e.g. "import pandas as pd"): its names are the globals every run
     starts from. warmup: code run once before the snapshot in a throwaway copy of those globals
     (typically the request itself), so its first-call work (lazy imports, caches, heap growth)
-    is in the snapshot instead of being redone by every run. memory_size bounds the guest's
-    memory: past it the guest gets MemoryError."""
+    is in the snapshot instead of being redone by every run.
+
+    Environment and limits (docs/limits.md lists the defaults): env: variables set over ENV
+    (PATH, HOME=/tmp, LANG, MPLBACKEND), not those the interpreter's layout needs. cwd: the
+    working directory (default DEFAULT_CWD, /tmp/work; one under /tmp is made at boot, another
+    must be a directory `read` shows, read-only). memory_size bounds the guest's memory (past
+    it MemoryError); tmp_size its /tmp, where it writes (past it OSError ENOSPC).
+    output_limit: characters of stdout, and of stderr, a run keeps (then a marker; bytes
+    written to fd 1/2 directly: RAW_OUTPUT_FACTOR x as many). cpu_time: seconds of CPU time one
+    run (run, eval, a streamed run) may use, cpu_time_total: all of this sandbox's runs
+    together (its forks go on from what it used); past either the run raises GuestCpuLimit, a
+    GuestTimeout, and the state is as after a timeout (the next fresh=False run raises; a
+    fresh run or restore() starts clean); once cpu_time_total is used up every run raises
+    GuestCpuLimit without starting. None: no CPU limit but each run's timeout (30 s by
+    default), which CPU time never exceeds. CPU time is the guest's, as KVM accounts it to the
+    thread that runs it, plus the host's work for it (see LinuxSandbox.run); not the time it
+    waits."""
 
     def __init__(self, *, python: Optional[StrPath] = None, setup: str = "",
                  read: Union[StrPath, Iterable[StrPath]] = (), memory_size: int = DEFAULT_MEMORY_SIZE,
                  warmup: str = "", timeout: float = BOOT_TIMEOUT,
-                 packages: Union[None, str, Iterable[str]] = None) -> None:
+                 packages: Union[None, str, Iterable[str]] = None,
+                 env: Optional[Mapping[str, str]] = None, cwd: StrPath = DEFAULT_CWD,
+                 tmp_size: int = DEFAULT_TMP_SIZE, output_limit: int = OUTPUT_LIMIT,
+                 cpu_time: Optional[float] = None, cpu_time_total: Optional[float] = None) -> None:
         self._closed = True
         _check_code(setup, "setup")
         _check_code(warmup, "warmup")
@@ -256,17 +332,26 @@ class PythonSandbox(Resource):
         python = os.path.abspath(python or sys.executable)
         interp = describe(python)
         read = argcheck.read_policy(read)
+        environ = _env(env, interp.env)
+        cwd = _cwd(cwd)
         self._init_common()
+        self._set_limits(output_limit, cpu_time, cpu_time_total)
         # Booted with every site-packages entry readable; narrowed below to what boot, setup and
         # warm-up looked up (and `packages`) before the snapshot every run starts from.
         policy, extra = _policy(interp, read)
-        self._lx = LinuxSandbox([interp.argv0, "-I", "-B", "-c", DRIVER], env={**ENV, **interp.env},
-                                read=policy, extra_files=extra, memory_size=memory_size)
+        self._lx = LinuxSandbox([interp.argv0, "-I", "-B", "-c", DRIVER], env=environ,
+                                read=policy, extra_files=extra, memory_size=memory_size,
+                                tmp_size=tmp_size)
         try:
+            self._lx.output_limit = self._raw_output_limit
             first = self._lx.run(timeout=timeout)
             if not first.waiting:
                 raise SandboxError(f"the interpreter {python} did not start the driver (exit status "
                                    f"{first.exit_code}): {first.stderr.decode('utf-8', 'replace')[-2000:]}")
+            in_tmp = cwd == "/tmp" or cwd.startswith("/tmp/")
+            result, _ = self._request("warm", _CHDIR.format(cwd=cwd, make=in_tmp), timeout)
+            if result.error is not None:
+                raise ConfigError(f"cwd {cwd!r} cannot be the working directory: {result.error.message}")
             # setup, then the user's warm-up, then one request of each kind (the driver's own
             # first-call work: json, compile, the capture classes) before the snapshot.
             for op, code, what in (("exec", setup, "setup"), ("warm", warmup, "warmup"),
@@ -285,8 +370,44 @@ class PythonSandbox(Resource):
         except BaseException:
             self._lx.close()
             raise
+        self._lx.output_limit = self._raw_output_limit
         self.python = python
         self._closed = False
+
+    def _set_limits(self, output_limit, cpu_time, cpu_time_total, cpu_used=0.0):
+        self._output_limit = _output_limit(output_limit)
+        self._raw_output_limit = min(MAX_OUTPUT_LIMIT, RAW_OUTPUT_FACTOR * output_limit)
+        self._cpu_time = run_timeout(cpu_time, "cpu_time")
+        self._cpu_time_total = run_timeout(cpu_time_total, "cpu_time_total")
+        self._cpu_used = cpu_used
+
+    @property
+    def files(self) -> "Files":
+        """The files of the live state: sb.files.write(path, data), read(path), list(dir),
+        remove(path) (see Files)."""
+        return self._files
+
+    @property
+    def output_limit(self) -> int:
+        """Characters of stdout, and of stderr, one run keeps."""
+        return self._output_limit
+
+    @property
+    def cpu_time(self) -> Optional[float]:
+        """Seconds of CPU time one run may use (None: only its timeout bounds it)."""
+        return self._cpu_time
+
+    @property
+    def cpu_time_total(self) -> Optional[float]:
+        """Seconds of CPU time all runs of this sandbox (and the sandbox it was forked from,
+        until the fork) may use together (None: no total)."""
+        return self._cpu_time_total
+
+    @property
+    def cpu_time_used(self) -> float:
+        """Seconds of CPU time the runs counted against cpu_time_total used so far (counted
+        only while a CPU limit is set)."""
+        return self._cpu_used
 
     def _narrow(self, snapshot, interp, read, packages):
         """`snapshot` under the policy that shows, of the site-packages, only the entries the
@@ -305,26 +426,36 @@ class PythonSandbox(Resource):
         # under it (the answer is read from its memory after the run).
         self._gate = Gate(self._free, lambda: self._lx.cancel())
         self._stale = False          # the guest is not parked at a clean read: restore first
+        self._running = None         # the _Call of the run going on (arun's cancel finds it)
+        self._running_lock = threading.Lock()
+        self._files = Files(self)
 
     @classmethod
     def from_snapshot(cls, snapshot: Union[LinuxSnapshot, StrPath], *, python: Optional[StrPath] = None,
                       read: Union[StrPath, Iterable[StrPath], Mapping[str, str]] = (),
-                      memory_size: Optional[int] = None) -> "PythonSandbox":
+                      memory_size: Optional[int] = None, tmp_size: Optional[int] = None,
+                      output_limit: int = OUTPUT_LIMIT, cpu_time: Optional[float] = None,
+                      cpu_time_total: Optional[float] = None) -> "PythonSandbox":
         """A sandbox in a saved warm state (a path written by save(), or a LinuxSnapshot taken by
         a PythonSandbox). Sandboxes started from one path share the file's loaded image.
 
         A file is untrusted: the arguments are the authority, as for the constructor. It must
         have been made for `python` (default: this interpreter, sys.executable), may read only
         that interpreter's files and the caller's `read` paths, and may have at most
-        `memory_size` of memory (default 512 MiB); else SnapshotError naming what it asks for.
-        A LinuxSnapshot object without arguments keeps the grant it was loaded under (taken in
-        this process: what it declares)."""
-        snapshot = granted_snapshot(snapshot, python, read, memory_size)
+        `memory_size` of memory (default 512 MiB) and a /tmp of at most `tmp_size` (default 64
+        MiB); else SnapshotError naming what it asks for. A LinuxSnapshot object without
+        arguments keeps the grant it was loaded under (taken in this process: what it
+        declares). The environment and working directory are the snapshot's (its guest's
+        state); output_limit, cpu_time and cpu_time_total are the caller's, as for the
+        constructor (a snapshot file carries none)."""
+        snapshot = granted_snapshot(snapshot, python, read, memory_size, tmp_size)
         info = snapshot.meta["python"]
         self = cls.__new__(cls)
         self._closed = True
         self._init_common()
+        self._set_limits(output_limit, cpu_time, cpu_time_total)
         self._lx = LinuxSandbox.from_snapshot(snapshot)
+        self._lx.output_limit = self._raw_output_limit
         self._snapshot = snapshot
         self.python = info["python"]
         self._closed = False
@@ -411,7 +542,8 @@ class PythonSandbox(Resource):
         what one runs is never seen by this one or another (each has its own VM; their memory
         shares the checkpoint's pages copy-on-write where the backend can). Each has this
         sandbox's interpreter and read policy, and its fresh runs start from this sandbox's
-        `.snapshot`. Close them (or use them as context managers) when done."""
+        `.snapshot`; its limits (output_limit, cpu_time, cpu_time_total) with the CPU time it
+        used so far. Close them (or use them as context managers) when done."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, not {n!r}")
         with self._gate.operation("fork()"):
@@ -431,7 +563,9 @@ class PythonSandbox(Resource):
         child = type(self).__new__(type(self))
         child._closed = True
         child._init_common()
+        child._set_limits(self._output_limit, self._cpu_time, self._cpu_time_total, self._cpu_used)
         child._lx = LinuxSandbox.from_snapshot(live)
+        child._lx.output_limit = self._raw_output_limit
         child._snapshot = self._snapshot
         child.python = self.python
         child._closed = False
@@ -492,6 +626,56 @@ class PythonSandbox(Resource):
             if not work.cancelled():
                 work.exception()             # (retrieved: the consumer left, it is not news)
 
+    async def arun(self, code: str, *, timeout: Optional[float] = None, fresh: bool = True,
+                   on_output: Optional[Callable[[str, str], object]] = None) -> PythonResult:
+        """run() for asyncio: `await sb.arun(code)` runs it in a worker thread (the default
+        executor) and the event loop goes on. Cancelling the await (task.cancel(),
+        asyncio.wait_for's timeout) cancels the run: it stops as cancel() stops it (the
+        interpreter state is then as after a timeout) or, if it had not started, never starts;
+        the CancelledError propagates. on_output is called in the worker thread."""
+        _check_code(code, "code")
+        return await self._async("exec", code, timeout, argcheck.flag(fresh, "fresh"), on_output)
+
+    async def aeval(self, expr: str, *, timeout: Optional[float] = None, fresh: bool = True) -> Any:
+        """eval() for asyncio, cancelled as arun() is."""
+        _check_code(expr, "expr")
+        return await self._async("eval", expr, timeout, argcheck.flag(fresh, "fresh"))
+
+    async def _async(self, op, code, timeout, fresh, on_output=None):
+        if on_output is not None and not callable(on_output):
+            raise TypeError("on_output must be callable (stream, text) or None")
+        loop = asyncio.get_running_loop()
+        call = _Call()
+        work = loop.run_in_executor(None, functools.partial(self._call, op, code, timeout, fresh,
+                                                            on_output, call))
+        try:
+            result, value = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # Nobody awaits `work` now: its outcome (GuestCancelled, most likely) is retrieved
+            # here, or asyncio would log "Future exception was never retrieved".
+            work.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._abandon(call, work, loop)
+            raise
+        if op == "eval" and result.error is not None:
+            raise GuestPythonError(f"the guest raised:\n{result.error}", traceback=result.error,
+                                   stdout=result.stdout, stderr=result.stderr)
+        return result if op == "exec" else value
+
+    def _abandon(self, call, work, loop):
+        """Stops the run of an abandoned arun/aeval: it does not start if it has not, and is
+        cancelled again every _CANCEL_RETRY s while it runs (a cancel() that comes before the
+        LinuxSandbox's run opens is forgotten, by design)."""
+        call.abandoned = True
+
+        def again():
+            if work.done():
+                return
+            with self._running_lock:
+                if self._running is call:
+                    self._lx.cancel()
+            loop.call_later(_CANCEL_RETRY, again)
+        again()
+
     def eval(self, expr: str, *, timeout: Optional[float] = None, fresh: bool = True) -> Any:
         """Evaluates expr and returns its value, carried as JSON (lists for tuples, str keys).
         An exception in the guest raises GuestPythonError with the guest traceback. timeout: as
@@ -507,23 +691,93 @@ class PythonSandbox(Resource):
         if self.closed:
             raise SandboxClosed("the Python sandbox is closed")
 
-    def _call(self, op, code, timeout, fresh, on_output=None):
+    def _call(self, op, code, timeout, fresh, on_output=None, call=None):
         timeout = request_timeout(timeout)
         deadline = None if run_timeout(timeout) is None else time.monotonic_ns() + int(timeout * 1e9)
         with self._gate.operation("run()" if op == "exec" else "eval()", deadline):
             self._check_open()
+            if call is not None and call.abandoned:
+                raise GuestCancelled("the run was cancelled before it started")
             if not fresh and self._stale:
                 raise SandboxError("the previous run left the interpreter unusable (it exited, timed out "
                                    "or did not answer); run again with fresh=True, or restore() a "
                                    "checkpoint() to continue from it")
-            return self._request(op, code, timeout, self._snapshot if fresh else None, on_output)
+            cpu = self._cpu_left()
+            with self._running_lock:
+                self._running = call
+            try:
+                return self._request(op, code, timeout, self._snapshot if fresh else None,
+                                     on_output, cpu)
+            finally:
+                with self._running_lock:
+                    self._running = None
 
-    def _request(self, op, code, timeout, restore=None, on_output=None):
+    def _files_op(self, what, exchange, timeout):
+        """Runs `exchange`, a generator that yields "file" requests (dicts) and is sent the
+        value of each answer, as one operation; returns what it returns. An OSError the guest's
+        file system raised is raised here as one (and into nothing: the exchange ends)."""
+        timeout = request_timeout(timeout)
+        with self._gate.operation(what):
+            self._check_open()
+            if self._stale:
+                raise SandboxError(f"{what} needs the live interpreter, and the previous run left it "
+                                   f"unusable (it exited, timed out or was cancelled); restore() a "
+                                   f"checkpoint() or run with fresh=True first")
+            request = next(exchange)
+            while True:
+                value = self._file_request(request, timeout)
+                try:
+                    request = exchange.send(value)
+                except StopIteration as done:
+                    return done.value
+
+    def _file_request(self, request, timeout):
+        payload = json.dumps({"op": "file", **request}).encode()
+        self._stale = True                       # until a clean answer says otherwise
+        try:
+            if self._gate.closing:
+                raise SandboxClosed("the Python sandbox was closed")
+            r = self._lx.run(struct.pack("<I", len(payload)) + payload, timeout=timeout)
+        except (SandboxError, GuestError):
+            if self._gate.closing:
+                raise SandboxClosed("the Python sandbox was closed while a file request ran") from None
+            raise
+        if r.exit_code is not None:
+            raise SandboxError(f"the Python process exited with status {r.exit_code} during a file "
+                               f"request; run with fresh=True or restore() a checkpoint")
+        answer = _read_answer(self._lx, "eval")
+        self._stale = False
+        error = answer["error"]
+        if error is not None:
+            raise GuestCallError(f"the guest's driver failed a file request: {error['type']}: "
+                                 f"{error['message']}")
+        value = answer["value"]
+        if isinstance(value, dict) and set(value) == {"errno", "strerror"}:
+            code, text = value["errno"], value["strerror"]
+            if not (isinstance(code, int) and 0 < code < 4096 and isinstance(text, str)):
+                raise _malformed("an error's fields")
+            raise OSError(code, text, request["path"])
+        return value
+
+    def _cpu_left(self):
+        """Seconds of CPU time the next run may use (None: no limit); GuestCpuLimit when
+        cpu_time_total is used up."""
+        per, total = self._cpu_time, self._cpu_time_total
+        if total is None:
+            return per
+        left = total - self._cpu_used
+        if left <= 0:
+            raise GuestCpuLimit(f"the sandbox has used its cpu_time_total of {total:g} s "
+                                f"({self._cpu_used:.3f} s); the run was not started")
+        return left if per is None else min(per, left)
+
+    def _request(self, op, code, timeout, restore=None, on_output=None, cpu=None):
         """Sends one request to the parked driver and returns (PythonResult, value); restore:
         the snapshot to restore first, in the same call (LinuxSandbox.run(restore=...): one
         GIL release for the restore and the request's run). on_output: the run streams its
         output to it (the driver writes through to fd 1/2; none: it captures, no write exits)."""
-        payload = _encode_request(op, code, os.urandom(32).hex(), on_output is not None)
+        payload = _encode_request(op, code, os.urandom(32).hex(), on_output is not None,
+                                  self._output_limit)
         self._stale = True                       # until a clean answer says otherwise
         closed = SandboxClosed("the Python sandbox was closed while the code ran")
         listener = None
@@ -535,19 +789,26 @@ class PythonSandbox(Resource):
                 listener = self._lx._on_output = _Listener(on_output, self._lx)
             try:
                 r = self._lx.run(struct.pack("<I", len(payload)) + payload, timeout=timeout,
-                                 restore=restore)
+                                 restore=restore, cpu_time=cpu)
             finally:
                 if listener is not None:
                     self._lx._on_output = None
+                if cpu is not None and self._lx.last_cpu_time is not None:
+                    self._cpu_used += self._lx.last_cpu_time
             if listener is not None:
                 listener.finish(r)
             if self._gate.closing:
                 raise closed
-        except (SandboxError, GuestError):
+        except (SandboxError, GuestError) as e:
             if self._gate.closing:
                 raise closed from None
             if listener is not None and listener.error is not None:
                 raise listener.error from None
+            if isinstance(e, GuestCpuLimit) and cpu != self._cpu_time:
+                why = GuestCpuLimit(f"the run used the rest of the sandbox's cpu_time_total of "
+                                    f"{self._cpu_time_total:g} s ({cpu:.3f} s) and was stopped")
+                why.stdout, why.stderr = getattr(e, "stdout", b""), getattr(e, "stderr", b"")
+                raise why from None
             raise
         if listener is not None and listener.error is not None:
             raise listener.error
@@ -590,12 +851,146 @@ class PythonSandbox(Resource):
         return error
 
 
-def _encode_request(op, code, seed, stream=False):
-    """json.dumps({"op": op, "code": code, "seed": seed, "cap": OUTPUT_LIMIT, "stream": stream}).encode(),
+@dataclass(frozen=True)
+class FileInfo:
+    """An entry of sb.files.list(dir): its name, its path (dir joined with the name), its size
+    in bytes (of the link itself for a symlink) and its kind: "file", "dir", "link" or
+    "other"."""
+    name: str
+    path: str
+    size: int
+    kind: str
+
+
+FILE_KINDS = frozenset(("file", "dir", "link", "other"))
+
+
+def _guest_path(path):
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"path must be a str (a path inside the sandbox), not {type(path).__name__}")
+    if not path or "\0" in path:
+        raise ValueError(f"path must be a non-empty path without NUL, got {path!r}")
+    return path
+
+
+class Files:
+    """sb.files: the files of the sandbox's own file system from the host, in its live state
+    (what run(..., fresh=False) continues from): /tmp, with the working directory in it, and,
+    read-only, what `read` shows. The guest's interpreter does the work, between cells, through
+    its driver (no restore): its file system enforces what the guest itself may do, so a write
+    is held to tmp_size (OSError ENOSPC past it; the file is then left as it was) and to /tmp (a
+    host path is a read-only mount: OSError EROFS), and the files are part of checkpoint() and
+    fork(). Relative paths are from the guest's working directory. Errors from the guest's
+    file system are the OSError subclasses Python raises (FileNotFoundError, ...). A fresh run
+    (fresh=True, the default) starts from the warm snapshot, without what was written here:
+    use fresh=False to see it. timeout: seconds for each request of at most FILE_CHUNK bytes
+    (default: DEFAULT_RUN_TIMEOUT). After a run that left the interpreter unusable (it timed
+    out, was cancelled or exited) there is no live state: SandboxError, until restore() or a
+    fresh run."""
+
+    def __init__(self, sandbox):
+        self._sb = weakref.proxy(sandbox)
+
+    def write(self, path: StrPath, data: Union[bytes, bytearray, memoryview, str], *,
+              encoding: str = "utf-8", timeout: Optional[float] = None) -> int:
+        """Writes data (bytes, or a str encoded with `encoding`) to the file at path, replacing
+        it whole (atomically: a failed write leaves it as it was), making its missing parent
+        directories. Returns the bytes written."""
+        path = _guest_path(path)
+        if isinstance(data, str):
+            data = data.encode(encoding)
+        elif not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes or str, not {type(data).__name__}")
+        view = memoryview(data).cast("B")
+        chunks = [view[i:i + FILE_CHUNK] for i in range(0, len(view), FILE_CHUNK)] or [view]
+
+        def exchange():
+            for i, chunk in enumerate(chunks):
+                value = yield {"action": "write", "path": path, "first": i == 0,
+                               "last": i == len(chunks) - 1,
+                               "data": base64.b64encode(chunk).decode("ascii")}
+                if value is not None:
+                    raise _malformed("a write's answer is not null")
+            return len(view)
+        return self._sb._files_op("files.write()", exchange(), timeout)
+
+    def read(self, path: StrPath, *, encoding: Optional[str] = None, max_size: int = READ_LIMIT,
+             timeout: Optional[float] = None) -> Union[bytes, str]:
+        """The contents of the file at path: bytes, or a str decoded with `encoding` when
+        given. A file larger than max_size bytes (default READ_LIMIT, 1 GiB) raises
+        ValueError (a host path's file may be large)."""
+        path = _guest_path(path)
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0:
+            raise TypeError(f"max_size must be an int number of bytes >= 0, not {max_size!r}")
+
+        def exchange():
+            parts, got = [], 0
+            while True:
+                want = min(FILE_CHUNK, max_size + 1 - got)
+                value = yield {"action": "read", "path": path, "offset": got, "size": want}
+                if not isinstance(value, str):
+                    raise _malformed("a read's answer is not base64 text")
+                try:
+                    chunk = base64.b64decode(value, validate=True)
+                except (binascii.Error, ValueError):
+                    raise _malformed("a read's answer is not base64") from None
+                if len(chunk) > want:
+                    raise _malformed("a read's answer is larger than asked for")
+                parts.append(chunk)
+                got += len(chunk)
+                if got > max_size:
+                    raise ValueError(f"{path} is larger than max_size={max_size} bytes")
+                if len(chunk) < want:
+                    return b"".join(parts)
+        data = self._sb._files_op("files.read()", exchange(), timeout)
+        return data if encoding is None else data.decode(encoding)
+
+    def list(self, path: StrPath = ".", *, timeout: Optional[float] = None) -> List[FileInfo]:
+        """The entries of the directory at path (default: the working directory), sorted by
+        name, as FileInfo(name, path, size, kind)."""
+        path = _guest_path(path)
+
+        def exchange():
+            value = yield {"action": "list", "path": path}
+            if not isinstance(value, list):
+                raise _malformed("a listing is not a list")
+            out = []
+            for entry in value:
+                if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                        and entry[0] not in ("", ".", "..") and "/" not in entry[0]
+                        and isinstance(entry[1], int) and not isinstance(entry[1], bool)
+                        and entry[1] >= 0 and entry[2] in FILE_KINDS):
+                    raise _malformed("a listing's entry is not [name, size, kind]")
+                out.append(FileInfo(entry[0], path.rstrip("/") + "/" + entry[0], entry[1], entry[2]))
+            return sorted(out, key=lambda e: e.name)
+        return self._sb._files_op("files.list()", exchange(), timeout)
+
+    def remove(self, path: StrPath, *, recursive: bool = False, timeout: Optional[float] = None) -> None:
+        """Removes the file (or symlink) at path, or the directory: empty, or with all it holds
+        when recursive=True."""
+        path = _guest_path(path)
+        argcheck.flag(recursive, "recursive")
+
+        def exchange():
+            value = yield {"action": "remove", "path": path, "recursive": recursive}
+            if value is not None:
+                raise _malformed("a remove's answer is not null")
+        self._sb._files_op("files.remove()", exchange(), timeout)
+
+
+def _malformed(why):
+    return GuestCallError(f"the guest's answer to a file request is malformed ({why}); the "
+                          f"interpreter's driver was tampered with. The next fresh run starts clean.")
+
+
+def _encode_request(op, code, seed, stream=False, cap=OUTPUT_LIMIT):
+    """json.dumps({"op": op, "code": code, "seed": seed, "cap": cap, "stream": stream}).encode(),
     the same bytes without the encoder's per-call set-up (~3-6 us of a ~220 us request, GIL
     held): op and seed are ours (a name, hex digits); code goes through the C function
     json.dumps uses for a str (ensure_ascii)."""
-    return (f'{{"op": "{op}", "code": {_encode_str(code)}, "seed": "{seed}", "cap": {OUTPUT_LIMIT}, '
+    return (f'{{"op": "{op}", "code": {_encode_str(code)}, "seed": "{seed}", "cap": {int(cap)}, '
             f'"stream": {"true" if stream else "false"}}}').encode()
 
 
