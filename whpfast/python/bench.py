@@ -437,7 +437,7 @@ def demo():
         print(f"{label}: {code.splitlines()[-1]!r} -> {result.stdout.strip()!r} "
               f"(sandbox booted and snapshotted in {booted:.1f} s)")
         print(row("  sandbox", ours))
-        print(row("  forkserver (same imports)", fork, ours))
+        print(row("  forkserver, same imports", fork, ours))
         print(row("  subprocess python -c", spawn, ours))
     if not has_pandas:
         print("(pandas is not installed in this interpreter: pip install 'whpfast[python]' for the "
