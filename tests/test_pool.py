@@ -601,3 +601,19 @@ def test_process_workers_cancel_and_grant(py_snap, tmp_path):
     _rewrite_meta(evil, lambda meta: meta["config"]["read"].update({"/etc": "/etc"}))
     with pytest.raises(whpfast.SnapshotError, match="'/etc'"):
         whpfast.Pool(evil, size=1, workers="process")
+
+
+def test_a_python_pool_grants_a_larger_tmp_when_asked(tmp_path):
+    """A snapshot declaring a /tmp above the default 64 MiB is refused unless the pool's caller
+    grants it (tmp_size=), in either worker mode; a snapshot object grants what it declares."""
+    with whpfast.PythonSandbox(tmp_size=128 << 20, memory_size=256 << 20) as sb:
+        path = sb.save(tmp_path / "big-tmp.snap")
+        for workers in ("thread", "process"):
+            with pytest.raises(whpfast.SnapshotError, match="/tmp of 128 MiB"):
+                whpfast.Pool(path, size=1, workers=workers)
+            with whpfast.Pool(path, size=1, workers=workers, tmp_size=128 << 20) as pool:
+                assert pool.run("print(1)").stdout == "1\n"
+            with whpfast.Pool(sb, size=1, workers=workers) as pool:
+                assert pool.run("print(2)").stdout == "2\n"
+    with pytest.raises(whpfast.ConfigError, match="tmp_size"):
+        whpfast.Pool(whpfast.Snapshot.__new__(whpfast.Snapshot), size=1, tmp_size=1 << 20)

@@ -153,7 +153,7 @@ def _declared_grant(snapshot):
         snapshot = snapshot.snapshot
     if isinstance(snapshot, LinuxSnapshot):
         return {"python": snapshot.meta["python"]["python"], "read": dict(snapshot.meta["config"]["read"]),
-                "memory_size": snapshot.meta["memory_size"]}
+                "memory_size": snapshot.meta["memory_size"], "tmp_size": snapshot.meta["config"]["tmp_size"]}
     if isinstance(snapshot, Snapshot):
         return {"files": {f["name"]: f["path"] for f in snapshot.meta["files"]},
                 "memory_size": snapshot.meta["layout"]["memory_size"]}
@@ -270,7 +270,7 @@ class Pool(Resource):
 
     A snapshot file is untrusted: these arguments are the authority, as for from_snapshot.
     Python pools: python= (the interpreter it must have been made for, default this one), read=
-    (host paths beyond that interpreter's files) and memory_size=; SDK pools: files= (the host
+    (host paths beyond that interpreter's files), memory_size= and tmp_size=; SDK pools: files= (the host
     file behind each of its file mappings) and memory_size=. A snapshot declaring more is refused
     (SnapshotError). A snapshot object (a PythonSandbox, one taken in this process, or one loaded
     with its grant) needs none of them."""
@@ -282,7 +282,8 @@ class Pool(Resource):
                  timeout: Optional[float] = None, python: Optional[StrPath] = None,
                  read: Union[StrPath, Iterable[StrPath]] = (),
                  files: Optional[Mapping[str, StrPath]] = None,
-                 memory_size: Optional[int] = None, workers: str = "thread") -> None:
+                 memory_size: Optional[int] = None, tmp_size: Optional[int] = None,
+                 workers: str = "thread") -> None:
         self._closed = True
         if workers not in WORKERS:
             raise ConfigError(f"workers must be 'thread' or 'process', not {workers!r}")
@@ -305,8 +306,10 @@ class Pool(Resource):
             raise ConfigError("files= is for SDK pools; a Python pool takes read=")
         # The caller's grant: every SDK sandbox is checked against it; a Python pool's first one
         # is, and the later ones start from the snapshot object it loaded, which keeps that grant.
+        if self.kind == "sdk" and tmp_size is not None:
+            raise ConfigError("tmp_size= is for Python pools (an SDK guest has no /tmp)")
         given = ({"files": files, "memory_size": memory_size} if self.kind == "sdk" else
-                 {"python": python, "read": read, "memory_size": memory_size})
+                 {"python": python, "read": read, "memory_size": memory_size, "tmp_size": tmp_size})
         self._grant: Dict[str, Any] = {k: v for k, v in given.items() if v is not None and v != ()}
         self._scratch: Optional[str] = None
         if workers == "process":

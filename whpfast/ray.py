@@ -250,7 +250,7 @@ class RayPool(Resource):
     nodes' directory for the snapshot file (default <tmp>/whpfast-ray). start_timeout: seconds
     the actors may take to start (None: no limit); past it, as when the cluster has too few free
     CPUs for them, ConfigError. options: more ray.remote options for the actors (resources,
-    runtime_env, ...). python, read, files, memory_size: the grant every node's Pool holds the
+    runtime_env, ...). python, read, files, memory_size, tmp_size: the grant every node's Pool holds the
     snapshot file to (see whpfast.Pool); for a snapshot object given here (trusted: made or
     loaded in this process) they default to what it declares."""
 
@@ -263,7 +263,7 @@ class RayPool(Resource):
                  options: Optional[Dict[str, Any]] = None, python: Optional[StrPath] = None,
                  read: Union[StrPath, Iterable[StrPath], Mapping[str, str]] = (),
                  files: Optional[Mapping[str, StrPath]] = None,
-                 memory_size: Optional[int] = None) -> None:
+                 memory_size: Optional[int] = None, tmp_size: Optional[int] = None) -> None:
         self._closed = True
         self._lock = threading.Lock()
         self._actors: List[Any] = []
@@ -275,7 +275,8 @@ class RayPool(Resource):
             raise ConfigError(f"num_cpus must be a positive number, got {num_cpus!r}")
         self.size = _count(size, "size") or math.ceil(num_cpus)
         self.max_queue = _count(max_queue, "max_queue")
-        given = {"python": python, "read": read, "files": files, "memory_size": memory_size}
+        given = {"python": python, "read": read, "files": files, "memory_size": memory_size,
+                 "tmp_size": tmp_size}
         grant = {k: v for k, v in given.items() if v is not None and v != ()}
         if not grant:
             grant = _declared_grant(snapshot)
