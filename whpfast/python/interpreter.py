@@ -69,13 +69,18 @@ class Interpreter:
         a base installation's site-packages inside its stdlib) holding only the entries that
         belong to one of those names (see _belongs)."""
         read, extra = dict(self.read), dict(self.extra_files)
-        for inside, host in self.site.items():
-            if packages is None:
-                read[inside] = host
-                continue
-            extra[inside] = None
-            read.update((f"{inside}/{n}", f"{host}/{n}") for n in _listdir(host) if _belongs(n, packages))
+        if packages is None:
+            read.update(self.site)
+        else:
+            extra.update(dict.fromkeys(self.site))
+            read.update(self.site_entries(packages))
         return read, extra
+
+    def site_entries(self, packages: FrozenSet[str]) -> Dict[str, str]:
+        """{inside: host} of the site-packages entries that belong to one of `packages`."""
+        normal = {_normal(p) for p in packages}
+        return {f"{inside}/{n}": f"{host}/{n}" for inside, host in self.site.items()
+                for n in _listdir(host) if _belongs(n, packages, normal)}
 
 
 _DIST_SEP = re.compile(r"[-_.]+")
@@ -85,15 +90,16 @@ def _normal(name: str) -> str:
     return _DIST_SEP.sub("_", name).lower()
 
 
-def _belongs(entry: str, packages: FrozenSet[str]) -> bool:
+def _belongs(entry: str, packages: FrozenSet[str], normal: FrozenSet[str]) -> bool:
     """Whether the site-packages entry `entry` is part of one of `packages` (import or
     distribution names): the package itself (`pkg`, `pkg.py`, `pkg.cpython-311-...so`), what
     ships beside it (`pkg.libs`, a wheel's vendored libraries) and its metadata
-    (`pkg-1.0.dist-info`, `pkg-1.0.egg-info`, `pkg-1.0-nspkg.pth`)."""
+    (`pkg-1.0.dist-info`, `pkg-1.0.egg-info`, `pkg-1.0-nspkg.pth`). normal: the _normal()
+    forms of packages."""
     if entry in packages:
         return True
     head = entry.split(".", 1)[0]
-    return _normal(head.split("-", 1)[0]) in {_normal(p) for p in packages} or head in packages
+    return _normal(head.split("-", 1)[0]) in normal or head in packages
 
 
 def describe(python: str) -> Interpreter:

@@ -43,7 +43,7 @@ from ..core.run import request_timeout, run_timeout
 from ..core.resource import Resource
 from ..linux.grant import DEFAULT_TMP_SIZE, Grant
 from ..linux.process import MAX_OUTPUT_LIMIT, OUTPUT_MARKER, LinuxSandbox, LinuxSnapshot
-from .interpreter import _belongs, _listdir, describe
+from .interpreter import describe
 
 _encode_str = json.encoder.encode_basestring_ascii     # json.dumps's (ensure_ascii) str encoder
 _decode_json = json.JSONDecoder().decode               # json.loads of a str, without its set-up
@@ -838,16 +838,15 @@ class PythonSandbox(Resource):
             return error
         name, read = m.group(1), self._snapshot.meta["config"]["read"]
         try:
-            site = describe(self.python).site
+            entries = describe(self.python).site_entries(frozenset([name]))
         except SandboxError:
             return error
-        for inside, host in site.items():
-            if inside not in read and any(_belongs(n, frozenset([name])) and f"{inside}/{n}" not in read
-                                          for n in _listdir(host)):
-                hint = (f"{name!r} is installed but not visible in this sandbox: its setup did not "
-                        f"import it. Pass PythonSandbox(packages=[{name!r}]) (or packages=\"all\") to "
-                        f"make it importable.")
-                return PythonError(error.type, f"{error.message} ({hint})", f"{error.traceback}[whpfast: {hint}]\n")
+        # (an entry is hidden unless the policy shows it, or its whole site-packages directory)
+        if any(e not in read and e.rpartition("/")[0] not in read for e in entries):
+            hint = (f"{name!r} is installed but not visible in this sandbox: its setup did not "
+                    f"import it. Pass PythonSandbox(packages=[{name!r}]) (or packages=\"all\") to "
+                    f"make it importable.")
+            return PythonError(error.type, f"{error.message} ({hint})", f"{error.traceback}[whpfast: {hint}]\n")
         return error
 
 
